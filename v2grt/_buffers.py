@@ -1,0 +1,58 @@
+"""Caller-owned kernel outputs and scratch space, sized to the fleet's capacity once, reused every cycle."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from v2grt.profile import RANK_BUCKETS
+
+#: Indices into KernelOutput.totals (float64[N_TOTALS]).
+T_REQUEST = 0  # kW asked for (base schedule + service response), before limits
+T_TARGET = 1  # kW after the fleet ramp limit and clamping to what the fleet can give
+T_ALLOCATED = 2  # kW: sum of the setpoints (equals T_TARGET to float tolerance)
+T_FEASIBLE_DIS = 3  # kW the fleet could discharge this cycle (availability, ramp and site limits)
+T_FEASIBLE_CHG = 4  # kW (magnitude) the fleet could charge this cycle
+T_AVAIL_DIS = 5  # kW: sum of per-node discharge availability (before ramp and site limits)
+T_AVAIL_CHG = 6  # kW: sum of per-node charge availability (magnitude)
+T_N_CARRYING = 7  # nodes with a non-zero setpoint
+N_TOTALS = 8
+
+
+class KernelOutput:
+    """What one dispatch cycle produces: per-node arrays of the fleet's capacity, and fleet totals.
+
+    ``setpoint_kw`` (float64, + discharge), ``avail_dis_kw`` and ``avail_chg_kw`` (float64, >= 0),
+    ``reason`` (uint8, v2grt.codes.Reason), ``totals`` (float64[N_TOTALS], see the T_* indices).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.setpoint_kw = np.zeros(capacity, np.float64)
+        self.avail_dis_kw = np.zeros(capacity, np.float64)
+        self.avail_chg_kw = np.zeros(capacity, np.float64)
+        self.reason = np.zeros(capacity, np.uint8)
+        self.totals = np.zeros(N_TOTALS, np.float64)
+
+
+class Workspace:
+    """Scratch arrays the kernel needs (ranking buckets, per-site sums, a counting-sort order)."""
+
+    def __init__(self, capacity: int, site_capacity: int, buckets: int = RANK_BUCKETS):
+        self.capacity = capacity
+        self.site_capacity = site_capacity
+        self.buckets = buckets
+        self.hi_kw = np.zeros(capacity, np.float64)  # ramp-limited discharge window per node
+        self.lo_kw = np.zeros(capacity, np.float64)  # ramp-limited charge window per node (magnitude)
+        self.q_dis = np.zeros(capacity, np.uint16)  # discharge rank bucket per node
+        self.q_chg = np.zeros(capacity, np.uint16)  # charge rank bucket per node
+        self.order = np.zeros(capacity, np.int32)  # counting-sort order (only when a site limit binds)
+        self.site_hi_kw = np.zeros(site_capacity, np.float64)
+        self.site_lo_kw = np.zeros(site_capacity, np.float64)
+        self.site_rem_kw = np.zeros(site_capacity, np.float64)
+        self.hist_dis_kw = np.zeros(buckets, np.float64)
+        self.hist_chg_kw = np.zeros(buckets, np.float64)
+        self.count_dis = np.zeros(buckets + 1, np.int64)
+        self.count_chg = np.zeros(buckets + 1, np.int64)
+
+    def fits(self, capacity: int, site_capacity: int) -> bool:
+        return self.capacity >= capacity and self.site_capacity >= site_capacity

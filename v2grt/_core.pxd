@@ -1,0 +1,21 @@
+# Inline helpers of the dispatch kernel, shared with any other Cython module that needs them.
+
+cdef inline double _taper(double x, double band) noexcept nogil:
+    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0)."""
+    cdef double y
+    if band > 0.0:
+        y = x / band
+        if y < 0.0:
+            y = 0.0
+        if y > 1.0:
+            y = 1.0
+        return y
+    return 1.0 if x > 0.0 else 0.0
+
+
+cdef inline double _min(double a, double b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline double _max(double a, double b) noexcept nogil:
+    return a if a > b else b

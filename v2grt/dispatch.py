@@ -1,0 +1,220 @@
+"""The Dispatcher: a fleet, a profile and a grid service in; one setpoint per vehicle out, each step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from v2grt._buffers import (
+    T_ALLOCATED,
+    T_AVAIL_CHG,
+    T_AVAIL_DIS,
+    T_FEASIBLE_CHG,
+    T_FEASIBLE_DIS,
+    T_N_CARRYING,
+    T_REQUEST,
+    T_TARGET,
+    KernelOutput,
+    Workspace,
+)
+from v2grt.codes import Reason, reason_names
+from v2grt.fleet import Fleet
+from v2grt.kernel import get_backend
+from v2grt.profile import DispatchProfile, ProfileError
+
+#: Frequencies outside this band are not grid frequency but a broken meter or a unit error (mHz, 60/50).
+F_PLAUSIBLE_HZ = (40.0, 70.0)
+
+
+@dataclasses.dataclass
+class DispatchResult:
+    """One cycle's outcome. Arrays are views of the dispatcher's buffers: valid until the next step()
+    (call copy() to keep them). Power in kW, + discharge into the grid."""
+
+    setpoints_kw: np.ndarray  # float64 (n_rows,), aligned with fleet rows
+    available_dis_kw: np.ndarray  # float64 (n_rows,), >= 0
+    available_chg_kw: np.ndarray  # float64 (n_rows,), >= 0 (magnitude)
+    reasons: np.ndarray  # uint8 (n_rows,), v2grt.codes.Reason
+    frequency_hz: float
+    service_fraction: float  # -1..1 of the contracted capacity, + discharge
+    request_kw: float
+    target_kw: float
+    allocated_kw: float
+    feasible_dis_kw: float
+    feasible_chg_kw: float
+    total_available_dis_kw: float
+    total_available_chg_kw: float
+    n_carrying: int
+    estop: bool
+
+    def copy(self) -> DispatchResult:
+        return dataclasses.replace(
+            self,
+            setpoints_kw=self.setpoints_kw.copy(),
+            available_dis_kw=self.available_dis_kw.copy(),
+            available_chg_kw=self.available_chg_kw.copy(),
+            reasons=self.reasons.copy(),
+        )
+
+    def reason_counts(self, fleet: Fleet | None = None) -> dict[str, int]:
+        """Nodes by reason name (free rows left out), e.g. {"OK": 9500, "SOC_BELOW_MINIMUM": 310}."""
+        counts = np.bincount(self.reasons, minlength=len(Reason))
+        return {name: int(c) for name, c in zip(reason_names(range(len(counts))), counts)
+                if c and name != "EMPTY"}
+
+    def summary(self) -> dict:
+        """The fleet summary an operator reads: target, allocated, availability, exclusions."""
+        return {
+            "frequency_hz": self.frequency_hz,
+            "service_fraction": self.service_fraction,
+            "request_kw": self.request_kw,
+            "target_kw": self.target_kw,
+            "allocated_kw": self.allocated_kw,
+            "feasible_dis_kw": self.feasible_dis_kw,
+            "feasible_chg_kw": self.feasible_chg_kw,
+            "available_dis_kw": self.total_available_dis_kw,
+            "available_chg_kw": self.total_available_chg_kw,
+            "nodes_carrying": self.n_carrying,
+            "nodes_by_reason": self.reason_counts(),
+            "estop": self.estop,
+        }
+
+
+class Dispatcher:
+    """Dispatch a fleet every step: service response to frequency, limits, ranking, allocation.
+
+    Parameters
+    ----------
+    fleet : Fleet
+    profile : DispatchProfile or dict, optional
+        Battery limits and policy. A dict may also carry ``service``, ``capacity_kw`` and
+        ``nominal_hz`` (the keys a discharge profile and a service contract share in config).
+    service : str or ServiceCurve
+        A built-in service name (see v2grt.services) or a curve. Default GB Dynamic Containment.
+    capacity_kw : float, optional
+        Contracted capacity: the response at fraction 1. Default: the fleet's discharge rating sum.
+    backend : "cython" or "reference", optional
+        Default $V2GRT_BACKEND or "cython"; the compiled kernel must be built.
+    period_s : float
+        Nominal cycle period, used as dt for ramp limits on the first step.
+    """
+
+    def __init__(self, fleet: Fleet, profile: DispatchProfile | dict | None = None, *,
+                 service="dc", capacity_kw: float | None = None,
+                 nominal_hz: float | None = None, backend: str | None = None, period_s: float = 0.1):
+        if isinstance(profile, dict):
+            profile = dict(profile)
+            service = profile.pop("service", service)
+            capacity_kw = profile.pop("capacity_kw", capacity_kw)
+            nominal_hz = profile.pop("nominal_hz", nominal_hz)
+            profile = DispatchProfile.from_dict(profile)
+        from v2grt.services import ServiceCurve, get_service
+
+        self.fleet = fleet
+        self.profile = profile or DispatchProfile()
+        self.service = service if isinstance(service, ServiceCurve) else get_service(service, nominal_hz)
+        self._responder = self.service.responder()
+        if capacity_kw is None:
+            capacity_kw = float(fleet.column("p_dis_max_kw")[fleet.column("active") == 1].sum())
+        if not (capacity_kw >= 0.0 and math.isfinite(capacity_kw)):
+            raise ProfileError(f"capacity_kw={capacity_kw!r}: the contracted capacity must be a finite number >= 0 kW")
+        self.capacity_kw = float(capacity_kw)
+        self.kernel = get_backend(backend)
+        self.backend = self.kernel.BACKEND
+        self.period_s = period_s
+        self._estop = False
+        self._last_ns: int | None = None
+        self._out: KernelOutput | None = None
+        self._work: Workspace | None = None
+        self._ensure_buffers()
+
+    # ------------------------------------------------------------ e-stop
+    @property
+    def estop(self) -> bool:
+        return self._estop
+
+    def emergency_stop(self) -> None:
+        """Latch the emergency stop: every node to 0 kW from the next step until reset()."""
+        self._estop = True
+
+    def reset(self) -> None:
+        """Release a latched emergency stop."""
+        self._estop = False
+
+    def set_profile(self, profile: DispatchProfile) -> None:
+        """Swap the profile between steps (a reload); validated already by construction."""
+        self.profile = profile
+
+    # ------------------------------------------------------------ stepping
+    def _ensure_buffers(self) -> None:
+        f = self.fleet
+        if self._out is None or self._out.capacity != f.capacity:
+            self._out = KernelOutput(f.capacity)
+        if self._work is None or not self._work.fits(f.capacity, f.site_capacity):
+            self._work = Workspace(f.capacity, f.site_capacity)
+
+    def service_fraction(self, frequency_hz: float, now_s: float) -> float:
+        """The service's response (-1..1, + discharge) to a frequency at a time (stateful for FFR)."""
+        return self._responder.step(frequency_hz, now_s)
+
+    def step(self, frequency_hz: float, now_s: float | None = None, base_kw: float = 0.0, *,
+             now_ns: int | None = None, request_kw: float | None = None) -> DispatchResult:
+        """Run one cycle.
+
+        Parameters
+        ----------
+        frequency_hz : float
+            Grid frequency now.
+        now_s, now_ns : optional
+            CLOCK_MONOTONIC time of the cycle (seconds or ns); default: now. Compared with the
+            fleet's last_telemetry_ns for staleness.
+        base_kw : float
+            Base schedule (peak shaving, market position), + discharge; the service response adds to it.
+        request_kw : float, optional
+            Skip the service curve and ask for this many kW (frequency is then only reported).
+        """
+        if now_ns is None:
+            now_ns = time.monotonic_ns() if now_s is None else int(round(now_s * 1e9))
+        if not (F_PLAUSIBLE_HZ[0] <= frequency_hz <= F_PLAUSIBLE_HZ[1]):
+            raise ValueError(f"frequency_hz={frequency_hz!r}: not a grid frequency (expected "
+                             f"{F_PLAUSIBLE_HZ[0]}..{F_PLAUSIBLE_HZ[1]} Hz)")
+        if not math.isfinite(base_kw):
+            raise ValueError(f"base_kw={base_kw!r}: expected a finite number of kW (+ discharge)")
+        dt_s = self.period_s if self._last_ns is None else max((now_ns - self._last_ns) / 1e9, 0.0)
+        self._last_ns = now_ns
+        fraction = self.service_fraction(frequency_hz, now_ns / 1e9)
+        if request_kw is None:
+            request_kw = base_kw + fraction * self.capacity_kw
+        return self.run_kernel(request_kw, now_ns, dt_s, frequency_hz=frequency_hz, fraction=fraction)
+
+    def run_kernel(self, request_kw: float, now_ns: int, dt_s: float, *, frequency_hz: float = math.nan,
+                   fraction: float = math.nan) -> DispatchResult:
+        """The kernel with a ready request (the control loop's entry point): setpoints for this cycle,
+        and the fleet's last_setpoint_kw updated to them."""
+        self._ensure_buffers()
+        fleet, out = self.fleet, self._out
+        self.kernel.dispatch(fleet, self.profile, float(request_kw), int(now_ns), float(dt_s), self._estop,
+                             out, self._work)
+        n = fleet.n_rows
+        np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
+        t = out.totals
+        return DispatchResult(
+            setpoints_kw=out.setpoint_kw[:n],
+            available_dis_kw=out.avail_dis_kw[:n],
+            available_chg_kw=out.avail_chg_kw[:n],
+            reasons=out.reason[:n],
+            frequency_hz=frequency_hz,
+            service_fraction=fraction,
+            request_kw=float(t[T_REQUEST]),
+            target_kw=float(t[T_TARGET]),
+            allocated_kw=float(t[T_ALLOCATED]),
+            feasible_dis_kw=float(t[T_FEASIBLE_DIS]),
+            feasible_chg_kw=float(t[T_FEASIBLE_CHG]),
+            total_available_dis_kw=float(t[T_AVAIL_DIS]),
+            total_available_chg_kw=float(t[T_AVAIL_CHG]),
+            n_carrying=int(t[T_N_CARRYING]),
+            estop=self._estop,
+        )

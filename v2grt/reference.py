@@ -1,0 +1,244 @@
+"""The dispatch kernel in plain NumPy: slow and obvious, the specification the Cython kernel must equal.
+
+Same names and docstrings as v2grt._core. Where _core is clever (histogram ranking, counting sort,
+early exits) this twin is direct (a full lexsort, group-wise cumulative sums), so a property test that
+the two agree checks the cleverness against the obvious.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from v2grt._buffers import (
+    T_ALLOCATED,
+    T_AVAIL_CHG,
+    T_AVAIL_DIS,
+    T_FEASIBLE_CHG,
+    T_FEASIBLE_DIS,
+    T_N_CARRYING,
+    T_REQUEST,
+    T_TARGET,
+)
+from v2grt.codes import Reason
+
+BACKEND = "reference"
+
+
+def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
+    """Turn a fleet request into one setpoint per node for this cycle.
+
+    Parameters
+    ----------
+    fleet : Fleet
+        The fleet table; rows ``[0, fleet.n_rows)`` and sites ``[0, fleet.n_sites)`` are read.
+        Nothing in it is modified.
+    profile : DispatchProfile
+        Battery limits, ranking weights and policy.
+    request_kw : float
+        kW asked of the fleet (base schedule + service response); + discharge into the grid.
+    now_ns : int
+        CLOCK_MONOTONIC ns of this cycle, compared with ``fleet.last_telemetry_ns`` for staleness.
+    dt_s : float
+        Seconds since the previous cycle, for ramp limits.
+    estop : bool
+        Emergency stop: every node to 0 kW with reason EMERGENCY_STOP.
+    out : KernelOutput
+        Caller-owned outputs (capacity >= n_rows): ``setpoint_kw`` (+ discharge), ``avail_dis_kw``,
+        ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason) and ``totals`` (T_* indices).
+    work : Workspace
+        Caller-owned scratch space.
+
+    Notes
+    -----
+    Availability per node is ``min(p_max * f_soc * f_temp, energy above the floor * efficiency /
+    endurance)``, zero for excluded nodes; the window a node may take this cycle is that availability
+    cut by the node ramp (only rises of |power| are limited). The target is the request limited by the
+    fleet ramp, then clamped to ``[-feasible_chg, feasible_dis]``, where feasible sums each site's
+    windows capped by the site limit. Under ``merit`` the target is filled greedily in rank order
+    (rank bucket descending, then row ascending), each node taking ``min(window, site remainder,
+    target remainder)``; under ``prorata`` every node takes the same fraction of its site-capped window.
+    All nodes move in the target's direction: none charges while another discharges.
+    """
+    n = fleet.n_rows
+    n_sites = fleet.n_sites
+    p = profile
+    sl = slice(0, n)
+    active = fleet.active[sl]
+    site = fleet.site[sl].astype(np.int64)
+    soc = fleet.soc[sl]
+    soh = fleet.soh[sl]
+    capacity_kwh = fleet.capacity_kwh[sl]
+    p_dis_max_kw = fleet.p_dis_max_kw[sl]
+    p_chg_max_kw = fleet.p_chg_max_kw[sl]
+    temp_c = fleet.temp_c[sl]
+    cycle_count = fleet.cycle_count[sl]
+    efficiency = fleet.efficiency[sl]
+    last_kw = fleet.last_setpoint_kw[sl]
+
+    # -- exclusions, first applicable reason wins --------------------------------------------------
+    site_ok = (site >= 0) & (site < n_sites)
+    site_fault = np.where(site_ok, fleet.site_fault[np.clip(site, 0, max(n_sites - 1, 0))] if n_sites else 0, 0)
+    valid = (
+        site_ok
+        & (soc >= 0.0) & (soc <= 1.0)
+        & (soh >= 0.0) & (soh <= 1.0)
+        & (capacity_kwh > 0.0) & (capacity_kwh < math.inf)
+        & (p_dis_max_kw >= 0.0) & (p_dis_max_kw < math.inf)
+        & (p_chg_max_kw >= 0.0) & (p_chg_max_kw < math.inf)
+        & (temp_c > -math.inf) & (temp_c < math.inf)
+        & (efficiency > 0.0) & (efficiency <= 1.0)
+        & (cycle_count >= 0.0) & (cycle_count < math.inf)
+    )
+    stale_ns = int(p.stale_after_s * 1e9)
+    stale = (now_ns - fleet.last_telemetry_ns[sl]) > stale_ns
+    reason = np.select(
+        [
+            active == 0,
+            np.full(n, bool(estop)),
+            fleet.online[sl] == 0,
+            fleet.fault[sl] != 0,
+            site_fault != 0,
+            ~valid,
+            stale,
+            soh < p.soh_threshold,
+            (temp_c < p.temp_min_c) | (temp_c > p.temp_max_c),
+        ],
+        [
+            Reason.EMPTY,
+            Reason.EMERGENCY_STOP,
+            Reason.OFFLINE,
+            fleet.fault[sl],
+            site_fault,
+            Reason.INVALID_TELEMETRY,
+            Reason.TIMEOUT_BMS_RESPONSE,
+            Reason.SOH_BELOW_THRESHOLD,
+            Reason.THERMAL_LIMIT,
+        ],
+        default=Reason.OK,
+    ).astype(np.uint8)
+    ok = reason == Reason.OK
+
+    # -- availability: tapered near the SoC limits and the temperature edges, bounded by endurance ----
+    with np.errstate(invalid="ignore", over="ignore"):
+        f_temp = _taper(temp_c - p.temp_min_c, p.temp_derate_c) * _taper(p.temp_max_c - temp_c, p.temp_derate_c)
+        f_soc_dis = _taper(soc - p.minimum_soc, p.soc_taper)
+        f_soc_chg = _taper(p.maximum_soc - soc, p.soc_taper)
+        usable_kwh = capacity_kwh * soh
+        per_endurance = 3600.0 / p.endurance_s
+        p_energy_dis_kw = np.maximum((soc - p.minimum_soc) * usable_kwh * efficiency * per_endurance, 0.0)
+        p_energy_chg_kw = np.maximum((p.maximum_soc - soc) * usable_kwh / efficiency * per_endurance, 0.0)
+        avail_dis = np.where(ok, np.minimum(p_dis_max_kw * f_soc_dis * f_temp, p_energy_dis_kw), 0.0)
+        avail_chg = np.where(ok, np.minimum(p_chg_max_kw * f_soc_chg * f_temp, p_energy_chg_kw), 0.0)
+    reason[ok & (avail_dis == 0.0) & (soc <= p.minimum_soc)] = Reason.SOC_BELOW_MINIMUM
+    reason[ok & (avail_chg == 0.0) & (soc >= p.maximum_soc)] = Reason.SOC_ABOVE_MAXIMUM
+
+    # -- ramp windows: a node's |power| may rise by ramp*dt; it may always fall, at once --------------
+    ramp_kw = _ramp(p.node_ramp_kw_per_s, dt_s)
+    hi = np.minimum(avail_dis, np.maximum(last_kw, 0.0) + ramp_kw)
+    lo = np.minimum(avail_chg, np.maximum(-last_kw, 0.0) + ramp_kw)
+    site_hi = np.bincount(site[ok], weights=hi[ok], minlength=n_sites)[:n_sites]
+    site_lo = np.bincount(site[ok], weights=lo[ok], minlength=n_sites)[:n_sites]
+    export_kw = fleet.site_export_kw[:n_sites]
+    import_kw = fleet.site_import_kw[:n_sites]
+    feasible_dis = float(np.minimum(export_kw, site_hi).sum())
+    feasible_chg = float(np.minimum(import_kw, site_lo).sum())
+
+    # -- target: the request, limited by the fleet ramp, clamped to what the fleet can give ----------
+    prev_kw = float(last_kw.sum())
+    if estop or not math.isfinite(request_kw):
+        target = 0.0
+    else:
+        fleet_ramp_kw = _ramp(p.fleet_ramp_kw_per_s, dt_s)
+        target = min(max(request_kw, prev_kw - fleet_ramp_kw), prev_kw + fleet_ramp_kw)
+        target = min(max(target, -feasible_chg), feasible_dis)
+
+    # -- allocation --------------------------------------------------------------------------------
+    setpoint = np.zeros(n)
+    if target != 0.0:
+        discharging = target > 0.0
+        window = hi if discharging else lo
+        site_window = site_hi if discharging else site_lo
+        site_cap = export_kw if discharging else import_kw
+        remaining = abs(target)
+        take = np.zeros(n)
+        part = np.flatnonzero(ok & (window > 0.0))
+        if p.policy == "prorata":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                site_scale = np.where(site_window > site_cap, site_cap / site_window, 1.0)
+            eff = window[part] * site_scale[site[part]]
+            fraction = min(remaining / eff.sum(), 1.0) if len(part) else 0.0
+            take[part] = eff * fraction
+        else:
+            q = rank_buckets(fleet, profile, sl, f_temp, discharging)
+            order = part[np.lexsort((part, -q[part].astype(np.int64)))]  # best bucket first, then row
+            # Greedy fill in that order, each node taking min(window, site remainder, fleet remainder),
+            # written as group-wise cumulative sums: first cap every node by what its site has left
+            # after the better-ranked nodes of the same site ...
+            by_site = order[np.argsort(site[order], kind="stable")]
+            w = window[by_site]
+            before = np.cumsum(w) - w
+            first_of_site = np.r_[True, site[by_site][1:] != site[by_site][:-1]]
+            group_start = np.maximum.accumulate(np.where(first_of_site, np.arange(len(by_site)), 0))
+            before_in_site = before - before[group_start]
+            eff = np.zeros(n)
+            eff[by_site] = np.clip(site_cap[site[by_site]] - before_in_site, 0.0, w)
+            # ... then fill the fleet target in rank order over those effective windows.
+            e = eff[order]
+            take[order] = np.clip(remaining - (np.cumsum(e) - e), 0.0, e)
+        setpoint = take if discharging else -take
+
+    out.setpoint_kw[:n] = setpoint
+    out.avail_dis_kw[:n] = avail_dis
+    out.avail_chg_kw[:n] = avail_chg
+    out.reason[:n] = reason
+    t = out.totals
+    t[T_REQUEST] = request_kw
+    t[T_TARGET] = target
+    t[T_ALLOCATED] = setpoint.sum()
+    t[T_FEASIBLE_DIS] = feasible_dis
+    t[T_FEASIBLE_CHG] = feasible_chg
+    t[T_AVAIL_DIS] = avail_dis.sum()
+    t[T_AVAIL_CHG] = avail_chg.sum()
+    t[T_N_CARRYING] = np.count_nonzero(setpoint)
+
+
+def rank_buckets(fleet, profile, sl, f_temp, discharging):
+    """Rank bucket per node (higher = dispatched first), as _core computes it bit for bit.
+
+    score = w_soc * (soc if discharging else 1 - soc) + w_cycles * (1 - min(cycles / cycles_ref, 1))
+            + w_soh * soh + w_temp * f_temp + (hysteresis if already carrying load that way),
+    quantised to RANK_BUCKETS levels over [0, 1 + hysteresis].
+    """
+    p = profile
+    soc = fleet.soc[sl]
+    last_kw = fleet.last_setpoint_kw[sl]
+    soc_term = soc if discharging else 1.0 - soc
+    carrying = last_kw > 0.0 if discharging else last_kw < 0.0
+    wear = 1.0 - np.minimum(fleet.cycle_count[sl] / p.cycles_ref, 1.0)
+    score = p.w_soc * soc_term + p.w_cycles * wear + p.w_soh * fleet.soh[sl] + p.w_temp * f_temp
+    score = score + np.where(carrying, p.hysteresis, 0.0)
+    buckets = _buckets()
+    scale = (buckets - 1) / (1.0 + p.hysteresis)
+    with np.errstate(invalid="ignore"):
+        q = np.nan_to_num(score * scale, nan=0.0)
+    return np.clip(q, 0, buckets - 1).astype(np.int64)
+
+
+def _buckets():
+    from v2grt.profile import RANK_BUCKETS
+
+    return RANK_BUCKETS
+
+
+def _taper(x, band):
+    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0)."""
+    if band > 0.0:
+        return np.minimum(np.maximum(x / band, 0.0), 1.0)
+    return np.where(x > 0.0, 1.0, 0.0)
+
+
+def _ramp(rate_kw_per_s, dt_s):
+    """kW a ramp rate allows in dt_s (inf stays inf, even for dt_s == 0)."""
+    return math.inf if math.isinf(rate_kw_per_s) else rate_kw_per_s * max(dt_s, 0.0)
