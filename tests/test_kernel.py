@@ -1,0 +1,404 @@
+"""The dispatch kernel: the Cython kernel equals its NumPy twin, and both hold the contract's invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from v2grt import reference
+from v2grt._buffers import T_FEASIBLE_CHG, T_FEASIBLE_DIS, T_TARGET, KernelOutput, Workspace
+from v2grt.codes import ONE_WAY, Reason
+from v2grt.fleet import Fleet
+from v2grt.kernel import get_backend
+from v2grt.profile import DispatchProfile
+from v2grt.testing import fleet_from_arrays, uniform_fleet
+
+BACKENDS = ["cython", "reference"]
+TOL_KW = 1e-6
+
+
+def run(backend, fleet, profile, request_kw, *, now_ns=0, dt_s=0.1, estop=False):
+    """One kernel call with fresh buffers; returns the output object."""
+    out = KernelOutput(fleet.capacity)
+    work = Workspace(fleet.capacity, fleet.site_capacity)
+    get_backend(backend).dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work)
+    return out
+
+
+def tol(out, n):
+    return TOL_KW * max(1.0, float(np.abs(out.setpoint_kw[:n]).sum()))
+
+
+# ------------------------------------------------------------------ random fleets for property tests
+@st.composite
+def fleets(draw, max_n=40):
+    """Random and adversarial fleets: values at the limits, faults, stale rows, tight sites, ramps."""
+    n = draw(st.integers(1, max_n))
+    n_sites = draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    soc = rng.choice([0.0, 0.1, 0.2, 0.25, 0.5, 0.8, 0.95, 1.0], n) if draw(st.booleans()) else rng.random(n)
+    fleet = fleet_from_arrays(
+        n_sites=n_sites,
+        soc=soc,
+        soh=rng.choice([0.5, 0.69, 0.7, 0.9, 1.0], n),
+        capacity_kwh=rng.choice([0.0, 40.0, 60.0, 100.0], n, p=[0.05, 0.3, 0.35, 0.3]),
+        p_dis_max_kw=rng.choice([0.0, 7.4, 11.0, 22.0], n, p=[0.05, 0.35, 0.35, 0.25]),
+        p_chg_max_kw=rng.choice([0.0, 7.4, 11.0, 22.0], n, p=[0.05, 0.35, 0.35, 0.25]),
+        temp_c=rng.choice([-30.0, -20.0, -15.0, 0.0, 25.0, 42.0, 50.0, 51.0], n),
+        cycle_count=rng.choice([0.0, 10.0, 500.0, 2999.0, 5000.0], n),
+        efficiency=rng.uniform(0.94, 0.985, n),
+        online=(rng.random(n) > 0.1).astype(np.uint8),
+        fault=rng.choice([0, 0, 0, 0, 0, 0, Reason.NODE_UNREACHABLE, Reason.NODE_LOW_THROUGHPUT], n),
+        active=(rng.random(n) > 0.05).astype(np.uint8),
+        site=rng.integers(0, n_sites, n).astype(np.int32),
+        last_setpoint_kw=rng.choice([0.0, 0.0, 3.0, -3.0, 11.0, -11.0], n),
+        last_telemetry_ns=rng.choice([0, -6_000_000_000, -10_000_000_000], n, p=[0.9, 0.05, 0.05]),
+        site_export_kw=rng.choice([math.inf, 0.0, 5.0, 30.0], n_sites),
+        site_import_kw=rng.choice([math.inf, 0.0, 5.0, 30.0], n_sites),
+        site_fault=rng.choice([0, 0, 0, Reason.E_INVERTER_PHASE_MISMATCH], n_sites),
+    )
+    fleet.last_setpoint_kw[:n] *= fleet.active[:n]  # a free row never carries a setpoint
+    profile = DispatchProfile(
+        policy=draw(st.sampled_from(["merit", "prorata"])),
+        node_ramp_kw_per_s=draw(st.sampled_from([math.inf, 20.0, 100.0])),
+        fleet_ramp_kw_per_s=draw(st.sampled_from([math.inf, 500.0])),
+        soc_taper=draw(st.sampled_from([0.0, 0.1])),
+        temp_derate_c=draw(st.sampled_from([0.0, 10.0])),
+        hysteresis=draw(st.sampled_from([0.0, 0.02, 0.2])),
+    )
+    request = draw(st.one_of(st.sampled_from([0.0, 1e9, -1e9, 5.0, -5.0]), st.floats(-500, 500)))
+    estop = draw(st.booleans()) and draw(st.booleans()) and draw(st.booleans())
+    return fleet, profile, request, estop
+
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(fleets())
+def test_cython_equals_reference(case):
+    """On random and adversarial fleets the compiled kernel gives the reference's outputs."""
+    fleet, profile, request, estop = case
+    n = fleet.n_rows
+    ref = run("reference", fleet, profile, request, estop=estop)
+    cy = run("cython", fleet, profile, request, estop=estop)
+    np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
+    np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
+    np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
+    np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
+    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(case=fleets())
+def test_invariants(backend, case):
+    """Conservation, availability, site limits, SoC floor, one direction, excluded nodes at zero."""
+    fleet, profile, request, estop = case
+    n = fleet.n_rows
+    out = run(backend, fleet, profile, request, estop=estop)
+    sp, reason = out.setpoint_kw[:n], out.reason[:n]
+    target = out.totals[T_TARGET]
+    eps = tol(out, n)
+    assert abs(sp.sum() - target) <= eps  # conservation
+    assert -out.totals[T_FEASIBLE_CHG] - eps <= target <= out.totals[T_FEASIBLE_DIS] + eps
+    assert np.all(sp <= out.avail_dis_kw[:n] + eps) and np.all(sp >= -out.avail_chg_kw[:n] - eps)
+    assert not (np.any(sp > eps) and np.any(sp < -eps)), "no node charges while another discharges"
+    soc = fleet.soc[:n]
+    assert np.all(sp[soc <= profile.minimum_soc] <= eps), "no discharge at or below the SoC floor"
+    assert np.all(sp[soc >= profile.maximum_soc] >= -eps), "no charge at or above the SoC ceiling"
+    hard = ~np.isin(reason, [Reason.OK, *ONE_WAY])
+    assert np.all(sp[hard] == 0.0) and np.all(out.avail_dis_kw[:n][hard] == 0.0)
+    site = fleet.site[:n]
+    per_site = np.bincount(site, weights=sp, minlength=fleet.n_sites)
+    assert np.all(per_site <= fleet.site_export_kw[: fleet.n_sites] + eps)
+    assert np.all(per_site >= -fleet.site_import_kw[: fleet.n_sites] - eps)
+    ramp = profile.node_ramp_kw_per_s * 0.1
+    last = fleet.last_setpoint_kw[:n]
+    if math.isfinite(ramp):  # |power| may rise by at most ramp*dt; falling is never limited
+        assert np.all(np.abs(sp) <= np.maximum(np.where(np.sign(sp) == np.sign(last), np.abs(last), 0.0), 0) + ramp + eps)
+    if estop:
+        assert np.all(sp == 0.0) and np.all(reason[fleet.active[:n] == 1] == Reason.EMERGENCY_STOP)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(case=fleets())
+def test_merit_order(backend, case):
+    """Under merit order, a node carries load only if every better-ranked node is at its limit."""
+    fleet, profile, request, estop = case
+    profile = profile.replace(policy="merit")
+    fleet.site_export_kw[:] = math.inf  # site caps change the order by design; tested separately
+    fleet.site_import_kw[:] = math.inf
+    n = fleet.n_rows
+    out = run(backend, fleet, profile, request, estop=estop)
+    sp = out.setpoint_kw[:n]
+    target = out.totals[T_TARGET]
+    if target == 0.0:
+        return
+    discharging = target > 0
+    ok = out.reason[:n] == Reason.OK
+    ok |= np.isin(out.reason[:n], list(ONE_WAY))
+    avail = out.avail_dis_kw[:n] if discharging else out.avail_chg_kw[:n]
+    last = fleet.last_setpoint_kw[:n]
+    ramp = profile.node_ramp_kw_per_s * 0.1
+    window = np.minimum(avail, np.maximum(last if discharging else -last, 0.0) + ramp)
+    with np.errstate(invalid="ignore"):
+        f_temp = reference._taper(fleet.temp_c[:n] - profile.temp_min_c, profile.temp_derate_c) * reference._taper(
+            profile.temp_max_c - fleet.temp_c[:n], profile.temp_derate_c)
+    q = reference.rank_buckets(fleet, profile, slice(0, n), f_temp, discharging)
+    key = q * (n + 1) + (n - np.arange(n))  # larger = better: bucket, then lower row
+    take = np.abs(sp)
+    eps = tol(out, n)
+    carrying = np.flatnonzero(ok & (take > eps))
+    if len(carrying):
+        worst = carrying[np.argmin(key[carrying])]
+        better = ok & (key > key[worst]) & (window > 0)
+        assert np.all(take[better] >= window[better] - eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_bit_for_bit(backend):
+    """The same inputs give bit-identical outputs, run after run."""
+    fleet = Fleet.random(5000, seed=7)
+    fleet.set_site_limits("site3", export_kw=20.0)
+    profile = DispatchProfile()
+    first = run(backend, fleet, profile, 12_345.0)
+    for _ in range(3):
+        again = run(backend, fleet, profile, 12_345.0)
+        assert again.setpoint_kw.tobytes() == first.setpoint_kw.tobytes()
+        assert again.totals.tobytes() == first.totals.tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binding_site_limit_path_matches_greedy(backend):
+    """When a site limit binds, the site gives exactly its limit and better-ranked nodes elsewhere fill first."""
+    n = 10
+    fleet = fleet_from_arrays(
+        n_sites=2, soc=np.linspace(0.9, 0.45, n), capacity_kwh=np.full(n, 60.0),
+        p_dis_max_kw=np.full(n, 10.0), p_chg_max_kw=np.full(n, 10.0),
+        site=np.array([0] * 5 + [1] * 5, np.int32), site_export_kw=[15.0, math.inf],
+    )
+    out = run(backend, fleet, DispatchProfile(), 40.0)
+    sp = out.setpoint_kw[:n]
+    assert sp[:5].sum() == pytest.approx(15.0)  # site 1 capped at 15 kW: best node full, next 5 kW
+    np.testing.assert_allclose(sp[:5], [10.0, 5.0, 0.0, 0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(sp[5:], [10.0, 10.0, 5.0, 0.0, 0.0], atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prorata_shares_equally(backend):
+    """Pro-rata gives every eligible node the same fraction of its availability."""
+    fleet = uniform_fleet(8)
+    fleet.p_dis_max_kw[:4] = 22.0
+    out = run(backend, fleet, DispatchProfile(policy="prorata"), 60.0)
+    sp, avail = out.setpoint_kw[:8], out.avail_dis_kw[:8]
+    np.testing.assert_allclose(sp / avail, np.full(8, 60.0 / avail.sum()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_availability_is_nonlinear_in_soc_and_temperature(backend):
+    """Availability is zero at the floor, tapers above it, and derates near the temperature edges."""
+    soc = np.array([0.15, 0.20, 0.25, 0.30, 0.60, 0.60, 0.60, 0.60])
+    temp = np.array([25.0, 25.0, 25.0, 25.0, 25.0, -15.0, 45.0, 55.0])
+    fleet = fleet_from_arrays(soc=soc, temp_c=temp, capacity_kwh=np.full(8, 80.0),
+                              p_dis_max_kw=np.full(8, 10.0), p_chg_max_kw=np.full(8, 10.0),
+                              efficiency=np.full(8, 1.0))
+    out = run(backend, fleet, DispatchProfile(endurance_s=60.0), 0.0)
+    a = out.avail_dis_kw[:8]
+    assert a[0] == 0.0 and a[1] == 0.0
+    assert out.reason[0] == Reason.SOC_BELOW_MINIMUM
+    assert a[2] == pytest.approx(5.0) and a[3] == pytest.approx(10.0)  # linear taper over 0.1 of SoC
+    assert a[5] == pytest.approx(5.0) and a[6] == pytest.approx(5.0)  # 5 degC inside a 10 degC band
+    assert a[7] == 0.0 and out.reason[7] == Reason.THERMAL_LIMIT
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_endurance_bounds_availability(backend):
+    """A node offers only the power it can sustain for the endurance time, losses counted."""
+    fleet = fleet_from_arrays(soc=[0.30], capacity_kwh=[50.0], soh=[0.8], efficiency=[0.95],
+                              p_dis_max_kw=[22.0], p_chg_max_kw=[22.0])
+    out = run(backend, fleet, DispatchProfile(endurance_s=3600.0), 0.0)
+    # (0.30 - 0.20) * 50 kWh * 0.8 SoH = 4 kWh above the floor, 95 % reaches the grid, over 1 h
+    assert out.avail_dis_kw[0] == pytest.approx(4.0 * 0.95)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_values_are_excluded_with_a_reason(backend):
+    """NaN, negative capacity and SoC outside 0..1 written by a broken gateway exclude the node, never crash."""
+    fleet = fleet_from_arrays(soc=[math.nan, 0.6, 1.5, 0.6, 0.6], capacity_kwh=[60.0, -5.0, 60.0, 60.0, 60.0],
+                              p_dis_max_kw=[11.0, 11.0, 11.0, math.inf, 11.0], p_chg_max_kw=np.full(5, 11.0),
+                              temp_c=[25.0, 25.0, 25.0, 25.0, math.nan])
+    out = run(backend, fleet, DispatchProfile(), 100.0)
+    assert list(out.reason[:5]) == [Reason.INVALID_TELEMETRY] * 5
+    assert np.all(out.setpoint_kw[:5] == 0.0) and out.totals[T_TARGET] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("request_kw", [math.nan, math.inf, -math.inf])
+def test_non_finite_request_gives_zero(backend, request_kw):
+    """A NaN or infinite request dispatches nothing rather than saturating the fleet."""
+    out = run(backend, uniform_fleet(4), DispatchProfile(), request_kw)
+    assert np.all(out.setpoint_kw[:4] == 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stale_telemetry_excludes(backend):
+    """A node whose telemetry is older than stale_after_s is excluded as TIMEOUT_BMS_RESPONSE."""
+    fleet = uniform_fleet(3)
+    fleet.last_telemetry_ns[:3] = [0, -4_000_000_000, -6_000_000_000]
+    out = run(backend, fleet, DispatchProfile(stale_after_s=5.0), 30.0, now_ns=0)
+    assert list(out.reason[:3]) == [Reason.OK, Reason.OK, Reason.TIMEOUT_BMS_RESPONSE]
+    assert out.setpoint_kw[2] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["all_at_floor", "all_offline", "zero_capacity", "one_node", "empty"])
+def test_adversarial_fleets(backend, what):
+    """Degenerate fleets give zero (or the one node's share) with reasons, and conserve power."""
+    n = {"one_node": 1, "empty": 0}.get(what, 50)
+    fleet = uniform_fleet(n) if n else Fleet()
+    if what == "all_at_floor":
+        fleet.soc[:n] = 0.2
+    elif what == "all_offline":
+        fleet.online[:n] = 0
+    elif what == "zero_capacity":
+        fleet.capacity_kwh[:n] = 0.0
+    out = run(backend, fleet, DispatchProfile(), 1e6)
+    assert np.all(out.setpoint_kw[:n] == 0.0) == (what != "one_node")
+    assert out.setpoint_kw[:n].sum() == pytest.approx(out.totals[T_TARGET])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ramp_limits_across_steps(backend):
+    """Node and fleet ramp limits hold step after step, and a fall to zero is immediate."""
+    from v2grt import Dispatcher
+
+    fleet = uniform_fleet(20)
+    profile = DispatchProfile(node_ramp_kw_per_s=20.0, fleet_ramp_kw_per_s=100.0)
+    d = Dispatcher(fleet, profile, backend=backend, capacity_kw=200.0)
+    prev = np.zeros(20)
+    for k in range(1, 15):
+        r = d.step(50.0, now_s=k * 0.1, request_kw=200.0)
+        assert abs(r.allocated_kw - prev.sum()) <= 100.0 * 0.1 + 1e-9
+        assert np.all(np.abs(r.setpoints_kw) <= np.abs(prev) + 20.0 * 0.1 + 1e-9)
+        prev = r.setpoints_kw.copy()
+    assert prev.sum() == pytest.approx(140.0)  # 14 steps of 10 kW
+    fleet.online[:20] = 0
+    r = d.step(50.0, now_s=1.6, request_kw=200.0)
+    assert np.all(r.setpoints_kw == 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hysteresis_prevents_flapping(backend):
+    """Nodes carrying load keep it when idle nodes overtake them by less than the hysteresis band."""
+    n = 40
+    soc = np.linspace(0.60, 0.62, n)
+
+    def carrying_after_perturbation(hysteresis):
+        fleet = uniform_fleet(n)
+        fleet.soc[:n] = soc
+        fleet.p_dis_max_kw[:n] = fleet.p_chg_max_kw[:n] = 10.0
+        profile = DispatchProfile(hysteresis=hysteresis)
+        out = run(backend, fleet, profile, 100.0)  # 10 of 40 nodes carry
+        first = set(np.flatnonzero(out.setpoint_kw[:n] > 0))
+        fleet.last_setpoint_kw[:n] = out.setpoint_kw[:n]
+        fleet.soc[:n] = soc[::-1]  # the idle nodes now rank higher, by at most 0.02 SoC
+        out = run(backend, fleet, profile, 100.0)
+        return first, set(np.flatnonzero(out.setpoint_kw[:n] > 0))
+
+    first, second = carrying_after_perturbation(0.05)
+    assert first == second and len(first) == 10
+    first, second = carrying_after_perturbation(0.0)
+    assert first.isdisjoint(second)
+
+
+def test_dispatcher_estop_latches_until_reset():
+    """An emergency stop drives every node to 0 at once and holds until reset()."""
+    from v2grt import Dispatcher
+
+    fleet = uniform_fleet(10)
+    d = Dispatcher(fleet, DispatchProfile(), service="fcr", capacity_kw=50.0)
+    assert d.step(49.8, now_s=0.0).allocated_kw == pytest.approx(50.0)
+    d.emergency_stop()
+    for k in range(1, 4):
+        r = d.step(49.8, now_s=k * 0.1)
+        assert np.all(r.setpoints_kw == 0.0) and r.estop
+    d.reset()
+    assert d.step(49.8, now_s=0.5).allocated_kw == pytest.approx(50.0)
+
+
+def test_dispatcher_rejects_implausible_frequency():
+    """A NaN or mHz-scaled frequency is refused with a message naming the value and range."""
+    from v2grt import Dispatcher
+
+    d = Dispatcher(uniform_fleet(2), service="dc", capacity_kw=10.0)
+    for bad in (math.nan, 0.0, 49800.0):
+        with pytest.raises(ValueError, match="frequency_hz"):
+            d.step(bad, now_s=0.0)
+
+
+def test_unknown_policy_is_refused():
+    """An unknown policy name is a ProfileError naming the key and the allowed values."""
+    from v2grt import ProfileError
+
+    with pytest.raises(ProfileError, match="policy='fastest'.*merit"):
+        DispatchProfile(policy="fastest")
+
+
+def test_profile_json_errors_name_file_and_key(tmp_path):
+    """A discharge profile with a bad value or unknown key names the file, key, value and range."""
+    from v2grt import ProfileError
+
+    path = tmp_path / "discharge_profile.json"
+    path.write_text('{"minimum_soc": 1.4}')
+    with pytest.raises(ProfileError, match=r"discharge_profile.json: minimum_soc=1.4 outside 0.0..1.0"):
+        DispatchProfile.from_json(path)
+    path.write_text('{"minimum_SOC": 0.3}')
+    with pytest.raises(ProfileError, match="unknown key.*minimum_SOC"):
+        DispatchProfile.from_json(path)
+    path.write_text('{"minimum_soc": 0.3,}')
+    with pytest.raises(ProfileError, match="line 1"):
+        DispatchProfile.from_json(path)
+
+
+def test_reference_backend_is_chosen_only_when_asked(monkeypatch):
+    """The default backend is the compiled one; the twin runs only when named or set in the environment."""
+    from v2grt import Dispatcher
+
+    assert Dispatcher(uniform_fleet(1), capacity_kw=1.0).backend == "cython"
+    assert Dispatcher(uniform_fleet(1), capacity_kw=1.0, backend="reference").backend == "reference"
+    monkeypatch.setenv("V2GRT_BACKEND", "reference")
+    assert Dispatcher(uniform_fleet(1), capacity_kw=1.0).backend == "reference"
+
+
+def test_import_without_compiled_core_fails_clearly(tmp_path):
+    """Importing v2grt from a tree without the built extension says how to build it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import v2grt
+
+    src = Path(v2grt.__file__).parent
+    shutil.copytree(src, tmp_path / "v2grt", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    # -S: no site-packages, so the editable install's finder cannot redirect to the built tree
+    proc = subprocess.run([sys.executable, "-S", "-c", "import v2grt"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode != 0
+    assert "pip install -e ." in proc.stderr and "V2GRT_BACKEND=reference" in proc.stderr
+
+
+def test_million_node_smoke():
+    """A million-node fleet dispatches on both backends with the same totals."""
+    fleet = Fleet.random(1_000_000, seed=3)
+    profile = DispatchProfile()
+    cy = run("cython", fleet, profile, 2e6)
+    ref = run("reference", fleet, profile, 2e6)
+    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9)
+    assert cy.totals[T_TARGET] == pytest.approx(2e6)

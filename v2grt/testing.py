@@ -1,0 +1,43 @@
+"""Small helpers for tests and benchmarks: build fleets directly from arrays (no I/O, no sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from v2grt.fleet import COLUMNS, Fleet
+
+
+def fleet_from_arrays(n_sites: int = 1, **arrays) -> Fleet:
+    """A Fleet whose columns are the given arrays (all of one length n); others take their defaults.
+
+    Accepts the roster columns (soc, capacity_kwh, ...) and the state columns (site, fault,
+    last_setpoint_kw, last_telemetry_ns, active, online), plus site_export_kw / site_import_kw /
+    site_fault of length n_sites. Values are stored as given, unvalidated: this is how tests feed
+    the kernel the NaNs and negative capacities a broken gateway could write.
+    """
+    site_arrays = {k: arrays.pop(k) for k in ("site_export_kw", "site_import_kw", "site_fault") if k in arrays}
+    n = len(next(iter(arrays.values()))) if arrays else 0
+    fleet = Fleet(capacity=max(n, 1), site_capacity=max(n_sites, 1))
+    for s in range(n_sites):
+        fleet.site_index(f"site{s + 1}")
+    fleet.gateway_index("gw1")
+    for col in COLUMNS:
+        getattr(fleet, col.name)[:n] = col.default if col.default is not None else 0.0
+    fleet.active[:n] = 1
+    for name, values in arrays.items():
+        getattr(fleet, name)[:n] = values
+    for name, values in site_arrays.items():
+        getattr(fleet, name)[:n_sites] = values
+    width = max(2, len(str(n)))
+    fleet.node_ids[:n] = [f"EV_NODE_{i + 1:0{width}d}" for i in range(n)]
+    fleet.row_of = {nid: i for i, nid in enumerate(fleet.node_ids[:n])}
+    fleet.n_rows = n
+    return fleet
+
+
+def uniform_fleet(n: int, *, soc: float = 0.6, p_kw: float = 11.0, capacity_kwh: float = 60.0) -> Fleet:
+    """n identical vehicles on one site: handy where a test wants to reason about totals by hand."""
+    return fleet_from_arrays(
+        soc=np.full(n, soc), capacity_kwh=np.full(n, capacity_kwh), p_dis_max_kw=np.full(n, p_kw),
+        p_chg_max_kw=np.full(n, p_kw),
+    )
