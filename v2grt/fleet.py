@@ -170,7 +170,9 @@ class Fleet:
         Raises FleetError naming the node, field and value if anything is out of range; the fleet is
         unchanged then.
         """
-        _check_id("node_id", node_id)
+        # All three ids first: a bad site_id must not leave a new gateway registered behind it.
+        for field, value in (("node_id", node_id), ("gateway_id", gateway_id), ("site_id", site_id)):
+            _check_id(field, value)
         if node_id in self.row_of:
             raise FleetError(f"node {node_id!r}: already in the fleet (row {self.row_of[node_id]})")
         checked = validate_node(node_id, values)
