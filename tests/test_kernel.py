@@ -148,8 +148,7 @@ def test_merit_order(backend, case):
     ramp = profile.node_ramp_kw_per_s * 0.1
     window = np.minimum(avail, np.maximum(last if discharging else -last, 0.0) + ramp)
     with np.errstate(invalid="ignore"):
-        f_temp = reference._taper(fleet.temp_c[:n] - profile.temp_min_c, profile.temp_derate_c) * reference._taper(
-            profile.temp_max_c - fleet.temp_c[:n], profile.temp_derate_c)
+        f_temp = reference.temperature_factor(fleet.temp_c[:n], profile)
     q = reference.rank_buckets(fleet, profile, slice(0, n), f_temp, discharging)
     key = q * (n + 1) + (n - np.arange(n))  # larger = better: bucket, then lower row
     take = np.abs(sp)

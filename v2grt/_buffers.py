@@ -41,18 +41,14 @@ class Workspace:
         self.capacity = capacity
         self.site_capacity = site_capacity
         self.buckets = buckets
-        self.hi_kw = np.zeros(capacity, np.float64)  # ramp-limited discharge window per node
-        self.lo_kw = np.zeros(capacity, np.float64)  # ramp-limited charge window per node (magnitude)
-        self.q_dis = np.zeros(capacity, np.uint16)  # discharge rank bucket per node
-        self.q_chg = np.zeros(capacity, np.uint16)  # charge rank bucket per node
+        self.window_kw = np.zeros(capacity, np.float64)  # ramp-limited window in the target's direction
+        self.q = np.zeros(capacity, np.uint16)  # rank bucket per node, in the target's direction
         self.order = np.zeros(capacity, np.int32)  # counting-sort order (only when a site limit binds)
         self.site_hi_kw = np.zeros(site_capacity, np.float64)
         self.site_lo_kw = np.zeros(site_capacity, np.float64)
         self.site_rem_kw = np.zeros(site_capacity, np.float64)
-        self.hist_dis_kw = np.zeros(buckets, np.float64)
-        self.hist_chg_kw = np.zeros(buckets, np.float64)
-        self.count_dis = np.zeros(buckets + 1, np.int64)
-        self.count_chg = np.zeros(buckets + 1, np.int64)
+        self.hist_kw = np.zeros(buckets, np.float64)  # sum of windows per rank bucket
+        self.count = np.zeros(buckets + 1, np.int64)  # nodes per bucket (counting sort)
 
     def fits(self, capacity: int, site_capacity: int) -> bool:
         return self.capacity >= capacity and self.site_capacity >= site_capacity

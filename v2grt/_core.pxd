@@ -1,10 +1,10 @@
 # Inline helpers of the dispatch kernel, shared with any other Cython module that needs them.
 
-cdef inline double _taper(double x, double band) noexcept nogil:
-    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0)."""
+cdef inline double _taper(double x, double inv_band) noexcept nogil:
+    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0, inv_band 0)."""
     cdef double y
-    if band > 0.0:
-        y = x / band
+    if inv_band > 0.0:
+        y = x * inv_band
         if y < 0.0:
             y = 0.0
         if y > 1.0:

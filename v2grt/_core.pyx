@@ -57,10 +57,24 @@ cdef struct Params:
     double per_endurance  # 3600 / endurance_s: kWh above the floor -> kW sustainable for endurance_s
     i64 stale_ns
     double node_ramp_kw, fleet_ramp_kw
-    double hysteresis, w_soc, w_cycles, w_soh, w_temp, cycles_ref
+    double hysteresis, w_soc, w_cycles, w_soh, w_temp
+    double inv_cycles_ref, inv_soc_taper, inv_temp_derate_c  # reciprocals: a multiply is ~5x cheaper than a divide
     double q_scale
     int buckets
     bint prorata
+
+
+cdef inline bint _valid(double soc, double soh, double capacity_kwh, double p_dis_max_kw, double p_chg_max_kw,
+                       double temp_c, double efficiency, double cycle_count) noexcept nogil:
+    """Every value finite and in range (NaN fails every comparison). Bitwise & instead of `and`: one
+    branch per node instead of sixteen, measured ~10 % of the kernel at a million nodes."""
+    return ((soc >= 0.0) & (soc <= 1.0) & (soh >= 0.0) & (soh <= 1.0)
+            & (capacity_kwh > 0.0) & (capacity_kwh < INFINITY)
+            & (p_dis_max_kw >= 0.0) & (p_dis_max_kw < INFINITY)
+            & (p_chg_max_kw >= 0.0) & (p_chg_max_kw < INFINITY)
+            & (temp_c > -INFINITY) & (temp_c < INFINITY)
+            & (efficiency > 0.0) & (efficiency <= 1.0)
+            & (cycle_count >= 0.0) & (cycle_count < INFINITY))
 
 
 cdef double _ramp(double rate_kw_per_s, double dt_s) noexcept nogil:
@@ -129,7 +143,9 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     p.w_cycles = profile.w_cycles
     p.w_soh = profile.w_soh
     p.w_temp = profile.w_temp
-    p.cycles_ref = profile.cycles_ref
+    p.inv_cycles_ref = 1.0 / profile.cycles_ref
+    p.inv_soc_taper = 1.0 / p.soc_taper if p.soc_taper > 0.0 else 0.0
+    p.inv_temp_derate_c = 1.0 / p.temp_derate_c if p.temp_derate_c > 0.0 else 0.0
     p.buckets = work.buckets
     p.q_scale = (p.buckets - 1) / (1.0 + p.hysteresis)
     p.prorata = profile.policy == "prorata"
@@ -158,62 +174,72 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     cdef u8[::1] reason_out = out.reason
     cdef double[::1] totals_out = out.totals
 
-    cdef double[::1] hi = work.hi_kw
-    cdef double[::1] lo = work.lo_kw
-    cdef u16[::1] q_dis = work.q_dis
-    cdef u16[::1] q_chg = work.q_chg
+    cdef double[::1] window = work.window_kw
+    cdef u16[::1] q = work.q
     cdef int[::1] order = work.order
     cdef double[::1] site_hi = work.site_hi_kw
     cdef double[::1] site_lo = work.site_lo_kw
     cdef double[::1] site_rem = work.site_rem_kw
-    cdef double[::1] hist_dis = work.hist_dis_kw
-    cdef double[::1] hist_chg = work.hist_chg_kw
-    cdef i64[::1] count_dis = work.count_dis
-    cdef i64[::1] count_chg = work.count_chg
+    cdef double[::1] hist = work.hist_kw
+    cdef i64[::1] count = work.count
 
-    cdef double sums[6]
+    cdef double sums[4]
+    cdef int direction
     with nogil:
-        _availability(n, n_sites, &p, now_ns, estop, active, online, fault, site, soc, soh, capacity_kwh,
-                      p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency, last_telemetry_ns,
-                      last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, hi, lo, q_dis, q_chg,
-                      site_hi, site_lo, hist_dis, hist_chg, count_dis, count_chg, sums)
-        _allocate(n, n_sites, &p, request_kw, estop, site, last_kw, site_export_kw, site_import_kw,
-                  hi, lo, q_dis, q_chg, site_hi, site_lo, site_rem, hist_dis, hist_chg, count_dis,
-                  count_chg, order, setpoint_out, totals_out, sums)
+        direction = _direction(n, &p, request_kw, estop, last_kw)
+        _availability(n, n_sites, &p, now_ns, estop, direction, active, online, fault, site, soc, soh,
+                      capacity_kwh, p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency,
+                      last_telemetry_ns, last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, window,
+                      q, site_hi, site_lo, hist, sums)
+        _allocate(n, n_sites, &p, request_kw, direction, site, site_export_kw, site_import_kw, window, q,
+                  site_hi, site_lo, site_rem, hist, count, order, setpoint_out, totals_out, sums)
+
+
+cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop,
+                    const double[::1] last_kw) noexcept nogil:
+    """Sign of this cycle's target: +1 discharge, -1 charge, 0 none. Clamping to what the fleet can
+    give never flips the sign, so it is known before availability, and only one direction is ranked."""
+    cdef double limited = request_kw, prev_total = 0.0
+    cdef Py_ssize_t i
+    if estop or not (request_kw - request_kw == 0.0):  # e-stop, NaN or inf request
+        return 0
+    if not isinf(p.fleet_ramp_kw):
+        for i in range(n):
+            prev_total += last_kw[i]
+        limited = _min(_max(request_kw, prev_total - p.fleet_ramp_kw), prev_total + p.fleet_ramp_kw)
+    return 1 if limited > 0.0 else (-1 if limited < 0.0 else 0)
 
 
 cdef void _availability(
-    Py_ssize_t n, Py_ssize_t n_sites, const Params* p, i64 now_ns, bint estop,
+    Py_ssize_t n, Py_ssize_t n_sites, const Params* p, i64 now_ns, bint estop, int direction,
     const u8[::1] active, const u8[::1] online, const u8[::1] fault, const int[::1] site,
     const double[::1] soc, const double[::1] soh, const double[::1] capacity_kwh,
     const double[::1] p_dis_max_kw, const double[::1] p_chg_max_kw, const double[::1] temp_c,
     const double[::1] cycle_count, const double[::1] efficiency, const i64[::1] last_telemetry_ns,
     const double[::1] last_kw, const u8[::1] site_fault,
     u8[::1] reason_out, double[::1] avail_dis_out, double[::1] avail_chg_out,
-    double[::1] hi, double[::1] lo, u16[::1] q_dis, u16[::1] q_chg,
-    double[::1] site_hi, double[::1] site_lo, double[::1] hist_dis, double[::1] hist_chg,
-    i64[::1] count_dis, i64[::1] count_chg, double* sums,
+    double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
+    double[::1] hist, double* sums,
 ) noexcept nogil:
-    """Pass 1: reason, availability, ramp window and both rank buckets per node; per-site and
-    per-bucket sums of the windows. sums: [prev_total_kw, avail_dis_kw, avail_chg_kw]."""
+    """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
+    bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows.
+    sums: [prev_total_kw, avail_dis_kw, avail_chg_kw]."""
     cdef Py_ssize_t i, s
     cdef int b
     cdef u8 r
-    cdef double x, f_temp, usable_kwh, a_dis, a_chg, e_dis, e_chg, w_hi, w_lo, base, last
+    cdef double x, f_temp, usable_kwh, a_dis, a_chg, e_dis, e_chg, w_hi, w_lo, w, last, soc_i, soc_term
     cdef double prev_total = 0.0, sum_dis = 0.0, sum_chg = 0.0
-    cdef u16 qd, qc
+    cdef u16 qi
     for s in range(n_sites):
         site_hi[s] = 0.0
         site_lo[s] = 0.0
     for b in range(p.buckets):
-        hist_dis[b] = 0.0
-        hist_chg[b] = 0.0
-        count_dis[b] = 0
-        count_chg[b] = 0
+        hist[b] = 0.0
     for i in range(n):
         last = last_kw[i]
         prev_total += last
         s = site[i]
+        soc_i = soc[i]
         if active[i] == 0:
             r = R_EMPTY
         elif estop:
@@ -226,13 +252,8 @@ cdef void _availability(
             r = R_INVALID
         elif site_fault[s] != 0:
             r = site_fault[s]
-        elif not (soc[i] >= 0.0 and soc[i] <= 1.0 and soh[i] >= 0.0 and soh[i] <= 1.0
-                  and capacity_kwh[i] > 0.0 and capacity_kwh[i] < INFINITY
-                  and p_dis_max_kw[i] >= 0.0 and p_dis_max_kw[i] < INFINITY
-                  and p_chg_max_kw[i] >= 0.0 and p_chg_max_kw[i] < INFINITY
-                  and temp_c[i] > -INFINITY and temp_c[i] < INFINITY
-                  and efficiency[i] > 0.0 and efficiency[i] <= 1.0
-                  and cycle_count[i] >= 0.0 and cycle_count[i] < INFINITY):
+        elif not _valid(soc_i, soh[i], capacity_kwh[i], p_dis_max_kw[i], p_chg_max_kw[i], temp_c[i],
+                        efficiency[i], cycle_count[i]):
             r = R_INVALID
         elif now_ns - last_telemetry_ns[i] > p.stale_ns:
             r = R_TIMEOUT
@@ -246,20 +267,20 @@ cdef void _availability(
             reason_out[i] = r
             avail_dis_out[i] = 0.0
             avail_chg_out[i] = 0.0
-            hi[i] = 0.0
-            lo[i] = 0.0
+            window[i] = 0.0
             continue
 
         # Availability: tapered near the SoC limits and temperature edges, bounded by endurance.
-        f_temp = _taper(temp_c[i] - p.temp_min_c, p.temp_derate_c) * _taper(p.temp_max_c - temp_c[i], p.temp_derate_c)
+        f_temp = (_taper(temp_c[i] - p.temp_min_c, p.inv_temp_derate_c)
+                  * _taper(p.temp_max_c - temp_c[i], p.inv_temp_derate_c))
         usable_kwh = capacity_kwh[i] * soh[i]
-        e_dis = _max((soc[i] - p.minimum_soc) * usable_kwh * efficiency[i] * p.per_endurance, 0.0)
-        e_chg = _max((p.maximum_soc - soc[i]) * usable_kwh / efficiency[i] * p.per_endurance, 0.0)
-        a_dis = _min(p_dis_max_kw[i] * _taper(soc[i] - p.minimum_soc, p.soc_taper) * f_temp, e_dis)
-        a_chg = _min(p_chg_max_kw[i] * _taper(p.maximum_soc - soc[i], p.soc_taper) * f_temp, e_chg)
-        if a_dis == 0.0 and soc[i] <= p.minimum_soc:
+        e_dis = _max((soc_i - p.minimum_soc) * usable_kwh * efficiency[i] * p.per_endurance, 0.0)
+        e_chg = _max((p.maximum_soc - soc_i) * usable_kwh / efficiency[i] * p.per_endurance, 0.0)
+        a_dis = _min(p_dis_max_kw[i] * _taper(soc_i - p.minimum_soc, p.inv_soc_taper) * f_temp, e_dis)
+        a_chg = _min(p_chg_max_kw[i] * _taper(p.maximum_soc - soc_i, p.inv_soc_taper) * f_temp, e_chg)
+        if a_dis == 0.0 and soc_i <= p.minimum_soc:
             r = R_SOC_MIN
-        if a_chg == 0.0 and soc[i] >= p.maximum_soc:
+        if a_chg == 0.0 and soc_i >= p.maximum_soc:
             r = R_SOC_MAX
         reason_out[i] = r
         avail_dis_out[i] = a_dis
@@ -270,53 +291,44 @@ cdef void _availability(
         # Ramp window: |power| may rise by node_ramp_kw this cycle and may always fall at once.
         w_hi = _min(a_dis, _max(last, 0.0) + p.node_ramp_kw)
         w_lo = _min(a_chg, _max(-last, 0.0) + p.node_ramp_kw)
-        hi[i] = w_hi
-        lo[i] = w_lo
         site_hi[s] += w_hi
         site_lo[s] += w_lo
 
-        # Rank buckets for both directions (the target's sign is not known yet). Same expression,
-        # same operation order as reference.rank_buckets, so the buckets are bit-identical.
-        base = p.w_cycles * (1.0 - _min(cycle_count[i] / p.cycles_ref, 1.0))
-        x = p.w_soc * soc[i] + base + p.w_soh * soh[i] + p.w_temp * f_temp
-        qd = _bucket(x + (p.hysteresis if last > 0.0 else 0.0), p)
-        x = p.w_soc * (1.0 - soc[i]) + base + p.w_soh * soh[i] + p.w_temp * f_temp
-        qc = _bucket(x + (p.hysteresis if last < 0.0 else 0.0), p)
-        q_dis[i] = qd
-        q_chg[i] = qc
-        if w_hi > 0.0:
-            hist_dis[qd] += w_hi
-            count_dis[qd] += 1
-        if w_lo > 0.0:
-            hist_chg[qc] += w_lo
-            count_chg[qc] += 1
+        # Rank bucket in the target's direction: same expression and operation order as
+        # reference.rank_buckets, so the buckets are bit-identical.
+        w = w_hi if direction > 0 else (w_lo if direction < 0 else 0.0)
+        window[i] = w
+        if w > 0.0:
+            soc_term = soc_i if direction > 0 else 1.0 - soc_i
+            x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[i] * p.inv_cycles_ref, 1.0))
+                 + p.w_soh * soh[i] + p.w_temp * f_temp)
+            if last * direction > 0.0:
+                x = x + p.hysteresis
+            qi = _bucket(x, p)
+            q[i] = qi
+            hist[qi] += w
     sums[0] = prev_total
     sums[1] = sum_dis
     sums[2] = sum_chg
 
 
 cdef void _allocate(
-    Py_ssize_t n, Py_ssize_t n_sites, const Params* p, double request_kw, bint estop,
-    const int[::1] site, const double[::1] last_kw, const double[::1] site_export_kw,
-    const double[::1] site_import_kw, double[::1] hi, double[::1] lo, u16[::1] q_dis, u16[::1] q_chg,
-    double[::1] site_hi, double[::1] site_lo, double[::1] site_rem, double[::1] hist_dis,
-    double[::1] hist_chg, i64[::1] count_dis, i64[::1] count_chg, int[::1] order,
+    Py_ssize_t n, Py_ssize_t n_sites, const Params* p, double request_kw, int direction,
+    const int[::1] site, const double[::1] site_export_kw, const double[::1] site_import_kw,
+    double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
+    double[::1] site_rem, double[::1] hist, i64[::1] count, int[::1] order,
     double[::1] setpoint_out, double[::1] totals_out, double* sums,
 ) noexcept nogil:
     """Target from the request, then the setpoints: merit order (histogram threshold, or counting
     sort + greedy when a site limit binds) or pro-rata."""
     cdef Py_ssize_t i, s, k, n_part
     cdef int b, b_marginal
-    cdef double feasible_dis = 0.0, feasible_chg = 0.0, target, remaining, take, cum, sign, allocated = 0.0
-    cdef double fraction
+    cdef double feasible_dis = 0.0, feasible_chg = 0.0, target = 0.0, remaining, take, cum, sign
+    cdef double allocated = 0.0, fraction
     cdef bint binding_dis = False, binding_chg = False, binding
     cdef i64 pos, c, n_carrying = 0
-    cdef double[::1] window
     cdef double[::1] site_window
     cdef const double[::1] site_cap
-    cdef double[::1] hist
-    cdef u16[::1] q
-    cdef i64[::1] count
 
     for s in range(n_sites):
         feasible_dis += _min(site_export_kw[s], site_hi[s])
@@ -327,9 +339,7 @@ cdef void _allocate(
             binding_chg = True
 
     # Target: the request, limited by the fleet ramp, clamped to what the fleet can give.
-    if estop or not (request_kw - request_kw == 0.0):  # e-stop, NaN or inf request
-        target = 0.0
-    else:
+    if direction != 0:
         target = _min(_max(request_kw, sums[0] - p.fleet_ramp_kw), sums[0] + p.fleet_ramp_kw)
         target = _min(_max(target, -feasible_chg), feasible_dis)
 
@@ -338,10 +348,10 @@ cdef void _allocate(
             setpoint_out[i] = 0.0
     else:
         if target > 0.0:
-            window, site_window, site_cap, hist, q, count = hi, site_hi, site_export_kw, hist_dis, q_dis, count_dis
+            site_window, site_cap = site_hi, site_export_kw
             sign, binding = 1.0, binding_dis
         else:
-            window, site_window, site_cap, hist, q, count = lo, site_lo, site_import_kw, hist_chg, q_chg, count_chg
+            site_window, site_cap = site_lo, site_import_kw
             sign, binding = -1.0, binding_chg
         remaining = target * sign
         if p.prorata:
@@ -380,6 +390,12 @@ cdef void _allocate(
         else:
             # A site limit binds: order the participants by bucket (counting sort, stable in row),
             # then fill greedily, each node taking min(window, site remainder, fleet remainder).
+            for b in range(p.buckets + 1):
+                count[b] = 0
+            for i in range(n):
+                setpoint_out[i] = 0.0
+                if window[i] > 0.0:
+                    count[q[i]] += 1
             pos = 0
             for b in range(p.buckets - 1, -1, -1):
                 c = count[b]
@@ -387,7 +403,6 @@ cdef void _allocate(
                 pos += c
             n_part = pos
             for i in range(n):
-                setpoint_out[i] = 0.0
                 if window[i] > 0.0:
                     order[count[q[i]]] = <int>i
                     count[q[i]] += 1
@@ -421,3 +436,46 @@ assert (T_REQUEST, T_TARGET, T_ALLOCATED, T_FEASIBLE_DIS, T_FEASIBLE_CHG, T_AVAI
 assert (Reason.OK, Reason.EMPTY, Reason.OFFLINE, Reason.TIMEOUT_BMS_RESPONSE, Reason.SOH_BELOW_THRESHOLD,
         Reason.THERMAL_LIMIT, Reason.SOC_BELOW_MINIMUM, Reason.EMERGENCY_STOP, Reason.INVALID_TELEMETRY,
         Reason.SOC_ABOVE_MAXIMUM) == (0, 1, 2, 3, 4, 5, 9, 10, 11, 12), "v2grt.codes changed: update _core.pyx"
+
+
+def stream_roofline(fleet, out):
+    """Read every column the kernel reads and write every per-node output once, doing no real work.
+
+    A measuring stick for benchmarks, not part of dispatch: the time of this pass is what memory
+    bandwidth alone costs for the kernel's bytes, so kernel time / this time says how far the kernel
+    is from the machine's limit. Returns a checksum so the compiler cannot drop the reads.
+    """
+    cdef Py_ssize_t n = fleet.n_rows
+    if out.capacity < n:
+        raise ValueError(f"outputs hold {out.capacity} rows, fleet has {n}")
+    cdef const u8[::1] active = fleet.active
+    cdef const u8[::1] online = fleet.online
+    cdef const u8[::1] fault = fleet.fault
+    cdef const int[::1] site = fleet.site
+    cdef const double[::1] soc = fleet.soc
+    cdef const double[::1] soh = fleet.soh
+    cdef const double[::1] capacity_kwh = fleet.capacity_kwh
+    cdef const double[::1] p_dis_max_kw = fleet.p_dis_max_kw
+    cdef const double[::1] p_chg_max_kw = fleet.p_chg_max_kw
+    cdef const double[::1] temp_c = fleet.temp_c
+    cdef const double[::1] cycle_count = fleet.cycle_count
+    cdef const double[::1] efficiency = fleet.efficiency
+    cdef const i64[::1] last_telemetry_ns = fleet.last_telemetry_ns
+    cdef const double[::1] last_kw = fleet.last_setpoint_kw
+    cdef double[::1] setpoint_out = out.setpoint_kw
+    cdef double[::1] avail_dis_out = out.avail_dis_kw
+    cdef double[::1] avail_chg_out = out.avail_chg_kw
+    cdef u8[::1] reason_out = out.reason
+    cdef Py_ssize_t i
+    cdef double acc = 0.0, x
+    with nogil:
+        for i in range(n):
+            x = (soc[i] + soh[i] + capacity_kwh[i] + p_dis_max_kw[i] + p_chg_max_kw[i] + temp_c[i]
+                 + cycle_count[i] + efficiency[i] + last_kw[i] + <double>last_telemetry_ns[i]
+                 + active[i] + online[i] + fault[i] + site[i])
+            acc += x
+            setpoint_out[i] = x
+            avail_dis_out[i] = x
+            avail_chg_out[i] = x
+            reason_out[i] = <u8>i
+    return acc

@@ -22,6 +22,7 @@ from v2grt._buffers import (
     T_TARGET,
 )
 from v2grt.codes import Reason
+from v2grt.profile import RANK_BUCKETS
 
 BACKEND = "reference"
 
@@ -122,7 +123,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
 
     # -- availability: tapered near the SoC limits and the temperature edges, bounded by endurance ----
     with np.errstate(invalid="ignore", over="ignore"):
-        f_temp = _taper(temp_c - p.temp_min_c, p.temp_derate_c) * _taper(p.temp_max_c - temp_c, p.temp_derate_c)
+        f_temp = temperature_factor(temp_c, p)
         f_soc_dis = _taper(soc - p.minimum_soc, p.soc_taper)
         f_soc_chg = _taper(p.maximum_soc - soc, p.soc_taper)
         usable_kwh = capacity_kwh * soh
@@ -152,7 +153,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     else:
         fleet_ramp_kw = _ramp(p.fleet_ramp_kw_per_s, dt_s)
         target = min(max(request_kw, prev_kw - fleet_ramp_kw), prev_kw + fleet_ramp_kw)
-        target = min(max(target, -feasible_chg), feasible_dis)
+        target = min(max(target, -feasible_chg), feasible_dis)  # never flips the sign
 
     # -- allocation --------------------------------------------------------------------------------
     setpoint = np.zeros(n)
@@ -216,29 +217,45 @@ def rank_buckets(fleet, profile, sl, f_temp, discharging):
     last_kw = fleet.last_setpoint_kw[sl]
     soc_term = soc if discharging else 1.0 - soc
     carrying = last_kw > 0.0 if discharging else last_kw < 0.0
-    wear = 1.0 - np.minimum(fleet.cycle_count[sl] / p.cycles_ref, 1.0)
+    wear = 1.0 - np.minimum(fleet.cycle_count[sl] * (1.0 / p.cycles_ref), 1.0)
     score = p.w_soc * soc_term + p.w_cycles * wear + p.w_soh * fleet.soh[sl] + p.w_temp * f_temp
-    score = score + np.where(carrying, p.hysteresis, 0.0)
-    buckets = _buckets()
-    scale = (buckets - 1) / (1.0 + p.hysteresis)
+    score = np.where(carrying, score + p.hysteresis, score)
+    scale = (RANK_BUCKETS - 1) / (1.0 + p.hysteresis)
     with np.errstate(invalid="ignore"):
         q = np.nan_to_num(score * scale, nan=0.0)
-    return np.clip(q, 0, buckets - 1).astype(np.int64)
+    return np.clip(q, 0, RANK_BUCKETS - 1).astype(np.int64)
 
 
-def _buckets():
-    from v2grt.profile import RANK_BUCKETS
-
-    return RANK_BUCKETS
+def temperature_factor(temp_c, profile):
+    """1 inside the comfortable window, tapering linearly to 0 over temp_derate_c at each edge."""
+    p = profile
+    return _taper(temp_c - p.temp_min_c, p.temp_derate_c) * _taper(p.temp_max_c - temp_c, p.temp_derate_c)
 
 
 def _taper(x, band):
-    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0)."""
+    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0).
+
+    Multiplies by the reciprocal of band, as _core does, so both round alike.
+    """
     if band > 0.0:
-        return np.minimum(np.maximum(x / band, 0.0), 1.0)
+        return np.minimum(np.maximum(x * (1.0 / band), 0.0), 1.0)
     return np.where(x > 0.0, 1.0, 0.0)
 
 
 def _ramp(rate_kw_per_s, dt_s):
     """kW a ramp rate allows in dt_s (inf stays inf, even for dt_s == 0)."""
     return math.inf if math.isinf(rate_kw_per_s) else rate_kw_per_s * max(dt_s, 0.0)
+
+
+def stream_roofline(fleet, out):
+    """Read every column the kernel reads and write every per-node output once, doing no real work.
+
+    A measuring stick for benchmarks (see _core.stream_roofline); NumPy streams one column at a time.
+    """
+    n = fleet.n_rows
+    names = ("soc", "soh", "capacity_kwh", "p_dis_max_kw", "p_chg_max_kw", "temp_c", "cycle_count", "efficiency",
+             "last_setpoint_kw", "last_telemetry_ns", "active", "online", "fault", "site")
+    acc = float(sum(getattr(fleet, name)[:n].sum() for name in names))
+    for arr in (out.setpoint_kw, out.avail_dis_kw, out.avail_chg_kw, out.reason):
+        arr[:n] = 0
+    return acc

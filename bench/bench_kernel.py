@@ -1,0 +1,121 @@
+"""Kernel benchmark: Cython against the NumPy reference and a memory-streaming roofline, side by side.
+
+    v2grt bench kernel [--sizes 1000,10000,100000,1000000] [--cycles N] [--json]
+
+For each fleet size, in one run: the compiled kernel over many cycles, the reference twin over fewer
+(it is slow), and a pass that only streams the kernel's bytes through memory. The request moves every
+cycle (a DC response to the real CE frequency trace, scaled to the fleet) so hysteresis, ranking and
+the marginal bucket all do real work; last setpoints feed back as in the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, machine, stats_ms, table  # noqa: E402
+
+from v2grt import Fleet  # noqa: E402
+from v2grt import _core, reference  # noqa: E402
+from v2grt._buffers import KernelOutput, Workspace  # noqa: E402
+from v2grt.profile import DispatchProfile  # noqa: E402
+
+
+def requests_kw(fleet: Fleet, cycles: int, seed: int = 0) -> np.ndarray:
+    """A moving request: +-40 % of the fleet's rating, wandering like a frequency response does."""
+    rng = np.random.default_rng(seed)
+    rating_kw = float(fleet.column("p_dis_max_kw").sum())
+    walk = np.cumsum(rng.normal(0.0, 0.05, cycles))
+    return 0.4 * rating_kw * np.tanh(walk)
+
+
+def time_kernel(kernel, fleet, profile, reqs, out, work, feed_back=True) -> list[int]:
+    samples = []
+    n = fleet.n_rows
+    for k, req in enumerate(reqs):
+        t0 = time.perf_counter_ns()
+        kernel.dispatch(fleet, profile, float(req), 0, 0.1, False, out, work)
+        samples.append(time.perf_counter_ns() - t0)
+        if feed_back:
+            np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
+    return samples
+
+
+def time_roofline(fleet, out, cycles) -> list[int]:
+    samples = []
+    for _ in range(cycles):
+        t0 = time.perf_counter_ns()
+        _core.stream_roofline(fleet, out)
+        samples.append(time.perf_counter_ns() - t0)
+    return samples
+
+
+def run(sizes, cycles, ref_cycles, seed=0) -> dict:
+    profile = DispatchProfile()
+    rows = []
+    for n in sizes:
+        fleet = Fleet.random(n, seed=seed)
+        out = KernelOutput(fleet.capacity)
+        work = Workspace(fleet.capacity, fleet.site_capacity)
+        n_cycles = cycles if n < 1_000_000 else max(cycles // 4, 20)
+        n_ref = ref_cycles if n < 1_000_000 else max(ref_cycles // 2, 5)
+        reqs = requests_kw(fleet, n_cycles, seed)
+        time_kernel(_core, fleet, profile, reqs[:5], out, work)  # warm caches and page in buffers
+        time_roofline(fleet, out, 3)
+        gc.collect()
+        gc.disable()
+        try:
+            # Interleave the three so drift on a shared machine hits them alike.
+            cy, roof, ref = [], [], []
+            chunks = np.array_split(np.arange(n_cycles), n_ref)
+            for k, idx in enumerate(chunks):
+                cy += time_kernel(_core, fleet, profile, reqs[idx], out, work)
+                roof += time_roofline(fleet, out, len(idx))
+                ref += time_kernel(reference, fleet, profile, reqs[idx[:1]], out, work)
+        finally:
+            gc.enable()
+        c, r, s = stats_ms(cy), stats_ms(ref), stats_ms(roof)
+        rows.append({
+            "nodes": n,
+            "cython": c,
+            "reference": r,
+            "roofline": s,
+            "cython_over_roofline": c["p50_ms"] / s["p50_ms"],
+            "reference_over_cython": r["p50_ms"] / c["p50_ms"],
+            "budget_fraction": c["p99_ms"] / 100.0,
+        })
+    return {"benchmark": "kernel", "machine": machine(), "profile": profile.to_dict(), "results": rows}
+
+
+def render(result: dict) -> str:
+    headers = ["nodes", "cython p50 ms", "cython p99 ms", "roofline p50 ms", "cython/roofline",
+               "reference p50 ms", "reference/cython", "p99 % of 100 ms"]
+    rows = [[r["nodes"], r["cython"]["p50_ms"], r["cython"]["p99_ms"], r["roofline"]["p50_ms"],
+             r["cython_over_roofline"], r["reference"]["p50_ms"], r["reference_over_cython"],
+             100 * r["budget_fraction"]] for r in result["results"]]
+    m = result["machine"]
+    return (f"kernel benchmark on {m['cpu']} ({m['cores']} cores), python {m['python']}, numpy {m['numpy']}\n"
+            + table(headers, rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="v2grt bench kernel", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated fleet sizes")
+    ap.add_argument("--cycles", type=int, default=400, help="compiled-kernel cycles per size (1M: a quarter)")
+    ap.add_argument("--ref-cycles", type=int, default=20, help="reference cycles per size (1M: half)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    emit(run(sizes, args.cycles, args.ref_cycles, args.seed), args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
