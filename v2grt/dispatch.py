@@ -24,6 +24,7 @@ from v2grt.codes import Reason, reason_names
 from v2grt.fleet import Fleet
 from v2grt.kernel import get_backend
 from v2grt.profile import DispatchProfile, ProfileError
+from v2grt.services import ServiceCurve, get_service
 
 #: Frequencies outside this band are not grid frequency but a broken meter or a unit error (mHz, 60/50).
 F_PLAUSIBLE_HZ = (40.0, 70.0)
@@ -95,7 +96,8 @@ class Dispatcher:
     service : str or ServiceCurve
         A built-in service name (see v2grt.services) or a curve. Default GB Dynamic Containment.
     capacity_kw : float, optional
-        Contracted capacity: the response at fraction 1. Default: the fleet's discharge rating sum.
+        Contracted capacity: the response at fraction 1. Default: what the fleet can deliver both
+        ways now (see deliverable_kw), so a full response is feasible.
     backend : "cython" or "reference", optional
         Default $V2GRT_BACKEND or "cython"; the compiled kernel must be built.
     period_s : float
@@ -103,7 +105,7 @@ class Dispatcher:
     """
 
     def __init__(self, fleet: Fleet, profile: DispatchProfile | dict | None = None, *,
-                 service="dc", capacity_kw: float | None = None,
+                 service: str | ServiceCurve = "dc", capacity_kw: float | None = None,
                  nominal_hz: float | None = None, backend: str | None = None, period_s: float = 0.1):
         if isinstance(profile, dict):
             profile = dict(profile)
@@ -111,17 +113,10 @@ class Dispatcher:
             capacity_kw = profile.pop("capacity_kw", capacity_kw)
             nominal_hz = profile.pop("nominal_hz", nominal_hz)
             profile = DispatchProfile.from_dict(profile)
-        from v2grt.services import ServiceCurve, get_service
-
         self.fleet = fleet
         self.profile = profile or DispatchProfile()
         self.service = service if isinstance(service, ServiceCurve) else get_service(service, nominal_hz)
         self._responder = self.service.responder()
-        if capacity_kw is None:
-            capacity_kw = float(fleet.column("p_dis_max_kw")[fleet.column("active") == 1].sum())
-        if not (capacity_kw >= 0.0 and math.isfinite(capacity_kw)):
-            raise ProfileError(f"capacity_kw={capacity_kw!r}: the contracted capacity must be a finite number >= 0 kW")
-        self.capacity_kw = float(capacity_kw)
         self.kernel = get_backend(backend)
         self.backend = self.kernel.BACKEND
         self.period_s = period_s
@@ -130,6 +125,11 @@ class Dispatcher:
         self._out: KernelOutput | None = None
         self._work: Workspace | None = None
         self._ensure_buffers()
+        if capacity_kw is None:
+            capacity_kw = self.deliverable_kw()
+        if not (capacity_kw >= 0.0 and math.isfinite(capacity_kw)):
+            raise ProfileError(f"capacity_kw={capacity_kw!r}: the contracted capacity must be a finite number >= 0 kW")
+        self.capacity_kw = float(capacity_kw)
 
     # ------------------------------------------------------------ e-stop
     @property
@@ -155,6 +155,16 @@ class Dispatcher:
             self._out = KernelOutput(f.capacity)
         if self._work is None or not self._work.fits(f.capacity, f.site_capacity):
             self._work = Workspace(f.capacity, f.site_capacity)
+
+    def deliverable_kw(self, now_ns: int = 0) -> float:
+        """What the fleet can hold both ways right now: min(feasible discharge, feasible charge), kW.
+
+        The default contracted capacity, so that a full response is deliverable in either direction.
+        A dry run of the kernel: the fleet is not changed.
+        """
+        self.kernel.dispatch(self.fleet, self.profile, 0.0, now_ns, 0.0, False, self._out, self._work)
+        t = self._out.totals
+        return float(min(t[T_FEASIBLE_DIS], t[T_FEASIBLE_CHG]))
 
     def service_fraction(self, frequency_hz: float, now_s: float) -> float:
         """The service's response (-1..1, + discharge) to a frequency at a time (stateful for FFR)."""
