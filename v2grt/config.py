@@ -1,0 +1,305 @@
+"""The aggregator's YAML configuration: loaded, defaulted and validated before anything starts.
+
+Every error names the file, the key path (``meter.poll_interval_s``), the value and what is allowed.
+Paths in the file are relative to the file's own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names file, key, value and what is allowed."""
+
+
+@dataclasses.dataclass
+class MeterConfig:
+    host: str = "127.0.0.1"
+    port: int = 5020
+    device_id: int = 1
+    poll_interval_s: float = 0.02  # faster than the period, so the loop sees a value < 20 ms old
+    timeout_s: float = 0.05
+    stale_after_s: float = 1.0  # older frequency: GRID_FREQUENCY_STALE
+    on_stale: str = "rampout"  # freeze: hold the last response; rampout: ramp it to 0 over rampout_s
+    rampout_s: float = 10.0
+
+
+@dataclasses.dataclass
+class InverterConfig:
+    name: str
+    site: str
+    host: str = "127.0.0.1"
+    port: int = 5021
+    device_id: int = 1
+
+
+@dataclasses.dataclass
+class BusConfig:
+    setpoints: str = "tcp://127.0.0.1:5560"  # PUB: setpoints and fleet status
+    telemetry: str = "tcp://127.0.0.1:5561"  # PULL: gateway telemetry
+    control: str = "tcp://127.0.0.1:5562"  # ROUTER: v2g-cli
+    setpoint_ttl_s: float = 0.5  # gateways fall back to 0 kW when nothing newer arrives in this time
+    setpoint_hwm: int = 4  # messages queued per subscriber before the newest are dropped, not queued
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    name: str | None = "dc"
+    curve: dict | None = None  # a custom curve (see v2grt.services.ServiceCurve.from_config)
+    capacity_kw: float | None = None  # None: what the fleet can deliver both ways at start
+    nominal_hz: float = 50.0
+    base_kw: float = 0.0
+
+
+@dataclasses.dataclass
+class FleetConfig:
+    roster: str | None = None  # CSV path
+    random: int | None = None  # or a synthetic fleet of this many vehicles (demos, benchmarks)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RealtimeSection:
+    cpu_affinity: list[int] | None = None
+    sched_fifo_priority: int = 0
+    mlockall: bool = True
+    gc_freeze: bool = True
+    switch_interval_s: float = 0.0005
+
+
+@dataclasses.dataclass
+class Config:
+    path: Path | None = None
+    fleet_id: str = "default"
+    period_s: float = 0.1
+    budget_s: float = 0.1
+    worker_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    state_dir: str = "/var/lib/v2g"  # durable epoch and the one-scheduler-per-fleet lock
+    discharge_profile: str | None = None  # discharge_profile.json; None: the built-in defaults
+    realtime: RealtimeSection = dataclasses.field(default_factory=RealtimeSection)
+    meter: MeterConfig | None = dataclasses.field(default_factory=MeterConfig)
+    inverters: list[InverterConfig] = dataclasses.field(default_factory=list)
+    bus: BusConfig = dataclasses.field(default_factory=BusConfig)
+    service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
+    fleet: FleetConfig = dataclasses.field(default_factory=FleetConfig)
+
+    def resolve(self, value: str | None) -> Path | None:
+        """A path from the config, relative to the config file's directory."""
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.path is not None:
+            p = self.path.parent / p
+        return p
+
+
+# key -> (type, lo, hi) for numbers, or (type, choices) for strings
+_RANGES: dict[str, tuple] = {
+    "period_s": (float, 0.01, 10.0),
+    "budget_s": (float, 0.001, 10.0),
+    "worker_threads": (int, 1, 64),
+    "realtime.sched_fifo_priority": (int, 0, 99),
+    "realtime.switch_interval_s": (float, 0.0, 0.1),
+    "meter.port": (int, 1, 65535),
+    "meter.device_id": (int, 0, 247),
+    "meter.poll_interval_s": (float, 0.001, 10.0),
+    "meter.timeout_s": (float, 0.001, 10.0),
+    "meter.stale_after_s": (float, 0.01, 600.0),
+    "meter.on_stale": (str, ("freeze", "rampout")),
+    "meter.rampout_s": (float, 0.0, 3600.0),
+    "inverters[].port": (int, 1, 65535),
+    "inverters[].device_id": (int, 0, 247),
+    "bus.setpoint_ttl_s": (float, 0.01, 60.0),
+    "bus.setpoint_hwm": (int, 1, 100000),
+    "service.capacity_kw": (float, 0.0, 1e9),
+    "service.nominal_hz": (float, ("50", "60")),
+    "service.base_kw": (float, -1e9, 1e9),
+    "fleet.random": (int, 0, 10_000_000),
+    "fleet.seed": (int, 0, 2**63 - 1),
+}
+
+_SECTIONS = {"realtime": RealtimeSection, "meter": MeterConfig, "bus": BusConfig, "service": ServiceConfig,
+             "fleet": FleetConfig}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, default and validate a YAML config; raises ConfigError naming file, key and value."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    return config_from_dict(data, path)
+
+
+def config_from_dict(data: dict, path: Path | None = None) -> Config:
+    src = str(path) if path else "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    top_fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "path"}
+    _unknown(src, "", data, top_fields)
+    cfg = Config(path=path)
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if key == "meter" and value is None:
+                cfg.meter = None
+                continue
+            setattr(cfg, key, _section(src, key, _SECTIONS[key], value))
+        elif key == "inverters":
+            cfg.inverters = _inverters(src, value)
+        else:
+            setattr(cfg, key, _value(src, key, value, top_fields[key].type))
+    _check(src, cfg)
+    return cfg
+
+
+def _unknown(src, prefix, data, fields):
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{src}: unknown key(s) {[prefix + k for k in unknown]}; allowed under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}")
+
+
+def _section(src, name, cls, value):
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: {name} must be a mapping of keys, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _unknown(src, name + ".", value, fields)
+    obj = cls()
+    for key, v in value.items():
+        setattr(obj, key, _value(src, f"{name}.{key}", v, fields[key].type))
+    return obj
+
+
+def _inverters(src, value):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{src}: inverters must be a list of mappings (name, site, host, port, device_id)")
+    out, names = [], set()
+    fields = {f.name: f for f in dataclasses.fields(InverterConfig)}
+    for i, item in enumerate(value):
+        key = f"inverters[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{src}: {key} must be a mapping, got {item!r}")
+        _unknown(src, key + ".", item, fields)
+        for required in ("name", "site"):
+            if not isinstance(item.get(required), str) or not item[required]:
+                raise ConfigError(f"{src}: {key}.{required} is required (a non-empty string)")
+        inv = InverterConfig(name=item["name"], site=item["site"])
+        for k, v in item.items():
+            setattr(inv, k, _value(src, f"{key}.{k}", v, fields[k].type, range_key=f"inverters[].{k}"))
+        if inv.name in names:
+            raise ConfigError(f"{src}: {key}.name={inv.name!r} is used twice; inverter names must be unique")
+        names.add(inv.name)
+        out.append(inv)
+    return out
+
+
+def _value(src, key, value, annotation, range_key=None):
+    spec = _RANGES.get(range_key or key)
+    ann = str(annotation)
+    if spec:
+        kind = spec[0]
+        if kind is str:
+            if value not in spec[1]:
+                raise ConfigError(f"{src}: {key}={value!r} not allowed; expected one of {list(spec[1])}")
+            return value
+        if value is None and "None" in ann:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ConfigError(f"{src}: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")
+        if len(spec) == 2:  # a set of allowed numbers
+            if str(int(value)) not in spec[1] or value != int(value):
+                raise ConfigError(f"{src}: {key}={value!r} not allowed; expected one of {list(spec[1])}")
+            return float(value)
+        lo, hi = spec[1], spec[2]
+        if not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"{src}: {key}={value!r} outside {lo}..{hi}")
+        return kind(value)
+    if "bool" in ann and "None" not in ann:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {key}={value!r} must be true or false")
+        return value
+    if "list[int]" in ann:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                  for v in value):
+            raise ConfigError(f"{src}: {key}={value!r} must be a list of CPU numbers (integers >= 0)")
+        return value
+    if "dict" in ann:
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{src}: {key} must be a mapping, got {value!r}")
+        return value
+    if "str" in ann:
+        if value is None and "None" in ann:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{src}: {key}={value!r} must be a non-empty string")
+        return value
+    return value
+
+
+def _check(src, cfg: Config) -> None:
+    """Rules across keys."""
+    if cfg.budget_s > cfg.period_s:
+        raise ConfigError(f"{src}: budget_s={cfg.budget_s} exceeds period_s={cfg.period_s}; the budget is the "
+                          "part of the period a cycle may use")
+    if (cfg.fleet.roster is None) == (cfg.fleet.random is None):
+        raise ConfigError(f"{src}: fleet: set exactly one of fleet.roster (a CSV path) or fleet.random (a count)")
+    if (cfg.service.name is None) == (cfg.service.curve is None):
+        raise ConfigError(f"{src}: service: set exactly one of service.name (a built-in) or service.curve")
+    for ep_key in ("setpoints", "telemetry", "control"):
+        ep = getattr(cfg.bus, ep_key)
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"{src}: bus.{ep_key}={ep!r} must be a ZeroMQ endpoint (tcp://host:port or ipc://path)")
+    if cfg.bus.setpoint_ttl_s < cfg.period_s:
+        raise ConfigError(f"{src}: bus.setpoint_ttl_s={cfg.bus.setpoint_ttl_s} is shorter than period_s="
+                          f"{cfg.period_s}: every setpoint would expire before the next one")
+    if cfg.fleet.roster is not None and not cfg.resolve(cfg.fleet.roster).exists():
+        raise ConfigError(f"{src}: fleet.roster={cfg.fleet.roster!r}: no such file ({cfg.resolve(cfg.fleet.roster)})")
+    if cfg.discharge_profile is not None and not cfg.resolve(cfg.discharge_profile).exists():
+        raise ConfigError(f"{src}: discharge_profile={cfg.discharge_profile!r}: no such file "
+                          f"({cfg.resolve(cfg.discharge_profile)})")
+    if cfg.service.name is not None:
+        from v2grt.services import ServiceError, get_service
+
+        try:
+            get_service(cfg.service.name, cfg.service.nominal_hz)
+        except ServiceError as exc:
+            raise ConfigError(f"{src}: service.name: {exc}") from None
+    else:
+        from v2grt.services import ServiceCurve, ServiceError
+
+        try:
+            ServiceCurve.from_config({"nominal_hz": cfg.service.nominal_hz, **cfg.service.curve})
+        except ServiceError as exc:
+            raise ConfigError(f"{src}: service.curve: {exc}") from None
+    if cfg.discharge_profile is not None:
+        from v2grt.profile import DispatchProfile, ProfileError
+
+        try:
+            DispatchProfile.from_json(cfg.resolve(cfg.discharge_profile))
+        except ProfileError as exc:
+            raise ConfigError(f"{src}: discharge_profile: {exc}") from None
+
+
+def dump_defaults() -> dict[str, Any]:
+    """The defaults as a plain mapping (for docs and `config check --show`)."""
+    return dataclasses.asdict(Config())
