@@ -1,0 +1,296 @@
+"""Tests for v2grt.io.bus: real ZeroMQ sockets on loopback TCP with ephemeral ports."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from v2grt.codes import Reason
+from v2grt.io import bus, wire
+
+ANY = "tcp://127.0.0.1:*"
+T_NS = 1_700_000_000_000_000_000
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()  # returns at once only if every socket was closed with linger 0
+
+
+def setpoints(gw: str, seq: int, n: int = 2, ep: int = 1) -> bytes:
+    ids = wire.join_ids([f"{gw}_ev{i}" for i in range(n)])
+    return wire.encode_setpoints(gw, ep, seq, T_NS, T_NS + 10**9, False, ids, np.full(n, 1.5),
+                                 np.zeros(n, np.uint8))
+
+
+def telemetry(gw: str = "gw1", seq: int = 0, soc: float = 0.5) -> bytes:
+    ids = wire.join_ids(["EV1", "EV2"])
+    return wire.encode_telemetry(gw, seq, T_NS, ids, [soc, 0.6], [1.0, -2.0], [1, 1], [0, Reason.OFFLINE])
+
+
+def wait_for(predicate, timeout_s: float = 3.0, step=None):
+    """Call ``step`` and poll ``predicate`` until it holds or the deadline passes (slow joiner safe)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if step is not None:
+            step()
+        if predicate():
+            return True
+    return False
+
+
+class ServerThread:
+    """A ControlServer owned by its own thread (one owner per socket), stopped by an event and joined."""
+
+    def __init__(self, ctx, handler, endpoint=ANY, serving=True):
+        self.stop = threading.Event()
+        self.serving = threading.Event()
+        if serving:
+            self.serving.set()
+        self.ready: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, args=(ctx, endpoint, handler), daemon=True)
+        self.thread.start()
+        self.endpoint, self.server = self.ready.get(timeout=5)
+
+    def _run(self, ctx, endpoint, handler):
+        with bus.ControlServer(ctx, endpoint, handler) as server:
+            self.ready.put((server.endpoint, server))
+            while not self.stop.is_set():
+                if self.serving.wait(0.02):
+                    server.serve_once(timeout_ms=20)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def handler(request: wire.ControlRequest):
+    if request.cmd == "status":
+        return {"n_nodes": 3}
+    if request.cmd == "test_discharge" and request.args["node_id"] == "EV9":
+        raise wire.WireError("REFUSED", "node 'EV9' is not in the fleet")
+    if request.cmd == "reload":
+        raise RuntimeError("profile parser exploded")
+    return {"cmd": request.cmd, **request.args}
+
+
+def test_gateway_subscriber_receives_only_its_own_topic(ctx):
+    """A SUB for gw1 gets gw1's setpoints and none of gw10's, which share the prefix 'gw1'."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, \
+            bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub1, \
+            bus.GatewaySubscriber(ctx, pub.endpoint, "gw10") as sub10, \
+            bus.StatusSubscriber(ctx, pub.endpoint) as status_sub:
+        got1, got10, seq = [], [], iter(range(10**6))
+
+        def step():
+            s = next(seq)
+            pub.send(setpoints("gw10", s))
+            pub.send(setpoints("gw1", s))
+            pub.send(wire.encode_status({f.key: 0 if f.kind == "uint" else 0.0 for f in wire.STATUS_FIELDS}
+                                        | {"excluded": {}, "estop": False}))
+            for sub, got in ((sub1, got1), (sub10, got10)):
+                msg = sub.recv(timeout_ms=5)
+                if msg is not None:
+                    got.append(msg)
+
+        assert wait_for(lambda: len(got1) >= 3 and len(got10) >= 3, step=step)
+        assert {m.gw for m in got1} == {"gw1"} and {m.gw for m in got10} == {"gw10"}
+        assert all(m.node_ids == ("gw1_ev0", "gw1_ev1") for m in got1)
+        assert not sub1.errors and not sub10.errors  # a foreign frame would count TOPIC_MISMATCH
+        assert [m.seq for m in got1] == sorted({m.seq for m in got1})  # newest-only, in order
+        assert wait_for(lambda: status_sub.recv(timeout_ms=5) is not None, step=step)
+
+
+def test_gateway_subscriber_fences_an_older_epoch(ctx):
+    """Once a newer epoch was accepted, an older aggregator's setpoints are counted and ignored."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub:
+        got = []
+
+        def step():
+            pub.send(setpoints("gw1", len(got) + 100, ep=7))
+            msg = sub.recv(timeout_ms=5)
+            if msg is not None:
+                got.append(msg)
+
+        assert wait_for(lambda: got, step=step)
+        pub.send(setpoints("gw1", 10**6, ep=6))
+        assert wait_for(lambda: sub.recv(timeout_ms=10) is not None or sub.errors)
+        assert sub.errors["IDEMPOTENT_KEY_CONFLICT"] == 1 and sub.fence.epoch == 7
+
+
+def test_telemetry_batches_arrive_and_bad_frames_are_counted_by_code(ctx):
+    """Good batches are returned; garbage, wrong versions and out-of-range values are counted, never raised."""
+    with bus.TelemetryReceiver(ctx, ANY) as rx, bus.TelemetryPusher(ctx, rx.endpoint) as tx:
+        frames = [telemetry(seq=0), b"\x00garbage", msgpack.packb({"v": 9}), telemetry(seq=1, soc=1.5),
+                  msgpack.packb([1, 2]), telemetry(seq=2)]
+        assert all(tx.send(f) for f in frames)
+        batches = []
+        assert wait_for(lambda: batches.extend(rx.poll_batches(64, timeout_ms=20)) or rx.frames == len(frames))
+        assert [b.seq for b in batches] == [0, 2] and batches[0].node_ids == ("EV1", "EV2")
+        assert rx.errors == {"BAD_MSGPACK": 1, "BAD_VERSION": 1, "OUT_OF_RANGE": 1, "NOT_A_MAP": 1}
+        assert any("'soc' node 'EV1'" in m for m in rx.last_errors)
+
+
+def test_non_strict_receiver_quarantines_nodes_instead_of_dropping_batches(ctx):
+    """With strict=False a batch with one bad node is delivered and the node is INVALID_TELEMETRY."""
+    with bus.TelemetryReceiver(ctx, ANY, strict=False) as rx, bus.TelemetryPusher(ctx, rx.endpoint) as tx:
+        tx.send(telemetry(soc=float("nan")))
+        batches = []
+        assert wait_for(lambda: batches.extend(rx.poll_batches(8, timeout_ms=20)) or batches)
+        assert batches[0].fault.tolist() == [Reason.INVALID_TELEMETRY, Reason.OFFLINE]
+        assert rx.quarantined_nodes == 1 and rx.errors["OUT_OF_RANGE"] == 1
+
+
+def test_oversized_frame_is_refused_by_the_socket_and_later_frames_still_arrive(ctx):
+    """A frame over MAX_FRAME_BYTES never reaches the decoder (ZMQ_MAXMSGSIZE); the gateway reconnects."""
+    with bus.TelemetryReceiver(ctx, ANY) as rx, bus.TelemetryPusher(ctx, rx.endpoint) as tx:
+        tx.send(b"\x00" * (wire.MAX_FRAME_BYTES + 1))
+        batches = []
+        assert wait_for(lambda: (tx.send(telemetry(seq=5)), batches.extend(rx.poll_batches(8, 20)))
+                        and batches, timeout_s=5)
+        assert batches[0].seq == 5 and not rx.errors
+
+
+def test_control_round_trip_and_error_replies(ctx):
+    """A client gets results, REFUSED from the handler, INTERNAL for a handler crash, BAD_ARG locally."""
+    srv = ServerThread(ctx, handler)
+    try:
+        with bus.ControlClient(ctx, srv.endpoint, timeout_ms=2000) as client:
+            assert client.call("status").result == {"n_nodes": 3}
+            reply = client.call("test_discharge", node_id="EV1", kw=5, seconds=10)
+            assert reply.ok and reply.result == {"cmd": "test_discharge", "node_id": "EV1", "kw": 5.0,
+                                                 "seconds": 10.0}
+            refused = client.call("test_discharge", node_id="EV9", kw=5, seconds=10)
+            assert (refused.ok, refused.error_code) == (False, "REFUSED") and "EV9" in refused.error_message
+            crashed = client.call("reload")
+            assert crashed.error_code == "INTERNAL" and "exploded" in crashed.error_message
+            with pytest.raises(wire.WireError) as info:
+                client.call("test_discharge", node_id="EV1", kw=-5, seconds=10)
+            assert info.value.code == "BAD_ARG" and "'kw'" in info.value.message
+            assert client.call("status").ok  # the socket is still usable
+    finally:
+        srv.close()
+    assert srv.server.served == 3 and srv.server.errors == {"REFUSED": 1, "INTERNAL": 1}
+
+
+def test_malformed_control_requests_are_answered_with_an_error_code(ctx):
+    """Garbage, unknown commands and a DEALER without delimiter all get an error reply, not silence."""
+    srv = ServerThread(ctx, handler)
+    try:
+        with ctx.socket(zmq.REQ) as req, ctx.socket(zmq.DEALER) as dealer:
+            for s in (req, dealer):
+                s.linger = 0
+                s.connect(srv.endpoint)
+            for payload, code in [(b"\xc1garbage", "BAD_MSGPACK"),
+                                  (msgpack.packb({"v": 1, "cmd": "self_destruct", "id": 4}), "UNKNOWN_CMD"),
+                                  (msgpack.packb({"v": 1, "cmd": "estop", "args": {"why": "x"}}), "BAD_ARG")]:
+                req.send(payload)
+                assert req.poll(2000), code
+                reply = wire.decode_reply(req.recv())
+                assert (reply.ok, reply.error_code) == (False, code)
+                if code == "UNKNOWN_CMD":
+                    assert reply.id == 4 and "self_destruct" in reply.error_message
+            dealer.send(wire.encode_request("status", id=99))  # no empty delimiter frame
+            assert dealer.poll(2000)
+            reply = wire.decode_reply(dealer.recv_multipart()[-1])
+            assert reply.ok and reply.id == 99
+    finally:
+        srv.close()
+    assert srv.server.errors == {"BAD_MSGPACK": 1, "UNKNOWN_CMD": 1, "BAD_ARG": 1}
+
+
+def test_client_timeout_names_the_endpoint_and_the_client_can_retry(ctx):
+    """No answer gives ControlTimeout naming the endpoint; once the server answers, the same client works."""
+    srv = ServerThread(ctx, handler, serving=False)  # bound, but not answering yet
+    try:
+        with bus.ControlClient(ctx, srv.endpoint, timeout_ms=150) as client:
+            t0 = time.monotonic()
+            with pytest.raises(bus.ControlTimeout) as info:
+                client.call("status")
+            assert time.monotonic() - t0 < 1.5
+            assert info.value.code == "TIMEOUT"
+            assert f"the aggregator at {srv.endpoint} did not answer 'status' within 150 ms" in str(info.value)
+            srv.serving.set()  # now it answers both requests; REQ_CORRELATE discards the stale reply
+            client.timeout_ms = 2000
+            reply = client.call("status")
+            assert reply.ok and reply.id == 2 and reply.result == {"n_nodes": 3}
+    finally:
+        srv.close()
+    assert srv.server.served == 2
+
+
+def test_publisher_never_blocks_without_subscribers_or_with_a_stalled_one(ctx):
+    """send() returns at once with no subscriber and with one that never reads (HWM full)."""
+    with bus.SetpointPublisher(ctx, ANY, sndhwm=2) as pub:
+        frame = setpoints("gw1", 0, n=5000)  # ~100 kB, fills TCP buffers quickly
+        t0 = time.monotonic()
+        for _ in range(2000):
+            pub.send(frame)
+        assert time.monotonic() - t0 < 2.0
+        with ctx.socket(zmq.SUB) as stalled:
+            stalled.linger = 0
+            stalled.rcvhwm = 1
+            stalled.setsockopt(zmq.SUBSCRIBE, wire.setpoint_topic("gw1"))
+            stalled.connect(pub.endpoint)
+            assert wait_for(lambda: stalled.poll(10), step=lambda: pub.send(frame))  # connected and flowing
+            t0 = time.monotonic()
+            for _ in range(2000):  # ~200 MB offered to a reader that never reads
+                pub.send(frame)
+            assert time.monotonic() - t0 < 2.0
+        assert pub.sent >= 4000 and pub.dropped == 0  # PUB drops per subscriber, silently
+
+
+def test_telemetry_pusher_drops_instead_of_blocking_when_the_aggregator_is_away(ctx):
+    """With no aggregator, send() queues up to the HWM and then returns False immediately."""
+    with ctx.socket(zmq.PULL) as probe:  # reserve a port, then free it so nothing listens
+        probe.bind(ANY)
+        endpoint = probe.last_endpoint.decode()
+    with bus.TelemetryPusher(ctx, endpoint, sndhwm=4) as tx:
+        t0 = time.monotonic()
+        results = [tx.send(telemetry(seq=i)) for i in range(50)]
+        assert time.monotonic() - t0 < 1.0
+        assert results[0] and not results[-1] and tx.dropped == results.count(False) > 0
+
+
+def test_bind_conflict_is_a_bus_error_naming_role_and_endpoint(ctx):
+    """Binding a second aggregator to a used port fails with BusError naming the socket and endpoint."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, \
+            pytest.raises(bus.BusError, match=r"setpoint PUB: cannot bind to 'tcp://127\.0\.0\.1:\d+'"):
+        bus.SetpointPublisher(ctx, pub.endpoint)
+
+
+def test_sockets_carry_linger_heartbeat_hwm_and_size_options(ctx):
+    """Every socket has linger 0, heartbeats and MAXMSGSIZE; the setpoint PUB its small SNDHWM."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub:
+        for s in (pub.sock, sub.sock):
+            assert s.getsockopt(zmq.LINGER) == 0
+            assert s.getsockopt(zmq.HEARTBEAT_IVL) == bus.HEARTBEAT_IVL_MS
+            assert s.getsockopt(zmq.HEARTBEAT_TIMEOUT) == bus.HEARTBEAT_TIMEOUT_MS
+            assert s.getsockopt(zmq.MAXMSGSIZE) == wire.MAX_FRAME_BYTES
+        assert pub.sock.getsockopt(zmq.SNDHWM) == bus.SETPOINT_SNDHWM
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_curve_hook_encrypts_setpoints_end_to_end(ctx):
+    """With CURVE keys on both ends setpoints flow; a subscriber without keys gets nothing."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    with bus.SetpointPublisher(ctx, ANY, curve={"secret_key": server_secret}) as pub, \
+            bus.GatewaySubscriber(ctx, pub.endpoint, "gw1", curve={
+                "server_key": server_public, "public_key": client_public, "secret_key": client_secret}) as sub, \
+            bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as plain:
+        got = []
+        assert wait_for(lambda: got, step=lambda: (pub.send(setpoints("gw1", len(got) + pub.sent)),
+                                                   got.append(m) if (m := sub.recv(5)) else None))
+        assert plain.recv(timeout_ms=50) is None
+    with pytest.raises(bus.BusError, match="server_key"):
+        bus.GatewaySubscriber(ctx, ANY, "gw1", curve={"secret_key": client_secret})

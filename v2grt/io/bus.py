@@ -1,0 +1,433 @@
+"""ZeroMQ socket owners for the wire protocol: setpoint/status PUB, telemetry PULL, control ROUTER, clients.
+
+Each object owns one socket and must be used by one thread only (pyzmq sockets are not thread-safe);
+shut one down from its owner thread with ``close()`` or a ``with`` block. Every socket has
+``linger=0`` (a stopping aggregator must not hang on unsent setpoints: gateways fall back to 0 kW on
+expiry anyway), ZMTP heartbeats (a dead peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
+timeout) and ZMQ_MAXMSGSIZE (a peer sending a frame over wire.MAX_FRAME_BYTES is disconnected before
+the frame is buffered). Receivers decode with :mod:`v2grt.io.wire` and count bad frames by error
+code instead of raising: garbage on the network must never stop the control loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from v2grt.io import wire
+from v2grt.io.wire import (
+    ControlReply,
+    ControlRequest,
+    SetpointFence,
+    SetpointMsg,
+    TelemetryBatch,
+    WireError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Aggregator-side bind endpoints (docs/wire.md, "Sockets").
+DEFAULT_SETPOINT_ENDPOINT = "tcp://*:5560"  # PUB: setpoints (sp/<gw>\0) and fleet status (status\0)
+DEFAULT_TELEMETRY_ENDPOINT = "tcp://*:5561"  # PULL: gateway telemetry batches
+DEFAULT_CONTROL_ENDPOINT = "tcp://*:5562"  # ROUTER: v2g-cli control requests
+
+#: Client-side connect endpoints for a client on the aggregator's host.
+DEFAULT_SETPOINT_CONNECT = "tcp://127.0.0.1:5560"
+DEFAULT_TELEMETRY_CONNECT = "tcp://127.0.0.1:5561"
+DEFAULT_CONTROL_CONNECT = "tcp://127.0.0.1:5562"
+
+HEARTBEAT_IVL_MS = 1000  # send a ZMTP PING after this much silence
+HEARTBEAT_TIMEOUT_MS = 3000  # drop the connection if no traffic at all this long after a PING
+HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our traffic
+RECONNECT_IVL_MAX_MS = 2000  # back off reconnects to a missing aggregator (default 100 ms, no backoff)
+
+#: Setpoint PUB send queue per subscriber connection. libzmq keeps one queue per connection and a
+#: GatewaySubscriber's connection carries only its own topic, so this is messages per gateway: 4
+#: cycles. Beyond it PUB drops new messages for that subscriber silently (they are absolute
+#: setpoints; the gateway's expiry covers the gap).
+SETPOINT_SNDHWM = 4
+TELEMETRY_RCVHWM = 1000  # frames queued at the aggregator across all gateways
+TELEMETRY_SNDHWM = 16  # batches a gateway queues while the aggregator is away (older ones are stale)
+LAST_ERRORS = 8  # error messages a receiver keeps for the status page
+
+
+class BusError(RuntimeError):
+    """A socket could not be set up (bind/connect failed, bad security keys); names role and endpoint."""
+
+
+def _apply_security(sock: zmq.Socket, curve: Mapping[str, bytes] | None, *, server: bool) -> None:
+    """Configure CURVE on ``sock`` before bind/connect; the one place security is set up.
+
+    Server: ``{"secret_key": z85}``. Client: ``{"server_key": z85, "public_key": z85, "secret_key": z85}``
+    (keys from ``zmq.curve_keypair()``). Encryption only: without a ZAP handler any client that knows
+    the server's public key may connect (client authentication and the IP allowlist are a later issue).
+    """
+    if curve is None:
+        return
+    if not zmq.has("curve"):
+        raise BusError("CURVE requested but this libzmq was built without CURVE support")
+    needed = ("secret_key",) if server else ("server_key", "public_key", "secret_key")
+    missing = [k for k in needed if not curve.get(k)]
+    if missing:
+        raise BusError(f"CURVE {'server' if server else 'client'} keys missing: {missing}; expected {needed}")
+    if server:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve["secret_key"])
+    else:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve["server_key"])
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve["public_key"])
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve["secret_key"])
+
+
+class _Owner:
+    """One socket, configured the house way, bound or connected; closed by ``close()`` or ``with``."""
+
+    role = "socket"
+
+    def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool,
+                 curve: Mapping[str, bytes] | None, sndhwm: int | None = None, rcvhwm: int | None = None,
+                 options: Mapping[int, int] | None = None):
+        self.sock = ctx.socket(kind)
+        try:
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+            self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+            if sndhwm is not None:
+                self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+            if rcvhwm is not None:
+                self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+            for option, value in (options or {}).items():
+                self.sock.setsockopt(option, value)
+            _apply_security(self.sock, curve, server=bind)
+            (self.sock.bind if bind else self.sock.connect)(endpoint)
+        except (zmq.ZMQError, BusError) as exc:
+            self.sock.close(0)
+            verb = "bind" if bind else "connect"
+            raise BusError(f"{self.role}: cannot {verb} to {endpoint!r}: {exc}") from exc
+        #: The endpoint actually bound or connected (with the port resolved for ``tcp://host:*``).
+        self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0). Idempotent."""
+        self.sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# aggregator side
+
+
+class SetpointPublisher(_Owner):
+    """Binds the PUB socket that carries every gateway's setpoints and the fleet status."""
+
+    role = "setpoint PUB"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *,
+                 sndhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.PUB, endpoint, bind=True, curve=curve, sndhwm=sndhwm)
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one frame without ever blocking; False (and ``dropped`` + 1) if it was refused.
+
+        PUB drops silently for a subscriber whose queue is full, so ``dropped`` counts only what the
+        socket refused as a whole (zmq.Again); per-subscriber drops are covered by the expiry.
+        """
+        try:
+            # copy=False: pyzmq still copies under zmq.COPY_THRESHOLD (64 KiB); big gateways go zero-copy
+            self.sock.send(frame, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+
+class TelemetryReceiver(_Owner):
+    """Binds the PULL socket gateways push telemetry to; decodes, validates, counts bad frames."""
+
+    role = "telemetry PULL"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *,
+                 rcvhwm: int = TELEMETRY_RCVHWM, strict: bool = True,
+                 curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm)
+        self.strict = strict
+        self.frames = 0
+        self.quarantined_nodes = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+
+    def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0) -> list[TelemetryBatch]:
+        """Wait up to ``timeout_ms`` for a frame, then take up to ``max_frames``; return the valid batches.
+
+        Bad frames are counted in ``errors[code]`` and their messages kept in ``last_errors``;
+        this never raises for anything a peer sent.
+        """
+        batches: list[TelemetryBatch] = []
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return batches
+        for _ in range(max_frames):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.frames += 1
+            try:
+                batch = wire.decode_telemetry(frame.buffer, strict=self.strict)
+            except WireError as exc:
+                self.errors[exc.code] += 1
+                self.last_errors.append(str(exc))
+                continue
+            if batch.quarantined:
+                self.quarantined_nodes += batch.quarantined
+                self.errors["OUT_OF_RANGE"] += 1
+                self.last_errors.append(f"OUT_OF_RANGE: telemetry from {batch.gw!r} seq {batch.seq}: "
+                                        f"{batch.quarantined} node(s) quarantined as INVALID_TELEMETRY")
+            batches.append(batch)
+        return batches
+
+
+Handler = Callable[[ControlRequest], Mapping[str, Any] | None]
+
+
+class ControlServer(_Owner):
+    """Binds the ROUTER socket for v2g-cli; ``serve_once`` answers pending requests with ``handler``.
+
+    ``handler(request)`` returns the ``result`` map of an ok reply, or raises WireError (code REFUSED,
+    BAD_ARG, ...) for an error reply. Any other exception is a bug: it is logged with its traceback
+    and answered with INTERNAL so the client is not left waiting, and the server goes on.
+    """
+
+    role = "control ROUTER"
+    MAX_ENVELOPE = 8  # routing frames echoed back (identity, REQ_CORRELATE id, empty delimiter)
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, handler: Handler, *,
+                 curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve)
+        self.handler = handler
+        self.served = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+
+    def serve_once(self, timeout_ms: int = 0, max_requests: int = 16) -> int:
+        """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return 0
+        answered = 0
+        for _ in range(max_requests):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # Everything before the last frame is the routing envelope (REQ: identity, empty;
+            # REQ_CORRELATE adds a request id; a DEALER may omit the empty frame): echo it verbatim.
+            envelope, payload = frames[:-1], frames[-1]
+            if len(envelope) > self.MAX_ENVELOPE:
+                self._count(WireError("BAD_MSGPACK", f"request of {len(frames)} frames: expected at most "
+                                                     f"{self.MAX_ENVELOPE + 1}"))
+                continue
+            reply = self._answer(payload)
+            try:
+                self.sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # peer gone or its queue full; ROUTER would drop it anyway
+                self._count(WireError("INTERNAL", f"reply not sent: {exc}"))
+            answered += 1
+        return answered
+
+    def _count(self, exc: WireError) -> None:
+        self.errors[exc.code] += 1
+        self.last_errors.append(str(exc))
+
+    def _answer(self, payload: bytes) -> bytes:
+        try:
+            request = wire.decode_request(payload)
+        except WireError as exc:
+            self._count(exc)
+            return wire.encode_reply(error=exc, id=wire.request_id_of(payload))
+        try:
+            result = self.handler(request)
+        except WireError as exc:  # the handler refusing: REFUSED, BAD_ARG, ...
+            self._count(exc)
+            return wire.encode_reply(error=exc, id=request.id)
+        except Exception as exc:  # answered and logged: a handler bug must not stop the aggregator
+            log.exception("control handler failed on %s", request)
+            return self._internal(request, f"{type(exc).__name__}: {exc}")
+        try:
+            reply = wire.encode_reply(result, id=request.id)
+        except WireError as exc:
+            log.error("control handler result for %s cannot be sent: %s", request, exc)
+            return self._internal(request, exc.message)
+        self.served += 1
+        return reply
+
+    def _internal(self, request: ControlRequest, detail: str) -> bytes:
+        err = WireError("INTERNAL", f"{request.cmd}: {detail}")
+        self._count(err)
+        return wire.encode_reply(error=err, id=request.id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# client side (gateways, v2g-cli, other control systems)
+
+
+class GatewaySubscriber(_Owner):
+    """A gateway's SUB socket: its own topic only, epoch/sequence fenced, newest message first."""
+
+    role = "setpoint SUB"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, gateway_id: str, *,
+                 rcvhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None):
+        topic = wire.setpoint_topic(gateway_id)  # validates the id before any socket exists
+        super().__init__(ctx, zmq.SUB, endpoint, bind=False, curve=curve, rcvhwm=rcvhwm,
+                         options={zmq.SUBSCRIBE: topic})
+        self.gateway_id = gateway_id
+        self.fence = SetpointFence()
+        self.received = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+
+    def recv(self, timeout_ms: int = 0, max_frames: int = 64) -> SetpointMsg | None:
+        """Wait up to ``timeout_ms``; return the newest admitted of up to ``max_frames`` queued, or None.
+
+        Older queued messages are skipped (setpoints are absolute: only the newest matters). Bad or
+        fenced frames are counted by code in ``errors``; never raises for what the network delivers.
+        The caller still owes the expiry rule: hold 0 kW once ``msg.expired(now)`` or ``msg.estop``.
+        """
+        newest: SetpointMsg | None = None
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        for _ in range(max_frames):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.received += 1
+            try:
+                msg = wire.decode_setpoints(frame.buffer)
+                if msg.gw != self.gateway_id:  # cannot pass the SUB filter; guards a misconfigured proxy
+                    raise WireError("TOPIC_MISMATCH", f"setpoints for {msg.gw!r} on {self.gateway_id!r}'s "
+                                                      "subscriber")
+                self.fence.admit(msg)
+            except WireError as exc:
+                self.errors[exc.code] += 1
+                self.last_errors.append(str(exc))
+                continue
+            newest = msg
+        return newest
+
+
+class StatusSubscriber(_Owner):
+    """A SUB socket for the fleet status topic (``status\\0``), newest message first."""
+
+    role = "status SUB"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *,
+                 curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.SUB, endpoint, bind=False, curve=curve, rcvhwm=16,
+                         options={zmq.SUBSCRIBE: wire.STATUS_TOPIC})
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+
+    def recv(self, timeout_ms: int = 0, max_frames: int = 64) -> dict[str, Any] | None:
+        """Wait up to ``timeout_ms``; return the newest valid status of up to ``max_frames``, or None."""
+        newest = None
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        for _ in range(max_frames):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                newest = wire.decode_status(frame.buffer)
+            except WireError as exc:
+                self.errors[exc.code] += 1
+                self.last_errors.append(str(exc))
+        return newest
+
+
+class TelemetryPusher(_Owner):
+    """A gateway's PUSH socket to the aggregator's telemetry PULL."""
+
+    role = "telemetry PUSH"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *,
+                 sndhwm: int = TELEMETRY_SNDHWM, curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.PUSH, endpoint, bind=False, curve=curve, sndhwm=sndhwm)
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one batch without blocking; False (and ``dropped`` + 1) if the queue is full."""
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+
+class ControlTimeout(WireError):
+    """The aggregator did not answer a control request in time (code TIMEOUT)."""
+
+
+class ControlClient(_Owner):
+    """v2g-cli's REQ socket (REQ_RELAXED + REQ_CORRELATE: after a timeout the next call just works)."""
+
+    role = "control REQ"
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_ms: int = 2000, *,
+                 curve: Mapping[str, bytes] | None = None):
+        super().__init__(ctx, zmq.REQ, endpoint, bind=False, curve=curve,
+                         options={zmq.REQ_RELAXED: 1, zmq.REQ_CORRELATE: 1})
+        self.timeout_ms = timeout_ms
+        self._next_id = 1
+
+    def call(self, cmd: str, **args: Any) -> ControlReply:
+        """Send ``cmd`` with ``args`` and wait for the reply.
+
+        Raises WireError (UNKNOWN_CMD, BAD_ARG) before sending if the request is invalid, and
+        ControlTimeout if no reply arrives within ``timeout_ms``. An error reply is returned, not
+        raised: check ``reply.ok``.
+        """
+        rid = self._next_id
+        self._next_id += 1
+        frame = wire.encode_request(cmd, args, id=rid)
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            raise self._timeout(cmd) from None
+        if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+            raise self._timeout(cmd)
+        reply = wire.decode_reply(self.sock.recv())
+        if reply.id is not None and reply.id != rid:
+            raise WireError("BAD_FIELD", f"reply id {reply.id!r} does not match request id {rid}")
+        return reply
+
+    def _timeout(self, cmd: str) -> ControlTimeout:
+        return ControlTimeout("TIMEOUT", f"the aggregator at {self.endpoint} did not answer {cmd!r} within "
+                                         f"{self.timeout_ms} ms: is v2g-aggregator running and its control "
+                                         "endpoint this one?")
+
+
+__all__ = [
+    "DEFAULT_CONTROL_CONNECT", "DEFAULT_CONTROL_ENDPOINT", "DEFAULT_SETPOINT_CONNECT",
+    "DEFAULT_SETPOINT_ENDPOINT", "DEFAULT_TELEMETRY_CONNECT", "DEFAULT_TELEMETRY_ENDPOINT", "BusError",
+    "ControlClient", "ControlServer", "ControlTimeout", "GatewaySubscriber", "SetpointPublisher",
+    "StatusSubscriber", "TelemetryPusher", "TelemetryReceiver",
+]
