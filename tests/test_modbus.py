@@ -1,0 +1,419 @@
+"""SunSpec simulators and the Modbus input side, against each other on loopback with real pymodbus servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+import sys
+import threading
+import time
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+
+from v2grt.io.modbus import (
+    INVST_FAULT,
+    INVST_RUNNING,
+    InputThread,
+    InverterReader,
+    Latest,
+    MeterReader,
+    SunSpecError,
+    discover,
+    model_length,
+)
+from v2grt.sim.sunspec import (
+    ALRM_MANUFACTURER,
+    PHASE_MISMATCH_TEXT,
+    RegisterDevice,
+    SimServerThread,
+    SunSpecInverter,
+    SunSpecMeter,
+)
+
+HOST = "127.0.0.1"
+INTERVAL_S = 0.02
+
+
+@pytest.fixture
+def serve():
+    """Start SimServerThreads for the test's devices; stop them afterwards."""
+    started: list[SimServerThread] = []
+
+    def _serve(*devices):
+        sim = SimServerThread(devices).start()
+        started.append(sim)
+        return sim
+
+    yield _serve
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def poll():
+    """Run pollers in an InputThread; stop it afterwards (before the servers go)."""
+    threads: list[InputThread] = []
+
+    def _poll(*pollers):
+        t = InputThread(pollers).start()
+        threads.append(t)
+        return t
+
+    yield _poll
+    for t in threads:
+        t.stop()
+
+
+def wait_until(pred, timeout_s: float = 2.0, what: str = "condition") -> float:
+    """Poll ``pred`` until true and return the seconds it took; fail after ``timeout_s``."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        time.sleep(0.002)
+    return time.monotonic() - t0
+
+
+def with_client(port: int, fn):
+    """Run ``await fn(client)`` with a connected pymodbus async client on a fresh loop."""
+
+    async def main():
+        client = AsyncModbusTcpClient(HOST, port=port, timeout=1, retries=0, reconnect_delay=0)
+        assert await client.connect()
+        try:
+            return await fn(client)
+        finally:
+            client.close()
+
+    return asyncio.run(main())
+
+
+def sunspec2_scan(port: int) -> SunSpecModbusClientDeviceTCP:
+    """pysunspec2's own client: scan the device and read every model."""
+    dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr=HOST, ipport=port, timeout=2)
+    dev.scan()
+    return dev
+
+
+def sunspec2_addresses(dev: SunSpecModbusClientDeviceTCP) -> dict[int, int]:
+    """pysunspec2's model addresses (of the ID register) turned into first-point addresses."""
+    return {k: v[0].model_addr + 2 for k, v in dev.models.items() if isinstance(k, int)}
+
+
+def meter_reader(port: int, **kw) -> MeterReader:
+    kw.setdefault("interval_s", INTERVAL_S)
+    kw.setdefault("timeout_s", 0.05)
+    kw.setdefault("backoff_min_s", 0.02)
+    kw.setdefault("backoff_max_s", 0.16)
+    return MeterReader(HOST, port, **kw)
+
+
+# -- pysunspec2 against the simulators, and discover() against pysunspec2 --------------------------------
+
+
+@pytest.mark.parametrize("model", [203, 213])
+def test_pysunspec2_scans_simulated_meter(serve, model):
+    """pysunspec2's client finds model 1 and the meter model, with the standard length and our values."""
+    meter = SunSpecMeter(model, f_hz=49.95, p_kw=-12.0, sn="M-42")
+    sim = serve(meter)
+    dev = sunspec2_scan(sim.port(meter))
+    assert sorted(k for k in dev.models if isinstance(k, int)) == [1, model]
+    assert dev.models[1][0].SN.value == "M-42"
+    m = dev.models[model][0]
+    assert m.len == model_length(model)
+    assert m.Hz.cvalue == pytest.approx(49.95, abs=1e-4)
+    assert m.W.cvalue == pytest.approx(-12000.0, abs=1e-3)
+
+
+def test_pysunspec2_scans_simulated_inverter(serve):
+    """pysunspec2 reads 701 (W, Hz, states) and 704 (setpoint points and scale factors) from the simulator."""
+    inv = SunSpecInverter(p_kw=12.3, f_hz=50.012)
+    sim = serve(inv)
+    dev = sunspec2_scan(sim.port(inv))
+    assert sorted(k for k in dev.models if isinstance(k, int)) == [1, 701, 704]
+    m701, m704 = dev.models[701][0], dev.models[704][0]
+    assert (m701.len, m704.len) == (model_length(701), model_length(704))
+    assert m701.W.cvalue == pytest.approx(12300.0)
+    assert m701.Hz.cvalue == pytest.approx(50.012)
+    assert (m701.St.value, m701.InvSt.value, m701.ConnSt.value, m701.Alrm.value) == (1, INVST_RUNNING, 1, 0)
+    assert (m704.WSetEna.value, m704.WSet_SF.value) == (0, 0)
+
+
+def test_discover_agrees_with_pysunspec2(serve):
+    """discover() returns the same first-point addresses as pysunspec2's independent scan, for all devices."""
+    devices = [SunSpecMeter(203), SunSpecMeter(213), SunSpecInverter()]
+    sim = serve(*devices)
+    for d in devices:
+        port = sim.port(d)
+        found = with_client(port, discover)
+        assert found == sunspec2_addresses(sunspec2_scan(port)) == d.models
+        assert found[1] == 40004  # 'SunS' (2) + model 1 header (2)
+
+
+def test_garbage_device_error_names_address(serve, poll):
+    """A device without 'SunS' gives an error naming the device, register 40000 and what was found there."""
+    junk = RegisterDevice([0x1234, 0xABCD] + [0] * 100, name="junk")
+    sim = serve(junk)
+    port = sim.port(junk)
+    with pytest.raises(SunSpecError) as err:
+        with_client(port, discover)
+    text = str(err.value)
+    assert f"{HOST}:{port}" in text and "register 40000" in text and "0x1234 0xABCD" in text
+    reader = meter_reader(port)
+    poll(reader)
+    wait_until(lambda: reader.counters.connect_failures >= 2, what="repeated discovery failures")
+    assert "no 'SunS' marker at register 40000" in reader.counters.last_error
+    assert reader.latest.read() == (None, None) and reader.counters.reads_ok == 0
+
+
+def test_truncated_chain_error_names_address(serve):
+    """A model chain that runs off the end of the map is reported with the address of the missing header."""
+    meter = SunSpecMeter(203)
+    broken = RegisterDevice(meter.registers()[:70], name="truncated")  # SunS + model 1, then nothing
+    sim = serve(broken)
+    with pytest.raises(SunSpecError, match=r"at 40070 failed with Modbus exception 2"):
+        with_client(sim.port(broken), discover)
+
+
+def test_meter_reader_refuses_a_device_without_meter_model(serve, poll):
+    """A MeterReader pointed at an inverter says which models it found instead of reading garbage."""
+    inv = SunSpecInverter()
+    sim = serve(inv)
+    reader = meter_reader(sim.port(inv))
+    poll(reader)
+    wait_until(lambda: reader.counters.connect_failures >= 1, what="a discovery failure")
+    assert "no meter model" in reader.counters.last_error and "[1, 701, 704]" in reader.counters.last_error
+    assert reader.counters.reads_ok == 0
+
+
+# -- the meter poller ----------------------------------------------------------------------------------
+
+
+def test_frequency_change_reaches_latest_cell_with_scale_factor(serve, poll):
+    """A new frequency on a 203 meter appears in the cell within a few polls, exact to Hz_SF=-2."""
+    meter = SunSpecMeter(203, f_hz=50.0, p_kw=3.0)
+    sim = serve(meter)
+    reader = meter_reader(sim.port(meter))
+    poll(reader)
+    wait_until(lambda: reader.latest.read()[0] is not None, what="first sample")
+    assert reader.latest.read()[0] == (50.0, 3.0, 203)
+    meter.set_frequency(49.873)
+    took = wait_until(lambda: reader.latest.read()[0].f_hz != 50.0, what="new frequency")
+    sample, t_ns = reader.latest.read()
+    assert sample.f_hz == 49.87  # int16 Hz at Hz_SF=-2: 4987 / 100, the nearest double
+    assert abs(sample.f_hz - 49.873) <= 0.005
+    assert took < 15 * INTERVAL_S, f"took {took:.3f} s"
+    assert 0 <= reader.latest.age_s() < 1.0 and t_ns <= time.monotonic_ns()
+
+
+def test_float_meter_keeps_sub_millihertz_resolution(serve, poll):
+    """A 213 (float32) meter's frequency arrives to float32 precision, far finer than 203's 10 mHz."""
+    meter = SunSpecMeter(213, f_hz=50.0)
+    sim = serve(meter)
+    reader = meter_reader(sim.port(meter))
+    poll(reader)
+    meter.set_frequency(49.8734)
+    wait_until(lambda: (reader.latest.read()[0] or (0,))[0] != 50.0 and reader.latest.read()[0] is not None)
+    sample = reader.latest.read()[0]
+    assert sample.model_id == 213
+    assert sample.f_hz == pytest.approx(49.8734, abs=1e-5)
+
+
+def test_not_implemented_hz_is_an_invalid_sample(serve, poll):
+    """Hz = 0x8000 ("not implemented") is counted as invalid and never published; real values resume."""
+    meter = SunSpecMeter(203, f_hz=50.05)
+    sim = serve(meter)
+    reader = meter_reader(sim.port(meter))
+    poll(reader)
+    wait_until(lambda: reader.latest.read()[0] is not None)
+    meter.set_points(203, Hz=None)
+    wait_until(lambda: reader.counters.invalid >= 3, what="invalid samples")
+    time.sleep(5 * INTERVAL_S)
+    assert reader.latest.read()[0].f_hz == 50.05
+    assert reader.latest.age_s() >= 4 * INTERVAL_S
+    assert "invalid frequency" in reader.counters.last_error
+    meter.set_frequency(49.99)
+    wait_until(lambda: reader.latest.read()[0].f_hz == 49.99, what="valid sample after invalid ones")
+
+
+def test_silent_meter_times_out_then_recovers(serve, poll):
+    """A silent meter ages the cell and counts timeouts and reconnects; when it answers, values come back."""
+    meter = SunSpecMeter(203, f_hz=50.0)
+    sim = serve(meter)
+    reader = meter_reader(sim.port(meter))
+    poll(reader)
+    wait_until(lambda: reader.counters.reads_ok >= 3)
+    meter.set_stale(True)
+    wait_until(lambda: reader.counters.reconnects >= 2, what="reconnects of a silent meter")
+    assert reader.counters.timeouts >= reader.max_failures
+    assert "no answer within 0.05 s" in reader.counters.last_error
+    assert reader.latest.age_s() > 0.1
+    meter.set_frequency(50.12)
+    meter.set_stale(False)
+    wait_until(lambda: reader.latest.read()[0].f_hz == 50.12, what="values after the meter answers again")
+    assert reader.latest.age_s() < 0.5
+
+
+def test_stopped_meter_reconnects_with_capped_backoff(serve, poll):
+    """A powered-off meter is retried with doubling, capped delays, and read again once it is back."""
+    meter = SunSpecMeter(203, f_hz=50.0)
+    sim = serve(meter)
+    reader = meter_reader(sim.port(meter))
+    poll(reader)
+    wait_until(lambda: reader.counters.reads_ok >= 3)
+    before = reader.counters.reconnects
+    meter.stop()
+    time.sleep(1.0)
+    attempts = reader.counters.reconnects - before
+    # 0.02, 0.04, 0.08, then 0.16 s apart: about 8 tries in 1 s; a fixed 20 ms retry would make ~50.
+    assert 3 <= attempts <= 14, attempts
+    assert reader.counters.connect_failures >= 3
+    assert reader.latest.age_s() > 0.9
+    assert not reader.connected
+    meter.set_frequency(49.9)
+    meter.start()
+    took = wait_until(lambda: reader.latest.read()[0].f_hz == 49.9, what="values after restart")
+    assert took < 1.0, f"took {took:.3f} s with backoff capped at 0.16 s"
+    assert reader.connected and reader.counters.connects == 2
+
+
+def test_meter_update_is_never_torn(serve):
+    """While the simulator flips the float32 frequency, every read returns one of the two values whole."""
+    a, b = 49.1234, 50.9876
+    wa, wb = struct.unpack(">2H", struct.pack(">f", a)), struct.unpack(">2H", struct.pack(">f", b))
+    assert wa[0] != wb[0] and wa[1] != wb[1]  # both words differ, so a torn read would show
+    meter = SunSpecMeter(213, f_hz=a)
+    sim = serve(meter)
+    hz_addr = meter.models[213] + 24  # model_213.json: Hz at offset 26 incl. ID and L
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            meter.set_frequency(b)
+            meter.set_frequency(a)
+
+    async def reads(client):
+        seen = set()
+        for _ in range(300):
+            rr = await client.read_holding_registers(hz_addr, count=2, device_id=1)
+            seen.add(tuple(rr.registers))
+        return seen
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        seen = with_client(sim.port(meter), reads)
+    finally:
+        stop.set()
+        flipper.join()
+        sys.setswitchinterval(old)
+    assert seen <= {wa, wb}, seen
+
+
+# -- the inverter poller -----------------------------------------------------------------------------------
+
+
+def test_inverter_measurements_and_cannot_sync_flag(serve, poll):
+    """The 701 sample carries W, Hz and state; cannot_sync follows the simulated phase-mismatch fault."""
+    inv = SunSpecInverter(p_kw=-5.5, f_hz=49.987)
+    sim = serve(inv)
+    reader = InverterReader(HOST, sim.port(inv), interval_s=INTERVAL_S, timeout_s=0.05)
+    poll(reader)
+    wait_until(lambda: reader.latest.read()[0] is not None)
+    s = reader.latest.read()[0]
+    assert (s.p_kw, s.f_hz, s.inv_st, s.conn_st, s.alarms, s.cannot_sync) == (
+        -5.5,
+        49.987,
+        INVST_RUNNING,
+        1,
+        0,
+        False,
+    )
+    inv.set_cannot_sync(True)
+    wait_until(lambda: reader.latest.read()[0].cannot_sync, what="cannot_sync")
+    s = reader.latest.read()[0]
+    assert (s.inv_st, s.conn_st, s.p_kw) == (INVST_FAULT, 0, 0.0)
+    assert s.alarms & ALRM_MANUFACTURER
+    assert inv.get_point(701, "MnAlrmInfo") == PHASE_MISMATCH_TEXT
+    inv.set_cannot_sync(False)
+    wait_until(lambda: not reader.latest.read()[0].cannot_sync, what="cleared cannot_sync")
+    assert reader.latest.read()[0].p_kw == -5.5
+
+
+def test_inverter_setpoint_written_to_704(serve, poll):
+    """A setpoint requested from another thread lands in 704 (W, enable, revert to 0 W after the timer)."""
+    inv = SunSpecInverter()
+    sim = serve(inv)
+    reader = InverterReader(HOST, sim.port(inv), interval_s=INTERVAL_S, timeout_s=0.05)
+    poll(reader)
+    wait_until(lambda: reader.latest.read()[0] is not None)
+    reader.request_setpoint(-7.5, revert_s=1.0)
+    wait_until(lambda: reader.counters.writes_ok >= 1, what="setpoint write acknowledged")
+    sp = inv.setpoint()
+    assert (sp.watts_mode, sp.p_kw, sp.revert_enabled, sp.revert_p_kw, sp.revert_s) == (
+        True,
+        -7.5,
+        True,
+        0.0,
+        1,
+    )
+    assert inv.p_target_kw() == -7.5
+    assert inv.p_target_kw(sp.t_written_ns + int(1.5e9)) == 0.0  # reversion after WSetRvrtTms
+    assert reader.counters.write_failures == 0
+
+
+def test_simulator_rejects_writes_to_read_only_points(serve):
+    """Writing a read-only 701 measurement gets Modbus exception 2 and leaves the value unchanged."""
+    inv = SunSpecInverter(p_kw=1.0)
+    sim = serve(inv)
+    w_addr = inv.models[701] + 8  # model_701.json: W at offset 10 incl. ID and L
+
+    async def write(client):
+        return await client.write_registers(w_addr, [999], device_id=1)
+
+    rr = with_client(sim.port(inv), write)
+    assert rr.isError() and rr.exception_code == 2
+    assert inv.get_point(701, "W") == 100  # 1 kW at W_SF=1
+
+
+# -- the latest-value cell and the thread --------------------------------------------------------------
+
+
+def test_latest_cell_pairs_value_and_time():
+    """Latest returns (None, None) and infinite age before a publish, then the pair and its age."""
+    cell: Latest[float] = Latest()
+    assert cell.read() == (None, None) and cell.age_s() == math.inf
+    cell.publish(50.01, 1_000_000_000)
+    assert cell.read() == (50.01, 1_000_000_000)
+    assert cell.age_s(1_250_000_000) == pytest.approx(0.25)
+
+
+def test_input_thread_polls_concurrently_and_stops_cleanly(serve, monkeypatch, caplog):
+    """Three devices poll concurrently on one loop; missing uvloop is logged; stop() joins and closes."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    devices = [SunSpecInverter(p_kw=1.0), SunSpecInverter(p_kw=2.0), SunSpecMeter(213)]
+    sim = serve(*devices)
+    readers = [
+        InverterReader(HOST, sim.port(devices[0]), interval_s=INTERVAL_S),
+        InverterReader(HOST, sim.port(devices[1]), interval_s=INTERVAL_S),
+        meter_reader(sim.port(devices[2])),
+    ]
+    with caplog.at_level(logging.WARNING, logger="v2grt.io.modbus"):
+        thread = InputThread(readers).start()
+    try:
+        assert thread.loop_kind == "asyncio"
+        assert "uvloop is not installed" in caplog.text
+        wait_until(lambda: all(r.counters.reads_ok >= 5 for r in readers), what="all devices polled")
+        assert [r.latest.read()[0].p_kw for r in readers[:2]] == [1.0, 2.0]
+    finally:
+        thread.stop()
+    assert not thread._thread and all(not r.connected and r._client is None for r in readers)
+    n = [r.counters.reads_ok for r in readers]
+    time.sleep(3 * INTERVAL_S)
+    assert [r.counters.reads_ok for r in readers] == n  # nothing polls after stop()
