@@ -55,6 +55,7 @@ STATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fault", "uint8"),  # a Reason set by the I/O side (NODE_UNREACHABLE, ...); 0 = none
     ("last_telemetry_ns", "int64"),  # CLOCK_MONOTONIC ns of the newest telemetry
     ("last_setpoint_kw", "float64"),  # what the previous cycle asked (+ discharge)
+    ("p_actual_kw", "float64"),  # measured power the gateway last reported (+ discharge)
 )
 
 SITE_COLUMNS: tuple[tuple[str, str, float], ...] = (
@@ -81,6 +82,7 @@ class Fleet:
     def __init__(self, capacity: int = _MIN_CAPACITY, site_capacity: int = 16):
         self.capacity = 0
         self.n_rows = 0
+        self.version = 0  # bumped on every add/remove: layouts cached per gateway compare it
         self.node_ids: list[str | None] = []
         self.row_of: dict[str, int] = {}
         self._free_rows: list[int] = []
@@ -195,6 +197,7 @@ class Fleet:
         self.last_setpoint_kw[row] = 0.0
         self.node_ids[row] = node_id
         self.row_of[node_id] = row
+        self.version += 1
         return row
 
     def remove(self, node_id: str) -> int:
@@ -209,6 +212,7 @@ class Fleet:
         self.fault[row] = 0
         self.node_ids[row] = None
         self._free_rows.append(row)
+        self.version += 1
         return row
 
     def rows(self, node_ids: Iterable[str]) -> np.ndarray:

@@ -1,0 +1,511 @@
+"""The aggregator process: inputs (Modbus, telemetry, control) on I/O threads, one control thread that
+dispatches the fleet every period and publishes one setpoint message per gateway.
+
+Threads and what each owns (pyzmq sockets are single-owner):
+- control thread (ControlLoop): the setpoint/status PUB socket, the Dispatcher, the fleet arrays;
+- input thread (InputThread, asyncio + uvloop): the Modbus clients, publishing into Latest cells;
+- bus thread: the telemetry PULL and control ROUTER sockets; decodes and validates, then hands
+  telemetry to the control thread through a queue drained at the start of each cycle (the swap
+  point: the kernel never sees a half-applied batch).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from v2grt.codes import Reason, reason_names
+from v2grt.config import Config
+from v2grt.dispatch import Dispatcher
+from v2grt.events import EventLog
+from v2grt.fleet import Fleet
+from v2grt.io import bus, wire
+from v2grt.io.modbus import InputThread, InverterReader, MeterReader
+from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig
+from v2grt.profile import DispatchProfile, ProfileError
+from v2grt.services import ServiceCurve, get_service
+
+log = logging.getLogger("v2grt.aggregator")
+
+_REASON_NAMES = reason_names(range(256))
+
+#: The `optimized` telemetry profile: slow metrics (cabin temperature, SoH, cycle count, ...) in one
+#: batch of 10, fast ones (SoC, power, voltage) in every batch (the field manual's overhead advice).
+SLOW_N_OPTIMIZED = 10
+
+
+@dataclasses.dataclass
+class _GatewayLayout:
+    """What one gateway's setpoint message needs, rebuilt only when the fleet's membership changes."""
+
+    gateway_id: str
+    rows: np.ndarray  # int64 fleet rows, ascending
+    ids_blob: bytes  # node ids NUL-joined, in rows order
+    p_buf: np.ndarray  # float64 scratch, len(rows)
+    r_buf: np.ndarray  # uint8 scratch
+
+
+@dataclasses.dataclass
+class _TestDischarge:
+    row: int
+    node_id: str
+    kw: float
+    until_ns: int
+    soc_before: float
+
+
+def load_fleet(cfg: Config, now_ns: int) -> Fleet:
+    if cfg.fleet.random is not None:
+        return Fleet.random(cfg.fleet.random, seed=cfg.fleet.seed, now_ns=now_ns)
+    return Fleet.from_csv(cfg.resolve(cfg.fleet.roster), now_ns=now_ns)
+
+
+def load_service(cfg: Config) -> ServiceCurve:
+    if cfg.service.name is not None:
+        return get_service(cfg.service.name, cfg.service.nominal_hz)
+    return ServiceCurve.from_config({"nominal_hz": cfg.service.nominal_hz, **cfg.service.curve})
+
+
+class Aggregator:
+    """Wire config, fleet, inputs, bus and the control loop together; start(), stop().
+
+    `epoch` is normally the next durable epoch (v2grt.state); tests and benchmarks may pass one.
+    """
+
+    def __init__(self, cfg: Config, *, epoch: int, fleet: Fleet | None = None, ctx: zmq.Context | None = None,
+                 events: EventLog | None = None, backend: str | None = None):
+        self.cfg = cfg
+        self.epoch = epoch
+        self.events = events or EventLog()
+        now = time.monotonic_ns()
+        self.fleet = fleet if fleet is not None else load_fleet(cfg, now)
+        self.profile_path = cfg.resolve(cfg.discharge_profile)
+        profile = DispatchProfile.from_json(self.profile_path) if self.profile_path else DispatchProfile()
+        self.dispatcher = Dispatcher(self.fleet, profile, service=load_service(cfg),
+                                     capacity_kw=cfg.service.capacity_kw, backend=backend, period_s=cfg.period_s)
+        self.period_ns = int(round(cfg.period_s * 1e9))
+        self.ttl_ns = int(round(cfg.bus.setpoint_ttl_s * 1e9))
+
+        # inputs
+        self.meter: MeterReader | None = None
+        pollers = []
+        if cfg.meter is not None:
+            m = cfg.meter
+            self.meter = MeterReader(m.host, m.port, device_id=m.device_id, interval_s=m.poll_interval_s,
+                                     timeout_s=m.timeout_s, name=f"meter {m.host}:{m.port}")
+            pollers.append(self.meter)
+        self.inverters: list[tuple[InverterReader, int]] = []
+        for inv in cfg.inverters:
+            reader = InverterReader(inv.host, inv.port, device_id=inv.device_id, name=f"inverter {inv.name}",
+                                    interval_s=max(cfg.period_s, 0.05), timeout_s=0.2)
+            self.inverters.append((reader, self.fleet.site_index(inv.site)))
+            pollers.append(reader)
+        self.input_thread = InputThread(pollers) if pollers else None
+
+        # bus
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.publisher = bus.SetpointPublisher(self.ctx, cfg.bus.setpoints, sndhwm=cfg.bus.setpoint_hwm)
+        # strict=False: one vehicle's NaN quarantines that vehicle (INVALID_TELEMETRY), not its whole gateway
+        self.telemetry = bus.TelemetryReceiver(self.ctx, cfg.bus.telemetry, strict=False)
+        self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control)
+        self._wake_addr = f"inproc://v2grt-bus-wake-{id(self)}"
+        self._wake_rx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx.linger = 0
+        self._wake_rx.bind(self._wake_addr)
+        self._bus_thread = threading.Thread(target=self._bus_main, name="v2grt-bus", daemon=True)
+        self._stopping = threading.Event()
+
+        # cross-thread hand-over (deque appends/pops are atomic)
+        self._telemetry_q: collections.deque = collections.deque()
+        self._commands: collections.deque = collections.deque()
+        self.telemetry_errors: collections.Counter[str] = collections.Counter()
+        self._layout_cache: dict[str, tuple[bytes, int, np.ndarray, np.ndarray]] = {}
+
+        # control-thread state
+        self.stats = CycleStats()
+        self.loop = ControlLoop(self.period_ns, self._cycle, budget_ns=int(round(cfg.budget_s * 1e9)),
+                                realtime=RealtimeConfig(**dataclasses.asdict(cfg.realtime)), stats=self.stats,
+                                on_setup=self._log_setup)
+        self.seq = 0
+        self._layouts: list[_GatewayLayout] = []
+        self._layout_version = -1
+        self._last_fraction = 0.0
+        self._f_stale = False
+        self._last_cycle_ns: int | None = None
+        self._test: _TestDischarge | None = None
+        self._inverter_fault = {site: False for _, site in self.inverters}
+        self.last_result = None
+        self.status: dict = {}
+        self.first_cycle = threading.Event()
+        self.telemetry_profile = "default"
+        self.slow_n = 1  # setpoints tell gateways to send slow telemetry keys every slow_n-th batch
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.input_thread:
+            self.input_thread.start()
+        self._bus_thread.start()
+        self.loop.start()
+
+    def stop(self, final_zero: bool = True) -> None:
+        """Stop the loop, tell every gateway 0 kW (e-stop cleared), stop the I/O threads, close sockets."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.loop.stop()
+        if final_zero:
+            self._publish_final_zero()
+        wake = self.ctx.socket(zmq.PAIR)
+        wake.linger = 0
+        wake.connect(self._wake_addr)
+        wake.send(b"stop")  # in-band stop for the bus thread's poller
+        self._bus_thread.join(5.0)
+        wake.close()
+        if self.input_thread:
+            self.input_thread.stop()
+        time.sleep(0.05)  # linger=0 drops unsent frames: give the final zeros a moment on the wire
+        for sock in (self.publisher, self.telemetry, self.control):
+            sock.close()
+        self._wake_rx.close()
+        if self._own_ctx:
+            self.ctx.term()
+
+    def _log_setup(self, steps) -> None:
+        for s in steps:
+            log.info("RT_SETUP step=%s granted=%s detail=%r", s.step, s.granted, s.detail)
+
+    # ------------------------------------------------------------------------------ the cycle
+    def _cycle(self, deadline_ns: int, woke_ns: int) -> CycleTimes:
+        t0 = woke_ns
+        input_age_ns = self._read_inputs(woke_ns)
+        t1 = time.monotonic_ns()
+        result = self._dispatch(woke_ns)
+        t2 = time.monotonic_ns()
+        self._publish(result, woke_ns)
+        t3 = time.monotonic_ns()
+        self._record(result, input_age_ns)
+        if not self.first_cycle.is_set():
+            self.first_cycle.set()
+        return CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
+
+    # phase 1: read inputs, switch the process image
+    def _read_inputs(self, now_ns: int) -> int:
+        fleet = self.fleet
+        q = self._telemetry_q
+        while q:
+            rows, sel, batch, t_recv = q.popleft()
+            fleet.soc[rows] = batch.soc[sel]
+            fleet.online[rows] = batch.online[sel]
+            fleet.fault[rows] = batch.fault[sel]
+            fleet.p_actual_kw[rows] = batch.p_kw[sel]
+            fleet.last_telemetry_ns[rows] = t_recv
+            for name in ("soh", "temp_c", "p_dis_max_kw", "p_chg_max_kw", "cycle_count"):
+                values = getattr(batch, name)
+                if values is not None:
+                    getattr(fleet, name)[rows] = values[sel]
+        while self._commands:
+            self._commands.popleft()(now_ns)
+        for reader, site in self.inverters:
+            sample, _t = reader.latest.read()
+            fault = bool(sample is not None and sample.cannot_sync)
+            if fault != self._inverter_fault[site]:
+                self._inverter_fault[site] = fault
+                fleet.site_fault[site] = Reason.E_INVERTER_PHASE_MISMATCH if fault else 0
+                self.events.emit("E_INVERTER_PHASE_MISMATCH" if fault else "E_INVERTER_PHASE_CLEARED",
+                                 logging.ERROR if fault else logging.INFO, key=reader.name,
+                                 inverter=reader.name, site=fleet.site_ids[site])
+        if self.meter is None:
+            return 0
+        _sample, t = self.meter.latest.read()
+        return now_ns - t if t is not None else -1
+
+    # phase 2: dispatch
+    def _dispatch(self, now_ns: int):
+        fraction, f_hz = self._service_fraction(now_ns)
+        request_kw = self.cfg.service.base_kw + fraction * self.dispatcher.capacity_kw
+        dt_s = self.cfg.period_s if self._last_cycle_ns is None else (now_ns - self._last_cycle_ns) / 1e9
+        self._last_cycle_ns = now_ns
+        result = self.dispatcher.run_kernel(request_kw, now_ns, dt_s, frequency_hz=f_hz, fraction=fraction)
+        if self._test is not None:
+            self._apply_test_discharge(result, now_ns)
+        self.last_result = result
+        return result
+
+    def _service_fraction(self, now_ns: int) -> tuple[float, float]:
+        """The service response to the newest frequency; frozen or ramped out when the meter is stale."""
+        if self.meter is None:
+            return 0.0, math.nan
+        m = self.cfg.meter
+        sample, t = self.meter.latest.read()
+        age_s = math.inf if t is None else (now_ns - t) / 1e9
+        if sample is not None and age_s <= m.stale_after_s:
+            if self._f_stale:
+                self._f_stale = False
+                self.events.emit("GRID_FREQUENCY_RESTORED", logging.INFO, key="meter", f_hz=sample.f_hz)
+            self._last_fraction = self.dispatcher.service_fraction(sample.f_hz, now_ns / 1e9)
+            return self._last_fraction, sample.f_hz
+        if not self._f_stale:
+            self._f_stale = True
+            self.events.emit("GRID_FREQUENCY_STALE", logging.ERROR, key="meter", age_s=age_s, action=m.on_stale,
+                             last_error=self.meter.counters.last_error or "none")
+        if m.on_stale == "freeze":
+            return self._last_fraction, math.nan
+        over_s = age_s - m.stale_after_s if math.isfinite(age_s) else math.inf
+        keep = max(0.0, 1.0 - over_s / m.rampout_s) if m.rampout_s > 0 else 0.0
+        return self._last_fraction * keep, math.nan
+
+    def _apply_test_discharge(self, result, now_ns: int) -> None:
+        t = self._test
+        if now_ns >= t.until_ns or result.reasons[t.row] != Reason.OK or result.estop:
+            if now_ns < t.until_ns:
+                self.events.emit("TEST_DISCHARGE_ABORTED", logging.WARNING, key=t.node_id, node=t.node_id,
+                                 reason=_REASON_NAMES[result.reasons[t.row]])
+            else:
+                self.events.emit("TEST_DISCHARGE_DONE", logging.INFO, key=t.node_id, node=t.node_id,
+                                 soc_before=t.soc_before, soc_after=float(self.fleet.soc[t.row]))
+            self._test = None
+            return
+        kw = min(t.kw, float(result.available_dis_kw[t.row]))
+        result.setpoints_kw[t.row] = kw
+        self.fleet.last_setpoint_kw[t.row] = kw
+
+    # phase 3: publish
+    def _publish(self, result, now_ns: int) -> None:
+        if self.fleet.version != self._layout_version or not self._layouts:
+            self._rebuild_layouts()
+        self.seq += 1
+        t_ns = time.time_ns()
+        exp_ns = t_ns + self.ttl_ns
+        estop = self.dispatcher.estop
+        sp, rs = result.setpoints_kw, result.reasons
+        for lay in self._layouts:
+            np.take(sp, lay.rows, out=lay.p_buf)
+            np.take(rs, lay.rows, out=lay.r_buf)
+            self.publisher.send(wire.encode_setpoints(lay.gateway_id, self.epoch, self.seq, t_ns, exp_ns, estop,
+                                                      lay.ids_blob, lay.p_buf, lay.r_buf, slow_n=self.slow_n))
+        self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
+
+    def _rebuild_layouts(self) -> None:
+        fleet = self.fleet
+        layouts = []
+        for gw in fleet.gateway_ids:
+            rows = fleet.gateway_rows(gw)
+            if not len(rows):
+                continue
+            layouts.append(_GatewayLayout(gw, rows, wire.join_ids(fleet.node_ids[r] for r in rows),
+                                          np.zeros(len(rows)), np.zeros(len(rows), np.uint8)))
+        self._layouts = layouts
+        self._layout_version = fleet.version
+
+    def _publish_final_zero(self) -> None:
+        """The last word to every gateway: 0 kW, e-stop cleared, so they stop at once (not at expiry)."""
+        if not self._layouts:
+            self._rebuild_layouts()
+        self.seq += 1
+        t_ns = time.time_ns()
+        for lay in self._layouts:
+            lay.p_buf[:] = 0.0
+            self.publisher.send(wire.encode_setpoints(lay.gateway_id, self.epoch, self.seq, t_ns, t_ns + self.ttl_ns,
+                                                      False, lay.ids_blob, lay.p_buf, lay.r_buf))
+        log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._layouts), self.seq)
+
+    def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
+        n = self.fleet.n_rows
+        counts = np.bincount(result.reasons, minlength=len(Reason))
+        excluded = {_REASON_NAMES[k]: int(c) for k, c in enumerate(counts)
+                    if c and k not in (Reason.OK, Reason.EMPTY)}
+        _sample, t = self.meter.latest.read() if self.meter else (None, None)
+        return {
+            "ep": self.epoch, "seq": self.seq, "t_ns": t_ns,
+            "f_hz": None if math.isnan(result.frequency_hz) else float(result.frequency_hz),
+            "f_age_ms": None if t is None else max(0.0, (now_ns - t) / 1e6),
+            "target_kw": result.target_kw,
+            "delivered_kw": float(self.fleet.p_actual_kw[:n].sum()),
+            "available_dis_kw": result.feasible_dis_kw,
+            "available_chg_kw": result.feasible_chg_kw,
+            "n_nodes": len(self.fleet),
+            "n_active": result.n_carrying,
+            "excluded": excluded,
+            "estop": result.estop,
+            "cycle_p99_ms": self._recent_p99_ms(),
+            "deadline_misses": self.stats.missed_deadlines + self.stats.budget_overruns,
+        }
+
+    def _recent_p99_ms(self) -> float:
+        n = self.stats.cycles
+        if n == 0:
+            return 0.0
+        window = self.stats.rings["total"][: min(n, self.stats.size)]
+        if n % 100 == 1 or not hasattr(self, "_p99_cache"):  # percentile every 100 cycles: off the hot path
+            self._p99_cache = float(np.percentile(window[-1000:], 99) / 1e6)
+        return self._p99_cache
+
+    # phase 4: record
+    def _record(self, result, input_age_ns: int) -> None:
+        self.status = {"seq": self.seq, "request_kw": result.request_kw, "target_kw": result.target_kw,
+                       "allocated_kw": result.allocated_kw, "frequency_hz": result.frequency_hz,
+                       "input_age_ms": input_age_ns / 1e6 if input_age_ns >= 0 else None,
+                       "frequency_stale": self._f_stale}
+
+    # ------------------------------------------------------------------------------ bus thread
+    def _bus_main(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.telemetry.sock, zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(1000))
+            if self._wake_rx in events:
+                return
+            if self.telemetry.sock in events:
+                t_recv = time.monotonic_ns()
+                for batch in self.telemetry.poll_batches(max_frames=256, timeout_ms=0):
+                    self._accept_batch(batch, t_recv)
+            if self.control.sock in events:
+                self.control.serve_once(timeout_ms=0)
+
+    def _accept_batch(self, batch, t_recv: int) -> None:
+        """Map a batch's node ids to rows (cached per gateway while the blob and fleet are unchanged)."""
+        fleet = self.fleet
+        cached = self._layout_cache.get(batch.gw)
+        if cached is not None and cached[1] == fleet.version and cached[0] == batch.ids_blob:
+            rows, sel = cached[2], cached[3]
+        else:
+            all_rows = np.fromiter((fleet.row_of.get(i, -1) for i in batch.node_ids), np.int64, len(batch))
+            gw_index = fleet._gateway_index.get(batch.gw, -2)
+            known = all_rows >= 0
+            own = known & (fleet.gateway[np.where(known, all_rows, 0)] == gw_index)
+            if not known.all():
+                self._telemetry_error("UNKNOWN_NODE", batch, int((~known).sum()))
+            if not (own == known).all():
+                self._telemetry_error("FOREIGN_NODE", batch, int((known & ~own).sum()))
+            sel = np.flatnonzero(own)
+            rows = all_rows[sel]
+            self._layout_cache[batch.gw] = (batch.ids_blob, fleet.version, rows, sel)
+        if len(rows):
+            self._telemetry_q.append((rows, sel, batch, t_recv))
+
+    def _telemetry_error(self, code: str, batch, count: int) -> None:
+        self.telemetry_errors[code] += count
+        self.events.emit(code, logging.WARNING, key=batch.gw, gateway=batch.gw, nodes=count,
+                         message="telemetry for nodes this gateway does not own" if code == "FOREIGN_NODE"
+                         else "telemetry for node ids not in the roster")
+
+    # ------------------------------------------------------------------------------ control commands
+    def _handle_control(self, req: wire.ControlRequest) -> dict:
+        """Runs on the bus thread; state changes are queued to the control thread's next cycle."""
+        cmd, args = req.cmd, req.args
+        if cmd == "status":
+            return self.status_report()
+        if cmd == "estop":
+            self.dispatcher.emergency_stop()  # a bool the next kernel call reads: effective next cycle
+            self.events.emit("EMERGENCY_STOP", logging.CRITICAL, key="estop", reason=args.get("reason", ""))
+            return {"estop": True, "effective_seq": self.seq + 1}
+        if cmd == "reset":
+            was = self.dispatcher.estop
+            self.dispatcher.reset()
+            self.events.emit("EMERGENCY_STOP_RESET", logging.WARNING, key="estop", was_latched=was,
+                             reason=args.get("reason", ""))
+            return {"estop": False, "was_latched": was}
+        if cmd == "reload":
+            return self._reload(args.get("path"))
+        if cmd == "test_discharge":
+            return self._start_test_discharge(args["node_id"], args["kw"], args["seconds"])
+        if cmd == "telemetry_profile":
+            self.telemetry_profile = args["name"]
+            self.slow_n = SLOW_N_OPTIMIZED if args["name"] == "optimized" else 1
+            self.events.emit("TELEMETRY_PROFILE", logging.INFO, key="profile", profile=args["name"])
+            return {"telemetry_profile": args["name"]}
+        raise wire.WireError("UNKNOWN_CMD", f"command {cmd!r} is not handled by this aggregator")
+
+    def reload_profile(self, path=None) -> dict:
+        """Validate a discharge profile and swap it in between cycles; the old one stays on error."""
+        return self._reload(path)
+
+    def _reload(self, path) -> dict:
+        path = path or self.profile_path
+        if path is None:
+            raise wire.WireError("BAD_ARG", "reload: no discharge_profile is configured and no path was given")
+        try:
+            profile = DispatchProfile.from_json(path)
+        except ProfileError as exc:
+            self.events.emit("PROFILE_REJECTED", logging.ERROR, key="profile", error=str(exc))
+            raise wire.WireError("BAD_PROFILE", f"{exc}; the previous profile stays in force") from None
+        self._commands.append(lambda now_ns: self.dispatcher.set_profile(profile))
+        self.events.emit("PROFILE_RELOADED", logging.INFO, key="profile", path=str(path),
+                         minimum_soc=profile.minimum_soc, policy=profile.policy)
+        return {"reloaded": str(path), "minimum_soc": profile.minimum_soc, "policy": profile.policy}
+
+    def _start_test_discharge(self, node_id: str, kw: float, seconds: float) -> dict:
+        fleet, result = self.fleet, self.last_result
+        row = fleet.row_of.get(node_id)
+        if row is None:
+            raise wire.WireError("UNKNOWN_NODE", f"test_discharge: node {node_id!r} is not in the fleet")
+        if result is None:
+            raise wire.WireError("NOT_READY", "test_discharge: no cycle has run yet")
+        reason = int(result.reasons[row])
+        if reason != Reason.OK:
+            raise wire.WireError("NODE_EXCLUDED", f"test_discharge: node {node_id!r} is excluded: "
+                                                  f"{_REASON_NAMES[reason]}; refusing to discharge it")
+        avail = float(result.available_dis_kw[row])
+        if avail <= 0.0:
+            raise wire.WireError("NODE_EXCLUDED", f"test_discharge: node {node_id!r} has no discharge "
+                                                  f"availability now (SoC {fleet.soc[row]:.3f})")
+        test = _TestDischarge(row, node_id, kw, 0, float(fleet.soc[row]))
+
+        def begin(now_ns, test=test):
+            test.until_ns = now_ns + int(seconds * 1e9)
+            self._test = test
+
+        self._commands.append(begin)
+        self.events.emit("TEST_DISCHARGE", logging.INFO, key=node_id, node=node_id, kw=kw, seconds=seconds)
+        return {"node_id": node_id, "kw_requested": kw, "kw_available": avail, "seconds": seconds,
+                "soc_before": test.soc_before}
+
+    def node_report(self, node_id: str) -> dict:
+        fleet, row = self.fleet, self.fleet.row_of[node_id]
+        r = self.last_result
+        return {"node_id": node_id, "soc": float(fleet.soc[row]), "p_actual_kw": float(fleet.p_actual_kw[row]),
+                "setpoint_kw": float(fleet.last_setpoint_kw[row]),
+                "reason": _REASON_NAMES[r.reasons[row]] if r is not None else None,
+                "telemetry_age_s": (time.monotonic_ns() - int(fleet.last_telemetry_ns[row])) / 1e9}
+
+    def status_report(self) -> dict:
+        """Everything `v2g-cli --status` shows: fleet, timing, alarms, counters (plain types only)."""
+        r = self.last_result
+        out = {"epoch": self.epoch, "fleet_id": self.cfg.fleet_id, "service": self.dispatcher.service.name,
+               "capacity_kw": self.dispatcher.capacity_kw, "vehicles": len(self.fleet), **self.status,
+               "estop": self.dispatcher.estop, "telemetry_profile": self.telemetry_profile,
+               "loop": self.stats.summary(), "events": dict(self.events.counts),
+               "telemetry_errors": {**dict(self.telemetry.errors), **dict(self.telemetry_errors)},
+               "setpoints_dropped": self.publisher.dropped}
+        if r is not None:
+            out.update(r.summary())
+            out["delivered_kw"] = float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())
+        if self.meter is not None:
+            out["meter"] = self.meter.counters.snapshot()
+        if self._test is not None:
+            out["test_discharge"] = self.node_report(self._test.node_id)
+        return _plain(out)
+
+
+def _plain(obj):
+    """Only msgpack-able plain types (NaN -> None)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    return obj
