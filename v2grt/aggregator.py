@@ -147,6 +147,9 @@ class Aggregator:
         self.first_cycle = threading.Event()
         self.telemetry_profile = "default"
         self.slow_n = 1  # setpoints tell gateways to send slow telemetry keys every slow_n-th batch
+        #: Called on the control thread at the end of every cycle as hook(aggregator, result, times):
+        #: metrics, watchdog, per-node event logging. Keep them cheap: they are inside the cycle.
+        self.cycle_hooks: list = []
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -160,23 +163,26 @@ class Aggregator:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self.loop.stop()
-        if final_zero:
-            self._publish_final_zero()
-        wake = self.ctx.socket(zmq.PAIR)
-        wake.linger = 0
-        wake.connect(self._wake_addr)
-        wake.send(b"stop")  # in-band stop for the bus thread's poller
-        self._bus_thread.join(5.0)
-        wake.close()
-        if self.input_thread:
-            self.input_thread.stop()
-        time.sleep(0.05)  # linger=0 drops unsent frames: give the final zeros a moment on the wire
-        for sock in (self.publisher, self.telemetry, self.control):
-            sock.close()
-        self._wake_rx.close()
-        if self._own_ctx:
-            self.ctx.term()
+        try:
+            self.loop.stop()
+            if final_zero:
+                self._publish_final_zero()
+            wake = self.ctx.socket(zmq.PAIR)
+            wake.linger = 0
+            wake.connect(self._wake_addr)
+            wake.send(b"stop")  # in-band stop for the bus thread's poller
+            self._bus_thread.join(5.0)
+            wake.close()
+            if self.input_thread:
+                self.input_thread.stop()
+            time.sleep(0.05)  # linger=0 drops unsent frames: give the final zeros a moment on the wire
+        finally:
+            # Sockets close whatever failed above: an open socket would block Context.term() forever.
+            for sock in (self.publisher, self.telemetry, self.control):
+                sock.close()
+            self._wake_rx.close(0)
+            if self._own_ctx:
+                self.ctx.term()
 
     def _log_setup(self, steps) -> None:
         for s in steps:
@@ -191,10 +197,13 @@ class Aggregator:
         t2 = time.monotonic_ns()
         self._publish(result, woke_ns)
         t3 = time.monotonic_ns()
+        times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
         self._record(result, input_age_ns)
+        for hook in self.cycle_hooks:
+            hook(self, result, times)
         if not self.first_cycle.is_set():
             self.first_cycle.set()
-        return CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
+        return times
 
     # phase 1: read inputs, switch the process image
     def _read_inputs(self, now_ns: int) -> int:

@@ -105,14 +105,49 @@ def _print_summary(s: dict) -> None:
         print(f"  setpoints written to {s['out']}")
 
 
+# --------------------------------------------------------------------------------- v2grt run, config
+def cmd_run(args) -> int:
+    """Start the aggregator in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
+    from v2grt.config import ConfigError
+    from v2grt.service import run_aggregator
+    from v2grt.state import SchedulerConflict
+
+    try:
+        return run_aggregator(args.config, log_path=args.log_file, json_logs=args.json_logs)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    except SchedulerConflict as exc:
+        raise CliError(str(exc), EXIT_REFUSED) from None
+
+
+def cmd_config_check(args) -> int:
+    """Validate a config file (and the discharge profile and roster it names) without starting."""
+    from v2grt.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+        if cfg.fleet.roster is not None:
+            from v2grt import Fleet
+            from v2grt.roster import RosterError
+
+            try:
+                Fleet.from_csv(cfg.resolve(cfg.fleet.roster))
+            except RosterError as exc:
+                raise ConfigError(f"{args.file}: fleet.roster: {exc}") from None
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{args.file}: OK")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------- v2grt bench
-BENCHES = {
-    "kernel": "kernel: Cython vs the NumPy twin vs a memory-streaming roofline, 1k..1M nodes",
-}
-
-
 def bench_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_names() -> list[str]:
+    """Every bench/bench_NAME.py of the checkout (none when installed without the source tree)."""
+    return sorted(p.stem[len("bench_"):] for p in bench_dir().glob("bench_*.py"))
 
 
 def cmd_bench(args) -> int:
@@ -147,9 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_dispatch)
 
-    p = sub.add_parser("bench", help="benchmarks (source checkout): " + ", ".join(BENCHES),
-                       description="\n".join(f"{k}: {v}" for k, v in BENCHES.items()))
-    p.add_argument("name", choices=sorted(BENCHES))
+    p = sub.add_parser("run", help="start the aggregator in the foreground", description=cmd_run.__doc__)
+    p.add_argument("--config", required=True, help="YAML config (see configs/default.yaml)")
+    p.add_argument("--log-file", help="write engine.log here instead of stderr")
+    p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("check", help="validate a config without starting", description=cmd_config_check.__doc__)
+    c.add_argument("file")
+    c.set_defaults(func=cmd_config_check)
+
+    names = bench_names()
+    p = sub.add_parser("bench", help="benchmarks (from the source checkout): " + ", ".join(names),
+                       description="Benchmarks print a table, or one JSON object with --json.")
+    p.add_argument("name", choices=names or None)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after the name)")
     p.set_defaults(func=cmd_bench)
     return ap

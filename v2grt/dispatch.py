@@ -156,13 +156,16 @@ class Dispatcher:
         if self._work is None or not self._work.fits(f.capacity, f.site_capacity):
             self._work = Workspace(f.capacity, f.site_capacity)
 
-    def deliverable_kw(self, now_ns: int = 0) -> float:
-        """What the fleet can hold both ways right now: min(feasible discharge, feasible charge), kW.
+    def deliverable_kw(self) -> float:
+        """What the fleet can hold both ways: min(feasible discharge, feasible charge), kW, ramps aside.
 
         The default contracted capacity, so that a full response is deliverable in either direction.
-        A dry run of the kernel: the fleet is not changed.
+        A dry run of the kernel (the fleet is not changed), judged at the newest telemetry time and
+        with ramp limits lifted (dt = inf): capacity is about steady state, not the first cycle.
         """
-        self.kernel.dispatch(self.fleet, self.profile, 0.0, now_ns, 0.0, False, self._out, self._work)
+        n = self.fleet.n_rows
+        now_ns = int(self.fleet.last_telemetry_ns[:n].max()) if n else 0
+        self.kernel.dispatch(self.fleet, self.profile, 0.0, now_ns, math.inf, False, self._out, self._work)
         t = self._out.totals
         return float(min(t[T_FEASIBLE_DIS], t[T_FEASIBLE_CHG]))
 

@@ -852,9 +852,13 @@ class InputThread:
         tasks = [asyncio.create_task(self._guard(p), name=p.name) for p in self.pollers]
         self._ready.set()
         await self._stop.wait()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(tasks)
+        while pending:
+            # Cancel until done: on Python < 3.12, asyncio.wait_for can swallow a cancellation that
+            # races with its inner future finishing (CPython gh-86296), leaving a poller running.
+            for t in pending:
+                t.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=0.2)
         for p in self.pollers:
             p.close()
 
