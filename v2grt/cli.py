@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import runpy
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
+
+#: Modules that add subcommands (operator tools, demo and gateways, keys), each with add_parser(sub).
+PLUGIN_MODULES = ("v2grt.operator", "v2grt.demo", "v2grt.gateway.cli", "v2grt.security")
 
 
 class CliError(Exception):
@@ -200,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=names or None)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after the name)")
     p.set_defaults(func=cmd_bench)
+
+    # Each room registers its own subcommands: add_parser(sub) in the module that implements them.
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_parser(sub)
     return ap
 
 
