@@ -7,12 +7,19 @@ expiry anyway), ZMTP heartbeats (a dead peer is noticed in HEARTBEAT_TIMEOUT_MS,
 timeout) and ZMQ_MAXMSGSIZE (a peer sending a frame over wire.MAX_FRAME_BYTES is disconnected before
 the frame is buffered). Receivers decode with :mod:`v2grt.io.wire` and count bad frames by error
 code instead of raising: garbage on the network must never stop the control loop.
+
+Security (issue 6, docs/security.md): every constructor takes ``curve=`` (see ``_apply_security``);
+the aggregator-side receivers take an ``authorize`` hook that sees each message's ZAP metadata
+(``frame.get("User-Id")``) and may refuse it with a WireError (counted like a bad frame), the setpoint
+publisher a ``subscribe_policy`` that admits each subscription per peer (XPUB manual mode), and every
+bound socket can ``rebind()`` to drop its live connections (CURVE authenticates at connect time only).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,9 +69,12 @@ class BusError(RuntimeError):
 def _apply_security(sock: zmq.Socket, curve: Mapping[str, bytes] | None, *, server: bool) -> None:
     """Configure CURVE on ``sock`` before bind/connect; the one place security is set up.
 
-    Server: ``{"secret_key": z85}``. Client: ``{"server_key": z85, "public_key": z85, "secret_key": z85}``
-    (keys from ``zmq.curve_keypair()``). Encryption only: without a ZAP handler any client that knows
-    the server's public key may connect (client authentication and the IP allowlist are a later issue).
+    Server: ``{"secret_key": z85}``, optionally ``"zap_domain": str``. Client: ``{"server_key": z85,
+    "public_key": z85, "secret_key": z85}`` (keys from ``zmq.curve_keypair()``; v2grt.security loads
+    them from key files). Without ``zap_domain`` this is encryption only: any client that knows the
+    server's public key may connect. With it, every handshake is decided by the context's ZAP handler
+    (v2grt.security.Authenticator: key, role, address allowlist) and ZMQ_ZAP_ENFORCE_DOMAIN makes the
+    socket fail closed: without a running handler libzmq would otherwise accept any client key.
     """
     if curve is None:
         return
@@ -77,6 +87,9 @@ def _apply_security(sock: zmq.Socket, curve: Mapping[str, bytes] | None, *, serv
     if server:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve["secret_key"])
+        if curve.get("zap_domain"):
+            sock.setsockopt(zmq.ZAP_DOMAIN, str(curve["zap_domain"]).encode())
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     else:
         sock.setsockopt(zmq.CURVE_SERVERKEY, curve["server_key"])
         sock.setsockopt(zmq.CURVE_PUBLICKEY, curve["public_key"])
@@ -118,6 +131,27 @@ class _Owner:
         """Close the socket at once (linger 0). Idempotent."""
         self.sock.close(0)
 
+    def rebind(self, timeout_s: float = 1.0) -> int:
+        """Drop every live connection of this bound socket: unbind, bind the same endpoint again; ns taken.
+
+        libzmq ties accepted connections to their listener, so the unbind closes them all; peers
+        reconnect on their own (RECONNECT_IVL, 100 ms) and go through the handshake, and ZAP, again.
+        The listener closes asynchronously in libzmq's I/O thread, so the bind is retried while the
+        port is still taken (measured 0.1 to 2 ms on loopback). Owner thread only.
+        """
+        t0 = time.monotonic_ns()
+        self.sock.unbind(self.endpoint)
+        deadline = t0 + int(timeout_s * 1e9)
+        while True:
+            try:
+                self.sock.bind(self.endpoint)
+                return time.monotonic_ns() - t0
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic_ns() > deadline:
+                    raise BusError(f"{self.role}: cannot bind {self.endpoint!r} again after dropping its "
+                                   f"connections: {exc}") from exc
+                time.sleep(0.0005)
+
     def __enter__(self):
         return self
 
@@ -129,16 +163,58 @@ class _Owner:
 # aggregator side
 
 
+SubscribePolicy = Callable[[zmq.Frame, bytes], bool]
+
+
 class SetpointPublisher(_Owner):
-    """Binds the PUB socket that carries every gateway's setpoints and the fleet status."""
+    """Binds the PUB socket that carries every gateway's setpoints and the fleet status.
+
+    With ``subscribe_policy`` the socket is an XPUB in manual mode: a peer's subscription takes effect
+    only once the owner thread has passed it to ``policy(frame, topic)`` in ``admit_subscriptions()``
+    (the frame carries the peer's ZAP User-Id), so an authenticated gateway cannot read another
+    gateway's setpoints. SUB peers see no difference.
+    """
 
     role = "setpoint PUB"
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *,
-                 sndhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None):
-        super().__init__(ctx, zmq.PUB, endpoint, bind=True, curve=curve, sndhwm=sndhwm)
+                 sndhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None,
+                 subscribe_policy: SubscribePolicy | None = None):
+        kind, options = (zmq.PUB, None) if subscribe_policy is None else (zmq.XPUB, {zmq.XPUB_MANUAL: 1})
+        super().__init__(ctx, kind, endpoint, bind=True, curve=curve, sndhwm=sndhwm, options=options)
         self.sent = 0
         self.dropped = 0
+        self.subscribe_policy = subscribe_policy
+        self.subscriptions = 0  # admitted
+        self.refused_subscriptions = 0
+
+    def admit_subscriptions(self, max_msgs: int = 64) -> int:
+        """Apply or refuse pending subscriptions (XPUB manual mode only); never blocks; returns how many.
+
+        An (un)subscription applies to the pipe of the message just received, so each is decided
+        before the next recv. Unsubscriptions are not applied: libzmq sends them unpaired when a peer
+        disconnects (its subscriptions go with it), and applied to the wrong pipe they would cut off a
+        gateway; a SUB that unsubscribes explicitly keeps its topic until it reconnects.
+        """
+        if self.subscribe_policy is None or not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return 0
+        done = 0
+        for _ in range(max_msgs):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            data = frame.bytes
+            if data[:1] != b"\x01":
+                continue
+            topic = data[1:]
+            if self.subscribe_policy(frame, topic):
+                self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+                self.subscriptions += 1
+            else:
+                self.refused_subscriptions += 1
+            done += 1
+        return done
 
     def send(self, frame: bytes) -> bool:
         """Queue one frame without ever blocking; False (and ``dropped`` + 1) if it was refused.
@@ -163,9 +239,12 @@ class TelemetryReceiver(_Owner):
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *,
                  rcvhwm: int = TELEMETRY_RCVHWM, strict: bool = True,
-                 curve: Mapping[str, bytes] | None = None):
+                 curve: Mapping[str, bytes] | None = None,
+                 authorize: Callable[[zmq.Frame, TelemetryBatch], None] | None = None):
         super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm)
         self.strict = strict
+        #: authorize(frame, batch) raises WireError (e.g. FORBIDDEN) to drop a batch its sender may not send
+        self.authorize = authorize
         self.frames = 0
         self.quarantined_nodes = 0
         self.errors: collections.Counter[str] = collections.Counter()
@@ -188,6 +267,8 @@ class TelemetryReceiver(_Owner):
             self.frames += 1
             try:
                 batch = wire.decode_telemetry(frame.buffer, strict=self.strict)
+                if self.authorize is not None:
+                    self.authorize(frame, batch)
             except WireError as exc:
                 self.errors[exc.code] += 1
                 self.last_errors.append(str(exc))
@@ -216,9 +297,12 @@ class ControlServer(_Owner):
     MAX_ENVELOPE = 8  # routing frames echoed back (identity, REQ_CORRELATE id, empty delimiter)
 
     def __init__(self, ctx: zmq.Context, endpoint: str, handler: Handler, *,
-                 curve: Mapping[str, bytes] | None = None):
+                 curve: Mapping[str, bytes] | None = None,
+                 authorize: Callable[[zmq.Frame, ControlRequest], None] | None = None):
         super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve)
         self.handler = handler
+        #: authorize(frame, request) raises WireError (e.g. FORBIDDEN) to answer an error instead of running it
+        self.authorize = authorize
         self.served = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
@@ -230,7 +314,8 @@ class ControlServer(_Owner):
         answered = 0
         for _ in range(max_requests):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                # copy=False only when the ZAP metadata of the last frame is needed
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self.authorize is None)
             except zmq.Again:
                 break
             # Everything before the last frame is the routing envelope (REQ: identity, empty;
@@ -240,7 +325,11 @@ class ControlServer(_Owner):
                 self._count(WireError("BAD_MSGPACK", f"request of {len(frames)} frames: expected at most "
                                                      f"{self.MAX_ENVELOPE + 1}"))
                 continue
-            reply = self._answer(payload)
+            if self.authorize is not None:
+                envelope, frame, payload = [f.bytes for f in envelope], payload, payload.bytes
+            else:
+                frame = None
+            reply = self._answer(payload, frame)
             try:
                 self.sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone or its queue full; ROUTER would drop it anyway
@@ -252,13 +341,15 @@ class ControlServer(_Owner):
         self.errors[exc.code] += 1
         self.last_errors.append(str(exc))
 
-    def _answer(self, payload: bytes) -> bytes:
+    def _answer(self, payload: bytes, frame: zmq.Frame | None = None) -> bytes:
         try:
             request = wire.decode_request(payload)
         except WireError as exc:
             self._count(exc)
             return wire.encode_reply(error=exc, id=wire.request_id_of(payload))
         try:
+            if self.authorize is not None:
+                self.authorize(frame, request)
             result = self.handler(request)
         except WireError as exc:  # the handler refusing: REFUSED, BAD_ARG, ...
             self._count(exc)

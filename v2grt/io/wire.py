@@ -58,6 +58,7 @@ ERROR_CODES: dict[str, str] = {
     "UNKNOWN_CMD": "control request with a cmd this aggregator does not know",
     "BAD_ARG": "control request argument missing, unknown, of the wrong type or out of range",
     "REFUSED": "the aggregator understood the control request but will not do it (message says why)",
+    "FORBIDDEN": "security: the sender's authenticated key may not do this (its role, its gateway, or revoked)",
     "INTERNAL": "the aggregator failed while handling a control request (a bug; see its log)",
     "TIMEOUT": "client side: the aggregator did not answer a control request in time",
 }
@@ -612,6 +613,7 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     },
     "reload": {"path": Arg("str", False, doc="discharge profile to load instead of the configured one")},
     "telemetry_profile": {"name": Arg("enum", choices=TELEMETRY_PROFILES, doc="telemetry profile")},
+    "keys_reload": {},  # security: re-read the authorized keys; drops connections of revoked keys
 }
 
 
