@@ -29,6 +29,7 @@ from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
 from v2grt.io.modbus import InputThread, InverterReader, MeterReader
 from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig
+from v2grt.monitor import FrequencyAlert
 from v2grt.profile import DispatchProfile, ProfileError
 from v2grt.services import ServiceCurve, get_service
 
@@ -150,6 +151,10 @@ class Aggregator:
         #: Called on the control thread at the end of every cycle as hook(aggregator, result, times):
         #: metrics, watchdog, per-node event logging. Keep them cheap: they are inside the cycle.
         self.cycle_hooks: list = []
+        #: GRID_FREQUENCY_ALERT and its throttling, applied in the service-fraction phase (v2grt.monitor).
+        self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
+                      if cfg.alert.band_hz is not None else None)
+        self.last_test: dict | None = None  # how the last test discharge ended (v2g-cli --test-discharge)
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -260,6 +265,8 @@ class Aggregator:
                 self._f_stale = False
                 self.events.emit("GRID_FREQUENCY_RESTORED", logging.INFO, key="meter", f_hz=sample.f_hz)
             self._last_fraction = self.dispatcher.service_fraction(sample.f_hz, now_ns / 1e9)
+            if self.alert is not None:
+                self._last_fraction = self.alert.apply(sample.f_hz, self._last_fraction, now_ns)
             return self._last_fraction, sample.f_hz
         if not self._f_stale:
             self._f_stale = True
@@ -280,6 +287,10 @@ class Aggregator:
             else:
                 self.events.emit("TEST_DISCHARGE_DONE", logging.INFO, key=t.node_id, node=t.node_id,
                                  soc_before=t.soc_before, soc_after=float(self.fleet.soc[t.row]))
+            self.last_test = {"node_id": t.node_id, "kw": t.kw, "end_seq": self.seq,
+                              "outcome": "aborted" if now_ns < t.until_ns else "done",
+                              "reason": _REASON_NAMES[result.reasons[t.row]], "soc_before": t.soc_before,
+                              "soc_after": float(self.fleet.soc[t.row])}
             self._test = None
             return
         kw = min(t.kw, float(result.available_dis_kw[t.row]))
@@ -503,6 +514,10 @@ class Aggregator:
             out["meter"] = self.meter.counters.snapshot()
         if self._test is not None:
             out["test_discharge"] = self.node_report(self._test.node_id)
+        if self.last_test is not None:
+            out["last_test_discharge"] = self.last_test
+        if self.alert is not None:
+            out["frequency_alert"] = self.alert.state()
         return _plain(out)
 
 

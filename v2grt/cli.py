@@ -113,14 +113,15 @@ def _print_summary(s: dict) -> None:
 def cmd_run(args) -> int:
     """Start the aggregator in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
     from v2grt.config import ConfigError
-    from v2grt.service import run_aggregator
+    from v2grt.service import ServiceRefused, run_aggregator
     from v2grt.state import SchedulerConflict
 
     try:
-        return run_aggregator(args.config, log_path=args.log_file, json_logs=args.json_logs)
+        return run_aggregator(args.config, log_path=args.log_file, json_logs=args.json_logs,
+                              allow_root=args.allow_root)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    except SchedulerConflict as exc:
+    except (SchedulerConflict, ServiceRefused) as exc:
         raise CliError(str(exc), EXIT_REFUSED) from None
 
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see configs/default.yaml)")
     p.add_argument("--log-file", help="write engine.log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--allow-root", action="store_true", help="run even as root (refused otherwise)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="configuration tools")

@@ -75,6 +75,30 @@ class RealtimeSection:
 
 
 @dataclasses.dataclass
+class LogConfig:
+    file: str = "/var/log/v2g/engine.log"  # used as a service (--daemonize, systemd); stderr in the foreground
+    format: str = "text"  # text, or json (one JSON object per line)
+    level: str = "INFO"
+    rate_limit_s: float = 60.0  # one line per (code, node) per interval; repeats counted (suppressed=N)
+    max_node_lines: int = 20  # per-node lines per monitor pass; the rest in one NODE_EVENTS summary
+
+
+@dataclasses.dataclass
+class AlertConfig:
+    band_hz: float | None = 0.2  # GRID_FREQUENCY_ALERT when |f - nominal| exceeds this; null: off
+    hysteresis_hz: float = 0.01  # the alert clears inside band_hz - hysteresis_hz
+    response_limit: float = 1.0  # |response| cap, fraction of capacity, while in alert (1: no throttle)
+    fleet_ramp_kw_per_s: float | None = None  # fleet ramp while in alert (faster); null: the profile's
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    enabled: bool = False  # Prometheus endpoint http://address:port/metrics
+    address: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclasses.dataclass
 class Config:
     path: Path | None = None
     fleet_id: str = "default"
@@ -89,6 +113,9 @@ class Config:
     bus: BusConfig = dataclasses.field(default_factory=BusConfig)
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     fleet: FleetConfig = dataclasses.field(default_factory=FleetConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    alert: AlertConfig = dataclasses.field(default_factory=AlertConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def resolve(self, value: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""
@@ -123,10 +150,19 @@ _RANGES: dict[str, tuple] = {
     "service.base_kw": (float, -1e9, 1e9),
     "fleet.random": (int, 0, 10_000_000),
     "fleet.seed": (int, 0, 2**63 - 1),
+    "log.format": (str, ("text", "json")),
+    "log.level": (str, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    "log.rate_limit_s": (float, 0.0, 86400.0),
+    "log.max_node_lines": (int, 0, 10000),
+    "alert.band_hz": (float, 0.001, 5.0),
+    "alert.hysteresis_hz": (float, 0.0, 1.0),
+    "alert.response_limit": (float, 0.0, 1.0),
+    "alert.fleet_ramp_kw_per_s": (float, 0.0, 1e12),
+    "metrics.port": (int, 0, 65535),
 }
 
 _SECTIONS = {"realtime": RealtimeSection, "meter": MeterConfig, "bus": BusConfig, "service": ServiceConfig,
-             "fleet": FleetConfig}
+             "fleet": FleetConfig, "log": LogConfig, "alert": AlertConfig, "metrics": MetricsConfig}
 
 
 def load_config(path: str | Path) -> Config:
@@ -261,6 +297,9 @@ def _check(src, cfg: Config) -> None:
     if cfg.budget_s > cfg.period_s:
         raise ConfigError(f"{src}: budget_s={cfg.budget_s} exceeds period_s={cfg.period_s}; the budget is the "
                           "part of the period a cycle may use")
+    if cfg.alert.band_hz is not None and cfg.alert.hysteresis_hz >= cfg.alert.band_hz:
+        raise ConfigError(f"{src}: alert.hysteresis_hz={cfg.alert.hysteresis_hz} must be below alert.band_hz="
+                          f"{cfg.alert.band_hz}: the alert clears inside band_hz - hysteresis_hz")
     if (cfg.fleet.roster is None) == (cfg.fleet.random is None):
         raise ConfigError(f"{src}: fleet: set exactly one of fleet.roster (a CSV path) or fleet.random (a count)")
     if (cfg.service.name is None) == (cfg.service.curve is None):

@@ -6,11 +6,15 @@ and counted so status and metrics can show them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
+import logging.handlers
+import queue
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("v2grt.engine")
 
@@ -47,6 +51,17 @@ class EventLog:
             fields["suppressed"] = suppressed
         self.logger.log(level, "%s", _line(code, message, fields), extra={"code": code, "fields": fields})
         return True
+
+    def count(self, code: str, n: int = 1) -> None:
+        """Count `n` occurrences of `code` without a line (the ones a summary line stands for)."""
+        if n:
+            with self._lock:
+                self.counts[code] += n
+
+    def snapshot(self) -> dict[str, int]:
+        """Events by code so far (a copy, safe to read from any thread)."""
+        with self._lock:
+            return dict(self.counts)
 
 
 def _line(code: str, message: str, fields: dict) -> str:
@@ -88,11 +103,62 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
 
-def setup_logging(path: str | None = None, *, json_lines: bool = False, level: int = logging.INFO) -> None:
-    """Log to a file (the service's engine.log) or stderr (foreground), as text or JSON lines."""
-    handler: logging.Handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler()
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; never blocks the caller, counts what a full queue drops."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+#: Records waiting for the writer thread; beyond this a burst is dropped (and counted), not waited on.
+LOG_QUEUE_SIZE = 10_000
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup_logging(path: str | Path | None = None, *, json_lines: bool = False, level: int = logging.INFO) -> None:
+    """Log to a file (the service's engine.log) or stderr (foreground), as text or JSON lines.
+
+    The file is written by a writer thread behind a bounded queue: the control thread emits events
+    inside its cycle and must never wait on a disk (a slow or full disk costs log lines, counted in
+    ``_DroppingQueueHandler.dropped``, not deadlines). The log's directory is created if missing.
+    Raises OSError naming the path if the file cannot be opened.
+    """
+    global _listener
+    shutdown_logging()
+    if path:
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as exc:
+            raise OSError(exc.errno, f"log file {path}: cannot open ({exc.strerror}); create {path.parent} "
+                                     "writable by the service account, or set log.file / --log-file") from None
+    else:
+        handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    q: queue.Queue = queue.Queue(LOG_QUEUE_SIZE)
+    _listener = logging.handlers.QueueListener(q, handler, respect_handler_level=False)
+    _listener.start()
     root = logging.getLogger("v2grt")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_DroppingQueueHandler(q)]
     root.setLevel(level)
     root.propagate = False
+
+
+def shutdown_logging() -> None:
+    """Write out what is queued and stop the writer thread (idempotent; also run at exit)."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()  # drains the queue, then joins the thread
+        for h in listener.handlers:
+            h.close()
+
+
+atexit.register(shutdown_logging)

@@ -1,0 +1,265 @@
+"""The Prometheus endpoint: an own registry, an HTTP server thread, and a cycle hook that feeds it.
+
+The hook does its work at most once per `interval_s` (every other cycle it reads one clock): it bins
+the cycle timings recorded since its last pass straight out of CycleStats' rings (vectorised, so a
+cycle's own timings never pass through Python objects), bincounts the reasons array, and copies a
+handful of counters into an immutable snapshot. Scrapes (on the HTTP thread) only read the newest
+snapshot, so a scrape never touches arrays the control thread is writing.
+
+Metric names (all prefixed ``v2grt_``; power in kW, + = discharge into the grid):
+
+==========================================  =========  ======================================================
+cycle_duration_seconds{phase}               histogram  inputs, kernel, publish and total time of each cycle
+cycle_wakeup_lateness_seconds               histogram  how late the loop woke after its deadline
+meter_input_age_seconds                     histogram  age of the newest meter sample when a cycle read it
+cycles_total                                counter    cycles run
+deadline_misses_total{kind}                 counter    missed_deadline (periods skipped), budget_overrun
+cycle_errors_total                          counter    cycles that raised
+grid_frequency_hz                           gauge      newest frequency (NaN while the meter is stale)
+service_fraction                            gauge      service response, -1..1 of capacity
+capacity_kw, request_kw, target_kw,         gauge      contracted capacity; base + response; target after the
+allocated_kw, delivered_kw                             fleet's limits; sum of setpoints; sum of telemetry
+available_discharge_kw, available_charge_kw gauge      what the fleet can give now, each way (magnitudes)
+vehicles{state,reason}                      gauge      vehicles by state (available, limited, excluded) and
+                                                       reason code
+vehicles_carrying                           gauge      vehicles with a non-zero setpoint
+estop, frequency_stale, frequency_alert     gauge      1 while latched / stale / in alert
+bad_frames_total{source,code}               counter    dropped frames by wire error code (telemetry, control)
+events_total{code}                          counter    engine.log events by code (rate-limited lines included)
+setpoints_dropped_total                     counter    setpoint frames the PUB socket refused
+epoch                                       gauge      this scheduler's fencing epoch
+info{fleet_id,service}                      gauge      1
+==========================================  =========  ======================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from v2grt.codes import ONE_WAY, Reason
+
+log = logging.getLogger("v2grt.metrics")
+
+#: Bucket upper bounds (s) for cycle phases: 50 us .. 1 s, dense where a 100 ms budget is decided.
+DURATION_BUCKETS_S = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+#: Bucket upper bounds (s) for the meter sample's age: its poll interval up to the stale limit.
+AGE_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+_PHASES = ("inputs", "kernel", "publish", "total")
+_REASON_NAMES = {int(r): r.name for r in Reason}
+
+
+def _state_of(code: int) -> str:
+    if code == Reason.OK:
+        return "available"
+    return "limited" if code in ONE_WAY else "excluded"
+
+
+class _Hist:
+    """A cumulative histogram fed in bulk from ns samples."""
+
+    def __init__(self, bounds_s):
+        self.bounds_ns = np.asarray(bounds_s, float) * 1e9
+        self.counts = np.zeros(len(bounds_s) + 1, np.int64)  # last: +Inf
+        self.sum_ns = 0.0
+
+    def add(self, samples_ns: np.ndarray) -> None:
+        if samples_ns.size:
+            # le semantics: a sample equal to a bound falls in that bucket
+            idx = np.searchsorted(self.bounds_ns, samples_ns, side="left")
+            self.counts += np.bincount(idx, minlength=len(self.counts))
+            self.sum_ns += float(samples_ns.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    hists: dict  # name -> (counts copy, sum_ns)
+    gauges: dict
+    counters: dict
+    vehicles: dict  # (state, reason) -> count
+    bad_frames: dict  # (source, code) -> count
+    events: dict
+    info: dict
+
+
+class MetricsExporter:
+    """Cycle hook and Prometheus collector in one: `hook(agg, result, times)` feeds, `collect()` serves."""
+
+    def __init__(self, *, interval_s: float = 1.0):
+        self.interval_ns = int(interval_s * 1e9)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self._next_ns = 0
+        self._seen_cycles = 0
+        self.hists = {f"phase:{p}": _Hist(DURATION_BUCKETS_S) for p in _PHASES}
+        self.hists["lateness"] = _Hist(DURATION_BUCKETS_S)
+        self.hists["input_age"] = _Hist(AGE_BUCKETS_S)
+        self._snap: _Snapshot | None = None
+        self.lost_samples = 0  # cycles that fell out of the stats ring between two passes
+        self.server = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- control thread
+    def __call__(self, agg, result, times) -> None:
+        now = time.monotonic_ns()
+        if now < self._next_ns:
+            return
+        self._next_ns = now + self.interval_ns
+        self.update(agg, result)
+
+    def update(self, agg, result) -> None:
+        """Take everything new since the last pass into a fresh snapshot (one pass: ~0.1 ms + a bincount)."""
+        stats = agg.stats
+        self._take_rings(stats)
+        fleet = agg.fleet
+        n = fleet.n_rows
+        counts = np.bincount(result.reasons, minlength=256)
+        vehicles = {}
+        for code in np.flatnonzero(counts):
+            if code != Reason.EMPTY:
+                vehicles[(_state_of(int(code)), _REASON_NAMES.get(int(code), f"UNKNOWN_{code}"))] = int(counts[code])
+        delivered = float(fleet.p_actual_kw[:n].sum())
+        bad = {("telemetry", k): v for k, v in {**dict(agg.telemetry.errors), **dict(agg.telemetry_errors)}.items()}
+        bad.update({("control", k): v for k, v in dict(agg.control.errors).items()})
+        alert = agg.alert
+        gauges = {
+            "grid_frequency_hz": float(result.frequency_hz),
+            "service_fraction": float(result.service_fraction),
+            "capacity_kw": agg.dispatcher.capacity_kw,
+            "request_kw": result.request_kw,
+            "target_kw": result.target_kw,
+            "allocated_kw": result.allocated_kw,
+            "delivered_kw": delivered,
+            "available_discharge_kw": result.feasible_dis_kw,
+            "available_charge_kw": result.feasible_chg_kw,
+            "vehicles_carrying": float(result.n_carrying),
+            "estop": float(result.estop),
+            "frequency_stale": float(bool(agg.status.get("frequency_stale"))),
+            "frequency_alert": float(alert is not None and alert.active),
+            "epoch": float(agg.epoch),
+        }
+        counters = {
+            "cycles_total": stats.cycles,
+            "cycle_errors_total": stats.errors,
+            "setpoints_dropped_total": agg.publisher.dropped,
+            "deadline_misses_total": {"missed_deadline": stats.missed_deadlines,
+                                      "budget_overrun": stats.budget_overruns},
+        }
+        self._snap = _Snapshot(
+            hists={k: (h.counts.copy(), h.sum_ns) for k, h in self.hists.items()},
+            gauges=gauges, counters=counters, vehicles=vehicles, bad_frames=bad,
+            events=agg.events.snapshot(),
+            info={"fleet_id": agg.cfg.fleet_id, "service": agg.dispatcher.service.name})
+
+    def _take_rings(self, stats) -> None:
+        end = stats.cycles
+        start = self._seen_cycles
+        if end - start > stats.size:
+            self.lost_samples += end - start - stats.size
+            start = end - stats.size
+        self._seen_cycles = end
+        if end == start:
+            return
+        a, b = start % stats.size, end % stats.size
+        rings = stats.rings
+
+        def take(name):
+            r = rings[name]
+            return r[a:b] if a < b else np.concatenate([r[a:], r[:b]])
+
+        for p in _PHASES:
+            self.hists[f"phase:{p}"].add(take(p))
+        self.hists["lateness"].add(np.maximum(take("lateness"), 0))
+        age = take("input_age")
+        self.hists["input_age"].add(age[age > 0])  # 0: no meter configured; -1: no sample yet
+
+    # ----------------------------------------------------------------- HTTP thread
+    def collect(self):
+        snap = self._snap
+        if snap is None:
+            return
+        dur = HistogramMetricFamily("v2grt_cycle_duration_seconds", "Time spent per cycle, by phase",
+                                    labels=["phase"])
+        for p in _PHASES:
+            counts, sum_ns = snap.hists[f"phase:{p}"]
+            _family(dur, counts, sum_ns, DURATION_BUCKETS_S, [p])
+        yield dur
+        for key, name, doc, bounds in (
+                ("lateness", "v2grt_cycle_wakeup_lateness_seconds", "Wake-up lateness after the deadline",
+                 DURATION_BUCKETS_S),
+                ("input_age", "v2grt_meter_input_age_seconds", "Age of the meter sample a cycle used",
+                 AGE_BUCKETS_S)):
+            fam = HistogramMetricFamily(name, doc)
+            counts, sum_ns = snap.hists[key]
+            _family(fam, counts, sum_ns, bounds, [])
+            yield fam
+        c = snap.counters
+        yield CounterMetricFamily("v2grt_cycles", "Control cycles run", value=c["cycles_total"])
+        yield CounterMetricFamily("v2grt_cycle_errors", "Cycles that raised", value=c["cycle_errors_total"])
+        yield CounterMetricFamily("v2grt_setpoints_dropped", "Setpoint frames the PUB socket refused",
+                                  value=c["setpoints_dropped_total"])
+        miss = CounterMetricFamily("v2grt_deadline_misses", "Deadline misses by kind", labels=["kind"])
+        for kind, v in c["deadline_misses_total"].items():
+            miss.add_metric([kind], v)
+        yield miss
+        docs = {"grid_frequency_hz": "Grid frequency, Hz (NaN while the meter is stale)",
+                "service_fraction": "Service response, -1..1 of capacity (+ discharge)",
+                "capacity_kw": "Contracted capacity, kW", "request_kw": "Base schedule + response, kW",
+                "target_kw": "Target after the fleet's limits, kW (+ discharge)",
+                "allocated_kw": "Sum of setpoints, kW", "delivered_kw": "Sum of reported power, kW",
+                "available_discharge_kw": "Deliverable discharge now, kW",
+                "available_charge_kw": "Deliverable charge now, kW (magnitude)",
+                "vehicles_carrying": "Vehicles with a non-zero setpoint", "estop": "1 while the e-stop is latched",
+                "frequency_stale": "1 while the meter's frequency is stale",
+                "frequency_alert": "1 while the frequency is outside the alert band",
+                "epoch": "This scheduler's fencing epoch"}
+        for name, value in snap.gauges.items():
+            yield GaugeMetricFamily(f"v2grt_{name}", docs[name], value=value if value is not None else math.nan)
+        veh = GaugeMetricFamily("v2grt_vehicles", "Vehicles by state and reason code", labels=["state", "reason"])
+        for (state, reason), v in sorted(snap.vehicles.items()):
+            veh.add_metric([state, reason], v)
+        yield veh
+        bad = CounterMetricFamily("v2grt_bad_frames", "Frames dropped, by source and wire error code",
+                                  labels=["source", "code"])
+        for (source, code), v in sorted(snap.bad_frames.items()):
+            bad.add_metric([source, code], v)
+        yield bad
+        ev = CounterMetricFamily("v2grt_events", "engine.log events by code", labels=["code"])
+        for code, v in sorted(snap.events.items()):
+            ev.add_metric([code], v)
+        yield ev
+        info = GaugeMetricFamily("v2grt_info", "Fleet and service", labels=list(snap.info))
+        info.add_metric(list(snap.info.values()), 1.0)
+        yield info
+
+    # ----------------------------------------------------------------- server
+    def start_server(self, address: str, port: int) -> str:
+        """Serve /metrics on address:port (port 0: any free port); returns the URL. Raises OSError."""
+        from prometheus_client import start_http_server
+
+        try:
+            self.server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics endpoint {address}:{port}: cannot listen ({exc.strerror}); "
+                                     "set metrics.port to a free port or metrics.enabled: false") from None
+        host = f"[{address}]" if ":" in address else address
+        return f"http://{host}:{self.server.server_port}/metrics"
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def _family(fam, counts, sum_ns, bounds_s, labels):
+    cum = np.cumsum(counts)
+    buckets = [(f"{b:g}", int(v)) for b, v in zip(bounds_s, cum[:-1], strict=True)] + [("+Inf", int(cum[-1]))]
+    fam.add_metric(labels, buckets, sum_ns / 1e9)
