@@ -21,6 +21,7 @@ import time
 import numpy as np
 import zmq
 
+from v2grt import security
 from v2grt.codes import Reason, reason_names
 from v2grt.config import Config
 from v2grt.dispatch import Dispatcher
@@ -113,10 +114,15 @@ class Aggregator:
         # bus
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
-        self.publisher = bus.SetpointPublisher(self.ctx, cfg.bus.setpoints, sndhwm=cfg.bus.setpoint_hwm)
+        # security.enabled: CURVE on every socket; the ZAP thread (keys, roles, allowlist) starts before any bind
+        self.security = security.server_for(cfg, self.ctx, self.events)
+        self.publisher = bus.SetpointPublisher(self.ctx, cfg.bus.setpoints, sndhwm=cfg.bus.setpoint_hwm,
+                                               **security.bus_options(self.security, "setpoints"))
         # strict=False: one vehicle's NaN quarantines that vehicle (INVALID_TELEMETRY), not its whole gateway
-        self.telemetry = bus.TelemetryReceiver(self.ctx, cfg.bus.telemetry, strict=False)
-        self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control)
+        self.telemetry = bus.TelemetryReceiver(self.ctx, cfg.bus.telemetry, strict=False,
+                                               **security.bus_options(self.security, "telemetry"))
+        self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control,
+                                         **security.bus_options(self.security, "control"))
         self._wake_addr = f"inproc://v2grt-bus-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.linger = 0
@@ -151,6 +157,8 @@ class Aggregator:
         #: Called on the control thread at the end of every cycle as hook(aggregator, result, times):
         #: metrics, watchdog, per-node event logging. Keep them cheap: they are inside the cycle.
         self.cycle_hooks: list = []
+        if self.security is not None:  # admits setpoint subscriptions per key; drops revoked keys' connections
+            self.cycle_hooks.append(self.security.on_cycle)
         #: GRID_FREQUENCY_ALERT and its throttling, applied in the service-fraction phase (v2grt.monitor).
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
                       if cfg.alert.band_hz is not None else None)
@@ -186,6 +194,8 @@ class Aggregator:
             for sock in (self.publisher, self.telemetry, self.control):
                 sock.close()
             self._wake_rx.close(0)
+            if self.security is not None:
+                self.security.stop()  # its ZAP socket would block Context.term() too
             if self._own_ctx:
                 self.ctx.term()
 
@@ -391,6 +401,8 @@ class Aggregator:
                     self._accept_batch(batch, t_recv)
             if self.control.sock in events:
                 self.control.serve_once(timeout_ms=0)
+            if self.security is not None:
+                self.security.bus_tick(self.telemetry, self.control)
 
     def _accept_batch(self, batch, t_recv: int) -> None:
         """Map a batch's node ids to rows (cached per gateway while the blob and fleet are unchanged)."""
@@ -444,6 +456,10 @@ class Aggregator:
             self.slow_n = SLOW_N_OPTIMIZED if args["name"] == "optimized" else 1
             self.events.emit("TELEMETRY_PROFILE", logging.INFO, key="profile", profile=args["name"])
             return {"telemetry_profile": args["name"]}
+        if cmd == "keys_reload":  # operator keys only (security.ServerSecurity.authorize_control)
+            if self.security is None:
+                raise wire.WireError("REFUSED", "keys_reload: security is not enabled in this aggregator's config")
+            return self.security.keys_reload_command()
         raise wire.WireError("UNKNOWN_CMD", f"command {cmd!r} is not handled by this aggregator")
 
     def reload_profile(self, path=None) -> dict:
@@ -518,6 +534,8 @@ class Aggregator:
             out["last_test_discharge"] = self.last_test
         if self.alert is not None:
             out["frequency_alert"] = self.alert.state()
+        if self.security is not None:
+            out["security"] = self.security.snapshot()
         return _plain(out)
 
 

@@ -50,6 +50,14 @@ class BusConfig:
 
 
 @dataclasses.dataclass
+class SecurityConfig:
+    enabled: bool = False  # CURVE + ZAP on every bus socket (docs/security.md)
+    server_secret_key: str | None = None  # the aggregator's NAME.key_secret (mode 0600; `v2grt keys generate`)
+    authorized_keys: str | None = None  # directory of authorized public keys (`v2grt keys authorize`)
+    allow: list | None = None  # peer addresses and CIDR ranges that may connect; None: any address
+
+
+@dataclasses.dataclass
 class ServiceConfig:
     name: str | None = "dc"
     curve: dict | None = None  # a custom curve (see v2grt.services.ServiceCurve.from_config)
@@ -111,6 +119,7 @@ class Config:
     meter: MeterConfig | None = dataclasses.field(default_factory=MeterConfig)
     inverters: list[InverterConfig] = dataclasses.field(default_factory=list)
     bus: BusConfig = dataclasses.field(default_factory=BusConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     fleet: FleetConfig = dataclasses.field(default_factory=FleetConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -162,7 +171,8 @@ _RANGES: dict[str, tuple] = {
 }
 
 _SECTIONS = {"realtime": RealtimeSection, "meter": MeterConfig, "bus": BusConfig, "service": ServiceConfig,
-             "fleet": FleetConfig, "log": LogConfig, "alert": AlertConfig, "metrics": MetricsConfig}
+             "fleet": FleetConfig, "log": LogConfig, "alert": AlertConfig, "metrics": MetricsConfig,
+             "security": SecurityConfig}
 
 
 def load_config(path: str | Path) -> Config:
@@ -330,6 +340,10 @@ def _check(src, cfg: Config) -> None:
             ServiceCurve.from_config({"nominal_hz": cfg.service.nominal_hz, **cfg.service.curve})
         except ServiceError as exc:
             raise ConfigError(f"{src}: service.curve: {exc}") from None
+    if cfg.security.enabled or cfg.security.allow is not None:
+        from v2grt.security import check_config
+
+        check_config(src, cfg)  # key files present, secret key mode 0600, allow entries valid
     if cfg.discharge_profile is not None:
         from v2grt.profile import DispatchProfile, ProfileError
 

@@ -1,0 +1,374 @@
+"""Bus security on loopback: CURVE keys, ZAP roles and allowlist, per-message checks, rotation, key files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import types
+
+import numpy as np
+import pytest
+import yaml
+import zmq
+
+from v2grt import cli, security
+from v2grt.aggregator import Aggregator
+from v2grt.config import ConfigError, config_from_dict
+from v2grt.events import EventLog
+from v2grt.fleet import Fleet
+from v2grt.io import bus, wire
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+
+PERIOD_S = 0.02
+TTL_S = 0.3
+
+
+def wait_until(pred, timeout_s=3.0, what="condition"):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Lines(logging.Handler):
+    """Collects engine.log lines of one EventLog."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Key pairs in tmp/keys; gw1, gw2 (gateways), alice (operator), scada (observer) authorized; mallory not."""
+    kd, auth = tmp_path / "keys", tmp_path / "authorized"
+    for name in ("aggregator", "gw1", "gw2", "alice", "scada", "mallory"):
+        security.generate_keypair(name, kd)
+    for name, identity in (("gw1", "gateway:gw1"), ("gw2", "gateway:gw2"), ("alice", "operator:alice"),
+                           ("scada", "observer:scada")):
+        security.authorize_key(kd / f"{name}.key", identity, auth)
+    return types.SimpleNamespace(dir=kd, auth=auth, server=kd / "aggregator.key",
+                                 curve=lambda name: security.client_curve(kd, name, kd / "aggregator.key"))
+
+
+def secure_config(keys, **security_overrides):
+    return {
+        "fleet_id": "sec", "period_s": PERIOD_S, "budget_s": PERIOD_S,
+        "realtime": {"mlockall": False, "gc_freeze": False}, "meter": None,
+        "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                "setpoint_ttl_s": TTL_S},
+        "service": {"name": "dc", "capacity_kw": 1000.0}, "fleet": {"random": 200},
+        "security": {"enabled": True, "server_secret_key": str(keys.dir / "aggregator.key_secret"),
+                     "authorized_keys": str(keys.auth), **security_overrides},
+    }
+
+
+@pytest.fixture
+def make_secure(keys):
+    """Start an aggregator with security enabled (no meter: the fleet idles at 0 kW); stopped afterwards."""
+    started = []
+
+    def _make(**security_overrides):
+        cfg = config_from_dict(secure_config(keys, **security_overrides))
+        lines = Lines()
+        logger = logging.getLogger(f"test.security.{len(started)}")
+        logger.addHandler(lines)
+        logger.propagate = False
+        fleet = Fleet.random(200, seed=1, n_gateways=10, now_ns=time.monotonic_ns())
+        agg = Aggregator(cfg, epoch=7, fleet=fleet, events=EventLog(interval_s=0.0, logger=logger))
+        agg.log_lines = lines.lines
+        agg.start()
+        started.append(agg)
+        assert agg.first_cycle.wait(3.0)
+        return agg
+
+    yield _make
+    for agg in started:
+        agg.stop()
+
+
+CTX = zmq.Context.instance()
+
+
+def telemetry(gw: str, node_ids, soc: float, seq: int = 1) -> bytes:
+    n = len(node_ids)
+    return wire.encode_telemetry(gw, seq, time.time_ns(), wire.join_ids(node_ids), np.full(n, soc), np.zeros(n),
+                                 np.ones(n, np.uint8), np.zeros(n, np.uint8))
+
+
+def nodes_of(agg, gw):
+    return [agg.fleet.node_ids[r] for r in agg.fleet.gateway_rows(gw)]
+
+
+def soc_of(agg, gw):
+    return agg.fleet.soc[agg.fleet.gateway_rows(gw)]
+
+
+def test_unknown_key_gets_no_setpoints_and_its_telemetry_is_refused(make_secure, keys):
+    """A key that is not authorized (and a client without CURVE) receives nothing and moves nothing."""
+    agg = make_secure()
+    before = soc_of(agg, "gw1").copy()
+    with bus.GatewaySubscriber(CTX, agg.publisher.endpoint, "gw1", curve=keys.curve("gw1")) as own, \
+            bus.GatewaySubscriber(CTX, agg.publisher.endpoint, "gw1", curve=keys.curve("mallory")) as stranger, \
+            bus.GatewaySubscriber(CTX, agg.publisher.endpoint, "gw1") as plain, \
+            bus.TelemetryPusher(CTX, agg.telemetry.endpoint, curve=keys.curve("mallory")) as push:
+        wait_until(lambda: own.recv(50), what="the authorized gateway's setpoints")
+        for seq in range(5):
+            push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.99, seq))
+        wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 2, what="ZAP refusals")
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            assert stranger.recv(10) is None and plain.recv(1) is None
+    assert np.array_equal(soc_of(agg, "gw1"), before)
+    assert agg.telemetry.frames == 0
+    assert agg.events.counts["ZAP_DENIED"] >= 2
+    assert any("ZAP_DENIED" in line and "reason=UNKNOWN_KEY" in line for line in agg.log_lines)
+
+
+def test_gateway_key_cannot_estop_and_operator_key_can(make_secure, keys):
+    """A gateway or observer key gets FORBIDDEN for commands that act (status is allowed); an operator's e-stop works."""
+    agg = make_secure()
+    ctl = agg.control.endpoint
+    with bus.ControlClient(CTX, ctl, curve=keys.curve("gw1")) as gw, \
+            bus.ControlClient(CTX, ctl, curve=keys.curve("scada")) as observer, \
+            bus.ControlClient(CTX, ctl, curve=keys.curve("alice")) as operator, \
+            bus.GatewaySubscriber(CTX, agg.publisher.endpoint, "gw1", curve=keys.curve("gw1")) as sub:
+        assert gw.call("status").ok
+        for client, cmd in ((gw, "estop"), (gw, "reset"), (gw, "keys_reload"), (observer, "estop")):
+            reply = client.call(cmd)
+            assert not reply.ok and reply.error_code == "FORBIDDEN", (cmd, reply)
+        assert "operator key" in reply.error_message and "observer:scada" in reply.error_message
+        time.sleep(3 * PERIOD_S)
+        assert not agg.dispatcher.estop
+        assert agg.security.forbidden["control"] == 4
+        reply = operator.call("estop", reason="test")
+        assert reply.ok, reply
+        wait_until(lambda: (m := sub.recv(50)) and m.estop, what="e-stop at the gateway")
+        assert agg.dispatcher.estop
+    assert any("CONTROL_COMMAND" in line and "identity=operator:alice" in line for line in agg.log_lines)
+
+
+def test_gateway_cannot_report_another_gateways_vehicles(make_secure, keys):
+    """gw1's key claiming gw2 is dropped (FORBIDDEN); gw2's vehicles under gw1's own id are FOREIGN_NODE."""
+    agg = make_secure()
+    gw2_before = soc_of(agg, "gw2").copy()
+    with bus.TelemetryPusher(CTX, agg.telemetry.endpoint, curve=keys.curve("gw1")) as push:
+        push.send(telemetry("gw2", nodes_of(agg, "gw2"), 0.97, 1))  # claims to be gw2
+        push.send(telemetry("gw1", nodes_of(agg, "gw2"), 0.96, 2))  # gw2's vehicles under its own id
+        push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.95, 3))  # its own: accepted
+        wait_until(lambda: np.all(soc_of(agg, "gw1") == np.float32(0.95)), what="gw1's own telemetry applied")
+    assert np.array_equal(soc_of(agg, "gw2"), gw2_before)
+    assert agg.telemetry.errors["FORBIDDEN"] == 1
+    assert agg.telemetry_errors["FOREIGN_NODE"] == len(nodes_of(agg, "gw2"))
+    assert "claims gateway 'gw2'" in agg.telemetry.last_errors[-1]
+    # an operator key may not even connect to the telemetry socket
+    with bus.TelemetryPusher(CTX, agg.telemetry.endpoint, curve=keys.curve("alice")) as push:
+        push.send(telemetry("gw2", nodes_of(agg, "gw2"), 0.5))
+        wait_until(lambda: agg.security.refusals["ROLE_NOT_ALLOWED"] >= 1, what="role refusal")
+    assert np.array_equal(soc_of(agg, "gw2"), gw2_before)
+
+
+def test_gateway_reads_only_its_own_setpoints_and_the_status(make_secure, keys):
+    """A gateway key's subscription to another gateway's topic is refused; its own topic and status flow."""
+    agg = make_secure()
+    pub = agg.publisher.endpoint
+    with bus.GatewaySubscriber(CTX, pub, "gw2", curve=keys.curve("gw1")) as other, \
+            bus.StatusSubscriber(CTX, pub, curve=keys.curve("gw1")) as status, \
+            bus.GatewaySubscriber(CTX, pub, "gw2", curve=keys.curve("alice")) as operator:
+        wait_until(lambda: status.recv(50), what="status for a gateway key")
+        wait_until(lambda: operator.recv(50), what="any topic for an operator key")
+        for _ in range(10):
+            assert other.recv(20) is None
+    assert agg.security.forbidden["subscription"] == 1
+    assert agg.publisher.refused_subscriptions == 1
+
+
+def test_disallowed_address_is_refused_and_logged(make_secure, keys):
+    """With allow: [127.0.0.1/32], an authorized key connecting from 127.0.0.2 is refused, logged and counted."""
+    agg = make_secure(allow=["127.0.0.1/32", "10.20.0.0/16"])
+    port = agg.publisher.endpoint.rsplit(":", 1)[1]
+    with bus.GatewaySubscriber(CTX, f"tcp://127.0.0.2:0;127.0.0.1:{port}", "gw1", curve=keys.curve("gw1")) as far, \
+            bus.GatewaySubscriber(CTX, f"tcp://127.0.0.1:{port}", "gw1", curve=keys.curve("gw1")) as near:
+        wait_until(lambda: near.recv(50), what="setpoints from an allowed address")
+        wait_until(lambda: agg.security.refusals["ADDRESS_NOT_ALLOWED"] >= 1, what="address refusal")
+        for _ in range(10):
+            assert far.recv(20) is None
+    denied = [line for line in agg.log_lines if line.startswith("ZAP_DENIED")]
+    assert denied and "address=127.0.0.2" in denied[0] and "reason=ADDRESS_NOT_ALLOWED" in denied[0]
+    assert "socket=setpoints" in denied[0]
+    assert agg.status_report()["security"]["refusals"]["ADDRESS_NOT_ALLOWED"] >= 1
+
+
+def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys):
+    """Old and new key both work during the overlap; revoking the old one drops it; the new one keeps flowing."""
+    agg = make_secure()
+    pub, tel = agg.publisher.endpoint, agg.telemetry.endpoint
+    with bus.GatewaySubscriber(CTX, pub, "gw1", curve=keys.curve("gw1")) as old, \
+            bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice")) as operator:
+        wait_until(lambda: old.recv(50), what="setpoints on the old key")
+        security.generate_keypair("gw1-2026", keys.dir)
+        security.authorize_key(keys.dir / "gw1-2026.key", "gateway:gw1", keys.auth)
+        reply = operator.call("keys_reload")
+        assert reply.ok and reply.result["added"] == ["gw1-2026"] and reply.result["dropping"] == []
+        with bus.GatewaySubscriber(CTX, pub, "gw1", curve=keys.curve("gw1-2026")) as new, \
+                bus.TelemetryPusher(CTX, tel, curve=keys.curve("gw1")) as old_push:
+            wait_until(lambda: new.recv(50), what="setpoints on the new key")
+            old_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.91))
+            wait_until(lambda: np.all(soc_of(agg, "gw1") == np.float32(0.91)), what="old key's telemetry")
+            assert old.recv(100) is not None  # overlap: both keys receive
+
+            security.revoke_key("gw1", keys.auth)
+            t_reload = time.monotonic()
+            reply = operator.call("keys_reload")
+            assert reply.ok and reply.result["removed"] == ["gw1"], reply
+            assert reply.result["dropping"] == ["setpoints", "telemetry"]
+            old_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.42))  # before the drop: refused per message
+            last_old = last_new = t_reload
+            gap_new = 0.0
+            while time.monotonic() < t_reload + 1.0:
+                now = time.monotonic()
+                if old.recv(2) is not None:
+                    last_old = now
+                if new.recv(2) is not None:
+                    gap_new, last_new = max(gap_new, now - last_new), now
+            assert last_old - t_reload < security.REBIND_DELAY_S + 0.1, "the revoked key kept receiving"
+            assert gap_new < TTL_S, f"the new key's setpoints paused {gap_new:.3f} s, longer than their expiry"
+            assert time.monotonic() - last_new < 0.1
+    assert agg.security.rebinds["setpoints"] == 1  # the control thread drops at its next cycle
+    # the bus thread at its next wake-up: a frame, or its 1 s poll timeout when the revoked key is silent
+    wait_until(lambda: agg.security.rebinds["telemetry"] == 1, timeout_s=2.0, what="telemetry connections dropped")
+    assert agg.security.rebinds["control"] == 0  # the operator's connection was left alone
+    assert not np.any(soc_of(agg, "gw1") == np.float32(0.42))
+    wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 1, what="the revoked key refused on reconnect")
+    assert any("KEYS_REVOKED_DISCONNECT" in line and "socket=setpoints" in line for line in agg.log_lines)
+
+
+def test_revoked_operator_cannot_act_before_its_connection_drops(make_secure, keys):
+    """Between the reload and the drop, a revoked operator key's commands are refused per message."""
+    agg = make_secure()
+    with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice"), timeout_ms=500) as operator:
+        assert operator.call("status").ok
+        security.revoke_key("alice", keys.auth)
+        assert agg.security.reload("test")["dropping"] == ["control"]
+        try:
+            reply = operator.call("estop")
+            assert not reply.ok and reply.error_code == "FORBIDDEN"
+        except bus.ControlTimeout:  # the drop came first: also fine
+            pass
+        time.sleep(3 * PERIOD_S)
+    assert not agg.dispatcher.estop
+    wait_until(lambda: agg.security.rebinds["control"] == 1, what="control connections dropped")
+
+
+def test_startup_refuses_a_readable_secret_key_and_a_missing_one(keys, tmp_path, capsys):
+    """`v2grt run` exits 2 naming the secret key file and the fix: chmod 600, or generate the pair."""
+    data = secure_config(keys)
+    data["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "agg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    secret = keys.dir / "aggregator.key_secret"
+    os.chmod(secret, 0o644)
+    assert cli.main(["run", "--config", str(path), "--allow-root"]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert str(secret) in err and "mode 0644" in err and f"chmod 600 {secret}" in err
+    os.chmod(secret, 0o640)
+    assert cli.main(["config", "check", str(path)]) == cli.EXIT_INVALID
+    assert "group or others" in capsys.readouterr().err
+    secret.unlink()
+    assert cli.main(["run", "--config", str(path), "--allow-root"]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert str(secret) in err and "does not exist" in err and "v2grt keys generate" in err
+    data["security"].pop("server_secret_key")
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", "--config", str(path), "--allow-root"]) == cli.EXIT_INVALID
+    assert "security.server_secret_key is not set" in capsys.readouterr().err
+
+
+def test_config_rejects_bad_allow_entries(keys):
+    """A bad address or range, or an empty list, is a ConfigError naming security.allow."""
+    for allow, expected in ((["10.0.0.300/24"], r"security.allow\[0\]='10.0.0.300/24'"),
+                            (["127.0.0.1", "10.0.0.1/24"], r"security.allow\[1\].*host bits"),
+                            ([], "would refuse every peer"), ("10.0.0.0/8", "expected a list")):
+        with pytest.raises(ConfigError, match=expected):
+            config_from_dict(secure_config(keys, allow=allow))
+
+
+def test_allowlist_matches_cidr_ranges_and_ipv4_mapped_addresses():
+    """Exact addresses, IPv4 and IPv6 ranges, ::ffff:a.b.c.d; non-IP peers are refused when a list is set."""
+    allow = security.AddressAllowlist(["192.168.7.17", "10.20.0.0/16", "fd00::/8"])
+    assert allow.permits("192.168.7.17") and allow.permits("10.20.255.1") and allow.permits("::ffff:10.20.0.9")
+    assert allow.permits("fd12::1")
+    assert not allow.permits("192.168.7.18") and not allow.permits("10.21.0.1") and not allow.permits("")
+    assert security.AddressAllowlist(None).permits("203.0.113.9")
+
+
+def test_keys_cli_generate_authorize_list_revoke(tmp_path, capsys):
+    """`v2grt keys`: the secret file is 0600 from birth; secrets and duplicates are refused; revoke moves the file."""
+    kd, auth = tmp_path / "gwkeys", tmp_path / "auth"
+    os.umask(0o022)
+    assert cli.main(["keys", "generate", "gw3", "--dir", str(kd)]) == 0
+    assert stat.S_IMODE((kd / "gw3.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((kd / "gw3.key").stat().st_mode) == 0o644
+    pub, sec = zmq.auth.load_certificate(kd / "gw3.key_secret")  # pyzmq reads the files
+    assert sec is not None and zmq.curve_public(sec) == pub
+    assert cli.main(["keys", "generate", "gw3", "--dir", str(kd)]) == cli.EXIT_INVALID
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert cli.main(["keys", "authorize", str(kd / "gw3.key_secret"), "--as", "gateway:gw3",
+                     "--dir", str(auth)]) == cli.EXIT_INVALID
+    assert "authorize its public half" in capsys.readouterr().err
+    assert cli.main(["keys", "authorize", str(kd / "gw3.key"), "--as", "pilot:x", "--dir", str(auth)]) == 2
+    assert "ROLE one of" in capsys.readouterr().err
+    assert cli.main(["keys", "authorize", str(kd / "gw3.key"), "--as", "gateway:gw3", "--dir", str(auth)]) == 0
+    assert cli.main(["keys", "authorize", str(kd / "gw3.key"), "--as", "operator:bob", "--name", "bob",
+                     "--dir", str(auth)]) == cli.EXIT_INVALID
+    assert "already authorized as 'gw3'" in capsys.readouterr().err
+    cfg = tmp_path / "agg.yaml"
+    cfg.write_text("security:\n  authorized_keys: auth\n")
+    capsys.readouterr()
+    assert cli.main(["keys", "list", "--config", str(cfg), "--json"]) == 0
+    listed = yaml.safe_load(capsys.readouterr().out)
+    assert [(k["name"], k["identity"], k["public_key"]) for k in listed["keys"]] == [("gw3", "gateway:gw3",
+                                                                                       pub.decode())]
+    assert cli.main(["keys", "revoke", "gw3", "--dir", str(auth)]) == 0
+    assert not (auth / "gw3.key").exists() and len(list((auth / "revoked").glob("gw3.*.key"))) == 1
+    assert len(security.KeyRing.load(auth)) == 0
+    assert cli.main(["keys", "revoke", "gw3", "--dir", str(auth)]) == cli.EXIT_INVALID
+
+
+def test_tampered_or_writable_authorized_key_files_are_ignored(tmp_path):
+    """A key file writable by others, or without an identity, is skipped with a reason; the others load."""
+    kd, auth = tmp_path / "k", tmp_path / "auth"
+    for name in ("a", "b"):
+        security.generate_keypair(name, kd)
+    security.authorize_key(kd / "a.key", "operator:a", auth)
+    security.authorize_key(kd / "b.key", "gateway:b", auth)
+    os.chmod(auth / "b.key", 0o666)
+    (auth / "c.key").write_text((kd / "a.key").read_text().replace("a", "a"))  # no identity
+    os.chmod(auth / "c.key", 0o644)
+    ring = security.KeyRing.load(auth)
+    assert [k.name for k in ring.by_public.values()] == ["a"]
+    assert any("b.key: writable by group or others" in p for p in ring.problems)
+    assert any("c.key: no 'identity'" in p for p in ring.problems)
+
+
+def test_secured_socket_without_a_zap_handler_refuses_every_client(keys):
+    """Fail closed: a socket with a ZAP domain but no handler in its context accepts no key at all."""
+    ctx = zmq.Context()
+    try:
+        server_secret = security.load_secret_key(keys.dir / "aggregator.key_secret").secret_key
+        with bus.TelemetryReceiver(ctx, "tcp://127.0.0.1:*",
+                                   curve={"secret_key": server_secret, "zap_domain": "v2grt.telemetry"}) as pull, \
+                bus.TelemetryPusher(ctx, pull.endpoint, curve=keys.curve("gw1")) as push:
+            push.send(telemetry("gw1", ["EV_NODE_0001"], 0.5))
+            assert pull.poll_batches(timeout_ms=300) == []
+    finally:
+        ctx.term()
