@@ -372,3 +372,29 @@ def test_secured_socket_without_a_zap_handler_refuses_every_client(keys):
             assert pull.poll_batches(timeout_ms=300) == []
     finally:
         ctx.term()
+
+
+def test_sighup_reloads_the_authorized_keys_of_a_running_service(keys, tmp_path):
+    """`v2grt run` re-reads the authorized keys on SIGHUP: a revoked key is logged as removed."""
+    import signal
+    import subprocess
+    import sys
+
+    data = secure_config(keys)
+    data.update(state_dir=str(tmp_path / "state"), period_s=0.05, budget_s=0.05)
+    data["bus"] = {k: "tcp://127.0.0.1:0" for k in ("setpoints", "telemetry", "control")}
+    path = tmp_path / "agg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    log_file = tmp_path / "engine.log"
+    proc = subprocess.Popen([sys.executable, "-m", "v2grt.cli", "run", "--config", str(path), "--allow-root",
+                             "--log-file", str(log_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: log_file.exists() and "READY" in log_file.read_text(), timeout_s=20, what="READY")
+        security.revoke_key("gw2", keys.auth)
+        proc.send_signal(signal.SIGHUP)
+        line = wait_until(lambda: next((x for x in log_file.read_text().splitlines() if "KEYS_RELOADED" in x), None),
+                          what="KEYS_RELOADED")
+        assert "source=SIGHUP" in line and "removed=gw2" in line and "keys=3" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, proc.stderr.read().decode()

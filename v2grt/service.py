@@ -2,7 +2,8 @@
 
 `v2grt run --config FILE` (foreground) is the same code path as the field manual's `v2g-aggregator`.
 Signals: SIGTERM and SIGINT stop after the current cycle (every gateway is sent 0 kW); SIGHUP reloads
-the discharge profile (validated first; a bad one is refused and the old one stays in force).
+the discharge profile (validated first; a bad one is refused and the old one stays in force) and, with
+security enabled, the authorized keys (docs/security.md: rotation, revocation).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def _reload(agg) -> None:
     """SIGHUP: reload the discharge profile; the aggregator logs PROFILE_RELOADED or PROFILE_REJECTED."""
     from v2grt.io.wire import WireError
 
+    if agg.security is not None:  # KEYS_RELOADED, or KEYS_RELOAD_FAILED with the old keys kept
+        agg.security.reload_from_signal()
     log.info("SIGHUP received: reloading the discharge profile %s", agg.profile_path)
     try:
         agg.reload_profile()
