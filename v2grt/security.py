@@ -497,7 +497,7 @@ class ServerSecurity:
         self.rebinds: collections.Counter[str] = collections.Counter()
         self.last_rebind_ms: dict[str, float] = {}
         self.reloads = 0
-        if os.access(self.keys_dir, os.W_OK):
+        if os.geteuid() != 0 and os.access(self.keys_dir, os.W_OK):  # root may write anything anyway
             self.events.emit("KEYS_DIR_WRITABLE", logging.WARNING, key="keys_dir", path=str(self.keys_dir),
                              message="the service account can change its own authorized keys; make the directory "
                                      "root-owned, mode 0755 (docs/security.md, least privilege)")
