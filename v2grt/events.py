@@ -19,12 +19,18 @@ from pathlib import Path
 log = logging.getLogger("v2grt.engine")
 
 
+#: Operator actions and their outcomes: an audit trail, every one logged (never rate-limited).
+AUDIT_CODES = frozenset({"EMERGENCY_STOP", "EMERGENCY_STOP_RESET", "PROFILE_RELOADED", "PROFILE_REJECTED",
+                         "TELEMETRY_PROFILE", "TEST_DISCHARGE", "TEST_DISCHARGE_DONE", "TEST_DISCHARGE_ABORTED"})
+
+
 class EventLog:
     """Emit coded events; the same (code, key) is logged at most once per `interval_s`.
 
     Suppressed repeats are counted and reported on the next line that gets through
     (``suppressed=N``), so a flapping vehicle cannot flood the log and nothing is silently lost.
-    Thread-safe: the control thread and the I/O threads both emit.
+    Operator actions (AUDIT_CODES) are always logged. Thread-safe: the control thread and the I/O
+    threads both emit.
     """
 
     def __init__(self, interval_s: float = 60.0, logger: logging.Logger = log):
@@ -42,7 +48,7 @@ class EventLog:
         with self._lock:
             self.counts[code] += 1
             last = self._last.get(k)
-            if last is not None and now - last < self.interval_ns:
+            if last is not None and now - last < self.interval_ns and code not in AUDIT_CODES:
                 self._suppressed[k] += 1
                 return False
             self._last[k] = now

@@ -238,20 +238,32 @@ def connect_endpoint(bound: str) -> str:
 
 def control_endpoint(endpoint: str | None, config: str | None) -> str:
     """--endpoint, else bus.control of --config, else of /etc/v2g/primary_config.yaml if present, else
-    the default tcp://127.0.0.1:5562."""
-    from v2grt.config import ConfigError, load_config
-    from v2grt.io.bus import DEFAULT_CONTROL_CONNECT
+    the default tcp://127.0.0.1:5562.
+
+    Only bus.control is read from the config, without validating the rest: an e-stop must get through
+    even while the file on disk (or the discharge profile it names) is being edited and is broken.
+    """
+    import yaml
+
+    from v2grt.config import BusConfig
 
     if endpoint:
         return endpoint
     if config is None and Path(DEFAULT_CONFIG).exists():
         config = DEFAULT_CONFIG
     if config is None:
-        return DEFAULT_CONTROL_CONNECT
+        return connect_endpoint(BusConfig().control)
     try:
-        return connect_endpoint(load_config(config).bus.control)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise CliError(f"--config {config}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise CliError(f"--config {config}: invalid YAML ({exc}); pass --endpoint instead") from None
+    bus_section = data.get("bus") if isinstance(data, dict) else None
+    control = (bus_section or {}).get("control", BusConfig().control) if isinstance(bus_section or {}, dict) else None
+    if not isinstance(control, str) or not control:
+        raise CliError(f"--config {config}: bus.control={control!r} is not a ZeroMQ endpoint; pass --endpoint")
+    return connect_endpoint(control)
 
 
 class Session:

@@ -158,5 +158,5 @@ def _reload(agg) -> None:
     log.info("SIGHUP received: reloading the discharge profile %s", agg.profile_path)
     try:
         agg.reload_profile()
-    except WireError as exc:
-        log.error("RELOAD_FAILED %s", exc.message)
+    except WireError:
+        pass  # logged as PROFILE_REJECTED with the reason; the old profile stays in force

@@ -1,0 +1,253 @@
+"""The field manual's commands through the real console scripts (v2g-cli, v2grt) against a running
+v2g-aggregator process: a simulated SunSpec meter and site inverter over Modbus TCP, three gateways
+following their setpoints over ZeroMQ, engine.log read back from disk."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+import types
+
+import numpy as np
+import pytest
+from _plant import (
+    GATEWAYS,
+    V2G_CLI,
+    V2GRT,
+    SimGateway,
+    log_lines,
+    run,
+    short_dir,
+    start_aggregator,
+    stop_process,
+    wait_for_log,
+    wait_until,
+    write_config,
+    write_profile,
+)
+
+from v2grt.codes import Reason
+from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory):
+    """One v2g-aggregator process with its meter, inverter and gateways, shared by this module's tests."""
+    d = tmp_path_factory.mktemp("plant")
+    sockets = short_dir()
+    meter, inverter = SunSpecMeter(203, f_hz=50.0), SunSpecInverter(name="inv2")
+    sim = SimServerThread([meter, inverter]).start()
+    cfg = write_config(d, sockets, meter_port=sim.port(meter), inverter_port=sim.port(inverter))
+    log = d / "engine.log"
+    proc = start_aggregator(cfg, "--log-file", str(log))
+    try:
+        wait_for_log(log, "READY first cycle ran", timeout_s=20)
+        gateways = {gw: SimGateway(gw, f"ipc://{sockets}/sp", f"ipc://{sockets}/tel") for gw in GATEWAYS}
+        for g in gateways.values():
+            g.start()
+        p = types.SimpleNamespace(dir=d, cfg=cfg, log=log, proc=proc, meter=meter, inverter=inverter,
+                                  gateways=gateways, profile=d / "profile.json")
+        p.cli = lambda *args, **kw: run(V2G_CLI, *args, "--config", str(cfg), **kw)
+        p.status = lambda: json.loads(p.cli("--status", "--json").stdout)
+        wait_until(lambda: p.status().get("nodes_by_reason", {}).get("OK", 0) >= 8, timeout_s=5,
+                   what="gateways reporting")
+        yield p
+    finally:
+        for g in locals().get("gateways", {}).values():
+            g.stop()
+        stop_process(proc)
+        sim.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def reasons(p) -> dict:
+    return p.status().get("nodes_by_reason", {})
+
+
+def test_help_and_exit_codes_are_documented():
+    """Every console script and operator subcommand answers --help and documents its exit codes."""
+    for cmd in ([V2G_CLI], [V2GRT.replace("v2grt", "v2g-aggregator")], [V2GRT, "status"], [V2GRT, "estop"],
+                [V2GRT, "reset"], [V2GRT, "test-discharge"], [V2GRT, "reload"], [V2GRT, "telemetry-profile"]):
+        r = run(*cmd, "--help")
+        assert r.returncode == 0, (cmd, r.stderr)
+        assert "Exit codes" in r.stdout and "3 refused" in r.stdout, cmd
+
+
+def test_status_table_and_json(plant):
+    """--status prints frequency, power, vehicles by reason and loop timing; --json and `v2grt status` agree."""
+    r = plant.cli("--status")
+    assert r.returncode == 0, r.stderr
+    for text in ("fleet plant", "50.000 Hz", "target", "delivered", "available up", "SOC_BELOW_MINIMUM",
+                 "missed deadlines", "alarms"):
+        assert text in r.stdout, text
+    st = plant.status()
+    assert st["vehicles"] == 12 and st["fleet_id"] == "plant" and st["epoch"] >= 1
+    assert sum(st["nodes_by_reason"].values()) == 12 and st["loop"]["cycles"] > 0
+    r2 = run(V2GRT, "status", "--json", "--config", str(plant.cfg))
+    assert r2.returncode == 0 and json.loads(r2.stdout)["vehicles"] == 12
+
+
+def test_cli_without_aggregator_fails_with_exit_1(tmp_path):
+    """v2g-cli against an endpoint nobody serves says so and exits 1 after --timeout."""
+    r = run(V2G_CLI, "--status", "--endpoint", f"ipc://{tmp_path}/nobody", "--timeout", "0.3")
+    assert r.returncode == 1 and "did not answer" in r.stderr
+
+
+def test_test_discharge_reports_requested_delivered_and_soc(plant):
+    """A healthy vehicle discharges as asked: the report shows the power its telemetry delivered and its SoC fall."""
+    r = plant.cli("--test-discharge", "--unit-id", "EV_NODE_01", "--kw", "5", "--seconds", "1.5", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["outcome"] == "done" and rep["verdict"] == "OK"
+    assert rep["kw_requested"] == 5.0 and rep["kw_commanded"] == pytest.approx(5.0, rel=0.05)
+    assert rep["kw_delivered"] == pytest.approx(5.0, rel=0.1)
+    assert rep["soc_after"] < rep["soc_before"]
+    r = run(V2GRT, "test-discharge", "--unit-id", "EV_NODE_04", "--kw", "3", "--seconds", "1",
+            "--config", str(plant.cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"requested\s+3\.00 kW", r.stdout) and re.search(r"delivered\s+[23]\.\d\d kW", r.stdout)
+    assert "SoC" in r.stdout and "result     OK" in r.stdout
+
+
+def test_test_discharge_refuses_an_excluded_vehicle(plant):
+    """A vehicle under the SoC floor is refused with its reason and exit code 3; an unknown id is exit 2."""
+    r = plant.cli("--test-discharge", "--unit-id", "EV_NODE_02")
+    assert r.returncode == 3
+    assert "refused" in r.stderr and "SOC_BELOW_MINIMUM" in r.stderr
+    r = plant.cli("--test-discharge", "--unit-id", "EV_NODE_99")
+    assert r.returncode == 2 and "EV_NODE_99" in r.stderr
+    r = plant.cli("--test-discharge")
+    assert r.returncode == 2 and "--unit-id" in r.stderr
+
+
+def test_emergency_stop_reaches_every_gateway_and_holds_until_reset(plant):
+    """--emergency-stop flags every gateway's next message and holds 0 kW until --reset releases it."""
+    plant.meter.set_frequency(49.5)  # full discharge under GB DC
+    try:
+        gws = plant.gateways.values()
+        wait_until(lambda: all(g.messages and g.messages[-1][2].sum() > 0 for g in gws), timeout_s=5,
+                   what="every gateway discharging")
+        r = plant.cli("--emergency-stop", "--reason", "test")
+        assert r.returncode == 0, r.stderr
+        effective = int(re.search(r"from cycle (\d+)", r.stdout).group(1))
+        time.sleep(0.6)
+        for g in gws:
+            after = [m for m in list(g.messages) if m[0] >= effective]
+            assert after and after[0][0] <= effective + 1, g.gateway_id  # the next cycle, not later
+            assert all(estop for _, estop, _, _ in after), g.gateway_id
+            assert all(np.all(p == 0.0) for seq, _, p, _ in after if seq > effective), g.gateway_id
+        assert plant.status()["estop"] is True
+        r = plant.cli("--reset")
+        assert r.returncode == 0 and "released" in r.stdout
+        wait_until(lambda: all(not g.messages[-1][1] for g in gws), timeout_s=2, what="e-stop released")
+        wait_until(lambda: sum(g.messages[-1][2].sum() for g in gws) > 0, timeout_s=3, what="discharge resumes")
+        assert "EMERGENCY_STOP" in plant.log.read_text()
+    finally:
+        plant.meter.set_frequency(50.0)
+
+
+def test_reload_good_bad_and_sighup(plant):
+    """A good profile reloads between cycles; a bad one is refused naming the key and the old one stays."""
+    base = reasons(plant).get("SOC_BELOW_MINIMUM", 0)
+    good = write_profile(plant.dir / "good.json", minimum_soc=0.25)
+    r = plant.cli("--reload", "--profile", str(good))
+    assert r.returncode == 0 and "minimum_soc 0.25" in r.stdout, r.stderr
+    wait_until(lambda: reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base + 1, what="EV_NODE_03 under 0.25")
+    bad = plant.dir / "bad.json"
+    bad.write_text('{"minimum_soc": 2}')
+    r = plant.cli("--reload", "--profile", str(bad))
+    assert r.returncode == 2
+    assert "minimum_soc=2" in r.stderr and "previous profile stays in force" in r.stderr
+    time.sleep(0.3)
+    assert reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base + 1
+    # SIGHUP reloads the configured file: first back to 0.20, then a broken edit that must be refused
+    write_profile(plant.profile, minimum_soc=0.20)
+    plant.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base, what="SIGHUP reload in force")
+    plant.profile.write_text('{"minimum_soc": 0.2, "temp_min_c": 30}')
+    try:
+        plant.proc.send_signal(signal.SIGHUP)
+        line = wait_for_log(plant.log, "temp_min_c=30")
+        assert " PROFILE_REJECTED " in line
+        time.sleep(0.2)
+        assert reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base and plant.proc.poll() is None
+    finally:
+        write_profile(plant.profile, minimum_soc=0.20)
+
+
+def test_telemetry_profile_switches_gateways(plant):
+    """--telemetry-profile optimized tells every gateway to send slow fields every 10th batch; default undoes it."""
+    r = plant.cli("--telemetry-profile", "optimized")
+    assert r.returncode == 0, r.stderr
+    gws = plant.gateways.values()
+    wait_until(lambda: all(g.messages[-1][3] == 10 for g in gws), timeout_s=2, what="slow_n 10")
+    assert plant.status()["telemetry_profile"] == "optimized"
+    r = run(V2GRT, "telemetry-profile", "default", "--config", str(plant.cfg))
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: all(g.messages[-1][3] == 1 for g in gws), timeout_s=2, what="slow_n 1")
+
+
+def test_grid_frequency_alert_throttles_and_clears(plant):
+    """Frequency outside the alert band logs GRID_FREQUENCY_ALERT with the throttle, caps the target, then clears."""
+    plant.meter.set_frequency(49.0)
+    try:
+        line = wait_for_log(plant.log, "GRID_FREQUENCY_ALERT")
+        assert "f_hz=49" in line and "response_limit=0.5" in line and "band_hz=49.4..50.6" in line
+        st = wait_until(lambda: (s := plant.status())["frequency_alert"]["active"] and s, what="alert in status")
+        wait_until(lambda: plant.status()["target_kw"] == pytest.approx(20.0), what="target capped at 50 %")
+        assert "GRID_FREQUENCY_ALERT" in plant.cli("--status").stdout
+        assert st["events"]["GRID_FREQUENCY_ALERT"] >= 1
+    finally:
+        plant.meter.set_frequency(50.0)
+    line = wait_for_log(plant.log, "GRID_FREQUENCY_NORMAL")
+    assert "f_extreme_hz=49" in line
+    wait_until(lambda: plant.status()["target_kw"] == 0.0, what="target back to 0")
+
+
+def test_each_section8_code_is_logged_when_its_situation_happens(plant):
+    """Faults, heat, health, silence and a phase-mismatched inverter each log their exact code, once per node."""
+    gw1, gw2 = plant.gateways["gw1"], plant.gateways["gw2"]
+    before = len(log_lines(plant.log))
+    try:
+        gw2.set("EV_NODE_05", fault=Reason.NODE_UNREACHABLE)
+        gw2.set("EV_NODE_06", fault=Reason.NODE_LOW_THROUGHPUT)
+        gw2.set("EV_NODE_07", temp_c=60.0)
+        gw1.set("EV_NODE_04", soh=0.5)
+        gw2.silent.add("EV_NODE_08")
+        plant.inverter.set_cannot_sync(True)
+        expected = {
+            "NODE_UNREACHABLE": "node=EV_NODE_05",
+            "NODE_LOW_THROUGHPUT": "node=EV_NODE_06",
+            "THERMAL_LIMIT": "Thermal limit reached on Node EV_NODE_07",
+            "SOH_BELOW_THRESHOLD": "node=EV_NODE_04",
+            "TIMEOUT_BMS_RESPONSE": "node=EV_NODE_08",
+            "E_INVERTER_PHASE_MISMATCH": "site=site2",
+        }
+        for code, text in expected.items():
+            wait_until(lambda code=code, text=text: any(
+                f" {code} " in ln and text in ln for ln in log_lines(plant.log)[before:]), timeout_s=6,
+                what=f"{code} with {text}")
+        by_reason = reasons(plant)
+        assert by_reason["E_INVERTER_PHASE_MISMATCH"] == 4 and by_reason["TIMEOUT_BMS_RESPONSE"] == 1
+        # a flapping vehicle: every transition counted, one line per rate-limit interval
+        n0 = plant.status()["events"]["NODE_UNREACHABLE"]
+        for fault in (0, Reason.NODE_UNREACHABLE, 0, Reason.NODE_UNREACHABLE):
+            gw2.set("EV_NODE_05", fault=fault)
+            time.sleep(1.15)  # the monitor looks once a second
+        assert plant.status()["events"]["NODE_UNREACHABLE"] >= n0 + 2
+        lines = [ln for ln in log_lines(plant.log, "NODE_UNREACHABLE") if "node=EV_NODE_05" in ln]
+        assert len(lines) == 1, lines
+        events = plant.status()["events"]
+        assert all(events.get(code, 0) >= 1 for code in expected)
+    finally:
+        for node in ("EV_NODE_05", "EV_NODE_06"):
+            gw2.set(node, fault=0)
+        gw2.set("EV_NODE_07", temp_c=20.0)
+        gw1.set("EV_NODE_04", soh=0.95)
+        gw2.silent.discard("EV_NODE_08")
+        plant.inverter.set_cannot_sync(False)
+    wait_for_log(plant.log, "E_INVERTER_PHASE_CLEARED")
+    wait_until(lambda: reasons(plant).get("OK", 0) >= 10, what="vehicles back")
