@@ -1,0 +1,112 @@
+"""`v2grt demo` end to end at small scale: real processes (aggregator, gateways), real Modbus and ZeroMQ on
+loopback; the report it writes, and that no process it started outlives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+VEHICLES, GATEWAYS = 400, 2
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (every child of a demo names its out dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def demo_cmd(out: Path, duration: float) -> list[str]:
+    return [sys.executable, "-m", "v2grt.cli", "demo", "--vehicles", str(VEHICLES), "--gateways", str(GATEWAYS),
+            "--duration", str(duration), "--no-live", "--seed", "7", "--out", str(out)]
+
+
+def wait_gone(marker: str, timeout_s: float = 5.0) -> list[int]:
+    end = time.monotonic() + timeout_s
+    while (left := processes_mentioning(marker)) and time.monotonic() < end:
+        time.sleep(0.1)
+    return left
+
+
+def test_small_demo_runs_tracks_the_service_and_leaves_no_process(tmp_path):
+    """400 vehicles, 2 gateways, 8 s: exit 0, a PNG and a JSON whose numbers show the fleet following the target."""
+    out = tmp_path / "demo-out"
+    proc = subprocess.run(demo_cmd(out, 8), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and 20_000 < len(png) < 300_000
+    s = json.loads((out / "report.json").read_text())
+    assert s["vehicles"] == VEHICLES and s["gateways"] == GATEWAYS and not s["interrupted"]
+    assert 7.5 < s["duration_s"] < 10.0
+    assert s["cycles"] >= 75 and s["status_samples"] >= 60  # 10 cycles a second, heard by the demo
+    assert s["cycle_ms"]["p99"] < 100.0  # inside the 100 ms budget
+    assert s["capacity_kw"] > 1000.0  # sized to the fleet: 400 vehicles of 7.4-22 kW
+    tr = s["tracking"]
+    assert tr["within_tolerance_share"] >= 0.95
+    assert tr["mae_kw"] < 0.25 * tr["tolerance_kw"]
+    assert sum(s["vehicles_by_reason"].values()) == VEHICLES
+    assert s["soc"]["vehicles_after"] == VEHICLES  # every gateway wrote its final state
+    assert (out / "timeseries.csv").read_text().count("\n") == s["status_samples"] + 1
+    assert "SHUTDOWN final zero setpoints sent" in (out / "engine.log").read_text()
+    assert "everything is up" in proc.stdout
+    assert wait_gone(str(out)) == []
+
+
+def test_ctrl_c_mid_run_stops_every_child_and_still_reports(tmp_path):
+    """SIGINT to the demo mid-run: exit code 130, the report of what ran is written, no child outlives it."""
+    out = tmp_path / "demo-out"
+    proc = subprocess.Popen(demo_cmd(out, 60), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        end = time.monotonic() + 60
+        while "everything is up" not in line and time.monotonic() < end:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        children = [pid for pid in processes_mentioning(str(out)) if pid != proc.pid]
+        assert len(children) == GATEWAYS + 1  # the gateways and the aggregator
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(40) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert wait_gone(str(out)) == []
+    s = json.loads((out / "report.json").read_text())
+    assert s["interrupted"] and 1.5 < s["duration_s"] < 10.0
+    assert (out / "report.png").exists()
+
+
+def test_children_stop_even_when_the_demo_is_killed(tmp_path):
+    """SIGKILL to the demo (no chance to clean up): its children get the parent-death SIGTERM and stop cleanly."""
+    out = tmp_path / "demo-out"
+    proc = subprocess.Popen(demo_cmd(out, 60), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        end = time.monotonic() + 60
+        while "everything is up" not in proc.stdout.readline():
+            assert proc.poll() is None and time.monotonic() < end
+        assert len([pid for pid in processes_mentioning(str(out)) if pid != proc.pid]) == GATEWAYS + 1
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert wait_gone(str(out), 10.0) == []
+    assert "SHUTDOWN final zero setpoints sent" in (out / "engine.log").read_text()  # a clean stop, not a kill

@@ -1,0 +1,805 @@
+"""`v2grt demo`: the whole system on one machine, with no hardware, and a report of what the fleet did.
+
+One command starts, in this process, a simulated grid meter (SunSpec model 213 over Modbus TCP)
+replaying a real frequency trace sped up ``--speed`` times, and one simulated site inverter (SunSpec
+701/704) per gateway whose measured power is the sum of its vehicles' actual output; then, as
+separate processes, ``--gateways`` simulated gateways (``v2grt gateway sim``) sharing
+``--vehicles`` simulated vehicles, and the aggregator (``v2grt run`` on a config generated into
+``--out``). It shows a live status while it runs, stops everything cleanly after ``--duration``
+seconds (or on Ctrl-C, or on an error), and writes ``report.png``, ``report.json`` and
+``timeseries.csv`` into ``--out``. docs/demo.md explains how to read them.
+
+Every child runs in its own session (a terminal's Ctrl-C reaches only the demo, which then stops
+the children in order: aggregator first, so gateways hear its final zero, then gateways, so they
+write their final state) and with a parent-death signal, so not even a killed demo leaves one behind.
+Powers are kW, positive = discharge into the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DEFAULT_VEHICLES = 10_000
+DEFAULT_GATEWAYS = 20
+DEFAULT_DURATION_S = 60.0
+DEFAULT_SPEED = 10.0
+DEFAULT_SERVICE = "dc"
+PERIOD_S = 0.1
+#: Gateways step their vehicles on every setpoint (10 Hz) but report only this often: at 10,000
+#: vehicles in 20 processes that keeps the whole simulated fleet near a tenth of one core.
+DEFAULT_TELEMETRY_INTERVAL_S = 1.0
+METER_TICK_S = 0.02  # the meter's frequency is refreshed this often (the aggregator polls every 20 ms)
+INVERTER_TICK_S = 0.1
+TERM_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL after this long
+PR_SET_PDEATHSIG = 1
+
+_PROM_LINE = re.compile(r'^(v2grt_[a-z_]+)_bucket\{(.*)\} ([0-9.eE+-]+)$')
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says what failed and where its log is."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM while starting up: nothing to report yet."""
+
+
+@dataclasses.dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    cpu_at_start_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------- small helpers
+def _free_ports(k: int) -> list[int]:
+    """k TCP ports on 127.0.0.1 that were free a moment ago (all held at once, so they differ)."""
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _run_flags() -> set[str]:
+    """Option strings `v2grt run` accepts here (it may or may not have --allow-root)."""
+    from v2grt.cli import build_parser
+
+    ap = build_parser()
+    for action in ap._actions:  # argparse has no public way to reach a subparser
+        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
+            return {s for a in action.choices["run"]._actions for s in a.option_strings}
+    return set()
+
+
+def _w_sf(max_kw: float) -> int:
+    """The smallest W_SF >= 0 at which max_kw fits 701's int16 W."""
+    sf = 0
+    while max_kw * 1e3 / 10.0 ** sf > 30000:
+        sf += 1
+    return sf
+
+
+def _fmt_kw(kw: float | None) -> str:
+    if kw is None or not math.isfinite(kw):
+        return "-"
+    return f"{kw / 1e3:+,.3f} MW" if abs(kw) >= 1e3 else f"{kw:+,.1f} kW"
+
+
+def _hms(t_s: float) -> str:
+    t = int(t_s)
+    return f"{t // 3600:02d}:{t % 3600 // 60:02d}:{t % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------- recorder
+class _Recorder(threading.Thread):
+    """Owns the status SUB and the site-power PULL: records every message, keeps the newest for the view."""
+
+    def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int]):
+        super().__init__(name="demo-recorder", daemon=True)
+        from v2grt.io import bus
+
+        self.status_sub = bus.StatusSubscriber(ctx, status_endpoint)
+        self.site_pull = site_pull  # bound by the demo's main thread, used only here from now on
+        self.gateway_index = gateway_index
+        self.stop = threading.Event()
+        self.status_rows: list[tuple] = []
+        self.site_rows: list[tuple[float, int, float]] = []
+        self.latest: dict | None = None
+        self.site_kw: dict[str, float] = {}
+        self.gw_seen: set[str] = set()
+        self.bad_site_frames = 0
+
+    def run(self) -> None:
+        import msgpack
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.status_sub.sock, zmq.POLLIN)
+        poller.register(self.site_pull, zmq.POLLIN)
+        try:
+            while not self.stop.is_set():
+                events = dict(poller.poll(100))
+                now = time.monotonic()
+                if self.status_sub.sock in events:
+                    st = self.status_sub.recv(0, max_frames=256)
+                    if st is not None:
+                        self.latest = st
+                        f = st["f_hz"]
+                        self.status_rows.append((now, math.nan if f is None else f, st["target_kw"],
+                                                 st["delivered_kw"], st["available_dis_kw"],
+                                                 st["available_chg_kw"], st["n_active"]))
+                if self.site_pull in events:
+                    for _ in range(1024):
+                        try:
+                            frame = self.site_pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:
+                            m = msgpack.unpackb(frame)
+                            g = self.gateway_index[m["gw"]]
+                            sites = {str(k): float(v) for k, v in m["sites"].items()}
+                        except Exception:  # a sim-only link: count and go on
+                            self.bad_site_frames += 1
+                            continue
+                        self.site_kw.update(sites)
+                        self.gw_seen.add(m["gw"])
+                        self.site_rows.append((now, g, sum(sites.values())))
+        finally:
+            self.status_sub.close()
+            self.site_pull.close(0)
+
+
+# ------------------------------------------------------------------------------------------- demo
+class Demo:
+    """One run of the demo; ``run()`` returns the exit code. See the module docstring."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out).expanduser().resolve()
+        self.children: list[_Child] = []
+        self.stop = threading.Event()  # Ctrl-C / SIGTERM: stop early (the report covers what ran)
+        self.hurry = threading.Event()  # a second one: kill the children now
+        self.interrupted = False
+        self.t_run0: float | None = None
+        self.t_run_end: float | None = None
+        self.final: dict = {}
+        self.cycle_hist: dict | None = None
+        self.cpu: dict[str, float] = {}
+        self._sim = self._recorder = self._feeder = self._ctx = self._control = None
+        self._live_lines = 0
+
+    # ------------------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        """Check the flags, build the fleet, roster, trace and config (files only; nothing started)."""
+        from v2grt.fleet import Fleet
+        from v2grt.roster import write_roster
+        from v2grt.services import ServiceError, get_service
+
+        a = self.args
+        if not 1 <= a.vehicles <= 1_000_000:
+            raise DemoError(f"--vehicles {a.vehicles}: expected 1..1,000,000")
+        if not 1 <= a.gateways <= 200 or a.gateways > a.vehicles:
+            raise DemoError(f"--gateways {a.gateways}: expected 1..200 and at most --vehicles")
+        if not 1.0 <= a.duration <= 86400.0:
+            raise DemoError(f"--duration {a.duration}: expected 1..86400 s")
+        if not 0.01 <= a.speed <= 1000.0:
+            raise DemoError(f"--speed {a.speed}: expected 0.01..1000 (trace seconds per second)")
+        if not 0.05 <= a.telemetry_interval_s <= 4.0:
+            raise DemoError(f"--telemetry-interval-s {a.telemetry_interval_s}: expected 0.05..4 s (the aggregator "
+                            "excludes vehicles whose telemetry is older than 5 s)")
+        try:
+            self.curve = get_service(a.service)
+        except ServiceError as exc:
+            raise DemoError(f"--service: {exc}") from None
+        self.trace, self.trace_shift_hz = self._load_trace()
+        window_s = a.duration * a.speed
+        self.trace_start_s = self._trace_start(window_s)
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        for old in ("report.png", "report.json", "timeseries.csv"):
+            (self.out / old).unlink(missing_ok=True)
+        for old in self.out.glob("state-*.csv"):
+            old.unlink()
+        self.fleet = Fleet.random(a.vehicles, seed=a.seed, n_gateways=a.gateways, n_sites=a.gateways)
+        self.roster = self.out / "roster.csv"
+        write_roster(self.fleet, self.roster)
+        self.gateway_ids = list(self.fleet.gateway_ids)
+        self.site_ids = list(self.fleet.site_ids)
+        n = self.fleet.n_rows
+        self.soc_before = np.array(self.fleet.soc[:n])
+        # one site (and inverter) per gateway: Fleet.random places both in the same contiguous blocks
+        per_site = np.bincount(self.fleet.site[:n], weights=np.maximum(self.fleet.p_dis_max_kw[:n],
+                                                                        self.fleet.p_chg_max_kw[:n]),
+                               minlength=len(self.site_ids))
+        self.inverter_w_sf = _w_sf(float(per_site.max()) * 1.05)
+
+    def _load_trace(self):
+        from v2grt.sim.traces import TraceError, load_trace, sample_trace_path, synthetic_trace
+
+        a = self.args
+        try:
+            if a.trace in (None, "", "sample"):
+                trace = load_trace(sample_trace_path())
+            elif a.trace == "synthetic":
+                trace = synthetic_trace(max(3600.0, 2.0 * a.duration * a.speed), 1.0, a.seed)
+            else:
+                trace = load_trace(a.trace)
+        except (TraceError, OSError) as exc:
+            raise DemoError(f"--trace {a.trace!r}: {exc}") from None
+        return trace, self.curve.nominal_hz - trace.nominal_hz
+
+    def _trace_start(self, window_s: float) -> float:
+        """--trace-start-s, or by default the window over which the frequency swings the most.
+
+        The widest swing in the shipped Continental Europe day (49.930 to 50.068 Hz in 600 s) asks
+        the fleet for both discharge and charge, which is what a first look should show.
+        """
+        t = self.trace.t_s
+        if self.args.trace_start_s is not None:
+            return t[0] + self.args.trace_start_s
+        if self.trace.duration_s <= window_s + 1.0:
+            return float(t[0])
+        grid = self.trace.resample(1.0)
+        w = int(window_s) + 1
+        view = np.lib.stride_tricks.sliding_window_view(grid.f_hz, w)
+        swing = view.max(axis=1) - view.min(axis=1)
+        return float(grid.t_s[int(np.argmax(swing))])
+
+    def _config(self, ports: dict[str, int]) -> Path:
+        """Write the aggregator's config (validated first) and return its path."""
+        import yaml
+
+        from v2grt.config import Config, ConfigError, config_from_dict
+
+        a = self.args
+        data = {
+            "fleet_id": "demo",
+            "period_s": PERIOD_S,
+            "budget_s": PERIOD_S,
+            "state_dir": "state",
+            "meter": {"host": "127.0.0.1", "port": ports["meter"], "poll_interval_s": 0.02, "timeout_s": 0.05},
+            "inverters": [{"name": f"inv-{site}", "site": site, "host": "127.0.0.1", "port": ports[f"inv-{site}"]}
+                          for site in self.site_ids],
+            "bus": {"setpoints": f"tcp://127.0.0.1:{ports['setpoints']}",
+                    "telemetry": f"tcp://127.0.0.1:{ports['telemetry']}",
+                    "control": f"tcp://127.0.0.1:{ports['control']}", "setpoint_ttl_s": 0.5},
+            "service": {"name": a.service, "nominal_hz": self.curve.nominal_hz, "capacity_kw": a.capacity_kw},
+            "fleet": {"roster": "roster.csv"},
+        }
+        if any(f.name == "metrics" for f in dataclasses.fields(Config)):
+            # the aggregator's Prometheus endpoint: the demo reads its cycle-time histogram at the end
+            data["metrics"] = {"enabled": True, "address": "127.0.0.1", "port": ports["metrics"]}
+            self.metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        else:
+            self.metrics_url = None
+        path = self.out / "config.yaml"
+        try:
+            config_from_dict(data, path)
+        except ConfigError as exc:
+            raise DemoError(f"generated config is invalid (a bug): {exc}") from None
+        header = ("# Generated by `v2grt demo`: the aggregator's config for this run "
+                  "(`v2grt run --config config.yaml`).\n")
+        path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    # ------------------------------------------------------------------------------ the run
+    def run(self) -> int:
+        a = self.args
+        try:
+            self.prepare()
+        except DemoError as exc:
+            print(f"v2grt demo: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        # pymodbus logs a client that hangs up mid-reply (the aggregator stopping) at ERROR: to a file
+        pm = logging.getLogger("pymodbus")
+        pm.addHandler(logging.FileHandler(self.logs / "demo.log", encoding="utf-8"))
+        pm.propagate = False
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        started = False
+        code = EXIT_OK
+        try:
+            self._say(f"v2grt demo: {a.vehicles:,} vehicles, {a.gateways} gateway processes, service {a.service}, "
+                      f"{a.duration:g} s, trace at {a.speed:g}x; files in {self.out}")
+            self._t_start = time.monotonic()
+            self._start_world()
+            self._wait_ready()
+            started = True
+            self._run_clock()
+            self._final_status()
+        except _Interrupted:
+            print("v2grt demo: interrupted while starting; stopping everything", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except DemoError as exc:
+            print(f"v2grt demo: {exc}", file=sys.stderr)
+            code = EXIT_FAILED
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if started:
+            try:
+                self._report()
+            except Exception as exc:  # the run happened; say why its report did not
+                print(f"v2grt demo: the report failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+        if code == EXIT_OK and self.interrupted:
+            code = EXIT_INTERRUPTED
+        return code
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
+        self.interrupted = True
+
+    def _say(self, line: str) -> None:
+        print(line, flush=True)
+
+    def _start_world(self) -> None:
+        import zmq
+
+        from v2grt.io import bus
+        from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
+
+        a = self.args
+        f0 = self.trace.at(self.trace_start_s, looped=True) + self.trace_shift_hz
+        self.meter = SunSpecMeter(213, f_hz=f0, name="grid-meter")
+        self.inverters = {site: SunSpecInverter(f_hz=f0, w_sf=self.inverter_w_sf, name=f"inv-{site}")
+                          for site in self.site_ids}
+        self._sim = SimServerThread([self.meter, *self.inverters.values()], name="demo-modbus").start()
+        names = ["setpoints", "telemetry", "control", "metrics"]
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        ports["meter"] = self._sim.port(self.meter)
+        ports.update({f"inv-{site}": self._sim.port(inv) for site, inv in self.inverters.items()})
+        self.config_path = self._config(ports)
+        self.endpoints = {k: f"tcp://127.0.0.1:{ports[k]}" for k in ("setpoints", "telemetry", "control")}
+
+        self._ctx = zmq.Context()
+        site_pull = self._ctx.socket(zmq.PULL)
+        site_pull.setsockopt(zmq.LINGER, 0)
+        site_port = site_pull.bind_to_random_port("tcp://127.0.0.1")
+        site_endpoint = f"tcp://127.0.0.1:{site_port}"
+        self._recorder = _Recorder(self._ctx, self.endpoints["setpoints"], site_pull,
+                                   {g: i for i, g in enumerate(self.gateway_ids)})
+        self._recorder.start()
+        self._feeder_stop = threading.Event()
+        self.meter_rows: list[tuple[float, float]] = []
+        self._feeder = threading.Thread(target=self._feed, name="demo-meter", daemon=True)
+        self._feeder.start()
+        self._control = bus.ControlClient(self._ctx, self.endpoints["control"], timeout_ms=1000)
+
+        # Gateways first: they connect and wait (ZeroMQ reconnects), so none misses the first cycle.
+        for i, gw in enumerate(self.gateway_ids):
+            self._spawn(f"gateway-{gw}", [
+                "gateway", "sim", "--roster", str(self.roster), "--gateway-id", gw,
+                "--setpoints", self.endpoints["setpoints"], "--telemetry", self.endpoints["telemetry"],
+                "--telemetry-interval-s", f"{a.telemetry_interval_s:g}", "--seed", str(a.seed * 1000 + i),
+                # plugs come and go as fast as the trace runs, so a one-minute demo shows some
+                "--unplug-rate-per-h", f"{0.1 * a.speed:g}", "--plug-rate-per-h", f"{0.5 * a.speed:g}",
+                "--state-out", str(self.out / f"state-{gw}.csv"), "--site-power", site_endpoint,
+                "--log-file", str(self.logs / f"gateway-{gw}.log")])
+        run = ["run", "--config", str(self.config_path), "--log-file", str(self.out / "engine.log")]
+        if os.geteuid() == 0 and "--allow-root" in _run_flags():
+            run.append("--allow-root")  # the demo's own processes; a service runs as its own account
+        self._spawn("aggregator", run)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = self.logs / f"{name}.out"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "v2grt.demo", "--child-of", str(os.getpid()), "--", *argv],
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, cwd=self.out,
+                start_new_session=True)  # Ctrl-C in the terminal reaches the demo only; it stops them in order
+        self.children.append(_Child(name, proc, log))
+
+    def _feed(self) -> None:
+        """Meter frequency from the trace every METER_TICK_S; inverters' measured W from the site reports."""
+        speed, shift = self.args.speed, self.trace_shift_hz
+        lim_kw = 30000 * 10.0 ** self.inverter_w_sf / 1e3
+        next_inv = 0.0
+        failed = False
+        while not self._feeder_stop.is_set():
+            now = time.monotonic()
+            try:
+                t_trace = self.trace_start_s + (speed * (now - self.t_run0) if self.t_run0 is not None else 0.0)
+                f = self.trace.at(t_trace, looped=True) + shift
+                self.meter.set_frequency(f)
+                site_kw = dict(self._recorder.site_kw)  # a copy: the recorder thread adds keys
+                self.meter.set_power(-sum(site_kw.values()))  # the meter counts import as positive
+                self.meter_rows.append((now, f))
+                if now >= next_inv:
+                    next_inv = now + INVERTER_TICK_S
+                    for site, inv in self.inverters.items():
+                        inv.set_measured(min(max(site_kw.get(site, 0.0), -lim_kw), lim_kw), f)
+            except Exception as exc:  # the meter must keep ticking; say it once
+                if not failed:
+                    print(f"v2grt demo: meter feed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    failed = True
+            self._feeder_stop.wait(max(0.0, METER_TICK_S - (time.monotonic() - now)))
+
+    def _check_children(self) -> None:
+        for c in self.children:
+            rc = c.proc.poll()
+            if rc is not None:
+                raise DemoError(f"{c.name} exited with code {rc}; its log ({c.log}) ends:\n{_tail(c.log)}")
+
+    def _status(self) -> dict | None:
+        from v2grt.io.wire import WireError
+
+        try:
+            reply = self._control.call("status")
+        except WireError:
+            return None
+        return reply.result if reply.ok else None
+
+    def _wait_ready(self) -> None:
+        """Until the aggregator answers and every gateway has stepped and sent telemetry."""
+        a = self.args
+        deadline = time.monotonic() + max(60.0, 3.0 * a.gateways)
+        agg_ok = False
+        all_seen_at = None
+        while True:
+            if self.stop.is_set():
+                raise _Interrupted
+            self._check_children()
+            now = time.monotonic()
+            if not agg_ok:
+                agg_ok = self._status() is not None
+            seen = len(self._recorder.gw_seen)
+            if agg_ok and seen == a.gateways:
+                all_seen_at = all_seen_at or now
+                if now - all_seen_at >= a.telemetry_interval_s + 0.5:
+                    return
+            if now > deadline:
+                raise DemoError(f"not ready after {max(60.0, 3.0 * a.gateways):.0f} s: aggregator "
+                                f"{'answers' if agg_ok else 'does not answer'}, {seen} of {a.gateways} gateways "
+                                f"heard; logs in {self.logs} and {self.out / 'engine.log'}")
+            if not a.no_live and sys.stdout.isatty():
+                print(f"\rstarting: aggregator {'up' if agg_ok else 'starting'}, gateways {seen}/{a.gateways} ",
+                      end="", flush=True)
+            time.sleep(0.1)
+
+    def _run_clock(self) -> None:
+        a = self.args
+        if not a.no_live and sys.stdout.isatty():
+            print("\r" + " " * 60 + "\r", end="")
+        for c in self.children:
+            c.cpu_at_start_s = _cpu_seconds(c.proc.pid)
+        self._cpu_demo0 = time.process_time()
+        self.t_run0 = time.monotonic()
+        self._say(f"v2grt demo: everything is up after {self.t_run0 - self._t_start:.1f} s; running for "
+                  f"{a.duration:g} s (Ctrl-C stops early and still writes the report)")
+        end = self.t_run0 + a.duration
+        last_status, control = 0.0, None
+        next_line = self.t_run0 + 5.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= end:
+                break
+            self._check_children()
+            if not a.no_live:
+                if now - last_status >= 1.0:  # the control socket's view, once a second (it costs percentiles)
+                    control = self._status() or control
+                    last_status = now
+                if sys.stdout.isatty():
+                    self._render(now, control)
+                elif now >= next_line:
+                    self._render_line(now, control)
+                    next_line += 5.0
+            self.stop.wait(min(0.5, max(0.0, end - now)))
+        self.t_run_end = time.monotonic()
+
+    # ------------------------------------------------------------------------------ live view
+    def _view(self, now: float, control: dict | None) -> list[str]:
+        a, st = self.args, self._recorder.latest or {}
+        t = now - self.t_run0
+        f = st.get("f_hz")
+        fdev = f"({1e3 * (f - self.curve.nominal_hz):+.1f} mHz)" if f is not None else "(stale)"
+        t_trace = self.trace_start_s + a.speed * t - self.trace.t_s[0]
+        n_nodes = st.get("n_nodes", 0)
+        excluded = st.get("excluded", {})
+        available = n_nodes - sum(excluded.values())
+        metered = sum(dict(self._recorder.site_kw).values())
+        loop = (control or {}).get("loop", {})
+        p99 = loop.get("total", {}).get("p99_ms", st.get("cycle_p99_ms"))
+        cap = (control or {}).get("capacity_kw")
+        excl = " · ".join(f"{k} {v:,}" for k, v in sorted(excluded.items(), key=lambda kv: -kv[1])) or "none"
+        return [
+            f"v2grt demo  {t:5.1f} / {a.duration:g} s   trace +{_hms(t_trace)} at {a.speed:g}x   "
+            f"(Ctrl-C stops early; the report goes to {self.out})",
+            f"frequency   {f:.4f} Hz {fdev}" if f is not None else "frequency   - (no meter reading)",
+            f"target      {_fmt_kw(st.get('target_kw'))}   delivered {_fmt_kw(metered)} (site meters), "
+            f"{_fmt_kw(st.get('delivered_kw'))} (telemetry)   (+ = discharge)",
+            f"available   up {_fmt_kw(st.get('available_dis_kw'))}   down {_fmt_kw(st.get('available_chg_kw'))}"
+            + (f"   contracted {cap / 1e3:,.1f} MW ({self.curve.name})" if cap else ""),
+            f"vehicles    {n_nodes:,} in the fleet: {available:,} available, {st.get('n_active', 0):,} carrying load",
+            f"excluded    {excl}",
+            f"cycles      p99 {p99 if p99 is not None else float('nan'):.2f} ms   deadline misses "
+            f"{st.get('deadline_misses', 0)}   cycles {loop.get('cycles', st.get('seq', 0)):,}",
+        ]
+
+    def _render(self, now: float, control: dict | None) -> None:
+        lines = self._view(now, control)
+        width = shutil.get_terminal_size((120, 20)).columns
+        up = f"\x1b[{self._live_lines}F" if self._live_lines else ""
+        sys.stdout.write(up + "".join("\x1b[2K" + line[:width - 1] + "\n" for line in lines))
+        sys.stdout.flush()
+        self._live_lines = len(lines)
+
+    def _render_line(self, now: float, control: dict | None) -> None:
+        v = self._view(now, control)
+        print(" | ".join(s.split("   (")[0] for s in (v[0].split("   (")[0], v[1], v[2], v[6])), flush=True)
+
+    # ------------------------------------------------------------------------------ wind-down
+    def _final_status(self) -> None:
+        """What only the running aggregator can tell: its loop summary and cycle-time histogram."""
+        self.final = self._status() or {}
+        (self.out / "status.json").write_text(json.dumps(self.final, indent=2) + "\n", encoding="utf-8")
+        if self.metrics_url:
+            self.cycle_hist = self._scrape_histogram()
+        t_end = self.t_run_end or time.monotonic()
+        wall = max(t_end - self.t_run0, 1e-9)
+        gw = [c for c in self.children if c.name.startswith("gateway-")]
+        agg = [c for c in self.children if c.name == "aggregator"]
+        self.cpu = {
+            "aggregator": 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in agg) / wall,
+            "gateways": 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in gw) / wall,
+            "demo": 100.0 * (time.process_time() - self._cpu_demo0) / wall,
+        }
+        self.cpu["total"] = sum(self.cpu.values())
+        self.cpu["cores"] = os.cpu_count() or 1
+
+    def _scrape_histogram(self) -> dict | None:
+        """The aggregator's v2grt_cycle_duration_seconds{phase="total"} buckets, non-cumulative, in ms."""
+        try:
+            text = urllib.request.urlopen(self.metrics_url, timeout=2.0).read().decode()
+        except OSError:
+            return None
+        buckets = []
+        for line in text.splitlines():
+            m = _PROM_LINE.match(line)
+            if m and m.group(1) == "v2grt_cycle_duration_seconds" and 'phase="total"' in m.group(2):
+                le = re.search(r'le="([^"]+)"', m.group(2)).group(1)
+                if le != "+Inf":
+                    buckets.append((float(le) * 1e3, float(m.group(3))))
+        if not buckets:
+            return None
+        buckets.sort()
+        cum = np.array([c for _, c in buckets])
+        return {"le_ms": [b for b, _ in buckets], "counts": np.diff(np.r_[0.0, cum]).astype(int).tolist()}
+
+    def _shutdown(self) -> None:
+        """Aggregator first (its final zero reaches the gateways), then gateways, then this process's threads."""
+        agg = [c for c in self.children if c.name == "aggregator"]
+        gws = [c for c in self.children if c.name != "aggregator"]
+        self._terminate(agg)
+        self._terminate(gws)
+        if self._control is not None:
+            self._control.close()
+        if self._recorder is not None:
+            self._recorder.stop.set()
+            self._recorder.join(5.0)
+        if self._feeder is not None:
+            self._feeder_stop.set()
+            self._feeder.join(5.0)
+        if self._sim is not None:
+            self._sim.stop()
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._live_lines:
+            self._live_lines = 0
+
+    def _terminate(self, children: list[_Child]) -> None:
+        """SIGTERM, wait up to TERM_TIMEOUT_S (less after a second Ctrl-C), then SIGKILL the process group."""
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TERM_TIMEOUT_S
+        while any(c.proc.poll() is None for c in children) and time.monotonic() < deadline:
+            if self.hurry.is_set():
+                break
+            time.sleep(0.05)
+        for c in children:
+            if c.proc.poll() is None:
+                print(f"v2grt demo: {c.name} (pid {c.proc.pid}) did not stop; killing it", file=sys.stderr)
+                try:
+                    os.killpg(c.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            c.proc.wait()
+
+    # ------------------------------------------------------------------------------ report
+    def _report(self) -> None:
+        from v2grt import report
+        from v2grt.profile import DispatchProfile
+
+        a, rec = self.args, self._recorder
+        t0 = self.t_run0
+        t_end = (self.t_run_end or time.monotonic()) - t0
+        st = np.array([r for r in rec.status_rows if t0 <= r[0] <= t0 + t_end], dtype=float).reshape(-1, 7)
+        site = np.array(rec.site_rows, dtype=float).reshape(-1, 3)
+        meter = np.array(self.meter_rows, dtype=float).reshape(-1, 2)
+        capacity_kw = float(self.final.get("capacity_kw") or a.capacity_kw or 0.0)
+        recording = report.Recording(
+            t_s=st[:, 0] - t0, f_agg_hz=st[:, 1], target_kw=st[:, 2], delivered_tel_kw=st[:, 3],
+            available_dis_kw=st[:, 4], available_chg_kw=st[:, 5], n_active=st[:, 6],
+            meter_t_s=meter[:, 0] - t0, meter_f_hz=meter[:, 1],
+            site_t_s=site[:, 0] - t0, site_gw=site[:, 1].astype(int), site_kw=site[:, 2],
+            n_gateways=a.gateways, curve=self.curve, capacity_kw=capacity_kw, period_s=PERIOD_S,
+            tolerance=a.tolerance_pct / 100.0)
+        series = report.derive(recording)
+        tracking = report.tracking_summary(recording, series)
+        soc_after = self._soc_after()
+        loop = self.final.get("loop", {})
+        total = loop.get("total", {})
+        late = loop.get("lateness", {})
+        by_reason = self.final.get("nodes_by_reason") or {}
+        summary = {
+            "vehicles": a.vehicles, "gateways": a.gateways, "service": self.curve.name,
+            "service_title": (self.curve.description or self.curve.name).split(":")[0],
+            "capacity_kw": capacity_kw, "nominal_hz": self.curve.nominal_hz,
+            "deadband_hz": report.deadband_hz(self.curve), "speed": a.speed,
+            "trace": str(self.trace.source), "trace_start_s": float(self.trace_start_s - self.trace.t_s[0]),
+            "duration_s": float(t_end), "interrupted": self.interrupted,
+            "telemetry_interval_s": a.telemetry_interval_s, "period_ms": PERIOD_S * 1e3, "budget_ms": PERIOD_S * 1e3,
+            "cycles": int(loop.get("cycles", 0)),
+            "deadline_misses": int(loop.get("missed_deadlines", 0)) + int(loop.get("budget_overruns", 0)),
+            "missed_deadlines": int(loop.get("missed_deadlines", 0)),
+            "budget_overruns": int(loop.get("budget_overruns", 0)),
+            "cycle_ms": {k: total.get(f"{k}_ms") for k in ("p50", "p99", "p999", "max")},
+            "lateness_ms": {k: late.get(f"{k}_ms") for k in ("p50", "p99", "p999", "max")},
+            "tracking": tracking, "tolerance": a.tolerance_pct / 100.0,
+            "energy_kwh": tracking.get("energy_kwh"),
+            "vehicles_by_reason": by_reason,
+            "vehicles_carrying": int(self.final.get("nodes_carrying", 0) or 0),
+            "soc": {"mean_before": float(np.mean(self.soc_before)),
+                    "mean_after": float(np.mean(soc_after)) if len(soc_after) else None,
+                    "vehicles_after": len(soc_after)},
+            "cpu_pct": {k: round(v, 1) if isinstance(v, float) else v for k, v in self.cpu.items()},
+            "site_power_reports": len(site), "status_samples": len(st),
+            "files": {"png": "report.png", "json": "report.json", "timeseries": "timeseries.csv",
+                      "config": "config.yaml", "roster": "roster.csv", "status": "status.json",
+                      "engine_log": "engine.log", "logs": "logs/"},
+        }
+        report.write_timeseries(self.out / "timeseries.csv", series)
+        report.write_json(self.out / "report.json", summary)
+        report.plot(self.out / "report.png", series, summary, soc_before=self.soc_before, soc_after=soc_after,
+                    cycle_hist=self.cycle_hist, minimum_soc=DispatchProfile().minimum_soc)
+        self._print_summary(summary)
+
+    def _soc_after(self) -> np.ndarray:
+        values = []
+        for gw in self.gateway_ids:
+            path = self.out / f"state-{gw}.csv"
+            if not path.exists():
+                print(f"v2grt demo: {path.name} missing (gateway {gw} did not stop cleanly)", file=sys.stderr)
+                continue
+            data = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8", usecols=("soc",))
+            values.append(np.atleast_1d(data["soc"]).astype(float))
+        return np.concatenate(values) if values else np.array([])
+
+    def _print_summary(self, s: dict) -> None:
+        tr, cyc = s["tracking"], s["cycle_ms"]
+        e = s.get("energy_kwh") or {}
+        print(f"\nv2grt demo: {'interrupted after' if s['interrupted'] else 'ran'} {s['duration_s']:.1f} s: "
+              f"{s['cycles']:,} cycles, cycle p50 {cyc['p50'] or float('nan'):.2f} ms, "
+              f"p99 {cyc['p99'] or float('nan'):.2f} ms, {s['deadline_misses']} deadline misses")
+        if tr.get("mae_kw") is not None:
+            print(f"  tracking: mean |delivered - target| {tr['mae_kw']:,.1f} kW "
+                  f"({tr['mae_pct_of_capacity']:.3f} % of {s['capacity_kw'] / 1e3:,.1f} MW); "
+                  f"in tolerance {100 * tr['within_tolerance_share']:.1f} % of the time; "
+                  f"net {e.get('net_discharged', 0):+,.1f} kWh discharged")
+        print(f"  CPU: aggregator {s['cpu_pct'].get('aggregator', 0):.0f} %, gateways "
+              f"{s['cpu_pct'].get('gateways', 0):.0f} %, demo {s['cpu_pct'].get('demo', 0):.0f} % "
+              f"(of one core; {s['cpu_pct'].get('cores', 1)} cores)")
+        print(f"  report: {self.out / 'report.png'}, {self.out / 'report.json'}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cmd_demo(args) -> int:
+    """Run the whole system on this machine (meter, inverters, gateways, aggregator) and report."""
+    return Demo(args).run()
+
+
+def add_parser(sub) -> None:
+    """Register `v2grt demo` on the v2grt command line."""
+    p = sub.add_parser(
+        "demo", help="the whole system on one machine: simulated meter, vehicles, gateways, aggregator; a report",
+        description=cmd_demo.__doc__ + " See docs/demo.md.")
+    p.add_argument("--vehicles", type=int, default=DEFAULT_VEHICLES, help=f"default {DEFAULT_VEHICLES:,}")
+    p.add_argument("--gateways", type=int, default=DEFAULT_GATEWAYS,
+                   help=f"gateway processes (one site inverter each), default {DEFAULT_GATEWAYS}")
+    p.add_argument("--duration", type=float, default=DEFAULT_DURATION_S,
+                   help=f"seconds to run once everything is up, default {DEFAULT_DURATION_S:g}")
+    p.add_argument("--speed", type=float, default=DEFAULT_SPEED,
+                   help=f"trace seconds replayed per second, default {DEFAULT_SPEED:g}")
+    p.add_argument("--service", default=DEFAULT_SERVICE,
+                   help="service curve: dc (GB Dynamic Containment, default), fcr, fcr_n, ffr, ieee1547, ...")
+    p.add_argument("--capacity-kw", type=float, default=None,
+                   help="contracted capacity, kW (default: what the fleet can deliver both ways at start)")
+    p.add_argument("--out", default="demo-out", help="directory for the report, config, roster and logs "
+                                                     "(default ./demo-out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fleet, faults and plug events (default 0)")
+    p.add_argument("--trace", default=None,
+                   help="frequency trace: a CSV path, 'synthetic', or (default) the shipped Continental Europe "
+                        "1 s PMU recording")
+    p.add_argument("--trace-start-s", type=float, default=None,
+                   help="where in the trace to start, s (default: a window around its largest excursion)")
+    p.add_argument("--telemetry-interval-s", type=float, default=DEFAULT_TELEMETRY_INTERVAL_S,
+                   help=f"gateway telemetry interval, default {DEFAULT_TELEMETRY_INTERVAL_S:g} s")
+    p.add_argument("--tolerance-pct", type=float, default=3.0,
+                   help="tolerance band, %% of contracted capacity (default 3, as GB DC)")
+    p.add_argument("--no-live", action="store_true", help="no live status while running (logs, CI)")
+    p.set_defaults(func=cmd_demo)
+
+
+# ------------------------------------------------------------------------------------ child processes
+def _child_main(argv: list[str]) -> int:
+    """``python -m v2grt.demo --child-of PID -- ARGS``: run ``v2grt ARGS``, dying with the demo.
+
+    PR_SET_PDEATHSIG sends SIGTERM (the children's clean stop) when the demo's thread that spawned
+    us ends, so a demo killed with SIGKILL leaves no process behind; the check after it closes the
+    race with a demo that died before the call.
+    """
+    parent = int(argv[1])
+    rest = argv[3:] if len(argv) > 2 and argv[2] == "--" else argv[2:]
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the demo's own shutdown still stops us
+    if os.getppid() != parent:
+        return EXIT_FAILED
+    from v2grt.cli import main
+
+    return main(rest)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-of":
+        sys.exit(_child_main(sys.argv[1:]))
+    sys.exit(f"usage: {sys.argv[0]} is internal; run `v2grt demo`")
