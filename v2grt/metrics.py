@@ -53,6 +53,11 @@ DURATION_BUCKETS_S = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2
 AGE_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 _PHASES = ("inputs", "kernel", "publish", "total")
+#: Event codes exported from 0 before they first happen, so rate() and alerts see them start (the
+#: field manual's section 8 codes and the meter's).
+_EVENTS_AT_ZERO = ("TIMEOUT_BMS_RESPONSE", "THERMAL_LIMIT", "NODE_UNREACHABLE", "NODE_LOW_THROUGHPUT",
+                   "SOH_BELOW_THRESHOLD", "E_INVERTER_PHASE_MISMATCH", "GRID_FREQUENCY_ALERT",
+                   "IDEMPOTENT_KEY_CONFLICT", "GRID_FREQUENCY_STALE", "EMERGENCY_STOP")
 _REASON_NAMES = {int(r): r.name for r in Reason}
 
 
@@ -111,7 +116,9 @@ class MetricsExporter:
         now = time.monotonic_ns()
         if now < self._next_ns:
             return
-        self._next_ns = now + self.interval_ns
+        # the first pass at once (a scrape has something to read), then half an interval off the
+        # NodeMonitor's passes, so the two never land on the same cycle
+        self._next_ns = now + (self.interval_ns if self._next_ns else self.interval_ns // 2)
         self.update(agg, result)
 
     def update(self, agg, result) -> None:
@@ -155,7 +162,7 @@ class MetricsExporter:
         self._snap = _Snapshot(
             hists={k: (h.counts.copy(), h.sum_ns) for k, h in self.hists.items()},
             gauges=gauges, counters=counters, vehicles=vehicles, bad_frames=bad,
-            events=agg.events.snapshot(),
+            events={**dict.fromkeys(_EVENTS_AT_ZERO, 0), **agg.events.snapshot()},
             info={"fleet_id": agg.cfg.fleet_id, "service": agg.dispatcher.service.name})
 
     def _take_rings(self, stats) -> None:
