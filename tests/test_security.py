@@ -398,3 +398,63 @@ def test_sighup_reloads_the_authorized_keys_of_a_running_service(keys, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, proc.stderr.read().decode()
+
+
+@pytest.fixture
+def roster(tmp_path):
+    """Eight vehicles on gw1 and two on gw2."""
+    from v2grt.roster import write_roster
+
+    fleet = Fleet(capacity=16)
+    for i in range(10):
+        fleet.add(f"EV_{i:02d}", "gw1" if i < 8 else "gw2", "site1", soc=0.7, soh=0.95, capacity_kwh=60.0,
+                  p_dis_max_kw=11.0, p_chg_max_kw=11.0, temp_c=22.0, online=1)
+    path = tmp_path / "roster.csv"
+    write_roster(fleet, path)
+    return path
+
+
+def test_reference_gateway_and_operator_cli_use_their_keys(keys, roster, tmp_path, capsys):
+    """`v2grt gateway sim --client-key` is dispatched; with another gateway's key it gets nothing; the CLI too."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = config_from_dict(secure_config(keys))
+    agg = Aggregator(cfg, epoch=7, fleet=Fleet.from_csv(roster, now_ns=time.monotonic_ns()))
+    agg.start()
+    procs = []
+    try:
+        for name in ("gw1", "gw2"):  # both run as gateway gw1; the second holds gw2's key
+            log = tmp_path / f"{name}.log"
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster), "--gateway-id", "gw1",
+                 "--setpoints", agg.publisher.endpoint, "--telemetry", agg.telemetry.endpoint,
+                 "--telemetry-interval-s", "0.05", "--unplug-rate-per-h", "0", "--log-file", str(log),
+                 "--client-key", str(keys.dir / f"{name}.key_secret"), "--server-key", str(keys.server)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), log))
+        rows = agg.fleet.gateway_rows("gw1")
+        t0 = time.monotonic_ns()
+        wait_until(lambda: np.all(agg.fleet.last_telemetry_ns[rows] > t0), timeout_s=15, what="gw1 telemetry")
+        wait_until(lambda: agg.telemetry.errors["FORBIDDEN"] >= 1 and agg.security.forbidden["subscription"] >= 1,
+                   timeout_s=10, what="the gw2 key refused as gw1")
+        ctl = ["--endpoint", agg.control.endpoint, "--timeout", "1"]
+        as_alice = ["--client-key", str(keys.dir / "alice.key_secret"), "--server-key", str(keys.server)]
+        as_gw1 = ["--client-key", str(keys.dir / "gw1.key_secret"), "--server-key", str(keys.server)]
+        assert cli.main(["estop", *ctl, *as_gw1]) == cli.EXIT_REFUSED
+        assert "FORBIDDEN" in capsys.readouterr().err
+        assert cli.main(["estop", *ctl]) == cli.EXIT_FAILED  # no key: the handshake never completes
+        assert cli.main(["estop", *ctl, "--client-key", str(keys.dir / "alice.key_secret")]) == cli.EXIT_INVALID
+        assert "--server-key is missing" in capsys.readouterr().err
+        assert not agg.dispatcher.estop
+        assert cli.main(["estop", *ctl, *as_alice]) == cli.EXIT_OK
+        assert agg.dispatcher.estop
+    finally:
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            proc.wait(10)
+        agg.stop()
+    stops = {name: next(x for x in log.read_text().splitlines() if "GATEWAY_STOP" in x)
+             for name, (_, log) in zip(("gw1", "gw2"), procs)}
+    assert "accepted=0 " not in stops["gw1"] and "accepted=0 " in stops["gw2"], stops

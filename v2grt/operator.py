@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 5.0
 
 #: Wire error codes of a control reply -> exit code (anything else: EXIT_FAILED).
 _EXIT_BY_WIRE_CODE = {"NODE_EXCLUDED": EXIT_REFUSED, "REFUSED": EXIT_REFUSED, "BAD_ARG": EXIT_INVALID,
-                      "BAD_PROFILE": EXIT_INVALID, "UNKNOWN_NODE": EXIT_INVALID}
+                      "BAD_PROFILE": EXIT_INVALID, "UNKNOWN_NODE": EXIT_INVALID, "FORBIDDEN": EXIT_REFUSED}
 
 _EPILOG = __doc__.split("\n\n")[-1]
 
@@ -269,14 +269,14 @@ def control_endpoint(endpoint: str | None, config: str | None) -> str:
 class Session:
     """One control connection to a running aggregator; `call` returns the result map or raises CliError."""
 
-    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, curve: dict | None = None):
         import zmq
 
         from v2grt.io.bus import BusError, ControlClient
 
         self.ctx = zmq.Context()
         try:
-            self.client = ControlClient(self.ctx, endpoint, timeout_ms=int(timeout_s * 1000))
+            self.client = ControlClient(self.ctx, endpoint, timeout_ms=int(timeout_s * 1000), curve=curve)
         except BusError as exc:
             self.ctx.term()
             raise CliError(str(exc)) from None
@@ -309,7 +309,9 @@ class Session:
 
 
 def _session(args) -> Session:
-    return Session(control_endpoint(args.endpoint, args.config), args.timeout)
+    from v2grt.security import client_curve_from_args  # --client-key/--server-key: security.enabled
+
+    return Session(control_endpoint(args.endpoint, args.config), args.timeout, client_curve_from_args(args))
 
 
 # ------------------------------------------------------------------------------ the operations
@@ -512,6 +514,9 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="the aggregator's YAML config, to find its control endpoint")
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})")
+    from v2grt.security import add_client_key_options
+
+    add_client_key_options(p)  # an operator key pair when the aggregator has security.enabled
 
 
 def operator_parser() -> argparse.ArgumentParser:

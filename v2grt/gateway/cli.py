@@ -46,6 +46,13 @@ def cmd_sim(args) -> int:
         return _fail(f"--roster {args.roster!r}: no such file", EXIT_INVALID)
     except (RosterError, FleetError, GatewayError) as exc:
         return _fail(str(exc), EXIT_INVALID)
+    from v2grt.cli import CliError
+    from v2grt.security import client_curve_from_args
+
+    try:
+        curve = client_curve_from_args(args)  # --client-key/--server-key when the aggregator is secured
+    except CliError as exc:
+        return _fail(str(exc), EXIT_INVALID)
     ctx = zmq.Context()
     vehicles = None
     try:
@@ -56,7 +63,7 @@ def cmd_sim(args) -> int:
                                    unplug_rate_per_h=args.unplug_rate_per_h, plug_rate_per_h=args.plug_rate_per_h,
                                    events=events, ctx=ctx, site_power=args.site_power)
             core = GatewayCore(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
-                               telemetry_interval_s=args.telemetry_interval_s, events=events)
+                               telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
         except (SimError, GatewayError, BusError, zmq.ZMQError) as exc:
             return _fail(str(exc), EXIT_INVALID)
         s = vehicles.state
@@ -112,6 +119,9 @@ def _add_sim(gsub) -> None:
                    help="log the same event code for the same node at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    from v2grt.security import add_client_key_options
+
+    add_client_key_options(p)  # the key pair must be authorized as gateway:<--gateway-id>
     p.set_defaults(func=cmd_sim)
 
 

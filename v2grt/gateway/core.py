@@ -79,7 +79,7 @@ class GatewayCore:
     """
 
     def __init__(self, ctx: zmq.Context, gateway_id: str, vehicles: Vehicles, *, setpoints: str, telemetry: str,
-                 telemetry_interval_s: float = 1.0, events: EventLog | None = None):
+                 telemetry_interval_s: float = 1.0, events: EventLog | None = None, curve: dict | None = None):
         if not (0.01 <= telemetry_interval_s <= 60.0):
             raise GatewayError(f"telemetry_interval_s={telemetry_interval_s!r}: expected 0.01..60 s")
         n = len(vehicles.node_ids)
@@ -97,9 +97,10 @@ class GatewayCore:
         self.row_of = {nid: i for i, nid in enumerate(vehicles.node_ids)}
         self.interval_ns = round(telemetry_interval_s * 1e9)
         self.events = events or EventLog()
-        self.sub = bus.GatewaySubscriber(ctx, setpoints, gateway_id)
+        # curve: this gateway's key pair (authorized as gateway:<gateway_id>) when the bus is secured
+        self.sub = bus.GatewaySubscriber(ctx, setpoints, gateway_id, curve=curve)
         try:
-            self.pusher = bus.TelemetryPusher(ctx, telemetry)
+            self.pusher = bus.TelemetryPusher(ctx, telemetry, curve=curve)
         except bus.BusError:
             self.sub.close()
             raise
