@@ -323,3 +323,27 @@ def test_watchdog_interval_from_environment():
     assert watchdog_interval_ns({}) is None
     assert watchdog_interval_ns({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid() + 1)}) is None
     assert watchdog_interval_ns({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())}) == 1_000_000_000
+
+
+def test_systemd_unit_has_what_the_real_time_service_needs():
+    """The shipped unit is Type=notify with a watchdog, restarts on failure, runs unprivileged with the RT caps."""
+    from pathlib import Path
+
+    from v2grt.operator import aggregator_parser
+
+    unit: dict[str, list[str]] = {}
+    for line in (Path(__file__).resolve().parent.parent / "configs" / "v2grt.service").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, _, val = line.partition("=")
+            unit.setdefault(key.strip(), []).append(val.strip())
+    one = {k: v[-1] for k, v in unit.items()}
+    assert one["Type"] == "notify" and one["Restart"] == "on-failure" and one["WatchdogSec"].endswith("s")
+    assert one["User"] not in ("root", "0") and one["NoNewPrivileges"] == "yes"
+    assert set(one["AmbientCapabilities"].split()) == {"CAP_SYS_NICE", "CAP_IPC_LOCK"}
+    assert int(one["LimitRTPRIO"]) > 0 and one["LimitMEMLOCK"] == "infinity"
+    assert {"-/var/lib/v2g", "-/var/log/v2g"} <= set(one["ReadWritePaths"].split())
+    assert one.get("RestrictRealtime", "no") == "no"  # SCHED_FIFO is the point
+    argv = one["ExecStart"].split()
+    assert argv[0].endswith("/v2g-aggregator")
+    args = aggregator_parser().parse_args(argv[1:])
+    assert args.config == "/etc/v2g/primary_config.yaml" and not args.daemonize and not args.allow_root

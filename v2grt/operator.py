@@ -79,6 +79,9 @@ def aggregator_main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     if args.daemonize:
         return _daemonize(cfg, args)
+    import faulthandler
+
+    faulthandler.enable()  # the watchdog's SIGABRT leaves every thread's traceback in the journal
     try:
         return _run(cfg, args)
     except KeyboardInterrupt:
