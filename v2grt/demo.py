@@ -137,11 +137,11 @@ def _hms(t_s: float) -> str:
 class _Recorder(threading.Thread):
     """Owns the status SUB and the site-power PULL: records every message, keeps the newest for the view."""
 
-    def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int]):
+    def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int], curve=None):
         super().__init__(name="demo-recorder", daemon=True)
         from v2grt.io import bus
 
-        self.status_sub = bus.StatusSubscriber(ctx, status_endpoint)
+        self.status_sub = bus.StatusSubscriber(ctx, status_endpoint, curve=curve)
         self.site_pull = site_pull  # bound by the demo's main thread, used only here from now on
         self.gateway_index = gateway_index
         self.stop = threading.Event()
@@ -317,6 +317,12 @@ class Demo:
             self.metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         else:
             self.metrics_url = None
+        self.keys = None
+        if getattr(a, "secure", False):  # security.enabled: a key pair per process, peers from loopback only
+            from v2grt.security import provision_local
+
+            self.keys = provision_local(self.out / "keys", self.gateway_ids)
+            data["security"] = self.keys.config_section()
         path = self.out / "config.yaml"
         try:
             config_from_dict(data, path)
@@ -404,14 +410,15 @@ class Demo:
         site_pull.setsockopt(zmq.LINGER, 0)
         site_port = site_pull.bind_to_random_port("tcp://127.0.0.1")
         site_endpoint = f"tcp://127.0.0.1:{site_port}"
+        view_curve = self.keys.curve("demo-view") if self.keys else None  # an observer key: status only
         self._recorder = _Recorder(self._ctx, self.endpoints["setpoints"], site_pull,
-                                   {g: i for i, g in enumerate(self.gateway_ids)})
+                                   {g: i for i, g in enumerate(self.gateway_ids)}, curve=view_curve)
         self._recorder.start()
         self._feeder_stop = threading.Event()
         self.meter_rows: list[tuple[float, float]] = []
         self._feeder = threading.Thread(target=self._feed, name="demo-meter", daemon=True)
         self._feeder.start()
-        self._control = bus.ControlClient(self._ctx, self.endpoints["control"], timeout_ms=1000)
+        self._control = bus.ControlClient(self._ctx, self.endpoints["control"], timeout_ms=1000, curve=view_curve)
 
         # Gateways first: they connect and wait (ZeroMQ reconnects), so none misses the first cycle.
         for i, gw in enumerate(self.gateway_ids):
@@ -422,7 +429,7 @@ class Demo:
                 # plugs come and go as fast as the trace runs, so a one-minute demo shows some
                 "--unplug-rate-per-h", f"{0.1 * a.speed:g}", "--plug-rate-per-h", f"{0.5 * a.speed:g}",
                 "--state-out", str(self.out / f"state-{gw}.csv"), "--site-power", site_endpoint,
-                "--log-file", str(self.logs / f"gateway-{gw}.log")])
+                "--log-file", str(self.logs / f"gateway-{gw}.log"), *(self.keys.client_args(gw) if self.keys else [])])
         run = ["run", "--config", str(self.config_path), "--log-file", str(self.out / "engine.log")]
         if os.geteuid() == 0 and "--allow-root" in _run_flags():
             run.append("--allow-root")  # the demo's own processes; a service runs as its own account
@@ -775,6 +782,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance-pct", type=float, default=3.0,
                    help="tolerance band, %% of contracted capacity (default 3, as GB DC)")
     p.add_argument("--no-live", action="store_true", help="no live status while running (logs, CI)")
+    p.add_argument("--secure", action="store_true", help="security.enabled: CURVE keys for every process (in "
+                                                         "--out/keys), peers from 127.0.0.1 only (docs/security.md)")
     p.set_defaults(func=cmd_demo)
 
 
