@@ -135,7 +135,7 @@ def test_unknown_key_gets_no_setpoints_and_its_telemetry_is_refused(make_secure,
 
 
 def test_gateway_key_cannot_estop_and_operator_key_can(make_secure, keys):
-    """A gateway or observer key gets FORBIDDEN for commands that act (status is allowed); an operator's e-stop works."""
+    """Gateway and observer keys get FORBIDDEN for commands that act (status is allowed); an operator's e-stop works."""
     agg = make_secure()
     ctl = agg.control.endpoint
     with bus.ControlClient(CTX, ctl, curve=keys.curve("gw1")) as gw, \
@@ -456,5 +456,64 @@ def test_reference_gateway_and_operator_cli_use_their_keys(keys, roster, tmp_pat
             proc.wait(10)
         agg.stop()
     stops = {name: next(x for x in log.read_text().splitlines() if "GATEWAY_STOP" in x)
-             for name, (_, log) in zip(("gw1", "gw2"), procs)}
+             for name, (_, log) in zip(("gw1", "gw2"), procs, strict=True)}
     assert "accepted=0 " not in stops["gw1"] and "accepted=0 " in stops["gw2"], stops
+
+
+def test_secured_demo_is_dispatched_on_time_while_every_attack_fails(tmp_path):
+    """`v2grt demo --secure` under attack: strangers, stolen or wrong-role keys and a foreign address get
+    nothing and move nothing, while the fleet keeps tracking the service with no missed deadline."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo-out"
+    demo = subprocess.Popen([sys.executable, "-m", "v2grt.cli", "demo", "--vehicles", "400", "--gateways", "2",
+                             "--duration", "10", "--no-live", "--seed", "7", "--out", str(out), "--secure"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        engine = out / "engine.log"
+        wait_until(lambda: engine.exists() and "READY" in engine.read_text(), timeout_s=30, what="demo READY")
+        bus_cfg = yaml.safe_load((out / "config.yaml").read_text().split("\n", 1)[1])["bus"]
+        pub, tel, ctl = bus_cfg["setpoints"], bus_cfg["telemetry"], bus_cfg["control"]
+        port = pub.rsplit(":", 1)[1]
+        kd = out / "keys"
+        security.generate_keypair("mallory", tmp_path / "attacker")
+        mallory = security.client_curve(tmp_path / "attacker", "mallory", kd / "aggregator.key")
+        gw1, viewer = (security.client_curve(kd, n, kd / "aggregator.key") for n in ("gw1", "demo-view"))
+        roster = Fleet.from_csv(out / "roster.csv")
+        gw2_ids = [roster.node_ids[r] for r in roster.gateway_rows("gw2")][:50]
+        with bus.GatewaySubscriber(CTX, pub, "gw1", curve=mallory) as stranger, \
+                bus.GatewaySubscriber(CTX, pub, "gw1") as plain, \
+                bus.GatewaySubscriber(CTX, pub, "gw2", curve=gw1) as nosy, \
+                bus.GatewaySubscriber(CTX, f"tcp://127.0.0.2:0;127.0.0.1:{port}", "gw1", curve=gw1) as far, \
+                bus.TelemetryPusher(CTX, tel, curve=mallory) as forged, \
+                bus.TelemetryPusher(CTX, tel, curve=gw1) as claims_gw2, \
+                bus.ControlClient(CTX, ctl, curve=gw1, timeout_ms=1000) as gw_ctl, \
+                bus.ControlClient(CTX, ctl, curve=viewer, timeout_ms=1000) as viewer_ctl, \
+                bus.ControlClient(CTX, ctl, curve=mallory, timeout_ms=300) as stranger_ctl:
+            for seq in range(3):
+                forged.send(telemetry("gw2", gw2_ids, 0.05, seq))
+                claims_gw2.send(telemetry("gw2", gw2_ids, 0.05, seq))
+            for client in (gw_ctl, viewer_ctl):
+                reply = client.call("estop", reason="attack")
+                assert not reply.ok and reply.error_code == "FORBIDDEN"
+            with pytest.raises(bus.ControlTimeout):
+                stranger_ctl.call("estop", reason="attack")
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                for sub in (stranger, plain, nosy, far):
+                    assert sub.recv(5) is None
+        assert demo.wait(60) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
+    s = json.loads((out / "report.json").read_text())
+    assert s["deadline_misses"] == 0 and s["cycle_ms"]["p99"] < 100.0
+    assert s["tracking"]["within_tolerance_share"] >= 0.95
+    log = (out / "engine.log").read_text()
+    for needle in ("reason=UNKNOWN_KEY", "reason=ADDRESS_NOT_ALLOWED", "FORBIDDEN kind=telemetry",
+                   "FORBIDDEN kind=control", "SUBSCRIPTION_DENIED identity=gateway:gw1"):
+        assert needle in log, needle
+    assert "EMERGENCY_STOP" not in log
