@@ -21,7 +21,9 @@ log = logging.getLogger("v2grt.engine")
 
 #: Operator actions and their outcomes: an audit trail, every one logged (never rate-limited).
 AUDIT_CODES = frozenset({"EMERGENCY_STOP", "EMERGENCY_STOP_RESET", "PROFILE_RELOADED", "PROFILE_REJECTED",
-                         "TELEMETRY_PROFILE", "TEST_DISCHARGE", "TEST_DISCHARGE_DONE", "TEST_DISCHARGE_ABORTED"})
+                         "TELEMETRY_PROFILE", "TEST_DISCHARGE", "TEST_DISCHARGE_DONE", "TEST_DISCHARGE_ABORTED",
+                         # v2grt.security: who ran which command, key reloads and the drops they cause
+                         "CONTROL_COMMAND", "KEYS_RELOADED", "KEYS_RELOAD_FAILED", "KEYS_REVOKED_DISCONNECT"})
 
 
 class EventLog:

@@ -662,7 +662,7 @@ class ServerSecurity:
         summary = {"keys": len(ring), "added": sorted(k.name for k in added),
                    "removed": sorted(k.name for k in removed), "dropping": dropping,
                    "problems": list(ring.problems)}
-        self.events.emit("KEYS_RELOADED", logging.WARNING if removed else logging.INFO, key=f"reload{self.reloads}",
+        self.events.emit("KEYS_RELOADED", logging.WARNING if removed else logging.INFO, key="keys",
                          source=source, keys=len(ring), added=",".join(summary["added"]) or "-",
                          removed=",".join(summary["removed"]) or "-", dropping=",".join(dropping) or "-")
         return summary
@@ -699,7 +699,7 @@ class ServerSecurity:
             return
         self.rebinds[socket_name] += 1
         self.last_rebind_ms[socket_name] = took_ns / 1e6
-        self.events.emit("KEYS_REVOKED_DISCONNECT", logging.WARNING, key=f"{socket_name}{self.rebinds[socket_name]}",
+        self.events.emit("KEYS_REVOKED_DISCONNECT", logging.WARNING, key=socket_name,
                          socket=socket_name, endpoint=owner.endpoint, rebind_ms=took_ns / 1e6,
                          message="dropped every connection of this socket; authorized peers reconnect")
 
