@@ -338,6 +338,7 @@ def test_systemd_unit_has_what_the_real_time_service_needs():
             unit.setdefault(key.strip(), []).append(val.strip())
     one = {k: v[-1] for k, v in unit.items()}
     assert one["Type"] == "notify" and one["Restart"] == "on-failure" and one["WatchdogSec"].endswith("s")
+    assert set(one["RestartPreventExitStatus"].split()) == {"2", "3"}  # config errors and refusals: no loop
     assert one["User"] not in ("root", "0") and one["NoNewPrivileges"] == "yes"
     assert set(one["AmbientCapabilities"].split()) == {"CAP_SYS_NICE", "CAP_IPC_LOCK"}
     assert int(one["LimitRTPRIO"]) > 0 and one["LimitMEMLOCK"] == "infinity"

@@ -143,7 +143,8 @@ def setup_logging(path: str | Path | None = None, *, json_lines: bool = False, l
         path = Path(path).expanduser()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+            # reopened when logrotate moves the file away (no copytruncate, no restart needed)
+            handler: logging.Handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         except OSError as exc:
             raise OSError(exc.errno, f"log file {path}: cannot open ({exc.strerror}); create {path.parent} "
                                      "writable by the service account, or set log.file / --log-file") from None

@@ -436,7 +436,7 @@ def _format_test(r: dict) -> str:
         return "      n/a" if v is None else f"{v:9.2f} kW"
 
     def soc(v):
-        return "  n/a" if v is None else f"{v:.3f}"
+        return "  n/a" if v is None else f"{v:.4f}"
 
     d_soc = (f"  ({r['soc_after'] - r['soc_before']:+.4f})" if r["soc_after"] is not None else "")
     return "\n".join([
