@@ -295,7 +295,8 @@ def measure_revocation(repeats: int, period_s: float) -> dict:
             ctx.term()
             agg.stop()
     return {"repeats": repeats, "period_ms": period_s * 1e3, "revoked_received_for_ms": tail_ms,
-            "kept_max_gap_ms": gap_ms, "rebind_ms": rebind_ms, "delay_ms": 1e3 * 0.1}
+            "kept_max_gap_ms": gap_ms, "rebind_ms": rebind_ms,
+            "delay_ms": 1e3 * security.REBIND_DELAY_S["setpoints"]}
 
 
 def run(gateways: int, nodes: int, cycles: int, period_ms: float, block: int, calls: int, repeats: int) -> dict:

@@ -240,7 +240,8 @@ def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(m
                     last_old = now
                 if new.recv(2) is not None:
                     gap_new, last_new = max(gap_new, now - last_new), now
-            assert last_old - t_reload < security.REBIND_DELAY_S + 0.1, "the revoked key kept receiving"
+            tail_s = security.REBIND_DELAY_S["setpoints"] + 3 * PERIOD_S + 0.05  # dropped at the next cycle's end
+            assert last_old - t_reload < tail_s, "the revoked key kept receiving"
             assert gap_new < TTL_S, f"the new key's setpoints paused {gap_new:.3f} s, longer than their expiry"
             assert time.monotonic() - last_new < 0.1
     assert agg.security.rebinds["setpoints"] == 1  # the control thread drops at its next cycle

@@ -157,7 +157,7 @@ class Aggregator:
         #: Called on the control thread at the end of every cycle as hook(aggregator, result, times):
         #: metrics, watchdog, per-node event logging. Keep them cheap: they are inside the cycle.
         self.cycle_hooks: list = []
-        if self.security is not None:  # admits setpoint subscriptions per key; drops revoked keys' connections
+        if self.security is not None:  # drops revoked keys' connections to the setpoint PUB
             self.cycle_hooks.append(self.security.on_cycle)
         #: GRID_FREQUENCY_ALERT and its throttling, applied in the service-fraction phase (v2grt.monitor).
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
@@ -309,6 +309,7 @@ class Aggregator:
 
     # phase 3: publish
     def _publish(self, result, now_ns: int) -> None:
+        self.publisher.admit_subscriptions()  # security: each subscription checked against its key; else no-op
         if self.fleet.version != self._layout_version or not self._layouts:
             self._rebuild_layouts()
         self.seq += 1

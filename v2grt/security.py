@@ -61,8 +61,9 @@ READ_ONLY_COMMANDS = frozenset({"status"})
 #: ZAP metadata property carrying the peer's public key (z85) on every message, next to User-Id:
 #: the per-message revocation check looks it up in the current authorized keys.
 KEY_PROPERTY = "X-V2G-Key"
-#: A revocation drops connections this long after the reload, so the reply to `keys_reload` leaves first.
-REBIND_DELAY_S = 0.1
+#: A revocation drops a socket's connections this long after the reload: the control socket waits so the
+#: reply to `keys_reload` leaves first; the others drop at their owner thread's next turn.
+REBIND_DELAY_S = {"setpoints": 0.0, "telemetry": 0.0, "control": 0.1}
 REBIND_RETRY_S = 1.0
 ENV_AUTHORIZED_KEYS = "V2GRT_AUTHORIZED_KEYS"
 ENV_CLIENT_KEY = "V2GRT_CLIENT_KEY"
@@ -531,8 +532,11 @@ class ServerSecurity:
         return {"curve": self.curve(socket_name), **hooks[socket_name]}
 
     def on_cycle(self, agg, result=None, times=None) -> None:
-        """Cycle hook (control thread, owner of the setpoint PUB): admit subscriptions, drop if revoked."""
-        agg.publisher.admit_subscriptions()
+        """Cycle hook (control thread, owner of the setpoint PUB): drop its connections after a revocation.
+
+        Subscriptions are admitted at the start of each publish phase (Aggregator._publish), so a
+        gateway that reconnects is served in the first cycle after its subscription arrives.
+        """
         if self._rebind_due:
             self._rebind_if_due("setpoints", agg.publisher)
 
@@ -652,12 +656,12 @@ class ServerSecurity:
                        if pk not in ring.by_public or ring.by_public[pk].identity != k.identity]
             added = [k for pk, k in ring.by_public.items() if pk not in old.by_public]
             gone = {k.public_key for k in removed}
-            due = time.monotonic_ns() + int(REBIND_DELAY_S * 1e9)
+            now = time.monotonic_ns()
             with self._lock:
                 self._ring = ring
                 dropping = sorted(name for name, seen in self._seen.items() if seen & gone)
                 for name in dropping:
-                    self._rebind_due.setdefault(name, due)
+                    self._rebind_due.setdefault(name, now + int(REBIND_DELAY_S[name] * 1e9))
             self.reloads += 1
         summary = {"keys": len(ring), "added": sorted(k.name for k in added),
                    "removed": sorted(k.name for k in removed), "dropping": dropping,
