@@ -347,7 +347,7 @@ def test_keys_cli_generate_authorize_list_revoke(tmp_path, capsys):
 
 
 def test_tampered_or_writable_authorized_key_files_are_ignored(tmp_path):
-    """A key file writable by others, or without an identity, is skipped with a reason; the others load."""
+    """A key file writable by others, without an identity, or unreadable is skipped with a reason."""
     kd, auth = tmp_path / "k", tmp_path / "auth"
     for name in ("a", "b"):
         security.generate_keypair(name, kd)
@@ -356,8 +356,10 @@ def test_tampered_or_writable_authorized_key_files_are_ignored(tmp_path):
     os.chmod(auth / "b.key", 0o666)
     (auth / "c.key").write_text((kd / "a.key").read_text().replace("a", "a"))  # no identity
     os.chmod(auth / "c.key", 0o644)
+    (auth / "d.key").symlink_to(tmp_path / "gone.key")
     ring = security.KeyRing.load(auth)
     assert [k.name for k in ring.by_public.values()] == ["a"]
+    assert any("d.key: cannot read" in p for p in ring.problems)
     assert any("b.key: writable by group or others" in p for p in ring.problems)
     assert any("c.key: no 'identity'" in p for p in ring.problems)
 

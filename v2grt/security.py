@@ -289,6 +289,9 @@ class KeyRing:
             except (SecurityError, ValueError) as exc:
                 problems.append(str(exc))
                 continue
+            except OSError as exc:  # a dangling symlink, a file removed meanwhile, no permission
+                problems.append(f"{path}: cannot read ({exc.strerror}); ignored")
+                continue
             if entry.public_key in keys:
                 other = keys[entry.public_key]
                 problems.append(f"{path}: same public key as {other.path.name}; ignored (revoke one of them)")
