@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import pytest
+import zmq
 from _plant import (
     GATEWAYS,
     V2G_CLI,
@@ -30,6 +31,7 @@ from _plant import (
 )
 
 from v2grt.codes import Reason
+from v2grt.io import bus
 from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
 
@@ -51,11 +53,14 @@ def plant(tmp_path_factory):
         p = types.SimpleNamespace(dir=d, cfg=cfg, log=log, proc=proc, meter=meter, inverter=inverter,
                                   gateways=gateways, profile=d / "profile.json")
         p.cli = lambda *args, **kw: run(V2G_CLI, *args, "--config", str(cfg), **kw)
-        p.status = lambda: json.loads(p.cli("--status", "--json").stdout)
+        client = bus.ControlClient(zmq.Context.instance(), f"ipc://{sockets}/ctl", timeout_ms=5000)
+        p.status = lambda: client.call("status").result  # polling: cheaper than a v2g-cli process each time
         wait_until(lambda: p.status().get("nodes_by_reason", {}).get("OK", 0) >= 8, timeout_s=5,
                    what="gateways reporting")
         yield p
     finally:
+        if "client" in locals():
+            client.close()
         for g in locals().get("gateways", {}).values():
             g.stop()
         stop_process(proc)
@@ -83,7 +88,7 @@ def test_status_table_and_json(plant):
     for text in ("fleet plant", "50.000 Hz", "target", "delivered", "available up", "SOC_BELOW_MINIMUM",
                  "missed deadlines", "alarms"):
         assert text in r.stdout, text
-    st = plant.status()
+    st = json.loads(plant.cli("--status", "--json").stdout)
     assert st["vehicles"] == 12 and st["fleet_id"] == "plant" and st["epoch"] >= 1
     assert sum(st["nodes_by_reason"].values()) == 12 and st["loop"]["cycles"] > 0
     r2 = run(V2GRT, "status", "--json", "--config", str(plant.cfg))

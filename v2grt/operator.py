@@ -125,6 +125,7 @@ def _daemonize(cfg, args) -> int:
     args.log_file = log_path
     if cfg.path is not None:
         cfg.path = cfg.path.absolute()  # the daemon chdirs to /: relative paths stay relative to the file
+    cfg.state_dir = str(Path(cfg.state_dir).expanduser().absolute())  # ... and this one to where we started
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
