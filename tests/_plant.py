@@ -4,6 +4,8 @@ as real processes."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import numpy as np
 import yaml
 import zmq
 
+from v2grt.events import shutdown_logging
 from v2grt.io import bus, wire
 
 BIN = Path(sys.executable).parent
@@ -90,6 +93,21 @@ def write_config(directory: Path, sockets: Path, *, fleet_id: str = "plant", met
     path = directory / f"{fleet_id}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@contextlib.contextmanager
+def logging_restored():
+    """Run an aggregator in this process (its setup_logging rewires the "v2grt" logger), then put the
+    logger back as it was, so caplog in later tests still sees v2grt's records."""
+    logger = logging.getLogger("v2grt")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    try:
+        yield
+    finally:
+        shutdown_logging()
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        logger.setLevel(level)
 
 
 def clean_env(**extra) -> dict:

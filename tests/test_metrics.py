@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from _plant import GATEWAYS, SimGateway, short_dir, wait_until, write_config
+from _plant import GATEWAYS, SimGateway, logging_restored, short_dir, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from v2grt.io import bus
@@ -48,6 +48,8 @@ def running(tmp_path_factory):
     sim = SimServerThread([meter]).start()
     cfg = write_config(d, sockets, meter_port=sim.port(meter), metrics={"enabled": True, "port": 0})
     box, stop = {}, threading.Event()
+    restored = logging_restored()
+    restored.__enter__()
     t = threading.Thread(target=run_aggregator, args=(str(cfg),), daemon=True,
                          kwargs={"stop": stop, "ready": lambda agg: box.setdefault("agg", agg),
                                  "log_path": str(d / "engine.log")})
@@ -64,6 +66,7 @@ def running(tmp_path_factory):
             g.stop()
         stop.set()
         t.join(10)
+        restored.__exit__(None, None, None)
         sim.stop()
         shutil.rmtree(sockets, ignore_errors=True)
 
@@ -148,7 +151,7 @@ def test_busy_metrics_port_fails_start_up_and_frees_the_fleet(tmp_path):
     busy.listen()
     try:
         cfg = write_config(tmp_path, sockets, metrics={"enabled": True, "port": busy.getsockname()[1]})
-        with pytest.raises(OSError, match=r"metrics\.port"):
+        with pytest.raises(OSError, match=r"metrics\.port"), logging_restored():
             run_aggregator(str(cfg), stop=threading.Event(), log_path=str(tmp_path / "engine.log"))
         from v2grt.state import FleetLock
 

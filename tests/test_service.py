@@ -22,6 +22,7 @@ from _plant import (
     V2GRT,
     clean_env,
     log_lines,
+    logging_restored,
     run,
     short_dir,
     start_aggregator,
@@ -276,6 +277,8 @@ def test_watchdog_stops_while_cycles_miss_deadlines(tmp_path, sockets, monkeypat
 
     t = threading.Thread(target=run_aggregator, args=(str(cfg),), daemon=True,
                          kwargs={"stop": stop, "ready": ready, "log_path": str(tmp_path / "engine.log")})
+    restored = logging_restored()
+    restored.__enter__()
     t.start()
     try:
         assert started.wait(20)
@@ -288,6 +291,7 @@ def test_watchdog_stops_while_cycles_miss_deadlines(tmp_path, sockets, monkeypat
     finally:
         stop.set()
         t.join(10)
+        restored.__exit__(None, None, None)
         ns.close()
     assert not t.is_alive()
 
