@@ -213,7 +213,7 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
                    loc="left")
 
     ax_p = fig.add_subplot(gs[1, :], sharex=ax_f)
-    scale, unit = (1e3, "MW") if np.nanmax(np.abs(np.r_[s["band_hi_kw"], s["band_lo_kw"], 1.0])) >= 5e3 else (1.0, "kW")
+    scale, unit = (1e3, "MW") if np.nanmax(np.abs(np.r_[s["band_hi_kw"], s["band_lo_kw"], 1.0])) >= 2e3 else (1.0, "kW")
     ax_p.fill_between(t, s["band_lo_kw"] / scale, s["band_hi_kw"] / scale, color="#9ecae1", alpha=0.45, lw=0,
                       label=f"tolerance band (+-{100 * summary.get('tolerance', DEFAULT_TOLERANCE):g} % of capacity, "
                             f"{tr.get('tolerance_window_s', DEFAULT_WINDOW_S):g} s lag)")
@@ -249,7 +249,8 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
     ax_s.set_xlabel("state of charge")
     ax_s.set_ylabel("vehicles")
     d_mean = (np.mean(soc_after) - np.mean(soc_before)) if len(soc_after) and len(soc_before) else float("nan")
-    ax_s.set_title(f"SoC before and after (mean change {100 * d_mean:+.3f} points)", fontsize=9, loc="left")
+    ax_s.set_title(f"SoC of every vehicle before and after (mean change {100 * d_mean:+.3f} percentage points)",
+                   fontsize=9, loc="left")
     ax_s.legend(fontsize=8)
     ax_s.grid(alpha=0.3)
 
