@@ -315,7 +315,7 @@ class Aggregator:
         self.seq += 1
         t_ns = time.time_ns()
         exp_ns = t_ns + self.ttl_ns
-        estop = self.dispatcher.estop
+        estop = result.estop  # the flag the kernel ran with: a flagged message always carries zeros
         sp, rs = result.setpoints_kw, result.reasons
         for lay in self._layouts:
             np.take(sp, lay.rows, out=lay.p_buf)
@@ -441,7 +441,9 @@ class Aggregator:
         if cmd == "estop":
             self.dispatcher.emergency_stop()  # a bool the next kernel call reads: effective next cycle
             self.events.emit("EMERGENCY_STOP", logging.CRITICAL, key="estop", reason=args.get("reason", ""))
-            return {"estop": True, "effective_seq": self.seq + 1}
+            # The flag is read by the next kernel call; if this lands between that call and its publish, the
+            # cycle after carries it: seq + 2 is the first cycle guaranteed to be stopped.
+            return {"estop": True, "effective_seq": self.seq + 2}
         if cmd == "reset":
             was = self.dispatcher.estop
             self.dispatcher.reset()
