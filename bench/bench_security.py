@@ -16,7 +16,9 @@ this process's GIL. Reported per mode:
 - control round trip: a `status`-sized request and reply, REQ to ROUTER (secured: the per-message
   identity check too); connect: a new client's connect, handshake (ZAP) and first round trip;
 - revocation: how long after `keys_reload` a revoked key's subscriber still received, and the longest
-  pause the other gateways' subscribers saw while the setpoint socket dropped and re-admitted them.
+  pause the other gateways' subscribers saw while the setpoint socket dropped and re-admitted them;
+- crypto per message size: CPU per message of one PUSH/PULL pair in this process (encrypt and
+  decrypt both counted), plain vs CURVE, 1 KB to 100 KB: what CURVE costs per byte on this machine.
 """
 
 from __future__ import annotations
@@ -299,6 +301,39 @@ def measure_revocation(repeats: int, period_s: float) -> dict:
             "delay_ms": 1e3 * security.REBIND_DELAY_S["setpoints"]}
 
 
+def measure_crypto(sizes=(1_000, 10_000, 100_000), n: int = 2000) -> dict:
+    """CPU per message (us) of a PUSH -> PULL pair on loopback, plain and CURVE, per message size."""
+    import zmq
+
+    out = {}
+    for size in sizes:
+        row = {}
+        for mode in MODES:
+            ctx = zmq.Context()
+            pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+            if mode == "curve":
+                server_public, server_secret = zmq.curve_keypair()
+                client_public, client_secret = zmq.curve_keypair()
+                pull.curve_server, pull.curve_secretkey = 1, server_secret
+                push.curve_serverkey, push.curve_publickey, push.curve_secretkey = (server_public, client_public,
+                                                                                    client_secret)
+            pull.bind("tcp://127.0.0.1:*")
+            push.connect(pull.last_endpoint)
+            msg = b"\x5a" * size
+            push.send(msg)
+            pull.recv()
+            c0 = time.process_time_ns()
+            for _ in range(n):
+                push.send(msg)
+                pull.recv(copy=False)
+            row[mode] = (time.process_time_ns() - c0) / n / 1e3
+            push.close(0)
+            pull.close(0)
+            ctx.term()
+        out[size] = row
+    return out
+
+
 def run(gateways: int, nodes: int, cycles: int, period_ms: float, block: int, calls: int, repeats: int) -> dict:
     import zmq
 
@@ -320,7 +355,7 @@ def run(gateways: int, nodes: int, cycles: int, period_ms: float, block: int, ca
     rev = measure_revocation(repeats, period_ms / 1e3) if repeats else None
     return {"bench": "security", "machine": machine(), "gateways": gateways, "nodes_per_gateway": nodes,
             "cycles_per_mode": cycles, "period_ms": period_ms, "block": block, "setpoints": sp, "control": ctl,
-            "revocation": rev}
+            "revocation": rev, "crypto_us_per_msg": measure_crypto()}
 
 
 def render(r: dict) -> str:
@@ -343,6 +378,11 @@ def render(r: dict) -> str:
            f"process CPU per cycle (incl. libzmq I/O thread): plain {cpu[0]:.3f} ms, CURVE {cpu[1]:.3f} ms "
            f"(+{cpu[1] - cpu[0]:.3f} ms)",
            "setpoints delivered: " + ", ".join(f"{m} {sp[m]['delivered']}/{sp[m]['expected']}" for m in MODES)]
+    crypto = r.get("crypto_us_per_msg") or {}
+    if crypto:
+        out.append("CPU per message, encrypt + decrypt (one PUSH/PULL pair): " + "; ".join(
+            f"{int(size) // 1000} KB plain {c['plain']:.1f} us, CURVE {c['curve']:.1f} us "
+            f"(+{c['curve'] - c['plain']:.1f})" for size, c in crypto.items()))
     rev = r.get("revocation")
     if rev:
         out.append(f"revocation ({rev['repeats']} repeats, period {rev['period_ms']:g} ms, drop scheduled "
