@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -300,3 +301,51 @@ def test_gateway_without_vehicles_in_the_roster_refuses_to_start(roster, tmp_pat
                            "--gateway-id", "gw9"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "'gw9' has no vehicles" in proc.stderr and "gw1, gw2" in proc.stderr
+
+
+def test_gateway_falls_to_zero_within_its_expiry_after_the_aggregator_dies(roster, tmp_path):
+    """A real aggregator dispatching a real gateway process stops without a last word: the vehicles' measured
+    output is 0 kW within the setpoint expiry (0.3 s) plus one gateway wake."""
+    from v2grt.aggregator import Aggregator
+    from v2grt.config import config_from_dict
+    from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
+
+    meter = SunSpecMeter(213, f_hz=49.5)  # GB DC: full discharge at -500 mHz
+    sim = SimServerThread([meter]).start()
+    ctx = zmq.Context()
+    site = ctx.socket(zmq.PULL)
+    site.linger = 0
+    site_ep = f"tcp://127.0.0.1:{site.bind_to_random_port('tcp://127.0.0.1')}"
+    cfg = config_from_dict({
+        "fleet_id": "gwtest", "period_s": 0.05, "budget_s": 0.05, "state_dir": str(tmp_path / "state"),
+        "realtime": {"mlockall": False, "gc_freeze": False},
+        "meter": {"host": "127.0.0.1", "port": sim.port(meter), "poll_interval_s": 0.01},
+        "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                "setpoint_ttl_s": 0.3},
+        "service": {"name": "dc", "capacity_kw": 40.0},
+        "fleet": {"roster": str(roster)},
+    })
+    agg = Aggregator(cfg, epoch=3)
+    agg.start()
+    proc, _log = start_gateway(roster, agg.publisher.endpoint, agg.telemetry.endpoint, tmp_path,
+                               "--unreachable-fraction", "0", "--site-power", site_ep)
+    try:
+        def site_kw():
+            kw = None
+            while site.poll(0):
+                kw = sum(msgpack.unpackb(site.recv())["sites"].values())
+            return kw
+
+        wait_until(lambda: (site_kw() or 0.0) > 30.0, 10.0, "the gateway's vehicles discharging")
+        agg.stop(final_zero=False)  # as if killed: no zero setpoints on the way out
+        t_dead = time.monotonic()
+        wait_until(lambda: site_kw() == 0.0, 2.0, "0 kW after the aggregator died", every_s=0.005)
+        assert time.monotonic() - t_dead < 0.3 + 0.2
+        assert proc.poll() is None  # the gateway lives on, waiting for a scheduler
+    finally:
+        agg.stop()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+        site.close()
+        ctx.term()
+        sim.stop()

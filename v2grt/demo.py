@@ -590,7 +590,7 @@ class Demo:
 
     def _render_line(self, now: float, control: dict | None) -> None:
         v = self._view(now, control)
-        print(" | ".join(s.split("   (")[0] for s in (v[0].split("   (")[0], v[1], v[2], v[6])), flush=True)
+        print(" | ".join(" ".join(s.split("   (")[0].split()) for s in (v[0], v[1], v[2], v[6])), flush=True)
 
     # ------------------------------------------------------------------------------ wind-down
     def _final_status(self) -> None:

@@ -274,7 +274,8 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
             ax_c.axvline(cyc[key], color="k", ls=style, lw=0.9, label=f"{key} {cyc[key]:.2f} ms")
     ax_c.axvline(budget_ms, color="#d62728", lw=1.2, label=f"budget {budget_ms:g} ms")
     ax_c.set_xlabel("cycle time (inputs + kernel + publish), ms")
-    ax_c.set_title("Aggregator cycle times (its Prometheus histogram)", fontsize=9, loc="left")
+    ax_c.set_title("Aggregator cycle times in the run (its Prometheus histogram; marks: whole life)", fontsize=9,
+                   loc="left")
     ax_c.legend(fontsize=8, loc="upper right")
     ax_c.grid(alpha=0.3, which="both")
 
