@@ -50,7 +50,7 @@ class _GatewayLayout:
     gateway_id: str
     rows: np.ndarray  # int64 fleet rows, ascending
     ids_blob: bytes  # node ids NUL-joined, in rows order
-    p_buf: np.ndarray  # float64 scratch, len(rows)
+    p_buf: np.ndarray  # float32 scratch (the wire's dtype), len(rows)
     r_buf: np.ndarray  # uint8 scratch
 
 
@@ -318,8 +318,10 @@ class Aggregator:
         estop = result.estop  # the flag the kernel ran with: a flagged message always carries zeros
         sp, rs = result.setpoints_kw, result.reasons
         for lay in self._layouts:
-            np.take(sp, lay.rows, out=lay.p_buf)
-            np.take(rs, lay.rows, out=lay.r_buf)
+            # mode="clip": rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes);
+            # p_buf is float32, the wire's dtype, so the encoder packs it without another conversion
+            np.take(sp, lay.rows, out=lay.p_buf, mode="clip")
+            np.take(rs, lay.rows, out=lay.r_buf, mode="clip")
             self.publisher.send(wire.encode_setpoints(lay.gateway_id, self.epoch, self.seq, t_ns, exp_ns, estop,
                                                       lay.ids_blob, lay.p_buf, lay.r_buf, slow_n=self.slow_n))
         self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
@@ -332,7 +334,7 @@ class Aggregator:
             if not len(rows):
                 continue
             layouts.append(_GatewayLayout(gw, rows, wire.join_ids(fleet.node_ids[r] for r in rows),
-                                          np.zeros(len(rows)), np.zeros(len(rows), np.uint8)))
+                                          np.zeros(len(rows), np.float32), np.zeros(len(rows), np.uint8)))
         self._layouts = layouts
         self._layout_version = fleet.version
 
