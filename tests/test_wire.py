@@ -458,3 +458,29 @@ def test_fuzz_arbitrary_msgpack_objects_raise_only_wire_errors(obj, args):
     for cmd in wire.COMMANDS:
         only_wire_errors(wire.decode_request, msgpack.packb({"v": 1, "cmd": cmd, "args": args}))
     only_wire_errors(wire.decode_status, wire.STATUS_TOPIC + msgpack.packb(STATUS | args))
+
+
+def test_setpoint_frame_decodes_like_encode_setpoints():
+    """The aggregator's in-place frame decodes to exactly what encode_setpoints gives, cycle after cycle."""
+    ids = wire.join_ids([f"EV_NODE_{i:03d}" for i in range(300)])
+    frame = wire.SetpointFrame("gw10", ids)
+    rng = np.random.default_rng(0)
+    for seq in (1, 2, 2**40):
+        p = rng.uniform(-22.0, 22.0, 300)
+        r = rng.choice([0, 3, 9], 300).astype(np.uint8)
+        got = wire.decode_setpoints(frame.fill(9, seq, 10**18, 10**18 + 5 * 10**8, False, p, r, slow_n=10))
+        want = wire.decode_setpoints(wire.encode_setpoints("gw10", 9, seq, 10**18, 10**18 + 5 * 10**8, False,
+                                                           ids, p, r, slow_n=10))
+        for key in ("v", "gw", "ep", "seq", "t_ns", "exp_ns", "estop", "slow_n", "ids_blob"):
+            assert getattr(got, key) == getattr(want, key), key
+        np.testing.assert_array_equal(got.p_kw, want.p_kw)
+        np.testing.assert_array_equal(got.reasons, want.reasons)
+
+
+def test_setpoint_frame_refuses_wild_values():
+    """A NaN or out-of-range setpoint, or power under an e-stop, never leaves as a frame."""
+    frame = wire.SetpointFrame("gw1", wire.join_ids(["A", "B"]))
+    for p, estop in (([np.nan, 0.0], False), ([0.0, 5000.0], False), ([1.0, 0.0], True)):
+        with pytest.raises(wire.WireError) as exc:
+            frame.fill(1, 1, 10, 20, estop, np.array(p), np.zeros(2, np.uint8))
+        assert exc.value.code == "OUT_OF_RANGE"

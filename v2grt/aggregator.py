@@ -49,9 +49,7 @@ class _GatewayLayout:
 
     gateway_id: str
     rows: np.ndarray  # int64 fleet rows, ascending
-    ids_blob: bytes  # node ids NUL-joined, in rows order
-    p_buf: np.ndarray  # float32 scratch (the wire's dtype), len(rows)
-    r_buf: np.ndarray  # uint8 scratch
+    frame: wire.SetpointFrame  # the message laid out once (ids included), refilled in place each cycle
 
 
 @dataclasses.dataclass
@@ -180,12 +178,15 @@ class Aggregator:
             self.loop.stop()
             if final_zero:
                 self._publish_final_zero()
-            wake = self.ctx.socket(zmq.PAIR)
-            wake.linger = 0
-            wake.connect(self._wake_addr)
-            wake.send(b"stop")  # in-band stop for the bus thread's poller
-            self._bus_thread.join(5.0)
-            wake.close()
+            if self._bus_thread.is_alive():
+                wake = self.ctx.socket(zmq.PAIR)
+                try:
+                    wake.linger = 0
+                    wake.connect(self._wake_addr)
+                    wake.send(b"stop")  # in-band stop for the bus thread's poller
+                    self._bus_thread.join(5.0)
+                finally:
+                    wake.close()
             if self.input_thread:
                 self.input_thread.stop()
             time.sleep(0.05)  # linger=0 drops unsent frames: give the final zeros a moment on the wire
@@ -318,12 +319,11 @@ class Aggregator:
         estop = result.estop  # the flag the kernel ran with: a flagged message always carries zeros
         sp, rs = result.setpoints_kw, result.reasons
         for lay in self._layouts:
-            # mode="clip": rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes);
-            # p_buf is float32, the wire's dtype, so the encoder packs it without another conversion
-            np.take(sp, lay.rows, out=lay.p_buf, mode="clip")
-            np.take(rs, lay.rows, out=lay.r_buf, mode="clip")
-            self.publisher.send(wire.encode_setpoints(lay.gateway_id, self.epoch, self.seq, t_ns, exp_ns, estop,
-                                                      lay.ids_blob, lay.p_buf, lay.r_buf, slow_n=self.slow_n))
+            # Gathered straight into the frame's float32/uint8 views. mode="clip": rows are valid by
+            # construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes).
+            np.take(sp, lay.rows, out=lay.frame.p_kw, mode="clip")
+            np.take(rs, lay.rows, out=lay.frame.reasons, mode="clip")
+            self.publisher.send(lay.frame.fill(self.epoch, self.seq, t_ns, exp_ns, estop, slow_n=self.slow_n))
         self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
 
     def _rebuild_layouts(self) -> None:
@@ -333,8 +333,7 @@ class Aggregator:
             rows = fleet.gateway_rows(gw)
             if not len(rows):
                 continue
-            layouts.append(_GatewayLayout(gw, rows, wire.join_ids(fleet.node_ids[r] for r in rows),
-                                          np.zeros(len(rows), np.float32), np.zeros(len(rows), np.uint8)))
+            layouts.append(_GatewayLayout(gw, rows, wire.SetpointFrame(gw, wire.join_ids(fleet.node_ids[r] for r in rows))))
         self._layouts = layouts
         self._layout_version = fleet.version
 
@@ -345,9 +344,9 @@ class Aggregator:
         self.seq += 1
         t_ns = time.time_ns()
         for lay in self._layouts:
-            lay.p_buf[:] = 0.0
-            self.publisher.send(wire.encode_setpoints(lay.gateway_id, self.epoch, self.seq, t_ns, t_ns + self.ttl_ns,
-                                                      False, lay.ids_blob, lay.p_buf, lay.r_buf))
+            lay.frame.p_kw[:] = 0.0
+            self.publisher.send(lay.frame.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, False,
+                                               slow_n=self.slow_n))
         log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._layouts), self.seq)
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -416,6 +417,78 @@ def encode_setpoints(gateway_id: str, epoch: int, seq: int, t_ns: int, exp_ns: i
         "v": VERSION, "gw": gateway_id, "ep": epoch, "seq": seq, "t_ns": t_ns, "exp_ns": exp_ns,
         "estop": bool(estop), "slow_n": slow_n, "ids": ids_blob, "p_kw": memoryview(p), "rs": memoryview(r),
     })
+
+
+class SetpointFrame:
+    """One gateway's setpoint frame, laid out once and refilled in place each cycle (the aggregator's path).
+
+    Decodes to exactly what :func:`encode_setpoints` gives for the same inputs; the bytes differ only
+    in that the integers use fixed-width msgpack forms (uint64, uint32), so they can be overwritten at
+    fixed offsets. encode_setpoints packs a dict and copies the arrays several times: at 100,000 nodes
+    in 20 gateways that was ~0.8 ms a cycle, this is one conversion and one copy per frame.
+    """
+
+    def __init__(self, gateway_id: str, ids_blob: bytes):
+        what = f"setpoints for {gateway_id!r}"
+        n = _count_ids(ids_blob)
+        self.gateway_id, self.n = gateway_id, n
+        pk = msgpack.packb
+        head = setpoint_topic(gateway_id) + b"\x8b" + pk("v") + pk(VERSION) + pk("gw") + pk(gateway_id)
+        parts, offsets = [head], {}
+
+        def field(key: str, blank: bytes) -> None:
+            parts.append(pk(key))
+            offsets[key] = sum(map(len, parts))
+            parts.append(blank)
+
+        for key in ("ep", "seq", "t_ns", "exp_ns"):
+            field(key, b"\xcf" + bytes(8))
+        field("estop", b"\xc2")
+        field("slow_n", b"\xce" + bytes(4))
+        for key, size in (("ids", len(ids_blob)), ("p_kw", 4 * n), ("rs", n)):
+            parts.append(pk(key))
+            parts.append(b"\xc6" + struct.pack(">I", size))  # bin32: one header form whatever the size
+            offsets[key] = sum(map(len, parts))
+            parts.append(ids_blob if key == "ids" else bytes(size))
+        self._buf = bytearray(b"".join(parts))
+        self._off = offsets
+        self.p_kw = np.frombuffer(self._buf, "<f4", n, offsets["p_kw"])  # write views into the frame
+        self.reasons = np.frombuffer(self._buf, "u1", n, offsets["rs"])
+        self._what = what
+
+    def fill(self, epoch: int, seq: int, t_ns: int, exp_ns: int, estop: bool, p_kw: np.ndarray | None = None,
+             reasons: np.ndarray | None = None, *, slow_n: int = 1) -> bytes:
+        """Write this cycle's values (p_kw float64 or float32, kW, + discharge) and return the frame.
+
+        ``p_kw`` / ``reasons`` may be None when the caller already wrote them into the views
+        ``self.p_kw`` / ``self.reasons`` (e.g. with np.take(..., out=frame.p_kw)). The same checks as
+        encode_setpoints: a kernel bug must never reach a gateway as a wild setpoint.
+        """
+        b, off, what = self._buf, self._off, self._what
+        if p_kw is not None:
+            np.copyto(self.p_kw, p_kw, casting="same_kind")
+        if reasons is not None:
+            np.copyto(self.reasons, reasons)
+        p = self.p_kw
+        if self.n and not (np.abs(p).max() <= P_LIMIT_KW):  # also False for NaN
+            i = int(np.flatnonzero(~(np.abs(p) <= P_LIMIT_KW))[0])
+            raise WireError("OUT_OF_RANGE", f"{what}: p_kw[{i}]={p[i].item()!r}: expected finite, "
+                                            f"|p| <= {P_LIMIT_KW:g} kW")
+        if not _reasons_ok(self.reasons):
+            raise WireError("OUT_OF_RANGE", f"{what}: reasons hold an unknown Reason code")
+        if estop and p.any():
+            raise WireError("OUT_OF_RANGE", f"{what}: estop is set but some p_kw are non-zero")
+        if not (0 <= epoch <= U64_MAX and 0 <= seq <= U64_MAX and 0 <= t_ns <= exp_ns <= I64_MAX
+                and 1 <= slow_n <= 1_000_000):
+            raise WireError("OUT_OF_RANGE", f"{what}: epoch={epoch} seq={seq} t_ns={t_ns} exp_ns={exp_ns} "
+                                            f"slow_n={slow_n}: out of range")
+        struct.pack_into(">Q", b, off["ep"] + 1, epoch)
+        struct.pack_into(">Q", b, off["seq"] + 1, seq)
+        struct.pack_into(">Q", b, off["t_ns"] + 1, t_ns)
+        struct.pack_into(">Q", b, off["exp_ns"] + 1, exp_ns)
+        b[off["estop"]] = 0xC3 if estop else 0xC2
+        struct.pack_into(">I", b, off["slow_n"] + 1, slow_n)
+        return bytes(b)
 
 
 def decode_setpoints(frame: bytes) -> SetpointMsg:
@@ -909,7 +982,7 @@ def annotate(frame: bytes) -> str:
 
 
 __all__ = [
-    "COMMANDS", "ERROR_CODES", "MAX_FRAME_BYTES", "SETPOINT_ARRAYS", "STATUS_FIELDS", "STATUS_TOPIC",
+    "COMMANDS", "ERROR_CODES", "SetpointFrame", "MAX_FRAME_BYTES", "SETPOINT_ARRAYS", "STATUS_FIELDS", "STATUS_TOPIC",
     "TELEMETRY_ARRAYS", "TELEMETRY_PROFILES", "VERSION", "ControlReply", "ControlRequest", "SetpointFence",
     "SetpointMsg", "TelemetryBatch", "WireError", "annotate", "decode_reply", "decode_request",
     "decode_setpoints", "decode_status", "decode_telemetry", "encode_reply", "encode_request",
