@@ -107,7 +107,10 @@ class Aggregator:
                                     interval_s=max(cfg.period_s, 0.05), timeout_s=0.2)
             self.inverters.append((reader, self.fleet.site_index(inv.site)))
             pollers.append(reader)
-        self.input_thread = InputThread(pollers) if pollers else None
+        # worker_threads (the field manual's knob) sizes the I/O side: the pollers are dealt round-robin
+        # onto that many input threads, each one asyncio (uvloop) loop polling its devices concurrently.
+        n_threads = min(cfg.worker_threads, len(pollers))
+        self.input_threads = [InputThread(pollers[k::n_threads], name=f"v2grt-input-{k}") for k in range(n_threads)]
 
         # bus
         self._own_ctx = ctx is None
@@ -164,8 +167,8 @@ class Aggregator:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self.input_thread:
-            self.input_thread.start()
+        for thread in self.input_threads:
+            thread.start()
         self._bus_thread.start()
         self.loop.start()
 
@@ -187,8 +190,8 @@ class Aggregator:
                     self._bus_thread.join(5.0)
                 finally:
                     wake.close()
-            if self.input_thread:
-                self.input_thread.stop()
+            for thread in self.input_threads:
+                thread.stop()
             time.sleep(0.05)  # linger=0 drops unsent frames: give the final zeros a moment on the wire
         finally:
             # Sockets close whatever failed above: an open socket would block Context.term() forever.
