@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, stats_ms, table  # noqa: E402
+from _common import emit, machine, stats_ms, table
 
-from v2grt import Fleet  # noqa: E402
-from v2grt import _core, reference  # noqa: E402
-from v2grt._buffers import KernelOutput, Workspace  # noqa: E402
-from v2grt.profile import DispatchProfile  # noqa: E402
+from v2grt import (
+    Fleet,
+    _core,
+    reference,
+)
+from v2grt._buffers import KernelOutput, Workspace
+from v2grt.profile import DispatchProfile
 
 
 def requests_kw(fleet: Fleet, cycles: int, seed: int = 0) -> np.ndarray:
@@ -38,7 +41,7 @@ def requests_kw(fleet: Fleet, cycles: int, seed: int = 0) -> np.ndarray:
 def time_kernel(kernel, fleet, profile, reqs, out, work, feed_back=True) -> list[int]:
     samples = []
     n = fleet.n_rows
-    for k, req in enumerate(reqs):
+    for req in reqs:
         t0 = time.perf_counter_ns()
         kernel.dispatch(fleet, profile, float(req), 0, 0.1, False, out, work)
         samples.append(time.perf_counter_ns() - t0)
@@ -74,7 +77,7 @@ def run(sizes, cycles, ref_cycles, seed=0) -> dict:
             # Interleave the three so drift on a shared machine hits them alike.
             cy, roof, ref = [], [], []
             chunks = np.array_split(np.arange(n_cycles), n_ref)
-            for k, idx in enumerate(chunks):
+            for idx in chunks:
                 cy += time_kernel(_core, fleet, profile, reqs[idx], out, work)
                 roof += time_roofline(fleet, out, len(idx))
                 ref += time_kernel(reference, fleet, profile, reqs[idx[:1]], out, work)

@@ -481,7 +481,7 @@ def test_non_utf8_roster_names_the_line(tmp_path):
 
 def test_missing_file_raises_oserror(tmp_path):
     """A roster that does not exist raises FileNotFoundError naming the path."""
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.csv"):
         load_roster(tmp_path / "nope.csv")
 
 

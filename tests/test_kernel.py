@@ -120,7 +120,8 @@ def test_invariants(backend, case):
     ramp = profile.node_ramp_kw_per_s * 0.1
     last = fleet.last_setpoint_kw[:n]
     if math.isfinite(ramp):  # |power| may rise by at most ramp*dt; falling is never limited
-        assert np.all(np.abs(sp) <= np.maximum(np.where(np.sign(sp) == np.sign(last), np.abs(last), 0.0), 0) + ramp + eps)
+        same_way = np.where(np.sign(sp) == np.sign(last), np.abs(last), 0.0)
+        assert np.all(np.abs(sp) <= same_way + ramp + eps)
     if estop:
         assert np.all(sp == 0.0) and np.all(reason[fleet.active[:n] == 1] == Reason.EMERGENCY_STOP)
 
@@ -345,7 +346,7 @@ def test_unknown_policy_is_refused():
     """An unknown policy name is a ProfileError naming the key and the allowed values."""
     from v2grt import ProfileError
 
-    with pytest.raises(ProfileError, match="policy='fastest'.*merit"):
+    with pytest.raises(ProfileError, match=r"policy='fastest'.*merit"):
         DispatchProfile(policy="fastest")
 
 
@@ -358,7 +359,7 @@ def test_profile_json_errors_name_file_and_key(tmp_path):
     with pytest.raises(ProfileError, match=r"discharge_profile.json: minimum_soc=1.4 outside 0.0..1.0"):
         DispatchProfile.from_json(path)
     path.write_text('{"minimum_SOC": 0.3}')
-    with pytest.raises(ProfileError, match="unknown key.*minimum_SOC"):
+    with pytest.raises(ProfileError, match=r"unknown key.*minimum_SOC"):
         DispatchProfile.from_json(path)
     path.write_text('{"minimum_soc": 0.3,}')
     with pytest.raises(ProfileError, match="line 1"):

@@ -72,7 +72,7 @@ def test_charge_energy_counts_efficiency():
     temp_c=st.floats(-30.0, 58.0),
 )
 def test_soc_stays_in_range_and_power_within_limits(soc, request, dt_s, temp_c):
-    """Whatever is asked, SoC stays in 0..1, delivered power stays within charger and BMS limits, and SoC moves by the delivered energy."""
+    """Whatever is asked, SoC stays in 0..1, power stays within charger and BMS limits, SoC follows energy."""
     sim = SimFleetState(4, soc=soc, capacity_kwh=[40.0, 60.0, 77.0, 100.0], temp_c=temp_c,
                         p_dis_max_kw=[7.4, 11.0, 22.0, 150.0], p_chg_max_kw=[7.4, 11.0, 22.0, 150.0])
     dis, chg = sim.bms_limits()

@@ -8,7 +8,7 @@ from v2grt.kernel import get_backend as _get_backend
 _get_backend(_default_backend())
 
 from v2grt.codes import Reason  # noqa: E402
-from v2grt.dispatch import DispatchResult, Dispatcher  # noqa: E402
+from v2grt.dispatch import Dispatcher, DispatchResult  # noqa: E402
 from v2grt.fleet import Fleet, FleetError  # noqa: E402
 from v2grt.profile import DispatchProfile, ProfileError  # noqa: E402
 

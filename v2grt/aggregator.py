@@ -336,7 +336,8 @@ class Aggregator:
             rows = fleet.gateway_rows(gw)
             if not len(rows):
                 continue
-            layouts.append(_GatewayLayout(gw, rows, wire.SetpointFrame(gw, wire.join_ids(fleet.node_ids[r] for r in rows))))
+            frame = wire.SetpointFrame(gw, wire.join_ids(fleet.node_ids[r] for r in rows))
+            layouts.append(_GatewayLayout(gw, rows, frame))
         self._layouts = layouts
         self._layout_version = fleet.version
 

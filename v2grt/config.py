@@ -268,7 +268,8 @@ def _value(src, key, value, annotation, range_key=None):
             return value
         if value is None and "None" in ann:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        not_number = isinstance(value, bool) or not isinstance(value, (int, float))
+        if not_number or (kind is int and not isinstance(value, int)):
             raise ConfigError(f"{src}: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")
         if len(spec) == 2:  # a set of allowed numbers
             if str(int(value)) not in spec[1] or value != int(value):

@@ -109,7 +109,7 @@ def _unpack_map(view: memoryview, what: str) -> dict:
         obj = msgpack.unpackb(view, raw=False, strict_map_key=True, max_str_len=MAX_STR_BYTES,
                               max_bin_len=MAX_FRAME_BYTES, max_array_len=MAX_ARRAY_LEN,
                               max_map_len=MAX_MAP_LEN, max_ext_len=0)
-    except Exception as exc:  # noqa: BLE001 -- msgpack: "other exceptions can be raised during unpacking"
+    except Exception as exc:
         raise WireError("BAD_MSGPACK", f"{what}: not a complete msgpack object "
                                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(obj, dict):
@@ -982,10 +982,35 @@ def annotate(frame: bytes) -> str:
 
 
 __all__ = [
-    "COMMANDS", "ERROR_CODES", "SetpointFrame", "MAX_FRAME_BYTES", "SETPOINT_ARRAYS", "STATUS_FIELDS", "STATUS_TOPIC",
-    "TELEMETRY_ARRAYS", "TELEMETRY_PROFILES", "VERSION", "ControlReply", "ControlRequest", "SetpointFence",
-    "SetpointMsg", "TelemetryBatch", "WireError", "annotate", "decode_reply", "decode_request",
-    "decode_setpoints", "decode_status", "decode_telemetry", "encode_reply", "encode_request",
-    "encode_setpoints", "encode_status", "encode_telemetry", "join_ids", "request_id_of", "setpoint_topic",
+    "COMMANDS",
+    "ERROR_CODES",
+    "MAX_FRAME_BYTES",
+    "SETPOINT_ARRAYS",
+    "STATUS_FIELDS",
+    "STATUS_TOPIC",
+    "TELEMETRY_ARRAYS",
+    "TELEMETRY_PROFILES",
+    "VERSION",
+    "ControlReply",
+    "ControlRequest",
+    "SetpointFence",
+    "SetpointFrame",
+    "SetpointMsg",
+    "TelemetryBatch",
+    "WireError",
+    "annotate",
+    "decode_reply",
+    "decode_request",
+    "decode_setpoints",
+    "decode_status",
+    "decode_telemetry",
+    "encode_reply",
+    "encode_request",
+    "encode_setpoints",
+    "encode_status",
+    "encode_telemetry",
+    "join_ids",
+    "request_id_of",
+    "setpoint_topic",
     "split_ids",
 ]
