@@ -460,27 +460,33 @@ def test_fuzz_arbitrary_msgpack_objects_raise_only_wire_errors(obj, args):
     only_wire_errors(wire.decode_status, wire.STATUS_TOPIC + msgpack.packb(STATUS | args))
 
 
-def test_setpoint_frame_decodes_like_encode_setpoints():
-    """The aggregator's in-place frame decodes to exactly what encode_setpoints gives, cycle after cycle."""
-    ids = wire.join_ids([f"EV_NODE_{i:03d}" for i in range(300)])
-    frame = wire.SetpointFrame("gw10", ids)
+def test_setpoint_frames_decode_like_encode_setpoints():
+    """The aggregator's in-place frames decode to exactly what encode_setpoints gives, cycle after cycle."""
+    sizes = {"gw1": 3, "gw10": 300, "gw2": 1}
+    ids = {gw: wire.join_ids([f"{gw}_EV_{i:03d}" for i in range(n)]) for gw, n in sizes.items()}
+    frames = wire.SetpointFrames(list(ids.items()))
     rng = np.random.default_rng(0)
     for seq in (1, 2, 2**40):
-        p = rng.uniform(-22.0, 22.0, 300)
-        r = rng.choice([0, 3, 9], 300).astype(np.uint8)
-        got = wire.decode_setpoints(frame.fill(9, seq, 10**18, 10**18 + 5 * 10**8, False, p, r, slow_n=10))
-        want = wire.decode_setpoints(wire.encode_setpoints("gw10", 9, seq, 10**18, 10**18 + 5 * 10**8, False,
-                                                           ids, p, r, slow_n=10))
-        for key in ("v", "gw", "ep", "seq", "t_ns", "exp_ns", "estop", "slow_n", "ids_blob"):
-            assert getattr(got, key) == getattr(want, key), key
-        np.testing.assert_array_equal(got.p_kw, want.p_kw)
-        np.testing.assert_array_equal(got.reasons, want.reasons)
+        p = rng.uniform(-22.0, 22.0, sum(sizes.values())).astype(np.float32)
+        r = rng.choice([0, 3, 9], len(p)).astype(np.uint8)
+        frames.p_kw[:], frames.reasons[:] = p, r
+        got = [wire.decode_setpoints(f) for f in frames.fill(9, seq, 10**18, 10**18 + 5 * 10**8, False, slow_n=10)]
+        assert [m.gw for m in got] == list(sizes)
+        for k, (gw, blob) in enumerate(ids.items()):
+            a, b = frames.starts[k], frames.starts[k + 1]
+            want = wire.decode_setpoints(wire.encode_setpoints(gw, 9, seq, 10**18, 10**18 + 5 * 10**8, False,
+                                                               blob, p[a:b], r[a:b], slow_n=10))
+            for key in ("v", "gw", "ep", "seq", "t_ns", "exp_ns", "estop", "slow_n", "ids_blob"):
+                assert getattr(got[k], key) == getattr(want, key), key
+            np.testing.assert_array_equal(got[k].p_kw, want.p_kw)
+            np.testing.assert_array_equal(got[k].reasons, want.reasons)
 
 
-def test_setpoint_frame_refuses_wild_values():
+def test_setpoint_frames_refuse_wild_values():
     """A NaN or out-of-range setpoint, or power under an e-stop, never leaves as a frame."""
-    frame = wire.SetpointFrame("gw1", wire.join_ids(["A", "B"]))
+    frames = wire.SetpointFrames([("gw1", wire.join_ids(["A", "B"]))])
     for p, estop in (([np.nan, 0.0], False), ([0.0, 5000.0], False), ([1.0, 0.0], True)):
+        frames.p_kw[:] = p
         with pytest.raises(wire.WireError) as exc:
-            frame.fill(1, 1, 10, 20, estop, np.array(p), np.zeros(2, np.uint8))
+            list(frames.fill(1, 1, 10, 20, estop))
         assert exc.value.code == "OUT_OF_RANGE"

@@ -44,15 +44,6 @@ SLOW_N_OPTIMIZED = 10
 
 
 @dataclasses.dataclass
-class _GatewayLayout:
-    """What one gateway's setpoint message needs, rebuilt only when the fleet's membership changes."""
-
-    gateway_id: str
-    rows: np.ndarray  # int64 fleet rows, ascending
-    frame: wire.SetpointFrame  # the message laid out once (ids included), refilled in place each cycle
-
-
-@dataclasses.dataclass
 class _TestDischarge:
     row: int
     node_id: str
@@ -143,7 +134,10 @@ class Aggregator:
                                 realtime=RealtimeConfig(**dataclasses.asdict(cfg.realtime)), stats=self.stats,
                                 on_setup=self._log_setup)
         self.seq = 0
-        self._layouts: list[_GatewayLayout] = []
+        # Every gateway's frame, laid out once per fleet membership (ids included) and refilled each cycle;
+        # _rows_all lists the fleet rows in the frames' gateway order.
+        self._frames: wire.SetpointFrames | None = None
+        self._rows_all = np.zeros(0, np.int64)
         self._layout_version = -1
         self._last_fraction = 0.0
         self._f_stale = False
@@ -314,44 +308,42 @@ class Aggregator:
     # phase 3: publish
     def _publish(self, result, now_ns: int) -> None:
         self.publisher.admit_subscriptions()  # security: each subscription checked against its key; else no-op
-        if self.fleet.version != self._layout_version or not self._layouts:
+        if self.fleet.version != self._layout_version or self._frames is None:
             self._rebuild_layouts()
         self.seq += 1
         t_ns = time.time_ns()
-        exp_ns = t_ns + self.ttl_ns
-        estop = result.estop  # the flag the kernel ran with: a flagged message always carries zeros
-        sp, rs = result.setpoints_kw, result.reasons
-        for lay in self._layouts:
-            # Gathered straight into the frame's float32/uint8 views. mode="clip": rows are valid by
-            # construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes).
-            np.take(sp, lay.rows, out=lay.frame.p_kw, mode="clip")
-            np.take(rs, lay.rows, out=lay.frame.reasons, mode="clip")
-            self.publisher.send(lay.frame.fill(self.epoch, self.seq, t_ns, exp_ns, estop, slow_n=self.slow_n))
+        frames = self._frames
+        # One gather for the whole fleet, straight into the frames' float32/uint8 arrays. mode="clip":
+        # rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes).
+        np.take(result.setpoints_kw, self._rows_all, out=frames.p_kw, mode="clip")
+        np.take(result.reasons, self._rows_all, out=frames.reasons, mode="clip")
+        # result.estop: the flag the kernel ran with, so a flagged message always carries zeros
+        for frame in frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n):
+            self.publisher.send(frame)
         self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
 
     def _rebuild_layouts(self) -> None:
         fleet = self.fleet
-        layouts = []
+        gateways, rows = [], []
         for gw in fleet.gateway_ids:
-            rows = fleet.gateway_rows(gw)
-            if not len(rows):
-                continue
-            frame = wire.SetpointFrame(gw, wire.join_ids(fleet.node_ids[r] for r in rows))
-            layouts.append(_GatewayLayout(gw, rows, frame))
-        self._layouts = layouts
+            gw_rows = fleet.gateway_rows(gw)
+            if len(gw_rows):
+                gateways.append((gw, wire.join_ids(fleet.node_ids[r] for r in gw_rows)))
+                rows.append(gw_rows)
+        self._frames = wire.SetpointFrames(gateways)
+        self._rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         self._layout_version = fleet.version
 
     def _publish_final_zero(self) -> None:
         """The last word to every gateway: 0 kW, e-stop cleared, so they stop at once (not at expiry)."""
-        if not self._layouts:
+        if self._frames is None:
             self._rebuild_layouts()
         self.seq += 1
         t_ns = time.time_ns()
-        for lay in self._layouts:
-            lay.frame.p_kw[:] = 0.0
-            self.publisher.send(lay.frame.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, False,
-                                               slow_n=self.slow_n))
-        log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._layouts), self.seq)
+        self._frames.p_kw[:] = 0.0
+        for frame in self._frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, False, slow_n=self.slow_n):
+            self.publisher.send(frame)
+        log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._frames), self.seq)
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
         n = self.fleet.n_rows
