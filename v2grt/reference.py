@@ -81,17 +81,20 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     # -- exclusions, first applicable reason wins --------------------------------------------------
     site_ok = (site >= 0) & (site < n_sites)
     site_fault = np.where(site_ok, fleet.site_fault[np.clip(site, 0, max(n_sites - 1, 0))] if n_sites else 0, 0)
-    valid = (
-        site_ok
-        & (soc >= 0.0) & (soc <= 1.0)
-        & (soh >= 0.0) & (soh <= 1.0)
-        & (capacity_kwh > 0.0) & (capacity_kwh < math.inf)
-        & (p_dis_max_kw >= 0.0) & (p_dis_max_kw < math.inf)
-        & (p_chg_max_kw >= 0.0) & (p_chg_max_kw < math.inf)
-        & (temp_c > -math.inf) & (temp_c < math.inf)
-        & (efficiency > 0.0) & (efficiency <= 1.0)
-        & (cycle_count >= 0.0) & (cycle_count < math.inf)
-    )
+    # Every value finite (one sum: NaN or inf anywhere, or an overflowing sum, makes total - total NaN)
+    # and in range; the same definition as _core, so both exclude exactly the same rows.
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = soc + soh + capacity_kwh + p_dis_max_kw + p_chg_max_kw + temp_c + efficiency + cycle_count
+        valid = (
+            site_ok
+            & (total - total == 0.0)
+            & (soc >= 0.0) & (soc <= 1.0)
+            & (soh >= 0.0) & (soh <= 1.0)
+            & (capacity_kwh > 0.0)
+            & (p_dis_max_kw >= 0.0) & (p_chg_max_kw >= 0.0)
+            & (efficiency > 0.0) & (efficiency <= 1.0)
+            & (cycle_count >= 0.0)
+        )
     stale_ns = int(p.stale_after_s * 1e9)
     stale = (now_ns - fleet.last_telemetry_ns[sl]) > stale_ns
     reason = np.select(
