@@ -295,6 +295,34 @@ def test_sigterm_brings_the_gateway_to_zero_and_exits_cleanly(aggregator_side, g
     assert "GATEWAY_STOP gateway=gw1" in log.read_text()
 
 
+def test_signal_storm_still_exits(aggregator_side, gateway_process):
+    """Many SIGTERM/SIGINT back to back (a dying parent plus Ctrl-C) still stop the gateway cleanly."""
+    _ctx, pub, pull, _pub_ep, _pull_ep = aggregator_side
+    proc, _log = gateway_process("--unreachable-fraction", "0")
+    feed_and_collect(pub, pull, 3.0, lambda b: (np.abs(b.p_kw - 3.0) < 1e-3).all())
+    for _ in range(200):
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 0
+
+
+def test_signal_flag_is_reentrant():
+    """SignalFlag.set can run inside itself (a handler interrupting a handler) without a lock to deadlock on."""
+    from v2grt.service import SignalFlag
+
+    flag = SignalFlag()
+    old = signal.signal(signal.SIGUSR1, lambda *_: (flag.set(), signal.raise_signal(signal.SIGUSR2)))
+    old2 = signal.signal(signal.SIGUSR2, lambda *_: flag.set())
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert flag.wait(1.0) and flag.is_set()
+        flag.clear()
+        assert not flag.wait(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        signal.signal(signal.SIGUSR2, old2)
+
+
 def test_gateway_without_vehicles_in_the_roster_refuses_to_start(roster, tmp_path):
     """A gateway id the roster does not use is a usage error naming the gateways that exist (exit code 2)."""
     proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster),

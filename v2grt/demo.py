@@ -201,8 +201,11 @@ class Demo:
         self.args = args
         self.out = Path(args.out).expanduser().resolve()
         self.children: list[_Child] = []
-        self.stop = threading.Event()  # Ctrl-C / SIGTERM: stop early (the report covers what ran)
-        self.hurry = threading.Event()  # a second one: kill the children now
+        from v2grt.service import SignalFlag
+
+        # Set from signal handlers, so not threading.Event: its set() takes a lock a second signal deadlocks on
+        self.stop = SignalFlag()  # Ctrl-C / SIGTERM: stop early (the report covers what ran)
+        self.hurry = SignalFlag()  # a second one: kill the children now
         self.interrupted = False
         self.t_run0: float | None = None
         self.t_run_end: float | None = None

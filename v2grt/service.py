@@ -24,6 +24,37 @@ log = logging.getLogger("v2grt.service")
 STARTUP_TIMEOUT_S = 30.0
 
 
+class SignalFlag:
+    """A flag a signal handler may set: set() is one attribute store, no lock.
+
+    threading.Event.set takes a lock; a second signal arriving while the first handler is inside
+    set() re-enters it on the same thread and deadlocks the process (seen: a demo gateway that got
+    SIGTERM from its dying parent and SIGINT at once never exited). is_set/wait/clear as Event.
+    """
+
+    def __init__(self) -> None:
+        self._flag = False
+
+    def set(self) -> None:
+        self._flag = True
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep until set or timeout_s passed (polled every 20 ms: signal latency, not a hot path)."""
+        end = time.monotonic() + timeout_s
+        while not self._flag:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(remaining, 0.02))
+        return self._flag
+
+
 class ServiceRefused(RuntimeError):
     """The service will not start as asked (e.g. as root without --allow-root); exit code 3."""
 
@@ -69,8 +100,8 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
     json_logs = json_logs or cfg.log.format == "json"
     if log_path is not None or json_logs or not logging.getLogger("v2grt").handlers:
         setup_logging(log_path, json_lines=json_logs, level=getattr(logging, cfg.log.level))
-    stop = stop or threading.Event()
-    hup = threading.Event()
+    stop = stop or SignalFlag()
+    hup = SignalFlag()
     notifier = Notifier.from_env()
     lock = FleetLock(cfg.state_dir, cfg.fleet_id)
     try:

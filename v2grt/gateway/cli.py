@@ -16,7 +16,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -33,10 +32,11 @@ def cmd_sim(args) -> int:
     from v2grt.gateway.sim import SimVehicles, gateway_fleet
     from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
+    from v2grt.service import SignalFlag
     from v2grt.sim.battery import SimError
 
     setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = threading.Event()
+    stop = SignalFlag()  # not threading.Event: its set() takes a lock a second signal would deadlock on
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     events = EventLog(interval_s=args.event_interval_s)
