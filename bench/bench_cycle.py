@@ -1,0 +1,208 @@
+"""Whole-cycle time of the real Aggregator (inputs, kernel, publish to every gateway, status) by fleet size.
+
+    v2grt bench cycle [--nodes 10000,100000,1000000] [--gateways 10,100,1000] [--priorities 0,80]
+                      [--cycles 200] [--json]
+
+For every (nodes, gateways) pair, and for each control-thread priority of --priorities side by side
+(0: SCHED_OTHER as configs/default.yaml ships; N: SCHED_FIFO N, as a tuned deployment runs it): the
+Aggregator runs in this process on its control thread at --period-ms, with the other real-time
+settings of configs/default.yaml (mlockall, gc freeze, 0.5 ms switch interval); a child process plays the world: a
+SunSpec meter over Modbus TCP whose frequency wanders +-0.4 Hz (so the DC response, the ranking and
+the allocation move every cycle) and one SUB socket subscribed to every topic, so every gateway's
+message is really encoded, queued and sent over TCP (the setpoint HWM is raised to several cycles'
+worth of messages, _common.catch_all_hwm, so the catch-all subscriber does not drop them; with one
+SUB per gateway, each pipe carries one message per cycle). Telemetry is held fresh (no gateways push here; see `bench soak`).
+
+Reported per pair: p50/p99/max of the total, inputs, kernel and publish phases and of wake-up
+lateness, missed deadlines and budget overruns, setpoint frames delivered and bytes per cycle, and
+a breakdown of the publish phase measured after the run on the same fleet, layouts and result, by
+calling Aggregator._publish itself on this thread: the whole phase, the phase with the socket's send
+made a no-op (gathering and encoding every gateway's message, and the status), and the status
+message alone. Targets (DESIGN.md section 10,
+issue 3): whole cycle p99 under 5 ms at 100,000 nodes; a million nodes inside the 100 ms budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    World,
+    aggregator_config,
+    catch_all_hwm,
+    emit,
+    keep_fresh,
+    machine,
+    setup_report,
+    source_state,
+    stats_ms,
+    table,
+)
+
+from v2grt.aggregator import Aggregator
+from v2grt.fleet import Fleet
+from v2grt.io import wire
+
+WARMUP_CYCLES = 25  # the loop freezes gc after 20
+
+
+def publish_breakdown(agg, reps: int = 7) -> dict:
+    """Median ms of the publish phase and its parts, run on this thread after the loop has stopped, on
+    the aggregator's own layouts and last result: the whole phase (real sends), the phase with the
+    socket's send replaced by a no-op (gather + encode + status), and the status message alone.
+    Generic on purpose: it calls Aggregator._publish itself, whatever its internals are."""
+    result = agg.last_result
+
+    def median_ms(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+        return float(np.median(ts)) / 1e6
+
+    whole = median_ms(lambda: agg._publish(result, time.monotonic_ns()))
+    agg.publisher.send = lambda frame: True  # instance attribute shadows the method; the socket is left alone
+    try:
+        nosend = median_ms(lambda: agg._publish(result, time.monotonic_ns()))
+    finally:
+        del agg.publisher.send
+    status = median_ms(lambda: wire.encode_status(agg._status_fields(result, time.time_ns(), time.monotonic_ns())))
+    return {"publish_ms": whole, "frames_ms": max(nosend - status, 0.0), "status_ms": status,
+            "send_ms": max(whole - nosend, 0.0)}
+
+
+def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int) -> dict:
+    fleet = Fleet.random(n, seed=0, n_gateways=gateways, now_ns=time.monotonic_ns())
+    with World() as world:
+        cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, priority=priority,
+                                hwm=catch_all_hwm(gateways))
+        agg = Aggregator(cfg, epoch=1, fleet=fleet)
+        keep_fresh(agg)
+        agg.start()
+        try:
+            if not agg.first_cycle.wait(30.0):
+                raise RuntimeError(f"{n} nodes: the aggregator ran no cycle within 30 s")
+            world.connect(agg.publisher.endpoint, wander_hz=0.4)
+            s = agg.stats
+            while s.cycles < WARMUP_CYCLES:
+                time.sleep(period_s)
+            c0, miss0, over0, seq0 = s.cycles, s.missed_deadlines, s.budget_overruns, agg.seq
+            rx0 = world.call("counters")
+            t0 = time.monotonic()
+            while s.cycles - c0 < cycles:
+                time.sleep(period_s)
+            elapsed = time.monotonic() - t0
+            rx1 = world.call("counters")
+            c1, miss1, over1, seq1 = s.cycles, s.missed_deadlines, s.budget_overruns, agg.seq
+            k = c1 - c0
+            window = {m: s.samples(m)[-k:] for m in ("lateness", "inputs", "kernel", "publish", "total")}
+            agg.loop.stop()  # the breakdown below runs on this thread: the control thread must be done
+            breakdown = publish_breakdown(agg)
+            rt = setup_report(agg)
+            refused = agg.publisher.dropped
+            n_carrying = agg.last_result.n_carrying
+        finally:
+            agg.stop()
+    frames = rx1["sp_frames"] - rx0["sp_frames"]
+    nbytes = rx1["sp_bytes"] - rx0["sp_bytes"]
+    ph = {m: stats_ms(w) for m, w in window.items()}
+    return {
+        "nodes": n, "gateways": gateways, "cycles": int(k), "elapsed_s": elapsed,
+        "phases": ph,
+        "missed_deadlines": int(miss1 - miss0), "budget_overruns": int(over1 - over0),
+        "setpoint_frames_expected": int((seq1 - seq0) * gateways), "setpoint_frames_received": int(frames),
+        "publisher_refused": int(refused),
+        "mb_per_cycle": nbytes / max(seq1 - seq0, 1) / 1e6,
+        "publish_breakdown_p50_ms": breakdown,
+        "n_carrying_last": int(n_carrying),
+        "realtime": rt,
+    }
+
+
+def run(sizes, gateways, cycles, period_s, priorities) -> dict:
+    rows = []
+    for n in sizes:
+        for g in gateways:
+            if g > n:
+                continue
+            for prio in priorities:  # side by side: the same pair under each scheduling policy
+                gc.collect()
+                row = measure(n, g, cycles if n < 1_000_000 else max(cycles // 2, 20), period_s, prio)
+                fifo = row["realtime"].get("sched_fifo", {})
+                row["sched"] = f"FIFO {prio}" if fifo.get("granted") else "OTHER"
+                rows.append(row)
+    budget_ms = period_s * 1e3
+    targets = {}
+    for sched in dict.fromkeys(r["sched"] for r in rows):
+        at_100k = [r for r in rows if r["nodes"] == 100_000 and r["sched"] == sched]
+        for r in at_100k:
+            p99 = r["phases"]["total"]["p99_ms"]
+            targets[f"p99_under_5ms_at_100k/{r['gateways']}gw/{sched}"] = {"met": p99 < 5.0, "p99_ms": p99}
+        for r in (r for r in rows if r["nodes"] == 1_000_000 and r["sched"] == sched):
+            worst = r["phases"]["total"]["max_ms"]
+            targets[f"1M_inside_budget/{r['gateways']}gw/{sched}"] = {
+                "met": worst < budget_ms and r["missed_deadlines"] == 0, "max_ms": worst,
+                "missed_deadlines": r["missed_deadlines"]}
+    return {"benchmark": "cycle", "machine": machine(), "source": source_state(),
+            "config": {"period_ms": budget_ms, "cycles": cycles, "priorities": list(priorities)},
+            "results": rows, "targets": targets}
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    head = (f"whole cycle of the Aggregator on {m['cpu']} ({m['cores']} cores), python {m['python']}, numpy "
+            f"{m['numpy']}; period {r['config']['period_ms']:.0f} ms; sched = control thread's policy")
+    rows1, rows2 = [], []
+    for x in r["results"]:
+        p = x["phases"]
+        rows1.append([x["nodes"], x["gateways"], x["sched"], x["cycles"], p["total"]["p50_ms"], p["total"]["p99_ms"],
+                      p["total"]["max_ms"], p["kernel"]["p50_ms"], p["kernel"]["p99_ms"], p["publish"]["p50_ms"],
+                      p["publish"]["p99_ms"], p["inputs"]["p99_ms"], p["lateness"]["p99_ms"], x["missed_deadlines"],
+                      x["budget_overruns"]])
+        b = x["publish_breakdown_p50_ms"]
+        rows2.append([x["nodes"], x["gateways"], x["sched"], p["publish"]["p50_ms"], b["publish_ms"], b["frames_ms"],
+                      b["status_ms"], b["send_ms"], x["mb_per_cycle"],
+                      f"{x['setpoint_frames_received']}/{x['setpoint_frames_expected']}"])
+    out = [head,
+           table(["nodes", "gw", "sched", "cycles", "total p50", "total p99", "total max", "kernel p50", "kernel p99",
+                  "publish p50", "publish p99", "inputs p99", "late p99", "missed", "overruns"], rows1),
+           "(all times ms)", "",
+           "publish phase (ms): in loop = p50 in the run; after the run, on this thread, median of: alone = the "
+           "whole phase, frames = gathering and encoding every gateway's message, status = the status message, "
+           "send = the ZeroMQ sends",
+           table(["nodes", "gw", "sched", "in loop", "alone", "frames", "status", "send", "MB/cycle",
+                  "frames rx/expected"],
+                 rows2)]
+    for name, t in r["targets"].items():
+        detail = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in t.items() if k != "met")
+        out.append(f"target {name}: {'MET' if t['met'] else 'NOT MET'} ({detail})")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="v2grt bench cycle", description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", default="10000,100000,1000000", help="comma-separated fleet sizes")
+    ap.add_argument("--gateways", default="10,100,1000", help="comma-separated gateway counts")
+    ap.add_argument("--cycles", type=int, default=200, help="measured cycles per pair (1M nodes: half)")
+    ap.add_argument("--period-ms", type=float, default=100.0)
+    ap.add_argument("--priorities", default="0,80",
+                    help="control-thread SCHED_FIFO priorities to compare (0: SCHED_OTHER, as configs/default.yaml)")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.nodes.split(",") if s]
+    gws = [int(s) for s in args.gateways.split(",") if s]
+    prios = [int(s) for s in args.priorities.split(",") if s]
+    emit(run(sizes, gws, args.cycles, args.period_ms / 1e3, prios), args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
