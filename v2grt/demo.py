@@ -308,7 +308,7 @@ class Demo:
             "period_s": PERIOD_S,
             "budget_s": PERIOD_S,
             "state_dir": "state",
-            "meter": {"host": "127.0.0.1", "port": ports["meter"], "poll_interval_s": 0.02, "timeout_s": 0.05},
+            "meter": {"host": "127.0.0.1", "port": ports["meter"], "poll_interval_s": 0.005, "timeout_s": 0.05},
             "inverters": [{"name": f"inv-{site}", "site": site, "host": "127.0.0.1", "port": ports[f"inv-{site}"]}
                           for site in self.site_ids],
             "bus": {"setpoints": f"tcp://127.0.0.1:{ports['setpoints']}",
