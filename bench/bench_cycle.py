@@ -11,7 +11,8 @@ SunSpec meter over Modbus TCP whose frequency wanders +-0.4 Hz (so the DC respon
 the allocation move every cycle) and one SUB socket subscribed to every topic, so every gateway's
 message is really encoded, queued and sent over TCP (the setpoint HWM is raised to several cycles'
 worth of messages, _common.catch_all_hwm, so the catch-all subscriber does not drop them; with one
-SUB per gateway, each pipe carries one message per cycle). Telemetry is held fresh (no gateways push here; see `bench soak`).
+SUB per gateway, each pipe carries one message per cycle). Telemetry is held fresh (no gateways push
+here; see `bench soak`).
 
 Reported per pair: p50/p99/max of the total, inputs, kernel and publish phases and of wake-up
 lateness, missed deadlines and budget overruns, setpoint frames delivered and bytes per cycle, and
