@@ -101,29 +101,29 @@ class NodeMonitor:
         if not total:
             return 0
 
+        # Counted in bulk, logged for at most max_lines rows: a gateway dying can take 50,000 nodes out in
+        # one pass, and a Python loop over all of them would cost the cycle its deadline.
+        entered_codes = reasons[entered]
+        by_code = {Reason(int(c)).name: int(k) for c, k in zip(*np.unique(entered_codes, return_counts=True))}
+        if len(newly_derated):
+            by_code["THERMAL_LIMIT"] = by_code.get("THERMAL_LIMIT", 0) + len(newly_derated)
+        loggable = entered[self._logged[entered_codes]]  # site-wide codes: logged once per site by the aggregator
         lines = 0
-        by_code: dict[str, int] = {}
-        for row in entered:
-            code = Reason(int(reasons[row]))
-            by_code[code.name] = by_code.get(code.name, 0) + 1
-            if not self._logged[code]:
-                continue  # site-wide: logged and counted once per site by the aggregator
-            if lines >= self.max_lines:
-                self.events.count(code.name)
-                continue
+        for row in loggable[: self.max_lines]:
             lines += 1
-            self._emit_node(fleet, row, code, temp)
-        for row in newly_derated:
-            by_code["THERMAL_LIMIT"] = by_code.get("THERMAL_LIMIT", 0) + 1
-            if lines >= self.max_lines:
-                self.events.count("THERMAL_LIMIT")
-                continue
+            self._emit_node(fleet, row, Reason(int(reasons[row])), temp)
+        for row in newly_derated[: max(0, self.max_lines - lines)]:
             lines += 1
             node = fleet.node_ids[row]
             self.events.emit("THERMAL_LIMIT", logging.WARNING, key=node, node=node,
                              site=fleet.site_ids[fleet.site[row]], temp_c=float(temp[row]), action="derated",
                              message=f"Thermal limit reached on Node {node}: power derated near the "
                                      "temperature window's edge")
+        skipped = loggable[self.max_lines:]
+        for c, k in zip(*np.unique(reasons[skipped], return_counts=True)):
+            self.events.count(Reason(int(c)).name, int(k))
+        self.events.count("THERMAL_LIMIT", max(0, len(newly_derated) - max(0, self.max_lines - min(len(loggable),
+                                                                                               self.max_lines))))
         if lines < total:
             self.events.emit("NODE_EVENTS", logging.WARNING, key="summary", nodes=total, logged=lines,
                              **{k: v for k, v in sorted(by_code.items())},
