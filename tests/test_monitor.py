@@ -164,3 +164,20 @@ def test_alert_never_slows_a_faster_profile_ramp(events):
     assert d.profile.fleet_ramp_kw_per_s == 10.0
     alert.apply(50.0, 0.0, 1)
     assert d.profile.fleet_ramp_kw_per_s == 10.0 and not math.isnan(alert.state()["band_hz"][0])
+
+
+def test_mass_exclusion_is_counted_in_full_and_logged_within_the_bound(events):
+    """20,000 nodes going stale at once are all counted, with at most max_lines node lines and a summary."""
+    n = 20_000
+    fleet = uniform_fleet(n)
+    mon = NodeMonitor(events, max_lines=25)
+    profile = DispatchProfile()
+    reasons = np.zeros(n, np.uint8)
+    mon.check(fleet, reasons, profile)
+    reasons[:] = Reason.TIMEOUT_BMS_RESPONSE
+    reasons[:100] = Reason.SOH_BELOW_THRESHOLD
+    assert mon.check(fleet, reasons, profile) == n
+    assert events.counts["TIMEOUT_BMS_RESPONSE"] == n - 100 and events.counts["SOH_BELOW_THRESHOLD"] == 100
+    node_lines = [ln for ln in events.lines if ln.startswith(("TIMEOUT_BMS_RESPONSE", "SOH_BELOW_THRESHOLD"))]
+    assert len(node_lines) == 25
+    assert any(ln.startswith("NODE_EVENTS") and "TIMEOUT_BMS_RESPONSE=19900" in ln for ln in events.lines)
