@@ -131,6 +131,21 @@ class _Owner:
         """Close the socket at once (linger 0). Idempotent."""
         self.sock.close(0)
 
+    def _drain(self, timeout_ms: int, max_frames: int):
+        """Wait up to ``timeout_ms`` for a frame, then yield up to ``max_frames`` queued ones (zmq.Frame)."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return
+        for _ in range(max_frames):
+            try:
+                yield self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+
+    def _count_bad(self, exc: WireError) -> None:
+        """A bad frame: counted by its code, its message kept among the last few (``errors``, ``last_errors``)."""
+        self.errors[exc.code] += 1
+        self.last_errors.append(str(exc))
+
     def rebind(self, timeout_s: float = 1.0) -> int:
         """Drop every live connection of this bound socket: unbind, bind the same endpoint again; ns taken.
 
@@ -257,21 +272,14 @@ class TelemetryReceiver(_Owner):
         this never raises for anything a peer sent.
         """
         batches: list[TelemetryBatch] = []
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return batches
-        for _ in range(max_frames):
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frame in self._drain(timeout_ms, max_frames):
             self.frames += 1
             try:
                 batch = wire.decode_telemetry(frame.buffer, strict=self.strict)
                 if self.authorize is not None:
                     self.authorize(frame, batch)
             except WireError as exc:
-                self.errors[exc.code] += 1
-                self.last_errors.append(str(exc))
+                self._count_bad(exc)
                 continue
             if batch.quarantined:
                 self.quarantined_nodes += batch.quarantined
@@ -322,7 +330,7 @@ class ControlServer(_Owner):
             # REQ_CORRELATE adds a request id; a DEALER may omit the empty frame): echo it verbatim.
             envelope, payload = frames[:-1], frames[-1]
             if len(envelope) > self.MAX_ENVELOPE:
-                self._count(WireError("BAD_MSGPACK", f"request of {len(frames)} frames: expected at most "
+                self._count_bad(WireError("BAD_MSGPACK", f"request of {len(frames)} frames: expected at most "
                                                      f"{self.MAX_ENVELOPE + 1}"))
                 continue
             if self.authorize is not None:
@@ -333,26 +341,22 @@ class ControlServer(_Owner):
             try:
                 self.sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone or its queue full; ROUTER would drop it anyway
-                self._count(WireError("INTERNAL", f"reply not sent: {exc}"))
+                self._count_bad(WireError("INTERNAL", f"reply not sent: {exc}"))
             answered += 1
         return answered
-
-    def _count(self, exc: WireError) -> None:
-        self.errors[exc.code] += 1
-        self.last_errors.append(str(exc))
 
     def _answer(self, payload: bytes, frame: zmq.Frame | None = None) -> bytes:
         try:
             request = wire.decode_request(payload)
         except WireError as exc:
-            self._count(exc)
+            self._count_bad(exc)
             return wire.encode_reply(error=exc, id=wire.request_id_of(payload))
         try:
             if self.authorize is not None:
                 self.authorize(frame, request)
             result = self.handler(request)
         except WireError as exc:  # the handler refusing: REFUSED, BAD_ARG, ...
-            self._count(exc)
+            self._count_bad(exc)
             return wire.encode_reply(error=exc, id=request.id)
         except Exception as exc:  # answered and logged: a handler bug must not stop the aggregator
             log.exception("control handler failed on %s", request)
@@ -367,7 +371,7 @@ class ControlServer(_Owner):
 
     def _internal(self, request: ControlRequest, detail: str) -> bytes:
         err = WireError("INTERNAL", f"{request.cmd}: {detail}")
-        self._count(err)
+        self._count_bad(err)
         return wire.encode_reply(error=err, id=request.id)
 
 
@@ -399,13 +403,7 @@ class GatewaySubscriber(_Owner):
         The caller still owes the expiry rule: hold 0 kW once ``msg.expired(now)`` or ``msg.estop``.
         """
         newest: SetpointMsg | None = None
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        for _ in range(max_frames):
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frame in self._drain(timeout_ms, max_frames):
             self.received += 1
             try:
                 msg = wire.decode_setpoints(frame.buffer)
@@ -414,8 +412,7 @@ class GatewaySubscriber(_Owner):
                                                       "subscriber")
                 self.fence.admit(msg)
             except WireError as exc:
-                self.errors[exc.code] += 1
-                self.last_errors.append(str(exc))
+                self._count_bad(exc)
                 continue
             newest = msg
         return newest
@@ -436,18 +433,11 @@ class StatusSubscriber(_Owner):
     def recv(self, timeout_ms: int = 0, max_frames: int = 64) -> dict[str, Any] | None:
         """Wait up to ``timeout_ms``; return the newest valid status of up to ``max_frames``, or None."""
         newest = None
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        for _ in range(max_frames):
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frame in self._drain(timeout_ms, max_frames):
             try:
                 newest = wire.decode_status(frame.buffer)
             except WireError as exc:
-                self.errors[exc.code] += 1
-                self.last_errors.append(str(exc))
+                self._count_bad(exc)
         return newest
 
 
