@@ -21,6 +21,7 @@ import zmq
 
 from v2grt.events import shutdown_logging
 from v2grt.io import bus, wire
+from v2grt.testing import wait_until
 
 BIN = Path(sys.executable).parent
 V2G_AGGREGATOR = str(BIN / "v2g-aggregator")
@@ -141,14 +142,6 @@ def run(*cmd: str, timeout_s: float = 30.0, env: dict | None = None) -> subproce
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s, env=env or clean_env())
 
 
-def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", step_s: float = 0.02):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def log_lines(path: Path, code: str | None = None) -> list[str]:

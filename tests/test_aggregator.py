@@ -16,18 +16,11 @@ from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
 from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
+from v2grt.testing import wait_until
 
 PERIOD_S = 0.02
 
 
-def wait_until(pred, timeout_s=3.0, what="condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -21,16 +21,7 @@ from v2grt.fleet import Fleet
 from v2grt.gateway.core import SLOW_KEYS, GatewayCore
 from v2grt.io import wire
 from v2grt.roster import write_roster
-
-
-def wait_until(pred, timeout_s=5.0, what="condition", every_s=0.01):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out waiting for {what}")
+from v2grt.testing import wait_until
 
 
 class RecordingVehicles:
@@ -367,7 +358,7 @@ def test_gateway_falls_to_zero_within_its_expiry_after_the_aggregator_dies(roste
         wait_until(lambda: (site_kw() or 0.0) > 30.0, 10.0, "the gateway's vehicles discharging")
         agg.stop(final_zero=False)  # as if killed: no zero setpoints on the way out
         t_dead = time.monotonic()
-        wait_until(lambda: site_kw() == 0.0, 2.0, "0 kW after the aggregator died", every_s=0.005)
+        wait_until(lambda: site_kw() == 0.0, 2.0, "0 kW after the aggregator died")
         assert time.monotonic() - t_dead < 0.3 + 0.2
         assert proc.poll() is None  # the gateway lives on, waiting for a scheduler
     finally:

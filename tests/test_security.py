@@ -19,6 +19,7 @@ from v2grt.config import ConfigError, config_from_dict
 from v2grt.events import EventLog
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
+from v2grt.testing import wait_until
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -26,14 +27,6 @@ PERIOD_S = 0.02
 TTL_S = 0.3
 
 
-def wait_until(pred, timeout_s=3.0, what="condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Lines(logging.Handler):

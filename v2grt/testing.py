@@ -41,3 +41,17 @@ def uniform_fleet(n: int, *, soc: float = 0.6, p_kw: float = 11.0, capacity_kwh:
         soc=np.full(n, soc), capacity_kwh=np.full(n, capacity_kwh), p_dis_max_kw=np.full(n, p_kw),
         p_chg_max_kw=np.full(n, p_kw),
     )
+
+
+def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", step_s: float = 0.005):
+    """Poll pred() until it returns something truthy and return that; AssertionError naming `what`
+    after timeout_s (tests on real sockets and processes wait on events, not on fixed sleeps)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
