@@ -16,8 +16,8 @@ POLICIES = ("merit", "prorata")
 
 #: Ranking buckets: scores are quantised to this many levels so the merit order is found with a
 #: histogram in O(N) instead of a sort (an argsort of a million keys is ~90 ms on the target box).
-#: 2048 levels resolve SoC to ~0.0008 (with w_soc 0.6), finer than a BMS reports, and the 16 KiB
-#: histogram stays in L1 while the fleet streams past (4096 levels cost ~15 % more at 1M nodes).
+#: 2048 levels resolve SoC to ~0.0008 (with w_soc 0.6), finer than a BMS reports, and keep the
+#: histogram at 16 KiB, half of L1.
 RANK_BUCKETS = 2048
 
 
