@@ -28,11 +28,6 @@ class Reason(enum.IntEnum):
     SOC_ABOVE_MAXIMUM = 12  # at or over maximum_soc: may discharge, may not charge
 
 
-#: Codes a gateway or the I/O side may set in ``Fleet.fault`` (the kernel honours any non-zero value).
-EXTERNAL_FAULTS = frozenset(
-    {Reason.NODE_UNREACHABLE, Reason.NODE_LOW_THROUGHPUT, Reason.THERMAL_LIMIT, Reason.OFFLINE}
-)
-
 #: Codes that leave one direction open: they are limits, not exclusions.
 ONE_WAY = frozenset({Reason.SOC_BELOW_MINIMUM, Reason.SOC_ABOVE_MAXIMUM})
 

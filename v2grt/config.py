@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -352,8 +351,3 @@ def _check(src, cfg: Config) -> None:
             DispatchProfile.from_json(cfg.resolve(cfg.discharge_profile))
         except ProfileError as exc:
             raise ConfigError(f"{src}: discharge_profile: {exc}") from None
-
-
-def dump_defaults() -> dict[str, Any]:
-    """The defaults as a plain mapping (for docs and `config check --show`)."""
-    return dataclasses.asdict(Config())

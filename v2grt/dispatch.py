@@ -60,7 +60,7 @@ class DispatchResult:
             reasons=self.reasons.copy(),
         )
 
-    def reason_counts(self, fleet: Fleet | None = None) -> dict[str, int]:
+    def reason_counts(self) -> dict[str, int]:
         """Nodes by reason name (free rows left out), e.g. {"OK": 9500, "SOC_BELOW_MINIMUM": 310}."""
         counts = np.bincount(self.reasons, minlength=len(Reason))
         return {name: int(c) for name, c in zip(reason_names(range(len(counts))), counts)
