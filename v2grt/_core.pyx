@@ -81,13 +81,8 @@ cdef double _ramp(double rate_kw_per_s, double dt_s) noexcept nogil:
     return rate_kw_per_s * _max(dt_s, 0.0)
 
 
-cdef inline u16 _bucket(double score, const Params* p) noexcept nogil:
-    cdef double x = score * p.q_scale
-    if not (x >= 0.0):  # also NaN
-        return 0
-    if x > p.buckets - 1:
-        return <u16>(p.buckets - 1)
-    return <u16>(<int>x)
+cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
 
 
 def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint estop, out, work):
@@ -208,6 +203,20 @@ cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop
     return 1 if limited > 0.0 else (-1 if limited < 0.0 else 0)
 
 
+# restrict-qualified pointers for the block arithmetic: the columns never alias the block scratch, and
+# saying so is what lets the C compiler vectorise it (with memoryviews it cannot prove that for ~15 streams).
+cdef extern from *:
+    """
+    typedef double const *__restrict__ v2grt_in_f64;
+    typedef double *__restrict__ v2grt_out_f64;
+    """
+    ctypedef const double* in_f64 "v2grt_in_f64"
+    ctypedef double* out_f64 "v2grt_out_f64"
+
+cdef enum:
+    BLOCK = 256  # rows per block: the block's columns and scratch (~20 KiB) stay in L1 between the two loops
+
+
 cdef void _availability(
     Py_ssize_t n, Py_ssize_t n_sites, const Params* p, i64 now_ns, bint estop, int direction,
     const u8[::1] active, const u8[::1] online, const u8[::1] fault, const int[::1] site,
@@ -221,93 +230,161 @@ cdef void _availability(
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
     bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows.
-    sums: [prev_total_kw, avail_dis_kw, avail_chg_kw]."""
-    cdef Py_ssize_t i, s
+    sums: [prev_total_kw, avail_dis_kw, avail_chg_kw].
+
+    Works in blocks of BLOCK rows: first the arithmetic of every row, branch-free so it vectorises
+    (_block_arithmetic), then one scalar loop for what cannot vectorise (the reason chain, the
+    per-site and per-bucket sums)."""
+    cdef Py_ssize_t i, j, s, start, m
     cdef int b
     cdef u8 r
-    cdef double x, f_temp, usable_kwh, a_dis, a_chg, e_dis, e_chg, w_hi, w_lo, w, last, soc_i, soc_term
+    cdef i64 code
+    cdef double a_dis, a_chg, w, last, soc_i
     cdef double prev_total = 0.0, sum_dis = 0.0, sum_chg = 0.0
+    # Per-site window sums run in registers while consecutive rows share a site (depots are
+    # contiguous blocks of rows) and are flushed when the site changes: a read-modify-write of
+    # site_hi[s] per row would chain every row of a site through store-to-load forwarding.
+    cdef Py_ssize_t run_site = -1
+    cdef double run_hi = 0.0, run_lo = 0.0
     cdef u16 qi
+    cdef double b_dis[BLOCK]
+    cdef double b_chg[BLOCK]
+    cdef double b_hi[BLOCK]
+    cdef double b_lo[BLOCK]
+    cdef double b_w[BLOCK]
+    cdef double b_q[BLOCK]
+    cdef double b_code[BLOCK]
     for s in range(n_sites):
         site_hi[s] = 0.0
         site_lo[s] = 0.0
     for b in range(p.buckets):
         hist[b] = 0.0
-    for i in range(n):
-        last = last_kw[i]
-        prev_total += last
-        s = site[i]
-        soc_i = soc[i]
-        if active[i] == 0:
-            r = R_EMPTY
-        elif estop:
-            r = R_ESTOP
-        elif online[i] == 0:
-            r = R_OFFLINE
-        elif fault[i] != 0:
-            r = fault[i]
-        elif s < 0 or s >= n_sites:
-            r = R_INVALID
-        elif site_fault[s] != 0:
-            r = site_fault[s]
-        elif not _valid(soc_i, soh[i], capacity_kwh[i], p_dis_max_kw[i], p_chg_max_kw[i], temp_c[i],
-                        efficiency[i], cycle_count[i]):
-            r = R_INVALID
-        elif now_ns - last_telemetry_ns[i] > p.stale_ns:
-            r = R_TIMEOUT
-        elif soh[i] < p.soh_threshold:
-            r = R_SOH
-        elif temp_c[i] < p.temp_min_c or temp_c[i] > p.temp_max_c:
-            r = R_THERMAL
-        else:
-            r = R_OK
-        if r != R_OK:
+    start = 0
+    while start < n:
+        m = _imin(BLOCK, n - start)
+        _block_arithmetic(m, p, direction, &soc[start], &soh[start], &capacity_kwh[start],
+                          &p_dis_max_kw[start], &p_chg_max_kw[start], &temp_c[start], &cycle_count[start],
+                          &efficiency[start], &last_kw[start], b_dis, b_chg, b_hi, b_lo, b_w, b_q, b_code)
+        for j in range(m):
+            i = start + j
+            last = last_kw[i]
+            prev_total += last
+            s = site[i]
+            code = <i64>b_code[j]
+            if active[i] == 0:
+                r = R_EMPTY
+            elif estop:
+                r = R_ESTOP
+            elif online[i] == 0:
+                r = R_OFFLINE
+            elif fault[i] != 0:
+                r = fault[i]
+            elif s < 0 or s >= n_sites:
+                r = R_INVALID
+            elif site_fault[s] != 0:
+                r = site_fault[s]
+            elif code == R_INVALID:
+                r = R_INVALID
+            elif now_ns - last_telemetry_ns[i] > p.stale_ns:
+                r = R_TIMEOUT
+            else:
+                r = <u8>code  # R_SOH, R_THERMAL or R_OK
+            if r != R_OK:
+                reason_out[i] = r
+                avail_dis_out[i] = 0.0
+                avail_chg_out[i] = 0.0
+                window[i] = 0.0
+                continue
+            a_dis = b_dis[j]
+            a_chg = b_chg[j]
+            soc_i = soc[i]
+            if a_dis == 0.0 and soc_i <= p.minimum_soc:
+                r = R_SOC_MIN
+            if a_chg == 0.0 and soc_i >= p.maximum_soc:
+                r = R_SOC_MAX
             reason_out[i] = r
-            avail_dis_out[i] = 0.0
-            avail_chg_out[i] = 0.0
-            window[i] = 0.0
-            continue
-
-        # Availability: tapered near the SoC limits and temperature edges, bounded by endurance.
-        f_temp = (_taper(temp_c[i] - p.temp_min_c, p.inv_temp_derate_c)
-                  * _taper(p.temp_max_c - temp_c[i], p.inv_temp_derate_c))
-        usable_kwh = capacity_kwh[i] * soh[i]
-        e_dis = _max((soc_i - p.minimum_soc) * usable_kwh * efficiency[i] * p.per_endurance, 0.0)
-        e_chg = _max((p.maximum_soc - soc_i) * usable_kwh / efficiency[i] * p.per_endurance, 0.0)
-        a_dis = _min(p_dis_max_kw[i] * _taper(soc_i - p.minimum_soc, p.inv_soc_taper) * f_temp, e_dis)
-        a_chg = _min(p_chg_max_kw[i] * _taper(p.maximum_soc - soc_i, p.inv_soc_taper) * f_temp, e_chg)
-        if a_dis == 0.0 and soc_i <= p.minimum_soc:
-            r = R_SOC_MIN
-        if a_chg == 0.0 and soc_i >= p.maximum_soc:
-            r = R_SOC_MAX
-        reason_out[i] = r
-        avail_dis_out[i] = a_dis
-        avail_chg_out[i] = a_chg
-        sum_dis += a_dis
-        sum_chg += a_chg
-
-        # Ramp window: |power| may rise by node_ramp_kw this cycle and may always fall at once.
-        w_hi = _min(a_dis, _max(last, 0.0) + p.node_ramp_kw)
-        w_lo = _min(a_chg, _max(-last, 0.0) + p.node_ramp_kw)
-        site_hi[s] += w_hi
-        site_lo[s] += w_lo
-
-        # Rank bucket in the target's direction: same expression and operation order as
-        # reference.rank_buckets, so the buckets are bit-identical.
-        w = w_hi if direction > 0 else (w_lo if direction < 0 else 0.0)
-        window[i] = w
-        if w > 0.0:
-            soc_term = soc_i if direction > 0 else 1.0 - soc_i
-            x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[i] * p.inv_cycles_ref, 1.0))
-                 + p.w_soh * soh[i] + p.w_temp * f_temp)
-            if last * direction > 0.0:
-                x = x + p.hysteresis
-            qi = _bucket(x, p)
-            q[i] = qi
-            hist[qi] += w
+            avail_dis_out[i] = a_dis
+            avail_chg_out[i] = a_chg
+            sum_dis += a_dis
+            sum_chg += a_chg
+            if s != run_site:
+                if run_site >= 0:
+                    site_hi[run_site] += run_hi
+                    site_lo[run_site] += run_lo
+                run_site, run_hi, run_lo = s, 0.0, 0.0
+            run_hi += b_hi[j]
+            run_lo += b_lo[j]
+            w = b_w[j]
+            window[i] = w
+            if w > 0.0:
+                qi = <u16>(<int>b_q[j])
+                q[i] = qi
+                hist[qi] += w
+        start += m
+    if run_site >= 0:
+        site_hi[run_site] += run_hi
+        site_lo[run_site] += run_lo
     sums[0] = prev_total
     sums[1] = sum_dis
     sums[2] = sum_chg
+
+
+cdef void _block_arithmetic(
+    Py_ssize_t m, const Params* p, int direction,
+    in_f64 soc, in_f64 soh, in_f64 capacity_kwh, in_f64 p_dis_max_kw, in_f64 p_chg_max_kw, in_f64 temp_c,
+    in_f64 cycle_count, in_f64 efficiency, in_f64 last_kw,
+    out_f64 a_dis, out_f64 a_chg, out_f64 w_hi, out_f64 w_lo, out_f64 w_dir, out_f64 q_dir, out_f64 code,
+) noexcept nogil:
+    """Every row's availability, ramp windows and rank bucket as if it were eligible, plus the part of
+    its reason that arithmetic decides (INVALID, SOH, THERMAL as `code`); the caller masks the rest.
+    No branches on row data, so the compiler vectorises the loop. Same expressions and operation order
+    as v2grt.reference, so availability and buckets are bit-identical to the twin's."""
+    cdef Py_ssize_t j
+    cdef double t, soc_j, soh_j, f_temp, usable_kwh, e_dis, e_chg, ad, ac, hi, lo, x, x_carrying, soc_term, last
+    cdef double min_soc = p.minimum_soc, max_soc = p.maximum_soc, per_end = p.per_endurance
+    cdef double ramp = p.node_ramp_kw, top = p.buckets - 1
+    cdef double sign = <double>direction
+    cdef double c
+    for j in range(m):
+        t = temp_c[j]
+        soc_j = soc[j]
+        soh_j = soh[j]
+        last = last_kw[j]
+        # Availability: tapered near the SoC limits and temperature edges, bounded by endurance.
+        f_temp = (_taper(t - p.temp_min_c, p.inv_temp_derate_c) * _taper(p.temp_max_c - t, p.inv_temp_derate_c))
+        usable_kwh = capacity_kwh[j] * soh_j
+        e_dis = _max((soc_j - min_soc) * usable_kwh * efficiency[j] * per_end, 0.0)
+        e_chg = _max((max_soc - soc_j) * usable_kwh / efficiency[j] * per_end, 0.0)
+        ad = _min(p_dis_max_kw[j] * _taper(soc_j - min_soc, p.inv_soc_taper) * f_temp, e_dis)
+        ac = _min(p_chg_max_kw[j] * _taper(max_soc - soc_j, p.inv_soc_taper) * f_temp, e_chg)
+        a_dis[j] = ad
+        a_chg[j] = ac
+        # Ramp window: |power| may rise by node_ramp_kw this cycle and may always fall at once.
+        hi = _min(ad, _max(last, 0.0) + ramp)
+        lo = _min(ac, _max(-last, 0.0) + ramp)
+        w_hi[j] = hi
+        w_lo[j] = lo
+        w_dir[j] = hi if direction > 0 else (lo if direction < 0 else 0.0)
+        # Rank bucket in the target's direction: same expression and operation order as
+        # reference.rank_buckets, so the buckets are bit-identical.
+        # Both candidates are computed before the select: a conditional FP operation may trap, so the
+        # compiler would keep a branch (and not vectorise) rather than speculate it.
+        soc_term = 1.0 - soc_j
+        soc_term = soc_j if direction > 0 else soc_term
+        x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[j] * p.inv_cycles_ref, 1.0))
+             + p.w_soh * soh_j + p.w_temp * f_temp)
+        x_carrying = x + p.hysteresis
+        x = x_carrying if last * sign > 0.0 else x
+        x = x * p.q_scale
+        x = x if x >= 0.0 else 0.0  # also NaN
+        q_dir[j] = x if x < top else top
+        # The code as a double: selects between doubles vectorise where integer ones under a
+        # double mask do not (SSE2).
+        c = <double>R_OK
+        c = <double>R_THERMAL if (t < p.temp_min_c) | (t > p.temp_max_c) else c
+        c = <double>R_SOH if soh_j < p.soh_threshold else c
+        code[j] = c if _valid(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
+                              efficiency[j], cycle_count[j]) else <double>R_INVALID
 
 
 cdef void _allocate(
