@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from v2grt import reference
-from v2grt._buffers import T_FEASIBLE_CHG, T_FEASIBLE_DIS, T_TARGET, KernelOutput, Workspace
+from v2grt._buffers import T_FEASIBLE_CHG, T_FEASIBLE_DIS, T_N_CARRYING, T_TARGET, KernelOutput, Workspace
 from v2grt.codes import ONE_WAY, Reason
 from v2grt.fleet import Fleet
 from v2grt.kernel import get_backend
@@ -402,3 +402,17 @@ def test_million_node_smoke():
     ref = run("reference", fleet, profile, 2e6)
     np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9)
     assert cy.totals[T_TARGET] == pytest.approx(2e6)
+
+
+@pytest.mark.parametrize("backend", ["cython", "reference"])
+def test_fill_leaves_no_float_residue_setpoints(backend):
+    """When a binding site uses up the target, the next node gets exactly 0, not the ~1e-16 kW that
+    `target - (a + b - b)` leaves: a sliver would count as carrying and earn hysteresis next cycle."""
+    fleet = fleet_from_arrays(
+        n_sites=2, soc=[0.9, 0.5], p_dis_max_kw=[11.0, 3.7], capacity_kwh=[60.0, 60.0], site=[0, 1],
+        site_export_kw=[5.0, 30.0],
+    )
+    profile = DispatchProfile(soc_taper=0.0, temp_derate_c=0.0)
+    out = run(backend, fleet, profile, 5.0)
+    assert out.setpoint_kw[:2].tolist() == [5.0, 0.0]
+    assert out.totals[T_N_CARRYING] == 1

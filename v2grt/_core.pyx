@@ -10,6 +10,7 @@ from libc.math cimport INFINITY, isinf
 
 from v2grt.codes import Reason
 from v2grt._buffers import (
+    MIN_SETPOINT_KW,
     T_ALLOCATED,
     T_AVAIL_CHG,
     T_AVAIL_DIS,
@@ -49,6 +50,10 @@ cdef enum:
     T_AVAIL_DIS_I = 5
     T_AVAIL_CHG_I = 6
     T_N_CARRYING_I = 7
+
+
+# Takes at or below this (kW) are float residue of the fill, not power: dropped, as in the twin.
+cdef double MIN_TAKE_KW = 1e-6
 
 
 cdef struct Params:
@@ -179,7 +184,7 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     cdef double sums[4]
     cdef int direction
     with nogil:
-        direction = _direction(n, &p, request_kw, estop, last_kw)
+        direction = _direction(n, &p, request_kw, estop, last_kw, &sums[0])
         _availability(n, n_sites, &p, now_ns, estop, direction, active, online, fault, site, soc, soh,
                       capacity_kwh, p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency,
                       last_telemetry_ns, last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, window,
@@ -189,16 +194,19 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
 
 
 cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop,
-                    const double[::1] last_kw) noexcept nogil:
+                    const double[::1] last_kw, double* prev_total_kw) noexcept nogil:
     """Sign of this cycle's target: +1 discharge, -1 charge, 0 none. Clamping to what the fleet can
-    give never flips the sign, so it is known before availability, and only one direction is ranked."""
+    give never flips the sign, so it is known before availability, and only one direction is ranked.
+    Sets *prev_total_kw to the last cycle's fleet total when a fleet ramp limit needs it (else 0)."""
     cdef double limited = request_kw, prev_total = 0.0
     cdef Py_ssize_t i
+    prev_total_kw[0] = 0.0
     if estop or not (request_kw - request_kw == 0.0):  # e-stop, NaN or inf request
         return 0
     if not isinf(p.fleet_ramp_kw):
         for i in range(n):
             prev_total += last_kw[i]
+        prev_total_kw[0] = prev_total
         limited = _min(_max(request_kw, prev_total - p.fleet_ramp_kw), prev_total + p.fleet_ramp_kw)
     return 1 if limited > 0.0 else (-1 if limited < 0.0 else 0)
 
@@ -230,28 +238,24 @@ cdef void _availability(
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
     bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows.
-    sums: [prev_total_kw, avail_dis_kw, avail_chg_kw].
+    sums: [prev_total_kw (set by _direction), avail_dis_kw, avail_chg_kw].
 
     Works in blocks of BLOCK rows: first the arithmetic of every row, branch-free so it vectorises
-    (_block_arithmetic), then one scalar loop for what cannot vectorise (the reason chain, the
-    per-site and per-bucket sums)."""
+    (_block_arithmetic, which writes availability and window straight to the outputs), then one
+    scalar loop over the same rows, still in L1, for what cannot vectorise: the reason chain over
+    the byte columns, the per-site and per-bucket sums, and zeroing the rows it excludes."""
     cdef Py_ssize_t i, j, s, start, m
     cdef int b
     cdef u8 r
-    cdef i64 code
-    cdef double a_dis, a_chg, w, last, soc_i
-    cdef double prev_total = 0.0, sum_dis = 0.0, sum_chg = 0.0
+    cdef double w, sum_dis = 0.0, sum_chg = 0.0
     # Per-site window sums run in registers while consecutive rows share a site (depots are
     # contiguous blocks of rows) and are flushed when the site changes: a read-modify-write of
     # site_hi[s] per row would chain every row of a site through store-to-load forwarding.
     cdef Py_ssize_t run_site = -1
     cdef double run_hi = 0.0, run_lo = 0.0
     cdef u16 qi
-    cdef double b_dis[BLOCK]
-    cdef double b_chg[BLOCK]
     cdef double b_hi[BLOCK]
     cdef double b_lo[BLOCK]
-    cdef double b_w[BLOCK]
     cdef double b_q[BLOCK]
     cdef double b_code[BLOCK]
     for s in range(n_sites):
@@ -264,13 +268,11 @@ cdef void _availability(
         m = _imin(BLOCK, n - start)
         _block_arithmetic(m, p, direction, &soc[start], &soh[start], &capacity_kwh[start],
                           &p_dis_max_kw[start], &p_chg_max_kw[start], &temp_c[start], &cycle_count[start],
-                          &efficiency[start], &last_kw[start], b_dis, b_chg, b_hi, b_lo, b_w, b_q, b_code)
+                          &efficiency[start], &last_kw[start], &avail_dis_out[start], &avail_chg_out[start],
+                          b_hi, b_lo, &window[start], b_q, b_code)
         for j in range(m):
             i = start + j
-            last = last_kw[i]
-            prev_total += last
             s = site[i]
-            code = <i64>b_code[j]
             if active[i] == 0:
                 r = R_EMPTY
             elif estop:
@@ -283,30 +285,18 @@ cdef void _availability(
                 r = R_INVALID
             elif site_fault[s] != 0:
                 r = site_fault[s]
-            elif code == R_INVALID:
+            elif b_code[j] == R_INVALID:
                 r = R_INVALID
             elif now_ns - last_telemetry_ns[i] > p.stale_ns:
                 r = R_TIMEOUT
             else:
-                r = <u8>code  # R_SOH, R_THERMAL or R_OK
-            if r != R_OK:
-                reason_out[i] = r
+                r = <u8>b_code[j]  # OK, SOH, THERMAL, SOC_MIN or SOC_MAX
+            reason_out[i] = r
+            if r != R_OK and r != R_SOC_MIN and r != R_SOC_MAX:  # excluded: nothing to give
                 avail_dis_out[i] = 0.0
                 avail_chg_out[i] = 0.0
                 window[i] = 0.0
                 continue
-            a_dis = b_dis[j]
-            a_chg = b_chg[j]
-            soc_i = soc[i]
-            if a_dis == 0.0 and soc_i <= p.minimum_soc:
-                r = R_SOC_MIN
-            if a_chg == 0.0 and soc_i >= p.maximum_soc:
-                r = R_SOC_MAX
-            reason_out[i] = r
-            avail_dis_out[i] = a_dis
-            avail_chg_out[i] = a_chg
-            sum_dis += a_dis
-            sum_chg += a_chg
             if s != run_site:
                 if run_site >= 0:
                     site_hi[run_site] += run_hi
@@ -314,19 +304,37 @@ cdef void _availability(
                 run_site, run_hi, run_lo = s, 0.0, 0.0
             run_hi += b_hi[j]
             run_lo += b_lo[j]
-            w = b_w[j]
-            window[i] = w
+            w = window[i]
             if w > 0.0:
                 qi = <u16>(<int>b_q[j])
                 q[i] = qi
                 hist[qi] += w
+        # Fleet totals per block, after the loop above zeroed the excluded rows: in four independent
+        # partial sums (in the row loop the accumulators spilled to the stack, a chain through memory).
+        sum_dis += _sum4(&avail_dis_out[start], m)
+        sum_chg += _sum4(&avail_chg_out[start], m)
         start += m
     if run_site >= 0:
         site_hi[run_site] += run_hi
         site_lo[run_site] += run_lo
-    sums[0] = prev_total
     sums[1] = sum_dis
     sums[2] = sum_chg
+
+
+cdef inline double _sum4(const double* x, Py_ssize_t m) noexcept nogil:
+    """Sum of x[0:m] in four interleaved partial sums (fixed order, so deterministic)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t j = 0
+    while j + 4 <= m:
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+        j += 4
+    while j < m:
+        s0 += x[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
 
 
 cdef void _block_arithmetic(
@@ -336,7 +344,8 @@ cdef void _block_arithmetic(
     out_f64 a_dis, out_f64 a_chg, out_f64 w_hi, out_f64 w_lo, out_f64 w_dir, out_f64 q_dir, out_f64 code,
 ) noexcept nogil:
     """Every row's availability, ramp windows and rank bucket as if it were eligible, plus the part of
-    its reason that arithmetic decides (INVALID, SOH, THERMAL as `code`); the caller masks the rest.
+    its reason that arithmetic decides (`code`: INVALID, SOH, THERMAL, SOC_MIN, SOC_MAX or OK, in
+    that priority); the caller applies the rest of the chain and zeroes the rows it excludes.
     No branches on row data, so the compiler vectorises the loop. Same expressions and operation order
     as v2grt.reference, so availability and buckets are bit-identical to the twin's."""
     cdef Py_ssize_t j
@@ -366,9 +375,9 @@ cdef void _block_arithmetic(
         w_lo[j] = lo
         w_dir[j] = hi if direction > 0 else (lo if direction < 0 else 0.0)
         # Rank bucket in the target's direction: same expression and operation order as
-        # reference.rank_buckets, so the buckets are bit-identical.
-        # Both candidates are computed before the select: a conditional FP operation may trap, so the
-        # compiler would keep a branch (and not vectorise) rather than speculate it.
+        # reference.rank_buckets, so the buckets are bit-identical. Both candidates are computed
+        # before each select: a conditional FP operation may trap, so the compiler would keep a
+        # branch (and not vectorise) rather than speculate it.
         soc_term = 1.0 - soc_j
         soc_term = soc_j if direction > 0 else soc_term
         x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[j] * p.inv_cycles_ref, 1.0))
@@ -381,6 +390,8 @@ cdef void _block_arithmetic(
         # The code as a double: selects between doubles vectorise where integer ones under a
         # double mask do not (SSE2).
         c = <double>R_OK
+        c = <double>R_SOC_MIN if (ad == 0.0) & (soc_j <= min_soc) else c
+        c = <double>R_SOC_MAX if (ac == 0.0) & (soc_j >= max_soc) else c
         c = <double>R_THERMAL if (t < p.temp_min_c) | (t > p.temp_max_c) else c
         c = <double>R_SOH if soh_j < p.soh_threshold else c
         code[j] = c if _valid(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
@@ -436,8 +447,8 @@ cdef void _allocate(
             fraction = _min(remaining / (feasible_dis if sign > 0 else feasible_chg), 1.0)
             for i in range(n):
                 take = window[i] * site_rem[site[i]] * fraction if window[i] > 0.0 else 0.0
+                take = take if take > MIN_TAKE_KW else 0.0
                 setpoint_out[i] = sign * take
-                allocated += sign * take
                 n_carrying += take != 0.0
         elif not binding:
             # Merit order without a sort: walk the bucket histogram from the best bucket down to the
@@ -456,11 +467,11 @@ cdef void _allocate(
                 if window[i] > 0.0:
                     if q[i] > b_marginal:
                         take = window[i]
-                    elif q[i] == b_marginal and remaining > 0.0:
+                    elif q[i] == b_marginal and remaining > MIN_TAKE_KW:
                         take = _min(window[i], remaining)
                         remaining -= take
+                take = take if take > MIN_TAKE_KW else 0.0
                 setpoint_out[i] = sign * take
-                allocated += sign * take
                 n_carrying += take != 0.0
         else:
             # A site limit binds: order the participants by bucket (counting sort, stable in row),
@@ -484,17 +495,19 @@ cdef void _allocate(
             for s in range(n_sites):
                 site_rem[s] = site_cap[s]
             for k in range(n_part):
-                if remaining <= 0.0:
+                if remaining <= MIN_TAKE_KW:
                     break
                 i = order[k]
                 s = site[i]
                 take = _min(_min(window[i], site_rem[s]), remaining)
-                if take > 0.0:
+                if take > MIN_TAKE_KW:
                     site_rem[s] -= take
                     remaining -= take
                     setpoint_out[i] = sign * take
-                    allocated += sign * take
                     n_carrying += 1
+        # The sum of what was set, in one pass over the (cache-warm) setpoints; a running sum in
+        # the loops above would chain every row through one add.
+        allocated = _sum4(&setpoint_out[0], n)
 
     totals_out[T_REQUEST_I] = request_kw
     totals_out[T_TARGET_I] = target
@@ -506,6 +519,7 @@ cdef void _allocate(
     totals_out[T_N_CARRYING_I] = <double>n_carrying
 
 
+assert MIN_TAKE_KW == MIN_SETPOINT_KW, "v2grt._buffers.MIN_SETPOINT_KW changed: update _core.pyx"
 assert (T_REQUEST, T_TARGET, T_ALLOCATED, T_FEASIBLE_DIS, T_FEASIBLE_CHG, T_AVAIL_DIS, T_AVAIL_CHG,
         T_N_CARRYING) == (0, 1, 2, 3, 4, 5, 6, 7), "v2grt._buffers totals layout changed: update _core.pyx"
 assert (Reason.OK, Reason.EMPTY, Reason.OFFLINE, Reason.TIMEOUT_BMS_RESPONSE, Reason.SOH_BELOW_THRESHOLD,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from v2grt._buffers import (
+    MIN_SETPOINT_KW,
     T_ALLOCATED,
     T_AVAIL_CHG,
     T_AVAIL_DIS,
@@ -191,6 +192,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
             # ... then fill the fleet target in rank order over those effective windows.
             e = eff[order]
             take[order] = np.clip(remaining - (np.cumsum(e) - e), 0.0, e)
+        take[take <= MIN_SETPOINT_KW] = 0.0  # float residue of the fill, not power
         setpoint = take if discharging else -take
 
     out.setpoint_kw[:n] = setpoint
