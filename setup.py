@@ -1,24 +1,37 @@
-"""Build the Cython hot path (v2grt._core) against numpy's headers.
+"""Build the Cython hot path against numpy's headers: the kernel twice, for any x86-64 and for AVX2.
 
--O3 only: no -march=native, so a wheel built here runs on any x86-64 the service is deployed to.
+No -march=native: a wheel built here runs on any CPU of its architecture. The kernel's source
+(v2grt/_kernel.pxi) is compiled as v2grt._core with the baseline instruction set and, on x86-64, again
+as v2grt._core_avx2 with -mavx2; v2grt.kernel imports the AVX2 build only where the CPU has AVX2
+(numpy's runtime CPU detection), as numpy does for its own loops.
 """
+import platform
+
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extensions = [
-    Extension(
-        "v2grt._core",
-        ["v2grt/_core.pyx"],
+# -fno-trapping-math: the kernel never reads FP exception flags, and without this GCC will not
+# if-convert (and so not vectorise) loops whose selects compare doubles. Results are unchanged
+# (IEEE rounding as before). -ffp-contract=off: never fuse a*b+c into an FMA, so every build rounds
+# exactly like the NumPy twin (and like each other).
+COMMON_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
+
+
+def kernel_extension(name: str, pyx: str, isa_flags: list[str]) -> Extension:
+    return Extension(
+        name,
+        [pyx],
         include_dirs=[np.get_include()],
-        # -fno-trapping-math: the kernel never reads FP exception flags, and without this GCC will not
-        # if-convert (and so not vectorise) loops whose selects compare doubles. Results are unchanged
-        # (IEEE rounding as before). -ffp-contract=off: never fuse a*b+c into an FMA, so a build for a
-        # CPU with FMA rounds exactly like the NumPy twin.
-        extra_compile_args=["-O3", "-fno-trapping-math", "-ffp-contract=off"],
+        extra_compile_args=COMMON_FLAGS + isa_flags,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
-]
+        depends=["v2grt/_kernel.pxi"],
+    )
+
+
+extensions = [kernel_extension("v2grt._core", "v2grt/_core.pyx", [])]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    extensions.append(kernel_extension("v2grt._core_avx2", "v2grt/_core_avx2.pyx", ["-mavx2"]))
 
 setup(
     ext_modules=cythonize(

@@ -2,8 +2,9 @@
 
     v2grt bench kernel [--sizes 1000,10000,100000,1000000] [--cycles N] [--json]
 
-For each fleet size, in one run: the compiled kernel over many cycles, the reference twin over fewer
-(it is slow), and a pass that only streams the kernel's bytes through memory. The request moves every
+For each fleet size, in one run: the compiled kernel over many cycles (the build v2grt.kernel picks
+for this CPU, and the portable baseline build beside it when that is another), the reference twin over
+fewer (it is slow), and a pass that only streams the kernel's bytes through memory. The request moves every
 cycle (a DC response to the real CE frequency trace, scaled to the fleet) so hysteresis, ranking and
 the marginal bucket all do real work; last setpoints feed back as in the loop.
 """
@@ -21,12 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine, stats_ms, table
 
-from v2grt import (
-    Fleet,
-    _core,
-    reference,
-)
+from v2grt import Fleet, reference
 from v2grt._buffers import KernelOutput, Workspace
+from v2grt.kernel import compiled
 from v2grt.profile import DispatchProfile
 
 
@@ -50,17 +48,19 @@ def time_kernel(kernel, fleet, profile, reqs, out, work, feed_back=True) -> list
     return samples
 
 
-def time_roofline(fleet, out, cycles) -> list[int]:
+def time_roofline(core, fleet, out, cycles) -> list[int]:
     samples = []
     for _ in range(cycles):
         t0 = time.perf_counter_ns()
-        _core.stream_roofline(fleet, out)
+        core.stream_roofline(fleet, out)
         samples.append(time.perf_counter_ns() - t0)
     return samples
 
 
 def run(sizes, cycles, ref_cycles, seed=0) -> dict:
     profile = DispatchProfile()
+    core = compiled()  # what the service runs on this CPU
+    baseline = compiled("baseline") if core.ISA != "baseline" else None
     rows = []
     for n in sizes:
         fleet = Fleet.random(n, seed=seed)
@@ -69,42 +69,56 @@ def run(sizes, cycles, ref_cycles, seed=0) -> dict:
         n_cycles = cycles if n < 1_000_000 else max(cycles // 4, 20)
         n_ref = ref_cycles if n < 1_000_000 else max(ref_cycles // 2, 5)
         reqs = requests_kw(fleet, n_cycles, seed)
-        time_kernel(_core, fleet, profile, reqs[:5], out, work)  # warm caches and page in buffers
-        time_roofline(fleet, out, 3)
+        time_kernel(core, fleet, profile, reqs[:5], out, work)  # warm caches and page in buffers
+        time_roofline(core, fleet, out, 3)
         gc.collect()
         gc.disable()
         try:
-            # Interleave the three so drift on a shared machine hits them alike.
-            cy, roof, ref = [], [], []
+            # Interleave them so drift on a shared machine hits them alike.
+            cy, base, roof, ref = [], [], [], []
             chunks = np.array_split(np.arange(n_cycles), n_ref)
             for idx in chunks:
-                cy += time_kernel(_core, fleet, profile, reqs[idx], out, work)
-                roof += time_roofline(fleet, out, len(idx))
+                cy += time_kernel(core, fleet, profile, reqs[idx], out, work)
+                if baseline is not None:
+                    base += time_kernel(baseline, fleet, profile, reqs[idx], out, work)
+                roof += time_roofline(core, fleet, out, len(idx))
                 ref += time_kernel(reference, fleet, profile, reqs[idx[:1]], out, work)
         finally:
             gc.enable()
         c, r, s = stats_ms(cy), stats_ms(ref), stats_ms(roof)
         rows.append({
             "nodes": n,
+            "isa": core.ISA,
             "cython": c,
+            "cython_baseline": stats_ms(base) if base else None,
             "reference": r,
             "roofline": s,
             "cython_over_roofline": c["p50_ms"] / s["p50_ms"],
             "reference_over_cython": r["p50_ms"] / c["p50_ms"],
             "budget_fraction": c["p99_ms"] / 100.0,
         })
-    return {"benchmark": "kernel", "machine": machine(), "profile": profile.to_dict(), "results": rows}
+    return {"benchmark": "kernel", "machine": machine(), "isa": core.ISA, "profile": profile.to_dict(),
+            "results": rows}
 
 
 def render(result: dict) -> str:
     headers = ["nodes", "cython p50 ms", "cython p99 ms", "roofline p50 ms", "cython/roofline",
                "reference p50 ms", "reference/cython", "p99 % of 100 ms"]
-    rows = [[r["nodes"], r["cython"]["p50_ms"], r["cython"]["p99_ms"], r["roofline"]["p50_ms"],
-             r["cython_over_roofline"], r["reference"]["p50_ms"], r["reference_over_cython"],
-             100 * r["budget_fraction"]] for r in result["results"]]
+    with_base = any(r["cython_baseline"] for r in result["results"])
+    if with_base:
+        headers += ["baseline-ISA p50 ms", "baseline/cython"]
+    rows = []
+    for r in result["results"]:
+        row = [r["nodes"], r["cython"]["p50_ms"], r["cython"]["p99_ms"], r["roofline"]["p50_ms"],
+               r["cython_over_roofline"], r["reference"]["p50_ms"], r["reference_over_cython"],
+               100 * r["budget_fraction"]]
+        if with_base:
+            b = r["cython_baseline"]["p50_ms"]
+            row += [b, b / r["cython"]["p50_ms"]]
+        rows.append(row)
     m = result["machine"]
-    return (f"kernel benchmark on {m['cpu']} ({m['cores']} cores), python {m['python']}, numpy {m['numpy']}\n"
-            + table(headers, rows))
+    return (f"kernel benchmark on {m['cpu']} ({m['cores']} cores), python {m['python']}, numpy {m['numpy']}, "
+            f"kernel build: {result['isa']}\n" + table(headers, rows))
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ from v2grt import reference
 from v2grt._buffers import T_FEASIBLE_CHG, T_FEASIBLE_DIS, T_N_CARRYING, T_TARGET, KernelOutput, Workspace
 from v2grt.codes import ONE_WAY, Reason
 from v2grt.fleet import Fleet
-from v2grt.kernel import get_backend
+from v2grt.kernel import available_isas, compiled, get_backend
 from v2grt.profile import DispatchProfile
 from v2grt.testing import fleet_from_arrays, uniform_fleet
 
@@ -21,11 +21,22 @@ BACKENDS = ["cython", "reference"]
 TOL_KW = 1e-6
 
 
+#: Every compiled build this machine runs ("cython:baseline", "cython:avx2"): each must equal the twin.
+COMPILED = [f"cython:{isa}" for isa in available_isas()]
+
+
+def kernel_module(backend):
+    """"cython", "reference", or "cython:<isa>" for one particular compiled build."""
+    if backend.startswith("cython:"):
+        return compiled(backend.split(":", 1)[1])
+    return get_backend(backend)
+
+
 def run(backend, fleet, profile, request_kw, *, now_ns=0, dt_s=0.1, estop=False):
     """One kernel call with fresh buffers; returns the output object."""
     out = KernelOutput(fleet.capacity)
     work = Workspace(fleet.capacity, fleet.site_capacity)
-    get_backend(backend).dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work)
+    kernel_module(backend).dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work)
     return out
 
 
@@ -78,14 +89,15 @@ def fleets(draw, max_n=40):
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("build", COMPILED)
 @SETTINGS
-@given(fleets())
-def test_cython_equals_reference(case):
-    """On random and adversarial fleets the compiled kernel gives the reference's outputs."""
+@given(case=fleets())
+def test_cython_equals_reference(build, case):
+    """On random and adversarial fleets every compiled build gives the reference's outputs."""
     fleet, profile, request, estop = case
     n = fleet.n_rows
     ref = run("reference", fleet, profile, request, estop=estop)
-    cy = run("cython", fleet, profile, request, estop=estop)
+    cy = run(build, fleet, profile, request, estop=estop)
     np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
     np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
     np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
@@ -416,3 +428,38 @@ def test_fill_leaves_no_float_residue_setpoints(backend):
     out = run(backend, fleet, profile, 5.0)
     assert out.setpoint_kw[:2].tolist() == [5.0, 0.0]
     assert out.totals[T_N_CARRYING] == 1
+
+
+@SETTINGS
+@given(case=fleets())
+def test_compiled_builds_are_bit_identical(case):
+    """The baseline and AVX2 builds of the kernel give the same bytes (no FMA contraction, the same
+    summation order): which one a CPU picks never changes a setpoint."""
+    if len(COMPILED) < 2:
+        pytest.skip(f"only {COMPILED} runs on this CPU")
+    fleet, profile, request, estop = case
+    outs = [run(build, fleet, profile, request, estop=estop) for build in COMPILED]
+    for other in outs[1:]:
+        for name in ("setpoint_kw", "avail_dis_kw", "avail_chg_kw", "reason", "totals"):
+            assert getattr(other, name).tobytes() == getattr(outs[0], name).tobytes(), name
+
+
+def test_kernel_isa_selection(monkeypatch):
+    """The best build the CPU runs by default; $V2GRT_KERNEL_ISA pins one; a wrong or unusable
+    choice is an error that names it."""
+    from v2grt import kernel
+
+    monkeypatch.delenv(kernel.ISA_ENV_VAR, raising=False)
+    assert compiled().ISA == available_isas()[-1]
+    assert get_backend("cython") is compiled()
+    monkeypatch.setenv(kernel.ISA_ENV_VAR, "baseline")
+    assert get_backend("cython").ISA == "baseline"
+    monkeypatch.setenv(kernel.ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match=r"'sse9': expected one of \['baseline', 'avx2'\]"):
+        compiled()
+    monkeypatch.setenv(kernel.ISA_ENV_VAR, "avx2")
+    monkeypatch.setattr(kernel, "cpu_supports", lambda isa: isa == "baseline")
+    with pytest.raises(ValueError, match="'avx2' requested but this CPU lacks it"):
+        compiled()
+    monkeypatch.delenv(kernel.ISA_ENV_VAR)
+    assert compiled().ISA == "baseline"  # an AVX2-less CPU runs the portable build

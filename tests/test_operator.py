@@ -91,6 +91,8 @@ def test_status_table_and_json(plant):
     st = json.loads(plant.cli("--status", "--json").stdout)
     assert st["vehicles"] == 12 and st["fleet_id"] == "plant" and st["epoch"] >= 1
     assert sum(st["nodes_by_reason"].values()) == 12 and st["loop"]["cycles"] > 0
+    assert st["kernel"]["backend"] == "cython" and st["kernel"]["isa"] in ("baseline", "avx2")
+    assert f"kernel cython/{st['kernel']['isa']}" in r.stdout
     r2 = run(V2GRT, "status", "--json", "--config", str(plant.cfg))
     assert r2.returncode == 0 and json.loads(r2.stdout)["vehicles"] == 12
 

@@ -17,9 +17,10 @@ T_AVAIL_CHG = 6  # kW: sum of per-node charge availability (magnitude)
 T_N_CARRYING = 7  # nodes with a non-zero setpoint
 N_TOTALS = 8
 
-#: kW. A take at or below this is float residue of the fill (a target minus a sum of windows leaves
-#: ~1e-16 of it), not power: both backends drop it, so no node is set to a sliver that would make it
-#: "carrying" (and ranked up by hysteresis) next cycle. 1 mW is far below any charger's resolution.
+#: kW. A window or take at or below this is no power: float residue of the fill (a target minus a
+#: sum of windows leaves ~1e-16 of it) or a node at the very edge of its taper. Both backends treat it
+#: as 0, so no node is set to a sliver that would make it "carrying" (and ranked up by hysteresis)
+#: next cycle. 1 mW is far below any charger's resolution.
 MIN_SETPOINT_KW = 1e-6
 
 

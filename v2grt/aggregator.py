@@ -202,6 +202,7 @@ class Aggregator:
     def _log_setup(self, steps) -> None:
         for s in steps:
             log.info("RT_SETUP step=%s granted=%s detail=%r", s.step, s.granted, s.detail)
+        log.info("KERNEL backend=%s isa=%s", self.dispatcher.backend, self.dispatcher.kernel_isa)
 
     # ------------------------------------------------------------------------------ the cycle
     def _cycle(self, deadline_ns: int, woke_ns: int) -> CycleTimes:
@@ -528,6 +529,7 @@ class Aggregator:
         out = {"epoch": self.epoch, "fleet_id": self.cfg.fleet_id, "service": self.dispatcher.service.name,
                "capacity_kw": self.dispatcher.capacity_kw, "vehicles": len(self.fleet), **self.status,
                "estop": self.dispatcher.estop, "telemetry_profile": self.telemetry_profile,
+               "kernel": {"backend": self.dispatcher.backend, "isa": self.dispatcher.kernel_isa},
                "loop": self.stats.summary(), "events": dict(self.events.counts),
                "telemetry_errors": {**dict(self.telemetry.errors), **dict(self.telemetry_errors)},
                "setpoints_dropped": self.publisher.dropped}

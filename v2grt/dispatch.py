@@ -119,6 +119,7 @@ class Dispatcher:
         self._responder = self.service.responder()
         self.kernel = get_backend(backend)
         self.backend = self.kernel.BACKEND
+        self.kernel_isa = getattr(self.kernel, "ISA", None)  # which compiled build: "baseline" or "avx2"
         self.period_s = period_s
         self._estop = False
         self._last_ns: int | None = None

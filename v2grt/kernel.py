@@ -1,11 +1,21 @@
-"""Which kernel runs: the compiled one by default, the NumPy twin only when asked, never by accident."""
+"""Which kernel runs: the compiled one by default, the NumPy twin only when asked, never by accident.
+
+The compiled kernel exists in two builds of one source (setup.py): v2grt._core for any CPU and
+v2grt._core_avx2 for CPUs with AVX2, whose block arithmetic runs twice as wide. The AVX2 build is
+chosen where the CPU has AVX2 (numpy's runtime detection, which also checks the OS saves the
+registers); $V2GRT_KERNEL_ISA=baseline pins the portable build, e.g. to compare the two.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 BACKENDS = ("cython", "reference")
 ENV_VAR = "V2GRT_BACKEND"
+ISA_ENV_VAR = "V2GRT_KERNEL_ISA"
+ISAS = ("baseline", "avx2")  # worst to best
+_ISA_MODULES = {"baseline": "v2grt._core", "avx2": "v2grt._core_avx2"}
 
 BUILD_HINT = (
     "v2grt's compiled kernel (v2grt._core) is not built. Build it with `pip install -e .` (or "
@@ -22,15 +32,54 @@ def default_backend() -> str:
     return name
 
 
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU (and OS) runs code built for `isa`."""
+    if isa == "baseline":
+        return True
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy moved its private table: play safe
+        return False
+    return bool(__cpu_features__.get(isa.upper(), False))
+
+
+def available_isas() -> list[str]:
+    """The compiled builds that are installed and that this CPU runs, worst to best."""
+    found = []
+    for isa in ISAS:
+        if not cpu_supports(isa):
+            continue
+        try:
+            importlib.import_module(_ISA_MODULES[isa])
+        except ImportError:
+            continue
+        found.append(isa)
+    return found
+
+
+def compiled(isa: str | None = None):
+    """The compiled kernel module for `isa` (None: $V2GRT_KERNEL_ISA, else the best this CPU runs)."""
+    wanted = isa or os.environ.get(ISA_ENV_VAR, "") or None
+    if wanted is not None and wanted not in ISAS:
+        raise ValueError(f"kernel ISA {wanted!r}: expected one of {list(ISAS)}")
+    try:
+        importlib.import_module(_ISA_MODULES["baseline"])
+    except ImportError as exc:
+        raise ImportError(BUILD_HINT) from exc
+    usable = available_isas()
+    if wanted is not None:
+        if wanted not in usable:
+            why = "this CPU lacks it" if not cpu_supports(wanted) else "that build is not installed"
+            raise ValueError(f"kernel ISA {wanted!r} requested but {why}; available: {usable}")
+        return importlib.import_module(_ISA_MODULES[wanted])
+    return importlib.import_module(_ISA_MODULES[usable[-1]])
+
+
 def get_backend(name: str | None = None):
     """The kernel module for a backend name (None: the default). Fails loudly if _core is missing."""
     name = default_backend() if name is None else name
     if name == "cython":
-        try:
-            from v2grt import _core
-        except ImportError as exc:
-            raise ImportError(BUILD_HINT) from exc
-        return _core
+        return compiled()
     if name == "reference":
         from v2grt import reference
 

@@ -457,7 +457,8 @@ def format_status(st: dict) -> str:
         return "n/a" if v is None else f"{format(v, fmt)}{unit}"
 
     lines = [f"fleet {st.get('fleet_id')}  epoch {st.get('epoch')}  service {st.get('service')}  capacity "
-             f"{num(st.get('capacity_kw'), '.1f', ' kW')}  telemetry profile {st.get('telemetry_profile')}"]
+             f"{num(st.get('capacity_kw'), '.1f', ' kW')}  telemetry profile {st.get('telemetry_profile')}"
+             + (f"  kernel {k.get('backend')}/{k.get('isa')}" if (k := st.get("kernel")) else "")]
     age = st.get("input_age_ms")
     f_note = ("no meter configured" if "meter" not in st else "meter stale" if st.get("frequency_stale")
               else f"meter sample {age:.0f} ms old" if age is not None else "no meter sample yet")

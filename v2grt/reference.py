@@ -164,6 +164,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     if target != 0.0:
         discharging = target > 0.0
         window = hi if discharging else lo
+        window = np.where(window > MIN_SETPOINT_KW, window, 0.0)  # a window of a mW or less is no window
         site_window = site_hi if discharging else site_lo
         site_cap = export_kw if discharging else import_kw
         remaining = abs(target)
