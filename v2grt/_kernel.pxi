@@ -47,7 +47,7 @@ cdef enum:
     T_N_CARRYING_I = 7
 
 
-# Takes at or below this (kW) are float residue of the fill, not power: dropped, as in the twin.
+# Windows and takes at or below this (kW) are no power (v2grt._buffers.MIN_SETPOINT_KW): zero, as in the twin.
 cdef double MIN_TAKE_KW = 1e-6
 
 
