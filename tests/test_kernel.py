@@ -103,6 +103,8 @@ def test_cython_equals_reference(build, case):
     np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
     np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
     np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
+    np.testing.assert_array_equal(cy.reason_counts, ref.reason_counts)
+    np.testing.assert_array_equal(cy.reason_counts, np.bincount(cy.reason[:n], minlength=256))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -440,7 +442,7 @@ def test_compiled_builds_are_bit_identical(case):
     fleet, profile, request, estop = case
     outs = [run(build, fleet, profile, request, estop=estop) for build in COMPILED]
     for other in outs[1:]:
-        for name in ("setpoint_kw", "avail_dis_kw", "avail_chg_kw", "reason", "totals"):
+        for name in ("setpoint_kw", "avail_dis_kw", "avail_chg_kw", "reason", "totals", "reason_counts"):
             assert getattr(other, name).tobytes() == getattr(outs[0], name).tobytes(), name
 
 

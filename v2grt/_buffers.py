@@ -16,6 +16,8 @@ T_AVAIL_DIS = 5  # kW: sum of per-node discharge availability (before ramp and s
 T_AVAIL_CHG = 6  # kW: sum of per-node charge availability (magnitude)
 T_N_CARRYING = 7  # nodes with a non-zero setpoint
 N_TOTALS = 8
+#: KernelOutput.reason_counts has a slot for every uint8 reason code (gateways' fault codes included).
+N_REASON_SLOTS = 256
 
 #: kW. A window or take at or below this is no power: float residue of the fill (a target minus a
 #: sum of windows leaves ~1e-16 of it) or a node at the very edge of its taper. Both backends treat it
@@ -28,7 +30,8 @@ class KernelOutput:
     """What one dispatch cycle produces: per-node arrays of the fleet's capacity, and fleet totals.
 
     ``setpoint_kw`` (float64, + discharge), ``avail_dis_kw`` and ``avail_chg_kw`` (float64, >= 0),
-    ``reason`` (uint8, v2grt.codes.Reason), ``totals`` (float64[N_TOTALS], see the T_* indices).
+    ``reason`` (uint8, v2grt.codes.Reason), ``totals`` (float64[N_TOTALS], see the T_* indices),
+    ``reason_counts`` (int64[N_REASON_SLOTS]: rows per reason code, free rows under EMPTY).
     """
 
     def __init__(self, capacity: int):
@@ -38,6 +41,7 @@ class KernelOutput:
         self.avail_chg_kw = np.zeros(capacity, np.float64)
         self.reason = np.zeros(capacity, np.uint8)
         self.totals = np.zeros(N_TOTALS, np.float64)
+        self.reason_counts = np.zeros(N_REASON_SLOTS, np.int64)
 
 
 class Workspace:

@@ -184,6 +184,9 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     cdef double[::1] avail_chg_out = out.avail_chg_kw
     cdef u8[::1] reason_out = out.reason
     cdef double[::1] totals_out = out.totals
+    cdef i64[::1] reason_counts = out.reason_counts
+    if reason_counts.shape[0] < 256:
+        raise ValueError(f"out.reason_counts holds {reason_counts.shape[0]} slots, a uint8 reason needs 256")
 
     cdef double[::1] window = work.window_kw
     cdef u16[::1] q = work.q
@@ -201,7 +204,7 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
         _availability(n, n_sites, &p, now_ns, estop, direction, active, online, fault, site, soc, soh,
                       capacity_kwh, p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency,
                       last_telemetry_ns, last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, window,
-                      q, site_hi, site_lo, hist, sums)
+                      q, site_hi, site_lo, hist, reason_counts, sums)
         _allocate(n, n_sites, &p, request_kw, direction, site, site_export_kw, site_import_kw, window, q,
                   site_hi, site_lo, site_rem, hist, count, order, setpoint_out, totals_out, sums)
 
@@ -247,10 +250,11 @@ cdef void _availability(
     const double[::1] last_kw, const u8[::1] site_fault,
     u8[::1] reason_out, double[::1] avail_dis_out, double[::1] avail_chg_out,
     double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
-    double[::1] hist, double* sums,
+    double[::1] hist, i64[::1] reason_counts, double* sums,
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
-    bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows.
+    bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows;
+    rows per reason code (so nobody has to count a million codes again after the kernel).
     sums: [prev_total_kw (set by _direction), avail_dis_kw, avail_chg_kw].
 
     Works in blocks of BLOCK rows: first the arithmetic of every row, branch-free so it vectorises
@@ -266,6 +270,9 @@ cdef void _availability(
     # site_hi[s] per row would chain every row of a site through store-to-load forwarding.
     cdef Py_ssize_t run_site = -1
     cdef double run_hi = 0.0, run_lo = 0.0
+    # Participating rows (OK, SOC_MIN, SOC_MAX) are counted in registers; excluded rows, the rare
+    # case, in reason_counts directly.
+    cdef i64 n_in = 0, n_soc_min = 0, n_soc_max = 0
     cdef u16 qi
     cdef double b_hi[BLOCK]
     cdef double b_lo[BLOCK]
@@ -276,6 +283,8 @@ cdef void _availability(
         site_lo[s] = 0.0
     for b in range(p.buckets):
         hist[b] = 0.0
+    for b in range(256):
+        reason_counts[b] = 0
     start = 0
     while start < n:
         m = _imin(BLOCK, n - start)
@@ -309,7 +318,11 @@ cdef void _availability(
                 avail_dis_out[i] = 0.0
                 avail_chg_out[i] = 0.0
                 window[i] = 0.0
+                reason_counts[r] += 1
                 continue
+            n_in += 1
+            n_soc_min += r == R_SOC_MIN
+            n_soc_max += r == R_SOC_MAX
             if s != run_site:
                 if run_site >= 0:
                     site_hi[run_site] += run_hi
@@ -331,6 +344,9 @@ cdef void _availability(
     if run_site >= 0:
         site_hi[run_site] += run_hi
         site_lo[run_site] += run_lo
+    reason_counts[R_OK] = n_in - n_soc_min - n_soc_max
+    reason_counts[R_SOC_MIN] = n_soc_min
+    reason_counts[R_SOC_MAX] = n_soc_max
     sums[1] = sum_dis
     sums[2] = sum_chg
 

@@ -140,7 +140,6 @@ class Aggregator:
         self._rows_all = np.zeros(0, np.int64)
         self._layout_version = -1
         self._p99_cache: float | None = None
-        self._excluded_cache: dict | None = None
         self._last_fraction = 0.0
         self._f_stale = False
         self._last_cycle_ns: int | None = None
@@ -350,13 +349,11 @@ class Aggregator:
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
         n = self.fleet.n_rows
-        # Counted every 10th cycle (np.bincount of 1M codes took ~2 ms a cycle: docs/benchmarks.md, the
-        # cycle's time): the counts lag by at most a second.
-        if self._excluded_cache is None or self.seq % 10 == 1:
-            counts = np.bincount(result.reasons, minlength=len(Reason))
-            self._excluded_cache = {_REASON_NAMES[k]: int(c) for k, c in enumerate(counts)
-                                    if c and k not in (Reason.OK, Reason.EMPTY)}
-        excluded = self._excluded_cache
+        # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
+        # ~2 ms), so the status is exact every cycle.
+        counts = result.nodes_per_reason
+        excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts)
+                    if k not in (Reason.OK, Reason.EMPTY)}
         _sample, t = self.meter.latest.read() if self.meter else (None, None)
         return {
             "ep": self.epoch, "seq": self.seq, "t_ns": t_ns,

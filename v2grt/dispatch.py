@@ -20,7 +20,7 @@ from v2grt._buffers import (
     KernelOutput,
     Workspace,
 )
-from v2grt.codes import Reason, reason_names
+from v2grt.codes import reason_names
 from v2grt.fleet import Fleet
 from v2grt.kernel import get_backend
 from v2grt.profile import DispatchProfile, ProfileError
@@ -39,6 +39,7 @@ class DispatchResult:
     available_dis_kw: np.ndarray  # float64 (n_rows,), >= 0
     available_chg_kw: np.ndarray  # float64 (n_rows,), >= 0 (magnitude)
     reasons: np.ndarray  # uint8 (n_rows,), v2grt.codes.Reason
+    nodes_per_reason: np.ndarray  # int64 (256,): rows per reason code, counted by the kernel
     frequency_hz: float
     service_fraction: float  # -1..1 of the contracted capacity, + discharge
     request_kw: float
@@ -58,13 +59,14 @@ class DispatchResult:
             available_dis_kw=self.available_dis_kw.copy(),
             available_chg_kw=self.available_chg_kw.copy(),
             reasons=self.reasons.copy(),
+            nodes_per_reason=self.nodes_per_reason.copy(),
         )
 
     def reason_counts(self) -> dict[str, int]:
         """Nodes by reason name (free rows left out), e.g. {"OK": 9500, "SOC_BELOW_MINIMUM": 310}."""
-        counts = np.bincount(self.reasons, minlength=len(Reason))
-        return {name: int(c) for name, c in zip(reason_names(range(len(counts))), counts)
-                if c and name != "EMPTY"}
+        codes = np.flatnonzero(self.nodes_per_reason)
+        return {name: int(self.nodes_per_reason[code]) for code, name in zip(codes, reason_names(codes))
+                if name != "EMPTY"}
 
     def summary(self) -> dict:
         """The fleet summary an operator reads: target, allocated, availability, exclusions."""
@@ -220,6 +222,7 @@ class Dispatcher:
             available_dis_kw=out.avail_dis_kw[:n],
             available_chg_kw=out.avail_chg_kw[:n],
             reasons=out.reason[:n],
+            nodes_per_reason=out.reason_counts,
             frequency_hz=frequency_hz,
             service_fraction=fraction,
             request_kw=float(t[T_REQUEST]),

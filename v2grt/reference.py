@@ -200,6 +200,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     out.avail_dis_kw[:n] = avail_dis
     out.avail_chg_kw[:n] = avail_chg
     out.reason[:n] = reason
+    out.reason_counts[:] = np.bincount(reason, minlength=len(out.reason_counts))
     t = out.totals
     t[T_REQUEST] = request_kw
     t[T_TARGET] = target
