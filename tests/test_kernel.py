@@ -63,14 +63,16 @@ def fleets(draw, max_n=40):
         cycle_count=rng.choice([0.0, 10.0, 500.0, 2999.0, 5000.0], n),
         efficiency=rng.uniform(0.94, 0.985, n),
         online=(rng.random(n) > 0.1).astype(np.uint8),
-        fault=rng.choice([0, 0, 0, 0, 0, 0, Reason.NODE_UNREACHABLE, Reason.NODE_LOW_THROUGHPUT], n),
+        # a gateway's fault code is any non-zero uint8, even one that names a kernel reason (SoC limits)
+        fault=rng.choice([0, 0, 0, 0, 0, 0, Reason.NODE_UNREACHABLE, Reason.NODE_LOW_THROUGHPUT,
+                          Reason.SOC_BELOW_MINIMUM, Reason.SOC_ABOVE_MAXIMUM, 255], n),
         active=(rng.random(n) > 0.05).astype(np.uint8),
         site=rng.integers(0, n_sites, n).astype(np.int32),
         last_setpoint_kw=rng.choice([0.0, 0.0, 3.0, -3.0, 11.0, -11.0], n),
         last_telemetry_ns=rng.choice([0, -6_000_000_000, -10_000_000_000], n, p=[0.9, 0.05, 0.05]),
         site_export_kw=rng.choice([math.inf, 0.0, 5.0, 30.0], n_sites),
         site_import_kw=rng.choice([math.inf, 0.0, 5.0, 30.0], n_sites),
-        site_fault=rng.choice([0, 0, 0, Reason.E_INVERTER_PHASE_MISMATCH], n_sites),
+        site_fault=rng.choice([0, 0, 0, Reason.E_INVERTER_PHASE_MISMATCH, Reason.SOC_ABOVE_MAXIMUM], n_sites),
     )
     fleet.last_setpoint_kw[:n] *= fleet.active[:n]  # a free row never carries a setpoint
     profile = DispatchProfile(

@@ -264,6 +264,7 @@ cdef void _availability(
     cdef Py_ssize_t i, j, s, start, m
     cdef int b
     cdef u8 r
+    cdef bint participating
     cdef double w, sum_dis = 0.0, sum_chg = 0.0
     # Per-site window sums run in registers while consecutive rows share a site (depots are
     # contiguous blocks of rows) and are flushed when the site changes: a read-modify-write of
@@ -295,6 +296,9 @@ cdef void _availability(
         for j in range(m):
             i = start + j
             s = site[i]
+            # Every link of the chain but the last excludes the row, whatever its code: a gateway's
+            # fault code may equal SOC_BELOW_MINIMUM and still means "do not dispatch".
+            participating = False
             if active[i] == 0:
                 r = R_EMPTY
             elif estop:
@@ -313,8 +317,9 @@ cdef void _availability(
                 r = R_TIMEOUT
             else:
                 r = <u8>b_code[j]  # OK, SOH, THERMAL, SOC_MIN or SOC_MAX
+                participating = (r != R_SOH) & (r != R_THERMAL)
             reason_out[i] = r
-            if r != R_OK and r != R_SOC_MIN and r != R_SOC_MAX:  # excluded: nothing to give
+            if not participating:  # excluded: nothing to give
                 avail_dis_out[i] = 0.0
                 avail_chg_out[i] = 0.0
                 window[i] = 0.0
@@ -344,9 +349,10 @@ cdef void _availability(
     if run_site >= 0:
         site_hi[run_site] += run_hi
         site_lo[run_site] += run_lo
-    reason_counts[R_OK] = n_in - n_soc_min - n_soc_max
-    reason_counts[R_SOC_MIN] = n_soc_min
-    reason_counts[R_SOC_MAX] = n_soc_max
+    # += : an excluded row may carry these codes too (a gateway's fault code)
+    reason_counts[R_OK] += n_in - n_soc_min - n_soc_max
+    reason_counts[R_SOC_MIN] += n_soc_min
+    reason_counts[R_SOC_MAX] += n_soc_max
     sums[1] = sum_dis
     sums[2] = sum_chg
 
