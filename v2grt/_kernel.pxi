@@ -51,6 +51,13 @@ cdef enum:
 cdef double MIN_TAKE_KW = 1e-6
 
 
+cdef struct Pin:
+    Py_ssize_t row  # the pinned row, or -1
+    double kw  # what it was asked for (+ discharge)
+    bint ok  # the row participates this cycle (so the pin applies)
+    Py_ssize_t site  # its site (pass 1 fills ok and site)
+
+
 cdef struct Params:
     double minimum_soc, maximum_soc, soc_taper, soh_threshold
     double temp_min_c, temp_max_c, temp_derate_c
@@ -103,7 +110,8 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
 
-def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint estop, out, work):
+def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint estop, out, work,
+             Py_ssize_t pin_row=-1, double pin_kw=0.0):
     """Turn a fleet request into one setpoint per node for this cycle.
 
     Parameters
@@ -126,6 +134,8 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
         ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason) and ``totals`` (T_* indices).
     work : Workspace
         Caller-owned scratch space.
+    pin_row, pin_kw : int, float
+        One node held at pin_kw this cycle (a test discharge), outside the ranking; -1: none.
 
     Notes
     -----
@@ -199,14 +209,17 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
 
     cdef double sums[4]
     cdef int direction
+    cdef Pin pin
+    pin.row, pin.kw, pin.ok, pin.site = (pin_row if 0 <= pin_row < n else -1), pin_kw, False, -1
     with nogil:
         direction = _direction(n, &p, request_kw, estop, last_kw, &sums[0])
         _availability(n, n_sites, &p, now_ns, estop, direction, active, online, fault, site, soc, soh,
                       capacity_kwh, p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency,
                       last_telemetry_ns, last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, window,
-                      q, site_hi, site_lo, hist, reason_counts, sums)
+                      q, site_hi, site_lo, hist, reason_counts, &pin, sums)
         _allocate(n, n_sites, &p, request_kw, direction, site, site_export_kw, site_import_kw, window, q,
-                  site_hi, site_lo, site_rem, hist, count, order, setpoint_out, totals_out, sums)
+                  site_hi, site_lo, site_rem, hist, count, order, avail_dis_out, avail_chg_out, &pin,
+                  setpoint_out, totals_out, sums)
 
 
 cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop,
@@ -250,7 +263,7 @@ cdef void _availability(
     const double[::1] last_kw, const u8[::1] site_fault,
     u8[::1] reason_out, double[::1] avail_dis_out, double[::1] avail_chg_out,
     double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
-    double[::1] hist, i64[::1] reason_counts, double* sums,
+    double[::1] hist, i64[::1] reason_counts, Pin* pin, double* sums,
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
     bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows;
@@ -328,6 +341,10 @@ cdef void _availability(
             n_in += 1
             n_soc_min += r == R_SOC_MIN
             n_soc_max += r == R_SOC_MAX
+            if i == pin.row:  # held at its pin: not ranked, not in the site sums (_allocate places it)
+                pin.ok, pin.site = True, s
+                window[i] = 0.0
+                continue
             if s != run_site:
                 if run_site >= 0:
                     site_hi[run_site] += run_hi
@@ -355,6 +372,11 @@ cdef void _availability(
     reason_counts[R_SOC_MAX] += n_soc_max
     sums[1] = sum_dis
     sums[2] = sum_chg
+
+
+cdef inline double _site_cap(double cap_kw, Py_ssize_t s, Py_ssize_t pin_site, double pinned_kw) noexcept nogil:
+    """A site's limit in one direction, less what its pinned node takes that way (never below 0)."""
+    return _max(cap_kw - pinned_kw, 0.0) if s == pin_site and pinned_kw > 0.0 else cap_kw
 
 
 cdef inline double _sum4(const double* x, Py_ssize_t m) noexcept nogil:
@@ -441,47 +463,63 @@ cdef void _allocate(
     const int[::1] site, const double[::1] site_export_kw, const double[::1] site_import_kw,
     double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
     double[::1] site_rem, double[::1] hist, i64[::1] count, int[::1] order,
+    const double[::1] avail_dis, const double[::1] avail_chg, const Pin* pin,
     double[::1] setpoint_out, double[::1] totals_out, double* sums,
 ) noexcept nogil:
     """Target from the request, then the setpoints: merit order (histogram threshold, or counting
-    sort + greedy when a site limit binds) or pro-rata."""
+    sort + greedy when a site limit binds) or pro-rata; a pinned node is placed as asked."""
     cdef Py_ssize_t i, s, k, n_part
     cdef int b, b_marginal
-    cdef double feasible_dis = 0.0, feasible_chg = 0.0, target = 0.0, remaining, take, cum, sign
-    cdef double allocated = 0.0, fraction, w
+    cdef double feasible_dis = 0.0, feasible_chg = 0.0, target = 0.0, remaining = 0.0, take, cum, sign = 0.0
+    cdef double allocated = 0.0, fraction, w, cap_dis, cap_chg, cap
+    cdef double pinned = 0.0, pin_dis = 0.0, pin_chg = 0.0, pin_dir = 0.0
     cdef bint binding_dis = False, binding_chg = False, binding
     cdef i64 pos, c, n_carrying = 0
     cdef double[::1] site_window
     cdef const double[::1] site_cap
 
+    # A pinned node (a test discharge) is fixed power, limited only by its availability: it uses up
+    # that much of its site's limit in its direction, and of the target when it goes the target's way.
+    if pin.ok:
+        pinned = _min(_max(pin.kw, -avail_chg[pin.row]), avail_dis[pin.row])
+        pinned = pinned if (pinned > MIN_TAKE_KW) | (pinned < -MIN_TAKE_KW) else 0.0
+        pin_dis = _max(pinned, 0.0)
+        pin_chg = _max(-pinned, 0.0)
+
     for s in range(n_sites):
-        feasible_dis += _min(site_export_kw[s], site_hi[s])
-        feasible_chg += _min(site_import_kw[s], site_lo[s])
-        if site_hi[s] > site_export_kw[s]:
+        cap_dis = _site_cap(site_export_kw[s], s, pin.site, pin_dis)
+        cap_chg = _site_cap(site_import_kw[s], s, pin.site, pin_chg)
+        feasible_dis += _min(cap_dis, site_hi[s])
+        feasible_chg += _min(cap_chg, site_lo[s])
+        if site_hi[s] > cap_dis:
             binding_dis = True
-        if site_lo[s] > site_import_kw[s]:
+        if site_lo[s] > cap_chg:
             binding_chg = True
 
     # Target: the request, limited by the fleet ramp, clamped to what the fleet can give.
     if direction != 0:
         target = _min(_max(request_kw, sums[0] - p.fleet_ramp_kw), sums[0] + p.fleet_ramp_kw)
-        target = _min(_max(target, -feasible_chg), feasible_dis)
+        target = _min(_max(target, -(feasible_chg + pin_chg)), feasible_dis + pin_dis)
+    if target != 0.0:
+        sign = 1.0 if target > 0.0 else -1.0
+        pin_dir = _max(pinned * sign, 0.0)  # the pinned kW that count toward the target
+        remaining = _max(target * sign - pin_dir, 0.0)  # what the ranked nodes fill
 
-    if target == 0.0:
+    if remaining <= MIN_TAKE_KW:
         for i in range(n):
             setpoint_out[i] = 0.0
     else:
         if target > 0.0:
             site_window, site_cap = site_hi, site_export_kw
-            sign, binding = 1.0, binding_dis
+            binding = binding_dis
         else:
             site_window, site_cap = site_lo, site_import_kw
-            sign, binding = -1.0, binding_chg
-        remaining = target * sign
+            binding = binding_chg
         if p.prorata:
             # Every node the same fraction of its window; windows of an over-full site scaled to its cap.
             for s in range(n_sites):
-                site_rem[s] = site_cap[s] / site_window[s] if site_window[s] > site_cap[s] else 1.0
+                cap = _site_cap(site_cap[s], s, pin.site, pin_dir)
+                site_rem[s] = cap / site_window[s] if site_window[s] > cap else 1.0
             fraction = _min(remaining / (feasible_dis if sign > 0 else feasible_chg), 1.0)
             for i in range(n):
                 take = window[i] * site_rem[site[i]] * fraction if window[i] > 0.0 else 0.0
@@ -533,7 +571,7 @@ cdef void _allocate(
                     order[count[q[i]]] = <int>i
                     count[q[i]] += 1
             for s in range(n_sites):
-                site_rem[s] = site_cap[s]
+                site_rem[s] = _site_cap(site_cap[s], s, pin.site, pin_dir)
             for k in range(n_part):
                 if remaining <= MIN_TAKE_KW:
                     break
@@ -545,9 +583,12 @@ cdef void _allocate(
                     remaining -= take
                     setpoint_out[i] = sign * take
                     n_carrying += 1
-        # The sum of what was set, in one pass over the (cache-warm) setpoints; a running sum in
-        # the loops above would chain every row through one add.
-        allocated = _sum4(&setpoint_out[0], n)
+    if pin.ok:
+        setpoint_out[pin.row] = pinned
+        n_carrying += pinned != 0.0
+    # The sum of what was set, in one pass over the (cache-warm) setpoints; a running sum in the loops
+    # above would chain every row through one add.
+    allocated = _sum4(&setpoint_out[0], n)
 
     totals_out[T_REQUEST_I] = request_kw
     totals_out[T_TARGET_I] = target

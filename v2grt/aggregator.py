@@ -257,9 +257,11 @@ class Aggregator:
         request_kw = self.cfg.service.base_kw + fraction * self.dispatcher.capacity_kw
         dt_s = self.cfg.period_s if self._last_cycle_ns is None else (now_ns - self._last_cycle_ns) / 1e9
         self._last_cycle_ns = now_ns
-        result = self.dispatcher.run_kernel(request_kw, now_ns, dt_s, frequency_hz=f_hz, fraction=fraction)
-        if self._test is not None:
-            self._apply_test_discharge(result, now_ns)
+        t = self._test
+        pin = (t.row, t.kw) if t is not None and now_ns < t.until_ns else None
+        result = self.dispatcher.run_kernel(request_kw, now_ns, dt_s, frequency_hz=f_hz, fraction=fraction, pin=pin)
+        if t is not None:
+            self._end_test_discharge_if_due(result, now_ns)
         self.last_result = result
         return result
 
@@ -288,7 +290,9 @@ class Aggregator:
         keep = max(0.0, 1.0 - over_s / m.rampout_s) if m.rampout_s > 0 else 0.0
         return self._last_fraction * keep, math.nan
 
-    def _apply_test_discharge(self, result, now_ns: int) -> None:
+    def _end_test_discharge_if_due(self, result, now_ns: int) -> None:
+        """The kernel held the test vehicle at its kW (pin) this cycle; end the test when its time is
+        up or the vehicle became ineligible (then the kernel has already dispatched it as any other)."""
         t = self._test
         if now_ns >= t.until_ns or result.reasons[t.row] != Reason.OK or result.estop:
             if now_ns < t.until_ns:
@@ -302,10 +306,6 @@ class Aggregator:
                               "reason": _REASON_NAMES[result.reasons[t.row]], "soc_before": t.soc_before,
                               "soc_after": float(self.fleet.soc[t.row])}
             self._test = None
-            return
-        kw = min(t.kw, float(result.available_dis_kw[t.row]))
-        result.setpoints_kw[t.row] = kw
-        self.fleet.last_setpoint_kw[t.row] = kw
 
     # phase 3: publish
     def _publish(self, result, now_ns: int) -> None:

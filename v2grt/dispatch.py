@@ -207,13 +207,15 @@ class Dispatcher:
         return self.run_kernel(request_kw, now_ns, dt_s, frequency_hz=frequency_hz, fraction=fraction)
 
     def run_kernel(self, request_kw: float, now_ns: int, dt_s: float, *, frequency_hz: float = math.nan,
-                   fraction: float = math.nan) -> DispatchResult:
+                   fraction: float = math.nan, pin: tuple[int, float] | None = None) -> DispatchResult:
         """The kernel with a ready request (the control loop's entry point): setpoints for this cycle,
-        and the fleet's last_setpoint_kw updated to them."""
+        and the fleet's last_setpoint_kw updated to them. ``pin=(row, kw)`` holds one node at kw (limited
+        to its availability) outside the ranking, the others filling the rest of the target."""
         self._ensure_buffers()
         fleet, out = self.fleet, self._out
+        pin_row, pin_kw = (-1, 0.0) if pin is None else (int(pin[0]), float(pin[1]))
         self.kernel.dispatch(fleet, self.profile, float(request_kw), int(now_ns), float(dt_s), self._estop,
-                             out, self._work)
+                             out, self._work, pin_row, pin_kw)
         n = fleet.n_rows
         np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
         t = out.totals

@@ -28,7 +28,7 @@ from v2grt.profile import RANK_BUCKETS
 BACKEND = "reference"
 
 
-def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
+def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row=-1, pin_kw=0.0):
     """Turn a fleet request into one setpoint per node for this cycle.
 
     Parameters
@@ -51,6 +51,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
         ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason) and ``totals`` (T_* indices).
     work : Workspace
         Caller-owned scratch space.
+    pin_row, pin_kw : int, float
+        One node held at pin_kw this cycle (a test discharge), outside the ranking; -1: none.
 
     Notes
     -----
@@ -62,6 +64,12 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     (rank bucket descending, then row ascending), each node taking ``min(window, site remainder,
     target remainder)``; under ``prorata`` every node takes the same fraction of its site-capped window.
     All nodes move in the target's direction: none charges while another discharges.
+
+    A pinned node, if it is not excluded, gets ``pin_kw`` limited to its availability (not to its
+    ramp window) and is left out of the ranking; that power takes its share of its site's limit in its
+    direction, widens what the fleet can give that way, and counts toward the target when it goes the
+    target's way (the others fill the rest). The one exception to the one-direction rule: a pin
+    against the target's direction is kept, and the fleet total then misses the target by it.
     """
     n = fleet.n_rows
     n_sites = fleet.n_sites
@@ -143,10 +151,27 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     ramp_kw = _ramp(p.node_ramp_kw_per_s, dt_s)
     hi = np.minimum(avail_dis, np.maximum(last_kw, 0.0) + ramp_kw)
     lo = np.minimum(avail_chg, np.maximum(-last_kw, 0.0) + ramp_kw)
-    site_hi = np.bincount(site[ok], weights=hi[ok], minlength=n_sites)[:n_sites]
-    site_lo = np.bincount(site[ok], weights=lo[ok], minlength=n_sites)[:n_sites]
-    export_kw = fleet.site_export_kw[:n_sites]
-    import_kw = fleet.site_import_kw[:n_sites]
+    export_kw = fleet.site_export_kw[:n_sites].copy()
+    import_kw = fleet.site_import_kw[:n_sites].copy()
+
+    # -- a pinned node: fixed power, out of the ranking, its share of its site's limit taken ----------
+    pinned = 0.0
+    pin_ok = 0 <= pin_row < n and bool(ok[pin_row])
+    if pin_ok:
+        pinned = min(max(pin_kw, -float(avail_chg[pin_row])), float(avail_dis[pin_row]))
+        pinned = pinned if abs(pinned) > MIN_SETPOINT_KW else 0.0
+        hi[pin_row] = lo[pin_row] = 0.0
+        s = site[pin_row]
+        if pinned > 0.0:
+            export_kw[s] = max(export_kw[s] - pinned, 0.0)
+        elif pinned < 0.0:
+            import_kw[s] = max(import_kw[s] + pinned, 0.0)
+    ranked = ok.copy()
+    if pin_ok:
+        ranked[pin_row] = False
+
+    site_hi = np.bincount(site[ranked], weights=hi[ranked], minlength=n_sites)[:n_sites]
+    site_lo = np.bincount(site[ranked], weights=lo[ranked], minlength=n_sites)[:n_sites]
     feasible_dis = float(np.minimum(export_kw, site_hi).sum())
     feasible_chg = float(np.minimum(import_kw, site_lo).sum())
 
@@ -157,19 +182,23 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
     else:
         fleet_ramp_kw = _ramp(p.fleet_ramp_kw_per_s, dt_s)
         target = min(max(request_kw, prev_kw - fleet_ramp_kw), prev_kw + fleet_ramp_kw)
-        target = min(max(target, -feasible_chg), feasible_dis)  # never flips the sign
+        # never flips the sign; a pin widens what the fleet can give in its direction
+        target = min(max(target, -(feasible_chg + max(-pinned, 0.0))), feasible_dis + max(pinned, 0.0))
 
     # -- allocation --------------------------------------------------------------------------------
     setpoint = np.zeros(n)
+    remaining = 0.0
     if target != 0.0:
+        # the ranked nodes fill what the pin, going the target's way, leaves
+        remaining = max(abs(target) - max(pinned * math.copysign(1.0, target), 0.0), 0.0)
+    if remaining > MIN_SETPOINT_KW:
         discharging = target > 0.0
         window = hi if discharging else lo
         window = np.where(window > MIN_SETPOINT_KW, window, 0.0)  # a window of a mW or less is no window
         site_window = site_hi if discharging else site_lo
         site_cap = export_kw if discharging else import_kw
-        remaining = abs(target)
         take = np.zeros(n)
-        part = np.flatnonzero(ok & (window > 0.0))
+        part = np.flatnonzero(ranked & (window > 0.0))
         if p.policy == "prorata":
             with np.errstate(divide="ignore", invalid="ignore"):
                 site_scale = np.where(site_window > site_cap, site_cap / site_window, 1.0)
@@ -195,6 +224,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work):
             take[order] = np.clip(remaining - (np.cumsum(e) - e), 0.0, e)
         take[take <= MIN_SETPOINT_KW] = 0.0  # float residue of the fill, not power
         setpoint = take if discharging else -take
+    if pin_ok:
+        setpoint[pin_row] = pinned
 
     out.setpoint_kw[:n] = setpoint
     out.avail_dis_kw[:n] = avail_dis
