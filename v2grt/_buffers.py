@@ -48,6 +48,8 @@ class Workspace:
     """Scratch arrays the kernel needs (ranking buckets, per-site sums, a counting-sort order)."""
 
     def __init__(self, capacity: int, site_capacity: int, buckets: int = RANK_BUCKETS):
+        if not 2 <= buckets <= 65536:  # the kernel keeps a bucket in a uint16
+            raise ValueError(f"Workspace buckets={buckets}: expected 2..65536 (default {RANK_BUCKETS})")
         self.capacity = capacity
         self.site_capacity = site_capacity
         self.buckets = buckets

@@ -85,6 +85,8 @@ cdef inline bint _valid(double soc, double soh, double capacity_kwh, double p_di
 cdef double _ramp(double rate_kw_per_s, double dt_s) noexcept nogil:
     if isinf(rate_kw_per_s):
         return INFINITY
+    if rate_kw_per_s == 0.0:  # not 0 * inf = NaN for an unbounded dt
+        return 0.0
     return rate_kw_per_s * _max(dt_s, 0.0)
 
 
@@ -131,7 +133,8 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
         Emergency stop: every node to 0 kW with reason EMERGENCY_STOP.
     out : KernelOutput
         Caller-owned outputs (capacity >= n_rows): ``setpoint_kw`` (+ discharge), ``avail_dis_kw``,
-        ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason) and ``totals`` (T_* indices).
+        ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason), ``totals`` (T_* indices) and
+        ``reason_counts`` (rows per reason code).
     work : Workspace
         Caller-owned scratch space.
     pin_row, pin_kw : int, float
@@ -411,6 +414,7 @@ cdef void _block_arithmetic(
     cdef double min_soc = p.minimum_soc, max_soc = p.maximum_soc, per_end = p.per_endurance
     cdef double ramp = p.node_ramp_kw, top = p.buckets - 1, min_take = MIN_TAKE_KW, w
     cdef double sign = <double>direction
+    cdef double dis = 1.0 if direction > 0 else 0.0, chg = 1.0 if direction < 0 else 0.0
     cdef double c
     for j in range(m):
         t = temp_c[j]
@@ -429,17 +433,21 @@ cdef void _block_arithmetic(
         # Ramp window: |power| may rise by node_ramp_kw this cycle and may always fall at once.
         hi = _min(ad, _max(last, 0.0) + ramp)
         lo = _min(ac, _max(-last, 0.0) + ramp)
+        # A window of a mW or less is no window, and no capacity either: zeroed before the site sums
+        # and the fleet's feasible power see it, or the target could promise what no node will take.
+        hi = hi if hi > min_take else 0.0
+        lo = lo if lo > min_take else 0.0
         w_hi[j] = hi
         w_lo[j] = lo
-        w = lo if direction < 0 else 0.0
-        w = hi if direction > 0 else w
-        w_dir[j] = w if w > min_take else 0.0  # a window of a mW or less is no window
+        # The direction enters as 0/1 weights, not as selects on a loop-invariant condition: GCC 12
+        # vectorises those only in some surroundings (a small edit elsewhere turned the whole loop
+        # scalar). Exact for the rows that matter: hi, lo are finite and >= 0, so hi * 1 + lo * 0 == hi.
+        w_dir[j] = hi * dis + lo * chg
         # Rank bucket in the target's direction: same expression and operation order as
-        # reference.rank_buckets, so the buckets are bit-identical. Both candidates are computed
-        # before each select: a conditional FP operation may trap, so the compiler would keep a
-        # branch (and not vectorise) rather than speculate it.
-        soc_term = 1.0 - soc_j
-        soc_term = soc_j if direction > 0 else soc_term
+        # reference.rank_buckets, so the buckets are bit-identical (the 0/1 weights are exact). Both
+        # candidates of the hysteresis select are computed first: a conditional FP operation may
+        # trap, so the compiler would keep a branch (and not vectorise) rather than speculate it.
+        soc_term = soc_j * dis + (1.0 - soc_j) * (1.0 - dis)  # soc discharging, 1 - soc charging
         x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[j] * p.inv_cycles_ref, 1.0))
              + p.w_soh * soh_j + p.w_temp * f_temp)
         x_carrying = x + p.hysteresis
@@ -546,9 +554,8 @@ cdef void _allocate(
                 take = w * <double>(q[i] > b_marginal)  # windows <= MIN_TAKE_KW are already 0
                 if q[i] == b_marginal:  # rare: only the marginal bucket's rows
                     if w > 0.0 and remaining > MIN_TAKE_KW:
-                        take = _min(w, remaining)
+                        take = _min(w, remaining)  # > MIN_TAKE_KW: both are
                         remaining -= take
-                        take = take if take > MIN_TAKE_KW else 0.0
                 setpoint_out[i] = sign * take
                 n_carrying += take != 0.0
         else:
@@ -600,12 +607,12 @@ cdef void _allocate(
     totals_out[T_N_CARRYING_I] = <double>n_carrying
 
 
-assert MIN_TAKE_KW == MIN_SETPOINT_KW, "v2grt._buffers.MIN_SETPOINT_KW changed: update _core.pyx"
+assert MIN_TAKE_KW == MIN_SETPOINT_KW, "v2grt._buffers.MIN_SETPOINT_KW changed: update _kernel.pxi"
 assert (T_REQUEST, T_TARGET, T_ALLOCATED, T_FEASIBLE_DIS, T_FEASIBLE_CHG, T_AVAIL_DIS, T_AVAIL_CHG,
-        T_N_CARRYING) == (0, 1, 2, 3, 4, 5, 6, 7), "v2grt._buffers totals layout changed: update _core.pyx"
+        T_N_CARRYING) == (0, 1, 2, 3, 4, 5, 6, 7), "v2grt._buffers totals layout changed: update _kernel.pxi"
 assert (Reason.OK, Reason.EMPTY, Reason.OFFLINE, Reason.TIMEOUT_BMS_RESPONSE, Reason.SOH_BELOW_THRESHOLD,
         Reason.THERMAL_LIMIT, Reason.SOC_BELOW_MINIMUM, Reason.EMERGENCY_STOP, Reason.INVALID_TELEMETRY,
-        Reason.SOC_ABOVE_MAXIMUM) == (0, 1, 2, 3, 4, 5, 9, 10, 11, 12), "v2grt.codes changed: update _core.pyx"
+        Reason.SOC_ABOVE_MAXIMUM) == (0, 1, 2, 3, 4, 5, 9, 10, 11, 12), "v2grt.codes changed: update _kernel.pxi"
 
 
 def stream_roofline(fleet, out):

@@ -9,7 +9,10 @@ registers); $V2GRT_KERNEL_ISA=baseline pins the portable build, e.g. to compare 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+
+log = logging.getLogger("v2grt.kernel")
 
 BACKENDS = ("cython", "reference")
 ENV_VAR = "V2GRT_BACKEND"
@@ -38,8 +41,12 @@ def cpu_supports(isa: str) -> bool:
         return True
     try:
         from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:  # numpy moved its private table: play safe
-        return False
+    except ImportError:
+        try:  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:  # numpy moved its private table: play safe, run the portable build
+            log.warning("cannot read numpy's CPU features: running the portable kernel build")
+            return False
     return bool(__cpu_features__.get(isa.upper(), False))
 
 
@@ -51,7 +58,9 @@ def available_isas() -> list[str]:
             continue
         try:
             importlib.import_module(_ISA_MODULES[isa])
-        except ImportError:
+        except ImportError as exc:
+            if isa != "baseline":  # a CPU that could run it but the build is missing or broken: say so
+                log.warning("kernel build %s not usable (%s): running a more portable one", isa, exc)
             continue
         found.append(isa)
     return found

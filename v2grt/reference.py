@@ -48,7 +48,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
         Emergency stop: every node to 0 kW with reason EMERGENCY_STOP.
     out : KernelOutput
         Caller-owned outputs (capacity >= n_rows): ``setpoint_kw`` (+ discharge), ``avail_dis_kw``,
-        ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason) and ``totals`` (T_* indices).
+        ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason), ``totals`` (T_* indices) and
+        ``reason_counts`` (rows per reason code).
     work : Workspace
         Caller-owned scratch space.
     pin_row, pin_kw : int, float
@@ -151,6 +152,9 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     ramp_kw = _ramp(p.node_ramp_kw_per_s, dt_s)
     hi = np.minimum(avail_dis, np.maximum(last_kw, 0.0) + ramp_kw)
     lo = np.minimum(avail_chg, np.maximum(-last_kw, 0.0) + ramp_kw)
+    # a window of a mW or less is no window, and no capacity: gone before the site sums see it
+    hi = np.where(hi > MIN_SETPOINT_KW, hi, 0.0)
+    lo = np.where(lo > MIN_SETPOINT_KW, lo, 0.0)
     export_kw = fleet.site_export_kw[:n_sites].copy()
     import_kw = fleet.site_import_kw[:n_sites].copy()
 
@@ -194,7 +198,6 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     if remaining > MIN_SETPOINT_KW:
         discharging = target > 0.0
         window = hi if discharging else lo
-        window = np.where(window > MIN_SETPOINT_KW, window, 0.0)  # a window of a mW or less is no window
         site_window = site_hi if discharging else site_lo
         site_cap = export_kw if discharging else import_kw
         take = np.zeros(n)
@@ -282,7 +285,9 @@ def _taper(x, band):
 
 def _ramp(rate_kw_per_s, dt_s):
     """kW a ramp rate allows in dt_s (inf stays inf, even for dt_s == 0)."""
-    return math.inf if math.isinf(rate_kw_per_s) else rate_kw_per_s * max(dt_s, 0.0)
+    if math.isinf(rate_kw_per_s):
+        return math.inf
+    return 0.0 if rate_kw_per_s == 0.0 else rate_kw_per_s * max(dt_s, 0.0)  # not 0 * inf = NaN
 
 
 def stream_roofline(fleet, out):
