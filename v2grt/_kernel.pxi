@@ -295,6 +295,10 @@ cdef void _availability(
     cdef double b_lo[BLOCK]
     cdef double b_q[BLOCK]
     cdef double b_code[BLOCK]
+    # Loop invariants in locals: read through a pointer, the compiler reloads them every row, as
+    # it cannot rule out that the row stores changed them.
+    cdef i64 stale_ns = p.stale_ns
+    cdef Py_ssize_t pin_row = pin.row
     for s in range(n_sites):
         site_hi[s] = 0.0
         site_lo[s] = 0.0
@@ -329,7 +333,7 @@ cdef void _availability(
                 r = site_fault[s]
             elif b_code[j] == R_INVALID:
                 r = R_INVALID
-            elif now_ns - last_telemetry_ns[i] > p.stale_ns:
+            elif now_ns - last_telemetry_ns[i] > stale_ns:
                 r = R_TIMEOUT
             else:
                 r = <u8>b_code[j]  # OK, SOH, THERMAL, SOC_MIN or SOC_MAX
@@ -344,7 +348,7 @@ cdef void _availability(
             n_in += 1
             n_soc_min += r == R_SOC_MIN
             n_soc_max += r == R_SOC_MAX
-            if i == pin.row:  # held at its pin: not ranked, not in the site sums (_allocate places it)
+            if i == pin_row:  # held at its pin: not ranked, not in the site sums (_allocate places it)
                 pin.ok, pin.site = True, s
                 window[i] = 0.0
                 continue
