@@ -44,6 +44,18 @@ def tol(out, n):
     return TOL_KW * max(1.0, float(np.abs(out.setpoint_kw[:n]).sum()))
 
 
+def assert_equals_twin(cy, ref, n):
+    """The contract between a compiled build and the twin: reasons, availability and reason counts
+    bit for bit; setpoints and totals to float tolerance (sums are taken in another order)."""
+    np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
+    np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
+    np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
+    np.testing.assert_array_equal(cy.reason_counts, ref.reason_counts)
+    np.testing.assert_array_equal(cy.reason_counts, np.bincount(cy.reason[:n], minlength=256))
+    np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
+    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
+
+
 # ------------------------------------------------------------------ random fleets for property tests
 @st.composite
 def fleets(draw, max_n=40):
@@ -100,13 +112,7 @@ def test_cython_equals_reference(build, case):
     n = fleet.n_rows
     ref = run("reference", fleet, profile, request, estop=estop)
     cy = run(build, fleet, profile, request, estop=estop)
-    np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
-    np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
-    np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
-    np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
-    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
-    np.testing.assert_array_equal(cy.reason_counts, ref.reason_counts)
-    np.testing.assert_array_equal(cy.reason_counts, np.bincount(cy.reason[:n], minlength=256))
+    assert_equals_twin(cy, ref, n)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -546,10 +552,7 @@ def test_pinned_cython_equals_reference(build, case, pin_row, pin_kw):
     for backend, out in (("reference", ref), (build, cy)):
         kernel_module(backend).dispatch(fleet, profile, request, 0, 0.1, estop, out,
                                         Workspace(fleet.capacity, fleet.site_capacity), pin_row, pin_kw)
-    np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
-    np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
-    np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
-    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
+    assert_equals_twin(cy, ref, n)
 
 
 @pytest.mark.parametrize("build", COMPILED)
@@ -562,12 +565,7 @@ def test_cython_equals_reference_across_blocks(build, case):
     n = fleet.n_rows
     ref = run("reference", fleet, profile, request, estop=estop)
     cy = run(build, fleet, profile, request, estop=estop)
-    np.testing.assert_array_equal(cy.reason[:n], ref.reason[:n])
-    np.testing.assert_array_equal(cy.avail_dis_kw[:n], ref.avail_dis_kw[:n])
-    np.testing.assert_array_equal(cy.avail_chg_kw[:n], ref.avail_chg_kw[:n])
-    np.testing.assert_array_equal(cy.reason_counts, ref.reason_counts)
-    np.testing.assert_allclose(cy.setpoint_kw[:n], ref.setpoint_kw[:n], rtol=1e-9, atol=tol(ref, n))
-    np.testing.assert_allclose(cy.totals, ref.totals, rtol=1e-9, atol=tol(ref, n))
+    assert_equals_twin(cy, ref, n)
 
 
 @pytest.mark.parametrize("policy", ["merit", "prorata"])
