@@ -270,7 +270,8 @@ cdef void _availability(
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
     bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows;
-    rows per reason code (so nobody has to count a million codes again after the kernel).
+    rows per reason code (so nobody has to count a million codes again after the kernel). A pinned row
+    that participates is left out of the ranking and the site sums; pin.ok and pin.site tell _allocate.
     sums: [prev_total_kw (set by _direction), avail_dis_kw, avail_chg_kw].
 
     Works in blocks of BLOCK rows: first the arithmetic of every row, branch-free so it vectorises
