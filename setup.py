@@ -5,7 +5,9 @@ No -march=native: a wheel built here runs on any CPU of its architecture. The ke
 as v2grt._core_avx2 with -mavx2; v2grt.kernel imports the AVX2 build only where the CPU has AVX2
 (numpy's runtime CPU detection), as numpy does for its own loops.
 """
+import hashlib
 import platform
+from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
@@ -18,13 +20,18 @@ from setuptools import Extension, setup
 COMMON_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
 
 
+# Both builds carry a digest of the kernel's source (v2grt.kernel refuses a build whose digest is not
+# the baseline's: a leftover module from another version would otherwise run other rules).
+KERNEL_DIGEST = hashlib.sha256(Path(__file__).with_name("v2grt").joinpath("_kernel.pxi").read_bytes()).hexdigest()[:16]
+
+
 def kernel_extension(name: str, pyx: str, isa_flags: list[str]) -> Extension:
     return Extension(
         name,
         [pyx],
         include_dirs=[np.get_include()],
         extra_compile_args=COMMON_FLAGS + isa_flags,
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("V2GRT_KERNEL_DIGEST", f'"{KERNEL_DIGEST}"')],
         depends=["v2grt/_kernel.pxi"],
     )
 

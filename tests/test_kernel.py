@@ -626,3 +626,32 @@ def test_compiled_builds_vectorise_the_block_arithmetic():
         packed = len(re.findall(r"\tv?(?:mul|div|min|max|add|sub)pd\s", asm))
         assert packed >= 40, (f"{path}: {packed} packed-double instructions: the block arithmetic is no "
                               "longer vectorised (CFLAGS=-fopt-info-vec-optimized pip install -e . -v shows why)")
+
+
+def test_every_build_comes_from_the_kernel_source_in_this_tree():
+    """Each compiled build carries the digest of the _kernel.pxi it was built from: all builds agree,
+    and (in a source checkout) match the file, so an edit that was not rebuilt cannot be tested as if
+    it ran."""
+    import hashlib
+    from pathlib import Path
+
+    digests = {isa: compiled(isa).SOURCE_DIGEST for isa in available_isas()}
+    assert len(set(digests.values())) == 1, digests
+    source = Path(compiled("baseline").__file__).with_name("_kernel.pxi")
+    if source.exists():
+        assert digests["baseline"] == hashlib.sha256(source.read_bytes()).hexdigest()[:16], \
+            "the compiled kernel is older than v2grt/_kernel.pxi: rebuild with `pip install -e .`"
+
+
+def test_a_build_from_another_source_is_not_used(monkeypatch):
+    """A leftover AVX2 module from another version is skipped, with a warning, not run."""
+    from v2grt import kernel
+
+    if "avx2" not in available_isas():
+        pytest.skip("no AVX2 build on this CPU")
+    monkeypatch.setattr(compiled("avx2"), "SOURCE_DIGEST", "0" * 16)
+    assert available_isas() == ["baseline"]
+    assert compiled().ISA == "baseline"
+    monkeypatch.setenv(kernel.ISA_ENV_VAR, "avx2")
+    with pytest.raises(ValueError, match="'avx2' requested but that build is missing, broken or from another source"):
+        compiled()

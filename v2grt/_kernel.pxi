@@ -18,6 +18,17 @@ from v2grt._buffers import (
 
 BACKEND = "cython"
 
+cdef extern from *:
+    """
+    #ifndef V2GRT_KERNEL_DIGEST
+    #define V2GRT_KERNEL_DIGEST "unknown"
+    #endif
+    """
+    const char* V2GRT_KERNEL_DIGEST
+
+#: sha256 (16 hex digits) of _kernel.pxi as built (setup.py): the same in every build of one install.
+SOURCE_DIGEST = V2GRT_KERNEL_DIGEST.decode("ascii")
+
 ctypedef unsigned char u8
 ctypedef unsigned short u16
 ctypedef long long i64

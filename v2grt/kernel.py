@@ -52,16 +52,21 @@ def cpu_supports(isa: str) -> bool:
 
 def available_isas() -> list[str]:
     """The compiled builds that are installed and that this CPU runs, worst to best."""
-    found = []
+    found, digest = [], None
     for isa in ISAS:
         if not cpu_supports(isa):
             continue
         try:
-            importlib.import_module(_ISA_MODULES[isa])
+            module = importlib.import_module(_ISA_MODULES[isa])
         except ImportError as exc:
             if isa != "baseline":  # a CPU that could run it but the build is missing or broken: say so
                 log.warning("kernel build %s not usable (%s): running a more portable one", isa, exc)
             continue
+        if digest is not None and module.SOURCE_DIGEST != digest:
+            log.warning("kernel build %s was built from another source (%s) than the baseline build (%s): "
+                        "not using it; rebuild with `pip install -e .`", isa, module.SOURCE_DIGEST, digest)
+            continue
+        digest = digest or module.SOURCE_DIGEST
         found.append(isa)
     return found
 
@@ -78,7 +83,8 @@ def compiled(isa: str | None = None):
     usable = available_isas()
     if wanted is not None:
         if wanted not in usable:
-            why = "this CPU lacks it" if not cpu_supports(wanted) else "that build is not installed"
+            why = ("this CPU lacks it" if not cpu_supports(wanted)
+                   else "that build is missing, broken or from another source (the log says which)")
             raise ValueError(f"kernel ISA {wanted!r} requested but {why}; available: {usable}")
         return importlib.import_module(_ISA_MODULES[wanted])
     return importlib.import_module(_ISA_MODULES[usable[-1]])
