@@ -17,11 +17,9 @@ import pytest
 import zmq
 
 from v2grt.codes import Reason
-from v2grt.fleet import Fleet
 from v2grt.gateway.core import SLOW_KEYS, GatewayCore
 from v2grt.io import wire
-from v2grt.roster import write_roster
-from v2grt.testing import wait_until
+from v2grt.testing import wait_until, write_ten_vehicle_roster
 
 
 class RecordingVehicles:
@@ -187,13 +185,7 @@ def test_slow_keys_only_in_every_slow_nth_batch(aggregator_side):
 @pytest.fixture
 def roster(tmp_path):
     """Eight plugged-in vehicles on gw1 (and two on gw2), full enough to discharge, not hot, not worn."""
-    fleet = Fleet(capacity=16)
-    for i in range(10):
-        fleet.add(f"EV_{i:02d}", "gw1" if i < 8 else "gw2", "site1", soc=0.7, soh=0.95, capacity_kwh=60.0,
-                  p_dis_max_kw=11.0, p_chg_max_kw=11.0, temp_c=22.0, online=1)
-    path = tmp_path / "roster.csv"
-    write_roster(fleet, path)
-    return path
+    return write_ten_vehicle_roster(tmp_path / "roster.csv")
 
 
 def start_gateway(roster, pub_ep, pull_ep, tmp_path, *extra):

@@ -15,23 +15,14 @@ from v2grt.dispatch import Dispatcher
 from v2grt.events import EventLog
 from v2grt.monitor import FrequencyAlert, NodeMonitor
 from v2grt.profile import DispatchProfile
-from v2grt.testing import uniform_fleet
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+from v2grt.testing import LogLines, uniform_fleet
 
 
 @pytest.fixture
 def events():
     logger = logging.getLogger("test.monitor")
     logger.propagate = False
-    handler = Lines()
+    handler = LogLines()
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     ev = EventLog(interval_s=60.0, logger=logger)

@@ -19,7 +19,7 @@ from v2grt.config import ConfigError, config_from_dict
 from v2grt.events import EventLog
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
-from v2grt.testing import wait_until
+from v2grt.testing import LogLines, wait_until, write_ten_vehicle_roster
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -27,17 +27,6 @@ PERIOD_S = 0.02
 TTL_S = 0.3
 
 
-
-
-class Lines(logging.Handler):
-    """Collects engine.log lines of one EventLog."""
-
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture
@@ -72,7 +61,7 @@ def make_secure(keys):
 
     def _make(**security_overrides):
         cfg = config_from_dict(secure_config(keys, **security_overrides))
-        lines = Lines()
+        lines = LogLines()
         logger = logging.getLogger(f"test.security.{len(started)}")
         logger.addHandler(lines)
         logger.propagate = False
@@ -400,15 +389,7 @@ def test_sighup_reloads_the_authorized_keys_of_a_running_service(keys, tmp_path)
 @pytest.fixture
 def roster(tmp_path):
     """Eight vehicles on gw1 and two on gw2."""
-    from v2grt.roster import write_roster
-
-    fleet = Fleet(capacity=16)
-    for i in range(10):
-        fleet.add(f"EV_{i:02d}", "gw1" if i < 8 else "gw2", "site1", soc=0.7, soh=0.95, capacity_kwh=60.0,
-                  p_dis_max_kw=11.0, p_chg_max_kw=11.0, temp_c=22.0, online=1)
-    path = tmp_path / "roster.csv"
-    write_roster(fleet, path)
-    return path
+    return write_ten_vehicle_roster(tmp_path / "roster.csv")
 
 
 def test_reference_gateway_and_operator_cli_use_their_keys(keys, roster, tmp_path, capsys):

@@ -1,6 +1,10 @@
-"""Small helpers for tests and benchmarks: build fleets directly from arrays (no I/O, no sockets)."""
+"""Small helpers for tests and benchmarks: fleets built directly from arrays, a waiting loop, a log
+line collector and a small roster file."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -55,3 +59,27 @@ def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", step_s: fl
             return value
         time.sleep(step_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class LogLines(logging.Handler):
+    """Collects the messages of the records it handles (engine.log lines of an EventLog, in tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def write_ten_vehicle_roster(path) -> Path:
+    """A roster CSV of ten plugged-in vehicles, eight on gw1 and two on gw2, all on site1: full enough
+    to discharge (SoC 0.7), not hot, not worn. Returns the path."""
+    from v2grt.roster import write_roster
+
+    fleet = Fleet(capacity=16)
+    for i in range(10):
+        fleet.add(f"EV_{i:02d}", "gw1" if i < 8 else "gw2", "site1", soc=0.7, soh=0.95, capacity_kwh=60.0,
+                  p_dis_max_kw=11.0, p_chg_max_kw=11.0, temp_c=22.0, online=1)
+    write_roster(fleet, path)
+    return Path(path)
