@@ -1,10 +1,14 @@
-"""Tests for v2grt.config: the service section (built-in or custom curve, nominal frequency)."""
+"""Tests for v2grt.config: the service section (built-in or custom curve, nominal frequency), bus defaults."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from v2grt.config import ConfigError, build_service, config_from_dict
+import pytest
+import yaml
+
+from v2grt.config import BusConfig, ConfigError, build_service, config_from_dict
+from v2grt.io import bus
 
 
 def _config(service: dict | None):
@@ -74,3 +78,19 @@ def test_conflicting_nominals_are_refused_naming_both_keys():
     """curve.nominal_hz 50 with service.nominal_hz 60 is an error, not a silent choice."""
     with pytest.raises(ConfigError, match=r"curve\.nominal_hz=50 differs from service\.nominal_hz=60\.0"):
         _config({"curve": {**CURVE, "nominal_hz": 50}, "nominal_hz": 60})
+
+
+def test_bus_bind_defaults_agree_in_code_shipped_config_and_docs():
+    """One loopback bind default in BusConfig, bus.DEFAULT_*_ENDPOINT, default.yaml, wire.md and operations.md."""
+    root = Path(__file__).resolve().parents[1]
+    defaults = BusConfig()
+    library = {"setpoints": bus.DEFAULT_SETPOINT_ENDPOINT, "telemetry": bus.DEFAULT_TELEMETRY_ENDPOINT,
+               "control": bus.DEFAULT_CONTROL_ENDPOINT}
+    shipped = yaml.safe_load((root / "configs" / "default.yaml").read_text())["bus"]
+    wire_md = (root / "docs" / "wire.md").read_text()
+    operations_md = (root / "docs" / "operations.md").read_text()
+    for key, endpoint in library.items():
+        assert endpoint.startswith("tcp://127.0.0.1:"), endpoint
+        assert getattr(defaults, key) == endpoint == shipped[key], key
+        assert f"| `bus.{key}` | `{endpoint}` |" in wire_md, key
+        assert f"| `{key}` | `{endpoint}` |" in operations_md, key
