@@ -537,3 +537,23 @@ def test_unreadable_header_stops_at_the_header(tmp_path):
     path = write(tmp_path, f'# roster\n"node_id,{HEADER[8:]}\nEV1,gw1,s1,0.5,60,11,11\n')
     (problem,) = problems_of(path)
     assert problem.line == 2 and "bad CSV quoting" in problem.reason
+
+
+def test_documented_roster_columns_are_the_loader_s_columns():
+    """docs/operations.md's roster table lists every roster.py column with its required-ness, unit, range, default."""
+    from v2grt.roster import REQUIRED_COLUMNS, ROSTER_COLUMNS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    block = doc.split("<!-- roster-columns -->\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = {cells[0].strip("`"): cells for cells in
+            ([c.strip() for c in line.strip().strip("|").split("|")] for line in block[2:])}
+    assert list(rows) == list(ROSTER_COLUMNS)
+    assert [name for name, cells in rows.items() if cells[1] == "yes"] == list(REQUIRED_COLUMNS)
+    for col in COLUMNS:
+        _name, _required, unit, allowed, default, _used = rows[col.name]
+        assert unit == col.unit, col.name
+        if col.dtype == "uint8":
+            assert allowed == f"{col.lo:g} or {col.hi:g}", col.name
+        else:
+            assert allowed.split(" ")[0] == f"{col.lo:g}..{col.hi:g}".replace("1e+06", "1000000"), col.name
+        assert default == ("" if col.default is None else f"{col.default:g}"), col.name

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from v2grt.config import build_service, config_from_dict
 from v2grt.services import (
+    _ALIASES,
+    _CONFIG_KEYS,
     META_FIELDS,
     SERVICES,
     STEP_HZ,
@@ -638,3 +644,97 @@ def test_over_frequency_trigger_latches_charge():
     assert r.step(50.0, 2.9) == -1.0
     assert r.step(50.0, 4.0) == approx(-0.5)
     assert r.step(50.0, 6.0) == 0.0
+
+
+# -- docs/services.md: the tables and examples an integrator reads ----------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "services.md"
+
+
+def _doc_table(marker: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the markdown table right after `<!-- marker -->`, header first."""
+    block = re.search(rf"<!-- {re.escape(marker)} -->\n((?:\|.*\|\n?)+)", DOC.read_text())
+    assert block, f"docs/services.md lacks the table <!-- {marker} -->"
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.group(1).splitlines()]
+    return [rows[0]] + rows[2:]  # drop the |---| line
+
+
+def _doc_table_after(header_start: str) -> list[list[str]]:
+    """Body rows of the table whose header line starts with header_start."""
+    lines = DOC.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    body = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return body
+
+
+def _doc_number(cell: str) -> float | None:
+    return None if cell == "-" else float(cell)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_documented_points_are_the_curve_s_points_at_50_and_60_hz(name):
+    """docs/services.md's point table of each built-in lists exactly its points at both nominals."""
+    rows = _doc_table(f"service-points: {name}")[1:]
+    for nominal_hz, column in ((50.0, 1), (60.0, 2)):
+        points = get_service(name, nominal_hz).points()
+        assert len(rows) == len(points), (name, nominal_hz)
+        for row, (f_hz, fraction) in zip(rows, points):
+            assert float(row[column]) == approx(f_hz, abs=1e-9), (name, nominal_hz, row)
+            assert float(row[3]) == approx(fraction, abs=1e-12), (name, row)
+
+
+def test_doc_has_a_point_table_for_every_builtin_and_no_other():
+    """Every canonical service name has a point table and the summary row names it; no table for another name."""
+    doc = DOC.read_text()
+    assert sorted(re.findall(r"<!-- service-points: (\S+) -->", doc)) == sorted(ALL_NAMES)
+    summary = [row[0] for row in _doc_table_after("| service | grid service |")]
+    for name in ALL_NAMES:
+        assert any(f"`{name}`" in cell for cell in summary), name
+    for alias, canonical in _ALIASES.items():
+        assert f"`{alias}` = `{canonical}`" in doc, alias
+
+
+def test_documented_timing_data_is_the_curve_s_metadata():
+    """docs/services.md's timing table gives every built-in's nominal and numeric metadata as the code has it."""
+    header, *rows = _doc_table("service-metadata")
+    keys = [h.strip("`") for h in header[2:]]
+    assert set(keys) == set(META_FIELDS) - {"description", "source"}
+    assert [row[0].strip("`") for row in rows] == ALL_NAMES
+    for row in rows:
+        curve = get_service(row[0].strip("`"))
+        assert float(row[1]) == curve.nominal_hz
+        for key, cell in zip(keys, row[2:]):
+            assert _doc_number(cell) == (None if getattr(curve, key) is None else approx(getattr(curve, key))), (
+                curve.name, key)
+
+
+def test_documented_curve_keys_are_the_config_keys():
+    """The key table of a custom curve lists exactly the keys ServiceCurve.from_config accepts."""
+    documented = set()
+    for row in _doc_table("service-curve-keys")[1:]:
+        documented |= {k.strip().strip("`") for k in row[0].split(",")}
+    assert documented == set(_CONFIG_KEYS)
+
+
+def _doc_example(name: str):
+    block = re.search(rf"<!-- services-example: {name} -->\n```yaml\n(.*?)```", DOC.read_text(), re.DOTALL)
+    assert block, f"docs/services.md lacks the example {name}"
+    data = yaml.safe_load(block.group(1))
+    return build_service(config_from_dict({**data, "fleet": {"random": 1}}).service)
+
+
+def test_documented_custom_curve_examples_load_and_respond_as_described():
+    """Each YAML example of docs/services.md section 6 is a valid config giving the curve the text describes."""
+    points = _doc_example("custom-points")
+    assert (points.name, points.fraction_at(49.7), points.fraction_at(50.0)) == ("site_fr", approx(0.5), 0.0)
+    deviation = _doc_example("custom-deviation")
+    assert (deviation.nominal_hz, deviation.fraction_at(59.5), deviation.fraction_at(60.5)) == (60.0, 1.0, -1.0)
+    r = _doc_example("custom-trigger").responder()
+    assert r.step(50.4, 0.0) == -1.0
+    assert r.step(50.0, 9.9) == -1.0
+    assert r.step(50.0, 12.5) == approx(-0.5)
+    assert r.step(50.0, 15.0) == 0.0

@@ -23,7 +23,7 @@ import zmq
 
 from v2grt import security
 from v2grt.codes import Reason, reason_names
-from v2grt.config import Config
+from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
 from v2grt.events import EventLog
 from v2grt.fleet import Fleet
@@ -32,7 +32,7 @@ from v2grt.io.modbus import InputThread, InverterReader, MeterReader
 from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig
 from v2grt.monitor import FrequencyAlert
 from v2grt.profile import DispatchProfile, ProfileError
-from v2grt.services import ServiceCurve, get_service
+from v2grt.services import ServiceCurve
 
 log = logging.getLogger("v2grt.aggregator")
 
@@ -59,9 +59,7 @@ def load_fleet(cfg: Config, now_ns: int) -> Fleet:
 
 
 def load_service(cfg: Config) -> ServiceCurve:
-    if cfg.service.name is not None:
-        return get_service(cfg.service.name, cfg.service.nominal_hz)
-    return ServiceCurve.from_config({"nominal_hz": cfg.service.nominal_hz, **cfg.service.curve})
+    return build_service(cfg.service)
 
 
 class Aggregator:

@@ -10,8 +10,12 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from v2grt.services import ServiceCurve
 
 
 class ConfigError(ValueError):
@@ -58,10 +62,12 @@ class SecurityConfig:
 
 @dataclasses.dataclass
 class ServiceConfig:
+    # A file that gives `curve` and no `name` selects the custom curve (name becomes None); a file
+    # that gives neither gets the default built-in. Both given is an error (config_from_dict).
     name: str | None = "dc"
     curve: dict | None = None  # a custom curve (see v2grt.services.ServiceCurve.from_config)
     capacity_kw: float | None = None  # None: what the fleet can deliver both ways at start
-    nominal_hz: float = 50.0
+    nominal_hz: float | None = None  # None: the curve's own (60 Hz for ieee1547, else 50 Hz)
     base_kw: float = 0.0
 
 
@@ -203,6 +209,8 @@ def config_from_dict(data: dict, path: Path | None = None) -> Config:
                 cfg.meter = None
                 continue
             setattr(cfg, key, _section(src, key, _SECTIONS[key], value))
+            if key == "service" and isinstance(value, dict) and value.get("curve") is not None:
+                _custom_curve_selects_itself(src, cfg.service, value)
         elif key == "inverters":
             cfg.inverters = _inverters(src, value)
         else:
@@ -229,6 +237,40 @@ def _section(src, name, cls, value):
     for key, v in value.items():
         setattr(obj, key, _value(src, f"{name}.{key}", v, fields[key].type))
     return obj
+
+
+def _custom_curve_selects_itself(src, svc: ServiceConfig, value: dict) -> None:
+    """service.curve without service.name selects the custom curve; with a built-in name it is an error.
+
+    The built-in default (name: dc) must not make a custom curve need `name: null` to be heard, and a
+    file naming both must not have one of them silently ignored.
+    """
+    if "name" not in value:
+        svc.name = None
+    elif svc.name is not None:
+        raise ConfigError(f"{src}: service.name={svc.name!r} and service.curve are both set; set one: "
+                          "service.name for a built-in curve, or service.curve (without service.name) "
+                          "for a custom one")
+
+
+def build_service(svc: ServiceConfig) -> ServiceCurve:
+    """The v2grt.services.ServiceCurve a service section selects; raises ServiceError naming what is wrong.
+
+    A built-in at ``svc.nominal_hz`` (None: the service's own), or the custom ``svc.curve``. The
+    curve's own ``nominal_hz`` and ``service.nominal_hz`` must agree when both are given.
+    """
+    from v2grt.services import ServiceCurve, ServiceError, get_service
+
+    if svc.name is not None:
+        return get_service(svc.name, svc.nominal_hz)
+    curve = dict(svc.curve)
+    own = curve.get("nominal_hz")
+    if svc.nominal_hz is not None:
+        if own is not None and own != svc.nominal_hz:
+            raise ServiceError(f"curve.nominal_hz={own!r} differs from service.nominal_hz={svc.nominal_hz!r}; "
+                               "give the nominal once (either key)")
+        curve["nominal_hz"] = svc.nominal_hz
+    return ServiceCurve.from_config(curve)
 
 
 def _inverters(src, value):
@@ -312,8 +354,9 @@ def _check(src, cfg: Config) -> None:
                           f"{cfg.alert.band_hz}: the alert clears inside band_hz - hysteresis_hz")
     if (cfg.fleet.roster is None) == (cfg.fleet.random is None):
         raise ConfigError(f"{src}: fleet: set exactly one of fleet.roster (a CSV path) or fleet.random (a count)")
-    if (cfg.service.name is None) == (cfg.service.curve is None):
-        raise ConfigError(f"{src}: service: set exactly one of service.name (a built-in) or service.curve")
+    if cfg.service.name is None and cfg.service.curve is None:
+        raise ConfigError(f"{src}: service.name is null and there is no service.curve: set service.name to a "
+                          "built-in curve (docs/services.md) or give a custom service.curve")
     for ep_key in ("setpoints", "telemetry", "control"):
         ep = getattr(cfg.bus, ep_key)
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):
@@ -326,20 +369,13 @@ def _check(src, cfg: Config) -> None:
     if cfg.discharge_profile is not None and not cfg.resolve(cfg.discharge_profile).exists():
         raise ConfigError(f"{src}: discharge_profile={cfg.discharge_profile!r}: no such file "
                           f"({cfg.resolve(cfg.discharge_profile)})")
-    if cfg.service.name is not None:
-        from v2grt.services import ServiceError, get_service
+    from v2grt.services import ServiceError
 
-        try:
-            get_service(cfg.service.name, cfg.service.nominal_hz)
-        except ServiceError as exc:
-            raise ConfigError(f"{src}: service.name: {exc}") from None
-    else:
-        from v2grt.services import ServiceCurve, ServiceError
-
-        try:
-            ServiceCurve.from_config({"nominal_hz": cfg.service.nominal_hz, **cfg.service.curve})
-        except ServiceError as exc:
-            raise ConfigError(f"{src}: service.curve: {exc}") from None
+    try:
+        build_service(cfg.service)
+    except ServiceError as exc:
+        key = "service.name" if cfg.service.name is not None else "service.curve"
+        raise ConfigError(f"{src}: {key}: {exc}") from None
     if cfg.security.enabled or cfg.security.allow is not None:
         from v2grt.security import check_config
 

@@ -37,10 +37,11 @@ from v2grt.io.wire import (
 
 log = logging.getLogger(__name__)
 
-#: Aggregator-side bind endpoints (docs/wire.md, "Sockets").
-DEFAULT_SETPOINT_ENDPOINT = "tcp://*:5560"  # PUB: setpoints (sp/<gw>\0) and fleet status (status\0)
-DEFAULT_TELEMETRY_ENDPOINT = "tcp://*:5561"  # PULL: gateway telemetry batches
-DEFAULT_CONTROL_ENDPOINT = "tcp://*:5562"  # ROUTER: v2g-cli control requests
+#: Aggregator-side bind endpoints (docs/wire.md section 2), equal to config.BusConfig's defaults:
+#: loopback only, because without security.enabled the bus is unauthenticated (bind 0.0.0.0 by choice).
+DEFAULT_SETPOINT_ENDPOINT = "tcp://127.0.0.1:5560"  # PUB: setpoints (sp/<gw>\0) and fleet status (status\0)
+DEFAULT_TELEMETRY_ENDPOINT = "tcp://127.0.0.1:5561"  # PULL: gateway telemetry batches
+DEFAULT_CONTROL_ENDPOINT = "tcp://127.0.0.1:5562"  # ROUTER: v2g-cli control requests
 
 #: Client-side connect endpoints for a client on the aggregator's host.
 DEFAULT_SETPOINT_CONNECT = "tcp://127.0.0.1:5560"

@@ -1,0 +1,96 @@
+"""Tests for v2grt.config: the service section (built-in or custom curve, nominal frequency), bus defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from v2grt.config import BusConfig, ConfigError, build_service, config_from_dict
+from v2grt.io import bus
+
+
+def _config(service: dict | None):
+    """A minimal valid config with this service section (a synthetic fleet, no files)."""
+    data = {"fleet": {"random": 10}}
+    if service is not None:
+        data["service"] = service
+    return config_from_dict(data)
+
+
+CURVE = {"name": "site_fr", "points": [[49.5, 1.0], [49.9, 0.0], [50.1, 0.0], [50.5, -1.0]]}
+
+
+def test_no_service_section_is_the_default_builtin():
+    """Without a service section the aggregator runs GB Dynamic Containment at 50 Hz."""
+    curve = build_service(_config(None).service)
+    assert (curve.name, curve.nominal_hz) == ("dc", 50.0)
+
+
+def test_a_curve_without_a_name_selects_the_custom_curve():
+    """service.curve alone selects it: no `name: null` needed beside it."""
+    cfg = _config({"curve": CURVE})
+    assert cfg.service.name is None
+    curve = build_service(cfg.service)
+    assert curve.name == "site_fr"
+    assert curve.fraction_at(49.7) == pytest.approx(0.5)
+
+
+def test_name_null_beside_a_curve_is_still_accepted():
+    """The older spelling (name: null + curve) keeps working."""
+    assert build_service(_config({"name": None, "curve": CURVE}).service).name == "site_fr"
+
+
+def test_a_name_and_a_curve_together_are_refused_naming_both_keys():
+    """A built-in name and a custom curve at once is an error naming service.name and service.curve."""
+    with pytest.raises(ConfigError, match=r"service\.name='fcr' and service\.curve are both set"):
+        _config({"name": "fcr", "curve": CURVE})
+
+
+def test_a_null_name_without_a_curve_is_refused():
+    """name: null with no curve selects nothing, and the message says what to set."""
+    with pytest.raises(ConfigError, match=r"service\.name is null and there is no service\.curve"):
+        _config({"name": None})
+
+
+def test_a_bad_custom_curve_is_refused_naming_service_curve():
+    """A custom curve's own error is reported under service.curve."""
+    with pytest.raises(ConfigError, match=r"service\.curve: .*fraction=2\.0"):
+        _config({"curve": {"name": "bad", "points": [[49.5, 2.0], [50.5, -1.0]]}})
+
+
+def test_nominal_defaults_to_the_curve_s_own():
+    """Without service.nominal_hz, ieee1547 runs at its 60 Hz and the others at 50 Hz."""
+    assert build_service(_config({"name": "ieee1547"}).service).nominal_hz == 60.0
+    assert build_service(_config({"name": "fcr"}).service).nominal_hz == 50.0
+    assert build_service(_config({"curve": CURVE}).service).nominal_hz == 50.0
+
+
+def test_service_nominal_applies_to_builtins_and_custom_curves():
+    """service.nominal_hz moves a built-in and a deviation-defined custom curve to that nominal."""
+    assert build_service(_config({"name": "fcr", "nominal_hz": 60}).service).fraction_at(59.8) == 1.0
+    dev = {"name": "dev", "deviation_points_mhz": [[-200, 1.0], [200, -1.0]]}
+    assert build_service(_config({"curve": dev, "nominal_hz": 60}).service).fraction_at(59.8) == 1.0
+
+
+def test_conflicting_nominals_are_refused_naming_both_keys():
+    """curve.nominal_hz 50 with service.nominal_hz 60 is an error, not a silent choice."""
+    with pytest.raises(ConfigError, match=r"curve\.nominal_hz=50 differs from service\.nominal_hz=60\.0"):
+        _config({"curve": {**CURVE, "nominal_hz": 50}, "nominal_hz": 60})
+
+
+def test_bus_bind_defaults_agree_in_code_shipped_config_and_docs():
+    """One loopback bind default in BusConfig, bus.DEFAULT_*_ENDPOINT, default.yaml, wire.md and operations.md."""
+    root = Path(__file__).resolve().parents[1]
+    defaults = BusConfig()
+    library = {"setpoints": bus.DEFAULT_SETPOINT_ENDPOINT, "telemetry": bus.DEFAULT_TELEMETRY_ENDPOINT,
+               "control": bus.DEFAULT_CONTROL_ENDPOINT}
+    shipped = yaml.safe_load((root / "configs" / "default.yaml").read_text())["bus"]
+    wire_md = (root / "docs" / "wire.md").read_text()
+    operations_md = (root / "docs" / "operations.md").read_text()
+    for key, endpoint in library.items():
+        assert endpoint.startswith("tcp://127.0.0.1:"), endpoint
+        assert getattr(defaults, key) == endpoint == shipped[key], key
+        assert f"| `bus.{key}` | `{endpoint}` |" in wire_md, key
+        assert f"| `{key}` | `{endpoint}` |" in operations_md, key
