@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v2grt.fleet import COLUMNS, STATE_COLUMNS, Fleet, FleetError, validate_node
+from v2grt.fleet import COLUMNS, NEVER_HEARD_NS, STATE_COLUMNS, Fleet, FleetError, validate_node
 from v2grt.roster import RosterError, RosterProblem, load_roster, write_roster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -537,3 +537,15 @@ def test_unreadable_header_stops_at_the_header(tmp_path):
     path = write(tmp_path, f'# roster\n"node_id,{HEADER[8:]}\nEV1,gw1,s1,0.5,60,11,11\n')
     (problem,) = problems_of(path)
     assert problem.line == 2 and "bad CSV quoting" in problem.reason
+
+
+def test_mark_never_heard_counts_only_vehicles_and_telemetry_clears_it():
+    """mark_never_heard() sets every row to NEVER_HEARD_NS and counts the vehicles; a row that reports
+    leaves the count, and a free row is never counted."""
+    fleet = Fleet.random(5, seed=3, now_ns=123)
+    fleet.remove("EV_NODE_05")
+    assert fleet.count_never_heard() == 0
+    assert fleet.mark_never_heard() == 4
+    assert fleet.count_never_heard() == 4 and (fleet.last_telemetry_ns[:5] == NEVER_HEARD_NS).all()
+    fleet.last_telemetry_ns[fleet.row_of["EV_NODE_02"]] = 10**9
+    assert fleet.count_never_heard() == 3

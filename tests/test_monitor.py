@@ -172,3 +172,18 @@ def test_mass_exclusion_is_counted_in_full_and_logged_within_the_bound(events):
     node_lines = [ln for ln in events.lines if ln.startswith(("TIMEOUT_BMS_RESPONSE", "SOH_BELOW_THRESHOLD"))]
     assert len(node_lines) == 25
     assert any(ln.startswith("NODE_EVENTS") and "TIMEOUT_BMS_RESPONSE=19900" in ln for ln in events.lines)
+
+
+def test_vehicles_never_heard_are_not_logged_as_timeouts_until_heard(events):
+    """Vehicles waiting for their first telemetry are not TIMEOUT_BMS_RESPONSE lines (the aggregator says
+    AWAITING_TELEMETRY once); one that was heard and then falls silent is logged with its node."""
+    fleet = uniform_fleet(3)
+    fleet.mark_never_heard()
+    mon = NodeMonitor(events)
+    waiting = np.full(3, Reason.TIMEOUT_BMS_RESPONSE, np.uint8)
+    assert mon.check(fleet, waiting, DispatchProfile()) == 0
+    assert events.lines == [] and events.counts["TIMEOUT_BMS_RESPONSE"] == 0
+    fleet.last_telemetry_ns[1] = 10**9  # EV_NODE_02 reported, then fell silent
+    mon.check(fleet, np.array([Reason.TIMEOUT_BMS_RESPONSE, Reason.OK, Reason.OK], np.uint8), DispatchProfile())
+    assert mon.check(fleet, waiting, DispatchProfile()) == 1
+    assert len(events.lines) == 1 and events.lines[0].startswith("TIMEOUT_BMS_RESPONSE node=EV_NODE_02 ")

@@ -22,6 +22,7 @@ import numpy as np
 
 from v2grt.codes import Reason
 from v2grt.events import EventLog
+from v2grt.fleet import NEVER_HEARD_NS
 
 #: Node codes of DESIGN.md section 8 that the monitor logs one line per node for.
 NODE_CODES = (Reason.TIMEOUT_BMS_RESPONSE, Reason.THERMAL_LIMIT, Reason.NODE_UNREACHABLE,
@@ -90,6 +91,12 @@ class NodeMonitor:
         changed = np.flatnonzero(reasons != prev)
         new = reasons[changed]
         entered = changed[self._watched[new]]
+        # A vehicle not heard from since start is waiting, not failing: the aggregator announces those
+        # once (AWAITING_TELEMETRY, never_heard in the status), not one TIMEOUT line per vehicle, which
+        # would also rate-limit away the line for the real timeout when one goes silent later.
+        waiting = ((reasons[entered] == Reason.TIMEOUT_BMS_RESPONSE)
+                   & (fleet.last_telemetry_ns[entered] == NEVER_HEARD_NS))
+        entered = entered[~waiting]
         # THERMAL_LIMIT also when the node stays available but is derated inside temp_derate_c of an edge
         temp = fleet.temp_c[:n]
         derated = (reasons == Reason.OK) & ((temp < profile.temp_min_c + profile.temp_derate_c)
