@@ -88,7 +88,7 @@ class Aggregator:
         # for stale_after_s (issue 10, item 6).
         self._never_heard = self.fleet.mark_never_heard()
         self.period_ns = int(round(cfg.period_s * 1e9))
-        self.ttl_ns = int(round(cfg.bus.setpoint_ttl_s * 1e9))
+        self.ttl_ns = int(round(cfg.setpoint_ttl_s * 1e9))  # bus.setpoint_ttl_s, or 3 periods when unset
 
         # inputs
         self.meter: MeterReader | None = None
