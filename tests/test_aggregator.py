@@ -4,6 +4,7 @@ the control thread running at a fixed period."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import msgpack
@@ -309,3 +310,22 @@ def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
     assert status["never_heard"] == 8
     assert status["nodes_by_reason"]["TIMEOUT_BMS_RESPONSE"] == 8
     assert any(line.startswith("AWAITING_TELEMETRY vehicles=12 ") for line in lines.lines), lines.lines
+
+
+def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_aggregator):
+    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads get
+    SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and the report says why."""
+    agg = make_aggregator(realtime={"sched_fifo_priority": 10})
+    report = {s.step: s for s in agg.loop.setup_report}
+    if not report["sched_fifo"].granted:
+        pytest.skip(f"SCHED_FIFO not granted here: {report['sched_fifo'].detail}")
+    threads = [*agg.input_threads, agg._bus_thread]
+    assert len(threads) >= 2
+    for t in threads:
+        assert report[f"sched_fifo:{t.name}"].granted, report[f"sched_fifo:{t.name}"].detail
+        assert os.sched_getscheduler(t.native_id) == os.SCHED_FIFO
+        assert os.sched_getparam(t.native_id).sched_priority == 9
+    plain = make_aggregator()
+    step = {s.step: s for s in plain.loop.setup_report}["sched_fifo_io"]
+    assert not step.granted and "not SCHED_FIFO" in step.detail
+    assert os.sched_getscheduler(plain._bus_thread.native_id) == os.SCHED_OTHER

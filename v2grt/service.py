@@ -99,7 +99,8 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
         log_path = str(cfg.resolve(cfg.log.file))
     json_logs = json_logs or cfg.log.format == "json"
     if log_path is not None or json_logs or not logging.getLogger("v2grt").handlers:
-        setup_logging(log_path, json_lines=json_logs, level=getattr(logging, cfg.log.level))
+        setup_logging(log_path, json_lines=json_logs, level=getattr(logging, cfg.log.level),
+                      library_rate_limit_s=cfg.log.rate_limit_s)
     stop = stop or SignalFlag()
     hup = SignalFlag()
     notifier = Notifier.from_env()
