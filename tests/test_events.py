@@ -16,6 +16,7 @@ def test_pymodbus_records_reach_engine_log_one_line_each_rate_limited(tmp_path, 
     path = tmp_path / "engine.log"
     with logging_restored():
         setup_logging(path, level=logging.DEBUG, library_rate_limit_s=60.0)
+        Log.frame_dump, Log.last_log_text = [], ""  # pymodbus's class-wide state, left by earlier Modbus tests
         Log.transport_dump(Log.SEND_DATA, b"\x00\x01\x00\x00\x00\x06\x01\x03\x9c\x40\x00\x02", b"")
         for _ in range(5):
             Log.warning("ERROR: received pdu without a corresponding request, IGNORING")
