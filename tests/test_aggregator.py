@@ -3,6 +3,8 @@ the control thread running at a fixed period."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 import msgpack
@@ -246,3 +248,84 @@ def test_reload_rejects_bad_profile_and_keeps_old(make_aggregator, tmp_path):
         assert agg.dispatcher.profile.minimum_soc == 0.2
         assert cli.call("reload", path=str(good)).ok
     wait_until(lambda: agg.dispatcher.profile.minimum_soc == 0.35, what="profile swapped")
+
+
+def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
+    """After a restart, the vehicles of gateways that never report get 0 kW (TIMEOUT_BMS_RESPONSE) from the
+    first cycle, although the roster says they are full, while a gateway that reports is dispatched."""
+    from _plant import GATEWAYS, SimGateway, short_dir, write_config
+
+    from v2grt.config import load_config
+    from v2grt.events import EventLog
+    from v2grt.testing import LogLines
+
+    sockets = short_dir()
+    # No meter: a base schedule asks the whole fleet's discharge (12 x 11 kW) from the first cycle on,
+    # so without the rule every roster row with SoC above the floor would carry power in cycle 1.
+    cfg = load_config(write_config(tmp_path, sockets, service={"name": "dc", "capacity_kw": 0.0, "base_kw": 130.0}))
+    sp, tel = f"ipc://{sockets}/sp", f"ipc://{sockets}/tel"
+    gateways = {gw: SimGateway(gw, sp, tel) for gw in GATEWAYS}
+    first = Aggregator(cfg, epoch=1)
+    first.start()
+    for g in gateways.values():
+        g.start()
+    try:
+        assert first.first_cycle.wait(3.0)
+        wait_until(lambda: first.never_heard() == 0 and first.last_result.n_carrying >= 8, timeout_s=5.0,
+                   what="all three gateways heard and dispatched before the restart")
+    finally:
+        first.stop(final_zero=False)  # as if killed
+    for gw in ("gw2", "gw3"):
+        gateways[gw].stop()  # these never connect to the new process
+
+    lines = LogLines()
+    logger = logging.getLogger("test.restart")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    before = len(gateways["gw1"].messages)
+    second = Aggregator(cfg, epoch=2, events=EventLog(interval_s=0.0, logger=logger))
+    silent_rows = np.flatnonzero(np.isin(second.fleet.gateway[:12], [second.fleet.gateway_index(g)
+                                                                      for g in ("gw2", "gw3")]))
+    gw1_rows = second.fleet.gateway_rows("gw1")
+    cycles = []  # per cycle: max |kW| and the set of reasons of the silent gateways' vehicles, gw1's total kW
+
+    def record(agg, result, times):
+        cycles.append((float(np.abs(result.setpoints_kw[silent_rows]).max()),
+                       set(result.reasons[silent_rows].tolist()), float(result.setpoints_kw[gw1_rows].sum())))
+
+    second.cycle_hooks.append(record)
+    second.start()
+    try:
+        assert second.first_cycle.wait(3.0)
+        wait_until(lambda: cycles and cycles[-1][2] > 20.0, timeout_s=5.0, what="gw1's vehicles dispatched")
+        time.sleep(0.5)
+        status = second.status_report()
+    finally:
+        second.stop()
+        gateways["gw1"].stop()
+    assert len(silent_rows) == 8
+    assert [c[0] for c in cycles] == [0.0] * len(cycles), "a vehicle nobody has heard from carried power"
+    assert all(c[1] == {Reason.TIMEOUT_BMS_RESPONSE} for c in cycles)
+    assert max(m[2].sum() for m in gateways["gw1"].messages[before:]) > 20.0  # the reporting gateway got power
+    assert status["never_heard"] == 8
+    assert status["nodes_by_reason"]["TIMEOUT_BMS_RESPONSE"] == 8
+    assert any(line.startswith("AWAITING_TELEMETRY vehicles=12 ") for line in lines.lines), lines.lines
+
+
+def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_aggregator):
+    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads get
+    SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and the report says why."""
+    agg = make_aggregator(realtime={"sched_fifo_priority": 10})
+    report = {s.step: s for s in agg.loop.setup_report}
+    if not report["sched_fifo"].granted:
+        pytest.skip(f"SCHED_FIFO not granted here: {report['sched_fifo'].detail}")
+    threads = [*agg.input_threads, agg._bus_thread]
+    assert len(threads) >= 2
+    for t in threads:
+        assert report[f"sched_fifo:{t.name}"].granted, report[f"sched_fifo:{t.name}"].detail
+        assert os.sched_getscheduler(t.native_id) == os.SCHED_FIFO
+        assert os.sched_getparam(t.native_id).sched_priority == 9
+    plain = make_aggregator()
+    step = {s.step: s for s in plain.loop.setup_report}["sched_fifo_io"]
+    assert not step.granted and "not SCHED_FIFO" in step.detail
+    assert os.sched_getscheduler(plain._bus_thread.native_id) == os.SCHED_OTHER

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v2grt.fleet import COLUMNS, STATE_COLUMNS, Fleet, FleetError, validate_node
+from v2grt.fleet import COLUMNS, NEVER_HEARD_NS, STATE_COLUMNS, Fleet, FleetError, validate_node
 from v2grt.roster import RosterError, RosterProblem, load_roster, write_roster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -557,3 +557,15 @@ def test_documented_roster_columns_are_the_loader_s_columns():
         else:
             assert allowed.split(" ")[0] == f"{col.lo:g}..{col.hi:g}".replace("1e+06", "1000000"), col.name
         assert default == ("" if col.default is None else f"{col.default:g}"), col.name
+
+
+def test_mark_never_heard_counts_only_vehicles_and_telemetry_clears_it():
+    """mark_never_heard() sets every row to NEVER_HEARD_NS and counts the vehicles; a row that reports
+    leaves the count, and a free row is never counted."""
+    fleet = Fleet.random(5, seed=3, now_ns=123)
+    fleet.remove("EV_NODE_05")
+    assert fleet.count_never_heard() == 0
+    assert fleet.mark_never_heard() == 4
+    assert fleet.count_never_heard() == 4 and (fleet.last_telemetry_ns[:5] == NEVER_HEARD_NS).all()
+    fleet.last_telemetry_ns[fleet.row_of["EV_NODE_02"]] = 10**9
+    assert fleet.count_never_heard() == 3

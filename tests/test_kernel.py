@@ -278,6 +278,19 @@ def test_stale_telemetry_excludes(backend):
     assert out.setpoint_kw[2] == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+@pytest.mark.parametrize("now_ns", [0, 1, 10**18, 2**62 - 1])
+def test_never_heard_is_stale_at_any_clock_without_overflow(backend, now_ns):
+    """A row marked NEVER_HEARD_NS is TIMEOUT_BMS_RESPONSE at every monotonic time below 2**62 ns, even
+    with the longest stale_after_s a profile allows (a wrapped difference would read as fresh)."""
+    fleet = uniform_fleet(2)
+    fleet.mark_never_heard()
+    fleet.last_telemetry_ns[0] = now_ns  # heard just now
+    out = run(backend, fleet, DispatchProfile(stale_after_s=3600.0), 30.0, now_ns=now_ns)
+    assert list(out.reason[:2]) == [Reason.OK, Reason.TIMEOUT_BMS_RESPONSE]
+    assert out.setpoint_kw[1] == 0.0 and out.setpoint_kw[0] > 0.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("what", ["all_at_floor", "all_offline", "zero_capacity", "one_node", "empty"])
 def test_adversarial_fleets(backend, what):

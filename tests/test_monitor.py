@@ -172,3 +172,46 @@ def test_mass_exclusion_is_counted_in_full_and_logged_within_the_bound(events):
     node_lines = [ln for ln in events.lines if ln.startswith(("TIMEOUT_BMS_RESPONSE", "SOH_BELOW_THRESHOLD"))]
     assert len(node_lines) == 25
     assert any(ln.startswith("NODE_EVENTS") and "TIMEOUT_BMS_RESPONSE=19900" in ln for ln in events.lines)
+
+
+def test_vehicles_never_heard_are_not_logged_as_timeouts_until_heard(events):
+    """Vehicles waiting for their first telemetry are not TIMEOUT_BMS_RESPONSE lines (the aggregator says
+    AWAITING_TELEMETRY once); one that was heard and then falls silent is logged with its node."""
+    fleet = uniform_fleet(3)
+    fleet.mark_never_heard()
+    mon = NodeMonitor(events)
+    waiting = np.full(3, Reason.TIMEOUT_BMS_RESPONSE, np.uint8)
+    assert mon.check(fleet, waiting, DispatchProfile()) == 0
+    assert events.lines == [] and events.counts["TIMEOUT_BMS_RESPONSE"] == 0
+    fleet.last_telemetry_ns[1] = 10**9  # EV_NODE_02 reported, then fell silent
+    mon.check(fleet, np.array([Reason.TIMEOUT_BMS_RESPONSE, Reason.OK, Reason.OK], np.uint8), DispatchProfile())
+    assert mon.check(fleet, waiting, DispatchProfile()) == 1
+    assert len(events.lines) == 1 and events.lines[0].startswith("TIMEOUT_BMS_RESPONSE node=EV_NODE_02 ")
+
+
+@pytest.mark.parametrize("f_hz", [49.8, 50.2])
+def test_alert_band_edge_is_not_an_alert(events, f_hz):
+    """"More than band_hz": exactly 49.80 or 50.20 Hz with band 0.2 does not fire; a millihertz further does."""
+    alert, _ = alert_for(events)
+    assert alert.apply(f_hz, 0.25, 0) == 0.25 and not alert.active
+    assert events.counts["GRID_FREQUENCY_ALERT"] == 0
+    alert.apply(f_hz + (0.001 if f_hz > 50 else -0.001), 0.25, 1)
+    assert alert.active and events.counts["GRID_FREQUENCY_ALERT"] == 1
+
+
+@pytest.mark.parametrize(("fraction", "limit", "says", "not_says"), [
+    (0.25, 1.0, ["response +0.25 of capacity, below the curve's limit", "no response limit configured",
+                 "saturated=no throttled=no"], ["saturated at"]),
+    (0.25, 0.5, ["below the curve's limit", "not throttled: within response_limit 0.5", "throttled=no"],
+     ["throttled to"]),
+    (1.0, 0.6, ["response +1 of capacity, saturated at the curve's limit", "throttled to +0.6 (response_limit 0.6)",
+                "saturated=yes throttled=yes"], ["below the curve"]),
+])
+def test_alert_line_says_what_the_response_was(events, fraction, limit, says, not_says):
+    """The alert line gives the actual response, whether it was saturated and whether it was throttled."""
+    alert, _ = alert_for(events, response_limit=limit)
+    alert.apply(49.75, fraction, 0)
+    line = next(ln for ln in events.lines if ln.startswith("GRID_FREQUENCY_ALERT"))
+    assert "frequency 49.750 Hz is more than 0.2 Hz from 50 Hz" in line
+    assert all(s in line for s in says), line
+    assert not any(s in line for s in not_says), line

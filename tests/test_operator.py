@@ -258,3 +258,12 @@ def test_each_section8_code_is_logged_when_its_situation_happens(plant):
         plant.inverter.set_cannot_sync(False)
     wait_for_log(plant.log, "E_INVERTER_PHASE_CLEARED")
     wait_until(lambda: reasons(plant).get("OK", 0) >= 10, what="vehicles back")
+
+
+def test_status_table_says_how_many_vehicles_were_never_heard():
+    """The status table names the vehicles still waiting for their first telemetry, and says nothing once none wait."""
+    from v2grt.operator import format_status
+
+    st = {"vehicles": 12, "nodes_by_reason": {"OK": 3, "TIMEOUT_BMS_RESPONSE": 9}, "never_heard": 8}
+    assert "of TIMEOUT_BMS_RESPONSE, 8 never heard since start" in format_status(st)
+    assert "never heard" not in format_status({**st, "never_heard": 0})

@@ -368,7 +368,8 @@ def test_sighup_reloads_the_authorized_keys_of_a_running_service(keys, tmp_path)
 
     data = secure_config(keys)
     data.update(state_dir=str(tmp_path / "state"), period_s=0.05, budget_s=0.05)
-    data["bus"] = {k: "tcp://127.0.0.1:0" for k in ("setpoints", "telemetry", "control")}
+    # security at 50 ms: 3 periods (the default expiry) would not cover a revocation's pause (config refuses it)
+    data["bus"] = {k: "tcp://127.0.0.1:0" for k in ("setpoints", "telemetry", "control")} | {"setpoint_ttl_s": 0.2}
     path = tmp_path / "agg.yaml"
     path.write_text(yaml.safe_dump(data))
     log_file = tmp_path / "engine.log"

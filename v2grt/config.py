@@ -43,12 +43,26 @@ class InverterConfig:
     device_id: int = 1
 
 
+#: The default setpoint expiry in control periods (bus.setpoint_ttl_s absent or null): how long a gateway
+#: holds its last setpoints after the aggregator dies (kill -9, a host crash) before it falls back to 0 kW.
+#: Two missed messages are tolerated; the third missing one is the failsafe (DESIGN.md section 12).
+SETPOINT_TTL_PERIODS = 3
+
+#: With security enabled a key revocation pauses the setpoints of the gateways that stay: about one period
+#: for the message that dropped them, plus ZeroMQ's 100 ms reconnect interval, plus the wait for the next
+#: publish (docs/security.md section 4: 197-205 ms measured at 100 ms). The expiry must cover
+#: REVOCATION_PAUSE_PERIODS x period_s + REVOCATION_RECONNECT_S, or every revocation stops the fleet.
+REVOCATION_PAUSE_PERIODS = 2
+REVOCATION_RECONNECT_S = 0.1
+
+
 @dataclasses.dataclass
 class BusConfig:
     setpoints: str = "tcp://127.0.0.1:5560"  # PUB: setpoints and fleet status
     telemetry: str = "tcp://127.0.0.1:5561"  # PULL: gateway telemetry
     control: str = "tcp://127.0.0.1:5562"  # ROUTER: v2g-cli
-    setpoint_ttl_s: float = 0.5  # gateways fall back to 0 kW when nothing newer arrives in this time
+    # gateways fall back to 0 kW when nothing newer arrives in this time; None: SETPOINT_TTL_PERIODS x period_s
+    setpoint_ttl_s: float | None = None
     setpoint_hwm: int = 4  # messages queued per subscriber before the newest are dropped, not queued
 
 
@@ -130,6 +144,12 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     alert: AlertConfig = dataclasses.field(default_factory=AlertConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    @property
+    def setpoint_ttl_s(self) -> float:
+        """The setpoint expiry in force: bus.setpoint_ttl_s, or SETPOINT_TTL_PERIODS x period_s when unset."""
+        ttl = self.bus.setpoint_ttl_s
+        return SETPOINT_TTL_PERIODS * self.period_s if ttl is None else ttl
 
     def resolve(self, value: str | None) -> Path | None:
         """A path from the config, relative to the config file's directory."""
@@ -344,6 +364,25 @@ def _value(src, key, value, annotation, range_key=None):
     return value
 
 
+def _check_setpoint_ttl(src, cfg: Config) -> None:
+    """The expiry (set or derived) outlasts one period and, with security on, a revocation's pause."""
+    ttl = cfg.setpoint_ttl_s
+    shown = (f"bus.setpoint_ttl_s={ttl:g}" if cfg.bus.setpoint_ttl_s is not None else
+             f"bus.setpoint_ttl_s (unset: {SETPOINT_TTL_PERIODS} x period_s = {ttl:g})")
+    if not ttl > cfg.period_s:
+        raise ConfigError(f"{src}: {shown} s is not longer than period_s={cfg.period_s:g} s: every setpoint "
+                          "would expire before the next one arrives; expected more than period_s "
+                          f"(default {SETPOINT_TTL_PERIODS} x period_s)")
+    if cfg.security.enabled:
+        pause_s = REVOCATION_PAUSE_PERIODS * cfg.period_s + REVOCATION_RECONNECT_S
+        if ttl < pause_s - 1e-9:  # equal is enough: 300 ms covers the 205 ms measured at 100 ms
+            raise ConfigError(
+                f"{src}: {shown} s is shorter than the pause a key revocation causes the gateways that stay "
+                f"({REVOCATION_PAUSE_PERIODS} x period_s + {REVOCATION_RECONNECT_S:g} s = {pause_s:g} s, "
+                "docs/security.md section 4): with security.enabled every revocation would bring the fleet to "
+                f"0 kW; expected bus.setpoint_ttl_s >= {pause_s:g}")
+
+
 def _check(src, cfg: Config) -> None:
     """Rules across keys."""
     if cfg.budget_s > cfg.period_s:
@@ -361,9 +400,7 @@ def _check(src, cfg: Config) -> None:
         ep = getattr(cfg.bus, ep_key)
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"{src}: bus.{ep_key}={ep!r} must be a ZeroMQ endpoint (tcp://host:port or ipc://path)")
-    if cfg.bus.setpoint_ttl_s < cfg.period_s:
-        raise ConfigError(f"{src}: bus.setpoint_ttl_s={cfg.bus.setpoint_ttl_s} is shorter than period_s="
-                          f"{cfg.period_s}: every setpoint would expire before the next one")
+    _check_setpoint_ttl(src, cfg)
     if cfg.fleet.roster is not None and not cfg.resolve(cfg.fleet.roster).exists():
         raise ConfigError(f"{src}: fleet.roster={cfg.fleet.roster!r}: no such file ({cfg.resolve(cfg.fleet.roster)})")
     if cfg.discharge_profile is not None and not cfg.resolve(cfg.discharge_profile).exists():

@@ -128,9 +128,69 @@ LOG_QUEUE_SIZE = 10_000
 
 _listener: logging.handlers.QueueListener | None = None
 
+#: Libraries whose records go to engine.log (else Python's last-resort handler prints them on stderr,
+#: outside the log: pymodbus's "received pdu without a corresponding request" under load), at WARNING or
+#: above whatever log.level says: pymodbus at DEBUG logs every frame, 200 a second at a 5 ms poll.
+LIBRARY_LOGGERS = ("pymodbus",)
+_library_state: dict[str, tuple[list, bool, int]] = {}
 
-def setup_logging(path: str | Path | None = None, *, json_lines: bool = False, level: int = logging.INFO) -> None:
+
+class LibraryRecords(logging.Filter):
+    """One engine.log line per library record, rate-limited per message like EventLog.
+
+    The line reads ``PYMODBUS msg="..."``: pymodbus appends its last 20 raw frames to an error
+    (``\n>>>>> send: ...``) unless it logs at DEBUG; they are cut to ``frames=N``. The same message
+    (digits ignored) is let through once per `interval_s` and its repeats counted (``suppressed=N``),
+    with at most MAX_KEYS distinct messages tracked (the rest share one key). pymodbus's own
+    "Repeating...." marker only counts as a repeat.
+    """
+
+    MAX_KEYS = 64
+
+    def __init__(self, interval_s: float = 60.0):
+        super().__init__()
+        self.interval_ns = int(interval_s * 1e9)
+        self._last: dict[str, int] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+        self._prev_key = ""
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        first, sep, frames = text.partition("\n>>>>> ")
+        now = time.monotonic_ns()
+        with self._lock:
+            if first == "Repeating....":
+                self._suppressed[self._prev_key] += 1
+                return False
+            key = "".join("#" if c.isdigit() else c for c in first[:80])
+            if key not in self._last and len(self._last) >= self.MAX_KEYS:
+                key = "(other)"
+            self._prev_key = key
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_ns:
+                self._suppressed[key] += 1
+                return False
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        library = record.name.split(".")[0]
+        fields = {"logger": record.name}
+        if sep:
+            fields["frames"] = frames.count("\n>>>>> ") + 1
+        if suppressed:
+            fields["suppressed"] = suppressed
+        record.msg, record.args = _line(library.upper(), first, fields), None
+        record.code, record.fields = library.upper(), fields
+        record.exc_info = record.exc_info if record.levelno >= logging.ERROR else None
+        return True
+
+
+def setup_logging(path: str | Path | None = None, *, json_lines: bool = False, level: int = logging.INFO,
+                  library_rate_limit_s: float = 60.0) -> None:
     """Log to a file (the service's engine.log) or stderr (foreground), as text or JSON lines.
+
+    The libraries of LIBRARY_LOGGERS (pymodbus) log there too, at WARNING or above, one line per record,
+    each message at most once per `library_rate_limit_s` (see LibraryRecords).
 
     The file is written by a writer thread behind a bounded queue: the control thread emits events
     inside its cycle and must never wait on a disk (a slow or full disk costs log lines, counted in
@@ -158,12 +218,25 @@ def setup_logging(path: str | Path | None = None, *, json_lines: bool = False, l
     root.handlers[:] = [_DroppingQueueHandler(q)]
     root.setLevel(level)
     root.propagate = False
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        _library_state[name] = (lib.handlers[:], lib.propagate, lib.level)
+        lib_handler = _DroppingQueueHandler(q)
+        lib_handler.addFilter(LibraryRecords(library_rate_limit_s))
+        lib.handlers[:] = [lib_handler]
+        lib.setLevel(max(level, logging.WARNING))
+        lib.propagate = False
 
 
 def shutdown_logging() -> None:
     """Write out what is queued and stop the writer thread (idempotent; also run at exit)."""
     global _listener
     listener, _listener = _listener, None
+    for name, (handlers, propagate, level) in list(_library_state.items()):
+        lib = logging.getLogger(name)
+        lib.handlers[:], lib.propagate = handlers, propagate
+        lib.setLevel(level)
+        del _library_state[name]
     if listener is not None:
         listener.stop()  # drains the queue, then joins the thread
         for h in listener.handlers:

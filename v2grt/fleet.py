@@ -66,6 +66,14 @@ SITE_COLUMNS: tuple[tuple[str, str, float], ...] = (
 
 _MIN_CAPACITY = 64
 
+#: ``last_telemetry_ns`` of a vehicle nothing has been heard from since this process started (DESIGN.md
+#: section 12, "heard before dispatched"): the kernel's staleness test ``now_ns - last_telemetry_ns >
+#: stale_ns`` excludes it as TIMEOUT_BMS_RESPONSE. -2**62, not INT64_MIN: the difference must not
+#: overflow int64 in the Cython kernel (signed overflow is undefined in C) nor wrap in the NumPy twin.
+#: For any CLOCK_MONOTONIC now_ns in 0..2**62-1 ns (146 years of uptime) the difference lies in
+#: 2**62..2**63-1 ns, far above the largest stale_after_s a profile allows (3600 s = 3.6e12 ns).
+NEVER_HEARD_NS = -(2**62)
+
 
 class FleetError(ValueError):
     """A vehicle or site that cannot be added as given; the message names node, field and value."""
@@ -215,6 +223,17 @@ class Fleet:
         self.version += 1
         return row
 
+    def mark_never_heard(self) -> int:
+        """Forget every row's telemetry time (NEVER_HEARD_NS): a started aggregator dispatches a vehicle
+        only after its first valid telemetry. Returns the number of vehicles now waiting for it."""
+        self.last_telemetry_ns[:] = NEVER_HEARD_NS
+        return len(self)
+
+    def count_never_heard(self) -> int:
+        """Vehicles (active rows) with no telemetry since mark_never_heard(); O(n_rows), off the hot path."""
+        n = self.n_rows
+        return int(np.count_nonzero((self.last_telemetry_ns[:n] == NEVER_HEARD_NS) & (self.active[:n] == 1)))
+
     def rows(self, node_ids: Iterable[str]) -> np.ndarray:
         """Row numbers of the given node ids (KeyError names the first unknown id)."""
         try:
@@ -239,6 +258,11 @@ class Fleet:
 
         Every bad row is reported (file, line, column, reason) in one RosterError; nothing is
         half-loaded. See v2grt.roster for the format.
+
+        ``now_ns`` stamps every row as if it had reported then: right for the offline tools (``v2grt
+        dispatch``, a Dispatcher on a roster), which dispatch the roster as a snapshot of the fleet. A
+        running aggregator does not trust it: Aggregator marks every row NEVER_HEARD_NS and waits for
+        each vehicle's own telemetry, since a roster gives identity, ratings and site, never freshness.
         """
         from v2grt.roster import load_roster
 
@@ -263,6 +287,10 @@ class Fleet:
         cycle counts 0-1500, inverter efficiency 94-98.5 %, and offline_fraction unplugged.
         Vehicles are spread over n_gateways gateways (default: one per 500 vehicles) and n_sites
         sites (default: one per 50 vehicles) in contiguous blocks, as depots are.
+
+        Every row is stamped as heard at ``now_ns``: a snapshot to dispatch offline (benchmarks, the
+        Dispatcher's examples). An Aggregator given this fleet marks every row NEVER_HEARD_NS at
+        construction, as it does a roster's (see from_csv).
         """
         if n < 0:
             raise FleetError(f"n={n}: a fleet size must be >= 0")

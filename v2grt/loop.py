@@ -119,6 +119,23 @@ def apply_realtime(cfg: RealtimeConfig) -> list[SetupStep]:
     return steps
 
 
+def io_priority(control_priority: int) -> int:
+    """The SCHED_FIFO priority of the input and bus threads: just below the control thread's (at least 1),
+    so fresh inputs are read ahead of every SCHED_OTHER thread but never preempt a cycle."""
+    return max(1, control_priority - 1)
+
+
+def set_thread_fifo(native_id: int, priority: int, name: str) -> SetupStep:
+    """SCHED_FIFO at `priority` for one thread of this process, by its native id (Linux: a thread id is
+    a valid pid for sched_setscheduler); never raises. Returns the step, granted or why not."""
+    step = f"sched_fifo:{name}"
+    try:
+        os.sched_setscheduler(native_id, os.SCHED_FIFO, os.sched_param(priority))
+        return SetupStep(step, True, f"SCHED_FIFO priority {priority}")
+    except (OSError, ValueError) as exc:
+        return SetupStep(step, False, f"priority {priority}: {exc} (needs CAP_SYS_NICE or LimitRTPRIO)")
+
+
 # ------------------------------------------------------------------------------- cycle statistics
 METRICS = ("lateness", "input_age", "inputs", "kernel", "publish", "total")
 

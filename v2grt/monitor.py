@@ -22,6 +22,7 @@ import numpy as np
 
 from v2grt.codes import Reason
 from v2grt.events import EventLog
+from v2grt.fleet import NEVER_HEARD_NS
 
 #: Node codes of DESIGN.md section 8 that the monitor logs one line per node for.
 NODE_CODES = (Reason.TIMEOUT_BMS_RESPONSE, Reason.THERMAL_LIMIT, Reason.NODE_UNREACHABLE,
@@ -90,6 +91,12 @@ class NodeMonitor:
         changed = np.flatnonzero(reasons != prev)
         new = reasons[changed]
         entered = changed[self._watched[new]]
+        # A vehicle not heard from since start is waiting, not failing: the aggregator announces those
+        # once (AWAITING_TELEMETRY, never_heard in the status), not one TIMEOUT line per vehicle, which
+        # would also rate-limit away the line for the real timeout when one goes silent later.
+        waiting = ((reasons[entered] == Reason.TIMEOUT_BMS_RESPONSE)
+                   & (fleet.last_telemetry_ns[entered] == NEVER_HEARD_NS))
+        entered = entered[~waiting]
         # THERMAL_LIMIT also when the node stays available but is derated inside temp_derate_c of an edge
         temp = fleet.temp_c[:n]
         derated = (reasons == Reason.OK) & ((temp < profile.temp_min_c + profile.temp_derate_c)
@@ -150,6 +157,12 @@ class NodeMonitor:
         self.events.emit(code.name, logging.WARNING, key=node, message=message, **fields)
 
 
+#: Frequencies closer than this are equal: 49.80 - 50.0 is -0.20000000000000284 in binary floating point,
+#: and "more than 0.2 Hz" must not fire at exactly 49.80 Hz. A millionth of a Hz is far below any grid
+#: meter's resolution (1 mHz at best) and far above the float error (~1e-14 Hz).
+F_TOLERANCE_HZ = 1e-6
+
+
 class FrequencyAlert:
     """GRID_FREQUENCY_ALERT outside `nominal_hz +- band_hz`, and the throttling configured for it.
 
@@ -174,14 +187,14 @@ class FrequencyAlert:
 
     def apply(self, f_hz: float, fraction: float, now_ns: int) -> float:
         """The response to deliver for `fraction` at `f_hz` (throttled while in alert)."""
-        dev = f_hz - self.nominal_hz
+        dev = abs(f_hz - self.nominal_hz)
         if not self.active:
-            if abs(dev) > self.band_hz:
+            if dev - self.band_hz > F_TOLERANCE_HZ:  # more than band_hz: exactly 49.80 at 0.2 does not fire
                 self._enter(f_hz, fraction, now_ns)
-        elif abs(dev) <= self.band_hz - self.hysteresis_hz:
+        elif dev - (self.band_hz - self.hysteresis_hz) <= F_TOLERANCE_HZ:
             self._leave(f_hz, now_ns)
         else:
-            if abs(dev) > abs(self._f_extreme - self.nominal_hz):
+            if dev > abs(self._f_extreme - self.nominal_hz):
                 self._f_extreme = f_hz
             if self.fleet_ramp_kw_per_s is not None and \
                     self.dispatcher.profile.fleet_ramp_kw_per_s != self._alert_ramp():
@@ -204,21 +217,29 @@ class FrequencyAlert:
         self.alerts += 1
         self._since_ns = now_ns
         self._f_extreme = f_hz
-        throttle = []
-        if self.response_limit < 1.0:
-            throttle.append(f"response limited to {100 * self.response_limit:g} % of capacity")
+        lim = self.response_limit
+        applied = max(-lim, min(lim, fraction))
+        saturated = abs(fraction) >= 1.0 - 1e-9  # the curves saturate at +-1 of the contracted capacity
+        throttled = applied != fraction
+        what = [f"frequency {f_hz:.3f} Hz is more than {self.band_hz:g} Hz from {self.nominal_hz:g} Hz",
+                f"response {fraction:+.3g} of capacity, "
+                + ("saturated at the curve's limit" if saturated else "below the curve's limit of 1")]
+        if throttled:
+            what.append(f"throttled to {applied:+.3g} (response_limit {lim:g})")
+        elif lim < 1.0:
+            what.append(f"not throttled: within response_limit {lim:g}")
+        else:
+            what.append("no response limit configured")
         if self.fleet_ramp_kw_per_s is not None:
             self._base_ramp = self.dispatcher.profile.fleet_ramp_kw_per_s
             self._set_ramp(self._alert_ramp())
-            throttle.append(f"fleet ramp {self._alert_ramp():g} kW/s (profile {self._base_ramp:g})")
+            what.append(f"fleet ramp {self._alert_ramp():g} kW/s (profile {self._base_ramp:g})")
         lo, hi = self.nominal_hz - self.band_hz, self.nominal_hz + self.band_hz
         self.events.emit("GRID_FREQUENCY_ALERT", logging.WARNING, key="frequency", f_hz=f_hz,
-                         band_hz=f"{lo:g}..{hi:g}", response=fraction,
-                         applied=max(-self.response_limit, min(self.response_limit, fraction)),
-                         response_limit=self.response_limit,
+                         band_hz=f"{lo:g}..{hi:g}", response=fraction, applied=applied, response_limit=lim,
                          fleet_ramp_kw_per_s=self._alert_ramp() if self.fleet_ramp_kw_per_s is not None else "profile",
-                         message="frequency outside the alert band: response saturated at the curve's limit; "
-                                 + ("; ".join(throttle) if throttle else "no throttling configured"))
+                         saturated="yes" if saturated else "no", throttled="yes" if throttled else "no",
+                         message="; ".join(what))
 
     def _leave(self, f_hz: float, now_ns: int) -> None:
         self.active = False

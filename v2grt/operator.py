@@ -477,6 +477,9 @@ def format_status(st: dict) -> str:
     for name, count in sorted((st.get("nodes_by_reason") or {}).items(), key=lambda kv: -kv[1]):
         state = "available" if name == "OK" else ("limited" if name.startswith("SOC_") else "excluded")
         lines.append(f"    {state:<10} {name:<28} {count:8d}")
+    if st.get("never_heard"):  # after a start: on the roster, no telemetry yet (counted in TIMEOUT_BMS_RESPONSE)
+        lines.append(f"               of TIMEOUT_BMS_RESPONSE, {st['never_heard']} never heard since start "
+                     "(0 kW until their first telemetry)")
     loop = st.get("loop") or {}
     total, late = loop.get("total") or {}, loop.get("lateness") or {}
     lines.append(f"  loop           cycles {loop.get('cycles', 0)}, missed deadlines "

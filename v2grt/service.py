@@ -99,7 +99,8 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
         log_path = str(cfg.resolve(cfg.log.file))
     json_logs = json_logs or cfg.log.format == "json"
     if log_path is not None or json_logs or not logging.getLogger("v2grt").handlers:
-        setup_logging(log_path, json_lines=json_logs, level=getattr(logging, cfg.log.level))
+        setup_logging(log_path, json_lines=json_logs, level=getattr(logging, cfg.log.level),
+                      library_rate_limit_s=cfg.log.rate_limit_s)
     stop = stop or SignalFlag()
     hup = SignalFlag()
     notifier = Notifier.from_env()
@@ -134,10 +135,10 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
                 previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: hup.set())
         log.info("START fleet_id=%s epoch=%d pid=%d vehicles=%d gateways=%d service=%s capacity_kw=%.1f "
-                 "period_s=%g setpoints=%s telemetry=%s control=%s", cfg.fleet_id, epoch, os.getpid(),
-                 len(agg.fleet), len(agg.fleet.gateway_ids), agg.dispatcher.service.name,
-                 agg.dispatcher.capacity_kw, cfg.period_s, agg.publisher.endpoint, agg.telemetry.endpoint,
-                 agg.control.endpoint)
+                 "period_s=%g setpoint_ttl_s=%g setpoints=%s telemetry=%s control=%s", cfg.fleet_id, epoch,
+                 os.getpid(), len(agg.fleet), len(agg.fleet.gateway_ids), agg.dispatcher.service.name,
+                 agg.dispatcher.capacity_kw, cfg.period_s, cfg.setpoint_ttl_s, agg.publisher.endpoint,
+                 agg.telemetry.endpoint, agg.control.endpoint)
         agg.start()
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -816,6 +816,11 @@ class InputThread:
         self._ready = threading.Event()
         self._crash: BaseException | None = None
 
+    @property
+    def native_id(self) -> int | None:
+        """The OS thread id once started (for its scheduling policy: v2grt.loop.set_thread_fifo)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def start(self, timeout_s: float = 5.0) -> InputThread:
         """Start the thread and its pollers; raise if the loop is not running within ``timeout_s``."""
         if self._thread is not None:
