@@ -18,7 +18,7 @@ from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
 from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
-from v2grt.testing import wait_until
+from v2grt.testing import LogLines, wait_until
 
 PERIOD_S = 0.02
 
@@ -257,7 +257,6 @@ def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
 
     from v2grt.config import load_config
     from v2grt.events import EventLog
-    from v2grt.testing import LogLines
 
     sockets = short_dir()
     # No meter: a base schedule asks the whole fleet's discharge (12 x 11 kW) from the first cycle on,
@@ -329,3 +328,22 @@ def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_a
     step = {s.step: s for s in plain.loop.setup_report}["sched_fifo_io"]
     assert not step.granted and "not SCHED_FIFO" in step.detail
     assert os.sched_getscheduler(plain._bus_thread.native_id) == os.SCHED_OTHER
+
+
+def test_setup_report_names_the_kernel_build_after_the_rt_steps(make_aggregator):
+    """engine.log gets the RT_SETUP lines and then `KERNEL backend=... isa=...` (operations.md's kernel line)."""
+    lines = LogLines()
+    logger = logging.getLogger("v2grt.aggregator")
+    logger.addHandler(lines)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        agg = make_aggregator()
+        wait_until(lambda: any(m.startswith("KERNEL backend=") for m in lines.lines), timeout_s=5.0,
+                   what="the KERNEL line")
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(old_level)
+    kernel = next(m for m in lines.lines if m.startswith("KERNEL backend="))
+    assert kernel == f"KERNEL backend={agg.dispatcher.backend} isa={agg.dispatcher.kernel_isa}"
+    assert lines.lines.index(kernel) > max(i for i, m in enumerate(lines.lines) if m.startswith("RT_SETUP "))
