@@ -188,7 +188,7 @@ def test_telemetry_updates_fleet_and_foreign_nodes_are_refused(make_aggregator):
         n = len(ids)
         push.send(wire.encode_telemetry("gw1", 1, time.time_ns(), wire.join_ids(ids), np.full(n, 0.1),
                                         np.full(n, 2.5), np.ones(n, np.uint8), np.zeros(n, np.uint8)))
-        wait_until(lambda: agg.telemetry_errors["FOREIGN_NODE"] == 2, what="foreign nodes counted")
+        wait_until(lambda: agg.router.refused_nodes["FOREIGN_NODE"] == 2, what="foreign nodes counted")
     rows = fleet.rows(own)
     wait_until(lambda: np.allclose(fleet.soc[rows], 0.1), what="soc applied")
     wait_until(lambda: all(agg.last_result.reasons[r] == Reason.SOC_BELOW_MINIMUM for r in rows), what="excluded")

@@ -43,6 +43,7 @@ class InverterConfig:
 class BusConfig:
     setpoints: str = "tcp://127.0.0.1:5560"  # PUB: setpoints and fleet status
     telemetry: str = "tcp://127.0.0.1:5561"  # PULL: gateway telemetry
+    telemetry_strict: bool = False  # true: a bad value drops the batch; false: quarantines that vehicle only
     control: str = "tcp://127.0.0.1:5562"  # ROUTER: v2g-cli
     setpoint_ttl_s: float = 0.5  # gateways fall back to 0 kW when nothing newer arrives in this time
     setpoint_hwm: int = 4  # messages queued per subscriber before the newest are dropped, not queued
