@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 
 import numpy as np
 
@@ -59,6 +58,13 @@ class _View:
     gateways: dict[str, _Gateway]
     row_of: dict[str, int]
     gateway_of_row: np.ndarray  # fleet.gateway
+    indexes: dict = dataclasses.field(default_factory=dict)  # gateway id -> _Index, made on first need
+
+    def index(self, gateway_id: str, gw: _Gateway) -> _Index:
+        idx = self.indexes.get(gateway_id)
+        if idx is None:
+            idx = self.indexes[gateway_id] = _build_index(gw)
+        return idx
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,22 +173,108 @@ class TelemetryRouter:
 
     @staticmethod
     def _map(view: _View, gw: _Gateway, batch: TelemetryBatch) -> _Cached:
-        """The slow path: split, check and look up the ids chunk by chunk (each chunk ~0.2 ms of C)."""
+        """The slow path: check the ids (chunked), then match them to the gateway's roster ids vectorised.
+
+        A Python dict lookup per id cost ~1 us each in a random order (60 ms for 50,000 ids, 2.7 ms per
+        C call of 2,000); the ids' bytes as rows of 64-bit words, hashed, searched among the gateway's
+        sorted hashes and compared word by word cost a few ms in numpy calls of well under 1 ms. Only
+        ids that match none of the gateway's own (unknown, or another gateway's) are looked up one by
+        one, in a Python loop.
+        """
         what = f"telemetry from {batch.gw!r}"
-        rows = np.empty(batch.n, np.int64)
-        get, pos, seen = view.row_of.get, 0, set()
-        for ids in wire.id_chunks(batch.ids_blob, what):
-            k = len(ids)
-            rows[pos:pos + k] = np.fromiter(map(get, ids, itertools.repeat(-1, k)), np.int64, k)
-            pos += k
-            seen.update(ids)
-            if len(seen) != pos:
-                raise WireError("BAD_IDS", f"{what}: a node id appears more than once (within the first {pos})")
-        known = rows >= 0
-        own = known & (view.gateway_of_row[np.where(known, rows, 0)] == gw.index)
-        sel = np.flatnonzero(own)
-        n_known = int(np.count_nonzero(known))
-        return _Cached(view.version, bytes(batch.ids_blob), rows[sel], sel, batch.n - n_known, n_known - sel.size)
+        blob = batch.ids_blob
+        for _ids in wire.id_chunks(blob, what):  # the wire's id rules; BAD_IDS drops the batch
+            pass
+        own = view.index(batch.gw, gw)
+        arr, starts, lengths = _spans(blob)
+        words = _words(arr, starts, lengths, own.width)
+        h = _fold(words, lengths, own.basis)
+        order = np.argsort(h, kind="stable")
+        pos = np.minimum(np.searchsorted(own.hashes, h[order]), own.hashes.size - 1)
+        cand = own.order[pos]
+        exact = ((own.hashes[pos] == h[order]) & (own.lengths[cand] == lengths[order])
+                 & (own.words[cand] == words[order]).all(axis=1))
+        local = np.full(batch.n, -1, np.int64)
+        local[order[exact]] = cand[exact]
+        sel = np.flatnonzero(local >= 0)
+        if sel.size and np.bincount(local[sel], minlength=own.hashes.size).max() > 1:
+            raise WireError("BAD_IDS", f"{what}: a node id of this gateway appears more than once")
+        unknown = foreign = 0
+        seen: set[str] = set()
+        get = view.row_of.get
+        for i in np.flatnonzero(local < 0).tolist():  # another gateway's (FOREIGN_NODE) or none's (UNKNOWN_NODE)
+            s = int(starts[i])
+            nid = blob[s:s + int(lengths[i])].decode("utf-8")
+            if nid in seen:
+                raise WireError("BAD_IDS", f"{what}: node id {nid!r} appears more than once")
+            seen.add(nid)
+            if get(nid, -1) >= 0:
+                foreign += 1
+            else:
+                unknown += 1
+        return _Cached(view.version, blob, gw.rows[local[sel]], sel, unknown, foreign)
+
+
+_FNV_PRIME = np.uint64(0x100000001B3)
+_BASES = (0xCBF29CE484222325, 0x84222325CBF29CE4, 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+_ROWS_PER_CALL = 8192  # ids gathered per numpy call (an index of 8192 x 64 bytes: 4 MB at most)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Index:
+    """One gateway's roster ids as word rows, hashed and sorted for the slow path (once per roster view)."""
+
+    width: int  # the longest id, bytes
+    words: np.ndarray  # (n, width rounded up to 8 / 8) uint64, zero-padded bytes of each id
+    lengths: np.ndarray  # (n,) bytes
+    basis: int
+    hashes: np.ndarray  # (n,) sorted
+    order: np.ndarray  # (n,) the gateway's id position of each sorted hash
+
+
+def _build_index(gw: _Gateway) -> _Index:
+    arr, starts, lengths = _spans(gw.blob)
+    width = int(lengths.max())
+    words = _words(arr, starts, lengths, width)
+    for basis in _BASES:  # equal hashes of two of the gateway's own ids would hide one: take another basis
+        h = _fold(words, lengths, basis)
+        order = np.argsort(h, kind="stable")
+        hashes = h[order]
+        if not (hashes[1:] == hashes[:-1]).any():
+            break
+    return _Index(width, words, lengths, basis, hashes, order)
+
+
+def _spans(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blob as uint8, and each id's start and length in bytes (vectorised)."""
+    arr = np.frombuffer(blob, np.uint8)
+    if not arr.size:
+        return arr, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nul = np.flatnonzero(arr == 0)
+    starts = np.concatenate(([0], nul + 1))
+    return arr, starts, np.concatenate((nul, [arr.size])) - starts
+
+
+def _words(arr: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Each id's first ``width`` bytes, zero-padded to a multiple of 8, as a row of uint64 words."""
+    wp = max(8, -(-width // 8) * 8)
+    out = np.zeros((starts.size, wp), np.uint8)
+    cols = np.arange(wp)
+    last = max(arr.size - 1, 0)
+    for a in range(0, starts.size, _ROWS_PER_CALL):
+        s, n = starts[a:a + _ROWS_PER_CALL], lengths[a:a + _ROWS_PER_CALL]
+        block = arr[np.minimum(s[:, None] + cols, last)]
+        block[cols >= np.minimum(n, width)[:, None]] = 0
+        out[a:a + _ROWS_PER_CALL] = block
+    return out.view(np.uint64)
+
+
+def _fold(words: np.ndarray, lengths: np.ndarray, basis: int) -> np.ndarray:
+    """A 64-bit hash of each row of words and its length (FNV-style, a word at a time)."""
+    h = (np.uint64(basis) ^ lengths.astype(np.uint64)) * _FNV_PRIME
+    for k in range(words.shape[1]):
+        h = (h ^ words[:, k]) * _FNV_PRIME
+    return h
 
 
 _SLOW_COLUMNS = ("soh", "temp_c", "p_dis_max_kw", "p_chg_max_kw", "cycle_count")
