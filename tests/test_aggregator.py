@@ -394,3 +394,23 @@ def test_status_reply_counts_frames_vehicles_and_control_requests_apart(make_agg
     section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
     assert [key for key in st if f"`{key}`" not in section] == []  # every key documented, with its unit
     assert [key for key in st["loop"] if f"`{key}`" not in section] == []
+
+
+def test_strict_telemetry_is_a_config_key_defaulting_to_quarantine(make_aggregator):
+    """bus.telemetry_strict (default false) is validated; true drops a batch with a NaN whole (OUT_OF_RANGE)."""
+    from v2grt.config import ConfigError
+
+    base = {"fleet": {"random": 10}, "meter": None}
+    assert config_from_dict(base).bus.telemetry_strict is False
+    with pytest.raises(ConfigError, match=r"bus\.telemetry_strict='yes' must be true or false"):
+        config_from_dict({**base, "bus": {"telemetry_strict": "yes"}})
+    agg = make_aggregator(bus={"telemetry_strict": True})
+    rows = agg.fleet.gateway_rows("gw3")[:3]
+    ids = [agg.fleet.node_ids[r] for r in rows]
+    push = push_socket(agg)
+    try:
+        push.send(gw_batch("gw3", ids, soc=np.array([0.5, np.nan, 0.5])))
+        wait_until(lambda: agg.telemetry.errors["OUT_OF_RANGE"] == 1, what="batch dropped")
+    finally:
+        push.close()
+    assert not agg.router.refused_nodes and not np.any(agg.fleet.soc[rows] == np.float32(0.5))
