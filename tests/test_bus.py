@@ -172,12 +172,12 @@ def test_multipart_setpoints_and_status_are_dropped_whole_and_counted(ctx):
                                 | {"excluded": {}, "estop": False})
     with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub, \
             bus.StatusSubscriber(ctx, pub.endpoint) as status_sub:
-        got, statuses = [], []
+        got, statuses, seq = [], [], iter(range(1, 10**6))
 
         def step():
             pub.sock.send_multipart([setpoints("gw1", 10**6), b"junk"])  # would be the newest if applied
             pub.sock.send_multipart([status, b"junk"])
-            pub.send(setpoints("gw1", len(got) + 1))
+            pub.send(setpoints("gw1", next(seq)))
             pub.send(status)
             if (msg := sub.recv(timeout_ms=5)) is not None:
                 got.append(msg)
