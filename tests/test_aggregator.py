@@ -4,6 +4,7 @@ the control thread running at a fixed period."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -287,31 +288,38 @@ def gw_batch(gw: str, ids: list[str], **values) -> bytes:
     return wire.encode_telemetry(gw, 1, time.time_ns(), wire.join_ids(ids), **full)
 
 
-def test_a_frame_of_760000_ids_is_refused_before_its_ids_are_split_and_costs_no_deadline(make_aggregator):
-    """Issue 10 item 1: 3.5 MB frames of 760,000 ids behind empty arrays, under an unknown and a roster gateway,
-    are refused by code from sizes alone (no batch reaches the id mapping) and the 20 ms loop keeps its
-    deadlines (it missed 1-5 per frame when the ids were split and put in a set on the bus thread)."""
+def thread_cpu_s(native_id: int) -> float:
+    """CPU time (user + system, s) a thread of this process has used: its load, whatever else the box runs."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_frame_of_760000_ids_is_refused_before_its_ids_are_split(make_aggregator):
+    """Issue 10 item 1: ten 3.5 MB frames of 760,000 ids behind empty arrays, under an unknown and a roster
+    gateway, are refused by code from sizes alone (no batch reaches the id mapping) for a few ms of the bus
+    thread's CPU in all. Before, each was split and put in a set on the bus thread with the GIL held: 2.8 s
+    of CPU for the ten here, and 18 missed deadlines of this 20 ms loop (CPU time, not deadlines, is
+    asserted: it does not depend on what else a CI box runs)."""
     agg = make_aggregator()
     ids = short_ids(760_000)
-    frames = [msgpack.packb({"v": 1, "gw": gw, "seq": 1, "t_ns": 1, "ids": ids, "soc": b"", "p_kw": b"",
-                             "online": b"", "fault": b""}) for gw in ("gw_attacker", "gw1")]
+    # a new blob each time (one more id), so no cache of parsed ids can stand in for the work
+    frames = [msgpack.packb({"v": 1, "gw": ("gw_attacker", "gw1")[k % 2], "seq": 1, "t_ns": 1,
+                             "ids": ids + f"\x00more{k}".encode(), "soc": b"", "p_kw": b"", "online": b"",
+                             "fault": b""}) for k in range(10)]
     assert len(frames[0]) > 3_500_000
     push = push_socket(agg)
     try:
-        wait_until(lambda: agg.stats.cycles > 10, what="warm loop")
-        misses0 = agg.stats.missed_deadlines + agg.stats.budget_overruns
-        for _ in range(5):
-            for frame in frames:
-                push.send(frame)
-                time.sleep(0.03)
+        cpu0 = thread_cpu_s(agg._bus_thread.native_id)
+        for frame in frames:
+            push.send(frame)
+            time.sleep(0.03)
         wait_until(lambda: sum(agg.telemetry.errors.values()) >= 10, what="frames counted")
-        time.sleep(0.1)
-        assert agg.telemetry.errors == {"UNKNOWN_GATEWAY": 5, "LENGTH_MISMATCH": 5}
-        assert (agg.router.fast, agg.router.cached, agg.router.slow) == (0, 0, 0)
-        # generous for a loaded CI box; before the fix every frame held the GIL for 90-500 ms (4-25 periods)
-        assert agg.stats.missed_deadlines + agg.stats.budget_overruns - misses0 <= 3
+        cpu_s = thread_cpu_s(agg._bus_thread.native_id) - cpu0
     finally:
         push.close()
+    assert agg.telemetry.errors == {"UNKNOWN_GATEWAY": 5, "LENGTH_MISMATCH": 5}
+    assert (agg.router.fast, agg.router.cached, agg.router.slow) == (0, 0, 0)
+    assert cpu_s < 0.5, f"the bus thread spent {cpu_s:.2f} s of CPU on ten refused frames"
 
 
 def test_batches_under_invented_ids_leave_no_state_and_log_one_line_per_code(make_aggregator):
