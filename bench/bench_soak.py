@@ -65,7 +65,8 @@ def run(duration_s: float, n: int, gateways: int, rate: float, period_s: float, 
             age_s = (now_ns - fleet.last_telemetry_ns[:n]) / 1e9
             last = agg.last_result.summary() if agg.last_result is not None else {}
             rt = setup_report(agg)
-            tel_errors = {**dict(agg.telemetry.errors), **dict(agg.telemetry_errors)}
+            tel_errors = dict(agg.telemetry.errors)  # frames
+            refused_nodes = dict(agg.router.refused_nodes)  # vehicles
             pending = len(agg._telemetry_q)
         finally:
             agg.stop()
@@ -95,6 +96,7 @@ def run(duration_s: float, n: int, gateways: int, rate: float, period_s: float, 
             "frames_received": int(received),
             "rejected": int(rejected),
             "errors_by_code": tel_errors,
+            "refused_nodes_by_code": refused_nodes,
             "pending_at_end": pending,
             "sender_dropped": int(counters["tel_dropped"]),
             "sender_late_ms_max": counters["tel_late_ms_max"],

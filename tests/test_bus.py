@@ -147,7 +147,46 @@ def test_non_strict_receiver_quarantines_nodes_instead_of_dropping_batches(ctx):
         batches = []
         assert wait_for(lambda: batches.extend(rx.poll_batches(8, timeout_ms=20)) or batches)
         assert batches[0].fault.tolist() == [Reason.INVALID_TELEMETRY, Reason.OFFLINE]
-        assert rx.quarantined_nodes == 1 and rx.errors["OUT_OF_RANGE"] == 1
+        assert batches[0].invalid.tolist() == [True, False]
+        assert rx.quarantined_nodes == 1 and not rx.errors  # the frame was used: not a bad frame
+
+
+def test_multipart_telemetry_is_dropped_whole_and_counted(ctx):
+    """A 2-frame message (garbage + a valid batch) applies nothing and counts one MULTIPART (issue 10 item 5)."""
+    with bus.TelemetryReceiver(ctx, ANY) as rx, ctx.socket(zmq.PUSH) as tx:
+        tx.linger = 0
+        tx.connect(rx.endpoint)
+        tx.send_multipart([b"\x00garbage", telemetry(seq=1)])
+        tx.send_multipart([telemetry(seq=2), telemetry(seq=3), b"x" * 100])
+        tx.send(telemetry(seq=4))
+        batches = []
+        assert wait_for(lambda: batches.extend(rx.poll_batches(8, timeout_ms=20)) or batches)
+        assert [b.seq for b in batches] == [4]
+        assert rx.errors == {"MULTIPART": 2} and rx.frames == 1
+        assert "message of 3 frames" in rx.last_errors[-1]
+
+
+def test_multipart_setpoints_and_status_are_dropped_whole_and_counted(ctx):
+    """A gateway's and a status subscriber's SUB drop a multipart message whole; single frames still apply."""
+    status = wire.encode_status({f.key: 0 if f.kind == "uint" else 0.0 for f in wire.STATUS_FIELDS}
+                                | {"excluded": {}, "estop": False})
+    with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub, \
+            bus.StatusSubscriber(ctx, pub.endpoint) as status_sub:
+        got, statuses, seq = [], [], iter(range(1, 10**6))
+
+        def step():
+            pub.sock.send_multipart([setpoints("gw1", 10**6), b"junk"])  # would be the newest if applied
+            pub.sock.send_multipart([status, b"junk"])
+            pub.send(setpoints("gw1", next(seq)))
+            pub.send(status)
+            if (msg := sub.recv(timeout_ms=5)) is not None:
+                got.append(msg)
+            if (st := status_sub.recv(timeout_ms=5)) is not None:
+                statuses.append(st)
+
+        assert wait_for(lambda: len(got) >= 2 and statuses, step=step)
+        assert all(m.seq < 10**6 for m in got) and sub.fence.seq < 10**6
+        assert set(sub.errors) == {"MULTIPART"} and set(status_sub.errors) == {"MULTIPART"}
 
 
 def test_oversized_frame_is_refused_by_the_socket_and_later_frames_still_arrive(ctx):
@@ -199,13 +238,17 @@ def test_malformed_control_requests_are_answered_with_an_error_code(ctx):
                 assert (reply.ok, reply.error_code) == (False, code)
                 if code == "UNKNOWN_CMD":
                     assert reply.id == 4 and "self_destruct" in reply.error_message
+            dealer.send_multipart([b""] * 9 + [wire.encode_request("status", id=98)])  # 11 frames at the ROUTER
             dealer.send(wire.encode_request("status", id=99))  # no empty delimiter frame
             assert dealer.poll(2000)
             reply = wire.decode_reply(dealer.recv_multipart()[-1])
-            assert reply.ok and reply.id == 99
+            assert reply.ok and reply.id == 99  # the 11-frame message got no answer
+            dealer.send_multipart([b""] * 7 + [wire.encode_request("status", id=100)])  # 9: the most accepted
+            assert dealer.poll(2000)
+            assert wire.decode_reply(dealer.recv_multipart()[-1]).id == 100
     finally:
         srv.close()
-    assert srv.server.errors == {"BAD_MSGPACK": 1, "UNKNOWN_CMD": 1, "BAD_ARG": 1}
+    assert srv.server.errors == {"BAD_MSGPACK": 1, "UNKNOWN_CMD": 1, "BAD_ARG": 1, "MULTIPART": 1}
 
 
 def test_client_timeout_names_the_endpoint_and_the_client_can_retry(ctx):

@@ -150,7 +150,7 @@ def test_gateway_cannot_report_another_gateways_vehicles(make_secure, keys):
         wait_until(lambda: np.all(soc_of(agg, "gw1") == np.float32(0.95)), what="gw1's own telemetry applied")
     assert np.array_equal(soc_of(agg, "gw2"), gw2_before)
     assert agg.telemetry.errors["FORBIDDEN"] == 1
-    assert agg.telemetry_errors["FOREIGN_NODE"] == len(nodes_of(agg, "gw2"))
+    assert agg.router.refused_nodes["FOREIGN_NODE"] == len(nodes_of(agg, "gw2"))
     assert "claims gateway 'gw2'" in agg.telemetry.last_errors[-1]
     # an operator key may not even connect to the telemetry socket
     with bus.TelemetryPusher(CTX, agg.telemetry.endpoint, curve=keys.curve("alice")) as push:

@@ -63,6 +63,21 @@ def telemetry_map(**changes) -> dict:
     return m
 
 
+def short_ids(n: int) -> bytes:
+    """An ids blob of ``n`` distinct 1-4 character ids (base 62): the most ids a 4 MiB frame can hold."""
+    digits = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
+    out = []
+    for i in range(n):
+        s = bytearray()
+        while True:
+            s.append(digits[i % 62])
+            i //= 62
+            if not i:
+                break
+        out.append(bytes(s))
+    return b"\x00".join(out)
+
+
 def code_of(fn, *args, **kwargs) -> WireError:
     with pytest.raises(WireError) as info:
         fn(*args, **kwargs)
@@ -278,7 +293,9 @@ def test_setpoint_encoder_refuses_what_the_decoder_would():
     ({"seq": 1.0}, "BAD_FIELD", "'seq'"),
     ({"t_ns": 2**63}, "OUT_OF_RANGE", "'t_ns'"),
     ({"ids": "EV1"}, "BAD_FIELD", "'ids'"),
-    ({"ids": b"EV1\x00EV2"}, "LENGTH_MISMATCH", "'soc'"),
+    ({"ids": b"EV1\x00EV2"}, "LENGTH_MISMATCH", "'ids' holds 2 ids: expected 3"),
+    ({"ids": b"EV1\x00EV2\x00"}, "BAD_IDS", "empty node id"),
+    ({"ids": b"E" * 800}, "LENGTH_MISMATCH", "'ids' has 800 bytes"),
     ({"ids": b"EV1\x00EV1\x00EV3"}, "BAD_IDS", "'EV1'"),
     ({"ids": b"EV1\x00\xc3\x28\x00EV3"}, "BAD_IDS", "UTF-8"),
     ({"soc": ...}, "MISSING_FIELD", "'soc'"),
@@ -313,15 +330,53 @@ def test_telemetry_ignores_unknown_keys_and_accepts_every_valid_key():
 
 
 def test_non_strict_telemetry_quarantines_only_the_bad_node():
-    """strict=False marks the bad node INVALID_TELEMETRY with zeroed values and keeps the others."""
+    """strict=False marks the bad node invalid and INVALID_TELEMETRY, keeps the others, and changes no value."""
     frame = msgpack.packb(telemetry_map(temp_c=np.float32([25, np.nan, 30]).tobytes(),
                                         p_kw=np.float32([1, 2000, 3]).tobytes()))
     assert code_of(wire.decode_telemetry, frame).code == "OUT_OF_RANGE"
     batch = wire.decode_telemetry(frame, strict=False)
-    assert batch.quarantined == 1
+    assert batch.quarantined == 1 and batch.invalid.tolist() == [False, True, False]
     assert batch.fault.tolist() == [0, Reason.INVALID_TELEMETRY, Reason.OFFLINE]
-    assert batch.p_kw.tolist() == [1, 0, 3] and batch.temp_c[1] == 0 and batch.soc[0] == np.float32(0.8)
-    assert not batch.fault.flags.writeable
+    assert batch.p_kw.tolist() == [1, 2000, 3] and np.isnan(batch.temp_c[1]) and batch.soc[1] == np.float32(0.5)
+    assert not batch.fault.flags.writeable and not batch.invalid.flags.writeable
+    assert wire.decode_telemetry(msgpack.packb(telemetry_map()), strict=False).invalid is None
+
+
+def test_telemetry_sizes_are_checked_before_any_id_is_split(monkeypatch):
+    """A 3.5 MB ids blob behind empty arrays (issue 10: 760,000 ids) is LENGTH_MISMATCH without a split;
+    an unknown gateway and too many nodes are refused from the header and the arrays' lengths alone."""
+    splits = []
+    real = wire.id_chunks
+    monkeypatch.setattr(wire, "id_chunks", lambda blob, what: (splits.append(len(blob)), real(blob, what))[1])
+    ids = short_ids(760_000)
+    hostile = msgpack.packb(telemetry_map(ids=ids, soc=b"", p_kw=b"", online=b"", fault=b"", soh=..., temp_c=...,
+                                          p_dis_max_kw=..., p_chg_max_kw=..., v_dc=..., cycle_count=...,
+                                          cabin_temp_c=...))
+    assert len(hostile) > 3_500_000
+    assert code_of(wire.decode_telemetry, hostile).code == "LENGTH_MISMATCH"
+    known = {"gw1": 2}
+    frame = msgpack.packb(telemetry_map())
+    assert code_of(wire.decode_telemetry, frame, max_nodes=known.get).code == "TOO_MANY_NODES"
+    assert code_of(wire.decode_telemetry, msgpack.packb(telemetry_map(gw="gw9")),
+                   max_nodes=known.get).code == "UNKNOWN_GATEWAY"
+    assert splits == []
+    batch = wire.decode_telemetry(frame, max_nodes={"gw1": 3}.get, check_ids=False)
+    assert splits == [] and batch.node_ids is None and len(batch) == 3
+    assert wire.decode_telemetry(frame).node_ids == tuple(IDS3) and splits == [len(wire.join_ids(IDS3))]
+
+
+def test_ids_are_split_in_bounded_chunks_and_named_by_index():
+    """Big blobs split in chunks of about IDS_CHUNK_BYTES; a bad id deep inside is named with its index."""
+    ids = [f"EV_NODE_{i:06d}" for i in range(20_000)]
+    blob = wire.join_ids(ids)
+    chunks = list(wire.id_chunks(blob, "t"))
+    assert [i for c in chunks for i in c] == ids
+    assert len(chunks) > 5 and max(len("\x00".join(c)) for c in chunks) <= wire.IDS_CHUNK_BYTES + 64
+    bad = blob.replace(b"EV_NODE_017000", b"EV_NODE 017000")
+    err = code_of(wire.split_ids, bad)
+    assert err.code == "BAD_IDS" and "index 17000" in err.message
+    assert wire.id_at(blob, 0) == ids[0] and wire.id_at(blob, 17_001) == ids[17_001]
+    assert wire.id_at(blob, 19_999) == ids[-1]
 
 
 def test_frame_size_limits_are_enforced_before_unpacking():

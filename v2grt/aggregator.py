@@ -21,7 +21,7 @@ import time
 import numpy as np
 import zmq
 
-from v2grt import security
+from v2grt import ingest, security
 from v2grt.codes import Reason, reason_names
 from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
@@ -114,8 +114,13 @@ class Aggregator:
         self.security = security.server_for(cfg, self.ctx, self.events)
         self.publisher = bus.SetpointPublisher(self.ctx, cfg.bus.setpoints, sndhwm=cfg.bus.setpoint_hwm,
                                                **security.bus_options(self.security, "setpoints"))
-        # strict=False: one vehicle's NaN quarantines that vehicle (INVALID_TELEMETRY), not its whole gateway
-        self.telemetry = bus.TelemetryReceiver(self.ctx, cfg.bus.telemetry, strict=False,
+        # Roster-bounded ingest (v2grt.ingest): the decoder refuses unknown gateways and oversized batches
+        # before reading ids; the router maps ids to rows. telemetry_strict false (the default): one
+        # vehicle's NaN quarantines that vehicle (INVALID_TELEMETRY), not its whole gateway.
+        self.router = ingest.TelemetryRouter()
+        self.telemetry = bus.TelemetryReceiver(self.ctx, cfg.bus.telemetry, strict=cfg.bus.telemetry_strict,
+                                               max_nodes=self._max_nodes, check_ids=False,
+                                               accept=self._accept_batch,
                                                **security.bus_options(self.security, "telemetry"))
         self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control,
                                          **security.bus_options(self.security, "control"))
@@ -129,8 +134,6 @@ class Aggregator:
         # cross-thread hand-over (deque appends/pops are atomic)
         self._telemetry_q: collections.deque = collections.deque()
         self._commands: collections.deque = collections.deque()
-        self.telemetry_errors: collections.Counter[str] = collections.Counter()
-        self._layout_cache: dict[str, tuple[bytes, int, np.ndarray, np.ndarray]] = {}
 
         # control-thread state
         self.stats = CycleStats()
@@ -257,16 +260,9 @@ class Aggregator:
         fleet = self.fleet
         q = self._telemetry_q
         while q:
-            rows, sel, batch, t_recv = q.popleft()
-            fleet.soc[rows] = batch.soc[sel]
-            fleet.online[rows] = batch.online[sel]
-            fleet.fault[rows] = batch.fault[sel]
-            fleet.p_actual_kw[rows] = batch.p_kw[sel]
-            fleet.last_telemetry_ns[rows] = t_recv
-            for name in ("soh", "temp_c", "p_dis_max_kw", "p_chg_max_kw", "cycle_count"):
-                values = getattr(batch, name)
-                if values is not None:
-                    getattr(fleet, name)[rows] = values[sel]
+            routed, batch, t_recv = q.popleft()
+            if routed.version == fleet.version:  # else rows were mapped for a fleet that has changed since
+                ingest.apply(fleet, routed, batch, t_recv)
         while self._commands:
             self._commands.popleft()(now_ns)
         for reader, site in self.inverters:
@@ -367,6 +363,8 @@ class Aggregator:
         self._frames = wire.SetpointFrames(gateways)
         self._rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         self._layout_version = fleet.version
+        # telemetry in the order of these frames' ids is mapped by a bytes comparison (v2grt.ingest)
+        self.router.set_roster(fleet, [(gw, blob, r) for (gw, blob), r in zip(gateways, rows)])
 
     def _publish_final_zero(self) -> None:
         """The last word to every gateway: 0 kW, e-stop cleared, so they stop at once (not at expiry)."""
@@ -432,38 +430,33 @@ class Aggregator:
             if self._wake_rx in events:
                 return
             if self.telemetry.sock in events:
-                t_recv = time.monotonic_ns()
-                for batch in self.telemetry.poll_batches(max_frames=256, timeout_ms=0):
-                    self._accept_batch(batch, t_recv)
+                self.telemetry.poll_batches(max_frames=256, timeout_ms=0)  # each batch through _accept_batch
             if self.control.sock in events:
                 self.control.serve_once(timeout_ms=0)
             if self.security is not None:
                 self.security.bus_tick(self.telemetry, self.control)
 
-    def _accept_batch(self, batch, t_recv: int) -> None:
-        """Map a batch's node ids to rows (cached per gateway while the blob and fleet are unchanged)."""
-        fleet = self.fleet
-        cached = self._layout_cache.get(batch.gw)
-        if cached is not None and cached[1] == fleet.version and cached[0] == batch.ids_blob:
-            rows, sel = cached[2], cached[3]
-        else:
-            all_rows = np.fromiter((fleet.row_of.get(i, -1) for i in batch.node_ids), np.int64, len(batch))
-            gw_index = fleet._gateway_index.get(batch.gw, -2)
-            known = all_rows >= 0
-            own = known & (fleet.gateway[np.where(known, all_rows, 0)] == gw_index)
-            if not known.all():
-                self._telemetry_error("UNKNOWN_NODE", batch, int((~known).sum()))
-            if not (own == known).all():
-                self._telemetry_error("FOREIGN_NODE", batch, int((known & ~own).sum()))
-            sel = np.flatnonzero(own)
-            rows = all_rows[sel]
-            self._layout_cache[batch.gw] = (batch.ids_blob, fleet.version, rows, sel)
-        if len(rows):
-            self._telemetry_q.append((rows, sel, batch, t_recv))
+    def _max_nodes(self, gateway_id: str) -> int | None:
+        """The decoder's limit for a batch from ``gateway_id``; None (refused) for a gateway not in the roster."""
+        limit = self.router.max_nodes(gateway_id)
+        if limit is None:  # one line per interval for every unknown gateway together: the ids are the peer's
+            self.events.emit("UNKNOWN_GATEWAY", logging.WARNING, gateway=gateway_id,
+                             message="telemetry from a gateway id not in the roster; batch dropped")
+        return limit
 
-    def _telemetry_error(self, code: str, batch, count: int) -> None:
-        self.telemetry_errors[code] += count
-        self.events.emit(code, logging.WARNING, key=batch.gw, gateway=batch.gw, nodes=count,
+    def _accept_batch(self, batch, t_recv: int) -> None:
+        """Map a batch to rows (v2grt.ingest) and queue it for the next cycle; WireError drops it (counted)."""
+        routed = self.router.route(batch)
+        if routed.unknown:
+            self._telemetry_error("UNKNOWN_NODE", batch.gw, routed.unknown)
+        if routed.foreign:
+            self._telemetry_error("FOREIGN_NODE", batch.gw, routed.foreign)
+        if len(routed.rows):
+            self._telemetry_q.append((routed, batch, t_recv))
+
+    def _telemetry_error(self, code: str, gateway_id: str, count: int) -> None:
+        # keyed by gateway: route() only gets here for roster gateways, so the keys are bounded by the roster
+        self.events.emit(code, logging.WARNING, key=gateway_id, gateway=gateway_id, nodes=count,
                          message="telemetry for nodes this gateway does not own" if code == "FOREIGN_NODE"
                          else "telemetry for node ids not in the roster")
 
@@ -570,7 +563,9 @@ class Aggregator:
                "estop": self.dispatcher.estop, "telemetry_profile": self.telemetry_profile,
                "kernel": {"backend": self.dispatcher.backend, "isa": self.dispatcher.kernel_isa},
                "loop": self.stats.summary(), "events": dict(self.events.counts),
-               "telemetry_errors": {**dict(self.telemetry.errors), **dict(self.telemetry_errors)},
+               "telemetry_errors": dict(self.telemetry.errors),  # frames dropped, by code
+               "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code
+               "control_errors": dict(self.control.errors),  # control requests refused, by code
                "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard()}
         if r is not None:
             out.update(r.summary())

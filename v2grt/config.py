@@ -60,6 +60,7 @@ REVOCATION_RECONNECT_S = 0.1
 class BusConfig:
     setpoints: str = "tcp://127.0.0.1:5560"  # PUB: setpoints and fleet status
     telemetry: str = "tcp://127.0.0.1:5561"  # PULL: gateway telemetry
+    telemetry_strict: bool = False  # true: a bad value drops the batch; false: quarantines that vehicle only
     control: str = "tcp://127.0.0.1:5562"  # ROUTER: v2g-cli
     # gateways fall back to 0 kW when nothing newer arrives in this time; None: SETPOINT_TTL_PERIODS x period_s
     setpoint_ttl_s: float | None = None

@@ -24,7 +24,9 @@ vehicles{state,reason}                      gauge      vehicles by state (availa
                                                        reason code
 vehicles_carrying                           gauge      vehicles with a non-zero setpoint
 estop, frequency_stale, frequency_alert     gauge      1 while latched / stale / in alert
-bad_frames_total{source,code}               counter    dropped frames by wire error code (telemetry, control)
+bad_frames_total{source,code}               counter    dropped frames (messages) by wire error code (telemetry, control)
+telemetry_refused_nodes_total{code}         counter    vehicles refused from batches that were used: UNKNOWN_NODE,
+                                                       FOREIGN_NODE, INVALID_TELEMETRY (one per vehicle and batch)
 events_total{code}                          counter    engine.log events by code (rate-limited lines included)
 setpoints_dropped_total                     counter    setpoint frames the PUB socket refused
 epoch                                       gauge      this scheduler's fencing epoch
@@ -44,6 +46,7 @@ import numpy as np
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from v2grt.codes import ONE_WAY, Reason
+from v2grt.ingest import REFUSAL_CODES as _REFUSAL_CODES
 
 log = logging.getLogger("v2grt.metrics")
 
@@ -90,6 +93,7 @@ class _Snapshot:
     counters: dict
     vehicles: dict  # (state, reason) -> count
     bad_frames: dict  # (source, code) -> count
+    refused_nodes: dict  # code -> vehicles
     events: dict
     info: dict
 
@@ -133,7 +137,7 @@ class MetricsExporter:
             if code != Reason.EMPTY:
                 vehicles[(_state_of(int(code)), _REASON_NAMES.get(int(code), f"UNKNOWN_{code}"))] = int(counts[code])
         delivered = float(fleet.p_actual_kw[:n].sum())
-        bad = {("telemetry", k): v for k, v in {**dict(agg.telemetry.errors), **dict(agg.telemetry_errors)}.items()}
+        bad = {("telemetry", k): v for k, v in dict(agg.telemetry.errors).items()}
         bad.update({("control", k): v for k, v in dict(agg.control.errors).items()})
         alert = agg.alert
         gauges = {
@@ -162,6 +166,7 @@ class MetricsExporter:
         self._snap = _Snapshot(
             hists={k: (h.counts.copy(), h.sum_ns) for k, h in self.hists.items()},
             gauges=gauges, counters=counters, vehicles=vehicles, bad_frames=bad,
+            refused_nodes=dict(agg.router.refused_nodes),
             events={**dict.fromkeys(_EVENTS_AT_ZERO, 0), **agg.events.snapshot()},
             info={"fleet_id": agg.cfg.fleet_id, "service": agg.dispatcher.service.name})
 
@@ -238,6 +243,11 @@ class MetricsExporter:
         for (source, code), v in sorted(snap.bad_frames.items()):
             bad.add_metric([source, code], v)
         yield bad
+        refused = CounterMetricFamily("v2grt_telemetry_refused_nodes", "Vehicles refused from telemetry batches "
+                                      "that were used, by code", labels=["code"])
+        for code, v in sorted({**dict.fromkeys(_REFUSAL_CODES, 0), **snap.refused_nodes}.items()):
+            refused.add_metric([code], v)
+        yield refused
         ev = CounterMetricFamily("v2grt_events", "engine.log events by code", labels=["code"])
         for code, v in sorted(snap.events.items()):
             ev.add_metric([code], v)

@@ -508,9 +508,11 @@ def format_status(st: dict) -> str:
     events = st.get("events") or {}
     if events:
         lines.append("  events         " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
-    bad = st.get("telemetry_errors") or {}
-    if bad:
-        lines.append("  bad frames     " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())))
+    for key, label in (("telemetry_errors", "bad frames"), ("telemetry_refused_nodes", "refused nodes"),
+                       ("control_errors", "bad requests")):
+        counts = st.get(key) or {}
+        if counts:  # frames, vehicles and control requests, each by code (docs/wire.md 6.1)
+            lines.append(f"  {label:<15}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
 
 

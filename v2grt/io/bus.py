@@ -133,14 +133,34 @@ class _Owner:
         self.sock.close(0)
 
     def _drain(self, timeout_ms: int, max_frames: int):
-        """Wait up to ``timeout_ms`` for a frame, then yield up to ``max_frames`` queued ones (zmq.Frame)."""
+        """Wait up to ``timeout_ms`` for a message, then yield up to ``max_frames`` queued one-frame ones.
+
+        A multipart message is dropped whole, every part received and discarded, and counted as
+        MULTIPART (wire.md section 1: a message is one frame): applying one of its frames would act on
+        half of what a peer sent.
+        """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return
         for _ in range(max_frames):
             try:
-                yield self.sock.recv(zmq.NOBLOCK, copy=False)
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if frame.more:
+                self._drop_rest(1, 1)
+                continue
+            yield frame
+
+    def _drop_rest(self, parts: int, accepted: int) -> None:
+        """Receive and drop what is left of a multipart message of which ``parts`` were read; count it.
+
+        libzmq queues a message whole, so its other parts are already here; each recv is one short call.
+        """
+        while self.sock.get(zmq.RCVMORE):
+            self.sock.recv(zmq.NOBLOCK, copy=False)
+            parts += 1
+        self._count_bad(WireError("MULTIPART", f"{self.role}: message of {parts} frames: expected at most "
+                                               f"{accepted} (docs/wire.md sections 1 and 6); dropped whole"))
 
     def _count_bad(self, exc: WireError) -> None:
         """A bad frame: counted by its code, its message kept among the last few (``errors``, ``last_errors``)."""
@@ -249,44 +269,60 @@ class SetpointPublisher(_Owner):
 
 
 class TelemetryReceiver(_Owner):
-    """Binds the PULL socket gateways push telemetry to; decodes, validates, counts bad frames."""
+    """Binds the PULL socket gateways push telemetry to; decodes, validates, counts bad frames.
+
+    Hooks, each run per batch on the owner thread in this order: ``max_nodes(gw)`` inside the
+    decoder (the most nodes a batch from ``gw`` may name, None for a gateway to refuse:
+    UNKNOWN_GATEWAY), ``authorize(frame, batch)`` (security), ``accept(batch, t_recv_ns)`` (the
+    consumer: maps ids to its rows). The last two refuse a batch by raising WireError, counted like
+    a bad frame. ``check_ids=False`` leaves splitting the ids to ``accept``.
+    """
 
     role = "telemetry PULL"
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *,
                  rcvhwm: int = TELEMETRY_RCVHWM, strict: bool = True,
                  curve: Mapping[str, bytes] | None = None,
-                 authorize: Callable[[zmq.Frame, TelemetryBatch], None] | None = None):
+                 authorize: Callable[[zmq.Frame, TelemetryBatch], None] | None = None,
+                 max_nodes: wire.MaxNodes | None = None, check_ids: bool = True,
+                 accept: Callable[[TelemetryBatch, int], None] | None = None):
         super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm)
         self.strict = strict
         #: authorize(frame, batch) raises WireError (e.g. FORBIDDEN) to drop a batch its sender may not send
         self.authorize = authorize
-        self.frames = 0
-        self.quarantined_nodes = 0
+        self.max_nodes = max_nodes
+        self.check_ids = check_ids
+        self.accept = accept
+        self.frames = 0  # one-frame messages decoded (multipart ones are counted in errors only)
+        self.quarantined_nodes = 0  # nodes marked INVALID_TELEMETRY in batches that were decoded
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
 
     def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0) -> list[TelemetryBatch]:
         """Wait up to ``timeout_ms`` for a frame, then take up to ``max_frames``; return the valid batches.
 
-        Bad frames are counted in ``errors[code]`` and their messages kept in ``last_errors``;
-        this never raises for anything a peer sent.
+        Bad frames are counted in ``errors[code]`` (frames, not nodes) and their messages kept in
+        ``last_errors``; this never raises for anything a peer sent. A batch with quarantined nodes
+        (non-strict) is not a bad frame: it is returned, and its nodes counted in ``quarantined_nodes``.
         """
         batches: list[TelemetryBatch] = []
+        t_recv_ns = time.monotonic_ns()
         for frame in self._drain(timeout_ms, max_frames):
             self.frames += 1
             try:
-                batch = wire.decode_telemetry(frame.buffer, strict=self.strict)
+                batch = wire.decode_telemetry(frame.buffer, strict=self.strict, max_nodes=self.max_nodes,
+                                              check_ids=self.check_ids)
                 if self.authorize is not None:
                     self.authorize(frame, batch)
+                if self.accept is not None:
+                    self.accept(batch, t_recv_ns)
             except WireError as exc:
                 self._count_bad(exc)
                 continue
             if batch.quarantined:
                 self.quarantined_nodes += batch.quarantined
-                self.errors["OUT_OF_RANGE"] += 1
-                self.last_errors.append(f"OUT_OF_RANGE: telemetry from {batch.gw!r} seq {batch.seq}: "
-                                        f"{batch.quarantined} node(s) quarantined as INVALID_TELEMETRY")
+                self.last_errors.append(f"INVALID_TELEMETRY: telemetry from {batch.gw!r} seq {batch.seq}: "
+                                        f"{batch.quarantined} node(s) quarantined (a value out of range)")
             batches.append(batch)
         return batches
 
@@ -323,28 +359,34 @@ class ControlServer(_Owner):
         answered = 0
         for _ in range(max_requests):
             try:
-                # copy=False only when the ZAP metadata of the last frame is needed
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self.authorize is None)
+                frames = self._recv_request()
             except zmq.Again:
                 break
+            if frames is None:  # too many frames: dropped whole and counted, not answered
+                continue
             # Everything before the last frame is the routing envelope (REQ: identity, empty;
             # REQ_CORRELATE adds a request id; a DEALER may omit the empty frame): echo it verbatim.
-            envelope, payload = frames[:-1], frames[-1]
-            if len(envelope) > self.MAX_ENVELOPE:
-                self._count_bad(WireError("BAD_MSGPACK", f"request of {len(frames)} frames: expected at most "
-                                                     f"{self.MAX_ENVELOPE + 1}"))
-                continue
-            if self.authorize is not None:
-                envelope, frame, payload = [f.bytes for f in envelope], payload, payload.bytes
-            else:
-                frame = None
-            reply = self._answer(payload, frame)
+            envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
+            reply = self._answer(payload.bytes, payload if self.authorize is not None else None)
             try:
                 self.sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone or its queue full; ROUTER would drop it anyway
                 self._count_bad(WireError("INTERNAL", f"reply not sent: {exc}"))
             answered += 1
         return answered
+
+    def _recv_request(self) -> list[zmq.Frame] | None:
+        """One queued message as frames, or None if it had more than MAX_ENVELOPE + 1 (then dropped whole).
+
+        Read part by part, so a message of a million frames is never held as a list.
+        """
+        frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:
+            if len(frames) > self.MAX_ENVELOPE:
+                self._drop_rest(len(frames), self.MAX_ENVELOPE + 1)
+                return None
+            frames.append(self.sock.recv(zmq.NOBLOCK, copy=False))
+        return frames
 
     def _answer(self, payload: bytes, frame: zmq.Frame | None = None) -> bytes:
         try:

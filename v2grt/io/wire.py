@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import msgpack
@@ -52,6 +52,9 @@ ERROR_CODES: dict[str, str] = {
     "LENGTH_MISMATCH": "a bin's length is not a multiple of its item size, or arrays disagree on the node count",
     "OUT_OF_RANGE": "a value is outside its documented range (NaN and infinities included)",
     "BAD_IDS": "ids not valid UTF-8, or an id empty, too long, unprintable, with a space, or repeated",
+    "UNKNOWN_GATEWAY": "telemetry from a gateway id the aggregator's roster does not know; dropped before its ids",
+    "TOO_MANY_NODES": "a telemetry batch names more nodes than its gateway may send (roster count + margin)",
+    "MULTIPART": "a message of more frames than its socket accepts (one; control: envelope + request); dropped whole",
     "UNKNOWN_TOPIC": "a PUB frame whose topic is not sp/<gateway>\\0 or status\\0",
     "TOPIC_MISMATCH": "the gw key differs from the gateway named in the topic",
     "IDEMPOTENT_KEY_CONFLICT": "setpoint epoch older than the newest seen: another (stale) aggregator",
@@ -183,12 +186,21 @@ def _check_gateway_id(value: Any, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # node ids: UTF-8, joined by NUL, no trailing NUL; an empty blob is zero nodes
 
-# A gateway resends the same ids blob every batch and the aggregator every cycle: parsing and checking
-# 10,000 ids costs ~1 ms, a dict hit ~0.1 ms. Shared by threads; a racy byte count only moves the
-# moment the cache is cleared.
+MAX_ID_BYTES = 4 * MAX_ID_CHARS  # UTF-8: at most 4 bytes a character
+
+#: Bytes of an ids blob handled per C call when ids are split and checked (about 1,500 20-character
+#: ids, ~0.1 ms). Receivers share the control thread's interpreter: a Python-level loop over chunks
+#: hands the GIL over at the switch interval, one call over a whole blob does not (splitting and
+#: checking 760,000 ids in one go held it for 90 ms; issue 10).
+IDS_CHUNK_BYTES = 32 * 1024
+_NUL_WINDOW_BYTES = 1 << 20  # NULs are counted in 1 MiB windows: ~0.1 ms each, vectorised
+
+# A gateway resends the same ids blob every cycle: parsing and checking 10,000 ids costs ~1 ms, a
+# dict hit ~0.1 ms. A gateway hears one aggregator about its own ids, so a few entries suffice; the
+# bound keeps a peer that varies its ids from growing the cache. Shared by threads (dict operations
+# are atomic; a lost entry only costs a parse).
 _ids_cache: dict[bytes, tuple[str, ...]] = {}
-_ids_cache_bytes = 0
-_IDS_CACHE_LIMIT_BYTES = 64 * 1024 * 1024
+_IDS_CACHE_ENTRIES = 8
 
 
 def join_ids(node_ids: Iterable[str]) -> bytes:
@@ -212,31 +224,94 @@ def _first_duplicate(ids: list[str]) -> str:
     return ""
 
 
-def _parse_ids(blob: bytes, what: str) -> tuple[str, ...]:
-    global _ids_cache_bytes
-    hit = _ids_cache.get(blob)
-    if hit is not None:
-        return hit
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WireError("BAD_IDS", f"{what}: field 'ids' is not valid UTF-8 ({exc})") from None
-    ids = tuple(text.split("\x00")) if text else ()
-    # Whole-blob checks run in C; the per-id loop below runs only to name the culprit.
-    if not (text.replace("\x00", "").isprintable() and " " not in text and "" not in ids
-            and (not ids or max(map(len, ids)) <= MAX_ID_CHARS) and len(set(ids)) == len(ids)):
-        for i, nid in enumerate(ids):
-            if not _valid_id(nid):
-                raise WireError("BAD_IDS", f"{what}: node id {_show(nid)} at index {i}: expected a non-empty "
-                                           f"printable string of at most {MAX_ID_CHARS} characters without "
-                                           "spaces or NUL")
-        raise WireError("BAD_IDS", f"{what}: node id {_first_duplicate(list(ids))!r} appears more than once")
-    if _ids_cache_bytes + len(blob) > _IDS_CACHE_LIMIT_BYTES:
-        _ids_cache.clear()
-        _ids_cache_bytes = 0
-    _ids_cache[bytes(blob)] = ids
-    _ids_cache_bytes += len(blob)
-    return ids
+def _count_nuls(blob: bytes) -> int:
+    """NUL bytes in ``blob``, counted vectorised in bounded windows (bytes.count runs at ~2 GB/s)."""
+    arr = np.frombuffer(blob, np.uint8)
+    return sum(int(np.count_nonzero(arr[i:i + _NUL_WINDOW_BYTES] == 0))
+               for i in range(0, arr.size, _NUL_WINDOW_BYTES))
+
+
+def _count_ids(blob: bytes) -> int:
+    return _count_nuls(blob) + 1 if blob else 0
+
+
+def check_ids_shape(blob: bytes, n: int, what: str) -> None:
+    """Raise LENGTH_MISMATCH unless ``blob`` can hold exactly ``n`` ids; no id is looked at.
+
+    O(1) on the length (each id is 1..MAX_ID_BYTES bytes, NUL-separated), then one vectorised count
+    of the NULs: this is what a receiver checks before any per-id work, so a frame of 760,000 ids
+    that claims 0 nodes costs microseconds.
+    """
+    size = len(blob)
+    if n == 0:
+        if size:
+            raise WireError("LENGTH_MISMATCH", f"{what}: field 'ids' has {size} bytes but the arrays hold 0 "
+                                               "nodes: expected an empty bin")
+        return
+    lo, hi = 2 * n - 1, n * (MAX_ID_BYTES + 1) - 1
+    if not lo <= size <= hi:
+        raise WireError("LENGTH_MISMATCH", f"{what}: field 'ids' has {size} bytes: {n} nodes (from the arrays) "
+                                           f"need {lo}..{hi} (1..{MAX_ID_BYTES} bytes an id, NUL between)")
+    nuls = _count_nuls(blob)
+    if nuls != n - 1:
+        raise WireError("LENGTH_MISMATCH", f"{what}: field 'ids' holds {nuls + 1} ids: expected {n}, the node "
+                                           "count of the arrays")
+
+
+def id_chunks(blob: bytes, what: str) -> Iterator[list[str]]:
+    """The ids of ``blob`` in order, as lists of about IDS_CHUNK_BYTES each, every id checked.
+
+    Raises BAD_IDS for invalid UTF-8 or an id that is empty, too long, unprintable or has a space
+    (repeats are the caller's: see :func:`_parse_ids`). Each chunk is one bounded C call (decode,
+    split, checks), so a caller looping over chunks never holds the GIL for long.
+    """
+    size = len(blob)
+    if not size:
+        return
+    if blob[-1] == 0:
+        raise WireError("BAD_IDS", f"{what}: field 'ids' ends with NUL: an empty node id (no trailing NUL allowed)")
+    pos = index = 0
+    while pos < size:
+        end = blob.find(b"\x00", pos + IDS_CHUNK_BYTES) if pos + IDS_CHUNK_BYTES < size else -1
+        if end < 0:
+            end = size
+        try:
+            text = blob[pos:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError("BAD_IDS", f"{what}: field 'ids' is not valid UTF-8 ({exc})") from None
+        ids = text.split("\x00")
+        # Whole-chunk checks run in C; the per-id loop below runs only to name the culprit.
+        if not (" " not in text and "" not in ids and max(map(len, ids)) <= MAX_ID_CHARS
+                and text.replace("\x00", "").isprintable()):
+            for i, nid in enumerate(ids):
+                if not _valid_id(nid):
+                    raise WireError("BAD_IDS", f"{what}: node id {_show(nid)} at index {index + i}: expected a "
+                                               f"non-empty printable string of at most {MAX_ID_CHARS} characters "
+                                               "without spaces or NUL")
+        yield ids
+        index += len(ids)
+        pos = end + 1
+
+
+def _parse_ids(blob: bytes, what: str, *, cache: bool = False) -> tuple[str, ...]:
+    """Split and check every id of ``blob`` (in chunks), repeats included; ``cache``: the setpoint path's."""
+    if cache:
+        hit = _ids_cache.get(blob)
+        if hit is not None:
+            return hit
+    out: list[str] = []
+    seen: set[str] = set()
+    for ids in id_chunks(blob, what):
+        out += ids
+        seen.update(ids)
+        if len(seen) != len(out):
+            raise WireError("BAD_IDS", f"{what}: node id {_first_duplicate(out)!r} appears more than once")
+    parsed = tuple(out)
+    if cache:
+        if len(_ids_cache) >= _IDS_CACHE_ENTRIES:
+            _ids_cache.clear()
+        _ids_cache[bytes(blob)] = parsed
+    return parsed
 
 
 def split_ids(blob: bytes) -> list[str]:
@@ -244,8 +319,19 @@ def split_ids(blob: bytes) -> list[str]:
     return list(_parse_ids(bytes(blob), "ids"))
 
 
-def _count_ids(blob: bytes) -> int:
-    return blob.count(b"\x00") + 1 if blob else 0
+def id_at(blob: bytes, i: int) -> str:
+    """The ``i``-th id of a blob whose shape was checked (for error messages; no full split)."""
+    arr = np.frombuffer(blob, np.uint8)
+    start, seen = 0, 0  # NULs seen before the window
+    if i > 0:
+        for w in range(0, arr.size, IDS_CHUNK_BYTES):
+            nul = np.flatnonzero(arr[w:w + IDS_CHUNK_BYTES] == 0)
+            if seen + nul.size >= i:
+                start = w + int(nul[i - seen - 1]) + 1
+                break
+            seen += nul.size
+    end = blob.find(b"\x00", start)
+    return bytes(blob[start:end if end >= 0 else len(blob)]).decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,6 +385,19 @@ SETPOINT_ARRAYS: tuple[ArrayField, ...] = (
 )
 
 
+def _node_count(m: dict, field: ArrayField, what: str) -> int:
+    """The node count a message's first required array implies (O(1)); the other arrays must agree."""
+    raw = _get(m, field.key, what)
+    itemsize = np.dtype(field.dtype).itemsize
+    if type(raw) is not bytes:
+        raise WireError("BAD_FIELD", f"{what}: field {field.key!r}={_show(raw)}: expected bin "
+                                     f"(packed {field.dtype} array)")
+    if len(raw) % itemsize:
+        raise WireError("LENGTH_MISMATCH", f"{what}: field {field.key!r} has {len(raw)} bytes: expected a "
+                                           f"multiple of {itemsize} (one {field.dtype} per node)")
+    return len(raw) // itemsize
+
+
 def _array(m: dict, field: ArrayField, n: int, what: str) -> np.ndarray:
     raw = _get(m, field.key, what)
     if type(raw) is not bytes:
@@ -322,12 +421,12 @@ def _bad_mask(arr: np.ndarray, field: ArrayField) -> np.ndarray | None:
     return ~((arr >= field.lo) & (arr <= field.hi))
 
 
-def _range_error(field: ArrayField, arr: np.ndarray, bad: np.ndarray, ids: tuple[str, ...],
+def _range_error(field: ArrayField, arr: np.ndarray, bad: np.ndarray, ids_blob: bytes,
                  what: str) -> WireError:
     i = int(np.flatnonzero(bad)[0])
     expect = "a known Reason code (wire.md)" if field.unit == "Reason" else \
         f"a finite value in {field.lo:g}..{field.hi:g} {field.unit}"
-    return WireError("OUT_OF_RANGE", f"{what}: field {field.key!r} node {ids[i]!r} (index {i}) = "
+    return WireError("OUT_OF_RANGE", f"{what}: field {field.key!r} node {id_at(ids_blob, i)!r} (index {i}) = "
                                      f"{arr[i].item()!r}: expected {expect} ({int(bad.sum())} bad of {arr.size})")
 
 
@@ -378,8 +477,8 @@ class SetpointMsg:
 
     @property
     def node_ids(self) -> tuple[str, ...]:
-        """Node ids in array order (cached per distinct ids blob)."""
-        return _parse_ids(self.ids_blob, "setpoints")
+        """Node ids in array order (cached for the last few distinct ids blobs)."""
+        return _parse_ids(self.ids_blob, "setpoints", cache=True)
 
     def __len__(self) -> int:
         return self.p_kw.shape[0]
@@ -541,14 +640,16 @@ def decode_setpoints(frame: bytes) -> SetpointMsg:
     if slow_n < 1:
         raise WireError("OUT_OF_RANGE", f"{what}: field 'slow_n'=0: expected 1..1000000")
     ids_blob = _typed(m, "ids", what, bytes, "bin (node ids joined by NUL)")
-    ids = _parse_ids(ids_blob, what)
     p_field, r_field = SETPOINT_ARRAYS
-    p = _array(m, p_field, len(ids), what)
-    r = _array(m, r_field, len(ids), what)
+    n = _node_count(m, p_field, what)
+    p = _array(m, p_field, n, what)
+    r = _array(m, r_field, n, what)
+    check_ids_shape(ids_blob, n, what)
+    _parse_ids(ids_blob, what, cache=True)
     for field, arr in ((p_field, p), (r_field, r)):
         bad = _bad_mask(arr, field)
         if bad is not None:
-            raise _range_error(field, arr, bad, ids, what)
+            raise _range_error(field, arr, bad, ids_blob, what)
     return SetpointMsg(v, gw, ep, seq, t_ns, exp_ns, estop, slow_n, ids_blob, p, r)
 
 
@@ -582,10 +683,12 @@ class SetpointFence:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TelemetryBatch:
-    """One gateway's telemetry batch. Arrays are (n,) read-only views, in ``node_ids`` order.
+    """One gateway's telemetry batch: ``n`` nodes, arrays (n,) read-only views in the order of ``ids_blob``.
 
-    Optional (slow) arrays are None when the batch does not carry them. ``quarantined`` is the number
-    of nodes a non-strict decode marked INVALID_TELEMETRY (their values zeroed), 0 otherwise.
+    Optional (slow) arrays are None when the batch does not carry them. ``node_ids`` is the split
+    ``ids_blob``, or None when the decoder was told to leave the ids to its caller (``check_ids=False``).
+    ``invalid`` (non-strict decoding only) marks the nodes with a bad value, None when there are none:
+    their values are as sent (NaN included) and must not be used, their ``fault`` reads INVALID_TELEMETRY.
     """
 
     v: int
@@ -593,7 +696,8 @@ class TelemetryBatch:
     seq: int
     t_ns: int
     ids_blob: bytes
-    node_ids: tuple[str, ...]
+    n: int
+    node_ids: tuple[str, ...] | None
     soc: np.ndarray
     p_kw: np.ndarray
     online: np.ndarray
@@ -605,10 +709,15 @@ class TelemetryBatch:
     v_dc: np.ndarray | None = None
     cycle_count: np.ndarray | None = None
     cabin_temp_c: np.ndarray | None = None
-    quarantined: int = 0
+    invalid: np.ndarray | None = None
+
+    @property
+    def quarantined(self) -> int:
+        """Nodes a non-strict decode marked INVALID_TELEMETRY."""
+        return 0 if self.invalid is None else int(np.count_nonzero(self.invalid))
 
     def __len__(self) -> int:
-        return len(self.node_ids)
+        return self.n
 
 
 def encode_telemetry(gateway_id: str, seq: int, t_ns: int, ids_blob: bytes, soc, p_kw, online, fault,
@@ -633,13 +742,26 @@ def encode_telemetry(gateway_id: str, seq: int, t_ns: int, ids_blob: bytes, soc,
     return msgpack.packb(out)
 
 
-def decode_telemetry(frame: bytes, *, strict: bool = True) -> TelemetryBatch:
+#: How many nodes a batch from a gateway may name (None: a gateway the receiver does not know).
+MaxNodes = Callable[[str], "int | None"]
+
+
+def decode_telemetry(frame: bytes, *, strict: bool = True, max_nodes: MaxNodes | None = None,
+                     check_ids: bool = True) -> TelemetryBatch:
     """Decode and validate one telemetry batch; raises WireError, nothing else.
 
+    Sizes come before any per-node work (docs/wire.md 5.1): the frame size, the node count ``n``
+    from the arrays' byte lengths (all must agree), then, with ``max_nodes``, the gateway
+    (UNKNOWN_GATEWAY when ``max_nodes(gw)`` is None) and ``n`` against its limit (TOO_MANY_NODES),
+    then the ids blob's length and NUL count against ``n``. Only then are ids split and checked,
+    in bounded chunks, and only with ``check_ids``: a caller that maps ids itself (v2grt.ingest,
+    which recognises the blobs it already checked) passes False and gets ``node_ids`` None.
+
     ``strict`` (the default): any value out of range rejects the batch (OUT_OF_RANGE). Otherwise
-    structural errors still reject it, but a node with a bad value is quarantined instead: its
-    ``fault`` becomes INVALID_TELEMETRY and its values are zeroed, so one broken BMS does not make the
-    gateway's other vehicles stale. Unknown keys are ignored (forward compatibility).
+    structural errors still reject it, but a node with a bad value is marked in ``invalid`` and its
+    ``fault`` becomes INVALID_TELEMETRY, so one broken BMS does not make the gateway's other vehicles
+    stale; its other values are left as sent, for the caller not to store. Unknown keys are ignored
+    (forward compatibility).
     """
     view = _as_buffer(frame, "telemetry")
     m = _unpack_map(view, "telemetry")
@@ -650,29 +772,36 @@ def decode_telemetry(frame: bytes, *, strict: bool = True) -> TelemetryBatch:
     seq = _uint(m, "seq", what)
     t_ns = _uint(m, "t_ns", what, I64_MAX)
     ids_blob = _typed(m, "ids", what, bytes, "bin (node ids joined by NUL)")
-    ids = _parse_ids(ids_blob, what)
+    n = _node_count(m, TELEMETRY_ARRAYS[0], what)
     arrays: dict[str, np.ndarray] = {}
-    bad_any: np.ndarray | None = None
     for field in TELEMETRY_ARRAYS:
-        if not field.required and field.key not in m:
-            continue
-        arr = _array(m, field, len(ids), what)
-        bad = _bad_mask(arr, field)
+        if field.required or field.key in m:
+            arrays[field.key] = _array(m, field, n, what)
+    if max_nodes is not None:
+        limit = max_nodes(gw)
+        if limit is None:
+            raise WireError("UNKNOWN_GATEWAY", f"{what}: gateway {gw!r} is not in the roster; batch of {n} "
+                                               "nodes dropped")
+        if n > limit:
+            raise WireError("TOO_MANY_NODES", f"{what}: {n} nodes in one batch: a batch from {gw!r} may name at "
+                                              f"most {limit} (its vehicles in the roster, plus a margin)")
+    check_ids_shape(ids_blob, n, what)
+    node_ids = _parse_ids(ids_blob, what) if check_ids else None
+    invalid: np.ndarray | None = None
+    for field in TELEMETRY_ARRAYS:
+        arr = arrays.get(field.key)
+        bad = None if arr is None else _bad_mask(arr, field)
         if bad is not None:
             if strict:
-                raise _range_error(field, arr, bad, ids, what)
-            bad_any = bad if bad_any is None else bad_any | bad
-        arrays[field.key] = arr
-    quarantined = 0
-    if bad_any is not None:
-        quarantined = int(bad_any.sum())
-        for key, arr in arrays.items():
-            arrays[key] = fixed = arr.copy()
-            fixed[bad_any] = 0
-        arrays["fault"][bad_any] = Reason.INVALID_TELEMETRY
-        for arr in arrays.values():
-            arr.flags.writeable = False
-    return TelemetryBatch(v, gw, seq, t_ns, ids_blob, ids, **arrays, quarantined=quarantined)
+                raise _range_error(field, arr, bad, ids_blob, what)
+            invalid = bad if invalid is None else invalid | bad
+    if invalid is not None:
+        fault = arrays["fault"].copy()
+        fault[invalid] = Reason.INVALID_TELEMETRY
+        fault.flags.writeable = False
+        invalid.flags.writeable = False
+        arrays["fault"] = fault
+    return TelemetryBatch(v, gw, seq, t_ns, ids_blob, n, node_ids, **arrays, invalid=invalid)
 
 
 # ---------------------------------------------------------------------------------------------------
