@@ -331,3 +331,71 @@ def test_gateway_refuses_plaintext_unless_asked_and_roster_ids_must_name_evses(s
     with pytest.raises(GatewayError, match="not <station>:<evse>"):
         OcppVehicles(other, OcppSettings(om.load_credentials(paths["credentials"]), allow_plaintext=True),
                      gateway_id="gw1")
+
+
+# ------------------------------------------------------------------------------ the command line
+def test_gateway_and_stations_as_processes_follow_a_real_aggregator(tmp_path):
+    """`v2grt sim ocpp-stations --write-site`, then `v2grt gateway ocpp` and `v2grt sim ocpp-stations`
+    as real processes: the aggregator hears the EVSEs, dispatches them at under-frequency, measures
+    the export; SIGTERM stops both cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    from v2grt.aggregator import Aggregator
+    from v2grt.config import config_from_dict
+    from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
+
+    site_dir = tmp_path / "site"
+    cli = [sys.executable, "-m", "v2grt.cli"]
+    made = subprocess.run([*cli, "sim", "ocpp-stations", "--write-site", str(site_dir), "--stations", "2",
+                           "--evses", "2", "--gateway-id", GW], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    meter = SunSpecMeter(213, f_hz=49.5)
+    msim = SimServerThread([meter]).start()
+    cfg = config_from_dict({
+        "fleet_id": "ocppcli", "period_s": 0.1, "budget_s": 0.1, "state_dir": str(tmp_path / "state"),
+        "realtime": {"mlockall": False, "gc_freeze": False},
+        "meter": {"host": "127.0.0.1", "port": msim.port(meter), "poll_interval_s": 0.02},
+        "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                "setpoint_ttl_s": 0.3},
+        "service": {"name": "dc", "capacity_kw": 20.0},
+        "fleet": {"roster": str(site_dir / "roster.csv")},
+    })
+    agg = Aggregator(cfg, epoch=9)
+    agg.start()
+    port = _free_port()
+    gw_log = tmp_path / "gw.log"
+    gw = subprocess.Popen([*cli, "gateway", "ocpp", "--roster", str(site_dir / "roster.csv"), "--gateway-id", GW,
+                           "--credentials", str(site_dir / "credentials.csv"), "--allow-plaintext",
+                           "--listen", f"127.0.0.1:{port}", "--setpoints", agg.publisher.endpoint,
+                           "--telemetry", agg.telemetry.endpoint, "--telemetry-interval-s", "0.2",
+                           "--log-file", str(gw_log)], stderr=subprocess.PIPE, text=True)
+    stations = None
+    try:
+        wait_until(lambda: "GATEWAY_START" in (gw_log.read_text() if gw_log.exists() else ""), 20.0, "gateway up")
+        stations = subprocess.Popen([*cli, "sim", "ocpp-stations", "--url", f"ws://127.0.0.1:{port}/ocpp",
+                                     "--roster", str(site_dir / "roster.csv"), "--gateway-id", GW,
+                                     "--passwords", str(site_dir / "passwords.csv"), "--meter-interval-s", "0.3"],
+                                    stderr=subprocess.PIPE, text=True)
+        n = agg.fleet.n_rows
+        wait_until(lambda: int(agg.fleet.online[:n].sum()) == 4, 20.0, "four EVSEs heard")
+        wait_until(lambda: float(agg.fleet.p_actual_kw[:n].sum()) > 15.0, 10.0, "measured export near 20 kW")
+    finally:
+        for proc in (stations, gw):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [p.wait(15) for p in (stations, gw) if p is not None]
+        agg.stop()
+        msim.stop()
+    assert codes == [0, 0]
+    assert "GATEWAY_STOP gateway=ocpp1 kind=ocpp" in gw_log.read_text()
+    assert "updates_sent=" in gw_log.read_text() or "profiles_installed=" in gw_log.read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
