@@ -399,3 +399,78 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_transaction_joins_and_leaves_and_the_evs_minimum_soc_blocks_discharge(site):
+    """With a real `ocpp` 2.1 client: a node is online once its transaction started and a SoC came; an
+    EV at its own minimum SoC (evMinV2XEnergyRequest >= 0) advertises no discharge and a discharge
+    request reaches it as setpoint 0; TransactionEvent Ended takes the node offline."""
+    from ocpp.routing import on
+    from ocpp.v21 import ChargePoint, call, call_result
+    from websockets.asyncio.client import connect
+
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet, deadband_kw=0.1)
+    received = []
+
+    class Station(ChargePoint):
+        @on("SetChargingProfile")
+        def on_profile(self, evse_id, charging_profile, **_):
+            received.append(("SetChargingProfile", charging_profile))
+            return call_result.SetChargingProfile(status="Accepted")
+
+        @on("UpdateDynamicSchedule")
+        def on_update(self, charging_profile_id, schedule_update, **_):
+            received.append(("UpdateDynamicSchedule", schedule_update))
+            return call_result.UpdateDynamicSchedule(status="Accepted")
+
+    def soc_meter(pct):
+        return [{"timestamp": "2026-12-04T21:00:00Z", "sampledValue": [{"measurand": "SoC", "value": pct}]}]
+
+    async def session():
+        auth = base64.b64encode(f"CS0001:{passwords['CS0001']}".encode()).decode()
+        async with connect(f"ws://127.0.0.1:{gw.port}/ocpp/CS0001", subprotocols=["ocpp2.1"],
+                           additional_headers={"Authorization": f"Basic {auth}"}) as ws:
+            cp = Station("CS0001", ws)
+            reader = asyncio.create_task(cp.start())
+            await cp.call(call.BootNotification(charging_station={"model": "t", "vendorName": "t"}, reason="PowerUp"))
+            await cp.call(call.TransactionEvent(event_type="Started", timestamp="2026-12-04T21:00:00Z",
+                                                trigger_reason="CablePluggedIn", seq_no=0,
+                                                transaction_info={"transactionId": "T1"}, evse={"id": 1}))
+            await asyncio.sleep(0.3)
+            assert gw.telemetry(0)["online"][0] == 0  # no SoC yet: nothing to dispatch
+            await cp.call(call.MeterValues(evse_id=1, meter_value=soc_meter(25)))
+            await cp.call(call.NotifyEVChargingNeeds(evse_id=1, charging_needs={
+                "requestedEnergyTransfer": "AC_BPT", "v2xChargingParameters": {
+                    "maxChargePower": 7000, "maxDischargePower": 7000, "evMinV2XEnergyRequest": 600}}))
+            tel = gw.telemetry(0)
+            assert tel["online"][0] == 1 and tel["soc"][0] == 0.25
+            assert tel["p_dis_max_kw"][0] == 0.0 and tel["p_chg_max_kw"][0] == 7.0  # 25 % + 0.6 kWh/60 kWh = 26 %
+            for _ in range(50):
+                if gw.controllable[0]:
+                    break
+                await asyncio.sleep(0.05)
+            gw.apply(np.array([6.0, 0, 0, 0, 0, 0]), 0)
+            await asyncio.sleep(0.5)
+            gw.apply(np.array([-6.0, 0, 0, 0, 0, 0]), 0)
+            await asyncio.sleep(0.5)
+            await cp.call(call.TransactionEvent(event_type="Ended", timestamp="2026-12-04T21:01:00Z",
+                                                trigger_reason="EVDeparted", seq_no=1,
+                                                transaction_info={"transactionId": "T1"}))
+            tel = gw.telemetry(0)
+            reader.cancel()
+            return tel
+
+    try:
+        tel = asyncio.run(session())
+        assert tel["online"][0] == 0 and tel["fault"][0] == 0
+        profile = next(p for a, p in received if a == "SetChargingProfile" and p["charging_profile_purpose"]
+                       == "TxProfile")
+        assert profile["transaction_id"] == "T1" and profile["charging_profile_kind"] == "Dynamic"
+        assert profile["charging_schedule"][0]["charging_schedule_period"][0]["discharge_limit"] == -11000.0  # roster
+        last = [u for a, u in received if a == "UpdateDynamicSchedule"][-1]
+        assert last == {"setpoint": 6000.0, "limit": 7000.0, "discharge_limit": 0.0}  # the charge, the EV's limits
+        assert all(u["setpoint"] >= 0.0 for a, u in received if a == "UpdateDynamicSchedule")  # never discharge
+        assert not gw.controllable[0]
+    finally:
+        gw.close()
