@@ -405,7 +405,7 @@ class OcppVehicles:
                     if (e.transaction_id is not None and not e.profile_installed and row not in session.pending_install
                             and now >= e.profile_retry_ns):
                         session.pending_install.add(row)
-                if session.pending_update or session.pending_install or session.need_default:
+                if session.pending_update or session.pending_install or session.need_default or session.need_trigger:
                     session.wake.set()
 
     def count_callerror(self, code: str, station: str, detail: str) -> None:
@@ -449,6 +449,12 @@ class _SessionMixin:
         self.pending_install: set[int] = set()
         self.need_default = False
         self.busy = 0
+        # A station that reconnects to a restarted gateway does not re-send its running transactions:
+        # meter values for an EVSE without a known transaction make the gateway ask, once per
+        # connection (not on every connect: a station without a TriggerMessage handler never answers,
+        # and the one CALL in flight would hold up the profiles for the call timeout).
+        self.need_trigger = False
+        self.triggered = False
         self.closing = False
         self._close_task: asyncio.Task | None = None
         self.wake = asyncio.Event()
@@ -606,6 +612,9 @@ class _SessionMixin:
         row = self._row(evse_id)
         if row is not None:
             self._meter(row, meter_value)
+            if self.gw.evses[row].transaction_id is None and not self.triggered:
+                self.need_trigger = self.triggered = True
+                self.wake.set()
         return self._call_result.MeterValues()
 
     @on("NotifyEVChargingNeeds")
@@ -636,6 +645,9 @@ class _SessionMixin:
                 if self.need_default:
                     self.need_default = False
                     await self._install_default()
+                if self.need_trigger:
+                    self.need_trigger = False
+                    await self._trigger_transactions()
                 while self.pending_install:
                     await self._install(self.pending_install.pop())
                 while self.pending_update:
@@ -670,6 +682,11 @@ class _SessionMixin:
             self.gw.events.emit("OCPP_DEFAULT_PROFILE_REJECTED", logging.WARNING, key=self.id,
                                 gateway=self.gw.gateway_id, station=self.id,
                                 msg="the station keeps its own fallback when it loses the gateway")
+
+    async def _trigger_transactions(self) -> None:
+        reply = await self._request(self._call.TriggerMessage(requested_message="TransactionEvent"))
+        self.gw.stats["triggers_accepted" if reply is not None and reply.status == "Accepted"
+                      else "triggers_rejected"] += 1
 
     async def _install(self, row: int) -> None:
         gw = self.gw

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v201 import ChargePoint as ChargePoint201
 
@@ -118,6 +118,23 @@ class _StationMixin:
         return self._call_result.UpdateDynamicSchedule(status="Accepted")
 
 
+    @on("TriggerMessage")
+    async def on_trigger(self, requested_message, evse=None, **_):
+        self._record("TriggerMessage", {"requested_message": requested_message, "evse": evse})
+        if requested_message != "TransactionEvent" or not self._triggered(evse):
+            return self._call_result.TriggerMessage(status="Rejected")
+        return self._call_result.TriggerMessage(status="Accepted")
+
+    @after("TriggerMessage")
+    async def after_trigger(self, requested_message, evse=None, **_):
+        """The requested messages follow the reply, as a station sends them."""
+        if requested_message == "TransactionEvent":
+            await self.sim.send_transaction_updates(self, self._triggered(evse))
+
+    def _triggered(self, evse) -> list[tuple[int, int]]:
+        return [(e, r) for e, r in self.spec.evses if self.sim.tx_id[r] and (evse is None or evse["id"] == e)]
+
+
 class _Station21(_StationMixin, ChargePoint21):
     pass
 
@@ -156,6 +173,8 @@ class SimStations:
         self.offline_since_ns = np.zeros(n, dtype=np.int64)
         self.max_offline_s = np.full(n, np.inf)
         self.lapse_at_ns = np.full(n, np.iinfo(np.int64).max)
+        self.tx_id: list[str | None] = [None] * n  # the running transaction per EVSE (survives reconnects)
+        self.tx_seq = 0
         self.commands: collections.deque[Command] = collections.deque(maxlen=100_000)
         self.connections: collections.Counter[str] = collections.Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -203,7 +222,7 @@ class SimStations:
         subprotocol = om.OCPP201 if v201 else om.OCPP21
         auth = base64.b64encode(f"{spec.station_id}:{spec.password}".encode()).decode()
         rows = [r for _e, r in spec.evses]
-        tx_seq = 0
+        booted = False
         while True:
             try:
                 async with connect(f"{self.url}/{spec.station_id}", subprotocols=[subprotocol],
@@ -214,8 +233,8 @@ class SimStations:
                     reader.add_done_callback(lambda t: t.cancelled() or t.exception())  # closed: reconnect below
                     self.connections[spec.station_id] += 1
                     self.connected[rows] = True
-                    tx_seq += 1
-                    await self._session(cp, spec, tx_seq, v201)
+                    await self._session(cp, spec, v201, boot=not booted)
+                    booted = True
                     reader.cancel()
             except (OSError, ConnectionClosed, InvalidStatus, asyncio.TimeoutError) as exc:
                 log.debug("station %s: %r", spec.station_id, exc)
@@ -223,19 +242,24 @@ class SimStations:
             self.offline_since_ns[rows] = time.monotonic_ns()
             await asyncio.sleep(self.away_s if spec.kind == "disconnects" else 1.0)
 
-    async def _session(self, cp, spec: StationSpec, tx_seq: int, v201: bool) -> None:
+    async def _session(self, cp, spec: StationSpec, v201: bool, *, boot: bool) -> None:
+        """One connection: BootNotification after power-up only (a reconnect is not a reboot), the
+        connectors' status, a transaction for each plugged EV that has none yet, then meter values."""
         call = cp._call
-        await cp.call(call.BootNotification(charging_station={"model": "v2grt-sim", "vendorName": "v2grt"},
-                                            reason="PowerUp"))
+        if boot:
+            await cp.call(call.BootNotification(charging_station={"model": "v2grt-sim", "vendorName": "v2grt"},
+                                                reason="PowerUp"))
         for evse, row in spec.evses:
             plugged = bool(self.state.online[row])
             await cp.call(call.StatusNotification(timestamp=_now_iso(), connector_status="Occupied" if plugged
                                                   else "Available", evse_id=evse, connector_id=1))
-            if not plugged:
+            if not plugged or self.tx_id[row] is not None:
                 continue
+            self.tx_seq += 1
+            self.tx_id[row] = f"{spec.station_id}-{evse}-{self.tx_seq}"
             await cp.call(call.TransactionEvent(
                 event_type="Started", timestamp=_now_iso(), trigger_reason="CablePluggedIn", seq_no=0,
-                transaction_info={"transactionId": f"{spec.station_id}-{evse}-{tx_seq}"},
+                transaction_info={"transactionId": self.tx_id[row]},
                 evse={"id": evse, "connectorId": 1}, meter_value=[self._meter(row)]))
             if not v201:
                 await cp.call(call.NotifyEVChargingNeeds(evse_id=evse, charging_needs=self._needs(row)))
@@ -247,6 +271,18 @@ class SimStations:
                     await cp.call(call.MeterValues(evse_id=evse, meter_value=[self._meter(row)]))
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
+                return
+
+    async def send_transaction_updates(self, cp, rows) -> None:
+        """TransactionEvent Updated (trigger ``Trigger``) with meter values for each (evse, row)."""
+        for evse, row in rows:
+            try:
+                await cp.call(cp._call.TransactionEvent(
+                    event_type="Updated", timestamp=_now_iso(), trigger_reason="Trigger", seq_no=1,
+                    transaction_info={"transactionId": self.tx_id[row]}, evse={"id": evse, "connectorId": 1},
+                    meter_value=[self._meter(row)]))
+            except Exception as exc:  # the connection went away: the next connection asks again
+                log.debug("station %s: %r", cp.id, exc)
                 return
 
     def _meter(self, row: int) -> dict:
