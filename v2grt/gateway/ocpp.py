@@ -506,6 +506,8 @@ class _SessionMixin:
             except OCPPError as exc:
                 await self._send(msg.create_call_error(exc).to_json())
             except Exception as exc:  # the library failed on a hostile payload
+                if _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
+                    _HANDLER_LOG.error("station %s action %r: %r", self.id, str(msg.action)[:60], exc)
                 await self._send(msg.create_call_error(exc).to_json())
         elif isinstance(msg, (CallResult, CallError)):
             self._response_queue.put_nowait(msg)
