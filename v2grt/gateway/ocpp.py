@@ -222,7 +222,7 @@ class OcppVehicles:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._scan)
+                loop.call_soon_threadsafe(self._scan, False)
             except RuntimeError:
                 pass  # the loop is shutting down
 
@@ -383,8 +383,10 @@ class OcppVehicles:
         return [r for (s, _e), r in self.row_of.items() if s == station]
 
     # ------------------------------------------------------------------------------ control
-    def _scan(self) -> None:
-        """Hand every due setpoint (ocpp_mapping.due_rows) and every missing profile to its station."""
+    def _scan(self, installs: bool = True) -> None:
+        """Hand every due setpoint (ocpp_mapping.due_rows) and, with ``installs``, every missing profile
+        to its station. Setpoint arrivals scan without installs: that part is a Python loop over every
+        EVSE, done by the ticker and the transaction handlers."""
         now = time.monotonic_ns()
         s = self.settings
         with self.lock:
@@ -400,7 +402,7 @@ class OcppVehicles:
                     self.sent_kw[row] = self.target_kw[row]
                     self.sent_ns[row] = now
             for session in self.sessions.values():
-                for row in session.rows:
+                for row in session.rows if installs else ():
                     e = self.evses[row]
                     if (e.transaction_id is not None and not e.profile_installed and row not in session.pending_install
                             and now >= e.profile_retry_ns):
