@@ -155,7 +155,7 @@ def test_frequency_step_reaches_the_stations_with_the_ocpp_sign(site, tls, tmp_p
 def test_profiles_deadband_resync_and_misbehaving_stations(site):
     """A 2.1 station gets the 0 W fallback and a Dynamic CentralSetpoint profile; small moves stay in the
     deadband until the resync; a station rejecting profiles reports NODE_UNREACHABLE; a 2.0.1 station
-    gets charge limits only and advertises no discharge."""
+    gets charge limits only and advertises no discharge; closing the gateway sends the last zeros first."""
     paths, fleet, passwords = site
     gw = start_gateway(paths, fleet, deadband_kw=0.5, resync_s=1.0)
     sims = start_stations(gw, fleet, passwords, kinds={"CS0002": "rejects", "CS0003": "v201"})
@@ -188,6 +188,10 @@ def test_profiles_deadband_resync_and_misbehaving_stations(site):
         assert limits and all(p["charging_profile_kind"] == "Relative" for p in limits)
         assert limits[-1]["charging_schedule"][0]["charging_schedule_period"][0]["limit"] == 4000.0
         assert gw.counters()["profiles_rejected"] >= 2
+        t2 = time.monotonic_ns()
+        gw.apply(np.zeros(6), 0)  # what GatewayCore.close does, then the process closes the CSMS
+        gw.close()
+        assert [sp for _t, sp in updates(sims, "CS0001", t2)] == [0.0, 0.0]  # flushed before the sockets closed
     finally:
         sims.stop()
         gw.close()
@@ -317,6 +321,22 @@ def test_a_flooding_station_is_rate_limited_then_disconnected(site):
         assert gw.stats["rate_limit_disconnects"] == 1
     finally:
         gw.close()
+
+
+def test_ocpp_password_prints_a_credentials_row_the_gateway_loads(tmp_path):
+    """`v2grt gateway ocpp-password` hashes a password from stdin into a row load_credentials accepts."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "gateway", "ocpp-password", "CS-7"],
+                          input="a-long-enough-password\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "c.csv"
+    path.write_text("station_id,password_hash\n" + proc.stdout)
+    assert om.check_password(om.load_credentials(path), "CS-7", "CS-7", "a-long-enough-password")
+    short = subprocess.run([sys.executable, "-m", "v2grt.cli", "gateway", "ocpp-password", "CS-7"],
+                           input="short\n", capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "16..40" in short.stderr
 
 
 def test_gateway_refuses_plaintext_unless_asked_and_roster_ids_must_name_evses(site, tmp_path):
