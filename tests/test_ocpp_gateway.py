@@ -356,8 +356,8 @@ def test_gateway_refuses_plaintext_unless_asked_and_roster_ids_must_name_evses(s
 # ------------------------------------------------------------------------------ the command line
 def test_gateway_and_stations_as_processes_follow_a_real_aggregator(tmp_path):
     """`v2grt sim ocpp-stations --write-site`, then `v2grt gateway ocpp` and `v2grt sim ocpp-stations`
-    as real processes: the aggregator hears the EVSEs, dispatches them at under-frequency, measures
-    the export; SIGTERM stops both cleanly."""
+    as real processes: the aggregator hears the EVSEs, sees the station that rejects profiles as
+    NODE_UNREACHABLE, dispatches the others at under-frequency, measures the export; SIGTERM stops both."""
     import signal
     import subprocess
     import sys
@@ -396,11 +396,14 @@ def test_gateway_and_stations_as_processes_follow_a_real_aggregator(tmp_path):
         wait_until(lambda: "GATEWAY_START" in (gw_log.read_text() if gw_log.exists() else ""), 20.0, "gateway up")
         stations = subprocess.Popen([*cli, "sim", "ocpp-stations", "--url", f"ws://127.0.0.1:{port}/ocpp",
                                      "--roster", str(site_dir / "roster.csv"), "--gateway-id", GW,
-                                     "--passwords", str(site_dir / "passwords.csv"), "--meter-interval-s", "0.3"],
+                                     "--passwords", str(site_dir / "passwords.csv"), "--meter-interval-s", "0.3",
+                                     "--kinds", "rejects=1"],
                                     stderr=subprocess.PIPE, text=True)
         n = agg.fleet.n_rows
         wait_until(lambda: int(agg.fleet.online[:n].sum()) == 4, 20.0, "four EVSEs heard")
         wait_until(lambda: float(agg.fleet.p_actual_kw[:n].sum()) > 15.0, 10.0, "measured export near 20 kW")
+        rows = [agg.fleet.row_of[f"CS0001:{e}"] for e in (1, 2)]  # --kinds rejects=1: the first station
+        assert agg.fleet.fault[rows].tolist() == [Reason.NODE_UNREACHABLE] * 2
     finally:
         for proc in (stations, gw):
             if proc is not None:
