@@ -240,7 +240,8 @@ async def _raw_session(port, station, password, frames, ssl_ctx=None, subprotoco
 
 def test_bad_messages_get_callerrors_are_counted_and_do_not_stop_the_gateway(site, tls):
     """Garbage, a schema violation, an unknown and an unhandled action, an impossible SoC: each gets a
-    CALLERROR with its code, counted; a Heartbeat afterwards is answered normally."""
+    CALLERROR with its code, counted; replies to nothing are dropped (not queued); a Heartbeat afterwards
+    is answered normally."""
     paths, fleet, passwords = site
     gw = start_gateway(paths, fleet, tls)
     meter = {"evseId": 1, "meterValue": [{"timestamp": "2026-12-04T21:00:00Z",
@@ -249,6 +250,7 @@ def test_bad_messages_get_callerrors_are_counted_and_do_not_stop_the_gateway(sit
               json.dumps([2, "m2", "FlyToTheMoon", {}]), json.dumps([2, "m3", "Authorize", {"idToken": {
                   "idToken": "x", "type": "Central"}}]),
               json.dumps([2, "m4", "MeterValues", meter]), json.dumps([7, "m5"]),
+              *[json.dumps([3, f"r{i}", {"status": "Accepted"}]) for i in range(3)],  # replies to nothing
               json.dumps([2, "m6", "Heartbeat", {}])]
     try:
         replies = asyncio.run(_raw_session(gw.port, "CS0001", passwords["CS0001"], frames, tls[1]))
@@ -258,7 +260,8 @@ def test_bad_messages_get_callerrors_are_counted_and_do_not_stop_the_gateway(sit
         assert codes[2] == "NotSupported" and codes[3] == "NotImplemented"
         assert codes[4] == "PropertyConstraintViolation" and "SoC" in replies[4][3]
         assert codes[5] == "PropertyConstraintViolation" and replies[5][1] == "m5"
-        assert replies[6][0] == 3 and replies[6][1] == "m6" and "currentTime" in replies[6][2]
+        assert replies[6:9] == [None, None, None] and gw.stats["unsolicited_replies"] == 3  # dropped, not queued
+        assert replies[9][0] == 3 and replies[9][1] == "m6" and "currentTime" in replies[9][2]
         assert sum(gw.callerrors.values()) == 6
         assert gw.callerrors["NotImplemented"] == 1 and gw.callerrors["PropertyConstraintViolation"] == 2
         assert gw._thread.is_alive()

@@ -512,7 +512,10 @@ class _SessionMixin:
                     _HANDLER_LOG.error("station %s action %r: %r", self.id, str(msg.action)[:60], exc)
                 await self._send(msg.create_call_error(exc).to_json())
         elif isinstance(msg, (CallResult, CallError)):
-            self._response_queue.put_nowait(msg)
+            if self._call_lock.locked():  # a CALL of ours is waiting: ocpp matches the id
+                self._response_queue.put_nowait(msg)
+            else:  # unsolicited: queued, it would sit in ocpp's unbounded queue for ever
+                self.gw.stats["unsolicited_replies"] += 1
 
     async def _handle_call(self, msg):
         if msg.action not in self.route_map:  # ocpp 2.1.0 would not answer at all (notes, pitfall 2)
