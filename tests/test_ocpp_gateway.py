@@ -430,13 +430,14 @@ def _free_port() -> int:
 def test_a_transaction_joins_and_leaves_and_the_evs_minimum_soc_blocks_discharge(site):
     """With a real `ocpp` 2.1 client: a node is online once its transaction started and a SoC came; an
     EV at its own minimum SoC (evMinV2XEnergyRequest >= 0) advertises no discharge and a discharge
-    request reaches it as setpoint 0; TransactionEvent Ended takes the node offline."""
+    request reaches it as setpoint 0; without meter values the node turns TIMEOUT_BMS_RESPONSE;
+    TransactionEvent Ended takes the node offline."""
     from ocpp.routing import on
     from ocpp.v21 import ChargePoint, call, call_result
     from websockets.asyncio.client import connect
 
     paths, fleet, passwords = site
-    gw = start_gateway(paths, fleet, deadband_kw=0.1)
+    gw = start_gateway(paths, fleet, deadband_kw=0.1, meter_stale_s=1.5)
     received = []
 
     class Station(ChargePoint):
@@ -479,7 +480,9 @@ def test_a_transaction_joins_and_leaves_and_the_evs_minimum_soc_blocks_discharge
             gw.apply(np.array([6.0, 0, 0, 0, 0, 0]), 0)
             await asyncio.sleep(0.5)
             gw.apply(np.array([-6.0, 0, 0, 0, 0, 0]), 0)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.6)
+            stale = gw.telemetry(0)  # connected, in a transaction, but no meter values for over 1.5 s
+            assert (stale["online"][0], stale["fault"][0]) == (1, Reason.TIMEOUT_BMS_RESPONSE)
             await cp.call(call.TransactionEvent(event_type="Ended", timestamp="2026-12-04T21:01:00Z",
                                                 trigger_reason="EVDeparted", seq_no=1,
                                                 transaction_info={"transactionId": "T1"}))

@@ -157,9 +157,11 @@ def test_charging_needs_bidirectional_and_charge_only():
      (1, Reason.NODE_UNREACHABLE)),
     (dict(connected=True, connector_status="Occupied", in_transaction=True, has_soc=True, profile_refused=False),
      (1, Reason.OK)),
+    (dict(connected=True, connector_status="Occupied", in_transaction=True, has_soc=True, profile_refused=False,
+          meter_fresh=False), (1, Reason.TIMEOUT_BMS_RESPONSE)),
 ])
 def test_node_online_fault_table(kw, expected):
-    """Disconnect, Unavailable, Faulted, no transaction and a refused profile map as documented."""
+    """Disconnect, Unavailable, Faulted, no transaction, a refused profile and stale meter values map as documented."""
     assert m.node_online_fault(**kw) == expected
 
 

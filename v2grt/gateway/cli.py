@@ -134,7 +134,7 @@ def cmd_ocpp(args) -> int:
                             allow_plaintext=args.allow_plaintext, deadband_kw=args.deadband_kw,
                             resync_s=args.resync_s, max_offline_s=args.max_offline_s,
                             call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
-                            accept_201=not args.no_ocpp201)
+                            accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
     ctx = zmq.Context()
     vehicles = None
     try:
@@ -244,6 +244,8 @@ def _add_ocpp(gsub) -> None:
     p.add_argument("--rate-per-s", type=float, default=20.0, help="messages a station may send per second (20)")
     p.add_argument("--burst", type=float, default=40.0, help="messages a station may send at once (40)")
     p.add_argument("--no-ocpp201", action="store_true", help="refuse stations that only speak ocpp2.0.1")
+    p.add_argument("--meter-stale-s", type=float, default=10.0,
+                   help="an EVSE without meter values for this long reports TIMEOUT_BMS_RESPONSE (default 10 s)")
     p.add_argument("--event-interval-s", type=float, default=60.0,
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")

@@ -107,6 +107,7 @@ class OcppSettings:
     max_message_bytes: int = 65_536
     accept_201: bool = True
     tick_s: float = 0.1  # the resync/install scan; setpoints themselves go out when they arrive
+    meter_stale_s: float = 10.0  # no meter values for this long: the node's values are not trusted
 
     def check(self) -> None:
         problems = []
@@ -118,7 +119,8 @@ class OcppSettings:
         if not (isinstance(self.max_offline_s, int) and 1 <= self.max_offline_s <= 3600):
             problems.append(f"max_offline_s={self.max_offline_s!r}: expected whole seconds 1..3600")
         for name, lo, hi in (("deadband_kw", 0.0, 100.0), ("resync_s", 0.1, 3600.0), ("call_timeout_s", 0.1, 60.0),
-                             ("rate_per_s", 0.1, 1e4), ("burst", 1.0, 1e5), ("tick_s", 0.005, 5.0)):
+                             ("rate_per_s", 0.1, 1e4), ("burst", 1.0, 1e5), ("tick_s", 0.005, 5.0),
+                             ("meter_stale_s", 0.1, 3600.0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and lo <= value <= hi):
                 problems.append(f"{name}={value!r}: expected {lo:g}..{hi:g}")
@@ -139,6 +141,7 @@ class Evse:
     connector_status: str | None = None
     transaction_id: str | None = None
     has_soc: bool = False
+    meter_ns: int = 0  # CLOCK_MONOTONIC of the last meter values
     p_kw: float = 0.0
     needs: om.EvNeeds | None = None
     min_soc: float | None = None
@@ -232,13 +235,14 @@ class OcppVehicles:
         soc, p_kw = np.empty(n), np.empty(n)
         online, fault = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
         dis, chg = np.empty(n), np.empty(n)
+        fresh_after_ns = time.monotonic_ns() - round(self.settings.meter_stale_s * 1e9)
         with self.lock:
             for i, e in enumerate(self.evses):
                 connected = e.station_id in self.sessions
                 online[i], fault[i] = om.node_online_fault(
                     connected=connected, connector_status=e.connector_status,
                     in_transaction=e.transaction_id is not None, has_soc=e.has_soc,
-                    profile_refused=e.profile_refused)
+                    profile_refused=e.profile_refused, meter_fresh=e.meter_ns >= fresh_after_ns)
                 soc[i] = e.soc
                 p_kw[i] = e.p_kw if online[i] else 0.0
                 lim = e.limits()
@@ -556,6 +560,7 @@ class _SessionMixin:
             raise PropertyConstraintViolationError(description=str(exc)[:200]) from None
         e = self.gw.evses[row]
         with self.gw.lock:
+            e.meter_ns = time.monotonic_ns()
             if reading.soc is not None:
                 e.soc, e.has_soc = reading.soc, True
                 if e.needs is not None and e.min_soc is None:

@@ -363,14 +363,16 @@ CONNECTOR_STATUS: dict[str, tuple[bool, int]] = {
 
 
 def node_online_fault(*, connected: bool, connector_status: str | None, in_transaction: bool, has_soc: bool,
-                      profile_refused: bool) -> tuple[int, int]:
+                      profile_refused: bool, meter_fresh: bool = True) -> tuple[int, int]:
     """(online 0/1, fault Reason) of one EVSE as the wire protocol wants them.
 
     - station not connected: offline, ``OFFLINE`` (the charger is off as far as we can tell);
     - connector ``Unavailable``: offline, ``OFFLINE``;
     - connector ``Faulted``: online with ``NODE_UNREACHABLE`` (so the status shows why);
     - no transaction, or no SoC heard yet: offline, no fault (nothing to dispatch);
-    - the station refused our charging profile: online with ``NODE_UNREACHABLE``.
+    - the station refused our charging profile: online with ``NODE_UNREACHABLE``;
+    - no meter values for longer than the gateway's limit (a station that stopped sampling but stays
+      connected): online with ``TIMEOUT_BMS_RESPONSE``, the aggregator's own word for stale values.
     The aggregator reports a node that is offline as OFFLINE whatever the fault says.
     """
     if not connected:
@@ -382,7 +384,9 @@ def node_online_fault(*, connected: bool, connector_status: str | None, in_trans
         return 1, fault
     if not (in_transaction and has_soc):
         return 0, Reason.OK
-    return 1, (Reason.NODE_UNREACHABLE if profile_refused else Reason.OK)
+    if profile_refused:
+        return 1, Reason.NODE_UNREACHABLE
+    return 1, (Reason.OK if meter_fresh else Reason.TIMEOUT_BMS_RESPONSE)
 
 
 # ------------------------------------------------------------------------------- security
