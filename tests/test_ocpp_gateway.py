@@ -188,6 +188,7 @@ def test_profiles_deadband_resync_and_misbehaving_stations(site):
         assert limits and all(p["charging_profile_kind"] == "Relative" for p in limits)
         assert limits[-1]["charging_schedule"][0]["charging_schedule_period"][0]["limit"] == 4000.0
         assert gw.counters()["profiles_rejected"] >= 2
+        assert gw.counters()["profiles_installed"] == 4  # once per transaction, not again while in flight
         t2 = time.monotonic_ns()
         gw.apply(np.zeros(6), 0)  # what GatewayCore.close does, then the process closes the CSMS
         gw.close()

@@ -408,8 +408,8 @@ class OcppVehicles:
             for session in self.sessions.values():
                 for row in session.rows if installs else ():
                     e = self.evses[row]
-                    if (e.transaction_id is not None and not e.profile_installed and row not in session.pending_install
-                            and now >= e.profile_retry_ns):
+                    if (e.transaction_id is not None and not e.profile_installed and now >= e.profile_retry_ns
+                            and row not in session.pending_install and row != session.installing):
                         session.pending_install.add(row)
                 if session.pending_update or session.pending_install or session.need_default or session.need_trigger:
                     session.wake.set()
@@ -453,6 +453,7 @@ class _SessionMixin:
         self.bucket = om.TokenBucket(gw.settings.rate_per_s, gw.settings.burst, time.monotonic_ns())
         self.pending_update: set[int] = set()
         self.pending_install: set[int] = set()
+        self.installing: int | None = None  # the row whose SetChargingProfile is in flight
         self.need_default = False
         self.busy = 0
         # A station that reconnects to a restarted gateway does not re-send its running transactions:
@@ -661,7 +662,11 @@ class _SessionMixin:
                     self.need_trigger = False
                     await self._trigger_transactions()
                 while self.pending_install:
-                    await self._install(self.pending_install.pop())
+                    self.installing = self.pending_install.pop()
+                    try:
+                        await self._install(self.installing)
+                    finally:
+                        self.installing = None
                 while self.pending_update:
                     await self._update(self.pending_update.pop())
             finally:
