@@ -130,6 +130,13 @@ def cmd_ocpp(args) -> int:
         curve = client_curve_from_args(args)
     except CliError as exc:
         return _fail(str(exc), EXIT_INVALID)
+    import ocpp.messages
+
+    # ocpp validates every payload on a thread-pool worker by default: a thread hop per message that
+    # buys nothing under the GIL. Inline, 100 simulated stations x 2 EVSEs cost 14-17 % of a core
+    # instead of 17-23 % (three runs each, loaded 2-core box). A process-wide switch of the library,
+    # so set here, where the process is this gateway's own.
+    ocpp.messages.ASYNC_VALIDATION = False
     settings = OcppSettings(credentials, host=host, port=int(port), ssl_context=tls,
                             allow_plaintext=args.allow_plaintext, deadband_kw=args.deadband_kw,
                             resync_s=args.resync_s, max_offline_s=args.max_offline_s,
