@@ -1,0 +1,796 @@
+"""The OCPP 2.1 gateway: a CSMS for bidirectional charging stations behind one v2grt gateway id.
+
+Charging stations connect over websockets (subprotocol ``ocpp2.1``; ``ocpp2.0.1`` gets the
+charge-only subset), authenticated per station id with HTTP Basic auth over TLS (security
+profile 2). Each EVSE listed in the roster as ``<station>:<evse>`` under this gateway's id is a
+node: it is online while a transaction runs and its SoC is known. :class:`OcppVehicles` is the
+:class:`~v2grt.gateway.core.Vehicles` driver that :class:`~v2grt.gateway.core.GatewayCore` runs
+(fencing, expiry, e-stop and telemetry batches stay there); this module owns the OCPP side:
+
+- an asyncio thread with the websockets server and one ``ocpp`` ChargePoint session per station;
+- at transaction start a Dynamic / CentralSetpoint TxProfile with ``maxOfflineDuration`` (and,
+  once per boot, a 0 W TxDefaultProfile to fall back to);
+- each cycle's setpoints go out as UpdateDynamicSchedule when they moved more than the deadband,
+  when they become exactly 0 (expiry, e-stop) and at least every resync interval;
+- every station message is validated (the schemas, then ranges); a bad one is answered with a
+  CALLERROR and counted by error code; a station over its message rate gets CALLERRORs and is
+  disconnected when it keeps going. State is only ever keyed by ids from the credentials file.
+
+Powers are kW, + = discharge into the grid; the conversion to OCPP's signs is in
+:mod:`v2grt.gateway.ocpp_mapping`. docs/gateways.md has the tables, the failsafe chain and limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import datetime
+import http
+import json
+import logging
+import math
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ocpp.exceptions import NotImplementedError as OcppNotImplemented
+from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
+from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
+from ocpp.routing import on
+from ocpp.v21 import ChargePoint as ChargePoint21
+from ocpp.v21.enums import Action as Action21
+from ocpp.v201 import ChargePoint as ChargePoint201
+
+from v2grt.events import EventLog
+from v2grt.gateway import ocpp_mapping as om
+from v2grt.gateway.core import GatewayError
+
+log = logging.getLogger("v2grt.gateway")
+
+#: The ``ocpp`` package logs every message at INFO and every bad one with a traceback at ERROR:
+#: at a thousand stations, or one hostile one, that is a flood. Its records go here, quiet by
+#: default; the gateway counts and logs (rate-limited) what matters itself.
+_LIB_LOG = logging.getLogger("v2grt.gateway.ocpp.lib")
+_LIB_LOG.setLevel(logging.CRITICAL)
+
+
+class _LibLogger:
+    """What ``ocpp`` logs for a session: messages dropped, the first tracebacks of failed handlers kept
+    (a failing handler is our bug; a hostile station cannot make more than ``limit`` of them)."""
+
+    limit = 20
+
+    def __init__(self):
+        self.tracebacks = 0
+
+    def info(self, *args, **kwargs):
+        pass
+
+    debug = warning = info
+
+    def error(self, msg, *args, **kwargs):
+        if self.tracebacks < self.limit:
+            self.tracebacks += 1
+            log.warning("OCPP_HANDLER_ERROR " + msg, *args, exc_info=True)
+
+    exception = error
+
+
+_HANDLER_LOG = _LibLogger()
+
+#: Actions a station may send that the gateway answers (everything else: CALLERROR NotImplemented).
+HANDLED_ACTIONS = ("BootNotification", "Heartbeat", "StatusNotification", "TransactionEvent", "MeterValues",
+                   "NotifyEVChargingNeeds")
+
+
+@dataclass
+class OcppSettings:
+    """How the CSMS side listens and controls; docs/gateways.md explains each choice."""
+
+    credentials: dict[str, str]  # station id -> sha256 hash (ocpp_mapping.load_credentials)
+    host: str = "0.0.0.0"
+    port: int = 9000
+    ssl_context: ssl.SSLContext | None = None  # None only with allow_plaintext (security profile 1, labs)
+    allow_plaintext: bool = False
+    deadband_kw: float = 0.5
+    resync_s: float = 5.0
+    max_offline_s: int = 3  # maxOfflineDuration: whole seconds, >= 1
+    call_timeout_s: float = 5.0
+    rate_per_s: float = 20.0
+    burst: float = 40.0
+    heartbeat_s: int = 60
+    max_message_bytes: int = 65_536
+    accept_201: bool = True
+    tick_s: float = 0.1  # the resync/install scan; setpoints themselves go out when they arrive
+    meter_stale_s: float = 10.0  # no meter values for this long: the node's values are not trusted
+
+    def check(self) -> None:
+        problems = []
+        if self.ssl_context is None and not self.allow_plaintext:
+            problems.append("no TLS certificate: give --tls-cert/--tls-key (security profile 2), or "
+                            "--allow-plaintext for a lab (profile 1: passwords travel in clear)")
+        if not self.credentials:
+            problems.append("the credentials file lists no station")
+        if not (isinstance(self.max_offline_s, int) and 1 <= self.max_offline_s <= 3600):
+            problems.append(f"max_offline_s={self.max_offline_s!r}: expected whole seconds 1..3600")
+        for name, lo, hi in (("deadband_kw", 0.0, 100.0), ("resync_s", 0.1, 3600.0), ("call_timeout_s", 0.1, 60.0),
+                             ("rate_per_s", 0.1, 1e4), ("burst", 1.0, 1e5), ("tick_s", 0.005, 5.0),
+                             ("meter_stale_s", 0.1, 3600.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and lo <= value <= hi):
+                problems.append(f"{name}={value!r}: expected {lo:g}..{hi:g}")
+        if problems:
+            raise GatewayError("; ".join(problems))
+
+
+@dataclass
+class Evse:
+    """One roster node's OCPP state (written on the asyncio thread, read under the lock)."""
+
+    station_id: str
+    evse_id: int
+    capacity_kwh: float
+    roster_dis_kw: float
+    roster_chg_kw: float
+    soc: float
+    connector_status: str | None = None
+    transaction_id: str | None = None
+    has_soc: bool = False
+    meter_ns: int = 0  # CLOCK_MONOTONIC of the last meter values
+    p_kw: float = 0.0
+    needs: om.EvNeeds | None = None
+    min_soc: float | None = None
+    profile_installed: bool = False
+    profile_refused: bool = False
+    profile_retry_ns: int = 0
+    update_rejects: int = 0
+    charge_only: bool = False  # its station speaks 2.0.1: no discharge whatever the EV says
+
+    def limits(self) -> om.EvLimits:
+        """What this EV may do now, kW: the roster's rating, the EV's own limits, its minimum SoC."""
+        dis, chg = self.roster_dis_kw, self.roster_chg_kw
+        if self.needs is not None:
+            if self.needs.limits.p_dis_max_kw is not None:
+                dis = min(dis, self.needs.limits.p_dis_max_kw)
+            if self.needs.limits.p_chg_max_kw is not None:
+                chg = min(chg, self.needs.limits.p_chg_max_kw)
+        if self.charge_only or (self.min_soc is not None and self.soc <= self.min_soc):
+            dis = 0.0  # the EV's own minimum SoC (from evMinV2XEnergyRequest) is reached
+        return om.EvLimits(p_chg_max_kw=chg, p_dis_max_kw=dis)
+
+
+class OcppVehicles:
+    """The roster's ``<station>:<evse>`` nodes of one gateway, driven over OCPP (a GatewayCore driver).
+
+    ``start()`` binds the websockets server on its own asyncio thread; ``close()`` brings every
+    node to 0 kW on the stations (best effort, bounded) and stops it. Counters for logs and tests:
+    ``callerrors`` (sent, by OCPP error code), ``refused`` (connections, by cause), and the plain
+    integers of :meth:`counters`.
+    """
+
+    def __init__(self, fleet, settings: OcppSettings, *, gateway_id: str, events: EventLog | None = None):
+        settings.check()
+        self.settings = settings
+        self.gateway_id = gateway_id
+        self.events = events or EventLog()
+        n = fleet.n_rows
+        self.node_ids: list[str] = list(fleet.node_ids[:n])
+        self.evses: list[Evse] = []
+        self.row_of: dict[tuple[str, int], int] = {}
+        bad = []
+        for row, nid in enumerate(self.node_ids):
+            parsed = om.split_node_id(nid)
+            if parsed is None:
+                bad.append(nid)
+                continue
+            self.row_of[parsed] = row
+            self.evses.append(Evse(parsed[0], parsed[1], float(fleet.capacity_kwh[row]),
+                                   float(fleet.p_dis_max_kw[row]), float(fleet.p_chg_max_kw[row]),
+                                   float(fleet.soc[row])))
+        if bad:
+            raise GatewayError(f"gateway {gateway_id!r}: {len(bad)} roster node id(s) are not <station>:<evse> "
+                               f"(e.g. {bad[0]!r}); an OCPP gateway's nodes are named CS001:1, CS001:2, ...")
+        unknown_stations = sorted({e.station_id for e in self.evses} - set(settings.credentials))
+        if unknown_stations:
+            log.warning("OCPP_NO_CREDENTIALS gateway=%s stations=%d e.g.=%s msg=%s", gateway_id,
+                        len(unknown_stations), unknown_stations[0],
+                        "roster stations without credentials can never connect")
+        self.n = n
+        self.lock = threading.Lock()
+        self.target_kw = np.zeros(n)
+        self.sent_kw = np.full(n, np.nan)
+        self.sent_ns = np.zeros(n, dtype=np.int64)
+        self.controllable = np.zeros(n, dtype=bool)
+        self.sessions: dict[str, _SessionMixin] = {}
+        self.callerrors: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ Vehicles (gateway thread)
+    def apply(self, p_kw: np.ndarray, now_ns: int) -> None:
+        """Take the setpoints in force (kW, + discharge); the asyncio thread sends what is due."""
+        with self.lock:
+            self.target_kw[:] = p_kw
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._scan, False)
+            except RuntimeError:
+                pass  # the loop is shutting down
+
+    def telemetry(self, now_ns: int) -> dict[str, np.ndarray]:
+        """Per node: the station's last SoC and power, online/fault from ocpp_mapping.node_online_fault."""
+        n = self.n
+        soc, p_kw = np.empty(n), np.empty(n)
+        online, fault = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+        dis, chg = np.empty(n), np.empty(n)
+        fresh_after_ns = time.monotonic_ns() - round(self.settings.meter_stale_s * 1e9)
+        with self.lock:
+            for i, e in enumerate(self.evses):
+                connected = e.station_id in self.sessions
+                online[i], fault[i] = om.node_online_fault(
+                    connected=connected, connector_status=e.connector_status,
+                    in_transaction=e.transaction_id is not None, has_soc=e.has_soc,
+                    profile_refused=e.profile_refused, meter_fresh=e.meter_ns >= fresh_after_ns)
+                soc[i] = e.soc
+                p_kw[i] = e.p_kw if online[i] else 0.0
+                lim = e.limits()
+                dis[i], chg[i] = lim.p_dis_max_kw, lim.p_chg_max_kw
+        return {"soc": soc, "p_kw": p_kw, "online": online, "fault": fault, "p_dis_max_kw": dis,
+                "p_chg_max_kw": chg}
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 10.0) -> OcppVehicles:
+        """Bind the websockets server on its asyncio thread; GatewayError if it cannot."""
+        self._thread = threading.Thread(target=self._run_loop, name=f"ocpp-{self.gateway_id}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise GatewayError(f"OCPP server on {self.settings.host}:{self.settings.port} did not start in "
+                               f"{timeout_s:g} s")
+        if self._error is not None:
+            raise GatewayError(f"OCPP server on {self.settings.host}:{self.settings.port}: {self._error}")
+        return self
+
+    def close(self, flush_s: float = 2.0) -> None:
+        """Send what is still due (0 kW after GatewayCore.close), then close every station and the server."""
+        loop = self.loop
+        if loop is None or self._thread is None:
+            return
+        deadline = time.monotonic() + flush_s
+        while time.monotonic() < deadline and not loop.is_closed():
+            pending = asyncio.run_coroutine_threadsafe(self._pending_count(), loop)
+            try:
+                if pending.result(timeout=max(deadline - time.monotonic(), 0.01)) == 0:
+                    break
+            except Exception:
+                break
+            time.sleep(0.02)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10.0)
+        self._thread = None
+
+    async def _pending_count(self) -> int:
+        self._scan()
+        return sum(len(s.pending_update) + len(s.pending_install) + s.busy for s in self.sessions.values())
+
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from websockets.asyncio.server import serve
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        s = self.settings
+        subprotocols = list(om.SUBPROTOCOLS if s.accept_201 else om.SUBPROTOCOLS[:1])
+        async with serve(self._serve_station, s.host, s.port, subprotocols=subprotocols,
+                         process_request=self._authenticate, ssl=s.ssl_context, max_size=s.max_message_bytes,
+                         max_queue=8, ping_interval=20, ping_timeout=20, compression=None,
+                         logger=_LIB_LOG) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            self._ready.set()
+            ticker = asyncio.create_task(self._ticker())
+            await self._stop.wait()
+            ticker.cancel()
+            for session in list(self.sessions.values()):
+                await session.ws.close(1001, "gateway stopping")
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            self._scan()
+
+    # ------------------------------------------------------------------------------ handshake
+    def _authenticate(self, connection, request):
+        """process_request: the path names a station with credentials; Basic auth with its own id."""
+        station = om.station_id_from_path(request.path)
+        if station is None or station not in self.settings.credentials:
+            return self._refuse(connection, "UNKNOWN_STATION", http.HTTPStatus.NOT_FOUND, "unknown station\n")
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        try:
+            username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            username = password = ""
+        if scheme.lower() != "basic" or not om.check_password(self.settings.credentials, station, username, password):
+            response = self._refuse(connection, "BAD_CREDENTIALS", http.HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            response.headers["WWW-Authenticate"] = 'Basic realm="v2grt-ocpp"'
+            return response
+        connection.station_id = station
+        return None
+
+    def _refuse(self, connection, cause: str, status, text: str):
+        self.refused[cause] += 1  # counted in bulk: never keyed by an id a stranger can invent
+        self.events.emit("OCPP_CONNECTION_REFUSED", logging.WARNING, key=cause, gateway=self.gateway_id,
+                         cause=cause, total=self.refused[cause], peer=str(connection.remote_address[0]))
+        return connection.respond(status, text)
+
+    async def _serve_station(self, ws) -> None:
+        station = ws.station_id
+        version = ws.subprotocol
+        if version not in om.SUBPROTOCOLS:
+            self.refused["NO_SUBPROTOCOL"] += 1
+            await ws.close(1002, "subprotocol ocpp2.1 or ocpp2.0.1 required")
+            return
+        cls = Session21 if version == om.OCPP21 else Session201
+        session = cls(station, ws, self)
+        old = self.sessions.get(station)
+        if old is not None:  # the station reconnected before we noticed the old socket die
+            self.stats["replaced_connections"] += 1
+            await old.ws.close(1000, "replaced by a new connection")
+            await old.done.wait()
+        with self.lock:
+            self.sessions[station] = session
+            for row in session.rows:
+                self.evses[row].charge_only = version == om.OCPP201
+        self.stats["connections"] += 1
+        self.events.emit("OCPP_STATION_CONNECTED", logging.INFO, key=station, gateway=self.gateway_id,
+                         station=station, subprotocol=version)
+        sender = asyncio.create_task(session.sender())
+        try:
+            await session.start()
+        except Exception as exc:  # ConnectionClosed ends every session; anything else is logged, not raised
+            from websockets.exceptions import ConnectionClosed
+
+            if not isinstance(exc, ConnectionClosed):
+                log.error("OCPP_SESSION_ERROR gateway=%s station=%s error=%r", self.gateway_id, station, exc)
+        finally:
+            sender.cancel()
+            with self.lock:
+                if self.sessions.get(station) is session:
+                    del self.sessions[station]
+                for row in self._rows_of(station):
+                    self.controllable[row] = False
+                    self.sent_kw[row] = np.nan
+                    self.evses[row].profile_installed = False
+            session.done.set()
+            self.events.emit("OCPP_STATION_DISCONNECTED", logging.WARNING, key=station, gateway=self.gateway_id,
+                             station=station, close_code=ws.close_code)
+
+    def _rows_of(self, station: str) -> list[int]:
+        return [r for (s, _e), r in self.row_of.items() if s == station]
+
+    # ------------------------------------------------------------------------------ control
+    def _scan(self, installs: bool = True) -> None:
+        """Hand every due setpoint (ocpp_mapping.due_rows) and, with ``installs``, every missing profile
+        to its station. Setpoint arrivals scan without installs: that part is a Python loop over every
+        EVSE, done by the ticker and the transaction handlers."""
+        now = time.monotonic_ns()
+        s = self.settings
+        with self.lock:
+            due = om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now,
+                              deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9))
+            for row in due.tolist():
+                e = self.evses[row]
+                session = self.sessions.get(e.station_id)
+                if session is not None:
+                    session.pending_update.add(row)
+                    # Marked sent when handed over, so the scan does not hand it over again while
+                    # the station answers; the sender always sends the newest target.
+                    self.sent_kw[row] = self.target_kw[row]
+                    self.sent_ns[row] = now
+            for session in self.sessions.values():
+                for row in session.rows if installs else ():
+                    e = self.evses[row]
+                    if (e.transaction_id is not None and not e.profile_installed and now >= e.profile_retry_ns
+                            and row not in session.pending_install and row != session.installing):
+                        session.pending_install.add(row)
+                if session.pending_update or session.pending_install or session.need_default or session.need_trigger:
+                    session.wake.set()
+
+    def count_callerror(self, code: str, station: str, detail: str) -> None:
+        self.callerrors[code] += 1
+        self.events.emit("OCPP_CALLERROR", logging.WARNING, key=station, gateway=self.gateway_id, station=station,
+                         error=code, total=self.callerrors[code], msg=detail[:200])
+
+    def counters(self) -> dict[str, int]:
+        """Plain counters for the stop log line and tests."""
+        return {**self.stats, **{f"callerror_{k}": v for k, v in sorted(self.callerrors.items())},
+                **{f"refused_{k}": v for k, v in sorted(self.refused.items())}}
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _unique_id(raw: Any) -> str:
+    """The message id of a raw frame if it has one (for the CALLERROR), else "-1" (OCPP-J 4.2.3)."""
+    try:
+        msg = json.loads(raw)
+        if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], str) and len(msg[1]) <= 36:
+            return msg[1]
+    except (ValueError, TypeError):
+        pass
+    return "-1"
+
+
+class _SessionMixin:
+    """One connected station: its message handlers (shared by 2.1 and 2.0.1) and its sender task."""
+
+    version: str
+
+    def __init__(self, station_id: str, ws, gw: OcppVehicles):
+        super().__init__(station_id, ws, response_timeout=gw.settings.call_timeout_s, logger=_HANDLER_LOG)
+        self.ws = ws
+        self.gw = gw
+        self.rows = gw._rows_of(station_id)
+        self.bucket = om.TokenBucket(gw.settings.rate_per_s, gw.settings.burst, time.monotonic_ns())
+        self.pending_update: set[int] = set()
+        self.pending_install: set[int] = set()
+        self.installing: int | None = None  # the row whose SetChargingProfile is in flight
+        self.need_default = False
+        self.busy = 0
+        # A station that reconnects to a restarted gateway does not re-send its running transactions:
+        # meter values for an EVSE without a known transaction make the gateway ask, once per
+        # connection (not on every connect: a station without a TriggerMessage handler never answers,
+        # and the one CALL in flight would hold up the profiles for the call timeout).
+        self.need_trigger = False
+        self.triggered = False
+        self.closing = False
+        self._close_task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self.done = asyncio.Event()
+        self.tx_rows: dict[str, int] = {}  # transactionId -> row, bounded by this station's EVSEs
+
+    # ------------------------------------------------------------------------------ routing
+    async def route_message(self, raw_msg) -> None:
+        """Rate limit, then parse; anything unparseable or unhandled gets a CALLERROR, never an exception."""
+        try:
+            await self._route(raw_msg)
+        except Exception as exc:
+            from websockets.exceptions import ConnectionClosed
+
+            if isinstance(exc, ConnectionClosed):
+                raise
+            self.gw.stats["internal_errors"] += 1  # a bug of ours must not end the station's session
+            log.error("OCPP_INTERNAL_ERROR gateway=%s station=%s error=%r", self.gw.gateway_id, self.id, exc)
+
+    async def _route(self, raw_msg) -> None:
+        if self.closing:
+            return  # draining what the flooding station already sent, until the close completes
+        if not self.bucket.take(time.monotonic_ns()):
+            self.gw.stats["rate_limited"] += 1
+            if self.bucket.exhausted:
+                self.gw.stats["rate_limit_disconnects"] += 1
+                self.closing = True
+                # Not awaited here: the close handshake needs this read loop to go on draining the
+                # queued frames (websockets pauses reading when its queue is full).
+                self._close_task = asyncio.create_task(self.ws.close(1008, "message rate limit exceeded"))
+                return
+            await self._send_error(_unique_id(raw_msg), "GenericError", "message rate limit exceeded")
+            return
+        try:
+            msg = unpack(raw_msg)
+        except OCPPError as exc:
+            await self._send_error(_unique_id(raw_msg), exc.code, str(exc.description)[:200])
+            return
+        except Exception:  # a frame unpack did not foresee
+            await self._send_error("-1", "FormatViolation", "not an OCPP-J message")
+            return
+        if isinstance(msg, Call):
+            if not isinstance(msg.unique_id, str) or not isinstance(msg.payload, dict):
+                await self._send_error(_unique_id(raw_msg), "FormatViolation", "message id must be a string "
+                                                                                "and the payload an object")
+                return
+            try:
+                await self._handle_call(msg)
+            except OCPPError as exc:
+                await self._send(msg.create_call_error(exc).to_json())
+            except Exception as exc:  # the library failed on a hostile payload
+                if _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
+                    _HANDLER_LOG.error("station %s action %r: %r", self.id, str(msg.action)[:60], exc)
+                await self._send(msg.create_call_error(exc).to_json())
+        elif isinstance(msg, (CallResult, CallError)):
+            if self._call_lock.locked():  # a CALL of ours is waiting: ocpp matches the id
+                self._response_queue.put_nowait(msg)
+            else:  # unsolicited: queued, it would sit in ocpp's unbounded queue for ever
+                self.gw.stats["unsolicited_replies"] += 1
+
+    async def _handle_call(self, msg):
+        if msg.action not in self.route_map:  # ocpp 2.1.0 would not answer at all (notes, pitfall 2)
+            try:
+                Action21(msg.action)
+            except ValueError:
+                raise NotSupportedError(details={"cause": f"{str(msg.action)[:60]} is not an OCPP action"}) from None
+            raise OcppNotImplemented(details={"cause": f"{msg.action} is not handled by this CSMS"})
+        return await super()._handle_call(msg)
+
+    async def _send_error(self, unique_id: str, code: str, description: str) -> None:
+        await self._send(json.dumps([MessageType.CallError, unique_id, code, description, {}]))
+
+    async def _send(self, message: str) -> None:
+        if message.startswith("[4,"):
+            try:
+                parsed = json.loads(message)
+                code, detail = str(parsed[2]), f"{parsed[3]} {parsed[4]}"
+            except (ValueError, IndexError):
+                code, detail = "InternalError", message
+            self.gw.count_callerror(code, self.id, detail)
+        await self._connection.send(message)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _row(self, evse_id) -> int | None:
+        row = self.gw.row_of.get((self.id, evse_id)) if isinstance(evse_id, int) else None
+        if row is None and isinstance(evse_id, int) and evse_id > 0:
+            self.gw.stats["unknown_evse_messages"] += 1
+            self.gw.events.emit("UNKNOWN_NODE", logging.WARNING, key=self.id, gateway=self.gw.gateway_id,
+                                station=self.id, evse=evse_id,
+                                msg="an EVSE the roster does not list under this gateway (add <station>:<evse>)")
+        return row
+
+    def _meter(self, row: int, meter_value) -> None:
+        try:
+            reading = om.parse_meter_values(meter_value)
+        except om.MappingError as exc:
+            raise PropertyConstraintViolationError(description=str(exc)[:200]) from None
+        e = self.gw.evses[row]
+        with self.gw.lock:
+            e.meter_ns = time.monotonic_ns()
+            if reading.soc is not None:
+                e.soc, e.has_soc = reading.soc, True
+                if e.needs is not None and e.min_soc is None:
+                    e.min_soc = om.ev_min_soc(e.soc, e.needs.min_v2x_energy_kwh, e.capacity_kwh)
+            if reading.p_kw is not None:
+                e.p_kw = reading.p_kw
+
+    # ------------------------------------------------------------------------------ handlers
+    @on("BootNotification")
+    async def on_boot(self, charging_station, reason, **_):
+        self.need_default = True
+        self.wake.set()
+        return self._call_result.BootNotification(current_time=_now_iso(), interval=self.gw.settings.heartbeat_s,
+                                                  status="Accepted")
+
+    @on("Heartbeat")
+    async def on_heartbeat(self, **_):
+        return self._call_result.Heartbeat(current_time=_now_iso())
+
+    @on("StatusNotification")
+    async def on_status(self, timestamp, connector_status, evse_id, connector_id, **_):
+        row = self._row(evse_id)
+        if row is not None:
+            with self.gw.lock:
+                self.gw.evses[row].connector_status = connector_status
+        return self._call_result.StatusNotification()
+
+    @on("TransactionEvent")
+    async def on_transaction(self, event_type, timestamp, trigger_reason, seq_no, transaction_info, evse=None,
+                             meter_value=None, **_):
+        tx = transaction_info["transaction_id"]
+        row = self._row(evse["id"]) if evse else self.tx_rows.get(tx)
+        if row is None:
+            if evse is None:
+                raise PropertyConstraintViolationError(description=f"transaction {tx!r}: evse missing and the "
+                                                                   "transaction was never started with one")
+            return self._call_result.TransactionEvent()
+        if meter_value:
+            self._meter(row, meter_value)
+        e = self.gw.evses[row]
+        with self.gw.lock:
+            if event_type == "Ended":
+                self.tx_rows.pop(tx, None)
+                if e.transaction_id == tx:
+                    e.transaction_id, e.has_soc, e.needs, e.min_soc, e.p_kw = None, False, None, None, 0.0
+                    e.profile_installed = e.profile_refused = False
+                    self.gw.controllable[row] = False
+                    self.gw.sent_kw[row] = np.nan
+            else:
+                if e.transaction_id != tx:  # a new transaction (or one the gateway did not see start)
+                    for old in [t for t, r in self.tx_rows.items() if r == row]:
+                        del self.tx_rows[old]
+                    e.transaction_id, e.profile_installed, e.profile_refused, e.profile_retry_ns = tx, False, False, 0
+                    self.gw.controllable[row] = False
+                self.tx_rows[tx] = row
+        self.gw._scan()
+        return self._call_result.TransactionEvent()
+
+    @on("MeterValues")
+    async def on_meter_values(self, evse_id, meter_value, **_):
+        row = self._row(evse_id)
+        if row is not None:
+            self._meter(row, meter_value)
+            if self.gw.evses[row].transaction_id is None and not self.triggered:
+                self.need_trigger = self.triggered = True
+                self.wake.set()
+        return self._call_result.MeterValues()
+
+    @on("NotifyEVChargingNeeds")
+    async def on_charging_needs(self, charging_needs, evse_id, **_):
+        row = self._row(evse_id)
+        if row is None:
+            return self._call_result.NotifyEVChargingNeeds(status="Rejected")
+        try:
+            needs = om.parse_charging_needs(charging_needs)
+        except om.MappingError as exc:
+            raise PropertyConstraintViolationError(description=str(exc)[:200]) from None
+        if self.version == om.OCPP201:
+            needs = om.EvNeeds(False, om.EvLimits(needs.limits.p_chg_max_kw, 0.0))  # charge-only subset
+        e = self.gw.evses[row]
+        with self.gw.lock:
+            e.needs = needs
+            e.min_soc = om.ev_min_soc(e.soc if e.has_soc else None, needs.min_v2x_energy_kwh, e.capacity_kwh)
+        return self._call_result.NotifyEVChargingNeeds(status="Accepted")
+
+    # ------------------------------------------------------------------------------ CSMS -> station
+    async def sender(self) -> None:
+        """Send what the scan handed over: the fallback profile, transaction profiles, setpoints."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            self.busy = 1
+            try:
+                if self.need_default:
+                    self.need_default = False
+                    await self._install_default()
+                if self.need_trigger:
+                    self.need_trigger = False
+                    await self._trigger_transactions()
+                while self.pending_install:
+                    self.installing = self.pending_install.pop()
+                    try:
+                        await self._install(self.installing)
+                    finally:
+                        self.installing = None
+                while self.pending_update:
+                    await self._update(self.pending_update.pop())
+            finally:
+                self.busy = 0
+
+    async def _request(self, payload) -> Any | None:
+        """One CALL; None (counted) on CALLERROR, timeout or a reply the library could not read."""
+        try:
+            return await self.call(payload, suppress=False)
+        except asyncio.TimeoutError:
+            self.gw.stats["call_timeouts"] += 1
+        except OCPPError as exc:
+            self.gw.stats["callerrors_received"] += 1
+            log.warning("OCPP_CALLERROR_RECEIVED gateway=%s station=%s action=%s code=%s", self.gw.gateway_id,
+                        self.id, type(payload).__name__, exc.code)
+        except Exception as exc:  # e.g. a reply failing schema validation
+            from websockets.exceptions import ConnectionClosed
+
+            if isinstance(exc, ConnectionClosed):
+                raise
+            self.gw.stats["bad_replies"] += 1
+            log.warning("OCPP_BAD_REPLY gateway=%s station=%s action=%s error=%r", self.gw.gateway_id, self.id,
+                        type(payload).__name__, str(exc)[:200])
+        return None
+
+    async def _install_default(self) -> None:
+        reply = await self._request(self._call.SetChargingProfile(evse_id=0, charging_profile=om.default_profile()))
+        if reply is None or reply.status != "Accepted":
+            self.gw.stats["default_profile_rejected"] += 1
+            self.gw.events.emit("OCPP_DEFAULT_PROFILE_REJECTED", logging.WARNING, key=self.id,
+                                gateway=self.gw.gateway_id, station=self.id,
+                                msg="the station keeps its own fallback when it loses the gateway")
+
+    async def _trigger_transactions(self) -> None:
+        reply = await self._request(self._call.TriggerMessage(requested_message="TransactionEvent"))
+        self.gw.stats["triggers_accepted" if reply is not None and reply.status == "Accepted"
+                      else "triggers_rejected"] += 1
+
+    async def _install(self, row: int) -> None:
+        gw = self.gw
+        e = gw.evses[row]
+        with gw.lock:
+            tx, p_kw, limits = e.transaction_id, float(gw.target_kw[row]), e.limits()
+        if tx is None:
+            return
+        profile = self._profile(e.evse_id, tx, p_kw, limits)
+        reply = await self._request(self._call.SetChargingProfile(evse_id=e.evse_id, charging_profile=profile))
+        ok = reply is not None and reply.status == "Accepted"
+        now = time.monotonic_ns()
+        with gw.lock:
+            if e.transaction_id != tx:
+                return
+            e.profile_installed = ok
+            e.profile_refused = not ok
+            gw.controllable[row] = ok
+            if ok:
+                gw.sent_kw[row] = p_kw
+                gw.sent_ns[row] = now
+            else:
+                e.profile_retry_ns = now + round(gw.settings.resync_s * 1e9)
+        gw.stats["profiles_installed" if ok else "profiles_rejected"] += 1
+        if not ok:
+            gw.events.emit("NODE_UNREACHABLE", logging.WARNING, key=om.node_id(self.id, e.evse_id),
+                           gateway=gw.gateway_id, node=om.node_id(self.id, e.evse_id),
+                           msg="the station did not accept the charging profile; retried every resync")
+
+    async def _update(self, row: int) -> None:
+        gw = self.gw
+        e = gw.evses[row]
+        with gw.lock:
+            if not gw.controllable[row]:
+                return
+            p_kw, limits, tx = float(gw.target_kw[row]), e.limits(), e.transaction_id
+            gw.sent_kw[row] = p_kw
+            gw.sent_ns[row] = time.monotonic_ns()
+        reply = await self._request(self._update_payload(e.evse_id, tx, p_kw, limits))
+        gw.stats["updates_sent"] += 1
+        if reply is None or reply.status != "Accepted":
+            gw.stats["updates_rejected"] += 1
+            e.update_rejects += 1
+            with gw.lock:
+                gw.sent_kw[row] = np.nan  # unknown what the station does now: send again at the next scan
+        else:
+            e.update_rejects = 0
+
+
+class Session21(_SessionMixin, ChargePoint21):
+    """An OCPP 2.1 station: Dynamic profile, CentralSetpoint, UpdateDynamicSchedule."""
+
+    version = om.OCPP21
+
+    def _profile(self, evse_id, tx, p_kw, limits):
+        return om.dynamic_profile(evse_id, tx, p_kw, max_offline_s=self.gw.settings.max_offline_s, limits=limits)
+
+    def _update_payload(self, evse_id, tx, p_kw, limits):
+        return self._call.UpdateDynamicSchedule(charging_profile_id=om.tx_profile_id(evse_id),
+                                                schedule_update=om.schedule_update(p_kw, limits))
+
+
+class Session201(_SessionMixin, ChargePoint201):
+    """An OCPP 2.0.1 station: charge-only; each change re-sends a Relative TxProfile with a limit."""
+
+    version = om.OCPP201
+
+    def _duration_s(self) -> int:
+        s = self.gw.settings
+        return math.ceil(s.resync_s + s.max_offline_s)
+
+    def _profile(self, evse_id, tx, p_kw, limits):
+        return om.charge_limit_profile(evse_id, tx, p_kw, duration_s=self._duration_s(), limits=limits)
+
+    def _update_payload(self, evse_id, tx, p_kw, limits):
+        return self._call.SetChargingProfile(evse_id=evse_id, charging_profile=self._profile(evse_id, tx, p_kw,
+                                                                                              limits))
+
+
+def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """TLS 1.2+ server context from PEM files (OCPP security profile 2 requires TLS 1.2 at least)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+__all__ = ["HANDLED_ACTIONS", "Evse", "OcppSettings", "OcppVehicles", "Session21", "Session201",
+           "server_ssl_context"]
+

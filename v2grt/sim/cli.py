@@ -1,0 +1,129 @@
+"""`v2grt sim ...`: simulators that stand in for field equipment (today: OCPP 2.1 charging stations).
+
+    v2grt sim ocpp-stations --write-site site/ --stations 50 --evses 2 --gateway-id ocpp1
+    v2grt sim ocpp-stations --url wss://127.0.0.1:9000/ocpp --roster site/roster.csv \\
+        --gateway-id ocpp1 --passwords site/passwords.csv --ca-cert cert.pem --kinds rejects=1,v201=1
+
+The first writes a roster of ``<station>:<evse>`` nodes, the gateway's credentials file (hashes)
+and the simulator's passwords file; the second runs the stations until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+log = logging.getLogger("v2grt.sim")
+
+
+def _kinds(spec: str | None, stations: list[str]) -> dict[str, str]:
+    """``rejects=1,v201=2`` -> the first station(s) of the list get those kinds, in that order."""
+    from v2grt.sim.ocpp_stations import KINDS
+
+    out: dict[str, str] = {}
+    if not spec:
+        return out
+    it = iter(stations)
+    for part in spec.split(","):
+        kind, _, count = part.partition("=")
+        if kind not in KINDS or not count.isdigit():
+            raise ValueError(f"--kinds {part!r}: expected KIND=COUNT with KIND one of {', '.join(KINDS)}")
+        for _ in range(int(count)):
+            station = next(it, None)
+            if station is None:
+                raise ValueError(f"--kinds {spec!r}: more misbehaving stations than stations")
+            out[station] = kind
+    return out
+
+
+def cmd_ocpp_stations(args) -> int:
+    """Simulated OCPP 2.1 charging stations (ocpp ChargePoint clients) with EVs from the battery model."""
+    import ssl
+
+    from v2grt.events import setup_logging
+    from v2grt.fleet import Fleet
+    from v2grt.gateway.sim import gateway_fleet
+    from v2grt.service import SignalFlag
+    from v2grt.sim.battery import SimFleetState
+    from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
+
+    if args.write_site:
+        paths = write_site(args.write_site, n_stations=args.stations, evses_per_station=args.evses,
+                           gateway_id=args.gateway_id, seed=args.seed)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return EXIT_OK
+    if not (args.url and args.roster and args.passwords):
+        print("v2grt sim ocpp-stations: --url, --roster and --passwords are required (or --write-site)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    setup_logging(args.log_file, json_lines=False)
+    try:
+        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
+        passwords = load_passwords(args.passwords)
+        stations = list(dict.fromkeys(nid.rpartition(":")[0] for nid in fleet.node_ids[: fleet.n_rows]))
+        specs = specs_from_fleet(fleet, passwords, _kinds(args.kinds, stations))
+        ctx = None
+        if args.url.startswith("wss://"):
+            ctx = ssl.create_default_context(cafile=args.ca_cert) if args.ca_cert else ssl.create_default_context()
+        lo, _, hi = args.latency_ms.partition(":")
+        latency = (float(lo) / 1000.0, float(hi or lo) / 1000.0)
+    except Exception as exc:  # every input problem is a usage error here, named
+        print(f"v2grt sim ocpp-stations: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
+    sims = SimStations(args.url, specs, state, ssl_context=ctx, latency_s=latency,
+                       ramp_kw_per_s=args.ramp_kw_per_s, meter_interval_s=args.meter_interval_s, seed=args.seed)
+    stop = SignalFlag()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s", len(specs), fleet.n_rows, args.url,
+             args.kinds or "-")
+    sims.run_forever(stop)
+    log.info("SIM_OCPP_STOP connections=%d commands=%d", sum(sims.connections.values()), len(sims.commands))
+    return EXIT_OK
+
+
+def _add_ocpp_stations(ssub) -> None:
+    p = ssub.add_parser("ocpp-stations", help="simulated OCPP 2.1 charging stations with EVs",
+                        description=cmd_ocpp_stations.__doc__ + " Powers are kW, + = discharge into the grid.")
+    p.add_argument("--url", help="the gateway's websocket URL without the station id, e.g. wss://host:9000/ocpp")
+    p.add_argument("--roster", help="roster CSV with <station>:<evse> nodes")
+    p.add_argument("--gateway-id", default="ocpp1", help="the gateway whose roster rows to simulate (ocpp1)")
+    p.add_argument("--passwords", help="CSV station_id,password (written by --write-site)")
+    p.add_argument("--ca-cert", help="PEM CA certificate to trust for wss:// (default: the system's)")
+    p.add_argument("--kinds", help="misbehaving stations, e.g. rejects=1,disconnects=1,v201=1 (the first stations)")
+    p.add_argument("--latency-ms", default="20:80", help="command latency range MIN:MAX in ms (default 20:80)")
+    p.add_argument("--ramp-kw-per-s", type=float, default=50.0, help="power ramp of each EVSE (default 50 kW/s)")
+    p.add_argument("--meter-interval-s", type=float, default=1.0, help="MeterValues period (default 1 s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of latencies and the site's SoCs")
+    p.add_argument("--write-site", metavar="DIR", help="write roster.csv, credentials.csv and passwords.csv "
+                                                       "for --stations x --evses nodes into DIR, then exit")
+    p.add_argument("--stations", type=int, default=10, help="with --write-site: stations (default 10)")
+    p.add_argument("--evses", type=int, default=2, help="with --write-site: EVSEs per station (default 2)")
+    p.add_argument("--log-file", help="write the log here instead of stderr")
+    p.set_defaults(func=cmd_ocpp_stations)
+
+
+def add_parser(sub) -> None:
+    """Register `v2grt sim ...` on the v2grt command line."""
+    p = sub.add_parser("sim", help="simulators of field equipment (OCPP charging stations)",
+                       description="Simulators that stand in for field equipment.")
+    ssub = p.add_subparsers(dest="sim_command", required=True, metavar="KIND")
+    _add_ocpp_stations(ssub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="v2grt sim")
+    ssub = ap.add_subparsers(dest="sim_command", required=True, metavar="KIND")
+    _add_ocpp_stations(ssub)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
