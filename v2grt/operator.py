@@ -313,7 +313,7 @@ class Session:
 
 
 def _session(args) -> Session:
-    from v2grt.security import client_curve_from_args  # --client-key/--server-key: security.enabled
+    from v2grt.security.cli import client_curve_from_args  # --client-key/--server-key: security.enabled
 
     return Session(control_endpoint(args.endpoint, args.config), args.timeout, client_curve_from_args(args))
 
@@ -519,7 +519,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="the aggregator's YAML config, to find its control endpoint")
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})")
-    from v2grt.security import add_client_key_options
+    from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)  # an operator key pair when the aggregator has security.enabled
 
