@@ -328,22 +328,78 @@ def test_keys_cli_generate_authorize_list_revoke(tmp_path, capsys):
     assert cli.main(["keys", "revoke", "gw3", "--dir", str(auth)]) == cli.EXIT_INVALID
 
 
-def test_tampered_or_writable_authorized_key_files_are_ignored(tmp_path):
-    """A key file writable by others, without an identity, or unreadable is skipped with a reason."""
+def test_tampered_authorized_key_files_are_ignored(tmp_path):
+    """A key file without an identity, or unreadable, is skipped with a reason; the others load."""
     kd, auth = tmp_path / "k", tmp_path / "auth"
-    for name in ("a", "b"):
-        security.generate_keypair(name, kd)
+    security.generate_keypair("a", kd)
     security.authorize_key(kd / "a.key", "operator:a", auth)
-    security.authorize_key(kd / "b.key", "gateway:b", auth)
-    os.chmod(auth / "b.key", 0o666)
-    (auth / "c.key").write_text((kd / "a.key").read_text().replace("a", "a"))  # no identity
+    (auth / "c.key").write_text((kd / "a.key").read_text())  # no identity
     os.chmod(auth / "c.key", 0o644)
     (auth / "d.key").symlink_to(tmp_path / "gone.key")
     ring = security.KeyRing.load(auth)
     assert [k.name for k in ring.by_public.values()] == ["a"]
     assert any("d.key: cannot read" in p for p in ring.problems)
-    assert any("b.key: writable by group or others" in p for p in ring.problems)
     assert any("c.key: no 'identity'" in p for p in ring.problems)
+
+
+NOBODY_UID = 65534
+
+
+def drop_evil_operator_key(kd, auth):
+    """What the attack run did: a key file with identity operator:evil, written into the folder by `nobody`."""
+    security.generate_keypair("evil", kd)
+    entry = security.authorize_key(kd / "evil.key", "operator:evil", auth)
+    os.chown(entry.path, NOBODY_UID, NOBODY_UID)
+    return entry.path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_start_refuses_an_authorized_keys_folder_others_can_write(make_secure, keys, tmp_path, capsys):
+    """The start (and `v2grt config check`) fails when the folder, or a key file in it, is group/other-writable
+    or owned by a stranger, naming the path, its mode and owner, and the fix."""
+    data = secure_config(keys)
+    path = tmp_path / "agg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    os.chmod(keys.auth, 0o777)
+    with pytest.raises(security.SecurityError, match=f"folder {keys.auth} has mode 0777, owner root:"):
+        make_secure()
+    assert cli.main(["config", "check", str(path)]) == cli.EXIT_INVALID
+    assert f"chown root:root {keys.auth} && chmod 755 {keys.auth}" in capsys.readouterr().err
+    os.chmod(keys.auth, 0o755)
+    evil = drop_evil_operator_key(keys.dir, keys.auth)
+    with pytest.raises(security.SecurityError, match="not root or the service account"):
+        make_secure()
+    assert cli.main(["config", "check", str(path)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"key file {evil} has mode 0644, owner nobody:" in err and f"chown root:root {evil}" in err
+    os.chown(evil, 0, 0)
+    os.chmod(evil, 0o664)
+    with pytest.raises(security.SecurityError, match="has mode 0664"):
+        make_secure()
+    os.chmod(evil, 0o644)
+    assert len(make_secure().security.keyring) == 5  # root-owned, 0644: root put it there on purpose
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_reload_refuses_an_authorized_keys_folder_others_can_write(make_secure, keys):
+    """A reload with a stranger's operator key in the folder (or a 0777 folder) is refused; the old keys stay."""
+    agg = make_secure()
+    with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice")) as operator:
+        evil = drop_evil_operator_key(keys.dir, keys.auth)
+        reply = operator.call("keys_reload")
+        assert not reply.ok and reply.error_code == "REFUSED", reply
+        assert str(evil) in reply.error_message and "the previous keys stay in force" in reply.error_message
+        os.chown(evil, 0, 0)
+        os.chmod(keys.auth, 0o777)
+        reply = operator.call("keys_reload")
+        assert not reply.ok and f"folder {keys.auth} has mode 0777" in reply.error_message, reply
+        agg.security.reload_from_signal()  # SIGHUP: logged, not raised
+        with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("evil"), timeout_ms=300) as attacker:
+            with pytest.raises(bus.ControlTimeout):
+                attacker.call("estop", reason="attack")
+        assert operator.call("status").ok
+    assert len(agg.security.keyring) == 4 and not agg.dispatcher.estop
+    assert agg.events.counts["KEYS_RELOAD_FAILED"] == 3
 
 
 def test_secured_socket_without_a_zap_handler_refuses_every_client(keys):

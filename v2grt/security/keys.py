@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import grp
 import os
+import pwd
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import zmq
@@ -227,7 +229,10 @@ class KeyRing:
     def load(cls, directory: str | os.PathLike) -> KeyRing:
         """Every ``*.key`` of ``directory`` with an ``identity``; bad files are skipped and listed in problems.
 
-        SecurityError if the directory itself cannot be read (the caller keeps its previous ring).
+        SecurityError, and no keys at all, if the directory cannot be read, or if it or any key file in it
+        could be changed by someone other than root or this process's user (check_keys_folder): whoever
+        can write a key file there chooses its identity, operator included. On a reload the caller then
+        keeps its previous ring.
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -240,6 +245,7 @@ class KeyRing:
             files = sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
         except OSError as exc:
             raise SecurityError(f"security.authorized_keys: {directory}: cannot list ({exc.strerror})") from None
+        check_keys_folder(directory, files)
         for path in files:
             try:
                 entry = _authorized_entry(path)
@@ -257,11 +263,47 @@ class KeyRing:
         return cls(keys, tuple(problems))
 
 
+def check_keys_folder(directory: Path, files: Iterable[Path]) -> None:
+    """SecurityError naming the first of ``directory`` and ``files`` that is writable by group or others or owned
+    by anyone but root or this process's user (the service account), with its mode, owner and the fix.
+
+    The folder decides who is an operator: an attack run showed a key dropped into a 0777 folder by
+    `nobody` loaded at start as ``operator:evil`` and its e-stop accepted. A file that vanished or
+    dangles is left to the caller (reported as a problem, not trusted).
+    """
+    owners = {0, os.geteuid()}
+    for path, kind, fix_mode in ((directory, "folder", "755"), *((f, "key file", "644") for f in files)):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o022 and st.st_uid in owners:
+            continue
+        why = ("writable by group or others" if mode & 0o022 else
+               f"owned by {_user_name(st.st_uid)}, not root or the service account ({_user_name(os.geteuid())})")
+        raise SecurityError(f"security.authorized_keys: {kind} {path} has mode {mode:04o}, owner "
+                            f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}: {why}, so others could authorize "
+                            f"themselves (as operator too); refusing to load any key. Fix: `chown root:root {path} && "
+                            f"chmod {fix_mode} {path}`, then check every key in it with `v2grt keys list --dir "
+                            f"{directory}` before starting or reloading")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def _authorized_entry(path: Path) -> AuthorizedKey:
-    st = path.stat()
-    if stat.S_IMODE(st.st_mode) & 0o022:
-        raise SecurityError(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
-                            f"could authorize themselves; ignored until `chmod 644 {path}`")
     key = read_key_file(path)
     if key.secret_key is not None:
         raise SecurityError(f"{path}: holds a secret key; the authorized-keys directory takes public keys only; "
