@@ -190,6 +190,32 @@ def test_disallowed_address_is_refused_and_logged(make_secure, keys):
     assert agg.status_report()["security"]["refusals"]["ADDRESS_NOT_ALLOWED"] >= 1
 
 
+def test_security_details_go_to_operator_keys_only(make_secure, keys):
+    """The allowlist and refusal counts are in an operator's status reply; gateways and observers, in the
+    reply and on the status topic, see fleet totals only."""
+    agg = make_secure(allow=["127.0.0.1/32"])
+    with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("mallory"), timeout_ms=300) as stranger:
+        with pytest.raises(bus.ControlTimeout):
+            stranger.call("status")
+    wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 1, what="a refusal to report")
+    replies = {}
+    for name in ("alice", "gw1", "scada"):
+        with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve(name)) as client:
+            reply = client.call("status")
+            assert reply.ok, reply
+            replies[name] = reply.result
+    assert replies["alice"]["security"]["allow"] == ["127.0.0.1/32"]
+    assert replies["alice"]["security"]["refusals"]["UNKNOWN_KEY"] >= 1
+    assert replies["alice"]["events"]["ZAP_DENIED"] >= 1
+    for name in ("gw1", "scada"):
+        assert "security" not in replies[name], name
+        assert not set(replies[name]["events"]) & security.SECURITY_EVENT_CODES, (name, replies[name]["events"])
+        assert replies[name]["vehicles"] == 200 and "loop" in replies[name]
+    with bus.StatusSubscriber(CTX, agg.publisher.endpoint, curve=keys.curve("scada")) as topic:
+        status = wait_until(lambda: topic.recv(50), what="the status topic")
+    assert not {"security", "allow", "refusals", "events"} & set(status), sorted(status)
+
+
 def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys, capsys):
     """Old and new key both work during the overlap; revoking the old one drops it; the new one keeps flowing."""
     agg = make_secure()

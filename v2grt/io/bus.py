@@ -314,6 +314,9 @@ class ControlServer(_Owner):
         self.served = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+        #: The ZAP User-Id (e.g. ``operator:alice``) of the request the handler is answering, None on a
+        #: socket without ZAP: lets the handler shape its answer to the caller (owner thread only).
+        self.caller: str | None = None
 
     def serve_once(self, timeout_ms: int = 0, max_requests: int = 16) -> int:
         """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many."""
@@ -354,6 +357,7 @@ class ControlServer(_Owner):
         try:
             if self.authorize is not None:
                 self.authorize(frame, request)
+            self.caller = _user_id(frame)
             result = self.handler(request)
         except WireError as exc:  # the handler refusing: REFUSED, BAD_ARG, ...
             self._count_bad(exc)
@@ -361,6 +365,8 @@ class ControlServer(_Owner):
         except Exception as exc:  # answered and logged: a handler bug must not stop the aggregator
             log.exception("control handler failed on %s", request)
             return self._internal(request, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.caller = None
         try:
             reply = wire.encode_reply(result, id=request.id)
         except WireError as exc:
@@ -373,6 +379,16 @@ class ControlServer(_Owner):
         err = WireError("INTERNAL", f"{request.cmd}: {detail}")
         self._count_bad(err)
         return wire.encode_reply(error=err, id=request.id)
+
+
+def _user_id(frame: zmq.Frame | None) -> str | None:
+    """The ZAP User-Id libzmq attached to a message, or None (no frame kept, or no ZAP on the socket)."""
+    if frame is None:
+        return None
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------

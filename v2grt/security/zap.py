@@ -57,6 +57,10 @@ READ_ONLY_COMMANDS = frozenset({"status"})
 #: ZAP metadata property carrying the peer's public key (z85) on every message, next to User-Id:
 #: the per-message revocation check looks it up in the current authorized keys.
 KEY_PROPERTY = "X-V2G-Key"
+#: engine.log codes whose counts say who was refused or what keys did: in a status reply to operator keys only.
+SECURITY_EVENT_CODES = frozenset({"ZAP_ACCEPTED", "ZAP_DENIED", "FORBIDDEN", "SUBSCRIPTION_DENIED", "CONTROL_COMMAND",
+                                  "KEYS_RELOADED", "KEYS_RELOAD_FAILED", "KEYS_REVOKED_DISCONNECT",
+                                  "KEYS_REBIND_FAILED", "KEY_FILE_IGNORED", "KEYS_DIR_WRITABLE"})
 #: A revocation drops a socket's connections this long after the reload: the control socket waits so the
 #: reply to `keys_reload` leaves first; the others drop at their owner thread's next turn.
 REBIND_DELAY_S = {"setpoints": 0.0, "telemetry": 0.0, "control": 0.1}
@@ -337,6 +341,17 @@ class ServerSecurity:
         self.events.emit("SUBSCRIPTION_DENIED", logging.WARNING, key=f"{who}/{topic[:70]!r}", identity=who,
                          topic=repr(topic[:70]), address=_peer_address(frame))
         return False
+
+    def status_for(self, report: dict, caller: str | None) -> dict:
+        """The status reply for ``caller`` (a ZAP User-Id): all of it for an operator key; for every other key
+        the fleet report without the ``security`` block and without the security codes' event counts
+        (the allowlist, refusals and who acted are security details; wire.md section 13)."""
+        if caller is not None and caller.partition(":")[0] == "operator":
+            return report
+        out = {k: v for k, v in report.items() if k != "security"}
+        if isinstance(out.get("events"), dict):
+            out["events"] = {code: n for code, n in out["events"].items() if code not in SECURITY_EVENT_CODES}
+        return out
 
     def _forbidden(self, kind: str, message: str, frame: zmq.Frame, **fields) -> wire.WireError:
         self.forbidden[kind] += 1
