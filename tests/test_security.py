@@ -225,7 +225,7 @@ def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(m
         wait_until(lambda: old.recv(50), what="setpoints on the old key")
         security.generate_keypair("gw1-2026", keys.dir)
         security.authorize_key(keys.dir / "gw1-2026.key", "gateway:gw1", keys.auth)
-        assert cli.main(["keys", "reload", "--control", agg.control.endpoint, "--client-key",
+        assert cli.main(["keys", "reload", "--endpoint", agg.control.endpoint, "--client-key",
                          str(keys.dir / "alice.key_secret"), "--server-key", str(keys.server)]) == 0
         assert "added ['gw1-2026']; removed none; dropping connections on no socket" in capsys.readouterr().out
         with bus.GatewaySubscriber(CTX, pub, "gw1", curve=keys.curve("gw1-2026")) as new, \
@@ -260,6 +260,21 @@ def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(m
     assert not np.any(soc_of(agg, "gw1") == np.float32(0.42))
     wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 1, what="the revoked key refused on reconnect")
     assert any("KEYS_REVOKED_DISCONNECT" in line and "socket=setpoints" in line for line in agg.log_lines)
+
+
+def test_keys_reload_finds_the_aggregator_as_the_other_clients_do(make_secure, keys, tmp_path, capsys):
+    """`v2grt keys reload` takes --config (its bus.control), --endpoint and --timeout like v2g-cli; a gateway key
+    is refused with exit 3."""
+    agg = make_secure()
+    cfg = tmp_path / "agg.yaml"
+    cfg.write_text(yaml.safe_dump({"bus": {"control": agg.control.endpoint}}))
+    as_alice = ["--client-key", str(keys.dir / "alice.key_secret"), "--server-key", str(keys.server)]
+    assert cli.main(["keys", "reload", "--config", str(cfg), "--timeout", "2", *as_alice]) == cli.EXIT_OK
+    assert "reloaded: 4 key(s)" in capsys.readouterr().out
+    assert cli.main(["keys", "reload", "--endpoint", agg.control.endpoint, "--client-key",
+                     str(keys.dir / "gw1.key_secret"), "--server-key", str(keys.server)]) == cli.EXIT_REFUSED
+    assert "FORBIDDEN" in capsys.readouterr().err
+    assert agg.security.reloads == 1
 
 
 def test_revoked_operator_cannot_act_before_its_connection_drops(make_secure, keys):

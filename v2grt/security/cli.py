@@ -6,9 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import zmq
-
-from v2grt.io import wire
 from v2grt.security.client import client_curve_files
 from v2grt.security.keys import (
     PUBLIC_SUFFIX,
@@ -154,21 +151,10 @@ def cmd_list(args) -> int:
 
 def cmd_reload(args) -> int:
     """Ask a running aggregator to re-read its authorized keys (operator key required when secured)."""
-    from v2grt.cli import CliError
-    from v2grt.io import bus
+    from v2grt.operator import _session  # the same --endpoint/--config/--timeout as every control client
 
-    curve = client_curve_from_args(args)
-    ctx = zmq.Context()
-    try:
-        with bus.ControlClient(ctx, args.control, timeout_ms=args.timeout_ms, curve=curve) as cli:
-            reply = cli.call("keys_reload")
-    except wire.WireError as exc:
-        raise CliError(str(exc), 1) from None
-    finally:
-        ctx.term()
-    if not reply.ok:
-        raise CliError(f"{reply.error_code}: {reply.error_message}", 3 if reply.error_code == "FORBIDDEN" else 1)
-    r = reply.result
+    with _session(args) as session:
+        r = session.call("keys_reload")
     print(f"reloaded: {r['keys']} key(s); added {r['added'] or 'none'}; removed {r['removed'] or 'none'}; "
           f"dropping connections on {r['dropping'] or 'no socket'}")
     for problem in r.get("problems", []):
@@ -178,7 +164,7 @@ def cmd_reload(args) -> int:
 
 def add_parser(sub) -> None:
     """Register `v2grt keys` (the CLI's plugin convention)."""
-    from v2grt.io import bus
+    from v2grt.operator import _client_options
 
     p = sub.add_parser("keys", help="CURVE keys for the secured bus: generate, authorize, revoke, list, reload",
                        description="Key management for security.enabled (docs/security.md).")
@@ -218,7 +204,5 @@ def add_parser(sub) -> None:
 
     q = ks.add_parser("reload", help="make a running aggregator re-read its authorized keys",
                       description=cmd_reload.__doc__)
-    q.add_argument("--control", default=bus.DEFAULT_CONTROL_CONNECT, help="the aggregator's control endpoint")
-    q.add_argument("--timeout-ms", type=int, default=2000)
-    add_client_key_options(q)
+    _client_options(q)  # --endpoint, --config, --timeout, --client-key, --server-key as v2g-cli
     q.set_defaults(func=cmd_reload)
