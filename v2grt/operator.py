@@ -287,13 +287,15 @@ class Session:
         self.endpoint = endpoint
 
     def call(self, cmd: str, **args) -> dict:
-        from v2grt.io.bus import ControlTimeout
+        from v2grt.io.bus import ControlRefused, ControlTimeout
         from v2grt.io.wire import WireError
 
         try:
             reply = self.client.call(cmd, **args)
         except ControlTimeout as exc:
             raise CliError(exc.message, EXIT_FAILED) from None
+        except ControlRefused as exc:  # the key, its role or this address is not authorized
+            raise CliError(f"{exc.code}: {exc.message}", EXIT_REFUSED) from None
         except WireError as exc:  # refused before sending: a bad argument
             raise CliError(exc.message, EXIT_INVALID) from None
         if not reply.ok:
