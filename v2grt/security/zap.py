@@ -203,6 +203,8 @@ class ServerSecurity:
         self.forbidden: collections.Counter[str] = collections.Counter()
         self.rebinds: collections.Counter[str] = collections.Counter()
         self.last_rebind_ms: dict[str, float] = {}
+        self.last_rebind_at_ns: dict[str, int] = {}
+        self.last_rebind_seq: int | None = None
         self.reloads = 0
         if os.geteuid() != 0 and os.access(self.keys_dir, os.W_OK):  # root may write anything anyway
             self.events.emit("KEYS_DIR_WRITABLE", logging.WARNING, key="keys_dir", path=str(self.keys_dir),
@@ -244,7 +246,10 @@ class ServerSecurity:
         gateway that reconnects is served in the first cycle after its subscription arrives.
         """
         if self._rebind_due:
+            before = self.rebinds["setpoints"]
             self._rebind_if_due("setpoints", agg.publisher)
+            if self.rebinds["setpoints"] != before:
+                self.last_rebind_seq = agg.seq  # the last cycle published before the drop
 
     def bus_tick(self, telemetry, control) -> None:
         """Bus-thread hook (owner of the telemetry PULL and control ROUTER): drop connections if revoked."""
@@ -420,6 +425,7 @@ class ServerSecurity:
             return
         self.rebinds[socket_name] += 1
         self.last_rebind_ms[socket_name] = took_ns / 1e6
+        self.last_rebind_at_ns[socket_name] = time.monotonic_ns()  # when the connections were dropped
         self.events.emit("KEYS_REVOKED_DISCONNECT", logging.WARNING, key=socket_name,
                          socket=socket_name, endpoint=owner.endpoint, rebind_ms=took_ns / 1e6,
                          message="dropped every connection of this socket; authorized peers reconnect")
