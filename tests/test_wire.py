@@ -173,7 +173,7 @@ def test_every_error_code_raised_in_the_sources_is_documented():
     io = Path(wire.__file__).parent
     used = set()
     for path in (io / "wire.py", io / "bus.py"):
-        used |= set(re.findall(r'(?:WireError|ControlTimeout)\("([A-Z_]+)"', path.read_text()))
+        used |= set(re.findall(r'(?:WireError|ControlTimeout|ControlRefused)\("([A-Z_]+)"', path.read_text()))
     assert used and used <= set(wire.ERROR_CODES), used - set(wire.ERROR_CODES)
 
 

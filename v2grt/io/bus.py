@@ -174,8 +174,10 @@ class _Owner:
             self._monitor.close(0)  # before the socket: its monitor PAIR then has no peer to wait for
             self._monitor = None
 
-    def _handshake_refused(self) -> bool:
-        """Read the handshake events queued on the monitor (never blocks); True if one was a ZAP refusal."""
+    def _handshake_refused(self, quiet: bool = False) -> bool:
+        """Read the handshake events queued on the monitor (never blocks); True if one was a ZAP refusal.
+
+        ``quiet``: the caller reports the refusal itself (ControlRefused), so no log line."""
         refused = False
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
@@ -189,7 +191,7 @@ class _Owner:
             self.last_refusal = event["value"]  # the ZAP status code: 400 refused, 500 handler error
             if self._reopen_at_ns is None:
                 first = self._retry_ms == REFUSED_RETRY_FIRST_MS  # first of a run of refusals: say it once
-                log.log(logging.WARNING if first else logging.DEBUG,
+                log.log(logging.WARNING if first and not quiet else logging.DEBUG,
                         "%s: the aggregator at %s refused this key in the CURVE handshake (ZAP %s); recreating "
                         "the socket in %d ms (is the key authorized for this role and address?)",
                         self.role, self.endpoint, self.last_refusal, self._retry_ms)
@@ -629,7 +631,7 @@ class ControlClient(_Owner):
             ready = dict(poller.poll(left_ms))
             if self.sock in ready:
                 return True
-            if self._monitor in ready and self._handshake_refused():
+            if self._monitor in ready and self._handshake_refused(quiet=True):
                 raise ControlRefused("HANDSHAKE_REFUSED", f"the aggregator at {self.endpoint} refused this key in the "
                                      f"CURVE handshake (ZAP {self.last_refusal}), so {cmd!r} was not delivered: "
                                      "is its public key authorized (`v2grt keys list`), with a role allowed on the "
