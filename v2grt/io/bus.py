@@ -605,7 +605,8 @@ class ControlClient(_Owner):
         rid = self._next_id
         self._next_id += 1
         frame = wire.encode_request(cmd, args, id=rid)
-        if self._reopen_at_ns is not None:  # refused last time: a new call is the retry, at the caller's pace
+        # refused already (last call, or since the connect): this call is the retry, on a new socket
+        if self._monitor is not None and (self._handshake_refused(quiet=True) or self._reopen_at_ns is not None):
             self._reopen_at_ns = time.monotonic_ns()
         self.heal()
         try:
