@@ -188,7 +188,7 @@ def test_every_error_code_raised_in_the_sources_is_documented():
     package = Path(wire.__file__).parents[1]
     used = set()
     for path in package.rglob("*.py"):
-        used |= set(re.findall(r'(?:WireError|ControlTimeout)\("([A-Z_]+)"', path.read_text()))
+        used |= set(re.findall(r'(?:WireError|ControlTimeout|ControlRefused)\("([A-Z_]+)"', path.read_text()))
     assert used and used <= set(wire.ERROR_CODES), used - set(wire.ERROR_CODES)
 
 

@@ -464,8 +464,9 @@ class Aggregator:
     def _handle_control(self, req: wire.ControlRequest) -> dict:
         """Runs on the bus thread; state changes are queued to the control thread's next cycle."""
         cmd, args = req.cmd, req.args
-        if cmd == "status":
-            return self.status_report()
+        if cmd == "status":  # with security, the allowlist and refusals go to operator keys only
+            report = self.status_report()
+            return report if self.security is None else self.security.status_for(report, self.control.caller)
         if cmd == "estop":
             self.dispatcher.emergency_stop()  # a bool the next kernel call reads: effective next cycle
             self.events.emit("EMERGENCY_STOP", logging.CRITICAL, key="estop", reason=args.get("reason", ""))

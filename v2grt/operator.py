@@ -287,13 +287,15 @@ class Session:
         self.endpoint = endpoint
 
     def call(self, cmd: str, **args) -> dict:
-        from v2grt.io.bus import ControlTimeout
+        from v2grt.io.bus import ControlRefused, ControlTimeout
         from v2grt.io.wire import WireError
 
         try:
             reply = self.client.call(cmd, **args)
         except ControlTimeout as exc:
             raise CliError(exc.message, EXIT_FAILED) from None
+        except ControlRefused as exc:  # the key, its role or this address is not authorized
+            raise CliError(f"{exc.code}: {exc.message}", EXIT_REFUSED) from None
         except WireError as exc:  # refused before sending: a bad argument
             raise CliError(exc.message, EXIT_INVALID) from None
         if not reply.ok:
@@ -313,7 +315,7 @@ class Session:
 
 
 def _session(args) -> Session:
-    from v2grt.security import client_curve_from_args  # --client-key/--server-key: security.enabled
+    from v2grt.security.cli import client_curve_from_args  # --client-key/--server-key: security.enabled
 
     return Session(control_endpoint(args.endpoint, args.config), args.timeout, client_curve_from_args(args))
 
@@ -524,7 +526,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="the aggregator's YAML config, to find its control endpoint")
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})")
-    from v2grt.security import add_client_key_options
+    from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)  # an operator key pair when the aggregator has security.enabled
 

@@ -53,7 +53,7 @@ def cmd_sim(args) -> int:
     except (RosterError, FleetError, GatewayError) as exc:
         return _fail(str(exc), EXIT_INVALID)
     from v2grt.cli import CliError
-    from v2grt.security import client_curve_from_args
+    from v2grt.security.cli import client_curve_from_args
 
     try:
         curve = client_curve_from_args(args)  # --client-key/--server-key when the aggregator is secured
@@ -216,7 +216,7 @@ def _add_sim(gsub) -> None:
                    help="log the same event code for the same node at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
-    from v2grt.security import add_client_key_options
+    from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)  # the key pair must be authorized as gateway:<--gateway-id>
     p.set_defaults(func=cmd_sim)

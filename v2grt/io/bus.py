@@ -18,12 +18,14 @@ bound socket can ``rebind()`` to drop its live connections (CURVE authenticates 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from v2grt.io import wire
 from v2grt.io.wire import (
@@ -51,7 +53,17 @@ DEFAULT_CONTROL_CONNECT = "tcp://127.0.0.1:5562"
 HEARTBEAT_IVL_MS = 1000  # send a ZMTP PING after this much silence
 HEARTBEAT_TIMEOUT_MS = 3000  # drop the connection if no traffic at all this long after a PING
 HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our traffic
+#: First reconnect after a connection drops (libzmq's default 100 ms, plus a random 0 to 100 %).
+#: A revocation drops every connection of the setpoint PUB (docs/security.md): at 100 ms the others
+#: missed the next cycle and paused 2 to 3 periods (bench_security: 199 to 311 ms at a 100 ms period);
+#: at 10 ms they are back for it, about one period. Back-off to RECONNECT_IVL_MAX_MS still applies.
+RECONNECT_IVL_MS = 10
 RECONNECT_IVL_MAX_MS = 2000  # back off reconnects to a missing aggregator (default 100 ms, no backoff)
+#: After a ZAP refusal libzmq 4.3.5 stops reconnecting for good (measured: one HANDSHAKE_FAILED_AUTH,
+#: then silence), so a CURVE client recreates its socket itself (``_Owner.heal``): first after this,
+#: doubling up to RECONNECT_IVL_MAX_MS while the refusals go on; each retry costs the aggregator's ZAP
+#: thread one decision.
+REFUSED_RETRY_FIRST_MS = 250
 
 #: Setpoint PUB send queue per subscriber connection. libzmq keeps one queue per connection and a
 #: GatewaySubscriber's connection carries only its own topic, so this is messages per gateway: 4
@@ -61,6 +73,9 @@ SETPOINT_SNDHWM = 4
 TELEMETRY_RCVHWM = 1000  # frames queued at the aggregator across all gateways
 TELEMETRY_SNDHWM = 16  # batches a gateway queues while the aggregator is away (older ones are stale)
 LAST_ERRORS = 8  # error messages a receiver keeps for the status page
+
+
+_MONITOR_IDS = itertools.count(1)
 
 
 class BusError(RuntimeError):
@@ -105,12 +120,29 @@ class _Owner:
     def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool,
                  curve: Mapping[str, bytes] | None, sndhwm: int | None = None, rcvhwm: int | None = None,
                  options: Mapping[int, int] | None = None):
+        self._spec = (ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options)
+        #: A connecting CURVE socket watches its handshakes (heal): refusals seen, the last ZAP status code,
+        #: handshakes completed and when the last one was noticed.
+        self.refusals = 0
+        self.last_refusal: int | None = None
+        self.handshakes = 0
+        self.last_handshake_ns: int | None = None
+        self._monitor: zmq.Socket | None = None
+        self._reopen_at_ns: int | None = None
+        self._retry_ms = REFUSED_RETRY_FIRST_MS
+        self._open()
+        #: The endpoint actually bound or connected (with the port resolved for ``tcp://host:*``).
+        self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
+
+    def _open(self) -> None:
+        ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options = self._spec
         self.sock = ctx.socket(kind)
         try:
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+            self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             self.sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
             if sndhwm is not None:
@@ -120,17 +152,77 @@ class _Owner:
             for option, value in (options or {}).items():
                 self.sock.setsockopt(option, value)
             _apply_security(self.sock, curve, server=bind)
+            if curve is not None and not bind:  # before connect, so the first handshake is seen
+                # a name of our own: pyzmq's default is per file descriptor, which a remade socket may reuse
+                # while libzmq still holds the old monitor's endpoint
+                self._monitor = self.sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED,
+                    addr=f"inproc://v2grt-monitor-{next(_MONITOR_IDS)}")
             (self.sock.bind if bind else self.sock.connect)(endpoint)
         except (zmq.ZMQError, BusError) as exc:
+            self._close_monitor()
             self.sock.close(0)
             verb = "bind" if bind else "connect"
             raise BusError(f"{self.role}: cannot {verb} to {endpoint!r}: {exc}") from exc
-        #: The endpoint actually bound or connected (with the port resolved for ``tcp://host:*``).
-        self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
 
     def close(self) -> None:
         """Close the socket at once (linger 0). Idempotent."""
+        self._close_monitor()
         self.sock.close(0)
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(0)  # before the socket: its monitor PAIR then has no peer to wait for
+            self._monitor = None
+
+    def _handshake_refused(self, quiet: bool = False) -> bool:
+        """Read the handshake events queued on the monitor (never blocks); True if one was a ZAP refusal.
+
+        ``quiet``: the caller reports the refusal itself (ControlRefused), so no log line."""
+        refused = False
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._retry_ms = REFUSED_RETRY_FIRST_MS
+                self.handshakes += 1
+                self.last_handshake_ns = time.monotonic_ns()  # when read: at the owner's next heal()
+                continue
+            refused = True
+            self.refusals += 1
+            self.last_refusal = event["value"]  # the ZAP status code: 400 refused, 500 handler error
+            if self._reopen_at_ns is None:
+                first = self._retry_ms == REFUSED_RETRY_FIRST_MS  # first of a run of refusals: say it once
+                log.log(logging.WARNING if first and not quiet else logging.DEBUG,
+                        "%s: the aggregator at %s refused this key in the CURVE handshake (ZAP %s); recreating "
+                        "the socket in %d ms (is the key authorized for this role and address?)",
+                        self.role, self.endpoint, self.last_refusal, self._retry_ms)
+                self._reopen_at_ns = time.monotonic_ns() + self._retry_ms * 1_000_000
+                self._retry_ms = min(2 * self._retry_ms, RECONNECT_IVL_MAX_MS)
+        return refused
+
+    def heal(self) -> bool:
+        """A connecting CURVE socket that the aggregator refused (ZAP) is closed and made again after a
+        back-off (REFUSED_RETRY_FIRST_MS doubling to RECONNECT_IVL_MAX_MS); True when it was remade.
+
+        libzmq 4.3.5 never retries after a ZAP refusal, so without this a gateway started before its
+        key was authorized would stay dark until restarted. Messages queued in the old socket are
+        dropped (stale by then), and ``sock`` is a new object: re-register it in a Poller. Owner
+        thread only; costs one poll of the monitor when nothing happened.
+        """
+        if self._monitor is None:
+            return False
+        self._handshake_refused()
+        if self._reopen_at_ns is None or time.monotonic_ns() < self._reopen_at_ns:
+            return False
+        self._reopen_at_ns = None
+        self.close()
+        try:
+            self._open()
+        except BusError as exc:  # e.g. out of file descriptors: try again at the next back-off
+            self._reopen_at_ns = time.monotonic_ns() + self._retry_ms * 1_000_000
+            log.error("%s: cannot recreate the socket after a refusal: %s", self.role, exc)
+            return False
+        return True
 
     def _drain(self, timeout_ms: int, max_frames: int):
         """Wait up to ``timeout_ms`` for a message, then yield up to ``max_frames`` queued one-frame ones.
@@ -351,6 +443,9 @@ class ControlServer(_Owner):
         self.served = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+        #: The ZAP User-Id (e.g. ``operator:alice``) of the request the handler is answering, None on a
+        #: socket without ZAP: lets the handler shape its answer to the caller (owner thread only).
+        self.caller: str | None = None
 
     def serve_once(self, timeout_ms: int = 0, max_requests: int = 16) -> int:
         """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many."""
@@ -397,6 +492,7 @@ class ControlServer(_Owner):
         try:
             if self.authorize is not None:
                 self.authorize(frame, request)
+            self.caller = _user_id(frame)
             result = self.handler(request)
         except WireError as exc:  # the handler refusing: REFUSED, BAD_ARG, ...
             self._count_bad(exc)
@@ -404,6 +500,8 @@ class ControlServer(_Owner):
         except Exception as exc:  # answered and logged: a handler bug must not stop the aggregator
             log.exception("control handler failed on %s", request)
             return self._internal(request, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.caller = None
         try:
             reply = wire.encode_reply(result, id=request.id)
         except WireError as exc:
@@ -416,6 +514,16 @@ class ControlServer(_Owner):
         err = WireError("INTERNAL", f"{request.cmd}: {detail}")
         self._count_bad(err)
         return wire.encode_reply(error=err, id=request.id)
+
+
+def _user_id(frame: zmq.Frame | None) -> str | None:
+    """The ZAP User-Id libzmq attached to a message, or None (no frame kept, or no ZAP on the socket)."""
+    if frame is None:
+        return None
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,6 +553,7 @@ class GatewaySubscriber(_Owner):
         fenced frames are counted by code in ``errors``; never raises for what the network delivers.
         The caller still owes the expiry rule: hold 0 kW once ``msg.expired(now)`` or ``msg.estop``.
         """
+        self.heal()  # a refused key: try again after a back-off (libzmq would not)
         newest: SetpointMsg | None = None
         for frame in self._drain(timeout_ms, max_frames):
             self.received += 1
@@ -475,6 +584,7 @@ class StatusSubscriber(_Owner):
 
     def recv(self, timeout_ms: int = 0, max_frames: int = 64) -> dict[str, Any] | None:
         """Wait up to ``timeout_ms``; return the newest valid status of up to ``max_frames``, or None."""
+        self.heal()
         newest = None
         for frame in self._drain(timeout_ms, max_frames):
             try:
@@ -497,6 +607,7 @@ class TelemetryPusher(_Owner):
 
     def send(self, frame: bytes) -> bool:
         """Queue one batch without blocking; False (and ``dropped`` + 1) if the queue is full."""
+        self.heal()
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
@@ -508,6 +619,11 @@ class TelemetryPusher(_Owner):
 
 class ControlTimeout(WireError):
     """The aggregator did not answer a control request in time (code TIMEOUT)."""
+
+
+class ControlRefused(WireError):
+    """The aggregator refused this client's key in the CURVE handshake (code HANDSHAKE_REFUSED): the request
+    was never delivered. The socket is made again for the next call."""
 
 
 class ControlClient(_Owner):
@@ -532,16 +648,39 @@ class ControlClient(_Owner):
         rid = self._next_id
         self._next_id += 1
         frame = wire.encode_request(cmd, args, id=rid)
+        # refused already (last call, or since the connect): this call is the retry, on a new socket
+        if self._monitor is not None and (self._handshake_refused(quiet=True) or self._reopen_at_ns is not None):
+            self._reopen_at_ns = time.monotonic_ns()
+        self.heal()
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             raise self._timeout(cmd) from None
-        if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+        if not self._wait_reply(cmd):
             raise self._timeout(cmd)
         reply = wire.decode_reply(self.sock.recv())
         if reply.id is not None and reply.id != rid:
             raise WireError("BAD_FIELD", f"reply id {reply.id!r} does not match request id {rid}")
         return reply
+
+    def _wait_reply(self, cmd: str) -> bool:
+        """Wait up to ``timeout_ms`` for the reply; ControlRefused as soon as the handshake is refused."""
+        if self._monitor is None:
+            return bool(self.sock.poll(self.timeout_ms, zmq.POLLIN))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        deadline = time.monotonic() + self.timeout_ms / 1e3
+        while (left_ms := (deadline - time.monotonic()) * 1e3) > 0:
+            ready = dict(poller.poll(left_ms))
+            if self.sock in ready:
+                return True
+            if self._monitor in ready and self._handshake_refused(quiet=True):
+                raise ControlRefused("HANDSHAKE_REFUSED", f"the aggregator at {self.endpoint} refused this key in the "
+                                     f"CURVE handshake (ZAP {self.last_refusal}), so {cmd!r} was not delivered: "
+                                     "is its public key authorized (`v2grt keys list`), with a role allowed on the "
+                                     "control socket, and this host's address in security.allow?")
+        return False
 
     def _timeout(self, cmd: str) -> ControlTimeout:
         return ControlTimeout("TIMEOUT", f"the aggregator at {self.endpoint} did not answer {cmd!r} within "
@@ -552,6 +691,6 @@ class ControlClient(_Owner):
 __all__ = [
     "DEFAULT_CONTROL_CONNECT", "DEFAULT_CONTROL_ENDPOINT", "DEFAULT_SETPOINT_CONNECT",
     "DEFAULT_SETPOINT_ENDPOINT", "DEFAULT_TELEMETRY_CONNECT", "DEFAULT_TELEMETRY_ENDPOINT", "BusError",
-    "ControlClient", "ControlServer", "ControlTimeout", "GatewaySubscriber", "SetpointPublisher",
+    "ControlClient", "ControlRefused", "ControlServer", "ControlTimeout", "GatewaySubscriber", "SetpointPublisher",
     "StatusSubscriber", "TelemetryPusher", "TelemetryReceiver",
 ]

@@ -69,6 +69,7 @@ ERROR_CODES: dict[str, str] = {
     "FORBIDDEN": "security: the sender's authenticated key may not do this (its role, its gateway, or revoked)",
     "INTERNAL": "the aggregator failed while handling a control request (a bug; see its log)",
     "TIMEOUT": "client side: the aggregator did not answer a control request in time",
+    "HANDSHAKE_REFUSED": "client side: the aggregator refused this key in the CURVE handshake; nothing was delivered",
 }
 
 
