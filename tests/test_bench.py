@@ -71,3 +71,19 @@ def test_bench_soak_json():
     assert r["cycles"] > 0 and r["cycle_errors"] == 0
     assert r["telemetry"]["batches_sent"] > 0 and r["telemetry"]["frames_received"] > 0
     assert r["telemetry"]["rejected"] == 0
+
+
+def test_bench_fuzz_smoke_json():
+    """bench fuzz --smoke attacks a real `v2grt run` with every kind and reports goals, refusals and survival."""
+    from bench_fuzz import KINDS
+
+    r = bench("fuzz", "--smoke")
+    assert r["aggregator"]["survived"] and r["aggregator"]["exit_code"] == 0
+    assert r["sent"]["total"] == r["config"]["messages"] == 3000
+    assert all(r["sent"]["by_kind"][k] > 0 for k in KINDS), r["sent"]["by_kind"]
+    assert r["goals"].keys() == {"missed_deadlines", "interarrival_p99_ms", "interarrival_max_ms", "rss_growth_bytes",
+                                 "engine_log_bytes", "messages_sent", "aggregator_survived"}
+    delta = r["aggregator"]["status_delta"]
+    assert delta["cycles"] > 0 and sum(delta["telemetry_errors"].values()) > 0
+    assert r["setpoints"]["quiet"]["messages"] > 0 and r["setpoints"]["attack"]["messages"] > 0
+    assert r["aggregator"]["rss_after_bytes"] > 0 and r["engine_log"]["bytes"] >= 0
