@@ -338,6 +338,7 @@ def fuzzer_main(spec: dict) -> dict:
     time.sleep(0.2)  # connected before the clock starts
     sent = collections.Counter()
     nbytes = collections.Counter()
+    paced_at: dict[str, list[int]] = {k: [] for k in PACED_KINDS}  # CLOCK_MONOTONIC ns of each send
     replies = 0
     blocked_ns = 0
     counter = itertools.count()
@@ -370,7 +371,7 @@ def fuzzer_main(spec: dict) -> dict:
         return buf
 
     total, target, rate = 0, spec["messages"], spec["rate"]
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the run
     t_end = t0 + spec["duration_max_s"]
     paced = {"huge_ids": spec["huge_per_s"], "new_gateway_1mb": spec["bigids_per_s"]}
     next_paced = {k: t0 for k, r in paced.items() if r > 0}
@@ -389,6 +390,8 @@ def fuzzer_main(spec: dict) -> dict:
                     ok = send(tel, buf, kind)
                 else:
                     ok = send(tel, patched(kind), kind)
+                if ok:
+                    paced_at[kind].append(time.monotonic_ns())
                 total += ok
                 next_paced[kind] = max(due + 1.0 / paced[kind], now)  # behind (the queue was full): no burst
         n = min(chunk, target - total)
@@ -419,7 +422,8 @@ def fuzzer_main(spec: dict) -> dict:
     ctl.close()
     ctx.term()
     return {"sent": dict(sent), "bytes": dict(nbytes), "total": total, "elapsed_s": elapsed, "stopped_by": stopped,
-            "blocked_s": blocked_ns / 1e9, "control_replies": replies, "close_s": time.monotonic() - t_close}
+            "blocked_s": blocked_ns / 1e9, "control_replies": replies, "close_s": time.monotonic() - t_close,
+            "paced_at_ns": paced_at, "t0_ns": int(t0 * 1e9)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -536,6 +540,27 @@ def log_slice(path: Path, start: int, end: int | None = None) -> dict:
         if len(parts) >= 3 and parts[1].isupper():
             codes[parts[2].decode(errors="replace")] += 1
     return {"bytes": len(data), "lines": len(lines), "by_code": dict(codes.most_common())}
+
+
+def long_gaps(rec: np.ndarray, t_from_ns: int, t_to_ns: int, period_ms: float, paced_at_ns: dict) -> dict:
+    """Setpoint gaps over 1.5 periods in the window, and how many began within 100 ms after (or during) a
+    send of each paced kind: which of the expensive frames the stalls follow."""
+    t = rec[(rec[:, 0] >= t_from_ns) & (rec[:, 0] <= t_to_ns), 0]
+    gap = np.diff(t)
+    long = np.flatnonzero(gap > 1.5 * period_ms * 1e6)
+    out = {"n": int(len(long)), "gaps_ms": [round(float(gap[i]) / 1e6, 1) for i in long],
+           "at_s": [round(float(t[i] - t_from_ns) / 1e9, 3) for i in long], "after": {}}
+    for kind, sends in paced_at_ns.items():
+        sends = np.sort(np.asarray(sends, np.int64))
+        # a send in [previous arrival - 100 ms, next arrival]: it was on the wire when the gap began
+        lo = np.searchsorted(sends, t[long] - 100_000_000)
+        hi = np.searchsorted(sends, t[long + 1], side="right")
+        out["after"][kind] = int((hi > lo).sum())
+        # what a send at random times would give: its rate times each gap's window
+        rate_per_ns = len(sends) / max(t_to_ns - t_from_ns, 1)
+        out.setdefault("by_chance", {})[kind] = round(float(np.minimum(
+            1.0, rate_per_ns * (t[long + 1] - t[long] + 100_000_000)).sum()), 1)
+    return out
 
 
 def interarrival(rec: np.ndarray, t_from_ns: int, t_to_ns: int) -> dict:
@@ -698,7 +723,10 @@ def run(args) -> dict:
     elapsed = max(o["elapsed_s"] for o in outs)
     delta = status_delta(before, after) if before and after else None
     quiet = interarrival(rec, t_quiet, t_attack)
-    attack = interarrival(rec, t_attack, t_end)
+    t_first = min(o["t0_ns"] for o in outs)  # the first message, after the fuzzers built their frames
+    attack = interarrival(rec, t_first, t_end)
+    paced_at = {k: [t for o in outs for t in o["paced_at_ns"][k]] for k in PACED_KINDS}
+    attack["long_gaps"] = long_gaps(rec, t_first, t_end, period_ms, paced_at)
     rss_growth = None if rss1 is None else rss1 - rss0
     survived = alive and after is not None
     arr = attack.get("arrival", {})
@@ -738,7 +766,7 @@ def run(args) -> dict:
         "goals": goals,
         "pass": all(g["met"] for g in goals.values()),
         "logs_kept_in": keep,
-        "t_attack_s": (t_sent - t_attack) / 1e9,
+        "attack_s": (t_sent - t_first) / 1e9,  # first message to the last fuzzer's exit
     }
 
 
@@ -762,6 +790,15 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _gaps_line(g: dict | None, period_ms: float) -> str:
+    if not g:
+        return "gaps over 1.5 periods: -"
+    kinds = {"huge_ids": "a 3.8 MB frame", "new_gateway_1mb": "a 1 MB-id batch"}
+    parts = [f"{kinds[k]} {n} (by chance {g['by_chance'][k]:g})" for k, n in g["after"].items()]
+    return (f"gaps over {1.5 * period_ms:g} ms during the attack: {g['n']}; began while on the wire: "
+            + ", ".join(parts))
+
+
 def _codes(m) -> str:
     if m is None:
         return "(not in this version's status reply)"
@@ -776,7 +813,7 @@ def render(r: dict) -> str:
     lines = [
         f"fuzz: {s['total']} messages to the telemetry PULL and control ROUTER of `v2grt run` ({c['vehicles']} "
         f"vehicles, {c['gateways']} gateways, sims {', '.join(c['sim_gateways'])}), period {c['period_ms']:.0f} ms, "
-        f"expiry {c['setpoint_ttl_s']} s",
+        f"expiry {'the default' if c['setpoint_ttl_s'] is None else str(c['setpoint_ttl_s']) + ' s'}",
         f"on {m['cpu']} ({m['cores']} cores), python {m['python']}, commit {r['source']['commit']}; load average "
         f"{lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f} before, {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} after; "
         f"aggregator SCHED_FIFO: {fifo}; stand-in subscriber: {r['setpoints']['subscriber'].get('fifo', '?')}",
@@ -796,6 +833,7 @@ def render(r: dict) -> str:
     lines += [
         f"setpoint inter-arrival at {c['subscribed_gateway']} (ms; 'stamped' = the aggregator's t_ns deltas)",
         table(["window", "messages", "p50", "p99", "max", "stamped p99", "stamped max", "seq gaps"], sp_rows),
+        _gaps_line(r["setpoints"]["attack"].get("long_gaps"), c["period_ms"]),
         "gateway sims' setpoint expiries (their own count, whole run; 0 kW until the next message): "
         + ", ".join(f"{gw} {n}" for gw, n in r["gateways"]["expiries"].items()),
         "",
