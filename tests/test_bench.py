@@ -78,7 +78,8 @@ def test_bench_fuzz_smoke_json():
     from bench_fuzz import KINDS
 
     r = bench("fuzz", "--smoke")
-    assert r["aggregator"]["survived"] and r["aggregator"]["exit_code"] == 0
+    agg = r["aggregator"]
+    assert agg["survived"] and agg["exit_code"] == 0, (agg["exit_code"], agg.get("stderr_last_line"))
     assert r["sent"]["total"] == r["config"]["messages"] == 3000
     assert all(r["sent"]["by_kind"][k] > 0 for k in KINDS), r["sent"]["by_kind"]
     assert r["sent"]["bytes_by_kind"]["huge_ids"] >= 3_700_000 * r["sent"]["by_kind"]["huge_ids"]
