@@ -589,121 +589,151 @@ class _Procs:
             self.stop(proc, 5.0)
 
 
+def start_aggregator(tmp: Path, roster: Path, meter_port: int, priority: int | None, procs: _Procs):
+    """`v2grt run` on the shipped config; returns its process, endpoints, config and real-time setup."""
+    cfg_path, cfg = write_config(tmp, roster, meter_port, priority)
+    engine_log = tmp / "engine.log"
+    cmd = [sys.executable, "-m", "v2grt.cli", "run", "--config", str(cfg_path), "--log-file", str(engine_log)]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    with open(tmp / "aggregator.stderr", "w") as err:  # the child keeps its own descriptor
+        agg = procs.add("aggregator", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env(),
+                                                       cwd=tmp))
+    start = _fields(_wait_for_line(engine_log, " START ", agg, 60, "the aggregator"))
+    _wait_for_line(engine_log, " READY ", agg, 60, "the aggregator")
+    ep = {k: start[k] for k in ("setpoints", "telemetry", "control")}
+    rt = dict(m.groups() for m in re.finditer(r"RT_SETUP step=(\S+) granted=(\S+ detail=.*)", engine_log.read_text()))
+    return agg, ep, cfg, rt
+
+
+def start_gateways(tmp: Path, roster: Path, ep: dict, sim_gws: list[str], standins: list[str],
+                   subscriber_priority: int, procs: _Procs):
+    """The gateway sims and the stand-in; returns the sims' log paths and the stand-in's process."""
+    gw_logs = {}
+    for gw in sim_gws:
+        gw_logs[gw] = tmp / f"gateway-{gw}.log"
+        procs.add(gw, subprocess.Popen(
+            [sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster), "--gateway-id", gw,
+             "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"], "--log-file", str(gw_logs[gw])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp))
+    sub = procs.add("stand-in", _child("subscriber", {
+        "gateway": SUBSCRIBED_GATEWAY, "setpoints": ep["setpoints"], "telemetry": ep["telemetry"],
+        "roster": str(roster), "standins": standins, "out": str(tmp / "arrivals.npy"),
+        "priority": subscriber_priority}))
+    for gw, path in gw_logs.items():
+        _wait_for_line(path, "GATEWAY_START", dict(procs.procs)[gw], 60, f"gateway sim {gw}")
+    return gw_logs, sub
+
+
+def wait_heard(ctx, control: str, timeout_s: float = 20.0) -> dict:
+    """Heard before dispatched: wait until no vehicle waits for its first telemetry (or timeout_s)."""
+    t0 = time.monotonic()
+    time.sleep(2.5)  # the sims' and the stand-in's first two batches
+    while True:
+        st = status(ctx, control)
+        if st is None:
+            raise RuntimeError("the aggregator did not answer status before the attack")
+        waiting = int((st.get("nodes_by_reason") or {}).get("TIMEOUT_BMS_RESPONSE", 0))
+        if waiting == 0 or time.monotonic() - t0 > timeout_s:
+            return {"waited_s": time.monotonic() - t0, "vehicles_unheard_at_start": waiting,
+                    "nodes_carrying": st.get("nodes_carrying")}
+        time.sleep(0.5)
+
+
+def attack(args, ep: dict, roster: Path, targets: list[str], foreign: str, procs: _Procs) -> list[dict]:
+    """The fuzzer processes, from start to exit; returns each one's report."""
+    n_f = args.fuzzers
+    fuzzers = [procs.add(f"fuzzer{i}", _child("fuzzer", {
+        "telemetry": ep["telemetry"], "control": ep["control"], "roster": str(roster), "targets": targets,
+        "foreign": foreign, "seed": args.seed + 100 * i, "prefix": f"fz{i}_", "mix": args.mix,
+        "messages": args.messages // n_f + (i < args.messages % n_f), "rate": args.rate / n_f,
+        "duration_max_s": args.duration_max, "huge_per_s": args.huge_per_s / n_f,
+        "bigids_per_s": args.bigids_per_s / n_f}, stdin=subprocess.DEVNULL)) for i in range(n_f)]
+    outs = []
+    for f in fuzzers:
+        line, _ = f.communicate(timeout=args.duration_max + 120)
+        if f.returncode != 0:
+            raise RuntimeError(f"a fuzzer process failed with exit code {f.returncode}")
+        outs.append(json.loads(line))
+    return outs
+
+
+def _rss_or_none(pid: int) -> int | None:
+    try:
+        return rss_bytes(pid)
+    except (OSError, RuntimeError):  # the process is gone
+        return None
+
+
 def run(args) -> dict:
+    """The phases: roster, meter and aggregator up; gateways heard; a quiet window; the attack; after."""
     import zmq
 
     from v2grt.fleet import Fleet
     from v2grt.roster import write_roster
 
-    load_before = os.getloadavg()
     sim_gws = [f"gw{k + 1}" for k in range(args.sim_gateways)]
-    all_gws = [f"gw{k + 1}" for k in range(args.gateways)]
-    standins = [g for g in all_gws if g not in sim_gws]
+    standins = [f"gw{k + 1}" for k in range(args.sim_gateways, args.gateways)]
     if not standins or not sim_gws:
         raise SystemExit("bench fuzz: need at least one simulated gateway and one other (--gateways > --sim-gateways)")
     keep = tempfile.mkdtemp(prefix="v2grt-bench-fuzz-") if args.keep else None
     tmpdir = tempfile.TemporaryDirectory(prefix="v2grt-bench-fuzz-") if keep is None else None
     tmp = Path(keep or tmpdir.name)
+    m: dict = {"load_before": os.getloadavg(), "keep": keep}  # what was measured, for report()
     procs = _Procs()
     ctx = zmq.Context()
     try:
         roster = tmp / "roster.csv"
         write_roster(Fleet.random(args.vehicles, seed=args.seed, n_gateways=args.gateways), roster)
         with World(meter_model=213) as world:
-            # the frequency wanders inside the alert band (0.2 Hz), so the response moves and no alert line is due
+            # the frequency wanders inside the alert band (0.2 Hz): the response moves, no alert line is due
             world.connect("tcp://127.0.0.1:1", sink=False, wander_hz=0.15)
-            cfg_path, cfg = write_config(tmp, roster, world.meter_port, args.priority)
-            period_ms = cfg["period_s"] * 1e3
-            engine_log = tmp / "engine.log"
-            cmd = [sys.executable, "-m", "v2grt.cli", "run", "--config", str(cfg_path), "--log-file", str(engine_log)]
-            if os.geteuid() == 0:
-                cmd.append("--allow-root")
-            agg_err = open(tmp / "aggregator.stderr", "w")
-            agg = procs.add("aggregator", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=agg_err,
-                                                           env=_env(), cwd=tmp))
-            start = _fields(_wait_for_line(engine_log, " START ", agg, 60, "the aggregator"))
-            _wait_for_line(engine_log, " READY ", agg, 60, "the aggregator")
-            ep = {k: start[k] for k in ("setpoints", "telemetry", "control")}
-            rt = dict(m.groups() for m in re.finditer(r"RT_SETUP step=(\S+) granted=(\S+ detail=.*)",
-                                                      engine_log.read_text()))
+            agg, ep, m["cfg"], m["rt"] = start_aggregator(tmp, roster, world.meter_port, args.priority, procs)
+            gw_logs, sub = start_gateways(tmp, roster, ep, sim_gws, standins, args.subscriber_priority, procs)
+            m["warmup"] = wait_heard(ctx, ep["control"])
 
-            gw_logs = {}
-            for gw in sim_gws:
-                gw_logs[gw] = tmp / f"gateway-{gw}.log"
-                procs.add(gw, subprocess.Popen(
-                    [sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster), "--gateway-id", gw,
-                     "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"], "--log-file", str(gw_logs[gw])],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp))
-            arrivals = tmp / "arrivals.npy"
-            sub = procs.add("stand-in", _child("subscriber", {
-                "gateway": SUBSCRIBED_GATEWAY, "setpoints": ep["setpoints"], "telemetry": ep["telemetry"],
-                "roster": str(roster), "standins": standins, "out": str(arrivals),
-                "priority": args.subscriber_priority}))
-            for gw, path in gw_logs.items():
-                _wait_for_line(path, "GATEWAY_START", dict(procs.procs)[gw], 60, f"gateway sim {gw}")
-            # Heard before dispatched: wait until no vehicle waits for its first telemetry (or 20 s).
-            t_wait = time.monotonic()
-            time.sleep(2.5)  # the sims' and the stand-in's first two batches
-            while True:
-                st0 = status(ctx, ep["control"])
-                if st0 is None:
-                    raise RuntimeError("the aggregator did not answer status before the attack")
-                waiting = int((st0.get("nodes_by_reason") or {}).get("TIMEOUT_BMS_RESPONSE", 0))
-                if waiting == 0 or time.monotonic() - t_wait > 20:
-                    break
-                time.sleep(0.5)
-            warmup = {"waited_s": time.monotonic() - t_wait, "vehicles_unheard_at_start": waiting,
-                      "nodes_carrying": st0.get("nodes_carrying")}
-
-            # quiet window, then the attack
-            t_quiet = time.monotonic_ns()
+            m["t_quiet"] = time.monotonic_ns()
             time.sleep(args.quiet_s)
-            before = status(ctx, ep["control"])
-            rss0 = rss_bytes(agg.pid)
-            log0 = engine_log.stat().st_size
+            m["before"], m["rss0"] = status(ctx, ep["control"]), rss_bytes(agg.pid)
+            log0 = (tmp / "engine.log").stat().st_size
             gw_log0 = {gw: p.stat().st_size for gw, p in gw_logs.items()}
-            t_attack = time.monotonic_ns()
-            n_f = args.fuzzers
-            fuzzers = [procs.add(f"fuzzer{i}", _child("fuzzer", {
-                "telemetry": ep["telemetry"], "control": ep["control"], "roster": str(roster),
-                "targets": standins, "foreign": sim_gws[0], "seed": args.seed + 100 * i, "prefix": f"fz{i}_",
-                "mix": args.mix, "messages": args.messages // n_f + (i < args.messages % n_f),
-                "rate": args.rate / n_f, "duration_max_s": args.duration_max, "huge_per_s": args.huge_per_s / n_f,
-                "bigids_per_s": args.bigids_per_s / n_f}, stdin=subprocess.DEVNULL)) for i in range(n_f)]
-            outs = []
-            for f in fuzzers:
-                line, _ = f.communicate(timeout=args.duration_max + 120)
-                if f.returncode != 0:
-                    raise RuntimeError(f"a fuzzer process failed with exit code {f.returncode}")
-                outs.append(json.loads(line))
-            t_sent = time.monotonic_ns()
+            m["t_attack"] = time.monotonic_ns()
+            m["outs"] = attack(args, ep, roster, standins, sim_gws[0], procs)
+            m["t_sent"] = time.monotonic_ns()
             time.sleep(args.settle_s)  # what was queued is processed, its log lines written
-            t_end = time.monotonic_ns()
-            after = status(ctx, ep["control"])
-            alive = agg.poll() is None
-            rss1 = rss_bytes(agg.pid) if alive else None
-            log1 = engine_log.stat().st_size
+            m["t_end"] = time.monotonic_ns()
+            m["after"] = status(ctx, ep["control"])
+            m["alive"] = agg.poll() is None
+            m["rss1"] = _rss_or_none(agg.pid) if m["alive"] else None
+            log1 = (tmp / "engine.log").stat().st_size
             gw_log1 = {gw: p.stat().st_size for gw, p in gw_logs.items()}
-            load_after = os.getloadavg()
+            m["load_after"] = os.getloadavg()
 
-            sub_out = json.loads(sub.communicate(timeout=30)[0] or "{}")  # closing its stdin stops it
-            rec = np.load(arrivals) if arrivals.exists() else np.zeros((0, 3), np.int64)
-            gw_codes = {gw: log_slice(p, gw_log0[gw], gw_log1[gw])["by_code"] for gw, p in gw_logs.items()}
-            gw_rc = {gw: procs.stop(proc) for gw, proc in procs.procs if gw in gw_logs}
-            # the gateways' own count (its log lines are rate-limited per gateway): GATEWAY_STOP expiries=N
-            gw_expiries = {gw: int(_fields(_find_line(p, "GATEWAY_STOP") or "").get("expiries", -1))
-                           for gw, p in gw_logs.items()}
-            agg_rc = procs.stop(agg, 15)
-            agg_err.close()
-        engine = log_slice(engine_log, log0, log1)
-        stderr_bytes = (tmp / "aggregator.stderr").stat().st_size
-        stderr_tail = (tmp / "aggregator.stderr").read_text(errors="replace").strip().splitlines()[-1:]
+            m["sub"] = json.loads(sub.communicate(timeout=30)[0] or "{}")  # closing its stdin stops it
+            arrivals = tmp / "arrivals.npy"
+            m["rec"] = np.load(arrivals) if arrivals.exists() else np.zeros((0, 3), np.int64)
+            m["gw_codes"] = {gw: log_slice(p, gw_log0[gw], gw_log1[gw])["by_code"] for gw, p in gw_logs.items()}
+            m["gw_rc"] = {gw: procs.stop(proc) for gw, proc in procs.procs if gw in gw_logs}
+            # the gateways' own count (their log lines are rate-limited per gateway): GATEWAY_STOP expiries=N
+            m["gw_expiries"] = {gw: int(_fields(_find_line(p, "GATEWAY_STOP") or "").get("expiries", -1))
+                                for gw, p in gw_logs.items()}
+            m["agg_rc"] = procs.stop(agg, 15)
+        m["engine"] = log_slice(tmp / "engine.log", log0, log1)
+        err = tmp / "aggregator.stderr"
+        m["stderr_bytes"] = err.stat().st_size
+        m["stderr_tail"] = err.read_text(errors="replace").strip().splitlines()[-1:]
     finally:
         procs.stop_all()
         ctx.term()
         if tmpdir is not None:
             tmpdir.cleanup()
+    return report(args, m, sim_gws)
 
+
+def report(args, m: dict, sim_gws: list[str]) -> dict:
+    """The benchmark's JSON object from what run() measured."""
+    outs, rec, cfg = m["outs"], m["rec"], m["cfg"]
+    period_ms = cfg["period_s"] * 1e3
     sent = collections.Counter()
     nbytes = collections.Counter()
     for o in outs:
@@ -711,26 +741,26 @@ def run(args) -> dict:
         nbytes.update(o["bytes"])
     total = sum(sent.values())
     elapsed = max(o["elapsed_s"] for o in outs)
+    before, after = m["before"], m["after"]
     delta = status_delta(before, after) if before and after else None
-    quiet = interarrival(rec, t_quiet, t_attack)
     t_first = min(o["t0_ns"] for o in outs)  # the first message, after the fuzzers built their frames
-    attack = interarrival(rec, t_first, t_end)
-    attack["long_gaps"] = long_gaps(rec, t_first, t_end, period_ms)
-    rss_growth = None if rss1 is None else rss1 - rss0
-    survived = alive and after is not None
-    arr = attack.get("arrival", {})
+    attack_w = interarrival(rec, t_first, m["t_end"])
+    attack_w["long_gaps"] = long_gaps(rec, t_first, m["t_end"], period_ms)
+    rss_growth = None if m["rss1"] is None else m["rss1"] - m["rss0"]
+    survived = m["alive"] and after is not None
+    arr = attack_w.get("arrival", {})
     goals = {
         "missed_deadlines": _goal(delta and delta["missed_deadlines"], 0),
         "interarrival_p99_ms": _goal(arr.get("p99_ms"), period_ms + GOAL_P99_SLACK_MS),
         "interarrival_max_ms": _goal(arr.get("max_ms"), 2 * period_ms),
         "rss_growth_bytes": _goal(rss_growth, GOAL_RSS_GROWTH_BYTES),
-        "engine_log_bytes": _goal(engine["bytes"], GOAL_LOG_BYTES),
+        "engine_log_bytes": _goal(m["engine"]["bytes"], GOAL_LOG_BYTES),
         "messages_sent": {"value": total, "limit": args.messages, "met": total >= args.messages},
         "aggregator_survived": {"value": survived, "limit": True, "met": survived},
     }
     return {
         "benchmark": "fuzz", "machine": machine(), "source": source_state(),
-        "load_avg": {"before": list(load_before), "after": list(load_after)},
+        "load_avg": {"before": list(m["load_before"]), "after": list(m["load_after"])},
         "config": {"vehicles": args.vehicles, "gateways": args.gateways, "sim_gateways": sim_gws,
                    "subscribed_gateway": SUBSCRIBED_GATEWAY, "messages": args.messages, "rate": args.rate,
                    "duration_max_s": args.duration_max, "fuzzers": args.fuzzers, "mix": args.mix,
@@ -739,24 +769,27 @@ def run(args) -> dict:
                    "setpoint_ttl_s": cfg["bus"].get("setpoint_ttl_s"),
                    "sched_fifo_priority": cfg["realtime"]["sched_fifo_priority"],
                    "subscriber_priority": args.subscriber_priority, "smoke": args.smoke},
-        "realtime": rt, "warmup": warmup,
+        "realtime": m["rt"], "warmup": m["warmup"],
         "sent": {"by_kind": {k: sent.get(k, 0) for k in KINDS}, "bytes_by_kind": {k: nbytes.get(k, 0) for k in KINDS},
                  "total": total, "elapsed_s": elapsed, "rate_per_s": total / elapsed if elapsed else 0.0,
                  "stopped_by": sorted({o["stopped_by"] for o in outs}),
                  "fuzzer_blocked_s": sum(o["blocked_s"] for o in outs),
                  "control_replies": sum(o["control_replies"] for o in outs)},
-        "aggregator": {"survived": survived, "exit_code": agg_rc, "status_delta": delta,
-                       "loop_after": (after or {}).get("loop"), "rss_before_bytes": rss0, "rss_after_bytes": rss1,
-                       "rss_growth_bytes": rss_growth, "stderr_bytes": stderr_bytes,
-                       "stderr_last_line": stderr_tail[0] if stderr_tail else "",
+        "aggregator": {"survived": survived, "exit_code": m["agg_rc"], "status_delta": delta,
+                       "loop_after": (after or {}).get("loop"), "rss_before_bytes": m["rss0"],
+                       "rss_after_bytes": m["rss1"], "rss_growth_bytes": rss_growth,
+                       "stderr_bytes": m["stderr_bytes"],
+                       "stderr_last_line": m["stderr_tail"][0] if m["stderr_tail"] else "",
                        "setpoints_dropped": (after or {}).get("setpoints_dropped")},
-        "engine_log": engine,
-        "setpoints": {"quiet": quiet, "attack": attack, "subscriber": sub_out},
-        "gateways": {"log_codes_during_attack": gw_codes, "expiries": gw_expiries, "exit_codes": gw_rc},
+        "engine_log": m["engine"],
+        "setpoints": {"quiet": interarrival(rec, m["t_quiet"], m["t_attack"]), "attack": attack_w,
+                      "subscriber": m["sub"]},
+        "gateways": {"log_codes_during_attack": m["gw_codes"], "expiries": m["gw_expiries"],
+                     "exit_codes": m["gw_rc"]},
         "goals": goals,
         "pass": all(g["met"] for g in goals.values()),
-        "logs_kept_in": keep,
-        "attack_s": (t_sent - t_first) / 1e9,  # first message to the last fuzzer's exit
+        "logs_kept_in": m["keep"],
+        "attack_s": (m["t_sent"] - t_first) / 1e9,  # first message to the last fuzzer's exit
     }
 
 
