@@ -71,3 +71,37 @@ def test_bench_soak_json():
     assert r["cycles"] > 0 and r["cycle_errors"] == 0
     assert r["telemetry"]["batches_sent"] > 0 and r["telemetry"]["frames_received"] > 0
     assert r["telemetry"]["rejected"] == 0
+
+
+def test_bench_fuzz_smoke_json():
+    """bench fuzz --smoke attacks a real `v2grt run` with every kind and reports goals, refusals and survival."""
+    from bench_fuzz import KINDS
+
+    r = bench("fuzz", "--smoke")
+    agg = r["aggregator"]
+    assert agg["survived"] and agg["exit_code"] == 0, (agg["exit_code"], agg.get("stderr_last_line"))
+    assert r["sent"]["total"] == r["config"]["messages"] == 3000
+    assert all(r["sent"]["by_kind"][k] > 0 for k in KINDS), r["sent"]["by_kind"]
+    assert r["sent"]["bytes_by_kind"]["huge_ids"] >= 3_700_000 * r["sent"]["by_kind"]["huge_ids"]
+    assert r["goals"].keys() == {"missed_deadlines", "interarrival_p99_ms", "interarrival_max_ms", "rss_growth_bytes",
+                                 "engine_log_bytes", "messages_sent", "aggregator_survived"}
+    delta = r["aggregator"]["status_delta"]
+    assert delta["cycles"] > 0 and sum(delta["telemetry_errors"].values()) > 0
+    assert r["setpoints"]["quiet"]["messages"] > 0 and r["setpoints"]["attack"]["messages"] > 0
+    assert r["aggregator"]["rss_after_bytes"] > 0 and r["engine_log"]["bytes"] >= 0
+
+
+def test_bench_fuzz_reads_the_status_keys_that_exist():
+    """status_delta diffs each error map by code and marks one this version's status reply lacks as None."""
+    from bench_fuzz import status_delta
+
+    before = {"loop": {"cycles": 10, "missed_deadlines": 1, "budget_overruns": 0, "errors": 0},
+              "telemetry_errors": {"BAD_MSGPACK": 5}, "events": {"UNKNOWN_NODE": 2}}
+    after = {"loop": {"cycles": 30, "missed_deadlines": 4, "budget_overruns": 2, "errors": 0},
+             "telemetry_errors": {"BAD_MSGPACK": 9, "MULTIPART": 3}, "control_errors": {"UNKNOWN_CMD": 7},
+             "events": {"UNKNOWN_NODE": 2, "INVALID_TELEMETRY": 1}}
+    d = status_delta(before, after)
+    assert (d["cycles"], d["missed_deadlines"], d["budget_overruns"]) == (20, 3, 2)
+    assert d["telemetry_errors"] == {"BAD_MSGPACK": 4, "MULTIPART": 3}
+    assert d["control_errors"] == {"UNKNOWN_CMD": 7} and d["telemetry_refused_nodes"] is None
+    assert d["events"] == {"INVALID_TELEMETRY": 1}
