@@ -75,15 +75,39 @@ def keep_fresh(agg):
 
 
 def test_loop_keeps_its_period_without_drift(make_aggregator):
-    """Over 2 s the loop runs one cycle per period on the grid, with bounded lateness."""
-    agg = make_aggregator()
-    c0, t0 = agg.stats.cycles, time.monotonic()
-    time.sleep(2.0)
-    cycles, elapsed = agg.stats.cycles - c0, time.monotonic() - t0
-    assert abs(cycles - elapsed / PERIOD_S) <= 3 + agg.stats.missed_deadlines
-    assert agg.stats.missed_deadlines <= 2  # generous: CI machines are noisy
-    lateness = agg.stats.percentiles("lateness")
-    assert lateness["p50_ms"] < 5.0 and lateness["p99_ms"] < 15.0
+    """Every cycle runs for a deadline on the absolute period grid; an overrun skips whole periods (counted as
+    missed) instead of drifting the grid or bursting to catch up, so cycles + missed periods = elapsed / period.
+    (How late a cycle wakes is latency, not behaviour: `v2grt bench loop` measures it.)"""
+    period_ns = int(PERIOD_S * 1e9)
+    seen = []  # (deadline_ns, cycle end ns, missed_deadlines before this cycle)
+
+    def spy(agg):
+        cycle = agg.loop.cycle
+
+        def recorded(deadline_ns, woke_ns):
+            missed = agg.stats.missed_deadlines
+            if len(seen) == 10:
+                time.sleep(3.5 * PERIOD_S)  # one overrun of 3.5 periods: the loop must skip, not catch up
+            times = cycle(deadline_ns, woke_ns)
+            seen.append((deadline_ns, time.monotonic_ns(), missed))
+            return times
+
+        agg.loop.cycle = recorded
+
+    agg = make_aggregator(before_start=spy)
+    wait_until(lambda: len(seen) >= 60, timeout_s=30.0, what="60 cycles")
+    snap = seen[:60]
+    deadlines = np.array([d for d, _, _ in snap], np.int64)
+    ends = np.array([e for _, e, _ in snap], np.int64)
+    missed = np.array([m for _, _, m in snap], np.int64)
+    assert np.all(deadlines % period_ns == 0), "a deadline off the period grid: the loop drifted"
+    gaps = np.diff(deadlines) // period_ns
+    assert np.all(gaps >= 1)
+    assert np.all(deadlines[1:] >= ends[:-1]), "a cycle ran for a deadline already past: the loop caught up"
+    # every grid point from the first deadline to the last either ran a cycle or was counted as missed
+    assert np.array_equal(gaps - 1, np.diff(missed))
+    assert len(snap) + int(missed[-1] - missed[0]) == (deadlines[-1] - deadlines[0]) // period_ns + 1
+    assert gaps[10] >= 4  # the 3.5-period overrun of cycle 10 skipped at least 3 periods
     assert agg.stats.errors == 0
 
 
