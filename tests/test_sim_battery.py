@@ -316,8 +316,9 @@ def test_bad_requests_are_named():
 
 
 # ---------------------------------------------------------------------------------- speed
-def test_step_of_100k_vehicles():
-    """A step of 100,000 vehicles runs vectorised (timing printed, only loosely bounded: a shared machine)."""
+@pytest.mark.perf
+def test_step_of_100k_vehicles_takes_less_than_a_period():
+    """On a quiet machine a step of 100,000 vehicles takes well under a 100 ms period (timing printed)."""
     fleet = Fleet.random(100_000, seed=1)
     sim = SimFleetState.from_fleet(fleet, seed=1)
     rng = np.random.default_rng(0)
