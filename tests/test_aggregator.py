@@ -143,20 +143,62 @@ def test_frequency_step_at_meter_changes_setpoints(make_aggregator, meter):
         assert st["target_kw"] == pytest.approx(-1000.0, rel=1e-6)
 
 
+def record_requests(agg) -> list:
+    """Per cycle from now on: (monotonic ns after the cycle's dispatch, request_kw, the meter's newest sample ns)."""
+    rows = []
+    agg.cycle_hooks.append(lambda a, r, t: rows.append((time.monotonic_ns(), r.request_kw, a.meter.latest.read()[1])))
+    return rows
+
+
 def test_dead_meter_ramps_out_and_recovers(make_aggregator, meter):
-    """A silent meter raises GRID_FREQUENCY_STALE, ramps the response to 0, and recovery restores it."""
+    """A silent meter raises GRID_FREQUENCY_STALE, ramps the response down steadily to 0 over rampout_s (not
+    at once), and recovery restores it."""
     m, sim = meter
-    agg = make_aggregator()
-    keep_fresh(agg)
-    m.set_frequency(49.5)
-    wait_until(lambda: agg.last_result is not None and agg.last_result.target_kw > 900, what="full response")
+    stale_s, rampout_s, full_kw = 0.2, 1.5, 1000.0
+    agg = make_aggregator(meter={"stale_after_s": stale_s, "rampout_s": rampout_s})
+    m.set_frequency(49.5)  # GB DC: 100 % of 1000 kW
+    wait_until(lambda: agg.last_result is not None and agg.last_result.request_kw == full_kw, what="full response")
+    rows = record_requests(agg)
     sim.stop_device(m)
     wait_until(lambda: agg.events.counts["GRID_FREQUENCY_STALE"] >= 1, what="stale alarm")
-    wait_until(lambda: agg.last_result.target_kw == 0.0, timeout_s=2.0, what="response ramped out")
+    wait_until(lambda: agg.last_result.request_kw == 0.0, timeout_s=10.0, what="response ramped out")
     assert agg.loop.running and agg.stats.errors == 0
+    snap = list(rows)
+    t_last = snap[-1][2]  # the meter's last sample: the ramp runs from t_last + stale_s to + rampout_s
+    kw = np.array([r for _, r, _ in snap])
+    assert np.all(np.diff(kw) <= 0.0), "the response rose while the meter was silent"
+    # A cycle that woke `age` after the last sample asks full * (1 - (age - stale) / rampout); the hook reads
+    # the clock after the cycle woke, so its age bounds the cycle's from above and the request from below.
+    ramp = [(t, r) for t, r, _ in snap if 0.0 < r < full_kw]
+    assert len(ramp) >= 3, "no ramp: the response dropped at once"
+    for t, r in ramp:
+        assert r >= full_kw * (1.0 - ((t - t_last) / 1e9 - stale_s) / rampout_s) - 1e-6, (t - t_last, r)
+    t_zero = next(t for t, r, _ in snap if r == 0.0)
+    assert (t_zero - t_last) / 1e9 >= stale_s + rampout_s, "reached 0 before rampout_s had passed"
     sim.start_device(m)
-    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=5.0, what="restored")
-    wait_until(lambda: agg.last_result.target_kw > 900, what="response back")
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=10.0, what="restored")
+    wait_until(lambda: agg.last_result.request_kw == full_kw, what="response back")
+
+
+def test_dead_meter_with_on_stale_freeze_holds_the_last_response(make_aggregator, meter):
+    """With on_stale: freeze a silent meter raises GRID_FREQUENCY_STALE and the response holds its last value
+    (no ramp) until the meter answers again."""
+    m, sim = meter
+    agg = make_aggregator(meter={"stale_after_s": 0.2, "on_stale": "freeze", "rampout_s": 0.2})
+    m.set_frequency(49.5)
+    wait_until(lambda: agg.last_result is not None and agg.last_result.request_kw == 1000.0, what="full response")
+    rows = record_requests(agg)
+    sim.stop_device(m)
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_STALE"] >= 1, what="stale alarm")
+    n_stale = len(rows)
+    time.sleep(1.0)  # five times rampout_s: a ramp would have reached 0 long ago
+    held = [r for _, r, _ in list(rows)[n_stale:]]
+    assert held and all(r == 1000.0 for r in held), held
+    assert agg.last_result.frequency_hz != agg.last_result.frequency_hz  # NaN: no frequency is claimed
+    m.set_frequency(50.5)
+    sim.start_device(m)
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=10.0, what="restored")
+    wait_until(lambda: agg.last_result.request_kw == -1000.0, what="the response follows the meter again")
 
 
 def test_gateway_receives_only_its_own_topic(make_aggregator):
