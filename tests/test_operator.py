@@ -157,7 +157,8 @@ def test_emergency_stop_reaches_every_gateway_and_holds_until_reset(plant):
 
 
 def test_reload_good_bad_and_sighup(plant):
-    """A good profile reloads between cycles; a bad one is refused naming the key and the old one stays."""
+    """A good profile reloads between cycles; a bad one is refused naming the key and the old one stays;
+    SIGHUP re-reads the configured file, in force only when valid."""
     base = reasons(plant).get("SOC_BELOW_MINIMUM", 0)
     good = write_profile(plant.dir / "good.json", minimum_soc=0.25)
     r = plant.cli("--reload", "--profile", str(good))
@@ -170,19 +171,25 @@ def test_reload_good_bad_and_sighup(plant):
     assert "minimum_soc=2" in r.stderr and "previous profile stays in force" in r.stderr
     time.sleep(0.3)
     assert reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base + 1
-    # SIGHUP reloads the configured file: first back to 0.20, then a broken edit that must be refused
-    write_profile(plant.profile, minimum_soc=0.20)
-    plant.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base, what="SIGHUP reload in force")
-    plant.profile.write_text('{"minimum_soc": 0.2, "temp_min_c": 30}')
+    # SIGHUP re-reads the configured file: a floor of 0.90, which neither the start-up profile (0.20) nor
+    # --reload (0.25) had, puts every vehicle (SoC 0.1-0.8) under it; then a broken edit must be refused.
     try:
+        write_profile(plant.profile, minimum_soc=0.90, maximum_soc=1.0)
+        plant.proc.send_signal(signal.SIGHUP)
+        line = wait_for_log(plant.log, "minimum_soc=0.9")
+        assert " PROFILE_RELOADED " in line and str(plant.profile) in line
+        wait_until(lambda: reasons(plant).get("OK", 0) == 0 and reasons(plant).get("SOC_BELOW_MINIMUM", 0) >= 8,
+                   what="every vehicle under the SIGHUP profile's 0.90 floor")
+        plant.profile.write_text('{"minimum_soc": 0.2, "temp_min_c": 30}')
         plant.proc.send_signal(signal.SIGHUP)
         line = wait_for_log(plant.log, "temp_min_c=30")
         assert " PROFILE_REJECTED " in line
         time.sleep(0.2)
-        assert reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base and plant.proc.poll() is None
+        assert reasons(plant).get("OK", 0) == 0 and plant.proc.poll() is None  # the 0.90 floor stays in force
     finally:
         write_profile(plant.profile, minimum_soc=0.20)
+        plant.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: reasons(plant).get("SOC_BELOW_MINIMUM", 0) == base, what="SIGHUP back to 0.20")
 
 
 def test_telemetry_profile_switches_gateways(plant):
