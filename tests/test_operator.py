@@ -4,10 +4,12 @@ following their setpoints over ZeroMQ, engine.log read back from disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import signal
+import threading
 import time
 import types
 
@@ -31,6 +33,9 @@ from _plant import (
 )
 
 from v2grt.codes import Reason
+from v2grt.fleet import Fleet
+from v2grt.gateway.core import GatewayCore
+from v2grt.gateway.sim import SimVehicles, gateway_fleet
 from v2grt.io import bus
 from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
@@ -51,7 +56,7 @@ def plant(tmp_path_factory):
         for g in gateways.values():
             g.start()
         p = types.SimpleNamespace(dir=d, cfg=cfg, log=log, proc=proc, meter=meter, inverter=inverter,
-                                  gateways=gateways, profile=d / "profile.json")
+                                  gateways=gateways, profile=d / "profile.json", sockets=sockets)
         p.cli = lambda *args, **kw: run(V2G_CLI, *args, "--config", str(cfg), **kw)
         client = bus.ControlClient(zmq.Context.instance(), f"ipc://{sockets}/ctl", timeout_ms=5000)
         p.status = lambda: client.call("status").result  # polling: cheaper than a v2g-cli process each time
@@ -103,20 +108,76 @@ def test_cli_without_aggregator_fails_with_exit_1(tmp_path):
     assert r.returncode == 1 and "did not answer" in r.stderr
 
 
+class WeakCharger:
+    """A fault-injecting driver: simulated vehicles (v2grt.gateway.sim, the battery model) behind chargers of
+    which the one of ``node`` delivers only ``share`` of its command; telemetry reports what was delivered."""
+
+    def __init__(self, vehicles: SimVehicles, node: str, share: float):
+        self.vehicles, self.share = vehicles, share
+        self.node_ids = vehicles.node_ids
+        self.row = self.node_ids.index(node)
+
+    def apply(self, p_kw, now_ns):
+        p = p_kw.copy()
+        p[self.row] *= self.share
+        self.vehicles.apply(p, now_ns)
+
+    def telemetry(self, now_ns):
+        return self.vehicles.telemetry(now_ns)
+
+
+@contextlib.contextmanager
+def real_gateway(plant, gateway_id: str, make_driver):
+    """Swap the plant's simulated gateway for the real GatewayCore around ``make_driver(vehicles)`` (the
+    gateway's vehicles simulated from the roster); put a fresh simulated one back afterwards."""
+    plant.gateways[gateway_id].stop()
+    fleet = gateway_fleet(Fleet.from_csv(plant.dir / "roster.csv"), gateway_id)
+    vehicles = SimVehicles(fleet, gateway_id=gateway_id, unreachable_fraction=0.0, low_soh_fraction=0.0,
+                           hot_fraction=0.0, unplug_rate_per_h=0.0, plug_rate_per_h=0.0)
+    box, stop, ctx = {}, threading.Event(), zmq.Context()
+
+    def main():
+        box["core"] = GatewayCore(ctx, gateway_id, make_driver(vehicles), setpoints=f"ipc://{plant.sockets}/sp",
+                                  telemetry=f"ipc://{plant.sockets}/tel", telemetry_interval_s=0.05)
+        box["core"].run(stop)
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: "core" in box and box["core"].batches_sent >= 5, what=f"{gateway_id} reporting")
+        yield vehicles
+    finally:
+        stop.set()
+        thread.join(5.0)
+        ctx.term()
+        plant.gateways[gateway_id] = SimGateway(gateway_id, f"ipc://{plant.sockets}/sp", f"ipc://{plant.sockets}/tel")
+        plant.gateways[gateway_id].start()
+    assert not thread.is_alive()
+
+
 def test_test_discharge_reports_requested_delivered_and_soc(plant):
-    """A healthy vehicle discharges as asked: the report shows the power its telemetry delivered and its SoC fall."""
-    r = plant.cli("--test-discharge", "--unit-id", "EV_NODE_01", "--kw", "5", "--seconds", "1.5", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    rep = json.loads(r.stdout)
-    assert rep["outcome"] == "done" and rep["verdict"] == "OK"
-    assert rep["kw_requested"] == 5.0 and rep["kw_commanded"] == pytest.approx(5.0, rel=0.05)
-    assert rep["kw_delivered"] == pytest.approx(5.0, rel=0.1)
-    assert rep["soc_after"] < rep["soc_before"]
-    r = run(V2GRT, "test-discharge", "--unit-id", "EV_NODE_04", "--kw", "3", "--seconds", "1",
-            "--config", str(plant.cfg))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"requested\s+3\.00 kW", r.stdout) and re.search(r"delivered\s+[23]\.\d\d kW", r.stdout)
-    assert "SoC" in r.stdout and "result     OK" in r.stdout
+    """The report's delivered power and SoC come from the vehicle's telemetry, not from its setpoint: through a
+    real gateway, a healthy vehicle delivers what it is asked and its SoC falls; one behind a charger that gives
+    40 % of its command is reported at 40 % and fails."""
+    with real_gateway(plant, "gw1", lambda vehicles: WeakCharger(vehicles, "EV_NODE_04", 0.4)) as vehicles:
+        r = plant.cli("--test-discharge", "--unit-id", "EV_NODE_01", "--kw", "5", "--seconds", "1.5", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["outcome"] == "done" and rep["verdict"] == "OK"
+        assert rep["kw_requested"] == 5.0 and rep["kw_commanded"] == pytest.approx(5.0, rel=0.05)
+        assert rep["kw_delivered"] == pytest.approx(5.0, rel=0.1)
+        assert rep["soc_after"] < rep["soc_before"]
+        assert vehicles.state.soc[0] < 0.80  # EV_NODE_01's simulated battery gave the energy
+        r = run(V2GRT, "test-discharge", "--unit-id", "EV_NODE_04", "--kw", "3", "--seconds", "1",
+                "--config", str(plant.cfg))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert re.search(r"requested\s+3\.00 kW", r.stdout)
+        commanded, delivered = (float(re.search(rf"{what}\s+(-?\d+\.\d\d) kW", r.stdout).group(1))
+                                for what in ("commanded", "delivered"))
+        assert commanded == pytest.approx(3.0, rel=0.05), r.stdout
+        assert 0.3 < delivered < 1.5, r.stdout  # 40 % of 3 kW: what the charger gave, not the setpoint
+        assert "SoC" in r.stdout and "FAILED: the vehicle's telemetry shows less than half" in r.stdout
+    wait_until(lambda: reasons(plant).get("OK", 0) >= 8, what="the simulated gw1 back")
 
 
 def test_test_discharge_refuses_an_excluded_vehicle(plant):
