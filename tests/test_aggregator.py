@@ -3,6 +3,7 @@ the control thread running at a fixed period."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import msgpack
@@ -263,23 +264,48 @@ def test_telemetry_updates_fleet_and_foreign_nodes_are_refused(make_aggregator):
 
 
 def test_emergency_stop_latches_until_reset(make_aggregator, meter):
-    """An e-stop over the control socket zeroes every gateway with the flag set until reset."""
+    """An e-stop over the control socket zeroes every gateway with the flag set, from the cycle it names until
+    reset, which releases every gateway."""
     m, _ = meter
-    agg = make_aggregator()
+    agg = make_aggregator(service={"capacity_kw": 100_000.0})  # more than the fleet has: every gateway carries
     keep_fresh(agg)
     m.set_frequency(49.5)
     pub, _, ctl = endpoints(agg)
     ctx = zmq.Context.instance()
-    with bus.GatewaySubscriber(ctx, pub, "gw3") as sub, bus.ControlClient(ctx, ctl) as cli:
-        wait_until(lambda: (s := sub.recv(100)) and s.p_kw.sum() > 0, what="discharging")
-        assert cli.call("estop", reason="test").ok
-        msg = wait_until(lambda: (s := sub.recv(100)) and s.estop and s, what="e-stop message")
-        assert np.all(msg.p_kw == 0.0)
-        time.sleep(0.2)
-        msg = wait_until(lambda: sub.recv(100), what="still latched")
-        assert msg.estop and np.all(msg.p_kw == 0.0)
+    gateways = [gw for gw in agg.fleet.gateway_ids if len(agg.fleet.gateway_rows(gw))]
+    assert len(gateways) == 10
+
+    def next_message(sub, pred, what):
+        return wait_until(lambda: (s := sub.recv(100)) and pred(s) and s, what=what)
+
+    with contextlib.ExitStack() as stack:
+        subs = {gw: stack.enter_context(bus.GatewaySubscriber(ctx, pub, gw)) for gw in gateways}
+        cli = stack.enter_context(bus.ControlClient(ctx, ctl))
+        for gw, sub in subs.items():
+            next_message(sub, lambda s: s.p_kw.sum() > 0, f"{gw} discharging")
+        reply = cli.call("estop", reason="test")
+        assert reply.ok
+        effective = reply.result["effective_seq"]
+        latched = {gw: [] for gw in gateways}  # every message from the e-stop's cycle on, until the reset
+
+        def collect(gw, until_seq):
+            while (msg := subs[gw].recv(100 if until_seq else 0)) is not None:
+                if msg.seq >= effective:
+                    latched[gw].append(msg)
+                if until_seq and msg.seq >= until_seq:
+                    return True
+            return not until_seq
+
+        for gw in gateways:
+            wait_until(lambda gw=gw: collect(gw, effective + 10), what=f"{gw}: ten cycles of e-stop")
+        for gw in gateways:
+            collect(gw, None)  # and what is queued since
         assert cli.call("reset").ok
-        wait_until(lambda: (s := sub.recv(100)) and not s.estop and s.p_kw.sum() > 0, what="released")
+        for gw, sub in subs.items():
+            msg = next_message(sub, lambda s: not s.estop, f"{gw} released")
+            assert all(x.estop and np.all(x.p_kw == 0.0) for x in latched[gw]), gw
+            assert msg.seq > max((x.seq for x in latched[gw]), default=effective)
+            next_message(sub, lambda s: not s.estop and s.p_kw.sum() > 0, f"{gw} discharging again")
 
 
 def test_shutdown_sends_final_zero(make_aggregator, meter):
