@@ -58,7 +58,7 @@ def make_aggregator(meter):
             before_start(agg)
         agg.start()
         started.append(agg)
-        assert agg.first_cycle.wait(3.0)
+        assert agg.first_cycle.wait(20.0)
         return agg
 
     yield _make

@@ -74,7 +74,7 @@ def running_core(ctx, vehicles, pub_ep, pull_ep, **kwargs):
 
     thread = threading.Thread(target=main, daemon=True)
     thread.start()
-    assert ready.wait(3.0)
+    assert ready.wait(20.0)
     try:
         yield box["core"]
     finally:
@@ -89,7 +89,7 @@ def setpoints(ids, p_kw, *, epoch=5, seq=1, ttl_s=0.3, slow_n=1, t_ns=None, esto
                                  np.full(len(ids), p_kw, np.float32), np.zeros(len(ids), np.uint8), slow_n=slow_n)
 
 
-def publish_until(pub, frame_of_seq, pred, timeout_s=3.0, first_seq=1):
+def publish_until(pub, frame_of_seq, pred, timeout_s=10.0, first_seq=1):
     """Publish (with rising seq) every 20 ms until pred() holds (PUB drops until the SUB has joined)."""
     seq = first_seq
     end = time.monotonic() + timeout_s
@@ -157,7 +157,7 @@ def test_older_epoch_is_rejected_and_counted_as_idempotent_key_conflict(aggregat
         for seq in range(1000, 1005):
             pub.send(setpoints(IDS, 7.0, epoch=4, seq=seq, ttl_s=2.0))
             time.sleep(0.02)
-        wait_until(lambda: core.rejected["IDEMPOTENT_KEY_CONFLICT"] == 5, 2.0, "five rejections")
+        wait_until(lambda: core.rejected["IDEMPOTENT_KEY_CONFLICT"] == 5, 10.0, "five rejections")
         assert not any((p == 7.0).any() for _t, p in cars.applied)
         assert core.events.counts["IDEMPOTENT_KEY_CONFLICT"] >= 1  # logged (rate-limited), with the count
         publish_until(pub, lambda s: setpoints(IDS, 2.0, epoch=6, seq=s, ttl_s=2.0), lambda: (cars.last == 2.0).all())
@@ -175,7 +175,7 @@ def test_nodes_missing_from_the_message_get_zero_and_estop_zeroes_all(aggregator
         frame = wire.encode_setpoints("gw1", 5, 10_000, time.time_ns(), time.time_ns() + 2 * 10**9, True,
                                       wire.join_ids(IDS), np.zeros(3, np.float32), np.zeros(3, np.uint8))
         pub.send(frame)
-        wait_until(lambda: (cars.last == 0.0).all(), 2.0, "e-stop to zero")
+        wait_until(lambda: (cars.last == 0.0).all(), 10.0, "e-stop to zero")
 
 
 def test_slow_keys_only_in_every_slow_nth_batch(aggregator_side):

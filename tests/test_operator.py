@@ -201,17 +201,19 @@ def test_emergency_stop_reaches_every_gateway_and_holds_until_reset(plant):
         r = plant.cli("--emergency-stop", "--reason", "test")
         assert r.returncode == 0, r.stderr
         effective = int(re.search(r"from cycle (\d+)", r.stdout).group(1))
-        time.sleep(0.6)
+        wait_until(lambda: all(g.messages[-1][0] >= effective + 10 for g in gws), timeout_s=10,
+                   what="ten cycles of e-stop at every gateway")
         for g in gws:
             after = [m for m in list(g.messages) if m[0] >= effective]
-            assert after and after[0][0] <= effective + 1, g.gateway_id  # the next cycle, not later
-            assert all(estop for _, estop, _, _ in after), g.gateway_id
+            # every message of the cycle it named and later is flagged (a gateway keeps only the newest of
+            # what queued up, so which seq it saw first depends on load, not on the aggregator)
+            assert after and all(estop for _, estop, _, _ in after), g.gateway_id
             assert all(np.all(p == 0.0) for seq, _, p, _ in after if seq > effective), g.gateway_id
         assert plant.status()["estop"] is True
         r = plant.cli("--reset")
         assert r.returncode == 0 and "released" in r.stdout
-        wait_until(lambda: all(not g.messages[-1][1] for g in gws), timeout_s=2, what="e-stop released")
-        wait_until(lambda: sum(g.messages[-1][2].sum() for g in gws) > 0, timeout_s=3, what="discharge resumes")
+        wait_until(lambda: all(not g.messages[-1][1] for g in gws), timeout_s=10, what="e-stop released")
+        wait_until(lambda: sum(g.messages[-1][2].sum() for g in gws) > 0, timeout_s=10, what="discharge resumes")
         assert "EMERGENCY_STOP" in plant.log.read_text()
     finally:
         plant.meter.set_frequency(50.0)
@@ -258,11 +260,11 @@ def test_telemetry_profile_switches_gateways(plant):
     r = plant.cli("--telemetry-profile", "optimized")
     assert r.returncode == 0, r.stderr
     gws = plant.gateways.values()
-    wait_until(lambda: all(g.messages[-1][3] == 10 for g in gws), timeout_s=2, what="slow_n 10")
+    wait_until(lambda: all(g.messages[-1][3] == 10 for g in gws), timeout_s=10, what="slow_n 10")
     assert plant.status()["telemetry_profile"] == "optimized"
     r = run(V2GRT, "telemetry-profile", "default", "--config", str(plant.cfg))
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: all(g.messages[-1][3] == 1 for g in gws), timeout_s=2, what="slow_n 1")
+    wait_until(lambda: all(g.messages[-1][3] == 1 for g in gws), timeout_s=10, what="slow_n 1")
 
 
 def test_grid_frequency_alert_throttles_and_clears(plant):

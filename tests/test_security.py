@@ -70,7 +70,7 @@ def make_secure(keys):
         agg.log_lines = lines.lines
         agg.start()
         started.append(agg)
-        assert agg.first_cycle.wait(3.0)
+        assert agg.first_cycle.wait(20.0)
         return agg
 
     yield _make
