@@ -3,6 +3,7 @@ the control thread running at a fixed period."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -60,7 +61,7 @@ def make_aggregator(meter):
             before_start(agg)
         agg.start()
         started.append(agg)
-        assert agg.first_cycle.wait(3.0)
+        assert agg.first_cycle.wait(20.0)
         return agg
 
     yield _make
@@ -78,15 +79,39 @@ def keep_fresh(agg):
 
 
 def test_loop_keeps_its_period_without_drift(make_aggregator):
-    """Over 2 s the loop runs one cycle per period on the grid, with bounded lateness."""
-    agg = make_aggregator()
-    c0, t0 = agg.stats.cycles, time.monotonic()
-    time.sleep(2.0)
-    cycles, elapsed = agg.stats.cycles - c0, time.monotonic() - t0
-    assert abs(cycles - elapsed / PERIOD_S) <= 3 + agg.stats.missed_deadlines
-    assert agg.stats.missed_deadlines <= 2  # generous: CI machines are noisy
-    lateness = agg.stats.percentiles("lateness")
-    assert lateness["p50_ms"] < 5.0 and lateness["p99_ms"] < 15.0
+    """Every cycle runs for a deadline on the absolute period grid; an overrun skips whole periods (counted as
+    missed) instead of drifting the grid or bursting to catch up, so cycles + missed periods = elapsed / period.
+    (How late a cycle wakes is latency, not behaviour: `v2grt bench loop` measures it.)"""
+    period_ns = int(PERIOD_S * 1e9)
+    seen = []  # (deadline_ns, cycle end ns, missed_deadlines before this cycle)
+
+    def spy(agg):
+        cycle = agg.loop.cycle
+
+        def recorded(deadline_ns, woke_ns):
+            missed = agg.stats.missed_deadlines
+            if len(seen) == 10:
+                time.sleep(3.5 * PERIOD_S)  # one overrun of 3.5 periods: the loop must skip, not catch up
+            times = cycle(deadline_ns, woke_ns)
+            seen.append((deadline_ns, time.monotonic_ns(), missed))
+            return times
+
+        agg.loop.cycle = recorded
+
+    agg = make_aggregator(before_start=spy)
+    wait_until(lambda: len(seen) >= 60, timeout_s=30.0, what="60 cycles")
+    snap = seen[:60]
+    deadlines = np.array([d for d, _, _ in snap], np.int64)
+    ends = np.array([e for _, e, _ in snap], np.int64)
+    missed = np.array([m for _, _, m in snap], np.int64)
+    assert np.all(deadlines % period_ns == 0), "a deadline off the period grid: the loop drifted"
+    gaps = np.diff(deadlines) // period_ns
+    assert np.all(gaps >= 1)
+    assert np.all(deadlines[1:] >= ends[:-1]), "a cycle ran for a deadline already past: the loop caught up"
+    # every grid point from the first deadline to the last either ran a cycle or was counted as missed
+    assert np.array_equal(gaps - 1, np.diff(missed))
+    assert len(snap) + int(missed[-1] - missed[0]) == (deadlines[-1] - deadlines[0]) // period_ns + 1
+    assert gaps[10] >= 4  # the 3.5-period overrun of cycle 10 skipped at least 3 periods
     assert agg.stats.errors == 0
 
 
@@ -122,20 +147,62 @@ def test_frequency_step_at_meter_changes_setpoints(make_aggregator, meter):
         assert st["target_kw"] == pytest.approx(-1000.0, rel=1e-6)
 
 
+def record_requests(agg) -> list:
+    """Per cycle from now on: (monotonic ns after the cycle's dispatch, request_kw, the meter's newest sample ns)."""
+    rows = []
+    agg.cycle_hooks.append(lambda a, r, t: rows.append((time.monotonic_ns(), r.request_kw, a.meter.latest.read()[1])))
+    return rows
+
+
 def test_dead_meter_ramps_out_and_recovers(make_aggregator, meter):
-    """A silent meter raises GRID_FREQUENCY_STALE, ramps the response to 0, and recovery restores it."""
+    """A silent meter raises GRID_FREQUENCY_STALE, ramps the response down steadily to 0 over rampout_s (not
+    at once), and recovery restores it."""
     m, sim = meter
-    agg = make_aggregator()
-    keep_fresh(agg)
-    m.set_frequency(49.5)
-    wait_until(lambda: agg.last_result is not None and agg.last_result.target_kw > 900, what="full response")
+    stale_s, rampout_s, full_kw = 0.2, 1.5, 1000.0
+    agg = make_aggregator(meter={"stale_after_s": stale_s, "rampout_s": rampout_s})
+    m.set_frequency(49.5)  # GB DC: 100 % of 1000 kW
+    wait_until(lambda: agg.last_result is not None and agg.last_result.request_kw == full_kw, what="full response")
+    rows = record_requests(agg)
     sim.stop_device(m)
     wait_until(lambda: agg.events.counts["GRID_FREQUENCY_STALE"] >= 1, what="stale alarm")
-    wait_until(lambda: agg.last_result.target_kw == 0.0, timeout_s=2.0, what="response ramped out")
+    wait_until(lambda: rows and rows[-1][1] == 0.0, timeout_s=10.0, what="response ramped out")
     assert agg.loop.running and agg.stats.errors == 0
+    snap = list(rows)
+    t_last = snap[-1][2]  # the meter's last sample: the ramp runs from t_last + stale_s to + rampout_s
+    kw = np.array([r for _, r, _ in snap])
+    assert np.all(np.diff(kw) <= 0.0), "the response rose while the meter was silent"
+    # A cycle that woke `age` after the last sample asks full * (1 - (age - stale) / rampout); the hook reads
+    # the clock after the cycle woke, so its age bounds the cycle's from above and the request from below.
+    ramp = [(t, r) for t, r, _ in snap if 0.0 < r < full_kw]
+    assert len(ramp) >= 3, "no ramp: the response dropped at once"
+    for t, r in ramp:
+        assert r >= full_kw * (1.0 - ((t - t_last) / 1e9 - stale_s) / rampout_s) - 1e-6, (t - t_last, r)
+    t_zero = next(t for t, r, _ in snap if r == 0.0)
+    assert (t_zero - t_last) / 1e9 >= stale_s + rampout_s, "reached 0 before rampout_s had passed"
     sim.start_device(m)
-    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=5.0, what="restored")
-    wait_until(lambda: agg.last_result.target_kw > 900, what="response back")
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=10.0, what="restored")
+    wait_until(lambda: agg.last_result.request_kw == full_kw, what="response back")
+
+
+def test_dead_meter_with_on_stale_freeze_holds_the_last_response(make_aggregator, meter):
+    """With on_stale: freeze a silent meter raises GRID_FREQUENCY_STALE and the response holds its last value
+    (no ramp) until the meter answers again."""
+    m, sim = meter
+    agg = make_aggregator(meter={"stale_after_s": 0.2, "on_stale": "freeze", "rampout_s": 0.2})
+    m.set_frequency(49.5)
+    wait_until(lambda: agg.last_result is not None and agg.last_result.request_kw == 1000.0, what="full response")
+    rows = record_requests(agg)
+    sim.stop_device(m)
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_STALE"] >= 1, what="stale alarm")
+    n_stale = len(rows)
+    time.sleep(1.0)  # five times rampout_s: a ramp would have reached 0 long ago
+    held = [r for _, r, _ in list(rows)[n_stale:]]
+    assert held and all(r == 1000.0 for r in held), held
+    assert agg.last_result.frequency_hz != agg.last_result.frequency_hz  # NaN: no frequency is claimed
+    m.set_frequency(50.5)
+    sim.start_device(m)
+    wait_until(lambda: agg.events.counts["GRID_FREQUENCY_RESTORED"] >= 1, timeout_s=10.0, what="restored")
+    wait_until(lambda: agg.last_result.request_kw == -1000.0, what="the response follows the meter again")
 
 
 def test_gateway_receives_only_its_own_topic(make_aggregator):
@@ -200,23 +267,48 @@ def test_telemetry_updates_fleet_and_foreign_nodes_are_refused(make_aggregator):
 
 
 def test_emergency_stop_latches_until_reset(make_aggregator, meter):
-    """An e-stop over the control socket zeroes every gateway with the flag set until reset."""
+    """An e-stop over the control socket zeroes every gateway with the flag set, from the cycle it names until
+    reset, which releases every gateway."""
     m, _ = meter
-    agg = make_aggregator()
+    agg = make_aggregator(service={"capacity_kw": 100_000.0})  # more than the fleet has: every gateway carries
     keep_fresh(agg)
     m.set_frequency(49.5)
     pub, _, ctl = endpoints(agg)
     ctx = zmq.Context.instance()
-    with bus.GatewaySubscriber(ctx, pub, "gw3") as sub, bus.ControlClient(ctx, ctl) as cli:
-        wait_until(lambda: (s := sub.recv(100)) and s.p_kw.sum() > 0, what="discharging")
-        assert cli.call("estop", reason="test").ok
-        msg = wait_until(lambda: (s := sub.recv(100)) and s.estop and s, what="e-stop message")
-        assert np.all(msg.p_kw == 0.0)
-        time.sleep(0.2)
-        msg = wait_until(lambda: sub.recv(100), what="still latched")
-        assert msg.estop and np.all(msg.p_kw == 0.0)
+    gateways = [gw for gw in agg.fleet.gateway_ids if len(agg.fleet.gateway_rows(gw))]
+    assert len(gateways) == 10
+
+    def next_message(sub, pred, what):
+        return wait_until(lambda: (s := sub.recv(100)) and pred(s) and s, what=what)
+
+    with contextlib.ExitStack() as stack:
+        subs = {gw: stack.enter_context(bus.GatewaySubscriber(ctx, pub, gw)) for gw in gateways}
+        cli = stack.enter_context(bus.ControlClient(ctx, ctl))
+        for gw, sub in subs.items():
+            next_message(sub, lambda s: s.p_kw.sum() > 0, f"{gw} discharging")
+        reply = cli.call("estop", reason="test")
+        assert reply.ok
+        effective = reply.result["effective_seq"]
+        latched = {gw: [] for gw in gateways}  # every message from the e-stop's cycle on, until the reset
+
+        def collect(gw, until_seq):
+            while (msg := subs[gw].recv(100 if until_seq else 0)) is not None:
+                if msg.seq >= effective:
+                    latched[gw].append(msg)
+                if until_seq and msg.seq >= until_seq:
+                    return True
+            return not until_seq
+
+        for gw in gateways:
+            wait_until(lambda gw=gw: collect(gw, effective + 10), what=f"{gw}: ten cycles of e-stop")
+        for gw in gateways:
+            collect(gw, None)  # and what is queued since
         assert cli.call("reset").ok
-        wait_until(lambda: (s := sub.recv(100)) and not s.estop and s.p_kw.sum() > 0, what="released")
+        for gw, sub in subs.items():
+            msg = next_message(sub, lambda s: not s.estop, f"{gw} released")
+            assert all(x.estop and np.all(x.p_kw == 0.0) for x in latched[gw]), gw
+            assert msg.seq > max((x.seq for x in latched[gw]), default=effective)
+            next_message(sub, lambda s: not s.estop and s.p_kw.sum() > 0, f"{gw} discharging again")
 
 
 def test_shutdown_sends_final_zero(make_aggregator, meter):

