@@ -118,7 +118,7 @@ class SimChargers:
     (see :meth:`address`). ``state`` row ``i`` is charger ``i``. ``writes`` keeps the last setpoint
     writes received; ``p_kw`` is what each charger delivers now (+ discharge), ``target_kw`` what it
     is heading for, ``applied_ns`` when its newest target took effect, ``reversions`` how often its
-    reversion timer fired.
+    reversion timer moved it (to WSetRvrt from another power).
     """
 
     def __init__(self, state: SimFleetState, layout: list[tuple[str, int, list[tuple[int, int]]]], *,
@@ -193,9 +193,11 @@ class SimChargers:
             self.pending_at_ns[due] = np.iinfo(np.int64).max
         reverted = self.revert_at_ns <= now_ns
         if reverted.any():
+            # Counted (and timed) only where the timer changes what the charger does.
+            moved = reverted & (self.target_kw != self.revert_kw)
+            self.reversions[moved] += 1
+            self.applied_ns[moved] = now_ns
             self.target_kw[reverted] = self.revert_kw[reverted]
-            self.applied_ns[reverted] = now_ns
-            self.reversions[reverted] += 1
             self.revert_at_ns[reverted] = np.iinfo(np.int64).max
         target = np.clip(self.target_kw, -s.p_chg_max_kw, s.p_dis_max_kw)
         step = self.ramp_kw_per_s * dt_s
