@@ -116,9 +116,10 @@ class SimChargers:
 
     ``layout``: a list of (host, port, [(row, unit id), ...]) servers; port 0 binds an ephemeral port
     (see :meth:`address`). ``state`` row ``i`` is charger ``i``. ``writes`` keeps the last setpoint
-    writes received; ``p_kw`` is what each charger delivers now (+ discharge), ``target_kw`` what it
-    is heading for, ``applied_ns`` when its newest target took effect, ``reversions`` how often its
-    reversion timer moved it (to WSetRvrt from another power).
+    writes received and ``applies`` the (t_ns, row, kW) of each taking effect; ``p_kw`` is what each
+    charger delivers now (+ discharge), ``target_kw`` what it is heading for, ``applied_ns`` when its
+    newest target took effect, ``reversions`` how often its reversion timer moved it (to WSetRvrt
+    from another power).
     """
 
     def __init__(self, state: SimFleetState, layout: list[tuple[str, int, list[tuple[int, int]]]], *,
@@ -153,6 +154,7 @@ class SimChargers:
         self.revert_kw = np.zeros(n)
         self.reversions = np.zeros(n, dtype=np.int64)
         self.writes: collections.deque[Write] = collections.deque(maxlen=100_000)
+        self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=100_000)
         self._raw = {k: np.full(n, -1, dtype=np.int64) for k in ("W", "SoC", "SoH", "WHAvail", "Rem", "Alrm")}
         self._ports: list[int] = [p for _h, p, _u in self.layout]
         self._servers: list[ModbusTcpServer] = []
@@ -191,6 +193,8 @@ class SimChargers:
             self.target_kw[due] = self.pending_kw[due]
             self.applied_ns[due] = now_ns
             self.pending_at_ns[due] = np.iinfo(np.int64).max
+            for i in np.flatnonzero(due).tolist():
+                self.applies.append((now_ns, i, float(self.target_kw[i])))
         reverted = self.revert_at_ns <= now_ns
         if reverted.any():
             # Counted (and timed) only where the timer changes what the charger does.
