@@ -242,13 +242,13 @@ def test_a_device_without_the_charger_models_or_with_a_bad_scale_factor_is_refus
     devices[nid0] = sm.DeviceAddress("127.0.0.1", isim.port(inverter), 1)
     gw = start_gateway(fleet, devices)
     try:
-        wait_until(lambda: gw.telemetry(time.monotonic_ns())["online"].tolist() == [0, 1, 0, 1], 5.0,
-                   "the two good chargers online")
+        wait_until(lambda: gw.telemetry(time.monotonic_ns())["fault"].tolist() == [Reason.OFFLINE, 0, Reason.OFFLINE,
+                                                                              0], 5.0, "the two good chargers read")
         wait_until(lambda: gw.pollers[0].counters.connect_failures >= 1 and gw.pollers[2].setup_refused >= 1, 3.0,
                    "both refused at connect")
         assert "models [702, 713] missing" in gw.pollers[0].counters.last_error
         assert "WSet_SF=20" in gw.pollers[2].counters.last_error
-        assert gw.telemetry(time.monotonic_ns())["fault"].tolist() == [Reason.OFFLINE, 0, Reason.OFFLINE, 0]
+        assert gw.telemetry(time.monotonic_ns())["online"].tolist() == [0, 1, 0, 1]
         gw.apply(np.array([2.0, 2.0, 2.0, 2.0]), 0)
         wait_until(lambda: wset_kw(sim, 1) == 2.0 and wset_kw(sim, 3) == 2.0, 3.0, "the good ones written")
         assert inverter.setpoint().t_written_ns is None and not any(w.row == 2 for w in list(sim.writes))
