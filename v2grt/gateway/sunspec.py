@@ -295,7 +295,9 @@ class SunSpecChargers:
                 if reading.wh_avail_kwh == 0.0:
                     self.dis_kw[i] = 0.0  # nothing left to give, whatever the SoC says
                 p_kw[i] = reading.p_kw if online[i] else 0.0
-            self._announce(i, poller, int(fault[i]))
+            # Connected but not read yet is TIMEOUT_BMS_RESPONSE for a moment at every connect: not an event.
+            self._announce(i, poller, int(fault[i]) if reading is not None or fault[i] != Reason.TIMEOUT_BMS_RESPONSE
+                           else int(self._announced[i]))
         out = {"soc": soc, "p_kw": p_kw, "online": online, "fault": fault, "p_dis_max_kw": self.dis_kw.copy(),
                "p_chg_max_kw": self.chg_kw.copy()}
         if not np.isnan(soh).any():  # a slow key goes out only for batches where every node has it
