@@ -100,8 +100,8 @@ def main() -> None:
 
     def q(xs):
         a = np.array(xs)
-        return (f"p50 {np.percentile(a, 50):.0f} ms, p90 {np.percentile(a, 90):.0f} ms, max {a.max():.0f} ms "
-                f"(n={a.size})")
+        return (f"p50 {np.percentile(a, 50):.0f} ms, p90 {np.percentile(a, 90):.0f} ms, "
+                f"p99 {np.percentile(a, 99):.0f} ms, max {a.max():.0f} ms (n={a.size})")
 
     print(f"{n} chargers, {args.steps} steps of {args.gap_s} s")
     print(f"first WSet of the new sign at a charger: {q(first)}")
