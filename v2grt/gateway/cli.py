@@ -1,4 +1,4 @@
-"""`v2grt gateway sim` (simulated vehicles) and `v2grt gateway ocpp` (OCPP 2.1 charging stations).
+"""`v2grt gateway sim` (simulated vehicles), `ocpp` (OCPP 2.1 charging stations), `sunspec` (SunSpec DER chargers).
 
     v2grt gateway sim --roster fleet.csv --gateway-id gw3 \\
         --setpoints tcp://127.0.0.1:5560 --telemetry tcp://127.0.0.1:5561
@@ -14,6 +14,11 @@ telemetry batch showing it, then ``--state-out`` is written if given. Also runna
 
 is the same gateway with charging stations behind it instead of simulated vehicles: a CSMS that
 stations reach at ``wss://<host>:9000/ocpp/<station id>`` (docs/gateways.md).
+
+    v2grt gateway sunspec --roster fleet.csv --gateway-id sunspec1 --devices devices.csv
+
+drives bidirectional chargers on Modbus TCP read as SunSpec DER devices (701/702/704/713); the
+devices file maps each roster node to host, port and unit id (docs/gateways.md).
 """
 
 from __future__ import annotations
@@ -170,6 +175,64 @@ def cmd_ocpp(args) -> int:
         ctx.term()
 
 
+def cmd_sunspec(args) -> int:
+    """Run the SunSpec DER gateway (chargers on Modbus TCP, one per roster node) until SIGTERM/SIGINT."""
+    import zmq
+
+    from v2grt.events import EventLog, setup_logging
+    from v2grt.fleet import Fleet, FleetError
+    from v2grt.gateway import sunspec_mapping as sm
+    from v2grt.gateway.core import GatewayCore, GatewayError
+    from v2grt.gateway.sim import gateway_fleet
+    from v2grt.gateway.sunspec import SunSpecChargers, SunSpecSettings
+    from v2grt.io.bus import BusError
+    from v2grt.roster import RosterError
+    from v2grt.service import SignalFlag
+
+    setup_logging(args.log_file, json_lines=args.json_logs)
+    stop = SignalFlag()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    events = EventLog(interval_s=args.event_interval_s)
+    try:
+        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
+        devices = sm.load_devices(args.devices)
+    except FileNotFoundError as exc:
+        return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
+    except (RosterError, FleetError, GatewayError, sm.MappingError) as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    from v2grt.cli import CliError
+    from v2grt.security import client_curve_from_args
+
+    try:
+        curve = client_curve_from_args(args)
+    except CliError as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    settings = SunSpecSettings(poll_s=args.poll_s, timeout_s=args.timeout_s, revert_s=args.revert_s,
+                               deadband_kw=args.deadband_kw, stale_s=args.stale_s)
+    ctx = zmq.Context()
+    vehicles = None
+    try:
+        try:
+            vehicles = SunSpecChargers(fleet, devices, settings, gateway_id=args.gateway_id, events=events).start()
+            core = GatewayCore(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
+                               telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
+        except (GatewayError, BusError, zmq.ZMQError) as exc:
+            return _fail(str(exc), EXIT_INVALID)
+        log.info("GATEWAY_START gateway=%s kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g "
+                 "revert_s=%d deadband_kw=%g", args.gateway_id, len(vehicles.node_ids), args.setpoints,
+                 args.telemetry, args.poll_s, args.revert_s, args.deadband_kw)
+        core.run(stop)  # returns with every node at 0 kW (handed to the pollers) and the sockets closed
+        vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
+        counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
+        log.info("GATEWAY_STOP gateway=%s kind=sunspec %s", args.gateway_id, counters)
+        return EXIT_OK
+    finally:
+        if vehicles is not None:
+            vehicles.close()
+        ctx.term()
+
+
 def cmd_ocpp_password(args) -> int:
     """Print a credentials-file row for a station: the password is read from stdin (one line)."""
     from v2grt.gateway import ocpp_mapping as om
@@ -271,13 +334,49 @@ def _add_ocpp(gsub) -> None:
     p.set_defaults(func=cmd_ocpp_password)
 
 
+def _add_sunspec(gsub) -> None:
+    from v2grt.io import bus
+
+    p = gsub.add_parser("sunspec", help="SunSpec DER chargers on Modbus TCP behind one gateway (docs/gateways.md)",
+                        description=cmd_sunspec.__doc__ + " Powers are kW, positive = discharge into the grid.")
+    p.add_argument("--roster", required=True, help="roster CSV; the gateway drives the rows with its gateway id")
+    p.add_argument("--gateway-id", required=True, help="this gateway's id (its setpoint topic is sp/<id>)")
+    p.add_argument("--devices", required=True,
+                   help="CSV node_id,host,port,unit_id: where each roster node's charger answers")
+    p.add_argument("--setpoints", default=bus.DEFAULT_SETPOINT_CONNECT,
+                   help=f"the aggregator's setpoint PUB (default {bus.DEFAULT_SETPOINT_CONNECT})")
+    p.add_argument("--telemetry", default=bus.DEFAULT_TELEMETRY_CONNECT,
+                   help=f"the aggregator's telemetry PULL (default {bus.DEFAULT_TELEMETRY_CONNECT})")
+    p.add_argument("--telemetry-interval-s", type=float, default=1.0,
+                   help="seconds between telemetry batches (default 1.0)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="read 701 and 713 of each charger this often (1 s)")
+    p.add_argument("--timeout-s", type=float, default=0.5, help="wait this long for each Modbus reply (0.5 s)")
+    p.add_argument("--revert-s", type=int, default=2,
+                   help="WSetRvrtTms written with every setpoint: whole seconds after which a charger that "
+                        "hears nothing more goes to 0 W on its own (default 2; re-written every revert-s/3)")
+    p.add_argument("--deadband-kw", type=float, default=0.2,
+                   help="write a setpoint at once only when it moved more than this (default 0.2 kW; 0 always "
+                        "goes out; smaller moves go out with the refresh)")
+    p.add_argument("--stale-s", type=float, default=5.0,
+                   help="a charger without a valid poll for this long reports TIMEOUT_BMS_RESPONSE (default 5 s)")
+    p.add_argument("--event-interval-s", type=float, default=60.0,
+                   help="log the same event code for the same key at most this often (default 60)")
+    p.add_argument("--log-file", help="write the gateway log here instead of stderr")
+    p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    from v2grt.security import add_client_key_options
+
+    add_client_key_options(p)
+    p.set_defaults(func=cmd_sunspec)
+
+
 def add_parser(sub) -> None:
     """Register `v2grt gateway ...` on the v2grt command line."""
-    p = sub.add_parser("gateway", help="gateways: simulated vehicles, OCPP 2.1 charging stations",
+    p = sub.add_parser("gateway", help="gateways: simulated vehicles, OCPP 2.1 stations, SunSpec DER chargers",
                        description="Reference gateways: subscribe to setpoints, drive vehicles, push telemetry.")
     gsub = p.add_subparsers(dest="gateway_command", required=True, metavar="KIND")
     _add_sim(gsub)
     _add_ocpp(gsub)
+    _add_sunspec(gsub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     gsub = ap.add_subparsers(dest="gateway_command", required=True, metavar="KIND")
     _add_sim(gsub)
     _add_ocpp(gsub)
+    _add_sunspec(gsub)
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,4 @@
-"""`v2grt sim ...`: simulators that stand in for field equipment (today: OCPP 2.1 charging stations).
+"""`v2grt sim ...`: simulators that stand in for field equipment (OCPP 2.1 stations, SunSpec DER chargers).
 
     v2grt sim ocpp-stations --write-site site/ --stations 50 --evses 2 --gateway-id ocpp1
     v2grt sim ocpp-stations --url wss://127.0.0.1:9000/ocpp --roster site/roster.csv \\
@@ -6,6 +6,12 @@
 
 The first writes a roster of ``<station>:<evse>`` nodes, the gateway's credentials file (hashes)
 and the simulator's passwords file; the second runs the stations until SIGTERM/SIGINT.
+
+    v2grt sim sunspec-chargers --write-site site/ --chargers 20 --gateway-id sunspec1 --base-port 15020
+    v2grt sim sunspec-chargers --roster site/roster.csv --devices site/devices.csv --gateway-id sunspec1
+
+The same for SunSpec DER chargers on Modbus TCP: a roster and the devices file (node -> host, port,
+unit id), then the chargers served where the devices file says.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -109,18 +116,109 @@ def _add_ocpp_stations(ssub) -> None:
     p.set_defaults(func=cmd_ocpp_stations)
 
 
+def cmd_sunspec_chargers(args) -> int:
+    """Simulated SunSpec DER chargers (pymodbus servers, models 1/701/702/704/713) with EVs from the battery model."""
+    from v2grt.events import setup_logging
+    from v2grt.fleet import Fleet
+    from v2grt.gateway import sunspec_mapping as sm
+    from v2grt.gateway.sim import gateway_fleet
+    from v2grt.service import SignalFlag
+    from v2grt.sim.battery import SimFleetState
+    from v2grt.sim.sunspec_chargers import SimChargers, layout_from_devices, write_site
+
+    if args.write_site:
+        paths = write_site(args.write_site, n_devices=args.chargers, gateway_id=args.gateway_id, host=args.host,
+                           base_port=args.base_port, units_per_server=args.units_per_server, seed=args.seed)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return EXIT_OK
+    if not (args.roster and args.devices):
+        print("v2grt sim sunspec-chargers: --roster and --devices are required (or --write-site)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    setup_logging(args.log_file, json_lines=False)
+    try:
+        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
+        node_ids = list(fleet.node_ids[: fleet.n_rows])
+        layout = layout_from_devices(sm.load_devices(args.devices), node_ids)
+        kinds = _kinds_by_row(args.kinds, len(node_ids))
+        lo, _, hi = args.latency_ms.partition(":")
+        latency = (float(lo) / 1000.0, float(hi or lo) / 1000.0)
+        state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
+        sims = SimChargers(state, layout, kinds=kinds, latency_s=latency, ramp_kw_per_s=args.ramp_kw_per_s,
+                           seed=args.seed)
+    except Exception as exc:  # every input problem is a usage error here, named
+        print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    stop = SignalFlag()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        sims.start()
+    except RuntimeError as exc:
+        print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    log.info("SIM_SUNSPEC_START chargers=%d servers=%d kinds=%s", len(node_ids), len(layout), args.kinds or "-")
+    while not stop.is_set():
+        time.sleep(0.1)
+    sims.stop()
+    log.info("SIM_SUNSPEC_STOP writes=%d reversions=%d", len(sims.writes), int(sims.reversions.sum()))
+    return EXIT_OK
+
+
+def _kinds_by_row(spec: str | None, n: int) -> dict[int, str]:
+    """``silent=1,bad=2`` -> the first charger(s) get those kinds, in that order."""
+    from v2grt.sim.sunspec_chargers import KINDS
+
+    out: dict[int, str] = {}
+    row = 0
+    for part in (spec or "").split(",") if spec else []:
+        kind, _, count = part.partition("=")
+        if kind not in KINDS or not count.isdigit():
+            raise ValueError(f"--kinds {part!r}: expected KIND=COUNT with KIND one of {', '.join(KINDS)}")
+        for _ in range(int(count)):
+            if row >= n:
+                raise ValueError(f"--kinds {spec!r}: more misbehaving chargers than chargers")
+            out[row] = kind
+            row += 1
+    return out
+
+
+def _add_sunspec_chargers(ssub) -> None:
+    p = ssub.add_parser("sunspec-chargers", help="simulated SunSpec DER chargers (Modbus TCP) with EVs",
+                        description=cmd_sunspec_chargers.__doc__ + " Powers are kW, + = discharge into the grid.")
+    p.add_argument("--roster", help="roster CSV; the chargers of --gateway-id are simulated")
+    p.add_argument("--devices", help="CSV node_id,host,port,unit_id (written by --write-site): where to serve")
+    p.add_argument("--gateway-id", default="sunspec1", help="the gateway whose roster rows to simulate (sunspec1)")
+    p.add_argument("--kinds", help="misbehaving chargers, e.g. silent=1,bad=1 (the first chargers)")
+    p.add_argument("--latency-ms", default="5:20", help="write-to-apply latency range MIN:MAX in ms (default 5:20)")
+    p.add_argument("--ramp-kw-per-s", type=float, default=50.0, help="power ramp of each charger (default 50 kW/s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of latencies and the site's SoCs")
+    p.add_argument("--write-site", metavar="DIR", help="write roster.csv and devices.csv for --chargers chargers "
+                                                       "into DIR, then exit")
+    p.add_argument("--chargers", type=int, default=10, help="with --write-site: chargers (default 10)")
+    p.add_argument("--host", default="127.0.0.1", help="with --write-site: the chargers' host (127.0.0.1)")
+    p.add_argument("--base-port", type=int, default=15020, help="with --write-site: first TCP port (15020)")
+    p.add_argument("--units-per-server", type=int, default=1,
+                   help="with --write-site: unit ids per TCP port (default 1: one server per charger)")
+    p.add_argument("--log-file", help="write the log here instead of stderr")
+    p.set_defaults(func=cmd_sunspec_chargers)
+
+
 def add_parser(sub) -> None:
     """Register `v2grt sim ...` on the v2grt command line."""
-    p = sub.add_parser("sim", help="simulators of field equipment (OCPP charging stations)",
+    p = sub.add_parser("sim", help="simulators of field equipment (OCPP stations, SunSpec DER chargers)",
                        description="Simulators that stand in for field equipment.")
     ssub = p.add_subparsers(dest="sim_command", required=True, metavar="KIND")
     _add_ocpp_stations(ssub)
+    _add_sunspec_chargers(ssub)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt sim")
     ssub = ap.add_subparsers(dest="sim_command", required=True, metavar="KIND")
     _add_ocpp_stations(ssub)
+    _add_sunspec_chargers(ssub)
     args = ap.parse_args(argv)
     return args.func(args)
 

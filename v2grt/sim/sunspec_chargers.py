@@ -1,0 +1,367 @@
+"""Simulated SunSpec DER chargers: bidirectional EV chargers on Modbus TCP with EVs from the battery model.
+
+Each charger is a :class:`~v2grt.sim.sunspec.SunSpecDevice` register image: 'SunS' at 40000, model
+1, 701 (DERMeasureAC), 702 (DERCapacity), 704 (DERCtlAC), 713 (DERStorageCapacity), end model, laid
+out from pysunspec2's model definitions. Chargers are served by real pymodbus ``ModbusTcpServer``s,
+one per (host, port), each holding one or more unit ids. Behind every charger is an EV from
+:class:`~v2grt.sim.battery.SimFleetState` (charger ``i`` = roster row ``i``), stepped every ``tick_s``
+for all chargers at once. What a charger does with a write of the 704 setpoint block:
+
+- the new ``WSet`` (``WSetEna`` ENABLED, ``WSetMod`` WATTS; anything else means 0 W here) takes
+  effect after the charger's command latency (uniform in ``latency_s``), then the power ramps at
+  ``ramp_kw_per_s`` (a converter does not jump), clipped to the 702 ratings and the battery;
+- the reversion timer: ``WSetRvrtTms`` whole seconds after the write (when ``WSetEnaRvrt`` is
+  ENABLED), with no newer write, the charger goes to ``WSetRvrt`` on its own; ``WSetRvrtRem``
+  counts down.
+
+Kinds that misbehave on purpose: ``silent`` (never answers; the TCP connection stays up) and ``bad``
+(reports SoC 250 %). Powers are kW, + = discharge into the grid; SunSpec's signs (the same) come
+from v2grt.gateway.sunspec_mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import csv
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pymodbus.server import ModbusTcpServer
+
+from v2grt.gateway import sunspec_mapping as sm
+from v2grt.io.modbus import decode_point, model_points
+from v2grt.sim.battery import SimFleetState
+from v2grt.sim.sunspec import SunSpecDevice
+
+KINDS = ("normal", "silent", "bad")
+#: 713 scale factors of the simulated chargers: SoC/SoH in 0.1 %, energy in 10 Wh (uint16 up to 655 kWh).
+PCT_SF = -1
+WH_SF = 1
+
+
+def _w_sf(p_max_kw: float) -> int:
+    """The smallest W_SF >= 0 whose int16 (701 W) / uint16 (702) holds 1.2 x the rating."""
+    sf = 0
+    while p_max_kw * 1200.0 / 10.0**sf > 32767:
+        sf += 1
+    return sf
+
+
+@dataclass
+class Write:
+    """One client write of the 704 setpoint block, as the charger received it (tests, latency probes)."""
+
+    t_ns: int  # CLOCK_MONOTONIC of arrival
+    row: int
+    p_kw: float  # WSet as kW (+ discharge); 0 when WSetEna is not ENABLED or WSetMod is not WATTS
+    revert_s: int  # WSetRvrtTms (0: no reversion)
+    revert_kw: float
+
+
+class SunSpecCharger(SunSpecDevice):
+    """One charger's register image (models 1, 701, 702, 704, 713); physics live in :class:`SimChargers`."""
+
+    def __init__(self, row: int, *, p_dis_max_kw: float, p_chg_max_kw: float, capacity_kwh: float,
+                 on_write=None, device_id: int = 1, name: str = "charger", sn: str = "0001"):
+        super().__init__([701, 702, 704, 713], md="ev-charger-701-702-704-713", device_id=device_id, name=name,
+                         sn=sn)
+        self.row = row
+        self.w_sf = _w_sf(max(p_dis_max_kw, p_chg_max_kw, 1.0))
+        self.wset_sf = 0
+        self._on_write_cb = on_write
+        self.set_points(701, ACType=2, St=sm.ST_ON, InvSt=sm.INVST_RUNNING, ConnSt=sm.CONNST_CONNECTED, Alrm=0,
+                        W=0, W_SF=self.w_sf, Hz=50000, Hz_SF=-3, A_SF=-1, V_SF=-1, VA_SF=self.w_sf,
+                        Var_SF=self.w_sf, PF_SF=-3, TotWh_SF=0, TotVarh_SF=0, Tmp_SF=0)
+        r = 10.0**self.w_sf
+        self.set_points(702, WMaxRtg=round(max(p_dis_max_kw, p_chg_max_kw) * 1e3 / r),
+                        WChaRteMaxRtg=round(p_chg_max_kw * 1e3 / r), WDisChaRteMaxRtg=round(p_dis_max_kw * 1e3 / r),
+                        W_SF=self.w_sf, VA_SF=self.w_sf, Var_SF=self.w_sf, V_SF=0, A_SF=0, PF_SF=-3, S_SF=0,
+                        CtrlModes=1 << 1)  # FIXED_W: the 704 WSet
+        self.set_points(704, WSetEna=0, WSetMod=sm.WSETMOD_WATTS, WSet=0, WSetRvrt=0, WSetPct=0, WSetPctRvrt=0,
+                        WSetEnaRvrt=0, WSetRvrtTms=0, WSetRvrtRem=0, WSet_SF=self.wset_sf, WSetPct_SF=-2)
+        self.set_points(713, WHRtg=round(capacity_kwh * 1e3 / 10.0**WH_SF), WH_SF=WH_SF, Pct_SF=PCT_SF,
+                        Sta=sm.STA_OK)
+        first, count = sm.span(704, sm.WRITE_704)
+        self._block = (self.models[704] + first, count, first)
+        self._wset_regs = range(self.models[704] + first, self.models[704] + first + count)
+
+    def _on_write(self, address: int, count: int) -> None:
+        if not any(a in self._wset_regs for a in range(address, address + count)):
+            return
+        t_ns = time.monotonic_ns()
+        start, n, first = self._block
+        regs = self.registers(start, n)
+        pts = model_points(704)
+
+        def g(name):
+            return decode_point(regs, pts[name], -first)
+
+        sf = self.wset_sf  # static (WSet_SF "static": "S"): the value this device was built with
+        on = g("WSetEna") == sm.ENABLED and g("WSetMod") == sm.WSETMOD_WATTS
+        p_kw = sm.wset_to_kw(g("WSet") or 0, sf) if on else 0.0
+        rvrt_on = g("WSetEnaRvrt") == sm.ENABLED
+        write = Write(t_ns, self.row, p_kw, (g("WSetRvrtTms") or 0) if rvrt_on else 0,
+                      sm.wset_to_kw(g("WSetRvrt") or 0, sf))
+        if self._on_write_cb is not None:
+            self._on_write_cb(write)
+
+
+class SimChargers:
+    """N simulated chargers on one asyncio thread: their Modbus servers and one vectorised EV model.
+
+    ``layout``: a list of (host, port, [(row, unit id), ...]) servers; port 0 binds an ephemeral port
+    (see :meth:`address`). ``state`` row ``i`` is charger ``i``. ``writes`` keeps the last setpoint
+    writes received and ``applies`` the (t_ns, row, kW) of each taking effect; ``p_kw`` is what each
+    charger delivers now (+ discharge), ``target_kw`` what it is heading for, ``applied_ns`` when its
+    newest target took effect, ``reversions`` how often its reversion timer moved it (to WSetRvrt
+    from another power).
+    """
+
+    def __init__(self, state: SimFleetState, layout: list[tuple[str, int, list[tuple[int, int]]]], *,
+                 kinds: dict[int, str] | None = None, latency_s: tuple[float, float] = (0.005, 0.02),
+                 ramp_kw_per_s: float = 50.0, tick_s: float = 0.02, seed: int = 0):
+        self.state = state
+        n = len(state)
+        rows = sorted(r for _h, _p, units in layout for r, _u in units)
+        if rows != list(range(n)):
+            raise ValueError(f"layout: expected every charger row 0..{n - 1} exactly once, got {len(rows)} rows")
+        self.layout = [(h, p, list(units)) for h, p, units in layout]
+        self.latency_s = latency_s
+        self.ramp_kw_per_s = ramp_kw_per_s
+        self.tick_s = tick_s
+        self.rng = random.Random(seed)
+        self.devices: list[SunSpecCharger] = [None] * n  # type: ignore[list-item]
+        for _h, _p, units in self.layout:
+            for row, unit in units:
+                self.devices[row] = SunSpecCharger(
+                    row, p_dis_max_kw=float(state.p_dis_max_kw[row]), p_chg_max_kw=float(state.p_chg_max_kw[row]),
+                    capacity_kwh=float(state.capacity_kwh[row]), on_write=self._written, device_id=unit,
+                    name=f"charger {row}", sn=f"{row + 1:06d}")
+        self.kinds = np.array(["normal"] * n, dtype=object)
+        for row, kind in (kinds or {}).items():
+            self.set_kind(row, kind)
+        self.target_kw = np.zeros(n)
+        self.p_kw = np.zeros(n)
+        self.applied_ns = np.zeros(n, dtype=np.int64)
+        self.pending_at_ns = np.full(n, np.iinfo(np.int64).max)
+        self.pending_kw = np.zeros(n)
+        self.revert_at_ns = np.full(n, np.iinfo(np.int64).max)
+        self.revert_kw = np.zeros(n)
+        self.reversions = np.zeros(n, dtype=np.int64)
+        self.writes: collections.deque[Write] = collections.deque(maxlen=100_000)
+        self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=100_000)
+        self._raw = {k: np.full(n, -1, dtype=np.int64) for k in ("W", "SoC", "SoH", "WHAvail", "Rem", "Alrm")}
+        self._ports: list[int] = [p for _h, p, _u in self.layout]
+        self._servers: list[ModbusTcpServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ misbehaviour
+    def set_kind(self, row: int, kind: str) -> None:
+        """Make charger ``row`` normal, silent (answers nothing) or bad (SoC 250 %), from now on."""
+        if kind not in KINDS:
+            raise ValueError(f"charger {row}: kind {kind!r}: expected one of {', '.join(KINDS)}")
+        self.kinds[row] = kind
+        self.devices[row].set_stale(kind == "silent")
+        if hasattr(self, "_raw"):
+            self._raw["SoC"][row] = -1  # rewrite the SoC register on the next tick
+
+    # ------------------------------------------------------------------------------ physics
+    def _written(self, w: Write) -> None:
+        """On the server loop: a setpoint block arrived; it takes effect after the command latency."""
+        self.writes.append(w)
+        i = w.row
+        self.pending_at_ns[i] = w.t_ns + int(self.rng.uniform(*self.latency_s) * 1e9)
+        self.pending_kw[i] = w.p_kw
+        # The reversion timer runs from the write (SunSpec 704: WSetRvrtTms after the last write).
+        self.revert_at_ns[i] = w.t_ns + w.revert_s * 1_000_000_000 if w.revert_s > 0 else np.iinfo(np.int64).max
+        self.revert_kw[i] = w.revert_kw
+
+    def step(self, dt_s: float, now_ns: int) -> None:
+        """Advance every charger by ``dt_s``: commands due, reversion, ramp, battery, registers."""
+        s = self.state
+        due = self.pending_at_ns <= now_ns
+        if due.any():
+            self.target_kw[due] = self.pending_kw[due]
+            self.applied_ns[due] = now_ns
+            self.pending_at_ns[due] = np.iinfo(np.int64).max
+            for i in np.flatnonzero(due).tolist():
+                self.applies.append((now_ns, i, float(self.target_kw[i])))
+        reverted = self.revert_at_ns <= now_ns
+        if reverted.any():
+            # Counted (and timed) only where the timer changes what the charger does.
+            moved = reverted & (self.target_kw != self.revert_kw)
+            self.reversions[moved] += 1
+            self.applied_ns[moved] = now_ns
+            self.target_kw[reverted] = self.revert_kw[reverted]
+            self.revert_at_ns[reverted] = np.iinfo(np.int64).max
+        target = np.clip(self.target_kw, -s.p_chg_max_kw, s.p_dis_max_kw)
+        step = self.ramp_kw_per_s * dt_s
+        self.p_kw += np.clip(target - self.p_kw, -step, step)
+        delivered = s.step(self.p_kw, dt_s)
+        self.p_kw[:] = np.where(np.abs(delivered - self.p_kw) > 1e-9, delivered, self.p_kw)
+        self._publish(now_ns)
+
+    def _publish(self, now_ns: int) -> None:
+        """Write the registers that changed: 701 W and Alrm, 713 SoC/SoH/WHAvail, 704 WSetRvrtRem."""
+        s = self.state
+        w_sf = np.array([d.w_sf for d in self.devices])
+        raw = {
+            "W": np.rint(self.p_kw * 1e3 / 10.0**w_sf).astype(np.int64),
+            "SoC": np.where(self.kinds == "bad", 2500, np.rint(s.soc * 100.0 * 10**-PCT_SF)).astype(np.int64),
+            "SoH": np.rint(s.soh * 100.0 * 10**-PCT_SF).astype(np.int64),
+            "WHAvail": np.rint(s.capacity_kwh * s.soh * s.soc * 1e3 / 10**WH_SF).astype(np.int64),
+            "Rem": np.where(self.revert_at_ns == np.iinfo(np.int64).max, 0,
+                            np.ceil(np.maximum(self.revert_at_ns - now_ns, 0) / 1e9)).astype(np.int64),
+            "Alrm": np.where(s.thermal_limit, sm.ALRM_OVER_TEMP, 0).astype(np.int64),
+        }
+        changed = np.zeros(len(s), dtype=bool)
+        for k, v in raw.items():
+            changed |= v != self._raw[k]
+        for i in np.flatnonzero(changed).tolist():
+            d = self.devices[i]
+            online = bool(s.online[i])
+            d.set_points(701, W=int(raw["W"][i]), Alrm=int(raw["Alrm"][i]))
+            d.set_points(713, SoC=int(raw["SoC"][i]) if online else None, SoH=int(raw["SoH"][i]),
+                         WHAvail=int(raw["WHAvail"][i]) if online else None)
+            d.set_points(704, WSetRvrtRem=int(raw["Rem"][i]))
+        for k, v in raw.items():
+            self._raw[k][:] = v
+
+    async def _physics(self) -> None:
+        t_prev = time.monotonic_ns()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            now = time.monotonic_ns()
+            self.step(max((now - t_prev) / 1e9, 1e-6), now)
+            t_prev = now
+
+    # ------------------------------------------------------------------------------ servers
+    def address(self, row: int) -> sm.DeviceAddress:
+        """Where charger ``row`` answers (after start: the bound port)."""
+        for k, (host, _p, units) in enumerate(self.layout):
+            for r, unit in units:
+                if r == row:
+                    return sm.DeviceAddress(host, self._ports[k], unit)
+        raise KeyError(row)
+
+    def devices_map(self, node_ids: list[str]) -> dict[str, sm.DeviceAddress]:
+        """{node id: address} for a devices file (node ``i`` = charger ``i``)."""
+        return {nid: self.address(i) for i, nid in enumerate(node_ids)}
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            for k, (host, port, units) in enumerate(self.layout):
+                server = ModbusTcpServer([self.devices[r].sim_device() for r, _u in units], address=(host, port),
+                                         ignore_missing_devices=True)
+                await server.serve_forever(background=True)
+                self._servers.append(server)
+                self._ports[k] = server.transport.sockets[0].getsockname()[1]
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            for server in self._servers:
+                await server.shutdown()
+            return
+        self.step(1e-3, time.monotonic_ns())  # registers hold the initial state before the first read
+        physics = asyncio.create_task(self._physics())
+        self._ready.set()
+        await self._stop.wait()
+        physics.cancel()
+        for server in self._servers:
+            await server.shutdown()
+
+    def start(self, timeout_s: float = 10.0) -> SimChargers:
+        """Bind every server and start the physics; RuntimeError if a port cannot be bound."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="sunspec-chargers",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"simulated chargers did not start within {timeout_s:g} s")
+        if self._error is not None:
+            self._thread.join(5.0)
+            self._thread = None
+            raise RuntimeError(f"simulated chargers: cannot serve: {self._error}")
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10.0)
+            self._thread = None
+
+    def run_forever(self, stop) -> None:
+        """Run until ``stop`` (an object with is_set()) is set; the CLI's main loop."""
+        self.start()
+        while not stop.is_set():
+            time.sleep(0.1)
+        self.stop()
+
+    def __enter__(self) -> SimChargers:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------ layouts and site files
+def grouped_layout(n: int, *, units_per_server: int = 1, host: str = "127.0.0.1", base_port: int = 0
+                   ) -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """Chargers 0..n-1, ``units_per_server`` unit ids (1, 2, ...) per server on ports base_port, +1, ...
+
+    ``base_port`` 0 binds every server to an ephemeral port (tests).
+    """
+    if not 1 <= units_per_server <= 247:
+        raise ValueError(f"units_per_server={units_per_server}: expected 1..247 (Modbus unit ids)")
+    out = []
+    for k, start in enumerate(range(0, n, units_per_server)):
+        rows = range(start, min(start + units_per_server, n))
+        out.append((host, base_port + k if base_port else 0, [(r, u + 1) for u, r in enumerate(rows)]))
+    return out
+
+
+def layout_from_devices(devices: dict[str, sm.DeviceAddress], node_ids: list[str]
+                        ) -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """Servers as a devices file places the roster's nodes (node ``i`` = charger ``i``)."""
+    servers: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for row, nid in enumerate(node_ids):
+        if nid not in devices:
+            raise ValueError(f"roster node {nid!r}: no row in the devices file")
+        a = devices[nid]
+        servers.setdefault((a.host, a.port), []).append((row, a.unit_id))
+    return [(h, p, units) for (h, p), units in servers.items()]
+
+
+def write_site(directory: str | Path, *, n_devices: int, gateway_id: str = "sunspec1", prefix: str = "SS",
+               host: str = "127.0.0.1", base_port: int = 15020, units_per_server: int = 1, seed: int = 0,
+               soc: float = 0.6, capacity_kwh: float = 60.0, p_max_kw: float = 11.0) -> dict[str, Path]:
+    """Write a roster (one node per charger under ``gateway_id``) and the devices file into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    nodes = [f"{prefix}{i:04d}" for i in range(1, n_devices + 1)]
+    paths = {"roster": directory / "roster.csv", "devices": directory / "devices.csv"}
+    with open(paths["roster"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["node_id", "gateway_id", "site_id", "soc", "soh", "capacity_kwh", "p_dis_max_kw", "p_chg_max_kw",
+                    "temp_c"])
+        for nid in nodes:
+            w.writerow([nid, gateway_id, "site1", f"{soc + rng.uniform(-0.1, 0.1):.3f}", "0.95", capacity_kwh,
+                        p_max_kw, p_max_kw, "25.0"])
+    layout = grouped_layout(n_devices, units_per_server=units_per_server, host=host, base_port=base_port)
+    addresses = {nodes[r]: sm.DeviceAddress(h, p, u) for h, p, units in layout for r, u in units}
+    sm.write_devices(paths["devices"], {nid: addresses[nid] for nid in nodes})
+    return paths
+
+
+__all__ = ["KINDS", "SimChargers", "SunSpecCharger", "Write", "grouped_layout", "layout_from_devices", "write_site"]
