@@ -202,7 +202,7 @@ def cmd_sunspec(args) -> int:
     except (RosterError, FleetError, GatewayError, sm.MappingError) as exc:
         return _fail(str(exc), EXIT_INVALID)
     from v2grt.cli import CliError
-    from v2grt.security import client_curve_from_args
+    from v2grt.security.cli import client_curve_from_args
 
     try:
         curve = client_curve_from_args(args)
@@ -363,7 +363,7 @@ def _add_sunspec(gsub) -> None:
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
-    from v2grt.security import add_client_key_options
+    from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)
     p.set_defaults(func=cmd_sunspec)
