@@ -358,10 +358,11 @@ class Aggregator:
             self._rebuild_layouts()
         if self.ha is not None:
             # Self-fencing (docs/ha.md): read the clock now, after dispatch, and publish only while the lease
-            # is surely valid; ha.margin_s covers the sends below.
+            # is surely valid; ha.margin_s covers the sends below. A standby publishes no status topic either:
+            # a subscriber connected to every aggregator must not read a standby's numbers as the fleet's
+            # (its role and numbers are in the status reply, v2g-cli --status).
             view = self.ha.view
             if not view.may_publish(time.monotonic_ns()):
-                self.publisher.send(wire.encode_status(self._status_fields(result, time.time_ns(), now_ns)))
                 return
             if view.epoch != self.epoch:
                 self.epoch, self.seq = view.epoch, 0
@@ -424,7 +425,6 @@ class Aggregator:
             "estop": result.estop,
             "cycle_p99_ms": self._recent_p99_ms(),
             "deadline_misses": self.stats.missed_deadlines + self.stats.budget_overruns,
-            **({} if self.ha is None else {"role": self.ha.view.role}),
         }
 
     def _recent_p99_ms(self) -> float:
