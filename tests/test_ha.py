@@ -25,7 +25,7 @@ from v2grt.config import ConfigError, config_from_dict
 from v2grt.etcd import EtcdClient, EtcdError
 from v2grt.fleet import Fleet
 from v2grt.ha import Elector, leader_key
-from v2grt.io import bus
+from v2grt.io import bus, wire
 from v2grt.leadership import LEADER, Election, LeaderView
 from v2grt.testing import EtcdMember, wait_until
 
@@ -212,6 +212,7 @@ def test_a_leader_cut_off_from_etcd_stops_before_its_lease_expires_and_the_stand
         proxy.cut()
         wait_until(lambda: b.view.may_publish(time.monotonic_ns()), 5.0, "b takes over")
         time.sleep(0.05)
+        a_sent = a.election.renewed_sent_ns  # a's newest keep-alive etcd answered (all before the cut)
     finally:
         watch.stop()
         a.stop(resign=False)
@@ -224,6 +225,7 @@ def test_a_leader_cut_off_from_etcd_stops_before_its_lease_expires_and_the_stand
     assert watch.both == 0
     assert gap_s > MARGIN_S / 2  # a stopped well before its lease could have expired at etcd
     assert takeover_s < TTL_S + 1.0  # the lease's TTL, etcd's 500 ms expiry scan, a poll
+    assert b_first > a_sent + TTL_S * 1_000_000_000  # b only after a's lease could have expired (one clock here)
 
 
 def test_a_leader_stops_while_etcd_is_stopped_and_nobody_leads_until_etcd_returns(etcd):
@@ -405,3 +407,63 @@ def test_two_aggregators_publish_one_epoch_at_a_time_and_the_gateway_fences_the_
         a.stop()
         b.stop()
         proxy.close()
+
+
+def test_a_sigstopped_leader_process_wakes_up_and_publishes_nothing(etcd, tmp_path):
+    """v2g-aggregator A leads; SIGSTOP it past its lease, B (a process too) takes over; after SIGCONT A sends no
+    frame, and the gateway subscribed to both accepts epochs in order only."""
+    from _plant import short_dir, start_aggregator, stop_process, write_config
+
+    procs, configs = [], {}
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        sockets = short_dir()
+        configs[name] = (write_config(d, sockets, ha={"etcd": [etcd.url], "lease_ttl_s": TTL_S, "name": name,
+                                                      "poll_s": 0.02}), f"ipc://{sockets}/sp")
+    ctx = zmq.Context()
+    raw_a = ctx.socket(zmq.SUB)  # every frame A sends, unfenced
+    raw_a.linger = 0
+    raw_a.setsockopt(zmq.SUBSCRIBE, b"sp/gw1\0")
+    raw_a.connect(configs["a"][1])
+    sub = bus.GatewaySubscriber(ctx, configs["a"][1], "gw1")
+    sub.sock.connect(configs["b"][1])
+    admitted: list[int] = []
+
+    def drain(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            msg = sub.recv(timeout_ms=10, max_frames=1)
+            if msg is not None:
+                admitted.append(msg.ep)
+
+    try:
+        procs.append(start_aggregator(configs["a"][0]))
+        wait_until(lambda: sub.recv(timeout_ms=50) is not None, 30.0, "A publishes")
+        procs.append(start_aggregator(configs["b"][0]))
+        drain(2.0)  # B has started and stays a standby
+        epoch_a = admitted[-1]
+        assert set(admitted) == {epoch_a}
+        procs[0].send_signal(signal.SIGSTOP)
+        t_stop_ns = time.time_ns()
+        drain(TTL_S + 2.0)
+        epoch_b = admitted[-1]
+        assert epoch_b > epoch_a
+        t_cont_ns = time.time_ns()
+        procs[0].send_signal(signal.SIGCONT)
+        drain(1.0)
+        frames_a = []
+        while raw_a.poll(0):
+            frames_a.append(wire.decode_setpoints(raw_a.recv()))
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            stop_process(proc)
+        raw_a.close()
+        sub.close()
+        ctx.term()
+    newest_a_ns = max(m.t_ns for m in frames_a if m.ep == epoch_a)
+    print(f"\nSIGSTOP of the leader process: its newest frame was stamped {(t_stop_ns - newest_a_ns) / 1e9:.3f} s "
+          f"before the stop; after SIGCONT ({(t_cont_ns - t_stop_ns) / 1e9:.1f} s later) it sent nothing")
+    assert newest_a_ns < t_stop_ns  # nothing published after waking up: its lease was no longer surely valid
+    assert admitted == sorted(admitted) and set(admitted) == {epoch_a, epoch_b}
