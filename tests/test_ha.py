@@ -155,6 +155,21 @@ def test_the_etcd_client_names_every_endpoint_that_failed():
 
 
 # ------------------------------------------------------------------------------------------- election
+def test_an_elector_without_etcd_retries_at_its_pace_and_never_leads():
+    """etcd refusing at once: the elector asks again every retry_s (not in a tight loop) and stays a standby."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    e = candidate(url, "alone")
+    e.start()
+    try:
+        time.sleep(0.5)
+        assert not e.view.may_publish(time.monotonic_ns()) and e.view.role != LEADER
+        assert 2 <= e.etcd_errors <= 0.5 / (e.election.retry_ns / 1e9) + 2, e.etcd_errors
+    finally:
+        e.stop()
+
+
 def test_of_three_contending_candidates_exactly_one_leads(etcd):
     """Three electors on one key: exactly one leads, the others see it as holder, never two publish at once."""
     electors = [candidate(etcd.url, n) for n in ("a", "b", "c")]

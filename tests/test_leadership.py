@@ -101,3 +101,14 @@ def test_a_lease_shorter_than_a_second_is_refused():
     """etcd leases are whole seconds: 0 is refused with the expectation named."""
     with pytest.raises(ValueError, match=r"ttl_s=0.*integer >= 1"):
         Election(0, clock_error=0.01, margin_s=0.1, poll_s=0.05)
+
+
+def test_a_failed_request_holds_off_the_next_grant_and_campaign_for_retry_s():
+    """After a refused request no lease is asked for and no campaign is tried before retry_s has passed."""
+    el = Election(1, clock_error=0.01, margin_s=0.1, poll_s=0.01)
+    el.failed(now_ns=5 * S)
+    assert el.next_grant_ns == el.next_campaign_ns == 5 * S + el.retry_ns
+    el.granted(LEASE, 1, sent_ns=6 * S)
+    el.observed("other", LEASE + 1, 3, now_ns=6 * S)
+    el.failed(now_ns=6 * S)  # poll_s (10 ms) is shorter than retry_s (50 ms): the retry wins
+    assert el.next_campaign_ns == 6 * S + el.retry_ns

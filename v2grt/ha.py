@@ -83,7 +83,7 @@ class Elector:
         while not self._stop.is_set():
             self.step()
             now = self.clock()
-            due = [el.next_campaign_ns, el.next_renew_ns if el.lease_id else now]
+            due = [el.next_campaign_ns, el.next_renew_ns if el.lease_id else el.next_grant_ns]
             if el.role == LEADER:
                 due.append(el.surely_valid_until_ns())  # wake to step down on time (role in the status)
             wait_s = (min(due) - now) / 1e9
@@ -95,9 +95,10 @@ class Elector:
         before = el.role
         try:
             if not el.lease_id:
-                sent = clock()
-                lease_id, ttl_s = self.client.grant(el.ask_ttl_s)
-                el.granted(lease_id, ttl_s, sent)
+                if clock() >= el.next_grant_ns:
+                    sent = clock()
+                    lease_id, ttl_s = self.client.grant(el.ask_ttl_s)
+                    el.granted(lease_id, ttl_s, sent)
             elif clock() >= el.next_renew_ns:
                 sent = clock()
                 el.renew_attempted(sent)
@@ -116,6 +117,7 @@ class Elector:
                 else:
                     el.observed(kv.value, kv.lease, kv.create_revision, clock())
         except EtcdError as exc:
+            el.failed(clock())
             self.etcd_errors += 1
             self.last_error = str(exc)
             self.events.emit("ETCD_UNREACHABLE", logging.ERROR, key=self.key, error=str(exc),

@@ -65,6 +65,7 @@ class Election:
         self.epoch = 0
         self.holder: str | None = None
         self.next_campaign_ns = 0
+        self.next_grant_ns = 0  # when to ask for a lease again (after a failed request)
         self.retry_ns = int((retry_s if retry_s is not None else max(0.02, ttl_s / 20)) * NS)
         self.won = 0  # times this candidate became leader
         self.lost = 0  # times it stopped leading other than by resigning
@@ -99,6 +100,15 @@ class Election:
         self.lease_id, self.ttl_s = lease_id, ttl_s
         self.renewed_sent_ns = self.last_try_ns = sent_ns
         self.next_campaign_ns = 0  # campaign at once with it
+
+    def failed(self, now_ns: int) -> None:
+        """An etcd request failed (timeout, refused): no grant or campaign before retry_s from now.
+
+        A keep-alive has its own retry (next_renew_ns); this keeps an unreachable etcd from being asked
+        in a tight loop when its port refuses at once.
+        """
+        self.next_grant_ns = now_ns + self.retry_ns
+        self.next_campaign_ns = max(self.next_campaign_ns, now_ns + self.retry_ns)
 
     def renew_attempted(self, sent_ns: int) -> None:
         self.last_try_ns = sent_ns
