@@ -373,7 +373,7 @@ def _ha(src, value) -> HAConfig:
 
 
 def _check_ha(src, cfg: Config) -> None:
-    """The lease must leave room to publish: what is kept off its end is below its life, and it outlives a period."""
+    """The lease must leave at least two periods of surely valid time after clock_error and margin_s."""
     ha = cfg.ha
     margin_s = cfg.budget_s if ha.margin_s is None else ha.margin_s
     usable_s = ha.lease_ttl_s * (1.0 - ha.clock_error) - margin_s
