@@ -65,7 +65,9 @@ def load_service(cfg: Config) -> ServiceCurve:
 class Aggregator:
     """Wire config, fleet, inputs, bus and the control loop together; start(), stop().
 
-    `epoch` is normally the next durable epoch (v2grt.state); tests and benchmarks may pass one.
+    `epoch` is normally the next durable epoch (v2grt.state); tests and benchmarks may pass one. With an
+    `ha` section the epoch comes from the etcd election instead (v2grt.ha) and `epoch` is ignored: the cycle
+    runs in full either way, setpoints go out only while this process leads with a surely valid lease.
     """
 
     def __init__(self, cfg: Config, *, epoch: int, fleet: Fleet | None = None, ctx: zmq.Context | None = None,
@@ -73,6 +75,13 @@ class Aggregator:
         self.cfg = cfg
         self.epoch = epoch
         self.events = events or EventLog()
+        #: high availability (docs/ha.md): the elector thread and its LeaderView; None without `ha`
+        self.ha = None
+        if cfg.ha is not None:
+            from v2grt.ha import Elector
+
+            self.ha = Elector.from_config(cfg, events=self.events)
+            self.epoch = 0  # until elected: the leader key's create revision
         now = time.monotonic_ns()
         self.fleet = fleet if fleet is not None else load_fleet(cfg, now)
         self.profile_path = cfg.resolve(cfg.discharge_profile)
@@ -183,6 +192,8 @@ class Aggregator:
         for thread in self.input_threads:
             thread.start()
         self._bus_thread.start()
+        if self.ha is not None:
+            self.ha.start()
         self.loop.start()
 
     def stop(self, final_zero: bool = True) -> None:
@@ -192,7 +203,12 @@ class Aggregator:
         self._stopping.set()
         try:
             self.loop.stop()
-            if final_zero:
+            if self.ha is not None:
+                # No final zero under HA: the standby takes over at its next poll once the lease is revoked,
+                # and the gateways hold the last setpoints (3 periods) across that gap instead of dropping
+                # the fleet to 0 kW for it (docs/ha.md).
+                self.ha.stop(resign=True)
+            elif final_zero:
                 self._publish_final_zero()
             if self._bus_thread.is_alive():
                 wake = self.ctx.socket(zmq.PAIR)
@@ -340,6 +356,16 @@ class Aggregator:
         self.publisher.admit_subscriptions()  # security: each subscription checked against its key; else no-op
         if self.fleet.version != self._layout_version or self._frames is None:
             self._rebuild_layouts()
+        if self.ha is not None:
+            # Self-fencing (docs/ha.md): read the clock now, after dispatch, and publish only while the lease
+            # is surely valid; ha.margin_s covers the sends below. A standby publishes no status topic either:
+            # a subscriber connected to every aggregator must not read a standby's numbers as the fleet's
+            # (its role and numbers are in the status reply, v2g-cli --status).
+            view = self.ha.view
+            if not view.may_publish(time.monotonic_ns()):
+                return
+            if view.epoch != self.epoch:
+                self.epoch, self.seq = view.epoch, 0
         self.seq += 1
         t_ns = time.time_ns()
         frames = self._frames
@@ -581,6 +607,8 @@ class Aggregator:
             out["frequency_alert"] = self.alert.state()
         if self.security is not None:
             out["security"] = self.security.snapshot()
+        if self.ha is not None:
+            out["ha"] = self.ha.snapshot(time.monotonic_ns())
         return _plain(out)
 
 

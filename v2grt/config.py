@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,20 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass
+class HAConfig:
+    """High availability (docs/ha.md): one leader per fleet elected through etcd; absent: no etcd at all."""
+
+    etcd: list[str] = dataclasses.field(default_factory=list)  # etcd client URLs http://host:port (v3 JSON gateway)
+    peers: list[str] = dataclasses.field(default_factory=list)  # the other aggregators' control endpoints
+    lease_ttl_s: int = 2  # whole seconds (etcd); failover after a crash takes about this long
+    name: str | None = None  # this candidate in the leader key; None: hostname:pid
+    key_prefix: str = "/v2grt/fleets/"  # the leader key is <key_prefix><fleet_id>/leader
+    clock_error: float = 0.01  # bound on our clock's rate error against etcd's (fraction of the TTL)
+    margin_s: float | None = None  # kept off the lease's end for the publish itself; None: budget_s
+    poll_s: float = 0.05  # how often a standby tries the leader key
+
+
+@dataclasses.dataclass
 class Config:
     path: Path | None = None
     fleet_id: str = "default"
@@ -145,6 +160,7 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     alert: AlertConfig = dataclasses.field(default_factory=AlertConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    ha: HAConfig | None = None  # absent: one aggregator, the host-local epoch (v2grt.state)
 
     @property
     def setpoint_ttl_s(self) -> float:
@@ -194,6 +210,10 @@ _RANGES: dict[str, tuple] = {
     "alert.response_limit": (float, 0.0, 1.0),
     "alert.fleet_ramp_kw_per_s": (float, 0.0, 1e12),
     "metrics.port": (int, 0, 65535),
+    "ha.lease_ttl_s": (int, 1, 60),
+    "ha.clock_error": (float, 0.0, 0.1),
+    "ha.margin_s": (float, 0.0, 10.0),
+    "ha.poll_s": (float, 0.005, 10.0),
 }
 
 _SECTIONS = {"realtime": RealtimeSection, "meter": MeterConfig, "bus": BusConfig, "service": ServiceConfig,
@@ -234,6 +254,8 @@ def config_from_dict(data: dict, path: Path | None = None) -> Config:
                 _custom_curve_selects_itself(src, cfg.service, value)
         elif key == "inverters":
             cfg.inverters = _inverters(src, value)
+        elif key == "ha":
+            cfg.ha = None if value is None else _ha(src, value)
         else:
             setattr(cfg, key, _value(src, key, value, top_fields[key].type))
     _check(src, cfg)
@@ -319,6 +341,48 @@ def _inverters(src, value):
     return out
 
 
+def _ha(src, value) -> HAConfig:
+    """The ha section: etcd URLs required, peers a list of ZeroMQ endpoints, numbers in range."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: ha must be a mapping of keys (etcd, peers, lease_ttl_s, ...), got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(HAConfig)}
+    _unknown(src, "ha.", value, fields)
+    ha = HAConfig()
+    for key, v in value.items():
+        if key in ("etcd", "peers"):
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+                raise ConfigError(f"{src}: ha.{key}={v!r} must be a list of non-empty strings")
+            setattr(ha, key, v)
+        else:
+            setattr(ha, key, _value(src, f"ha.{key}", v, fields[key].type))
+    if not ha.etcd:
+        raise ConfigError(f"{src}: ha.etcd is required: a list of etcd client URLs (http://host:port), e.g. "
+                          "['http://10.0.0.5:2379']")
+    for i, url in enumerate(ha.etcd):
+        if not re.fullmatch(r"http://[^/:\s]+:\d{1,5}/?", url):
+            raise ConfigError(f"{src}: ha.etcd[{i}]={url!r} is not an etcd client URL; expected http://host:port "
+                              "(etcd's v3 JSON gateway; TLS is not supported yet)")
+    for i, ep in enumerate(ha.peers):
+        if not ep.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"{src}: ha.peers[{i}]={ep!r} must be a peer aggregator's control endpoint "
+                              "(tcp://host:port or ipc://path)")
+    if not ha.key_prefix.startswith("/") or not ha.key_prefix.endswith("/"):
+        raise ConfigError(f"{src}: ha.key_prefix={ha.key_prefix!r} must start and end with '/' "
+                          "(the leader key is <key_prefix><fleet_id>/leader)")
+    return ha
+
+
+def _check_ha(src, cfg: Config) -> None:
+    """The lease must leave at least two periods of surely valid time after clock_error and margin_s."""
+    ha = cfg.ha
+    margin_s = cfg.budget_s if ha.margin_s is None else ha.margin_s
+    usable_s = ha.lease_ttl_s * (1.0 - ha.clock_error) - margin_s
+    if usable_s < 2 * cfg.period_s:
+        raise ConfigError(f"{src}: ha.lease_ttl_s={ha.lease_ttl_s} leaves {usable_s:.3f} s of surely valid lease "
+                          f"after ha.clock_error={ha.clock_error:g} and ha.margin_s={margin_s:g} s; expected at "
+                          f"least 2 x period_s = {2 * cfg.period_s:g} s (raise lease_ttl_s or lower margin_s)")
+
+
 def _value(src, key, value, annotation, range_key=None):
     spec = _RANGES.get(range_key or key)
     ann = str(annotation)
@@ -402,6 +466,8 @@ def _check(src, cfg: Config) -> None:
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"{src}: bus.{ep_key}={ep!r} must be a ZeroMQ endpoint (tcp://host:port or ipc://path)")
     _check_setpoint_ttl(src, cfg)
+    if cfg.ha is not None:
+        _check_ha(src, cfg)
     if cfg.fleet.roster is not None and not cfg.resolve(cfg.fleet.roster).exists():
         raise ConfigError(f"{src}: fleet.roster={cfg.fleet.roster!r}: no such file ({cfg.resolve(cfg.fleet.roster)})")
     if cfg.discharge_profile is not None and not cfg.resolve(cfg.discharge_profile).exists():

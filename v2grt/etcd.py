@@ -1,0 +1,136 @@
+"""A small etcd v3 client over etcd's JSON gateway (``/v3/...``): leases and the leader-key transaction.
+
+Only what leadership needs (docs/ha.md): grant, keep-alive and revoke a lease; create a key with a lease
+if it is absent, else read it; read and delete a key. One HTTP/1.1 request per call on a fresh
+connection, each with its own timeout, so a hung etcd member costs one timeout and never a stuck
+socket; the caller records when it SENT a keep-alive (the lease's validity counts from then).
+Int64s travel as JSON strings, keys and values as base64 (etcd's gRPC-gateway encoding).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.client
+import json
+import urllib.parse
+
+
+class EtcdError(RuntimeError):
+    """No endpoint answered, or an endpoint answered with an error; the message names the endpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _kv(raw: dict) -> KeyValue:
+    return KeyValue(key=base64.b64decode(raw.get("key", "")).decode(errors="replace"),
+                    value=base64.b64decode(raw.get("value", "")).decode(errors="replace"),
+                    create_revision=int(raw.get("create_revision", 0)),
+                    mod_revision=int(raw.get("mod_revision", 0)), lease=int(raw.get("lease", 0)))
+
+
+class EtcdClient:
+    """etcd's v3 JSON gateway at one or more client URLs (``http://host:port``), tried in turn.
+
+    A call that fails on every endpoint raises EtcdError; the endpoint that last answered is tried
+    first next time. Not thread-safe by design: one owner (the elector thread).
+    """
+
+    def __init__(self, endpoints: list[str], timeout_s: float = 0.5):
+        if not endpoints:
+            raise ValueError("EtcdClient: no etcd endpoints given (expected http://host:port URLs)")
+        self.endpoints: list[tuple[str, int, str]] = []
+        for url in endpoints:
+            u = urllib.parse.urlsplit(url)
+            if u.scheme != "http" or not u.hostname or not u.port:
+                raise ValueError(f"etcd endpoint {url!r}: expected http://host:port (the v3 JSON gateway; "
+                                 "TLS is not supported by this client yet)")
+            self.endpoints.append((u.hostname, u.port, url))
+        self.timeout_s = timeout_s
+        self._first = 0
+
+    def call(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
+        """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers; the decoded JSON reply."""
+        errors = []
+        n = len(self.endpoints)
+        for k in range(n):
+            i = (self._first + k) % n
+            host, port, url = self.endpoints[i]
+            try:
+                reply = self._post(host, port, path, body, self.timeout_s if timeout_s is None else timeout_s)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                errors.append(f"{url}: {type(exc).__name__}: {exc}")
+                continue
+            self._first = i
+            if "error" in reply and "result" not in reply and "header" not in reply:
+                raise EtcdError(f"etcd {url} /v3/{path}: {reply.get('error') or reply.get('message')}")
+            return reply
+        raise EtcdError(f"etcd /v3/{path}: no endpoint answered ({'; '.join(errors)})")
+
+    @staticmethod
+    def _post(host: str, port: int, path: str, body: dict, timeout_s: float) -> dict:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+        try:
+            conn.request("POST", f"/v3/{path}", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        reply = json.loads(data) if data else {}
+        if resp.status != 200:
+            raise EtcdError(f"etcd {host}:{port} /v3/{path}: HTTP {resp.status}: "
+                            f"{reply.get('message') or reply.get('error') or data[:200]!r}")
+        return reply
+
+    # ---------------------------------------------------------------------------------------- leases
+    def grant(self, ttl_s: int) -> tuple[int, int]:
+        """A new lease asking ``ttl_s``; returns (lease id, granted TTL s): etcd may grant more (its floor)."""
+        r = self.call("lease/grant", {"TTL": int(ttl_s)})
+        return int(r["ID"]), int(r["TTL"])
+
+    def keepalive(self, lease_id: int) -> int:
+        """Renew a lease once; returns its TTL in s from now, 0 if it has expired or was revoked."""
+        r = self.call("lease/keepalive", {"ID": str(lease_id)})
+        return int(r.get("result", {}).get("TTL", 0))
+
+    def revoke(self, lease_id: int) -> None:
+        """Revoke a lease: its keys are deleted at once (a graceful step-down)."""
+        self.call("kv/lease/revoke", {"ID": str(lease_id)})
+
+    # ------------------------------------------------------------------------------------------- kv
+    def create_or_get(self, key: str, value: str, lease_id: int) -> tuple[bool, KeyValue | None]:
+        """Put ``key`` = ``value`` with the lease if the key does not exist, in one transaction.
+
+        Returns (True, our KeyValue) when created, else (False, the holder's KeyValue, None if it
+        vanished between compare and read: cannot happen inside one etcd transaction, kept for types).
+        """
+        k = _b64(key)
+        r = self.call("kv/txn", {
+            "compare": [{"target": "CREATE", "key": k, "createRevision": "0"}],
+            "success": [{"requestPut": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
+            "failure": [{"requestRange": {"key": k}}]})
+        if r.get("succeeded"):
+            rev = int(r["header"]["revision"])  # the put's revision is the key's create_revision
+            return True, KeyValue(key, value, rev, rev, lease_id)
+        kvs = r["responses"][0]["response_range"].get("kvs", [])
+        return False, _kv(kvs[0]) if kvs else None
+
+    def get(self, key: str) -> KeyValue | None:
+        r = self.call("kv/range", {"key": _b64(key)})
+        kvs = r.get("kvs", [])
+        return _kv(kvs[0]) if kvs else None
+
+    def delete(self, key: str) -> int:
+        r = self.call("kv/deleterange", {"key": _b64(key)})
+        return int(r.get("deleted", 0))
