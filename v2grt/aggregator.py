@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from v2grt import ingest, security
+from v2grt import journal as journal_mod
 from v2grt.codes import Reason, reason_names
 from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
@@ -166,6 +167,9 @@ class Aggregator:
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
                       if cfg.alert.band_hz is not None else None)
         self.last_test: dict | None = None  # how the last test discharge ended (v2g-cli --test-discharge)
+        #: The dispatch journal (v2grt.journal): record() copies each cycle into a ring on this thread; its
+        #: writer thread appends the segments. None when journal.enabled is false.
+        self.journal = journal_mod.for_aggregator(self) if cfg.journal.enabled else None
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -180,6 +184,12 @@ class Aggregator:
                              gateways=len(self.fleet.gateway_ids),
                              message="no vehicle is dispatched before its first valid telemetry: "
                                      "TIMEOUT_BMS_RESPONSE (0 kW) until then; v2g-cli --status shows never_heard")
+        if self.journal is not None:
+            self.journal.start()
+            log.info("JOURNAL dir=%s rotate_s=%g vehicles=%s parquet=%s", self.journal.dir, self.cfg.journal.rotate_s,
+                     self.cfg.journal.vehicles, self.cfg.journal.parquet)
+        else:
+            log.warning("JOURNAL_DISABLED no dispatch journal: journal.enabled is false (docs/journal.md)")
         for thread in self.input_threads:
             thread.start()
         self._bus_thread.start()
@@ -192,6 +202,8 @@ class Aggregator:
         self._stopping.set()
         try:
             self.loop.stop()
+            if self.journal is not None:
+                self.journal.stop()  # drains the ring, seals the segment: after the loop's last cycle
             if final_zero:
                 self._publish_final_zero()
             if self._bus_thread.is_alive():
@@ -249,6 +261,8 @@ class Aggregator:
         t3 = time.monotonic_ns()
         times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
         self._record(result, input_age_ns)
+        if self.journal is not None:
+            self.journal.record(self, result, times)
         for hook in self.cycle_hooks:
             hook(self, result, times)
         if not self.first_cycle.is_set():
