@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from _plant import (
 from v2grt import journal
 from v2grt.aggregator import Aggregator
 from v2grt.config import ConfigError, config_from_dict, load_config
-from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
+from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "journal.md"
 
@@ -50,6 +51,14 @@ def meter():
     m = SunSpecMeter(203, f_hz=49.8)  # DC: a discharge response, so setpoints and reported power are non-zero
     sim = SimServerThread([m]).start()
     yield m, sim.port(m)
+    sim.stop()
+
+
+@pytest.fixture
+def inverter():
+    inv = SunSpecInverter(p_kw=37.0)  # site2's meter, as the grid operator reads it
+    sim = SimServerThread([inv]).start()
+    yield inv, sim.port(inv)
     sim.stop()
 
 
@@ -201,11 +210,14 @@ def test_segments_rotate_and_retention_removes_the_oldest(tmp_path, sockets):
     assert agg.journal.counters.removed >= 1
 
 
-def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter):
-    """`v2grt journal export` writes the cycle records of an interval, and per-vehicle samples for chosen ids."""
+def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverter):
+    """`v2grt journal export` writes the cycle records of an interval (the site inverter's measured power
+    included), and per-vehicle samples for chosen ids."""
     _m, port = meter
+    _inv, inv_port = inverter
     jdir = tmp_path / "j"
-    cfg = load_config(write_config(tmp_path, sockets, meter_port=port, journal={"enabled": True, "dir": str(jdir)}))
+    cfg = load_config(write_config(tmp_path, sockets, meter_port=port, inverter_port=inv_port,
+                                   journal={"enabled": True, "dir": str(jdir)}))
     with logging_restored():
         agg = Aggregator(cfg, epoch=5)
         agg.start()
@@ -227,6 +239,8 @@ def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter):
     want = seg.cycles[(t >= t0 // 1000 * 1000) & (t < t1 // 1000 * 1000)]
     assert got.column("seq").to_pylist() == list(want["seq"])
     assert {"time", "f_hz", "delivered_kw", "n_OK", "test_node"} <= set(got.column_names)
+    assert got.column("inverter_inv2_kw").to_pylist()[-1] == pytest.approx(37.0)
+    assert got.column("site_measured_kw").to_pylist()[-1] == pytest.approx(37.0)
 
     out_csv = tmp_path / "v.csv"
     r = run(V2GRT, "journal", "export", str(jdir), "--from", iso(int(t[0])), "--to", iso(int(t[-1]) + 10**9),
@@ -272,3 +286,16 @@ def test_docs_schema_matches_the_code():
     assert [r[0] for r in rows[len(journal.CYCLE_FIELDS):]] == ["reasons", "inverter_kw"]
     for name in ("node_id", "setpoint_kw", "p_kw", "reason", "site_id"):
         assert f"`{name}`" in text
+
+
+def test_bench_cycle_runs_journal_off_and_on_side_by_side():
+    """`v2grt bench cycle` reports the journal's control-thread cost beside the same pair without it."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "bench", "cycle", "--nodes", "2000", "--gateways", "4",
+                           "--cycles", "10", "--period-ms", "20", "--priorities", "0", "--json"],
+                          capture_output=True, text=True, cwd=root, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off, on = json.loads(proc.stdout)["results"]
+    assert (off["journal"], on["journal"]) == (False, True)
+    assert "journal" not in off["phases"] and on["phases"]["journal"]["n"] >= 10
+    assert on["journal_counters"]["records"] >= 10 and on["journal_counters"]["dropped"] == 0

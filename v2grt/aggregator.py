@@ -154,6 +154,7 @@ class Aggregator:
         self._test: _TestDischarge | None = None
         self._inverter_fault = {site: False for _, site in self.inverters}
         self.last_result = None
+        self.delivered_kw = 0.0  # sum of the vehicles' reported power at the last publish, kW (+ discharge)
         self.status: dict = {}
         self.first_cycle = threading.Event()
         self.telemetry_profile = "default"
@@ -393,6 +394,8 @@ class Aggregator:
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
         n = self.fleet.n_rows
+        # once per cycle (~25 us at 100,000 vehicles), shared by the status message and the journal
+        self.delivered_kw = float(self.fleet.p_actual_kw[:n].sum())
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason
@@ -404,7 +407,7 @@ class Aggregator:
             "f_hz": None if math.isnan(result.frequency_hz) else float(result.frequency_hz),
             "f_age_ms": None if t is None else max(0.0, (now_ns - t) / 1e6),
             "target_kw": result.target_kw,
-            "delivered_kw": float(self.fleet.p_actual_kw[:n].sum()),
+            "delivered_kw": self.delivered_kw,
             "available_dis_kw": result.feasible_dis_kw,
             "available_chg_kw": result.feasible_chg_kw,
             "n_nodes": len(self.fleet),
