@@ -92,7 +92,8 @@ def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int, 
     with World() as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, priority=priority,
                                 hwm=catch_all_hwm(gateways))
-        cfg.journal.enabled, cfg.journal.dir = journal, jdir
+        # Parquet conversion off: it runs in its own process at rotation, not in this measurement
+        cfg.journal.enabled, cfg.journal.dir, cfg.journal.parquet = journal, jdir, False
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         keep_fresh(agg)
         agg.start()

@@ -230,6 +230,8 @@ def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverte
                 g.stop()
     (seg,) = [journal.read_segment(p) for p in jdir.glob("*.v2j")]
     t = seg.cycles["t_ns"]
+    batches = list(journal.vehicle_batches(seg, batch_rows=5))  # streamed in bounded batches, none lost
+    assert len(batches) > 1 and sum(b.num_rows for b in batches) == seg.vehicle_rows
     t0, t1 = int(t[10]), int(t[30])
     iso = lambda ns: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}"[:7] + "Z"
     out = tmp_path / "cycles.parquet"

@@ -261,9 +261,11 @@ class Journal:
         b = min(n, a + self._vrows)
         i = self._vw % self._vslots
         m = b - a
-        self._v_sp[i, :m] = result.setpoints_kw[a:b]
-        self._v_p[i, :m] = fleet.p_actual_kw[a:b]
-        self._v_reason[i, :m] = result.reasons[a:b]
+        # memoryview copies: a memcpy that keeps the GIL. numpy releases the GIL for copies this size, and
+        # getting it back from the bus or writer thread cost up to the 0.5 ms switch interval (p99 0.35 ms).
+        memoryview(self._v_sp[i])[:m] = memoryview(result.setpoints_kw)[a:b]
+        memoryview(self._v_p[i])[:m] = memoryview(fleet.p_actual_kw)[a:b]
+        memoryview(self._v_reason[i])[:m] = memoryview(result.reasons)[a:b]
         meta = self._v_meta[i]
         meta[0], meta[1], meta[2], meta[3], meta[4] = t_ns, seq, a, b, self._version
         self._vw += 1
@@ -283,17 +285,13 @@ class Journal:
         self._thread.start()
 
     def stop(self) -> None:
-        """Drain what the control thread recorded, seal the segment, start its conversion; call after the loop."""
+        """Drain what the control thread recorded and seal the segment; call after the loop's last cycle.
+
+        A Parquet conversion still running goes on in its own process (or is redone at the next start)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
-        if self._converter is not None:
-            try:
-                self._converter.wait(30.0)
-            except subprocess.TimeoutExpired:
-                log.warning("JOURNAL parquet conversion still running at stop; %s is converted at next start",
-                            self._to_convert)
 
     def _main(self) -> None:
         try:
@@ -304,10 +302,22 @@ class Journal:
             # woken by record(); the timeout keeps writing (and fsyncing) if the loop itself stalls
             self._wake.wait(max(1.0, 2 * self.cfg.flush_interval_s))
             self._wake.clear()
-            self._pass()
-        self._pass()
-        self._seal()
-        self._maintain(final=True)
+            self._guarded(self._pass)
+        self._guarded(self._pass)
+        self._guarded(self._seal)
+        self._guarded(lambda: self._maintain(final=True))
+
+    def _guarded(self, step) -> None:
+        """A bug in the writer must not end the journal silently: logged with its traceback, counted."""
+        try:
+            step()
+        except Exception as exc:
+            self.counters.write_errors += 1
+            self.counters.failing = True
+            self.counters.last_error = repr(exc)
+            log.exception("JOURNAL_WRITER_ERROR")
+            self._event("JOURNAL_WRITE_FAILED", logging.ERROR, error=repr(exc),
+                        message="the journal writer raised; see the traceback above")
 
     def _pass(self) -> None:
         w, vw = self._w, self._vw
@@ -530,15 +540,17 @@ class Segment:
     header: dict
     cycles: np.ndarray
     rosters: dict  # version -> {"node_ids", "site", "site_ids"}
-    vehicles: list  # (t_ns, seq, version, rows, setpoint_kw, p_kw, reason)
     sites: list  # (t_ns, seq, setpoint_kw per site, p_kw per site)
     sealed: bool
+    vehicle_rows: int  # per-vehicle samples in the segment (read them with vehicle_batches)
 
 
 def read_segment(path: str | Path) -> Segment:
-    """Every valid frame of a segment (its torn tail, if any, left out)."""
+    """Every valid frame of a segment but the per-vehicle ones (its torn tail, if any, left out).
+
+    Per-vehicle samples can be ~100,000 a second: they are streamed by vehicle_batches, never held whole."""
     path = Path(path)
-    header, dtype, chunks, rosters, vehicles, sites, sealed = None, None, [], {}, [], [], False
+    header, dtype, chunks, rosters, sites, sealed, n_veh = None, None, [], {}, [], False, 0
     for kind, payload in read_frames(path):
         if kind == HEADER:
             header = json.loads(payload)
@@ -549,13 +561,7 @@ def read_segment(path: str | Path) -> Segment:
             doc = json.loads(payload)
             rosters[doc["version"]] = doc
         elif kind == VEHICLES:
-            t_ns, seq, version, count = _VEH_HEAD.unpack_from(payload)
-            o = _VEH_HEAD.size
-            rows = np.frombuffer(payload, "<u4", count, o)
-            sp = np.frombuffer(payload, "<f4", count, o + 4 * count)
-            p = np.frombuffer(payload, "<f4", count, o + 8 * count)
-            reason = np.frombuffer(payload, "u1", count, o + 12 * count)
-            vehicles.append((t_ns, seq, version, rows, sp, p, reason))
+            n_veh += _VEH_HEAD.unpack_from(payload)[3]
         elif kind == SITES:
             t_ns, seq, n = _SITES_HEAD.unpack_from(payload)
             o = _SITES_HEAD.size
@@ -565,7 +571,7 @@ def read_segment(path: str | Path) -> Segment:
     if header is None:
         raise JournalError(f"{path}: not a v2grt journal segment (no valid header frame)")
     cycles = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
-    return Segment(path, header, cycles, rosters, vehicles, sites, sealed)
+    return Segment(path, header, cycles, rosters, sites, sealed, n_veh)
 
 
 def parquet_paths(seg: Path) -> dict[str, Path]:
@@ -579,67 +585,89 @@ def cycles_table(seg: Segment):
     import pyarrow as pa
 
     c = seg.cycles
-    cols = {}
+    cols = {"time": pa.array(c["t_ns"], pa.timestamp("ns", tz="UTC"))}
     for name, _kind, _doc in CYCLE_FIELDS:
         cols[name] = c[name]
-    cols["time"] = pa.array(c["t_ns"], pa.timestamp("ns", tz="UTC"))
     for code, rname in enumerate(REASON_NAMES):
         if rname != "EMPTY" and (rname in Reason.__members__ or c["reasons"][:, code].any()):
             cols[f"n_{rname}"] = c["reasons"][:, code]
     for k, inv in enumerate(seg.header.get("inverters", [])):
         cols[f"inverter_{inv['name']}_kw"] = c["inverter_kw"][:, k]
-    ids = _any_roster_ids(seg)
+    ids = seg.rosters[max(seg.rosters)]["node_ids"] if seg.rosters else None
     cols["test_node"] = pa.array([None if r < 0 or ids is None else ids[r] for r in c["test_row"]], pa.string())
     return pa.table(cols)
 
 
-def _any_roster_ids(seg: Segment):
-    return seg.rosters[max(seg.rosters)]["node_ids"] if seg.rosters else None
+_ALL_REASON_NAMES = REASON_NAMES + [f"CODE_{c}" for c in range(N_REASONS, 256)]
+
+
+def vehicles_schema():
+    import pyarrow as pa
+
+    dict_str = pa.dictionary(pa.int32(), pa.string())
+    return pa.schema([("time", pa.timestamp("ns", tz="UTC")), ("t_ns", pa.int64()), ("seq", pa.int64()),
+                      ("node_id", dict_str), ("site_id", dict_str), ("setpoint_kw", pa.float32()),
+                      ("p_kw", pa.float32()), ("reason", dict_str)])
+
+
+def vehicle_batches(seg: Segment, only: set[str] | None = None, t0_ns: int | None = None,
+                    t1_ns: int | None = None, batch_rows: int = 1 << 20):
+    """Per-vehicle samples, changes only, as pyarrow RecordBatches of about batch_rows rows (memory stays
+    bounded whatever the segment's size): time, t_ns, seq, node_id, site_id, setpoint_kw, p_kw, reason.
+    node_id, site_id and reason are dictionary-encoded (indices into the roster's ids)."""
+    import pyarrow as pa
+
+    schema = vehicles_schema()
+    reason_dict = pa.array(_ALL_REASON_NAMES, pa.string())
+    rosters = {}
+    for v, doc in seg.rosters.items():
+        keep = None if only is None else np.isin(np.asarray(doc["node_ids"], dtype=object), list(only))
+        rosters[v] = (pa.array(doc["node_ids"], pa.string()), pa.array(doc["site_ids"], pa.string()),
+                      np.asarray(doc["site"], np.int32), keep)
+    parts: list = []
+    n = 0
+    version = None
+
+    def flush():
+        t, seq, rows, sp, p, reason = (np.concatenate([x[k] for x in parts]) for k in range(6))
+        ids, site_ids, site_of_row, _keep = rosters[version]
+        return pa.RecordBatch.from_arrays([
+            pa.array(t, pa.timestamp("ns", tz="UTC")), pa.array(t), pa.array(seq),
+            pa.DictionaryArray.from_arrays(pa.array(rows, pa.int32()), ids),
+            pa.DictionaryArray.from_arrays(pa.array(site_of_row[rows], pa.int32()), site_ids),
+            pa.array(sp), pa.array(p),
+            pa.DictionaryArray.from_arrays(pa.array(reason.astype(np.int32)), reason_dict)], schema=schema)
+
+    for kind, payload in read_frames(seg.path):
+        if kind != VEHICLES:
+            continue
+        t_ns, seq, v, count = _VEH_HEAD.unpack_from(payload)
+        if v not in rosters or (t0_ns is not None and t_ns < t0_ns) or (t1_ns is not None and t_ns >= t1_ns):
+            continue
+        o = _VEH_HEAD.size
+        rows = np.frombuffer(payload, "<u4", count, o).astype(np.int32)
+        sp = np.frombuffer(payload, "<f4", count, o + 4 * count)
+        p = np.frombuffer(payload, "<f4", count, o + 8 * count)
+        reason = np.frombuffer(payload, "u1", count, o + 12 * count)
+        keep = rosters[v][3]
+        if keep is not None:
+            sel = keep[rows]
+            rows, sp, p, reason = rows[sel], sp[sel], p[sel], reason[sel]
+        if parts and (v != version or n >= batch_rows):
+            yield flush()
+            parts, n = [], 0
+        version = v
+        parts.append((np.full(len(rows), t_ns, np.int64), np.full(len(rows), seq, np.int64), rows, sp, p, reason))
+        n += len(rows)
+    if parts:
+        yield flush()
 
 
 def vehicles_table(seg: Segment, only: set[str] | None = None):
-    """Per-vehicle samples, changes only: time, seq, node_id, site_id, setpoint_kw, p_kw, reason."""
+    """All per-vehicle samples of a segment as one Table (small segments, tests); see vehicle_batches."""
     import pyarrow as pa
 
-    parts = {k: [] for k in ("t_ns", "seq", "row", "version", "setpoint_kw", "p_kw", "reason")}
-    for t_ns, seq, version, rows, sp, p, reason in seg.vehicles:
-        parts["t_ns"].append(np.full(len(rows), t_ns, np.int64))
-        parts["seq"].append(np.full(len(rows), seq, np.int64))
-        parts["version"].append(np.full(len(rows), version, np.int64))
-        parts["row"].append(rows.astype(np.int64))
-        parts["setpoint_kw"].append(sp)
-        parts["p_kw"].append(p)
-        parts["reason"].append(reason)
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.float32 if k.endswith("kw") else np.int64))
-           for k, v in parts.items()}
-    node, site = _names(seg, cat["version"], cat["row"])
-    keep = np.ones(len(node), bool) if only is None else np.isin(node, list(only))
-    reason_names = np.array(REASON_NAMES + [f"CODE_{c}" for c in range(N_REASONS, 256)], dtype=object)
-    return pa.table({
-        "time": pa.array(cat["t_ns"][keep], pa.timestamp("ns", tz="UTC")),
-        "t_ns": cat["t_ns"][keep], "seq": cat["seq"][keep],
-        "node_id": pa.array(node[keep], pa.string()).dictionary_encode(),
-        "site_id": pa.array(site[keep], pa.string()).dictionary_encode(),
-        "setpoint_kw": cat["setpoint_kw"][keep].astype(np.float32),
-        "p_kw": cat["p_kw"][keep].astype(np.float32),
-        "reason": pa.array(reason_names[cat["reason"][keep].astype(np.int64)], pa.string()).dictionary_encode(),
-    })
-
-
-def _names(seg: Segment, versions: np.ndarray, rows: np.ndarray):
-    node = np.empty(len(rows), dtype=object)
-    site = np.empty(len(rows), dtype=object)
-    for v in np.unique(versions):
-        sel = versions == v
-        doc = seg.rosters.get(int(v))
-        if doc is None:
-            continue
-        ids = np.array(doc["node_ids"], dtype=object)
-        site_ids = np.array(doc["site_ids"], dtype=object)
-        r = rows[sel]
-        node[sel] = ids[r]
-        site[sel] = site_ids[np.asarray(doc["site"])[r]]
-    return node, site
+    return pa.Table.from_batches(list(vehicle_batches(seg, only)), schema=vehicles_schema())
 
 
 def sites_table(seg: Segment):
@@ -661,13 +689,19 @@ def sites_table(seg: Segment):
 
 
 def convert(path: str | Path) -> dict[str, Path]:
-    """Write a segment's cycles, vehicles and sites as Parquet beside it (each via a temp file + rename)."""
+    """Write a segment's cycles, vehicles and sites as Parquet beside it (each via a temp file + rename).
+    The vehicles are streamed in row groups: memory stays bounded for any fleet and segment length."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     seg = read_segment(path)
     out = parquet_paths(path)
-    for name, table in (("vehicles", vehicles_table(seg)), ("sites", sites_table(seg)), ("cycles", cycles_table(seg))):
+    tmp = out["vehicles"].with_suffix(".parquet.tmp")
+    with pq.ParquetWriter(tmp, vehicles_schema(), compression="zstd") as w:
+        for batch in vehicle_batches(seg):
+            w.write_batch(batch)
+    os.replace(tmp, out["vehicles"])
+    for name, table in (("sites", sites_table(seg)), ("cycles", cycles_table(seg))):
         tmp = out[name].with_suffix(".parquet.tmp")
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, out[name])  # cycles last: its presence marks the segment converted
@@ -692,23 +726,22 @@ def segments_between(directory: str | Path, t0_ns: int, t1_ns: int) -> list[Path
     return out
 
 
-def export(directory: str | Path, t0_ns: int, t1_ns: int, *, vehicles: set[str] | bool = False):
-    """One interval as a pyarrow Table: the cycle records, or (vehicles) the per-vehicle samples;
-    vehicles may be True (all) or a set of node ids. Reads the raw segments, the open one included."""
+def export_cycles(directory: str | Path, t0_ns: int, t1_ns: int):
+    """The cycle records of [t0_ns, t1_ns) as one pyarrow Table (None: no segment), the open segment included."""
     import pyarrow as pa
 
     tables = []
     for p in segments_between(directory, t0_ns, t1_ns):
-        seg = read_segment(p)
-        if vehicles is False:
-            t = cycles_table(seg)
-        else:
-            t = vehicles_table(seg, None if vehicles is True else set(vehicles))
+        t = cycles_table(read_segment(p))
         ts = t.column("t_ns").to_numpy()
         tables.append(t.filter(pa.array((ts >= t0_ns) & (ts < t1_ns))))
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def export_vehicles(directory: str | Path, t0_ns: int, t1_ns: int, only: set[str] | None = None):
+    """The per-vehicle samples of [t0_ns, t1_ns) as a stream of RecordBatches (vehicles_schema())."""
+    for p in segments_between(directory, t0_ns, t1_ns):
+        yield from vehicle_batches(read_segment(p), only, t0_ns, t1_ns)
 
 
 def journal_dir(cfg) -> Path:
@@ -752,18 +785,33 @@ def cmd_export(args) -> int:
         raise CliError(f"journal export: --to {args.end} is not after --from {args.start}")
     if not Path(args.dir).is_dir():
         raise CliError(f"journal export: {args.dir}: no such directory")
-    veh = False if args.vehicles is None else (True if args.vehicles == "*" else set(args.vehicles.split(",")))
+    rows = 0
     try:
-        table = export(args.dir, t0, t1, vehicles=veh)
+        if args.vehicles is None:
+            table = export_cycles(args.dir, t0, t1)
+            rows = 0 if table is None else table.num_rows
+            if rows:
+                (pq.write_table(table, args.out, compression="zstd") if args.format == "parquet"
+                 else pcsv.write_csv(table, args.out))
+        else:
+            only = None if args.vehicles == "*" else set(args.vehicles.split(","))
+            schema = vehicles_schema()
+            tmp = Path(f"{args.out}.tmp")
+            writer = (pq.ParquetWriter(tmp, schema, compression="zstd") if args.format == "parquet"
+                      else pcsv.CSVWriter(tmp, schema))
+            with writer:
+                for batch in export_vehicles(args.dir, t0, t1, only):
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+            if rows:
+                os.replace(tmp, args.out)
+            else:
+                tmp.unlink(missing_ok=True)
     except JournalError as exc:
         raise CliError(f"journal export: {exc}") from None
-    if table is None or table.num_rows == 0:
+    if not rows:
         raise CliError(f"journal export: {args.dir} holds no records between {args.start} and {args.end}", 1)
-    if args.format == "parquet":
-        pq.write_table(table, args.out, compression="zstd")
-    else:
-        pcsv.write_csv(table, args.out)
-    print(f"{args.out}: {table.num_rows} {'vehicle samples' if veh is not False else 'cycle records'}")
+    print(f"{args.out}: {rows} {'cycle records' if args.vehicles is None else 'vehicle samples'}")
     return EXIT_OK
 
 
@@ -798,7 +846,10 @@ if __name__ == "__main__":  # python -m v2grt.journal convert SEGMENT...: the wr
             os.nice(15)
         except OSError:
             pass
-        for seg_path in sys.argv[2:]:
-            convert(seg_path)
+        try:
+            for seg_path in sys.argv[2:]:
+                convert(seg_path)
+        except (OSError, JournalError) as exc:  # e.g. retention removed the segment first
+            sys.exit(f"v2grt.journal convert: {exc}")
         sys.exit(0)
     sys.exit(f"usage: {sys.argv[0]} convert SEGMENT...")
