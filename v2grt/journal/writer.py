@@ -1,29 +1,6 @@
-"""The dispatch journal: every control cycle as evidence, written off the control thread, crash-safe.
-
-Shape (docs/journal.md has the schema with units and signs):
-
-- The control thread calls ``Journal.record(agg, result, times)`` once per cycle. It copies one
-  fixed-size record into a preallocated ring (a numpy structured array) and a stripe of the fleet's
-  per-vehicle columns (setpoint, reported power, reason) into a preallocated slot, so that every
-  vehicle is sampled once per ``vehicle_interval_s`` without ever copying the whole fleet in one cycle
-  (at 100,000 vehicles a whole copy is ~0.2 ms; a tenth of it is ~20 us). Nothing it does grows with
-  the fleet except that stripe; nothing it does touches a file.
-- A writer thread drains the rings every ``flush_interval_s`` into frames appended to the open
-  segment file, flushes them to the OS at once (a kill -9 of the process loses nothing the writer has
-  written) and fsyncs at least every ``fsync_interval_s`` (<= 1 s: what a host crash may lose).
-- Frames are length-prefixed and CRC32-checked; a reader stops at the first torn or invalid frame, so
-  a write cut short by kill -9 or a full disk is never read as a record. A segment is never appended to
-  after its writer is gone: a new process (or a write error) starts a new segment.
-- Segments rotate on the UTC clock (hourly by default); sealed segments are converted to Parquet by a
-  low-priority child process (``python -m v2grt.journal convert``); retention removes the oldest
-  segments by age and total size.
-- A write error (ENOSPC, EIO, any OSError) raises JOURNAL_WRITE_FAILED in engine.log and the
-  ``v2grt_journal_write_failing`` gauge; the loop goes on and the writer tries a new segment next pass.
-
-Segment file: the 8 bytes MAGIC, then frames ``<u32 payload length><u32 crc32(kind + payload)><u8 kind>
-<payload>``, little-endian. Kinds: HEADER (JSON), ROSTER (JSON), CYCLES (raw records of the header's
-dtype), VEHICLES (one stripe, changes only), SITES (per-site totals after each sweep), END (JSON).
-"""
+"""The journal's two sides in the aggregator: `Journal.record` on the control thread (a record and a stripe
+of the vehicles into preallocated rings) and the writer thread (frames, fsync, rotation, retention,
+the Parquet child, the full-disk alarm)."""
 
 from __future__ import annotations
 
@@ -33,99 +10,35 @@ import json
 import logging
 import math
 import os
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from v2grt.codes import Reason
 from v2grt.config import JournalConfig
+from v2grt.journal.format import (
+    _SITES_HEAD,
+    _VEH_HEAD,
+    CYCLES,
+    END,
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    N_REASONS,
+    REASON_NAMES,
+    ROSTER,
+    SITES,
+    SUFFIX,
+    VEHICLES,
+    cycle_dtype,
+    frame,
+)
+from v2grt.journal.read import parquet_paths
 
 log = logging.getLogger("v2grt.journal")
-
-MAGIC = b"V2GJRNL1"
-FORMAT_VERSION = 1
-SUFFIX = ".v2j"
-_FRAME = struct.Struct("<IIB")  # payload length, crc32 of kind byte + payload, kind
-_MAX_FRAME = 1 << 30
-HEADER, ROSTER, CYCLES, VEHICLES, SITES, END = 1, 2, 3, 4, 5, 6
-_VEH_HEAD = struct.Struct("<qqII")  # t_ns, seq, version, count
-_SITES_HEAD = struct.Struct("<qqI")  # t_ns, seq, n_sites
-
-#: Reason codes counted per cycle (the record's reasons[] column); codes above are summed into the last.
-N_REASONS = 16
-REASON_NAMES = [Reason(c).name if c in Reason._value2member_map_ else f"CODE_{c}" for c in range(N_REASONS)]
-
-#: The per-cycle record, in order, with unit and sign (docs/journal.md is pinned to this by a test).
-#: + = discharge into the grid for every power.
-CYCLE_FIELDS: list[tuple[str, str, str]] = [
-    ("t_ns", "int64", "UTC wall-clock time of the cycle's publish, ns since the Unix epoch"),
-    ("epoch", "int64", "the scheduler's fencing epoch"),
-    ("seq", "int64", "setpoint message sequence number of this cycle (as on the wire)"),
-    ("f_hz", "float64", "grid frequency the cycle used, Hz; NaN when the meter is stale or absent"),
-    ("f_age_ms", "float64", "age of the meter sample when the cycle read it, ms; NaN when there is none"),
-    ("frequency_stale", "uint8", "1 while the frequency is stale (response frozen or ramping out)"),
-    ("service_fraction", "float64", "service response, -1..1 of capacity (+ discharge)"),
-    ("capacity_kw", "float64", "contracted capacity, kW"),
-    ("request_kw", "float64", "base schedule + response, kW (+ discharge)"),
-    ("target_kw", "float64", "request after the fleet's limits and ramps, kW (+ discharge)"),
-    ("allocated_kw", "float64", "sum of the vehicles' setpoints sent this cycle, kW (+ discharge)"),
-    ("delivered_kw", "float64", "sum of the vehicles' reported power, kW (+ discharge)"),
-    ("site_measured_kw", "float64", "sum of the site inverters' measured W, kW (+ injection); NaN: none configured"),
-    ("available_dis_kw", "float64", "discharge the fleet can deliver now, kW (>= 0)"),
-    ("available_chg_kw", "float64", "charge the fleet can absorb now, kW (>= 0, magnitude)"),
-    ("n_carrying", "int32", "vehicles with a non-zero setpoint"),
-    ("estop", "uint8", "1 while the emergency stop is latched (every setpoint 0)"),
-    ("test_row", "int32", "fleet row of a test discharge in progress (ROSTER frame), -1: none"),
-    ("test_kw", "float64", "its pinned setpoint, kW (+ discharge); NaN: none"),
-    ("cycle_work_ms", "float64", "inputs + kernel + publish time of this cycle, ms"),
-]
-
-
-def cycle_dtype(n_inverters: int) -> np.dtype:
-    fields = [(name, kind) for name, kind, _ in CYCLE_FIELDS]
-    fields.append(("reasons", "int32", (N_REASONS,)))
-    if n_inverters:
-        fields.append(("inverter_kw", "float64", (n_inverters,)))
-    return np.dtype(fields)
-
-
-class JournalError(Exception):
-    """A journal file or directory that cannot be read as asked; the message names the file and the problem."""
-
-
-# ------------------------------------------------------------------------------------------ framing
-def frame(kind: int, payload: bytes | memoryview) -> bytes:
-    body = bytes([kind]) + bytes(payload)
-    return _FRAME.pack(len(body) - 1, zlib.crc32(body), kind) + body[1:]
-
-
-def read_frames(path: str | Path):
-    """Yield (kind, payload) of every whole, valid frame; stop at the first torn or corrupt one.
-
-    The reader's promise: a frame whose length or CRC does not check out, and everything after it in
-    this segment, is never returned (a writer never appends after a failed write: it starts a segment).
-    """
-    path = Path(path)
-    with open(path, "rb") as fh:
-        if fh.read(len(MAGIC)) != MAGIC:
-            return
-        while True:
-            head = fh.read(_FRAME.size)
-            if len(head) < _FRAME.size:
-                return
-            n, crc, kind = _FRAME.unpack(head)
-            if n > _MAX_FRAME:
-                return
-            payload = fh.read(n)
-            if len(payload) < n or zlib.crc32(bytes([kind]) + payload) != crc:
-                return
-            yield kind, payload
 
 
 # ------------------------------------------------------------------------------------------ the journal
@@ -533,217 +446,6 @@ class Journal:
             log.info("JOURNAL_RETENTION removed %s (%s)", p.name, "age" if too_old else "size")
 
 
-# ------------------------------------------------------------------------------------------ reading
-@dataclasses.dataclass
-class Segment:
-    path: Path
-    header: dict
-    cycles: np.ndarray
-    rosters: dict  # version -> {"node_ids", "site", "site_ids"}
-    sites: list  # (t_ns, seq, setpoint_kw per site, p_kw per site)
-    sealed: bool
-    vehicle_rows: int  # per-vehicle samples in the segment (read them with vehicle_batches)
-
-
-def read_segment(path: str | Path) -> Segment:
-    """Every valid frame of a segment but the per-vehicle ones (its torn tail, if any, left out).
-
-    Per-vehicle samples can be ~100,000 a second: they are streamed by vehicle_batches, never held whole."""
-    path = Path(path)
-    header, dtype, chunks, rosters, sites, sealed, n_veh = None, None, [], {}, [], False, 0
-    for kind, payload in read_frames(path):
-        if kind == HEADER:
-            header = json.loads(payload)
-            dtype = np.dtype([tuple(f) if len(f) == 2 else (f[0], f[1], tuple(f[2])) for f in header["dtype"]])
-        elif kind == CYCLES and dtype is not None:
-            chunks.append(np.frombuffer(payload, dtype))
-        elif kind == ROSTER:
-            doc = json.loads(payload)
-            rosters[doc["version"]] = doc
-        elif kind == VEHICLES:
-            n_veh += _VEH_HEAD.unpack_from(payload)[3]
-        elif kind == SITES:
-            t_ns, seq, n = _SITES_HEAD.unpack_from(payload)
-            o = _SITES_HEAD.size
-            sites.append((t_ns, seq, np.frombuffer(payload, "<f8", n, o), np.frombuffer(payload, "<f8", n, o + 8 * n)))
-        elif kind == END:
-            sealed = True
-    if header is None:
-        raise JournalError(f"{path}: not a v2grt journal segment (no valid header frame)")
-    cycles = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
-    return Segment(path, header, cycles, rosters, sites, sealed, n_veh)
-
-
-def parquet_paths(seg: Path) -> dict[str, Path]:
-    stem = seg.name[: -len(SUFFIX)]
-    return {t: seg.with_name(f"{stem}.{t}.parquet") for t in ("cycles", "vehicles", "sites")}
-
-
-def cycles_table(seg: Segment):
-    """The per-cycle records as a pyarrow Table: the scalar fields, reason counts as n_<REASON>,
-    inverter_<name>_kw per configured inverter, and test_node (the id of test_row)."""
-    import pyarrow as pa
-
-    c = seg.cycles
-    cols = {"time": pa.array(c["t_ns"], pa.timestamp("ns", tz="UTC"))}
-    for name, _kind, _doc in CYCLE_FIELDS:
-        cols[name] = c[name]
-    for code, rname in enumerate(REASON_NAMES):
-        if rname != "EMPTY" and (rname in Reason.__members__ or c["reasons"][:, code].any()):
-            cols[f"n_{rname}"] = c["reasons"][:, code]
-    for k, inv in enumerate(seg.header.get("inverters", [])):
-        cols[f"inverter_{inv['name']}_kw"] = c["inverter_kw"][:, k]
-    ids = seg.rosters[max(seg.rosters)]["node_ids"] if seg.rosters else None
-    cols["test_node"] = pa.array([None if r < 0 or ids is None else ids[r] for r in c["test_row"]], pa.string())
-    return pa.table(cols)
-
-
-_ALL_REASON_NAMES = REASON_NAMES + [f"CODE_{c}" for c in range(N_REASONS, 256)]
-
-
-def vehicles_schema():
-    import pyarrow as pa
-
-    dict_str = pa.dictionary(pa.int32(), pa.string())
-    return pa.schema([("time", pa.timestamp("ns", tz="UTC")), ("t_ns", pa.int64()), ("seq", pa.int64()),
-                      ("node_id", dict_str), ("site_id", dict_str), ("setpoint_kw", pa.float32()),
-                      ("p_kw", pa.float32()), ("reason", dict_str)])
-
-
-def vehicle_batches(seg: Segment, only: set[str] | None = None, t0_ns: int | None = None,
-                    t1_ns: int | None = None, batch_rows: int = 1 << 20):
-    """Per-vehicle samples, changes only, as pyarrow RecordBatches of about batch_rows rows (memory stays
-    bounded whatever the segment's size): time, t_ns, seq, node_id, site_id, setpoint_kw, p_kw, reason.
-    node_id, site_id and reason are dictionary-encoded (indices into the roster's ids)."""
-    import pyarrow as pa
-
-    schema = vehicles_schema()
-    reason_dict = pa.array(_ALL_REASON_NAMES, pa.string())
-    rosters = {}
-    for v, doc in seg.rosters.items():
-        keep = None if only is None else np.isin(np.asarray(doc["node_ids"], dtype=object), list(only))
-        rosters[v] = (pa.array(doc["node_ids"], pa.string()), pa.array(doc["site_ids"], pa.string()),
-                      np.asarray(doc["site"], np.int32), keep)
-    parts: list = []
-    n = 0
-    version = None
-
-    def flush():
-        t, seq, rows, sp, p, reason = (np.concatenate([x[k] for x in parts]) for k in range(6))
-        ids, site_ids, site_of_row, _keep = rosters[version]
-        return pa.RecordBatch.from_arrays([
-            pa.array(t, pa.timestamp("ns", tz="UTC")), pa.array(t), pa.array(seq),
-            pa.DictionaryArray.from_arrays(pa.array(rows, pa.int32()), ids),
-            pa.DictionaryArray.from_arrays(pa.array(site_of_row[rows], pa.int32()), site_ids),
-            pa.array(sp), pa.array(p),
-            pa.DictionaryArray.from_arrays(pa.array(reason.astype(np.int32)), reason_dict)], schema=schema)
-
-    for kind, payload in read_frames(seg.path):
-        if kind != VEHICLES:
-            continue
-        t_ns, seq, v, count = _VEH_HEAD.unpack_from(payload)
-        if v not in rosters or (t0_ns is not None and t_ns < t0_ns) or (t1_ns is not None and t_ns >= t1_ns):
-            continue
-        o = _VEH_HEAD.size
-        rows = np.frombuffer(payload, "<u4", count, o).astype(np.int32)
-        sp = np.frombuffer(payload, "<f4", count, o + 4 * count)
-        p = np.frombuffer(payload, "<f4", count, o + 8 * count)
-        reason = np.frombuffer(payload, "u1", count, o + 12 * count)
-        keep = rosters[v][3]
-        if keep is not None:
-            sel = keep[rows]
-            rows, sp, p, reason = rows[sel], sp[sel], p[sel], reason[sel]
-        if parts and (v != version or n >= batch_rows):
-            yield flush()
-            parts, n = [], 0
-        version = v
-        parts.append((np.full(len(rows), t_ns, np.int64), np.full(len(rows), seq, np.int64), rows, sp, p, reason))
-        n += len(rows)
-    if parts:
-        yield flush()
-
-
-def vehicles_table(seg: Segment, only: set[str] | None = None):
-    """All per-vehicle samples of a segment as one Table (small segments, tests); see vehicle_batches."""
-    import pyarrow as pa
-
-    return pa.Table.from_batches(list(vehicle_batches(seg, only)), schema=vehicles_schema())
-
-
-def sites_table(seg: Segment):
-    """Per-site totals after each sweep of the vehicles: time, site_id, setpoint_kw, p_kw."""
-    import pyarrow as pa
-
-    site_ids = seg.rosters[max(seg.rosters)]["site_ids"] if seg.rosters else []
-    t, sid, sp, p = [], [], [], []
-    for t_ns, _seq, w_sp, w_p in seg.sites:
-        for k in range(len(w_sp)):
-            t.append(t_ns)
-            sid.append(site_ids[k] if k < len(site_ids) else str(k))
-            sp.append(w_sp[k])
-            p.append(w_p[k])
-    t = np.asarray(t, np.int64)
-    return pa.table({"time": pa.array(t, pa.timestamp("ns", tz="UTC")), "t_ns": t,
-                     "site_id": pa.array(sid, pa.string()), "setpoint_kw": np.asarray(sp, np.float64),
-                     "p_kw": np.asarray(p, np.float64)})
-
-
-def convert(path: str | Path) -> dict[str, Path]:
-    """Write a segment's cycles, vehicles and sites as Parquet beside it (each via a temp file + rename).
-    The vehicles are streamed in row groups: memory stays bounded for any fleet and segment length."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    seg = read_segment(path)
-    out = parquet_paths(path)
-    tmp = out["vehicles"].with_suffix(".parquet.tmp")
-    with pq.ParquetWriter(tmp, vehicles_schema(), compression="zstd") as w:
-        for batch in vehicle_batches(seg):
-            w.write_batch(batch)
-    os.replace(tmp, out["vehicles"])
-    for name, table in (("sites", sites_table(seg)), ("cycles", cycles_table(seg))):
-        tmp = out[name].with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, out[name])  # cycles last: its presence marks the segment converted
-    return out
-
-
-def segments_between(directory: str | Path, t0_ns: int, t1_ns: int) -> list[Path]:
-    """Segments of a directory that may hold records in [t0_ns, t1_ns), oldest first."""
-    out = []
-    for p in sorted(Path(directory).glob(f"*{SUFFIX}")):
-        try:
-            frames = read_frames(p)
-            kind, payload = next(frames)
-            frames.close()
-        except (StopIteration, OSError):
-            continue
-        if kind != HEADER:
-            continue
-        h = json.loads(payload)
-        if h["segment_start_ns"] < t1_ns and h["segment_end_ns"] > t0_ns:
-            out.append(p)
-    return out
-
-
-def export_cycles(directory: str | Path, t0_ns: int, t1_ns: int):
-    """The cycle records of [t0_ns, t1_ns) as one pyarrow Table (None: no segment), the open segment included."""
-    import pyarrow as pa
-
-    tables = []
-    for p in segments_between(directory, t0_ns, t1_ns):
-        t = cycles_table(read_segment(p))
-        ts = t.column("t_ns").to_numpy()
-        tables.append(t.filter(pa.array((ts >= t0_ns) & (ts < t1_ns))))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
-
-def export_vehicles(directory: str | Path, t0_ns: int, t1_ns: int, only: set[str] | None = None):
-    """The per-vehicle samples of [t0_ns, t1_ns) as a stream of RecordBatches (vehicles_schema())."""
-    for p in segments_between(directory, t0_ns, t1_ns):
-        yield from vehicle_batches(read_segment(p), only, t0_ns, t1_ns)
-
-
 def journal_dir(cfg) -> Path:
     """The configured journal directory: journal.dir, or <state_dir>/journal/<fleet_id>."""
     if cfg.journal.dir is not None:
@@ -757,99 +459,3 @@ def for_aggregator(agg) -> Journal:
                    period_s=cfg.period_s, inverter_names=[i.name for i in cfg.inverters],
                    inverter_sites=[i.site for i in cfg.inverters], events=agg.events,
                    meta={"service": agg.dispatcher.service.name, "capacity_kw": agg.dispatcher.capacity_kw})
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _parse_time(text: str, what: str) -> int:
-    from v2grt.cli import CliError
-
-    try:
-        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise CliError(f"journal export: {what}={text!r} is not an ISO 8601 time (e.g. 2026-12-04T21:00:00Z)") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)  # records are UTC; a time without a zone is read as UTC
-    # integer arithmetic: a float timestamp in ns since 1970 is only good to ~0.25 us
-    return (t - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)) // _dt.timedelta(microseconds=1) * 1000
-
-
-def cmd_export(args) -> int:
-    """Write one interval of the journal as Parquet or CSV (cycle records, or per-vehicle samples)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    from v2grt.cli import EXIT_OK, CliError
-
-    t0, t1 = _parse_time(args.start, "--from"), _parse_time(args.end, "--to")
-    if t1 <= t0:
-        raise CliError(f"journal export: --to {args.end} is not after --from {args.start}")
-    if not Path(args.dir).is_dir():
-        raise CliError(f"journal export: {args.dir}: no such directory")
-    rows = 0
-    try:
-        if args.vehicles is None:
-            table = export_cycles(args.dir, t0, t1)
-            rows = 0 if table is None else table.num_rows
-            if rows:
-                (pq.write_table(table, args.out, compression="zstd") if args.format == "parquet"
-                 else pcsv.write_csv(table, args.out))
-        else:
-            only = None if args.vehicles == "*" else set(args.vehicles.split(","))
-            schema = vehicles_schema()
-            tmp = Path(f"{args.out}.tmp")
-            writer = (pq.ParquetWriter(tmp, schema, compression="zstd") if args.format == "parquet"
-                      else pcsv.CSVWriter(tmp, schema))
-            with writer:
-                for batch in export_vehicles(args.dir, t0, t1, only):
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-            if rows:
-                os.replace(tmp, args.out)
-            else:
-                tmp.unlink(missing_ok=True)
-    except JournalError as exc:
-        raise CliError(f"journal export: {exc}") from None
-    if not rows:
-        raise CliError(f"journal export: {args.dir} holds no records between {args.start} and {args.end}", 1)
-    print(f"{args.out}: {rows} {'cycle records' if args.vehicles is None else 'vehicle samples'}")
-    return EXIT_OK
-
-
-def cmd_convert(args) -> int:
-    """Convert segments to Parquet (the writer does this for sealed segments itself)."""
-    for p in args.segments:
-        out = convert(p)
-        print(" ".join(str(q) for q in out.values()))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("journal", help="the dispatch journal: export an interval, convert segments (docs/journal.md)")
-    jsub = p.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
-    e = jsub.add_parser("export", help="one interval as Parquet or CSV", description=cmd_export.__doc__)
-    e.add_argument("dir", help="the journal directory (journal.dir; default <state_dir>/journal/<fleet_id>)")
-    e.add_argument("--from", dest="start", required=True, help="start, ISO 8601 (UTC if no zone), inclusive")
-    e.add_argument("--to", dest="end", required=True, help="end, ISO 8601 (UTC if no zone), exclusive")
-    e.add_argument("--vehicles", nargs="?", const="*", default=None,
-                   help="per-vehicle samples instead of cycle records; optionally only these ids (ID,ID,...)")
-    e.add_argument("--format", choices=["parquet", "csv"], default="parquet")
-    e.add_argument("--out", required=True, help="output file")
-    e.set_defaults(func=cmd_export)
-    c = jsub.add_parser("convert", help="convert segments to Parquet", description=cmd_convert.__doc__)
-    c.add_argument("segments", nargs="+")
-    c.set_defaults(func=cmd_convert)
-
-
-if __name__ == "__main__":  # python -m v2grt.journal convert SEGMENT...: the writer's low-priority child
-    if len(sys.argv) >= 3 and sys.argv[1] == "convert":
-        try:
-            os.nice(15)
-        except OSError:
-            pass
-        try:
-            for seg_path in sys.argv[2:]:
-                convert(seg_path)
-        except (OSError, JournalError) as exc:  # e.g. retention removed the segment first
-            sys.exit(f"v2grt.journal convert: {exc}")
-        sys.exit(0)
-    sys.exit(f"usage: {sys.argv[0]} convert SEGMENT...")
