@@ -1,7 +1,7 @@
 """Whole-cycle time of the real Aggregator (inputs, kernel, publish to every gateway, status) by fleet size.
 
     v2grt bench cycle [--nodes 10000,100000,1000000] [--gateways 10,100,1000] [--priorities 0,80]
-                      [--cycles 200] [--json]
+                      [--journal off,on] [--cycles 200] [--json]
 
 For every (nodes, gateways) pair, and for each control-thread priority of --priorities side by side
 (0: SCHED_OTHER as configs/default.yaml ships; N: SCHED_FIFO N, as a tuned deployment runs it): the
@@ -19,15 +19,21 @@ lateness, missed deadlines and budget overruns, setpoint frames delivered and by
 a breakdown of the publish phase measured after the run on the same fleet, layouts and result, by
 calling Aggregator._publish itself on this thread: the whole phase, the phase with the socket's send
 made a no-op (gathering and encoding every gateway's message, and the status), and the status
-message alone. Targets (DESIGN.md section 10,
-issue 3): whole cycle p99 under 5 ms at 100,000 nodes; a million nodes inside the 100 ms budget.
+message alone. With --journal off,on (the default) every pair runs with the dispatch journal off and on
+side by side (v2grt.journal, in a temporary directory, every vehicle sampled once a second); the journal
+column is the control thread's cost of Journal.record() per cycle, the rest of the journal's work being
+on its writer thread. Targets (DESIGN.md section 10, issues 3 and 12): whole cycle p99 under 5 ms at
+100,000 nodes; a million nodes inside the 100 ms budget; the journal's cost in the cycle <= 0.1 ms p99 at
+100,000 nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,11 +86,14 @@ def publish_breakdown(agg, reps: int = 7) -> dict:
             "send_ms": max(whole - nosend, 0.0)}
 
 
-def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int) -> dict:
+def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int, journal: bool = False) -> dict:
     fleet = Fleet.random(n, seed=0, n_gateways=gateways, now_ns=time.monotonic_ns())
+    jdir = tempfile.mkdtemp(prefix="v2grt-bench-journal-")
     with World() as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, priority=priority,
                                 hwm=catch_all_hwm(gateways))
+        # Parquet conversion off: it runs in its own process at rotation, not in this measurement
+        cfg.journal.enabled, cfg.journal.dir, cfg.journal.parquet = journal, jdir, False
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         keep_fresh(agg)
         agg.start()
@@ -105,18 +114,23 @@ def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int) 
             c1, miss1, over1, seq1 = s.cycles, s.missed_deadlines, s.budget_overruns, agg.seq
             k = c1 - c0
             window = {m: s.samples(m)[-k:] for m in ("lateness", "inputs", "kernel", "publish", "total")}
+            if agg.journal is not None:
+                window["journal"] = agg.journal.cost_samples_ns()[-k:]
             agg.loop.stop()  # the breakdown below runs on this thread: the control thread must be done
             breakdown = publish_breakdown(agg)
             rt = setup_report(agg)
             refused = agg.publisher.dropped
             n_carrying = agg.last_result.n_carrying
+            journal_counters = None if agg.journal is None else dict(vars(agg.journal.counters))
         finally:
             agg.stop()
+            shutil.rmtree(jdir, ignore_errors=True)
     frames = rx1["sp_frames"] - rx0["sp_frames"]
     nbytes = rx1["sp_bytes"] - rx0["sp_bytes"]
     ph = {m: stats_ms(w) for m, w in window.items()}
     return {
-        "nodes": n, "gateways": gateways, "cycles": int(k), "elapsed_s": elapsed,
+        "nodes": n, "gateways": gateways, "cycles": int(k), "elapsed_s": elapsed, "journal": journal,
+        "journal_counters": journal_counters,
         "phases": ph,
         "missed_deadlines": int(miss1 - miss0), "budget_overruns": int(over1 - over0),
         "setpoint_frames_expected": int((seq1 - seq0) * gateways), "setpoint_frames_received": int(frames),
@@ -128,33 +142,42 @@ def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int) 
     }
 
 
-def run(sizes, gateways, cycles, period_s, priorities) -> dict:
+def run(sizes, gateways, cycles, period_s, priorities, journals=(False, True)) -> dict:
     rows = []
     for n in sizes:
         for g in gateways:
             if g > n:
                 continue
             for prio in priorities:  # side by side: the same pair under each scheduling policy
-                gc.collect()
-                row = measure(n, g, cycles if n < 1_000_000 else max(cycles // 2, 20), period_s, prio)
-                fifo = row["realtime"].get("sched_fifo", {})
-                row["sched"] = f"FIFO {prio}" if fifo.get("granted") else "OTHER"
-                rows.append(row)
+                for journal in journals:  # ... and with the dispatch journal off and on
+                    gc.collect()
+                    row = measure(n, g, cycles if n < 1_000_000 else max(cycles // 2, 20), period_s, prio, journal)
+                    fifo = row["realtime"].get("sched_fifo", {})
+                    row["sched"] = f"FIFO {prio}" if fifo.get("granted") else "OTHER"
+                    rows.append(row)
     budget_ms = period_s * 1e3
     targets = {}
     for sched in dict.fromkeys(r["sched"] for r in rows):
         at_100k = [r for r in rows if r["nodes"] == 100_000 and r["sched"] == sched]
         for r in at_100k:
             p99 = r["phases"]["total"]["p99_ms"]
-            targets[f"p99_under_5ms_at_100k/{r['gateways']}gw/{sched}"] = {"met": p99 < 5.0, "p99_ms": p99}
+            targets[f"p99_under_5ms_at_100k/{r['gateways']}gw/{sched}{_jtag(r)}"] = {"met": p99 < 5.0, "p99_ms": p99}
+            if r["journal"]:
+                jp99 = r["phases"]["journal"]["p99_ms"]
+                targets[f"journal_p99_at_most_0.1ms_at_100k/{r['gateways']}gw/{sched}"] = {
+                    "met": jp99 <= 0.1, "p99_ms": jp99, "dropped": r["journal_counters"]["dropped"]}
         for r in (r for r in rows if r["nodes"] == 1_000_000 and r["sched"] == sched):
             worst = r["phases"]["total"]["max_ms"]
-            targets[f"1M_inside_budget/{r['gateways']}gw/{sched}"] = {
+            targets[f"1M_inside_budget/{r['gateways']}gw/{sched}{_jtag(r)}"] = {
                 "met": worst < budget_ms and r["missed_deadlines"] == 0, "max_ms": worst,
                 "missed_deadlines": r["missed_deadlines"]}
     return {"benchmark": "cycle", "machine": machine(), "source": source_state(),
             "config": {"period_ms": budget_ms, "cycles": cycles, "priorities": list(priorities)},
             "results": rows, "targets": targets}
+
+
+def _jtag(row: dict) -> str:
+    return "/journal" if row["journal"] else ""
 
 
 def render(r: dict) -> str:
@@ -164,18 +187,23 @@ def render(r: dict) -> str:
     rows1, rows2 = [], []
     for x in r["results"]:
         p = x["phases"]
-        rows1.append([x["nodes"], x["gateways"], x["sched"], x["cycles"], p["total"]["p50_ms"], p["total"]["p99_ms"],
+        j = p.get("journal")
+        rows1.append([x["nodes"], x["gateways"], x["sched"], "on" if x["journal"] else "off", x["cycles"],
+                      p["total"]["p50_ms"], p["total"]["p99_ms"],
                       p["total"]["max_ms"], p["kernel"]["p50_ms"], p["kernel"]["p99_ms"], p["publish"]["p50_ms"],
-                      p["publish"]["p99_ms"], p["inputs"]["p99_ms"], p["lateness"]["p99_ms"], x["missed_deadlines"],
-                      x["budget_overruns"]])
+                      p["publish"]["p99_ms"], p["inputs"]["p99_ms"], "-" if j is None else j["p50_ms"],
+                      "-" if j is None else j["p99_ms"], "-" if j is None else j["max_ms"], p["lateness"]["p99_ms"],
+                      x["missed_deadlines"], x["budget_overruns"]])
         b = x["publish_breakdown_p50_ms"]
-        rows2.append([x["nodes"], x["gateways"], x["sched"], p["publish"]["p50_ms"], b["publish_ms"], b["frames_ms"],
+        rows2.append([x["nodes"], x["gateways"], f"{x['sched']}{_jtag(x)}", p["publish"]["p50_ms"], b["publish_ms"],
+                      b["frames_ms"],
                       b["status_ms"], b["send_ms"], x["mb_per_cycle"],
                       f"{x['setpoint_frames_received']}/{x['setpoint_frames_expected']}"])
     out = [head,
-           table(["nodes", "gw", "sched", "cycles", "total p50", "total p99", "total max", "kernel p50", "kernel p99",
-                  "publish p50", "publish p99", "inputs p99", "late p99", "missed", "overruns"], rows1),
-           "(all times ms)", "",
+           table(["nodes", "gw", "sched", "journal", "cycles", "total p50", "total p99", "total max", "kernel p50",
+                  "kernel p99", "publish p50", "publish p99", "inputs p99", "jrnl p50", "jrnl p99", "jrnl max",
+                  "late p99", "missed", "overruns"], rows1),
+           "(all times ms; jrnl = the journal's cost on the control thread, Journal.record())", "",
            "publish phase (ms): in loop = p50 in the run; after the run, on this thread, median of: alone = the "
            "whole phase, frames = gathering and encoding every gateway's message, status = the status message, "
            "send = the ZeroMQ sends",
@@ -196,12 +224,19 @@ def main(argv=None) -> int:
     ap.add_argument("--period-ms", type=float, default=100.0)
     ap.add_argument("--priorities", default="0,80",
                     help="control-thread SCHED_FIFO priorities to compare (0: SCHED_OTHER, as configs/default.yaml)")
+    ap.add_argument("--journal", default="off,on",
+                    help="the dispatch journal off, on, or both side by side (default off,on)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    journals = []
+    for s in args.journal.split(","):
+        if s not in ("off", "on"):
+            ap.error(f"--journal {args.journal!r}: expected off, on or off,on")
+        journals.append(s == "on")
     sizes = [int(s) for s in args.nodes.split(",") if s]
     gws = [int(s) for s in args.gateways.split(",") if s]
     prios = [int(s) for s in args.priorities.split(",") if s]
-    emit(run(sizes, gws, args.cycles, args.period_ms / 1e3, prios), args.json, render)
+    emit(run(sizes, gws, args.cycles, args.period_ms / 1e3, prios, journals), args.json, render)
     return 0
 
 

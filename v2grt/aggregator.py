@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from v2grt import ingest, security
+from v2grt import journal as journal_mod
 from v2grt.codes import Reason, reason_names
 from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
@@ -162,6 +163,7 @@ class Aggregator:
         self._test: _TestDischarge | None = None
         self._inverter_fault = {site: False for _, site in self.inverters}
         self.last_result = None
+        self.delivered_kw = 0.0  # sum of the vehicles' reported power at the last publish, kW (+ discharge)
         self.status: dict = {}
         self.first_cycle = threading.Event()
         self.telemetry_profile = "default"
@@ -175,6 +177,9 @@ class Aggregator:
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
                       if cfg.alert.band_hz is not None else None)
         self.last_test: dict | None = None  # how the last test discharge ended (v2g-cli --test-discharge)
+        #: The dispatch journal (v2grt.journal): record() copies each cycle into a ring on this thread; its
+        #: writer thread appends the segments. None when journal.enabled is false.
+        self.journal = journal_mod.for_aggregator(self) if cfg.journal.enabled else None
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -189,6 +194,12 @@ class Aggregator:
                              gateways=len(self.fleet.gateway_ids),
                              message="no vehicle is dispatched before its first valid telemetry: "
                                      "TIMEOUT_BMS_RESPONSE (0 kW) until then; v2g-cli --status shows never_heard")
+        if self.journal is not None:
+            self.journal.start()
+            log.info("JOURNAL dir=%s rotate_s=%g vehicles=%s parquet=%s", self.journal.dir, self.cfg.journal.rotate_s,
+                     self.cfg.journal.vehicles, self.cfg.journal.parquet)
+        else:
+            log.warning("JOURNAL_DISABLED no dispatch journal: journal.enabled is false (docs/journal.md)")
         for thread in self.input_threads:
             thread.start()
         self._bus_thread.start()
@@ -203,6 +214,8 @@ class Aggregator:
         self._stopping.set()
         try:
             self.loop.stop()
+            if self.journal is not None:
+                self.journal.stop()  # drains the ring, seals the segment: after the loop's last cycle
             if self.ha is not None:
                 # No final zero under HA: the standby takes over at its next poll once the lease is revoked,
                 # and the gateways hold the last setpoints (3 periods) across that gap instead of dropping
@@ -265,6 +278,8 @@ class Aggregator:
         t3 = time.monotonic_ns()
         times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
         self._record(result, input_age_ns)
+        if self.journal is not None:
+            self.journal.record(self, result, times)
         for hook in self.cycle_hooks:
             hook(self, result, times)
         if not self.first_cycle.is_set():
@@ -405,6 +420,8 @@ class Aggregator:
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
         n = self.fleet.n_rows
+        # once per cycle (~25 us at 100,000 vehicles), shared by the status message and the journal
+        self.delivered_kw = float(self.fleet.p_actual_kw[:n].sum())
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason
@@ -416,7 +433,7 @@ class Aggregator:
             "f_hz": None if math.isnan(result.frequency_hz) else float(result.frequency_hz),
             "f_age_ms": None if t is None else max(0.0, (now_ns - t) / 1e6),
             "target_kw": result.target_kw,
-            "delivered_kw": float(self.fleet.p_actual_kw[:n].sum()),
+            "delivered_kw": self.delivered_kw,
             "available_dis_kw": result.feasible_dis_kw,
             "available_chg_kw": result.feasible_chg_kw,
             "n_nodes": len(self.fleet),

@@ -142,6 +142,23 @@ class HAConfig:
 
 
 @dataclasses.dataclass
+class JournalConfig:
+    """The dispatch journal (v2grt.journal, docs/journal.md)."""
+
+    enabled: bool = False  # configs/default.yaml ships it on; a config without a journal section has none
+    dir: str | None = None  # None: <state_dir>/journal/<fleet_id>
+    rotate_s: float = 3600.0  # segment length, aligned to the UTC clock (hourly: hh:00:00)
+    flush_interval_s: float = 0.1  # writer pass: what a kill -9 can lose at most (plus one pass)
+    fsync_interval_s: float = 1.0  # fsync at least this often: what a host crash can lose at most
+    vehicles: bool = True  # per-vehicle setpoint and reported power (changes only)
+    vehicle_interval_s: float = 1.0  # every vehicle sampled once per this interval
+    max_age_h: float | None = 168.0  # retention by age; None: none
+    max_size_gb: float | None = 10.0  # retention by total size of the directory's segments; None: none
+    parquet: bool = True  # convert sealed segments to Parquet (pyarrow) in a low-priority child process
+    buffer_s: float = 30.0  # the ring: how long the writer may stall before records are dropped (counted)
+
+
+@dataclasses.dataclass
 class Config:
     path: Path | None = None
     fleet_id: str = "default"
@@ -161,6 +178,7 @@ class Config:
     alert: AlertConfig = dataclasses.field(default_factory=AlertConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     ha: HAConfig | None = None  # absent: one aggregator, the host-local epoch (v2grt.state)
+    journal: JournalConfig = dataclasses.field(default_factory=JournalConfig)
 
     @property
     def setpoint_ttl_s(self) -> float:
@@ -214,11 +232,18 @@ _RANGES: dict[str, tuple] = {
     "ha.clock_error": (float, 0.0, 0.1),
     "ha.margin_s": (float, 0.0, 10.0),
     "ha.poll_s": (float, 0.005, 10.0),
+    "journal.rotate_s": (float, 60.0, 86400.0),
+    "journal.flush_interval_s": (float, 0.01, 1.0),
+    "journal.fsync_interval_s": (float, 0.01, 1.0),
+    "journal.vehicle_interval_s": (float, 0.01, 60.0),
+    "journal.max_age_h": (float, 0.01, 1e6),
+    "journal.max_size_gb": (float, 0.001, 1e6),
+    "journal.buffer_s": (float, 1.0, 600.0),
 }
 
 _SECTIONS = {"realtime": RealtimeSection, "meter": MeterConfig, "bus": BusConfig, "service": ServiceConfig,
              "fleet": FleetConfig, "log": LogConfig, "alert": AlertConfig, "metrics": MetricsConfig,
-             "security": SecurityConfig}
+             "security": SecurityConfig, "journal": JournalConfig}
 
 
 def load_config(path: str | Path) -> Config:

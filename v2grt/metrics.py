@@ -30,6 +30,8 @@ telemetry_refused_nodes_total{code}         counter    vehicles refused from bat
 events_total{code}                          counter    engine.log events by code (rate-limited lines included)
 setpoints_dropped_total                     counter    setpoint frames the PUB socket refused
 epoch                                       gauge      this scheduler's fencing epoch
+journal_write_failing                       gauge      1 while the dispatch journal cannot write (disk full, I/O error)
+journal_records_dropped_total               counter    cycle records the journal lost (write error, writer behind)
 info{fleet_id,service}                      gauge      1
 ==========================================  =========  ======================================================
 """
@@ -60,7 +62,7 @@ _PHASES = ("inputs", "kernel", "publish", "total")
 #: field manual's section 8 codes and the meter's).
 _EVENTS_AT_ZERO = ("TIMEOUT_BMS_RESPONSE", "THERMAL_LIMIT", "NODE_UNREACHABLE", "NODE_LOW_THROUGHPUT",
                    "SOH_BELOW_THRESHOLD", "E_INVERTER_PHASE_MISMATCH", "GRID_FREQUENCY_ALERT",
-                   "IDEMPOTENT_KEY_CONFLICT", "GRID_FREQUENCY_STALE", "EMERGENCY_STOP")
+                   "IDEMPOTENT_KEY_CONFLICT", "GRID_FREQUENCY_STALE", "EMERGENCY_STOP", "JOURNAL_WRITE_FAILED")
 _REASON_NAMES = {int(r): r.name for r in Reason}
 
 
@@ -140,6 +142,7 @@ class MetricsExporter:
         bad = {("telemetry", k): v for k, v in dict(agg.telemetry.errors).items()}
         bad.update({("control", k): v for k, v in dict(agg.control.errors).items()})
         alert = agg.alert
+        journal = getattr(agg, "journal", None)
         gauges = {
             "grid_frequency_hz": float(result.frequency_hz),
             "service_fraction": float(result.service_fraction),
@@ -155,11 +158,13 @@ class MetricsExporter:
             "frequency_stale": float(bool(agg.status.get("frequency_stale"))),
             "frequency_alert": float(alert is not None and alert.active),
             "epoch": float(agg.epoch),
+            "journal_write_failing": float(journal is not None and journal.counters.failing),
         }
         counters = {
             "cycles_total": stats.cycles,
             "cycle_errors_total": stats.errors,
             "setpoints_dropped_total": agg.publisher.dropped,
+            "journal_records_dropped_total": journal.counters.dropped if journal is not None else 0,
             "deadline_misses_total": {"missed_deadline": stats.missed_deadlines,
                                       "budget_overrun": stats.budget_overruns},
         }
@@ -217,6 +222,8 @@ class MetricsExporter:
         yield CounterMetricFamily("v2grt_cycle_errors", "Cycles that raised", value=c["cycle_errors_total"])
         yield CounterMetricFamily("v2grt_setpoints_dropped", "Setpoint frames the PUB socket refused",
                                   value=c["setpoints_dropped_total"])
+        yield CounterMetricFamily("v2grt_journal_records_dropped", "Cycle records the journal lost (write error, "
+                                  "writer behind)", value=c["journal_records_dropped_total"])
         miss = CounterMetricFamily("v2grt_deadline_misses", "Deadline misses by kind", labels=["kind"])
         for kind, v in c["deadline_misses_total"].items():
             miss.add_metric([kind], v)
@@ -231,7 +238,8 @@ class MetricsExporter:
                 "vehicles_carrying": "Vehicles with a non-zero setpoint", "estop": "1 while the e-stop is latched",
                 "frequency_stale": "1 while the meter's frequency is stale",
                 "frequency_alert": "1 while the frequency is outside the alert band",
-                "epoch": "This scheduler's fencing epoch"}
+                "epoch": "This scheduler's fencing epoch",
+                "journal_write_failing": "1 while the dispatch journal cannot write (JOURNAL_WRITE_FAILED)"}
         for name, value in snap.gauges.items():
             yield GaugeMetricFamily(f"v2grt_{name}", docs[name], value=value if value is not None else math.nan)
         veh = GaugeMetricFamily("v2grt_vehicles", "Vehicles by state and reason code", labels=["state", "reason"])

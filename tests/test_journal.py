@@ -1,0 +1,303 @@
+"""The dispatch journal: framing and its torn-tail rule, a real aggregator killed with SIGKILL mid-write and
+read back, a full disk (a real tiny tmpfs) alarmed while the loop goes on, rotation, retention, Parquet,
+`v2grt journal export`, the config section, and docs/journal.md pinned to the code's schema."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from _plant import (
+    GATEWAYS,
+    V2GRT,
+    VEHICLES,
+    SimGateway,
+    logging_restored,
+    run,
+    short_dir,
+    start_aggregator,
+    stop_process,
+    wait_until,
+    write_config,
+)
+
+from v2grt import journal
+from v2grt.aggregator import Aggregator
+from v2grt.config import ConfigError, config_from_dict, load_config
+from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "journal.md"
+
+
+@pytest.fixture
+def sockets():
+    d = short_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def meter():
+    m = SunSpecMeter(203, f_hz=49.8)  # DC: a discharge response, so setpoints and reported power are non-zero
+    sim = SimServerThread([m]).start()
+    yield m, sim.port(m)
+    sim.stop()
+
+
+@pytest.fixture
+def inverter():
+    inv = SunSpecInverter(p_kw=37.0)  # site2's meter, as the grid operator reads it
+    sim = SimServerThread([inv]).start()
+    yield inv, sim.port(inv)
+    sim.stop()
+
+
+def _gateways(cfg):
+    gws = [SimGateway(g, cfg.bus.setpoints, cfg.bus.telemetry) for g in GATEWAYS]
+    for g in gws:
+        g.start()
+    return gws
+
+
+def _segment_bytes(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A segment of a header and three CYCLES frames written by hand; the byte offset after each frame."""
+    path = tmp_path / "t.v2j"
+    dtype = journal.cycle_dtype(0)
+    recs = np.zeros(3, dtype)
+    recs["seq"] = [1, 2, 3]
+    ends = []
+    with open(path, "wb") as fh:
+        fh.write(journal.MAGIC)
+        header = {"dtype": dtype.descr, "segment_start_ns": 0, "segment_end_ns": 1}
+        fh.write(journal.frame(journal.HEADER, json.dumps(header).encode()))
+        ends.append(fh.tell())
+        for r in recs:
+            fh.write(journal.frame(journal.CYCLES, np.array([r], dtype).tobytes()))
+            ends.append(fh.tell())
+    return path, ends
+
+
+def test_a_torn_or_corrupt_frame_is_never_read(tmp_path):
+    """Cut at every byte of the last frame, or one flipped bit, leaves exactly the whole frames before it."""
+    path, ends = _segment_bytes(tmp_path)
+    data = path.read_bytes()
+    assert list(journal.read_segment(path).cycles["seq"]) == [1, 2, 3]
+    for cut in range(ends[-2], ends[-1]):
+        path.write_bytes(data[:cut])
+        assert list(journal.read_segment(path).cycles["seq"]) == [1, 2]
+    flipped = bytearray(data)
+    flipped[ends[1] + 12] ^= 0x01  # inside the second record's payload
+    path.write_bytes(bytes(flipped))
+    assert list(journal.read_segment(path).cycles["seq"]) == [1]
+
+
+def test_kill9_of_a_real_aggregator_loses_no_more_than_a_second(tmp_path, sockets, meter):
+    """SIGKILL of v2g-aggregator while it journals: the segment reads back whole up to <= 1 s before the kill,
+    every cycle's seq once and in order, every vehicle sampled; the next start converts it to Parquet."""
+    _m, port = meter
+    jdir = tmp_path / "journal"
+    cfg_path = write_config(tmp_path, sockets, meter_port=port, journal={"enabled": True, "dir": str(jdir)})
+    cfg = load_config(cfg_path)
+    proc = start_aggregator(cfg_path)
+    gws = _gateways(cfg)
+    try:
+        wait_until(lambda: list(jdir.glob("*.v2j")), 15.0, what="a journal segment")
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGKILL)
+        t_kill_ns = time.time_ns()
+        proc.wait(10)
+    finally:
+        for g in gws:
+            g.stop()
+        if proc.poll() is None:
+            proc.kill()
+    (seg_path,) = jdir.glob("*.v2j")
+    seg = journal.read_segment(seg_path)
+    c = seg.cycles
+    assert not seg.sealed  # no END frame: the process never got to seal it
+    assert len(c) >= 40  # 3 s at 50 ms
+    assert np.all(np.diff(c["seq"]) == 1), "a cycle record missing or duplicated"
+    assert t_kill_ns - c["t_ns"][-1] <= 1_000_000_000, "more than 1 s of records lost"
+    assert np.all(c["epoch"] == c["epoch"][0]) and np.all(np.abs(c["f_hz"][-10:] - 49.8) < 1e-6)
+    assert c["allocated_kw"][-1] > 0 and c["delivered_kw"][-1] > 0  # a discharge response, reported back
+    seen = set(journal.vehicles_table(seg).column("node_id").to_pylist())
+    assert seen == set(VEHICLES)
+
+    # the next aggregator writes a new segment and converts the crashed one, torn tail left out
+    proc = start_aggregator(cfg_path)
+    try:
+        paths = journal.parquet_paths(seg_path)
+        wait_until(lambda: paths["cycles"].exists(), 30.0, what="the crashed segment's Parquet")
+        table = pq.read_table(paths["cycles"])
+        assert table.column("seq").to_pylist() == list(c["seq"])
+        assert len(list(jdir.glob("*.v2j"))) == 2
+    finally:
+        stop_process(proc)
+
+
+def test_full_disk_raises_an_alarm_and_the_loop_goes_on(tmp_path, sockets):
+    """On a 256 kB tmpfs the journal fills the disk: JOURNAL_WRITE_FAILED is counted and shown as a metric,
+    the cycles keep running, and writing resumes in a new segment once space is freed."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = load_config(write_config(tmp_path, sockets, journal={
+            "enabled": True, "dir": str(tiny), "parquet": False, "max_age_h": None, "max_size_gb": None}))
+        from v2grt.metrics import MetricsExporter
+
+        with logging_restored():
+            agg = Aggregator(cfg, epoch=1)
+            metrics = MetricsExporter(interval_s=0.05)
+            agg.cycle_hooks.append(metrics)
+            agg.start()
+            try:
+                ballast = tiny / "ballast"
+                ballast.write_bytes(b"\0" * 200_000)  # the journal gets ~50 kB
+                wait_until(lambda: agg.journal.counters.failing, 20.0, what="JOURNAL_WRITE_FAILED")
+                c0 = agg.stats.cycles
+                time.sleep(0.5)
+                assert agg.stats.cycles - c0 >= 5  # the loop goes on
+                assert agg.events.counts["JOURNAL_WRITE_FAILED"] >= 1
+                wait_until(lambda: metrics._snap is not None and metrics._snap.gauges["journal_write_failing"] == 1,
+                           5.0, what="the journal_write_failing gauge")
+                ballast.unlink()
+                wait_until(lambda: not agg.journal.counters.failing, 5.0, what="the journal writing again")
+            finally:
+                agg.stop()
+        segs = sorted(tiny.glob("*.v2j"))
+        assert len(segs) >= 2  # the failed segment is closed, never appended to; writing went on in a new one
+        for p in segs:
+            journal.read_segment(p)  # each reads up to its last whole frame
+        assert agg.events.counts["JOURNAL_WRITE_RESTORED"] >= 1
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], capture_output=True)
+
+
+def test_segments_rotate_and_retention_removes_the_oldest(tmp_path, sockets):
+    """With 1 s segments the writer rotates on the clock, converts sealed ones to Parquet, and a size limit
+    removes the oldest segments (with their Parquet) first, never the open one."""
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, journal={"enabled": True, "dir": str(jdir)}))
+    cfg.journal.rotate_s = 1.0  # below the config's 60 s floor: set after validation, for the test's speed
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=2)
+        agg.start()
+        try:
+            wait_until(lambda: len(list(jdir.glob("*.cycles.parquet"))) >= 2, 20.0, what="two converted segments")
+            names = sorted(p.name for p in jdir.glob("*.v2j"))
+            starts = [journal.read_segment(jdir / n).header["segment_start_ns"] for n in names[:2]]
+            assert starts[1] - starts[0] == 1_000_000_000 and starts[0] % 1_000_000_000 == 0
+            agg.journal.cfg.max_size_gb = 1e-9  # everything is too much: all but the open segment go
+            agg.journal._next_retention = 0.0
+            wait_until(lambda: len(list(jdir.glob("*.v2j"))) <= 2, 10.0, what="retention")
+        finally:
+            agg.stop()
+    assert names[0] not in {p.name for p in jdir.glob("*.v2j")}
+    assert not journal.parquet_paths(jdir / names[0])["cycles"].exists()
+    assert agg.journal.counters.removed >= 1
+
+
+def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverter):
+    """`v2grt journal export` writes the cycle records of an interval (the site inverter's measured power
+    included), and per-vehicle samples for chosen ids."""
+    _m, port = meter
+    _inv, inv_port = inverter
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, meter_port=port, inverter_port=inv_port,
+                                   journal={"enabled": True, "dir": str(jdir)}))
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=5)
+        agg.start()
+        gws = _gateways(cfg)
+        try:
+            time.sleep(2.5)
+        finally:
+            agg.stop()
+            for g in gws:
+                g.stop()
+    (seg,) = [journal.read_segment(p) for p in jdir.glob("*.v2j")]
+    t = seg.cycles["t_ns"]
+    batches = list(journal.vehicle_batches(seg, batch_rows=5))  # streamed in bounded batches, none lost
+    assert len(batches) > 1 and sum(b.num_rows for b in batches) == seg.vehicle_rows
+    t0, t1 = int(t[10]), int(t[30])
+    iso = lambda ns: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}"[:7] + "Z"
+    out = tmp_path / "cycles.parquet"
+    r = run(V2GRT, "journal", "export", str(jdir), "--from", iso(t0), "--to", iso(t1), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got = pq.read_table(out)
+    want = seg.cycles[(t >= t0 // 1000 * 1000) & (t < t1 // 1000 * 1000)]
+    assert got.column("seq").to_pylist() == list(want["seq"])
+    assert {"time", "f_hz", "delivered_kw", "n_OK", "test_node"} <= set(got.column_names)
+    assert got.column("inverter_inv2_kw").to_pylist()[-1] == pytest.approx(37.0)
+    assert got.column("site_measured_kw").to_pylist()[-1] == pytest.approx(37.0)
+
+    out_csv = tmp_path / "v.csv"
+    r = run(V2GRT, "journal", "export", str(jdir), "--from", iso(int(t[0])), "--to", iso(int(t[-1]) + 10**9),
+            "--vehicles", "EV_NODE_01,EV_NODE_09", "--format", "csv", "--out", str(out_csv))
+    assert r.returncode == 0, r.stderr
+    v = pcsv.read_csv(out_csv)
+    assert set(v.column("node_id").to_pylist()) == {"EV_NODE_01", "EV_NODE_09"}
+    assert set(v.column("site_id").to_pylist()) == {"site1", "site2"}
+
+    r = run(V2GRT, "journal", "export", str(jdir), "--from", "2001-01-01T00:00:00Z", "--to", "2001-01-02T00:00:00Z",
+            "--out", str(out))
+    assert r.returncode == 1 and "no records" in r.stderr
+    r = run(V2GRT, "journal", "export", str(jdir), "--from", "yesterday", "--to", "now", "--out", str(out))
+    assert r.returncode == 2 and "--from='yesterday'" in r.stderr
+
+
+def test_config_section_is_validated_with_the_key_named():
+    """journal keys out of range or unknown name the key, the value and what is allowed."""
+    base = {"fleet": {"random": 10}}
+    with pytest.raises(ConfigError, match=r"journal.fsync_interval_s=5 outside 0.01..1.0"):
+        config_from_dict({**base, "journal": {"fsync_interval_s": 5}})
+    with pytest.raises(ConfigError, match=r"journal.rotate_hours"):
+        config_from_dict({**base, "journal": {"rotate_hours": 1}})
+    with pytest.raises(ConfigError, match=r"journal.enabled='yes' must be true or false"):
+        config_from_dict({**base, "journal": {"enabled": "yes"}})
+    cfg = config_from_dict({**base, "journal": {"enabled": True, "max_age_h": None}})
+    assert cfg.journal.enabled and cfg.journal.max_age_h is None and cfg.journal.rotate_s == 3600.0
+    assert not config_from_dict(base).journal.enabled
+
+
+def test_shipped_config_journals():
+    """configs/default.yaml turns the journal on: an operator starting from it keeps evidence."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+    assert cfg.journal.enabled
+
+
+def test_docs_schema_matches_the_code():
+    """docs/journal.md's cycle table lists every record field of the code, in order, with its type."""
+    text = DOCS.read_text()
+    section = text.split("## Cycle records", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\w+) \|", section, re.M)
+    assert rows[: len(journal.CYCLE_FIELDS)] == [(name, kind) for name, kind, _doc in journal.CYCLE_FIELDS]
+    assert [r[0] for r in rows[len(journal.CYCLE_FIELDS):]] == ["reasons", "inverter_kw"]
+    for name in ("node_id", "setpoint_kw", "p_kw", "reason", "site_id"):
+        assert f"`{name}`" in text
+
+
+def test_bench_cycle_runs_journal_off_and_on_side_by_side():
+    """`v2grt bench cycle` reports the journal's control-thread cost beside the same pair without it."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "bench", "cycle", "--nodes", "2000", "--gateways", "4",
+                           "--cycles", "10", "--period-ms", "20", "--priorities", "0", "--json"],
+                          capture_output=True, text=True, cwd=root, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off, on = json.loads(proc.stdout)["results"]
+    assert (off["journal"], on["journal"]) == (False, True)
+    assert "journal" not in off["phases"] and on["phases"]["journal"]["n"] >= 10
+    assert on["journal_counters"]["records"] >= 10 and on["journal_counters"]["dropped"] == 0

@@ -1,0 +1,461 @@
+"""The journal's two sides in the aggregator: `Journal.record` on the control thread (a record and a stripe
+of the vehicles into preallocated rings) and the writer thread (frames, fsync, rotation, retention,
+the Parquet child, the full-disk alarm)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from v2grt.config import JournalConfig
+from v2grt.journal.format import (
+    _SITES_HEAD,
+    _VEH_HEAD,
+    CYCLES,
+    END,
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    N_REASONS,
+    REASON_NAMES,
+    ROSTER,
+    SITES,
+    SUFFIX,
+    VEHICLES,
+    cycle_dtype,
+    frame,
+)
+from v2grt.journal.read import parquet_paths
+
+log = logging.getLogger("v2grt.journal")
+
+
+# ------------------------------------------------------------------------------------------ the journal
+@dataclasses.dataclass
+class JournalCounters:
+    records: int = 0  # cycle records written
+    vehicle_rows: int = 0  # per-vehicle rows written (changes only)
+    dropped: int = 0  # cycle records lost: ring overrun or write error
+    write_errors: int = 0
+    failing: bool = False
+    segments: int = 0
+    converted: int = 0
+    removed: int = 0
+    last_error: str = ""
+
+
+class Journal:
+    """The control thread's side (record) and the writer thread (start, stop) of one aggregator's journal."""
+
+    def __init__(self, cfg: JournalConfig, directory: Path, *, fleet, epoch: int, fleet_id: str, period_s: float,
+                 inverter_names: list[str], inverter_sites: list[str], events=None, meta: dict | None = None):
+        self.cfg = cfg
+        self.dir = Path(directory)
+        self.fleet = fleet
+        self.epoch = epoch
+        self.fleet_id = fleet_id
+        self.period_s = period_s
+        self.events = events
+        self.meta = meta or {}
+        self.inverter_names = list(inverter_names)
+        self.inverter_sites = list(inverter_sites)
+        self.dtype = cycle_dtype(len(inverter_names))
+        n_ring = max(64, int(math.ceil(cfg.buffer_s / period_s)))
+        self._ring = np.zeros(n_ring, self.dtype)
+        self._w = 0  # records written into the ring (control thread only increments)
+        self._r = 0  # records taken by the writer
+        self._inv = np.full(len(inverter_names), np.nan)
+        # per-vehicle stripes
+        self._stripes = max(1, int(round(cfg.vehicle_interval_s / period_s)))
+        self._stripe_k = 0
+        self._vslots = 0
+        self._vw = 0
+        self._vr = 0
+        self._version = -1
+        self._roster: tuple | None = None  # (version, node_ids, site, site_ids), handed to the writer
+        if cfg.vehicles:
+            self._size_vehicle_slots(fleet.n_rows)
+        # control-thread cost of record(), ns (the bench's journal column)
+        self.cost_ns = np.zeros(4096, np.int64)
+        self.calls = 0
+        self.counters = JournalCounters()
+        self._stop = threading.Event()
+        # The writer passes right after a cycle, woken by record() every _every cycles: it runs in the
+        # control thread's sleep, not into its next cycle (a writer holding the GIL when the control
+        # thread wakes costs the control thread up to the switch interval, 0.5 ms).
+        self._wake = threading.Event()
+        self._every = max(1, int(round(cfg.flush_interval_s / period_s)))
+        self._thread: threading.Thread | None = None
+        self._fh = None
+        self._seg_path: Path | None = None
+        self._seg_end_ns = 0
+        self._last_fsync = 0.0
+        self._written_roster = -1
+        self._last_sp = self._last_p = self._last_reason = None
+        self._site_of_row = None
+        self._n_sites = 0
+        self._converter: subprocess.Popen | None = None
+        self._to_convert: list[Path] = []
+        self._converting: Path | None = None
+        self._next_retention = 0.0
+
+    def _size_vehicle_slots(self, n_rows: int) -> None:
+        """Preallocate the stripe slots: ~5 s of stripes (at least 4), each of ceil(n / stripes) rows."""
+        rows = max(1, -(-max(n_rows, 1) // self._stripes))
+        self._vslots = max(4, int(math.ceil(min(self.cfg.buffer_s, 5.0) / self.period_s)))
+        self._vrows = rows
+        # float64 as the fleet's columns: a plain memcpy on the control thread, cast to float32 by the writer
+        self._v_sp = np.zeros((self._vslots, rows), np.float64)
+        self._v_p = np.zeros((self._vslots, rows), np.float64)
+        self._v_reason = np.zeros((self._vslots, rows), np.uint8)
+        self._v_meta = np.full((self._vslots, 5), -1, np.int64)  # t_ns, seq, row0, row1, fleet version
+
+    # ----------------------------------------------------------------- control thread
+    def record(self, agg, result, times) -> None:
+        """Copy this cycle into the ring (and one stripe of the vehicles); O(1) but for the stripe."""
+        t0 = time.perf_counter_ns()
+        fleet = self.fleet
+        n = fleet.n_rows
+        for k, (reader, _site) in enumerate(agg.inverters):
+            sample, _t = reader.latest.read()
+            self._inv[k] = sample.p_kw if sample is not None else math.nan
+        status = agg.status
+        age_ms = status.get("input_age_ms")
+        test = agg._test
+        t_ns = time.time_ns()
+        counts = result.nodes_per_reason
+        inv = self._inv
+        # one tuple assignment in CYCLE_FIELDS order (~1.5 us; field by field it was ~11 us)
+        rec = (t_ns, self.epoch, agg.seq, result.frequency_hz,
+               math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale, result.service_fraction,
+               agg.dispatcher.capacity_kw, result.request_kw, result.target_kw, result.allocated_kw,
+               agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
+               inv.sum() if len(inv) else math.nan, result.feasible_dis_kw, result.feasible_chg_kw,
+               result.n_carrying, result.estop, -1 if test is None else test.row,
+               math.nan if test is None else test.kw,
+               (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, counts[:N_REASONS])
+        self._ring[self._w % len(self._ring)] = rec + (inv,) if len(inv) else rec
+        self._w += 1
+        if self.cfg.vehicles:
+            self._record_stripe(result, n, t_ns, agg.seq)
+        if self._w % self._every == 0:
+            self._wake.set()
+        self.cost_ns[self.calls % len(self.cost_ns)] = time.perf_counter_ns() - t0
+        self.calls += 1
+
+    def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
+        fleet = self.fleet
+        if fleet.version != self._version:  # churn (rare): the writer needs the new row -> id map
+            self._version = fleet.version
+            self._roster = (fleet.version, list(fleet.node_ids[:n]), fleet.site[:n].copy(), list(fleet.site_ids))
+            if -(-max(n, 1) // self._stripes) > self._vrows:
+                # the fleet outgrew the stripe slots (rare: churn): new arrays; the writer skips the
+                # stripes in flight, whose fleet version no longer matches the roster
+                self._size_vehicle_slots(n)
+            self._stripe_k = 0
+        if n == 0:
+            return
+        if self._vw - self._vr >= self._vslots:  # writer stalled: skip this stripe (the next sweep has it)
+            return
+        a = self._stripe_k * self._vrows
+        if a >= n:
+            self._stripe_k, a = 0, 0
+        b = min(n, a + self._vrows)
+        i = self._vw % self._vslots
+        m = b - a
+        # memoryview copies: a memcpy that keeps the GIL. numpy releases the GIL for copies this size, and
+        # getting it back from the bus or writer thread cost up to the 0.5 ms switch interval (p99 0.35 ms).
+        memoryview(self._v_sp[i])[:m] = memoryview(result.setpoints_kw)[a:b]
+        memoryview(self._v_p[i])[:m] = memoryview(fleet.p_actual_kw)[a:b]
+        memoryview(self._v_reason[i])[:m] = memoryview(result.reasons)[a:b]
+        meta = self._v_meta[i]
+        meta[0], meta[1], meta[2], meta[3], meta[4] = t_ns, seq, a, b, self._version
+        self._vw += 1
+        self._stripe_k = 0 if b >= n else self._stripe_k + 1
+
+    def cost_samples_ns(self) -> np.ndarray:
+        """The control-thread cost of the newest record() calls (up to 4096), ns."""
+        k = min(self.calls, len(self.cost_ns))
+        idx = (np.arange(self.calls - k, self.calls)) % len(self.cost_ns)
+        return self.cost_ns[idx]
+
+    # ----------------------------------------------------------------- writer thread
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self._thread = threading.Thread(target=self._main, name="v2grt-journal", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Drain what the control thread recorded and seal the segment; call after the loop's last cycle.
+
+        A Parquet conversion still running goes on in its own process (or is redone at the next start)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+
+    def _main(self) -> None:
+        try:
+            os.nice(5)  # Linux: per thread; the control thread keeps its priority
+        except OSError:
+            pass
+        while not self._stop.is_set():
+            # woken by record(); the timeout keeps writing (and fsyncing) if the loop itself stalls
+            self._wake.wait(max(1.0, 2 * self.cfg.flush_interval_s))
+            self._wake.clear()
+            self._guarded(self._pass)
+        self._guarded(self._pass)
+        self._guarded(self._seal)
+        self._guarded(lambda: self._maintain(final=True))
+
+    def _guarded(self, step) -> None:
+        """A bug in the writer must not end the journal silently: logged with its traceback, counted."""
+        try:
+            step()
+        except Exception as exc:
+            self.counters.write_errors += 1
+            self.counters.failing = True
+            self.counters.last_error = repr(exc)
+            log.exception("JOURNAL_WRITER_ERROR")
+            self._event("JOURNAL_WRITE_FAILED", logging.ERROR, error=repr(exc),
+                        message="the journal writer raised; see the traceback above")
+
+    def _pass(self) -> None:
+        w, vw = self._w, self._vw
+        lost = w - self._r - len(self._ring)
+        if lost > 0:
+            self.counters.dropped += lost
+            self._r = w - len(self._ring)
+            self._event("JOURNAL_OVERRUN", logging.ERROR, dropped=lost,
+                        message="the journal writer fell behind the ring; records dropped")
+        idx = np.arange(self._r, w) % len(self._ring)
+        cycles = self._ring[idx]  # a copy: the control thread may overwrite the ring from here on
+        stripes = [(self._v_meta[i % self._vslots].copy(), i % self._vslots) for i in range(self._vr, vw)]
+        try:
+            self._write(cycles, stripes)
+            if self.counters.failing:
+                self.counters.failing = False
+                self._event("JOURNAL_WRITE_RESTORED", logging.INFO, path=str(self._seg_path))
+        except OSError as exc:
+            self._write_failed(exc, len(cycles))
+        self._r, self._vr = w, vw
+        self._maintain()
+
+    def _write(self, cycles: np.ndarray, stripes: list) -> None:
+        while len(cycles) or stripes:
+            if self._fh is None or (len(cycles) and cycles["t_ns"][0] >= self._seg_end_ns) or (
+                    not len(cycles) and stripes and stripes[0][0][0] >= self._seg_end_ns):
+                self._seal()
+                t_first = int(cycles["t_ns"][0]) if len(cycles) else int(stripes[0][0][0])
+                self._open(t_first)
+            k = int(np.searchsorted(cycles["t_ns"], self._seg_end_ns)) if len(cycles) else 0
+            if k:
+                self._append(frame(CYCLES, cycles[:k].tobytes()))
+                self.counters.records += k
+                cycles = cycles[k:]
+            while stripes and stripes[0][0][0] < self._seg_end_ns:
+                meta, i = stripes.pop(0)
+                self._write_stripe(meta, i)
+        now = time.monotonic()
+        if self._fh is not None and now - self._last_fsync >= self.cfg.fsync_interval_s:
+            os.fsync(self._fh.fileno())
+            self._last_fsync = now
+
+    def _write_stripe(self, meta, i: int) -> None:
+        t_ns, seq, a, b, version = (int(x) for x in meta)
+        if self._roster is None or version != self._roster[0]:
+            return  # a stripe of a fleet layout that has since changed
+        if self._written_roster != version:
+            self._write_roster()
+        m = b - a
+        sp = self._v_sp[i, :m].astype(np.float32)
+        p = self._v_p[i, :m].astype(np.float32)
+        reason = self._v_reason[i, :m]
+        changed = ((sp != self._last_sp[a:b]) | (p != self._last_p[a:b]) | (reason != self._last_reason[a:b]))
+        rows = np.flatnonzero(changed)
+        if len(rows):
+            payload = b"".join((_VEH_HEAD.pack(t_ns, seq, version, len(rows)), (rows + a).astype("<u4").tobytes(),
+                                sp[rows].tobytes(), p[rows].tobytes(),
+                                reason[rows].tobytes()))
+            self._append(frame(VEHICLES, payload))
+            self.counters.vehicle_rows += len(rows)
+            self._last_sp[a:b] = sp
+            self._last_p[a:b] = p
+            self._last_reason[a:b] = reason
+        if b >= len(self._last_sp):  # a sweep is complete: per-site totals of the newest samples
+            sites = self._site_of_row
+            w_sp = np.bincount(sites, weights=np.nan_to_num(self._last_sp), minlength=self._n_sites)
+            w_p = np.bincount(sites, weights=np.nan_to_num(self._last_p), minlength=self._n_sites)
+            self._append(frame(SITES, _SITES_HEAD.pack(t_ns, seq, self._n_sites) + w_sp.astype("<f8").tobytes()
+                               + w_p.astype("<f8").tobytes()))
+
+    def _write_roster(self) -> None:
+        version, node_ids, site, site_ids = self._roster
+        doc = {"version": version, "node_ids": node_ids, "site": site.tolist(), "site_ids": site_ids}
+        self._append(frame(ROSTER, json.dumps(doc, separators=(",", ":")).encode()))
+        self._written_roster = version
+        n = len(node_ids)
+        # NaN never equals itself: each vehicle's first sample in a segment is always written
+        self._last_sp = np.full(n, np.nan, np.float32)
+        self._last_p = np.full(n, np.nan, np.float32)
+        self._last_reason = np.zeros(n, np.uint8)
+        self._site_of_row = np.asarray(site, np.int64)
+        self._n_sites = len(site_ids)
+
+    def _open(self, t_ns: int) -> None:
+        rotate_ns = int(self.cfg.rotate_s * 1e9)
+        start = t_ns - t_ns % rotate_ns
+        self._seg_end_ns = start + rotate_ns
+        stamp = _dt.datetime.fromtimestamp(t_ns / 1e9, _dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        base = f"{self.fleet_id}-{stamp}Z-e{self.epoch}"
+        path = self.dir / f"{base}{SUFFIX}"
+        k = 1
+        while path.exists():  # never append to a file another writer (or a failed write) left
+            path = self.dir / f"{base}-{k}{SUFFIX}"
+            k += 1
+        fh = open(path, "xb", buffering=0)
+        self._fh, self._seg_path = fh, path
+        self.counters.segments += 1
+        header = {"format": FORMAT_VERSION, "fleet_id": self.fleet_id, "epoch": self.epoch,
+                  "period_s": self.period_s, "created_t_ns": time.time_ns(), "segment_start_ns": start,
+                  "segment_end_ns": self._seg_end_ns, "dtype": self.dtype.descr, "reason_names": REASON_NAMES,
+                  "inverters": [{"name": n, "site": s} for n, s in zip(self.inverter_names, self.inverter_sites)],
+                  "vehicle_interval_s": self.cfg.vehicle_interval_s if self.cfg.vehicles else None,
+                  **self.meta}
+        try:
+            self._append(MAGIC)
+            self._append(frame(HEADER, json.dumps(header).encode()))
+        except OSError:
+            # a full disk fails here on every retry: leave no headerless file behind (it holds no record)
+            self._fh = None
+            fh.close()
+            path.unlink(missing_ok=True)
+            raise
+        self._written_roster = -1
+        self._last_fsync = time.monotonic()
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # FileIO.write may write less than asked
+            n = self._fh.write(view)
+            view = view[n:]
+
+    def _seal(self) -> None:
+        if self._fh is None:
+            return
+        fh, path = self._fh, self._seg_path
+        self._fh = None
+        try:
+            fh.write(frame(END, json.dumps({"records": self.counters.records, "t_ns": time.time_ns()}).encode()))
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            self._write_failed(exc, 0)
+        finally:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        self._to_convert.append(path)
+
+    def _write_failed(self, exc: OSError, records: int) -> None:
+        """Count and alarm; close the segment (a torn frame may end it) so the next pass starts a new one."""
+        self.counters.write_errors += 1
+        self.counters.dropped += records
+        self.counters.failing = True
+        self.counters.last_error = f"{exc.strerror or exc}"
+        self._event("JOURNAL_WRITE_FAILED", logging.ERROR, path=str(self._seg_path or self.dir), errno=exc.errno,
+                    error=exc.strerror or str(exc), dropped=records,
+                    message="the dispatch journal cannot write; the loop goes on without evidence until it can")
+        fh, self._fh = self._fh, None
+        if self._seg_path is not None and self._seg_path.exists() and self._seg_path not in self._to_convert:
+            self._to_convert.append(self._seg_path)  # its valid frames are evidence too
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+
+    def _event(self, code: str, level: int, message: str = "", **fields) -> None:
+        if self.events is not None:
+            self.events.emit(code, level, key="journal", message=message, **fields)
+        else:
+            log.log(level, "%s %s %s", code, fields, message)
+
+    # ----------------------------------------------------------------- conversion, retention
+    def _recover(self) -> None:
+        """Segments left without Parquet (a crash, a stop during conversion) are converted as they are."""
+        if self.cfg.parquet:
+            for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+                if not parquet_paths(path)["cycles"].exists():
+                    self._to_convert.append(path)
+
+    def _maintain(self, final: bool = False) -> None:
+        if self._converter is not None and self._converter.poll() is not None:
+            if self._converter.returncode == 0:
+                self.counters.converted += 1
+            else:
+                self._event("JOURNAL_CONVERT_FAILED", logging.WARNING, path=str(self._converting),
+                            code=self._converter.returncode)
+            self._converter = None
+        if self._converter is None and self._to_convert and self.cfg.parquet:
+            self._converting = self._to_convert.pop(0)
+            # a child process at low priority: the conversion never holds this process's GIL or a core the
+            # control thread needs (it nices itself: preexec_fn is not safe in a threaded parent)
+            self._converter = subprocess.Popen([sys.executable, "-m", "v2grt.journal", "convert",
+                                                str(self._converting)], stdout=subprocess.DEVNULL)
+        elif not self.cfg.parquet:
+            self._to_convert.clear()
+        now = time.monotonic()
+        if final or now >= self._next_retention:
+            self._next_retention = now + 60.0
+            self._retention()
+
+    def _retention(self) -> None:
+        cfg = self.cfg
+        if cfg.max_age_h is None and cfg.max_size_gb is None:
+            return
+        segs = sorted((p for p in self.dir.glob(f"*{SUFFIX}") if p != self._seg_path), key=lambda p: p.stat().st_mtime)
+        files = {p: [p, *(q for q in parquet_paths(p).values() if q.exists())] for p in segs}
+        size = sum(q.stat().st_size for fs in files.values() for q in fs)
+        if self._seg_path is not None and self._seg_path.exists():
+            size += self._seg_path.stat().st_size
+        now = time.time()
+        for p in segs:
+            too_old = cfg.max_age_h is not None and now - p.stat().st_mtime > cfg.max_age_h * 3600
+            too_big = cfg.max_size_gb is not None and size > cfg.max_size_gb * 1e9
+            if not (too_old or too_big):
+                break
+            if self._converter is not None and p == self._converting:
+                continue
+            for q in files[p]:
+                size -= q.stat().st_size
+                q.unlink(missing_ok=True)
+            self.counters.removed += 1
+            log.info("JOURNAL_RETENTION removed %s (%s)", p.name, "age" if too_old else "size")
+
+
+def journal_dir(cfg) -> Path:
+    """The configured journal directory: journal.dir, or <state_dir>/journal/<fleet_id>."""
+    if cfg.journal.dir is not None:
+        return cfg.resolve(cfg.journal.dir)
+    return Path(cfg.resolve(cfg.state_dir)) / "journal" / cfg.fleet_id
+
+
+def for_aggregator(agg) -> Journal:
+    cfg = agg.cfg
+    return Journal(cfg.journal, journal_dir(cfg), fleet=agg.fleet, epoch=agg.epoch, fleet_id=cfg.fleet_id,
+                   period_s=cfg.period_s, inverter_names=[i.name for i in cfg.inverters],
+                   inverter_sites=[i.site for i in cfg.inverters], events=agg.events,
+                   meta={"service": agg.dispatcher.service.name, "capacity_kw": agg.dispatcher.capacity_kw})
