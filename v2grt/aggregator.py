@@ -27,6 +27,7 @@ from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
 from v2grt.events import EventLog
 from v2grt.fleet import NEVER_HEARD_NS, Fleet
+from v2grt.gate import ReceiveGate
 from v2grt.io import bus, wire
 from v2grt.io.modbus import InputThread, InverterReader, MeterReader
 from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig, SetupStep, io_priority, set_thread_fifo
@@ -124,6 +125,9 @@ class Aggregator:
                                                **security.bus_options(self.security, "telemetry"))
         self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control,
                                          **security.bus_options(self.security, "control"))
+        # The control thread's cycle goes first on the GIL; the bus thread receives after it, for at most
+        # bus.receive_budget of each period (v2grt.gate; issue 10: 23 missed deadlines at 8,000 msg/s without).
+        self.gate = ReceiveGate(self.period_ns, cfg.bus.receive_budget)
         self._wake_addr = f"inproc://v2grt-bus-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.linger = 0
@@ -192,6 +196,7 @@ class Aggregator:
         self._stopping.set()
         try:
             self.loop.stop()
+            self.gate.release()  # no more cycles: the bus thread must not wait for one to see its stop
             if final_zero:
                 self._publish_final_zero()
             if self._bus_thread.is_alive():
@@ -253,6 +258,7 @@ class Aggregator:
             hook(self, result, times)
         if not self.first_cycle.is_set():
             self.first_cycle.set()
+        self.gate.cycle_done(deadline_ns, time.monotonic_ns())  # the bus thread's turn until the next deadline
         return times
 
     # phase 1: read inputs, switch the process image
@@ -425,16 +431,24 @@ class Aggregator:
         poller.register(self.telemetry.sock, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        gate = self.gate
         while True:
+            gate.idle()  # blocking on the sockets is not receiving: not charged to the budget
             events = dict(poller.poll(1000))
             if self._wake_rx in events:
                 return
-            if self.telemetry.sock in events:
-                self.telemetry.poll_batches(max_frames=256, timeout_ms=0)  # each batch through _accept_batch
+            # Every message is admitted by the gate (v2grt.gate): none starts while a cycle runs or once this
+            # period's receive budget is spent; then the rest stay queued until the next cycle has published.
+            # Control first: an e-stop must not wait behind a telemetry backlog (the ROUTER fair-queues its
+            # connections, so a flooding client delays it by at most one request).
             if self.control.sock in events:
-                self.control.serve_once(timeout_ms=0)
+                self.control.serve_once(timeout_ms=0, admit=gate.admit)
+            if self.telemetry.sock in events and not gate.refused:
+                self.telemetry.poll_batches(max_frames=64, timeout_ms=0, admit=gate.admit)  # via _accept_batch
             if self.security is not None:
                 self.security.bus_tick(self.telemetry, self.control)
+            if gate.refused:
+                gate.wait()
 
     def _max_nodes(self, gateway_id: str) -> int | None:
         """The decoder's limit for a batch from ``gateway_id``; None (refused) for a gateway not in the roster."""
@@ -567,7 +581,8 @@ class Aggregator:
                "telemetry_errors": dict(self.telemetry.errors),  # frames dropped, by code
                "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code
                "control_errors": dict(self.control.errors),  # control requests refused, by code
-               "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard()}
+               "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard(),
+               "receive": self.gate.snapshot()}  # the bus thread's share of the periods (v2grt.gate)
         if r is not None:
             out.update(r.summary())
             out["delivered_kw"] = float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())

@@ -224,16 +224,18 @@ class _Owner:
             return False
         return True
 
-    def _drain(self, timeout_ms: int, max_frames: int):
+    def _drain(self, timeout_ms: int, max_frames: int, admit: Callable[[], bool] | None = None):
         """Wait up to ``timeout_ms`` for a message, then yield up to ``max_frames`` queued one-frame ones.
 
         A multipart message is dropped whole, every part received and discarded, and counted as
         MULTIPART (wire.md section 1: a message is one frame): applying one of its frames would act on
-        half of what a peer sent.
+        half of what a peer sent. ``admit()`` is asked before each message; False leaves the rest queued.
         """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return
         for _ in range(max_frames):
+            if admit is not None and not admit():
+                return
             try:
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -390,8 +392,12 @@ class TelemetryReceiver(_Owner):
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
 
-    def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0) -> list[TelemetryBatch]:
+    def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0,
+                     admit: Callable[[], bool] | None = None) -> list[TelemetryBatch]:
         """Wait up to ``timeout_ms`` for a frame, then take up to ``max_frames``; return the valid batches.
+
+        ``admit()``, if given, is asked before each frame (the aggregator's receive gate); False stops here
+        and leaves the rest queued.
 
         Bad frames are counted in ``errors[code]`` (frames, not nodes) and their messages kept in
         ``last_errors``; this never raises for anything a peer sent. A batch with quarantined nodes
@@ -399,7 +405,7 @@ class TelemetryReceiver(_Owner):
         """
         batches: list[TelemetryBatch] = []
         t_recv_ns = time.monotonic_ns()
-        for frame in self._drain(timeout_ms, max_frames):
+        for frame in self._drain(timeout_ms, max_frames, admit):
             self.frames += 1
             try:
                 batch = wire.decode_telemetry(frame.buffer, strict=self.strict, max_nodes=self.max_nodes,
@@ -447,12 +453,18 @@ class ControlServer(_Owner):
         #: socket without ZAP: lets the handler shape its answer to the caller (owner thread only).
         self.caller: str | None = None
 
-    def serve_once(self, timeout_ms: int = 0, max_requests: int = 16) -> int:
-        """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many."""
+    def serve_once(self, timeout_ms: int = 0, max_requests: int = 16,
+                   admit: Callable[[], bool] | None = None) -> int:
+        """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many.
+
+        ``admit()``, if given, is asked before each request; False stops here and leaves the rest queued.
+        """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return 0
         answered = 0
         for _ in range(max_requests):
+            if admit is not None and not admit():
+                break
             try:
                 frames = self._recv_request()
             except zmq.Again:
