@@ -3,7 +3,8 @@
 Each object owns one socket and must be used by one thread only (pyzmq sockets are not thread-safe);
 shut one down from its owner thread with ``close()`` or a ``with`` block. Every socket has
 ``linger=0`` (a stopping aggregator must not hang on unsent setpoints: gateways fall back to 0 kW on
-expiry anyway), ZMTP heartbeats (a dead peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
+expiry anyway), ZMTP heartbeats except on the aggregator's receivers (RECEIVER_HEARTBEATS; a dead
+peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
 timeout) and ZMQ_MAXMSGSIZE (a peer sending a frame over wire.MAX_FRAME_BYTES is disconnected before
 the frame is buffered). Receivers decode with :mod:`v2grt.io.wire` and count bad frames by error
 code instead of raising: garbage on the network must never stop the control loop.
@@ -53,6 +54,19 @@ DEFAULT_CONTROL_CONNECT = "tcp://127.0.0.1:5562"
 HEARTBEAT_IVL_MS = 1000  # send a ZMTP PING after this much silence
 HEARTBEAT_TIMEOUT_MS = 3000  # drop the connection if no traffic at all this long after a PING
 HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our traffic
+#: The aggregator's receivers (telemetry PULL, control ROUTER) send no ZMTP heartbeats. libzmq 4.3.5
+#: aborts the process (`Assertion failed: !_io_error (src/stream_engine_base.cpp:310)`) when a peer
+#: disconnects while its receive pipe is full (input stopped by backpressure: the engine marks an I/O
+#: error and waits for the pipe to drain) and this socket's heartbeat timer fires before it drains:
+#: the timer's PING write asserts on the pending error. Reproduced in tests/test_bus.py in one second
+#: with a heartbeat of 1 s; seen once in a "before" run of `v2grt bench fuzz`; libzmq issues 3937,
+#: 4364, 4767, PR 4830 (unmerged). Under overload a full queue is the normal state (the receive
+#: budget, docs/operations.md), so the timer must not exist. Nothing is lost: a receiver has nothing
+#: to send to a dead peer (a control reply to a gone client is dropped anyway); peers still ping it
+#: and get PONGs (a PING decoded from the backlog after such a disconnect could in principle take the
+#: same path; not reproduced: peers pinging every 100 ms did not abort it), and the setpoint PUB keeps
+#: its heartbeats (gateways detect a dead aggregator there).
+RECEIVER_HEARTBEATS = False
 #: First reconnect after a connection drops (libzmq's default 100 ms, plus a random 0 to 100 %).
 #: A revocation drops every connection of the setpoint PUB (docs/security.md): at 100 ms the others
 #: missed the next cycle and paused 2 to 3 periods (bench_security: 199 to 311 ms at a 100 ms period);
@@ -119,8 +133,8 @@ class _Owner:
 
     def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool,
                  curve: Mapping[str, bytes] | None, sndhwm: int | None = None, rcvhwm: int | None = None,
-                 options: Mapping[int, int] | None = None):
-        self._spec = (ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options)
+                 options: Mapping[int, int] | None = None, heartbeats: bool = True):
+        self._spec = (ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options, heartbeats)
         #: A connecting CURVE socket watches its handshakes (heal): refusals seen, the last ZAP status code,
         #: handshakes completed and when the last one was noticed.
         self.refusals = 0
@@ -135,13 +149,14 @@ class _Owner:
         self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
 
     def _open(self) -> None:
-        ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options = self._spec
+        ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options, heartbeats = self._spec
         self.sock = ctx.socket(kind)
         try:
             self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-            self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+            if heartbeats:
+                self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
             self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             self.sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
@@ -380,7 +395,8 @@ class TelemetryReceiver(_Owner):
                  authorize: Callable[[zmq.Frame, TelemetryBatch], None] | None = None,
                  max_nodes: wire.MaxNodes | None = None, check_ids: bool = True,
                  accept: Callable[[TelemetryBatch, int], None] | None = None):
-        super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm)
+        super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm,
+                         heartbeats=RECEIVER_HEARTBEATS)
         self.strict = strict
         #: authorize(frame, batch) raises WireError (e.g. FORBIDDEN) to drop a batch its sender may not send
         self.authorize = authorize
@@ -442,7 +458,7 @@ class ControlServer(_Owner):
     def __init__(self, ctx: zmq.Context, endpoint: str, handler: Handler, *,
                  curve: Mapping[str, bytes] | None = None,
                  authorize: Callable[[zmq.Frame, ControlRequest], None] | None = None):
-        super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve)
+        super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve, heartbeats=RECEIVER_HEARTBEATS)
         self.handler = handler
         #: authorize(frame, request) raises WireError (e.g. FORBIDDEN) to answer an error instead of running it
         self.authorize = authorize
