@@ -531,7 +531,8 @@ endpoint, seconds = sys.argv[1], float(sys.argv[2])
 push = zmq.Context().socket(zmq.PUSH)
 push.linger = 0
 push.connect(endpoint)
-frames = [bytes([0xc1]) * 7, b"\\x93\\x01\\x02", b"\\x81\\xa1v\\x02", b"\\xa5hello", b"\\x80"]
+heavy = b"\\xdd" + (20000).to_bytes(4, "big") + b"\\x01" * 20000  # 20 kB the decoder reads through: ~0.1 ms
+frames = [bytes([0xc1]) * 7, b"\\x93\\x01\\x02", b"\\x81\\xa1v\\x02", b"\\xa5hello", heavy]
 end = time.monotonic() + seconds
 sent = 0
 while time.monotonic() < end:
@@ -543,7 +544,8 @@ print(sent)
 
 
 def flood(agg, seconds: float) -> subprocess.Popen:
-    """A sender process pushing cheap garbage to ``agg``'s telemetry PULL for ``seconds``, as fast as it is taken."""
+    """A sender process pushing garbage to ``agg``'s telemetry PULL for ``seconds``, as fast as it is taken: it
+    produces faster than the bus thread can decode (a fifth of the frames take ~0.1 ms each to refuse)."""
     return subprocess.Popen([sys.executable, "-c", FLOOD_SENDER, agg.telemetry.endpoint, str(seconds)],
                             stdout=subprocess.PIPE, text=True)
 
