@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from v2grt.aggregator import Aggregator
+from v2grt.aggregator import PUBLISHER_IO_THREAD, Aggregator
 from v2grt.codes import Reason
 from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
@@ -315,8 +315,9 @@ def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
 
 
 def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_aggregator):
-    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads get
-    SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and the report says why."""
+    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads and the
+    setpoint PUB's libzmq I/O thread get SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and
+    the report says why."""
     agg = make_aggregator(realtime={"sched_fifo_priority": 10})
     report = {s.step: s for s in agg.loop.setup_report}
     if not report["sched_fifo"].granted:
@@ -327,6 +328,11 @@ def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_a
         assert report[f"sched_fifo:{t.name}"].granted, report[f"sched_fifo:{t.name}"].detail
         assert os.sched_getscheduler(t.native_id) == os.SCHED_FIFO
         assert os.sched_getparam(t.native_id).sched_priority == 9
+    # the libzmq I/O thread that carries the setpoint PUB alone (reading a telemetry flood is the other's work)
+    assert report["sched_fifo:zmq-io-setpoints"].granted, report["sched_fifo:zmq-io-setpoints"].detail
+    assert bus.libzmq_io_threads()[agg._pub_io_tid] == f"ZMQbg/IO/{PUBLISHER_IO_THREAD}"
+    assert os.sched_getparam(agg._pub_io_tid).sched_priority == 9
+    assert agg.publisher.sock.getsockopt(zmq.AFFINITY) == 1 << PUBLISHER_IO_THREAD
     plain = make_aggregator()
     step = {s.step: s for s in plain.loop.setup_report}["sched_fifo_io"]
     assert not step.granted and "not SCHED_FIFO" in step.detail

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -90,6 +91,24 @@ LAST_ERRORS = 8  # error messages a receiver keeps for the status page
 
 
 _MONITOR_IDS = itertools.count(1)
+
+
+def libzmq_io_threads() -> dict[int, str]:
+    """This process's libzmq I/O threads, native id -> name (``ZMQbg/IO/<n>``: n is the thread's index in
+    its context, the bit of ZMQ_AFFINITY that selects it). Linux /proc; {} where it cannot be read."""
+    out = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm", encoding="ascii", errors="replace") as f:
+                    name = f.read().strip()
+            except OSError:  # the thread ended meanwhile
+                continue
+            if name.startswith("ZMQbg/IO/"):
+                out[int(tid)] = name
+    except OSError:
+        return {}
+    return out
 
 
 class BusError(RuntimeError):
@@ -324,8 +343,10 @@ class SetpointPublisher(_Owner):
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *,
                  sndhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None,
-                 subscribe_policy: SubscribePolicy | None = None):
-        kind, options = (zmq.PUB, None) if subscribe_policy is None else (zmq.XPUB, {zmq.XPUB_MANUAL: 1})
+                 subscribe_policy: SubscribePolicy | None = None, io_thread: int | None = None):
+        kind, options = (zmq.PUB, {}) if subscribe_policy is None else (zmq.XPUB, {zmq.XPUB_MANUAL: 1})
+        if io_thread is not None:  # its connections on this libzmq I/O thread of the context (ZMQ_AFFINITY)
+            options[zmq.AFFINITY] = 1 << io_thread
         super().__init__(ctx, kind, endpoint, bind=True, curve=curve, sndhwm=sndhwm, options=options)
         self.sent = 0
         self.dropped = 0
