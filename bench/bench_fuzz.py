@@ -27,7 +27,8 @@ Reported: missed deadlines and budget overruns (the status reply before and afte
 setpoint inter-arrival p50/p99/max at the stand-in (quiet window before, and the attack), the
 gateway sims' setpoint expiries, aggregator RSS growth (VmRSS), engine.log bytes and lines by
 code, bad frames by code (status keys telemetry_errors, telemetry_refused_nodes, control_errors when
-present), messages sent by kind and the achieved rate; PASS/FAIL against issue 10's goal.
+present), messages sent by kind and the achieved rate, the round trip of an operator's status
+request every 0.5 s during the attack (the path an e-stop takes); PASS/FAIL against issue 10's goal.
 """
 
 from __future__ import annotations
@@ -649,13 +650,65 @@ def attack(args, ep: dict, roster: Path, targets: list[str], foreign: str, procs
         "messages": args.messages // n_f + (i < args.messages % n_f), "rate": args.rate / n_f,
         "duration_max_s": args.duration_max, "huge_per_s": args.huge_per_s / n_f,
         "bigids_per_s": args.bigids_per_s / n_f}, stdin=subprocess.DEVNULL)) for i in range(n_f)]
+    probe = ControlProbe(ep["control"]).start()
     outs = []
     for f in fuzzers:
         line, _ = f.communicate(timeout=args.duration_max + 120)
         if f.returncode != 0:
             raise RuntimeError(f"a fuzzer process failed with exit code {f.returncode}")
         outs.append(json.loads(line))
-    return outs
+    probe.stop()
+    return outs, probe.report()
+
+
+class ControlProbe:
+    """An operator's client during the attack: a ``status`` request every PROBE_INTERVAL_S on the control ROUTER
+    the fuzzer floods, timed from send to reply. It takes the path an e-stop takes (the ROUTER, the bus
+    thread's turn after each cycle, control before telemetry), without latching the fleet at 0 kW."""
+
+    PROBE_INTERVAL_S = 0.5
+
+    def __init__(self, endpoint: str):
+        import threading
+
+        self.endpoint = endpoint
+        self.rtt_ms: list[float] = []
+        self.timeouts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="control-probe", daemon=True)
+
+    def start(self) -> ControlProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import zmq
+
+        from v2grt.io import bus, wire
+
+        ctx = zmq.Context()
+        try:
+            with bus.ControlClient(ctx, self.endpoint, timeout_ms=5000) as client:
+                while not self._stop.wait(self.PROBE_INTERVAL_S):
+                    t0 = time.monotonic_ns()
+                    try:
+                        client.call("status")
+                    except wire.WireError:
+                        self.timeouts += 1
+                        continue
+                    self.rtt_ms.append((time.monotonic_ns() - t0) / 1e6)
+        finally:
+            ctx.term()
+
+    def report(self) -> dict:
+        rtt = np.array(self.rtt_ms)
+        return {"requests": len(rtt), "timeouts": self.timeouts,
+                **({f"p{q}_ms": float(np.percentile(rtt, q)) for q in (50, 99)} if len(rtt) else {}),
+                "max_ms": float(rtt.max()) if len(rtt) else None}
 
 
 def _rss_or_none(pid: int) -> int | None:
@@ -698,7 +751,7 @@ def run(args) -> dict:
             log0 = (tmp / "engine.log").stat().st_size
             gw_log0 = {gw: p.stat().st_size for gw, p in gw_logs.items()}
             m["t_attack"] = time.monotonic_ns()
-            m["outs"] = attack(args, ep, roster, standins, sim_gws[0], procs)
+            m["outs"], m["control_probe"] = attack(args, ep, roster, standins, sim_gws[0], procs)
             m["t_sent"] = time.monotonic_ns()
             time.sleep(args.settle_s)  # what was queued is processed, its log lines written
             m["t_end"] = time.monotonic_ns()
@@ -780,8 +833,10 @@ def report(args, m: dict, sim_gws: list[str]) -> dict:
                        "rss_after_bytes": m["rss1"], "rss_growth_bytes": rss_growth,
                        "stderr_bytes": m["stderr_bytes"],
                        "stderr_last_line": m["stderr_tail"][0] if m["stderr_tail"] else "",
-                       "setpoints_dropped": (after or {}).get("setpoints_dropped")},
+                       "setpoints_dropped": (after or {}).get("setpoints_dropped"),
+                       "receive_after": (after or {}).get("receive")},  # the receive gate's counters
         "engine_log": m["engine"],
+        "control_probe": m["control_probe"],
         "setpoints": {"quiet": interarrival(rec, m["t_quiet"], m["t_attack"]), "attack": attack_w,
                       "subscriber": m["sub"]},
         "gateways": {"log_codes_during_attack": m["gw_codes"], "expiries": m["gw_expiries"],
@@ -819,6 +874,22 @@ def _gaps_line(g: dict | None, period_ms: float) -> str:
     worst = ", ".join(f"{v:g}" for v in sorted(g["gaps_ms"], reverse=True)[:5])
     longest = f" (longest: {worst} ms)" if worst else ""
     return f"gaps over {1.5 * period_ms:g} ms during the attack: {g['n']}{longest}"
+
+
+def _probe_line(p: dict | None) -> str:
+    if not p:
+        return "control round trip during the attack: -"
+    return (f"control round trip during the attack (a status request every {ControlProbe.PROBE_INTERVAL_S:g} s, "
+            f"the e-stop's path; ms): p50 {_ms(p.get('p50_ms'))}, p99 {_ms(p.get('p99_ms'))}, "
+            f"max {_ms(p.get('max_ms'))}; {p['requests']} answered, {p['timeouts']} timed out")
+
+
+def _receive_line(rc: dict | None) -> str:
+    if not rc:
+        return "receive gate: - (not in this version's status reply)"
+    return (f"receive gate (whole run): budget {rc['budget']:g} of a period, busy {rc['busy_s']:.1f} s, "
+            f"budget exhausted in {rc['budget_exhausted']} periods, throttled {rc['throttled_s']:.1f} s, "
+            f"most in one period {rc['max_window_busy_ms']:.1f} ms")
 
 
 def _codes(m) -> str:
@@ -868,6 +939,8 @@ def render(r: dict) -> str:
                                                                                 "budget_overruns", "errors")),
                 _mb(a["rss_before_bytes"]), _mb(a["rss_after_bytes"]), _kb(r["engine_log"]["bytes"]),
                 r["engine_log"]["lines"], a["stderr_bytes"]]]),
+        _probe_line(r.get("control_probe")),
+        _receive_line(a.get("receive_after")),
         "cycle total over the whole run (ms): " + (", ".join(
             f"{k} {_ms(v)}" for k, v in ((a["loop_after"] or {}).get("total") or {}).items()) or "-"),
         f"engine.log lines by code: {_codes(dict(list(r['engine_log']['by_code'].items())[:8]))}",
