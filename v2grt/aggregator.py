@@ -137,7 +137,7 @@ class Aggregator:
         self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control,
                                          **security.bus_options(self.security, "control"))
         # The control thread's cycle goes first on the GIL; the bus thread receives after it, for at most
-        # bus.receive_budget of each period (v2grt.gate; issue 10: 23 missed deadlines at 8,000 msg/s without).
+        # bus.receive_budget of each period (v2grt.gate; issue 10: 23-45 missed deadlines at 8,000 msg/s without).
         self.gate = ReceiveGate(self.period_ns, cfg.bus.receive_budget)
         self._wake_addr = f"inproc://v2grt-bus-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)

@@ -1,9 +1,9 @@
 """The receive gate: the control thread's cycle goes first on the GIL, and the bus thread gets a share of each period.
 
 The bus thread decodes in Python on the control thread's interpreter, so every message it decodes while
-a cycle runs is GIL time the cycle waits for (issue 10: a wire flood at 8,000 messages/s gave 23 missed
-deadlines and setpoint gaps of 403 ms, with each message bounded to ~1 ms). The gate takes turns instead
-of contending:
+a cycle runs is GIL time the cycle waits for (issue 10: with each message already bounded to ~1 ms, a
+wire flood at 8,000 messages/s still cost 23-45 missed deadlines and setpoint gaps of 403-517 ms). The
+gate takes turns instead of contending:
 
 - **closed around the cycle**: from ``guard_ns`` before each deadline until the cycle has published,
   the bus thread starts no message (it waits on an Event, GIL released), so the cycle contends with at
