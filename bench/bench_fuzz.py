@@ -11,8 +11,9 @@ Every part is a real process on loopback, as in the field:
 - a SunSpec meter (model 213, the benches' World child) whose frequency wanders +-0.15 Hz (inside the alert band);
 - --sim-gateways real `v2grt gateway sim` processes (gw1, gw2, ...), each driving its vehicles;
 - a stand-in gateway process that subscribes to gw1's setpoints and records every arrival
-  (CLOCK_MONOTONIC, and the message's seq and t_ns), and pushes one valid batch a second for every
-  gateway no sim runs, so every vehicle is heard (shared decision 2) before and during the attack;
+  (CLOCK_MONOTONIC, and the message's seq and t_ns), and doing nothing else; and one that pushes one
+  valid batch a second for every gateway no sim runs, so every vehicle is heard (shared decision 2)
+  before and during the attack;
 - --fuzzers fuzzer processes sending --messages messages (or until --duration-max) at --rate to the
   telemetry PULL and the control ROUTER, from frames built before the clock starts.
 
@@ -27,7 +28,8 @@ Reported: missed deadlines and budget overruns (the status reply before and afte
 setpoint inter-arrival p50/p99/max at the stand-in (quiet window before, and the attack), the
 gateway sims' setpoint expiries, aggregator RSS growth (VmRSS), engine.log bytes and lines by
 code, bad frames by code (status keys telemetry_errors, telemetry_refused_nodes, control_errors when
-present), messages sent by kind and the achieved rate; PASS/FAIL against issue 10's goal.
+present), messages sent by kind and the achieved rate, the round trip of an operator's status
+request every 0.5 s during the attack (the path an e-stop takes); PASS/FAIL against issue 10's goal.
 """
 
 from __future__ import annotations
@@ -254,8 +256,8 @@ def _try_fifo(priority: int) -> str:
 
 
 def subscriber_main(spec: dict) -> dict:
-    """The stand-in gateway: record every setpoint message for spec['gateway'] and push 1 Hz telemetry
-    for spec['standins'], until stdin closes; arrivals go to spec['out'] (.npy: t_arrival_ns, seq, t_ns)."""
+    """The stand-in gateway: record every setpoint message for spec['gateway'] (None: none) and push 1 Hz
+    telemetry for spec['standins'], until stdin closes; arrivals go to spec['out'] (.npy: t_arrival_ns, seq, t_ns)."""
     fifo = _try_fifo(spec["priority"])  # before the context: libzmq's I/O thread inherits it
     import zmq
 
@@ -267,8 +269,9 @@ def subscriber_main(spec: dict) -> dict:
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0
     sub.rcvhwm = 10_000  # record everything the aggregator sends to this gateway
-    sub.setsockopt(zmq.SUBSCRIBE, wire.setpoint_topic(spec["gateway"]))
-    sub.connect(spec["setpoints"])
+    if spec["gateway"] is not None:
+        sub.setsockopt(zmq.SUBSCRIBE, wire.setpoint_topic(spec["gateway"]))
+        sub.connect(spec["setpoints"])
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
     push.sndhwm = 64
@@ -310,7 +313,8 @@ def subscriber_main(spec: dict) -> dict:
                 rec = np.concatenate([rec, np.zeros_like(rec)])
             rec[n] = (t, msg.seq, msg.t_ns)
             n += 1
-    np.save(spec["out"], rec[:n])
+    if spec["out"] is not None:
+        np.save(spec["out"], rec[:n])
     sub.close(0)
     push.close(0)
     ctx.term()
@@ -616,13 +620,19 @@ def start_gateways(tmp: Path, roster: Path, ep: dict, sim_gws: list[str], standi
             [sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster), "--gateway-id", gw,
              "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"], "--log-file", str(gw_logs[gw])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp))
+    # Two processes: the recorder does nothing else, so its arrival stamps are not delayed by its own work
+    # (encoding 18 gateways' batches once a second delayed the arrival that came meanwhile by 3-11 ms: one
+    # message in ten, at the same phase of every second, which is the p99 of the gaps).
     sub = procs.add("stand-in", _child("subscriber", {
         "gateway": SUBSCRIBED_GATEWAY, "setpoints": ep["setpoints"], "telemetry": ep["telemetry"],
-        "roster": str(roster), "standins": standins, "out": str(tmp / "arrivals.npy"),
+        "roster": str(roster), "standins": [], "out": str(tmp / "arrivals.npy"),
         "priority": subscriber_priority}))
+    pusher = procs.add("stand-in telemetry", _child("subscriber", {
+        "gateway": None, "setpoints": ep["setpoints"], "telemetry": ep["telemetry"],
+        "roster": str(roster), "standins": standins, "out": None, "priority": 0}))
     for gw, path in gw_logs.items():
         _wait_for_line(path, "GATEWAY_START", dict(procs.procs)[gw], 60, f"gateway sim {gw}")
-    return gw_logs, sub
+    return gw_logs, sub, pusher
 
 
 def wait_heard(ctx, control: str, timeout_s: float = 20.0) -> dict:
@@ -649,13 +659,65 @@ def attack(args, ep: dict, roster: Path, targets: list[str], foreign: str, procs
         "messages": args.messages // n_f + (i < args.messages % n_f), "rate": args.rate / n_f,
         "duration_max_s": args.duration_max, "huge_per_s": args.huge_per_s / n_f,
         "bigids_per_s": args.bigids_per_s / n_f}, stdin=subprocess.DEVNULL)) for i in range(n_f)]
+    probe = ControlProbe(ep["control"]).start()
     outs = []
     for f in fuzzers:
         line, _ = f.communicate(timeout=args.duration_max + 120)
         if f.returncode != 0:
             raise RuntimeError(f"a fuzzer process failed with exit code {f.returncode}")
         outs.append(json.loads(line))
-    return outs
+    probe.stop()
+    return outs, probe.report()
+
+
+class ControlProbe:
+    """An operator's client during the attack: a ``status`` request every PROBE_INTERVAL_S on the control ROUTER
+    the fuzzer floods, timed from send to reply. It takes the path an e-stop takes (the ROUTER, the bus
+    thread's turn after each cycle, control before telemetry), without latching the fleet at 0 kW."""
+
+    PROBE_INTERVAL_S = 0.5
+
+    def __init__(self, endpoint: str):
+        import threading
+
+        self.endpoint = endpoint
+        self.rtt_ms: list[float] = []
+        self.timeouts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="control-probe", daemon=True)
+
+    def start(self) -> ControlProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import zmq
+
+        from v2grt.io import bus, wire
+
+        ctx = zmq.Context()
+        try:
+            with bus.ControlClient(ctx, self.endpoint, timeout_ms=5000) as client:
+                while not self._stop.wait(self.PROBE_INTERVAL_S):
+                    t0 = time.monotonic_ns()
+                    try:
+                        client.call("status")
+                    except wire.WireError:
+                        self.timeouts += 1
+                        continue
+                    self.rtt_ms.append((time.monotonic_ns() - t0) / 1e6)
+        finally:
+            ctx.term()
+
+    def report(self) -> dict:
+        rtt = np.array(self.rtt_ms)
+        return {"requests": len(rtt), "timeouts": self.timeouts,
+                **({f"p{q}_ms": float(np.percentile(rtt, q)) for q in (50, 99)} if len(rtt) else {}),
+                "max_ms": float(rtt.max()) if len(rtt) else None}
 
 
 def _rss_or_none(pid: int) -> int | None:
@@ -689,7 +751,8 @@ def run(args) -> dict:
             # the frequency wanders inside the alert band (0.2 Hz): the response moves, no alert line is due
             world.connect("tcp://127.0.0.1:1", sink=False, wander_hz=0.15)
             agg, ep, m["cfg"], m["rt"] = start_aggregator(tmp, roster, world.meter_port, args.priority, procs)
-            gw_logs, sub = start_gateways(tmp, roster, ep, sim_gws, standins, args.subscriber_priority, procs)
+            gw_logs, sub, pusher = start_gateways(tmp, roster, ep, sim_gws, standins, args.subscriber_priority,
+                                                  procs)
             m["warmup"] = wait_heard(ctx, ep["control"])
 
             m["t_quiet"] = time.monotonic_ns()
@@ -698,7 +761,7 @@ def run(args) -> dict:
             log0 = (tmp / "engine.log").stat().st_size
             gw_log0 = {gw: p.stat().st_size for gw, p in gw_logs.items()}
             m["t_attack"] = time.monotonic_ns()
-            m["outs"] = attack(args, ep, roster, standins, sim_gws[0], procs)
+            m["outs"], m["control_probe"] = attack(args, ep, roster, standins, sim_gws[0], procs)
             m["t_sent"] = time.monotonic_ns()
             time.sleep(args.settle_s)  # what was queued is processed, its log lines written
             m["t_end"] = time.monotonic_ns()
@@ -710,6 +773,8 @@ def run(args) -> dict:
             m["load_after"] = os.getloadavg()
 
             m["sub"] = json.loads(sub.communicate(timeout=30)[0] or "{}")  # closing its stdin stops it
+            pushed = json.loads(pusher.communicate(timeout=30)[0] or "{}")
+            m["sub"].update({k: v for k, v in pushed.items() if k.startswith("standin_")})
             arrivals = tmp / "arrivals.npy"
             m["rec"] = np.load(arrivals) if arrivals.exists() else np.zeros((0, 3), np.int64)
             m["gw_codes"] = {gw: log_slice(p, gw_log0[gw], gw_log1[gw])["by_code"] for gw, p in gw_logs.items()}
@@ -780,8 +845,10 @@ def report(args, m: dict, sim_gws: list[str]) -> dict:
                        "rss_after_bytes": m["rss1"], "rss_growth_bytes": rss_growth,
                        "stderr_bytes": m["stderr_bytes"],
                        "stderr_last_line": m["stderr_tail"][0] if m["stderr_tail"] else "",
-                       "setpoints_dropped": (after or {}).get("setpoints_dropped")},
+                       "setpoints_dropped": (after or {}).get("setpoints_dropped"),
+                       "receive_after": (after or {}).get("receive")},  # the receive gate's counters
         "engine_log": m["engine"],
+        "control_probe": m["control_probe"],
         "setpoints": {"quiet": interarrival(rec, m["t_quiet"], m["t_attack"]), "attack": attack_w,
                       "subscriber": m["sub"]},
         "gateways": {"log_codes_during_attack": m["gw_codes"], "expiries": m["gw_expiries"],
@@ -819,6 +886,22 @@ def _gaps_line(g: dict | None, period_ms: float) -> str:
     worst = ", ".join(f"{v:g}" for v in sorted(g["gaps_ms"], reverse=True)[:5])
     longest = f" (longest: {worst} ms)" if worst else ""
     return f"gaps over {1.5 * period_ms:g} ms during the attack: {g['n']}{longest}"
+
+
+def _probe_line(p: dict | None) -> str:
+    if not p:
+        return "control round trip during the attack: -"
+    return (f"control round trip during the attack (a status request every {ControlProbe.PROBE_INTERVAL_S:g} s, "
+            f"the e-stop's path; ms): p50 {_ms(p.get('p50_ms'))}, p99 {_ms(p.get('p99_ms'))}, "
+            f"max {_ms(p.get('max_ms'))}; {p['requests']} answered, {p['timeouts']} timed out")
+
+
+def _receive_line(rc: dict | None) -> str:
+    if not rc:
+        return "receive gate: - (not in this version's status reply)"
+    return (f"receive gate (whole run): budget {rc['budget']:g} of a period, busy {rc['busy_s']:.1f} s, "
+            f"budget exhausted in {rc['budget_exhausted']} periods, throttled {rc['throttled_s']:.1f} s, "
+            f"most in one period {rc['max_window_busy_ms']:.1f} ms")
 
 
 def _codes(m) -> str:
@@ -868,6 +951,8 @@ def render(r: dict) -> str:
                                                                                 "budget_overruns", "errors")),
                 _mb(a["rss_before_bytes"]), _mb(a["rss_after_bytes"]), _kb(r["engine_log"]["bytes"]),
                 r["engine_log"]["lines"], a["stderr_bytes"]]]),
+        _probe_line(r.get("control_probe")),
+        _receive_line(a.get("receive_after")),
         "cycle total over the whole run (ms): " + (", ".join(
             f"{k} {_ms(v)}" for k, v in ((a["loop_after"] or {}).get("total") or {}).items()) or "-"),
         f"engine.log lines by code: {_codes(dict(list(r['engine_log']['by_code'].items())[:8]))}",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from v2grt.aggregator import Aggregator
+from v2grt.aggregator import PUBLISHER_IO_THREAD, Aggregator
 from v2grt.codes import Reason
 from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
@@ -405,8 +407,9 @@ def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
 
 
 def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_aggregator):
-    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads get
-    SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and the report says why."""
+    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads and the
+    setpoint PUB's libzmq I/O thread get SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and
+    the report says why."""
     agg = make_aggregator(realtime={"sched_fifo_priority": 10})
     report = {s.step: s for s in agg.loop.setup_report}
     if not report["sched_fifo"].granted:
@@ -417,6 +420,11 @@ def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_a
         assert report[f"sched_fifo:{t.name}"].granted, report[f"sched_fifo:{t.name}"].detail
         assert os.sched_getscheduler(t.native_id) == os.SCHED_FIFO
         assert os.sched_getparam(t.native_id).sched_priority == 9
+    # the libzmq I/O thread that carries the setpoint PUB alone (reading a telemetry flood is the other's work)
+    assert report["sched_fifo:zmq-io-setpoints"].granted, report["sched_fifo:zmq-io-setpoints"].detail
+    assert bus.libzmq_io_threads()[agg._pub_io_tid] == f"ZMQbg/IO/{PUBLISHER_IO_THREAD}"
+    assert os.sched_getparam(agg._pub_io_tid).sched_priority == 9
+    assert agg.publisher.sock.getsockopt(zmq.AFFINITY) == 1 << PUBLISHER_IO_THREAD
     plain = make_aggregator()
     step = {s.step: s for s in plain.loop.setup_report}["sched_fifo_io"]
     assert not step.granted and "not SCHED_FIFO" in step.detail
@@ -613,3 +621,97 @@ def test_strict_telemetry_is_a_config_key_defaulting_to_quarantine(make_aggregat
     finally:
         push.close()
     assert not agg.router.refused_nodes and not np.any(agg.fleet.soc[rows] == np.float32(0.5))
+
+
+FLOOD_SENDER = """
+import sys, time, zmq
+endpoint, seconds = sys.argv[1], float(sys.argv[2])
+push = zmq.Context().socket(zmq.PUSH)
+push.linger = 0
+push.connect(endpoint)
+heavy = b"\\xdd" + (20000).to_bytes(4, "big") + b"\\x01" * 20000  # 20 kB the decoder reads through: ~0.1 ms
+frames = [bytes([0xc1]) * 7, b"\\x93\\x01\\x02", b"\\x81\\xa1v\\x02", b"\\xa5hello", heavy]
+end = time.monotonic() + seconds
+sent = 0
+while time.monotonic() < end:
+    for frame in frames:
+        push.send(frame)  # blocks at the HWM: as fast as the aggregator takes them
+    sent += len(frames)
+print(sent)
+"""
+
+
+def flood(agg, seconds: float) -> subprocess.Popen:
+    """A sender process pushing garbage to ``agg``'s telemetry PULL for ``seconds``, as fast as it is taken: it
+    produces faster than the bus thread can decode (a fifth of the frames take ~0.1 ms each to refuse)."""
+    return subprocess.Popen([sys.executable, "-c", FLOOD_SENDER, agg.telemetry.endpoint, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_no_message_is_decoded_while_the_control_thread_runs_its_cycle(make_aggregator, monkeypatch):
+    """Issue 10 item 1 (the receive gate): under a flood that saturates the bus thread, no cycle sees more than
+    one telemetry decode start inside it (the one begun before the gate closed); without the gate the bus
+    thread interleaves dozens of decodes per cycle at the GIL's switch interval."""
+    starts, cycles = [], []
+    decode = wire.decode_telemetry
+
+    def recording_decode(*args, **kwargs):
+        starts.append(time.monotonic_ns())
+        return decode(*args, **kwargs)
+
+    def instrument(agg):
+        cycle = agg.loop.cycle
+
+        def timed_cycle(deadline_ns, woke_ns):
+            t0 = time.monotonic_ns()
+            try:
+                return cycle(deadline_ns, woke_ns)
+            finally:
+                cycles.append((t0, ends[-1] if ends else t0))
+
+        ends = []
+        agg.cycle_hooks.append(lambda agg, result, times: ends.append(time.monotonic_ns()))  # before the gate opens
+        agg.loop.cycle = timed_cycle
+
+    monkeypatch.setattr(wire, "decode_telemetry", recording_decode)
+    agg = make_aggregator(before_start=instrument)
+    sender = flood(agg, 3.0)
+    try:
+        wait_until(lambda: len(starts) > 5000, timeout_s=10.0, what="the flood reaches the bus thread")
+        n_cycles = len(cycles)
+        wait_until(lambda: len(cycles) >= n_cycles + 60, timeout_s=20.0, what="60 cycles under the flood")
+    finally:
+        sender.wait(20)
+    window = [c for c in cycles[n_cycles:] if c[1] > c[0]]
+    t = np.array(starts, np.int64)
+    inside = [int(np.count_nonzero((t > t0) & (t < t1))) for t0, t1 in window]
+    assert len(window) >= 50
+    assert max(inside) <= 1, f"decodes started inside cycles: {sorted(inside)[-10:]} (of {len(window)} cycles)"
+
+
+def test_the_bus_thread_keeps_to_its_receive_budget_under_a_flood(make_aggregator):
+    """Issue 10 item 1 (the receive budget): while a sender process floods cheap garbage faster than the bus
+    thread decodes, with bus.receive_budget 0.2 the bus thread's CPU time over 3 s stays near a fifth of it
+    (asserted < 0.4), the overload is counted (budget_exhausted, throttled_s) and the loop keeps its cycles.
+    Without a budget a saturated bus thread takes a whole core (CPU time ~ elapsed)."""
+    agg = make_aggregator(bus={"receive_budget": 0.2})
+    sender = flood(agg, 60.0)
+    try:
+        wait_until(lambda: agg.telemetry.frames > 1000, timeout_s=10.0, what="the flood reaches the bus thread")
+        gate = agg.gate
+        cycles0, exhausted0 = agg.stats.cycles, gate.exhausted
+        cpu0, t0 = thread_cpu_s(agg._bus_thread.native_id), time.monotonic()
+        time.sleep(3.0)
+        elapsed_s = time.monotonic() - t0
+        cpu_s = thread_cpu_s(agg._bus_thread.native_id) - cpu0
+        cycles, exhausted = agg.stats.cycles - cycles0, gate.exhausted - exhausted0
+    finally:
+        sender.kill()
+        sender.wait()
+    assert cpu_s < 0.4 * elapsed_s, f"bus thread CPU {cpu_s:.2f} s in {elapsed_s:.2f} s (budget 0.2)"
+    assert cycles >= 0.5 * elapsed_s / PERIOD_S, f"{cycles} cycles in {elapsed_s:.2f} s at {PERIOD_S} s"
+    assert exhausted >= 0.5 * cycles, f"the budget ran out in {exhausted} of {cycles} periods under the flood"
+    with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint) as cli:
+        receive = cli.call("status").result["receive"]
+    assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0.5, receive
+    assert receive["max_window_busy_ms"] < 0.2 * PERIOD_S * 1e3 + 3.0, receive  # the budget + one message

@@ -89,6 +89,7 @@ def test_bench_fuzz_smoke_json():
     assert delta["cycles"] > 0 and sum(delta["telemetry_errors"].values()) > 0
     assert r["setpoints"]["quiet"]["messages"] > 0 and r["setpoints"]["attack"]["messages"] > 0
     assert r["aggregator"]["rss_after_bytes"] > 0 and r["engine_log"]["bytes"] >= 0
+    assert r["control_probe"]["timeouts"] == 0 and r["aggregator"]["receive_after"]["busy_s"] > 0
 
 
 def test_bench_fuzz_reads_the_status_keys_that_exist():

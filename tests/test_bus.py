@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
 import time
 
@@ -312,14 +314,64 @@ def test_bind_conflict_is_a_bus_error_naming_role_and_endpoint(ctx):
 
 
 def test_sockets_carry_linger_heartbeat_hwm_and_size_options(ctx):
-    """Every socket has linger 0, heartbeats and MAXMSGSIZE; the setpoint PUB its small SNDHWM."""
-    with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub:
-        for s in (pub.sock, sub.sock):
+    """Every socket has linger 0 and MAXMSGSIZE, heartbeats except the aggregator's receivers; the setpoint PUB
+    its small SNDHWM."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub, \
+            bus.TelemetryReceiver(ctx, ANY) as pull, bus.ControlServer(ctx, ANY, handler) as router:
+        for s in (pub.sock, sub.sock, pull.sock, router.sock):
             assert s.getsockopt(zmq.LINGER) == 0
+            assert s.getsockopt(zmq.MAXMSGSIZE) == wire.MAX_FRAME_BYTES
+        for s in (pub.sock, sub.sock):
             assert s.getsockopt(zmq.HEARTBEAT_IVL) == bus.HEARTBEAT_IVL_MS
             assert s.getsockopt(zmq.HEARTBEAT_TIMEOUT) == bus.HEARTBEAT_TIMEOUT_MS
-            assert s.getsockopt(zmq.MAXMSGSIZE) == wire.MAX_FRAME_BYTES
+        for s in (pull.sock, router.sock):  # RECEIVER_HEARTBEATS: libzmq issue 3937
+            assert s.getsockopt(zmq.HEARTBEAT_IVL) == 0
         assert pub.sock.getsockopt(zmq.SNDHWM) == bus.SETPOINT_SNDHWM
+
+
+STALLED_RECEIVER = """
+import sys, time, zmq
+from v2grt.io import bus
+ctx = zmq.Context()
+with bus.TelemetryReceiver(ctx, "tcp://127.0.0.1:*", rcvhwm=10) as pull:
+    print(pull.endpoint, flush=True)
+    time.sleep(float(sys.argv[1]))  # never reads: every peer's pipe fills and its input stops
+    n = 0
+    while pull.sock.poll(200):
+        pull.sock.recv()
+        n += 1
+print(n, flush=True)
+"""
+
+
+def test_a_full_telemetry_queue_survives_its_peers_disconnecting(ctx):
+    """libzmq 4.3.5 aborts a receiver whose peer disconnects while its pipe is full once the receiver's own
+    heartbeat timer fires (`Assertion failed: !_io_error`, seen in a bench fuzz run; libzmq issue 3937): the
+    aggregator's receivers send no heartbeats, so a stalled TelemetryReceiver outlives six such peers.
+    With heartbeats on this receiver (1 s) the child process aborted (SIGABRT) in every try."""
+    child = subprocess.Popen([sys.executable, "-c", STALLED_RECEIVER, "2.5"], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.PIPE)
+    try:
+        endpoint = child.stdout.readline().strip()
+        assert endpoint.startswith("tcp://"), child.stderr.read()
+        for _ in range(6):  # each fills its pipe, then goes away with its input stopped at the receiver
+            push = ctx.socket(zmq.PUSH)
+            push.linger = 0
+            push.setsockopt(zmq.SNDHWM, 10)
+            push.connect(endpoint)
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                try:
+                    push.send(b"x" * 2000, zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.001)
+            time.sleep(0.05)
+            push.close()
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0, f"the receiver process ended with {child.returncode}: {err.strip()[-300:]}"
+    assert int(out.split()[-1]) > 0  # it still received afterwards
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")

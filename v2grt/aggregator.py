@@ -4,9 +4,10 @@ dispatches the fleet every period and publishes one setpoint message per gateway
 Threads and what each owns (pyzmq sockets are single-owner):
 - control thread (ControlLoop): the setpoint/status PUB socket, the Dispatcher, the fleet arrays;
 - input thread (InputThread, asyncio + uvloop): the Modbus clients, publishing into Latest cells;
-- bus thread: the telemetry PULL and control ROUTER sockets; decodes and validates, then hands
-  telemetry to the control thread through a queue drained at the start of each cycle (the swap
-  point: the kernel never sees a half-applied batch).
+- bus thread: the telemetry PULL and control ROUTER sockets; decodes and validates, and writes each
+  batch into the fleet arrays between cycles, under the image lock the control thread holds for its
+  cycle (the kernel never sees a half-applied batch); its turns and share of each period are the
+  receive gate's (v2grt.gate).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from v2grt.config import Config, build_service
 from v2grt.dispatch import Dispatcher
 from v2grt.events import EventLog
 from v2grt.fleet import NEVER_HEARD_NS, Fleet
+from v2grt.gate import ReceiveGate
 from v2grt.io import bus, wire
 from v2grt.io.modbus import InputThread, InverterReader, MeterReader
 from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig, SetupStep, io_priority, set_thread_fifo
@@ -38,6 +40,9 @@ from v2grt.services import ServiceCurve
 log = logging.getLogger("v2grt.aggregator")
 
 _REASON_NAMES = reason_names(range(256))
+
+#: The libzmq I/O thread (index in the aggregator's context of two) that carries the setpoint PUB alone.
+PUBLISHER_IO_THREAD = 1
 
 #: The `optimized` telemetry profile: slow metrics (cabin temperature, SoH, cycle count, ...) in one
 #: batch of 10, fast ones (SoC, power, voltage) in every batch (the field manual's overhead advice).
@@ -119,11 +124,18 @@ class Aggregator:
 
         # bus
         self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.Context()
+        zmq_before = bus.libzmq_io_threads()
+        # Two libzmq I/O threads: the setpoint PUB's connections on their own (PUBLISHER_IO_THREAD), so setpoints
+        # never queue behind the reading of a telemetry flood (bench fuzz, 8,000 msg/s, 58 MB/s: setpoints
+        # left the aggregator on time, stamped gaps p99 103 ms, but reached the gateway with p99 135 ms).
+        self.ctx = ctx or zmq.Context(io_threads=2)
+        pub_io = PUBLISHER_IO_THREAD if self.ctx.get(zmq.IO_THREADS) > PUBLISHER_IO_THREAD else None
         # security.enabled: CURVE on every socket; the ZAP thread (keys, roles, allowlist) starts before any bind
         self.security = security.server_for(cfg, self.ctx, self.events)
         self.publisher = bus.SetpointPublisher(self.ctx, cfg.bus.setpoints, sndhwm=cfg.bus.setpoint_hwm,
-                                               **security.bus_options(self.security, "setpoints"))
+                                               io_thread=pub_io, **security.bus_options(self.security, "setpoints"))
+        # that I/O thread's native id, for SCHED_FIFO beside the bus thread (_io_thread_priorities)
+        self._pub_io_tid = self._find_io_thread(zmq_before, pub_io) if self._own_ctx else None
         # Roster-bounded ingest (v2grt.ingest): the decoder refuses unknown gateways and oversized batches
         # before reading ids; the router maps ids to rows. telemetry_strict false (the default): one
         # vehicle's NaN quarantines that vehicle (INVALID_TELEMETRY), not its whole gateway.
@@ -134,6 +146,9 @@ class Aggregator:
                                                **security.bus_options(self.security, "telemetry"))
         self.control = bus.ControlServer(self.ctx, cfg.bus.control, self._handle_control,
                                          **security.bus_options(self.security, "control"))
+        # The control thread's cycle goes first on the GIL; the bus thread receives after it, for at most
+        # bus.receive_budget of each period (v2grt.gate; issue 10: 23-45 missed deadlines at 8,000 msg/s without).
+        self.gate = ReceiveGate(self.period_ns, cfg.bus.receive_budget)
         self._wake_addr = f"inproc://v2grt-bus-wake-{id(self)}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.linger = 0
@@ -142,8 +157,14 @@ class Aggregator:
         self._stopping = threading.Event()
 
         # cross-thread hand-over (deque appends/pops are atomic)
-        self._telemetry_q: collections.deque = collections.deque()
         self._commands: collections.deque = collections.deque()
+        # The process image's lock: the control thread holds it for its whole cycle, the bus thread while it
+        # writes one telemetry batch into the fleet arrays, so the kernel never sees a half-applied batch.
+        # With the receive gate the bus thread writes only between cycles (at most one batch begun before
+        # the gate closed is waited for); applied there, not at the cycle's start, a batch costs the bus
+        # thread's budget and not the cycle's time (bench fuzz: the inputs phase was 4-9 ms at 8,000 msg/s,
+        # and its variation was the jitter of the setpoints, p99 104 ms at a 100 ms period).
+        self._image_lock = threading.Lock()
 
         # control-thread state
         self.stats = CycleStats()
@@ -181,6 +202,21 @@ class Aggregator:
         #: writer thread appends the segments. None when journal.enabled is false.
         self.journal = journal_mod.for_aggregator(self) if cfg.journal.enabled else None
 
+    @staticmethod
+    def _find_io_thread(before: dict[int, str], index: int | None, timeout_s: float = 0.5) -> int | None:
+        """The native id of the new libzmq I/O thread ``ZMQbg/IO/<index>`` (not in ``before``), or None.
+
+        A new thread names itself once it runs, so it is looked for again for up to ``timeout_s``."""
+        if index is None:
+            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [tid for tid, name in bus.libzmq_io_threads().items()
+                     if tid not in before and name == f"ZMQbg/IO/{index}"]
+            if found or time.monotonic() > deadline:
+                return found[0] if len(found) == 1 else None
+            time.sleep(0.001)
+
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         # One-off work before the first deadline, not inside it: the kernel's buffers and every
@@ -216,6 +252,7 @@ class Aggregator:
             self.loop.stop()
             if self.journal is not None:
                 self.journal.stop()  # drains the ring, seals the segment: after the loop's last cycle
+            self.gate.release()  # no more cycles: the bus thread must not wait for one to see its stop
             if self.ha is not None:
                 # No final zero under HA: the standby takes over at its next poll once the lease is revoked,
                 # and the gateways hold the last setpoints (3 periods) across that gap instead of dropping
@@ -259,6 +296,8 @@ class Aggregator:
         behind (sample age p99 ~15 ms, max 23 ms at a 5 ms poll; issue 10, item 8)."""
         threads = [(t.name, t.native_id) for t in self.input_threads] + [(self._bus_thread.name,
                                                                           self._bus_thread.native_id)]
+        if self._pub_io_tid is not None:  # libzmq's I/O thread that writes the setpoints to the gateways
+            threads.append(("zmq-io-setpoints", self._pub_io_tid))
         if not any(s.step == "sched_fifo" and s.granted for s in steps):
             return [SetupStep("sched_fifo_io", False, "the control thread is not SCHED_FIFO: "
                               f"{', '.join(name for name, _ in threads)} stay SCHED_OTHER")]
@@ -270,30 +309,27 @@ class Aggregator:
     # ------------------------------------------------------------------------------ the cycle
     def _cycle(self, deadline_ns: int, woke_ns: int) -> CycleTimes:
         t0 = woke_ns
-        input_age_ns = self._read_inputs(woke_ns)
-        t1 = time.monotonic_ns()
-        result = self._dispatch(woke_ns)
-        t2 = time.monotonic_ns()
-        self._publish(result, woke_ns)
-        t3 = time.monotonic_ns()
-        times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
-        self._record(result, input_age_ns)
-        if self.journal is not None:
-            self.journal.record(self, result, times)
-        for hook in self.cycle_hooks:
-            hook(self, result, times)
+        with self._image_lock:  # no telemetry batch is written into the fleet while the cycle reads it
+            input_age_ns = self._read_inputs(woke_ns)
+            t1 = time.monotonic_ns()
+            result = self._dispatch(woke_ns)
+            t2 = time.monotonic_ns()
+            self._publish(result, woke_ns)
+            t3 = time.monotonic_ns()
+            times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
+            self._record(result, input_age_ns)
+            if self.journal is not None:
+                self.journal.record(self, result, times)
+            for hook in self.cycle_hooks:
+                hook(self, result, times)
         if not self.first_cycle.is_set():
             self.first_cycle.set()
+        self.gate.cycle_done(deadline_ns, time.monotonic_ns())  # the bus thread's turn until the next deadline
         return times
 
-    # phase 1: read inputs, switch the process image
+    # phase 1: read inputs (telemetry is already in the fleet arrays: _accept_batch, under the image lock)
     def _read_inputs(self, now_ns: int) -> int:
         fleet = self.fleet
-        q = self._telemetry_q
-        while q:
-            routed, batch, t_recv = q.popleft()
-            if routed.version == fleet.version:  # else rows were mapped for a fleet that has changed since
-                ingest.apply(fleet, routed, batch, t_recv)
         while self._commands:
             self._commands.popleft()(now_ns)
         for reader, site in self.inverters:
@@ -468,16 +504,24 @@ class Aggregator:
         poller.register(self.telemetry.sock, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        gate = self.gate
         while True:
+            gate.idle()  # blocking on the sockets is not receiving: not charged to the budget
             events = dict(poller.poll(1000))
             if self._wake_rx in events:
                 return
-            if self.telemetry.sock in events:
-                self.telemetry.poll_batches(max_frames=256, timeout_ms=0)  # each batch through _accept_batch
+            # Every message is admitted by the gate (v2grt.gate): none starts while a cycle runs or once this
+            # period's receive budget is spent; then the rest stay queued until the next cycle has published.
+            # Control first: an e-stop must not wait behind a telemetry backlog (the ROUTER fair-queues its
+            # connections, so a flooding client delays it by at most one request).
             if self.control.sock in events:
-                self.control.serve_once(timeout_ms=0)
+                self.control.serve_once(timeout_ms=0, admit=gate.admit)
+            if self.telemetry.sock in events and not gate.refused:
+                self.telemetry.poll_batches(max_frames=64, timeout_ms=0, admit=gate.admit)  # via _accept_batch
             if self.security is not None:
                 self.security.bus_tick(self.telemetry, self.control)
+            if gate.refused:
+                gate.wait()
 
     def _max_nodes(self, gateway_id: str) -> int | None:
         """The decoder's limit for a batch from ``gateway_id``; None (refused) for a gateway not in the roster."""
@@ -488,14 +532,17 @@ class Aggregator:
         return limit
 
     def _accept_batch(self, batch, t_recv: int) -> None:
-        """Map a batch to rows (v2grt.ingest) and queue it for the next cycle; WireError drops it (counted)."""
+        """Map a batch to rows (v2grt.ingest) and write it into the fleet between cycles; WireError drops it
+        (counted)."""
         routed = self.router.route(batch)
         if routed.unknown:
             self._telemetry_error("UNKNOWN_NODE", batch.gw, routed.unknown)
         if routed.foreign:
             self._telemetry_error("FOREIGN_NODE", batch.gw, routed.foreign)
         if len(routed.rows):
-            self._telemetry_q.append((routed, batch, t_recv))
+            with self._image_lock:
+                if routed.version == self.fleet.version:  # else rows were mapped for a fleet changed since
+                    ingest.apply(self.fleet, routed, batch, t_recv)
 
     def _telemetry_error(self, code: str, gateway_id: str, count: int) -> None:
         # keyed by gateway: route() only gets here for roster gateways, so the keys are bounded by the roster
@@ -610,7 +657,8 @@ class Aggregator:
                "telemetry_errors": dict(self.telemetry.errors),  # frames dropped, by code
                "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code
                "control_errors": dict(self.control.errors),  # control requests refused, by code
-               "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard()}
+               "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard(),
+               "receive": self.gate.snapshot()}  # the bus thread's share of the periods (v2grt.gate)
         if r is not None:
             out.update(r.summary())
             out["delivered_kw"] = float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())

@@ -66,6 +66,9 @@ class BusConfig:
     # gateways fall back to 0 kW when nothing newer arrives in this time; None: SETPOINT_TTL_PERIODS x period_s
     setpoint_ttl_s: float | None = None
     setpoint_hwm: int = 4  # messages queued per subscriber before the newest are dropped, not queued
+    # share of each period the bus thread may spend receiving (telemetry + control), after the cycle has
+    # published; beyond it messages wait in ZeroMQ's queues (v2grt.gate, docs/operations.md)
+    receive_budget: float = 0.5
 
 
 @dataclasses.dataclass
@@ -214,6 +217,7 @@ _RANGES: dict[str, tuple] = {
     "inverters[].device_id": (int, 0, 247),
     "bus.setpoint_ttl_s": (float, 0.01, 60.0),
     "bus.setpoint_hwm": (int, 1, 100000),
+    "bus.receive_budget": (float, 0.05, 1.0),
     "service.capacity_kw": (float, 0.0, 1e9),
     "service.nominal_hz": (float, ("50", "60")),
     "service.base_kw": (float, -1e9, 1e9),

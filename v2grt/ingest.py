@@ -284,7 +284,7 @@ _SLOW_COLUMNS = ("soh", "temp_c", "p_dis_max_kw", "p_chg_max_kw", "cycle_count")
 
 
 def apply(fleet: Fleet, routed: Routed, batch: TelemetryBatch, t_recv_ns: int) -> None:
-    """Write a routed batch into the fleet table (the control thread's swap point).
+    """Write a routed batch into the fleet table (between cycles, under the aggregator's image lock).
 
     A quarantined vehicle (``batch.invalid``) gets fault INVALID_TELEMETRY and nothing else of the
     batch: its stored values keep their last valid ones, and it counts as not heard from. Its

@@ -29,6 +29,10 @@ telemetry_refused_nodes_total{code}         counter    vehicles refused from bat
                                                        FOREIGN_NODE, INVALID_TELEMETRY (one per vehicle and batch)
 events_total{code}                          counter    engine.log events by code (rate-limited lines included)
 setpoints_dropped_total                     counter    setpoint frames the PUB socket refused
+receive_busy_seconds_total                  counter    time the bus thread spent receiving (telemetry, control)
+receive_budget_exhausted_total              counter    periods in which bus.receive_budget ran out (overload)
+receive_throttled_seconds_total             counter    time the bus thread waited for the next period, its
+                                                       budget spent, while messages waited in ZeroMQ's queues
 epoch                                       gauge      this scheduler's fencing epoch
 journal_write_failing                       gauge      1 while the dispatch journal cannot write (disk full, I/O error)
 journal_records_dropped_total               counter    cycle records the journal lost (write error, writer behind)
@@ -165,6 +169,9 @@ class MetricsExporter:
             "cycle_errors_total": stats.errors,
             "setpoints_dropped_total": agg.publisher.dropped,
             "journal_records_dropped_total": journal.counters.dropped if journal is not None else 0,
+            "receive_busy_seconds_total": agg.gate.busy_ns / 1e9,
+            "receive_budget_exhausted_total": agg.gate.exhausted,
+            "receive_throttled_seconds_total": agg.gate.throttled_ns / 1e9,
             "deadline_misses_total": {"missed_deadline": stats.missed_deadlines,
                                       "budget_overrun": stats.budget_overruns},
         }
@@ -224,6 +231,10 @@ class MetricsExporter:
                                   value=c["setpoints_dropped_total"])
         yield CounterMetricFamily("v2grt_journal_records_dropped", "Cycle records the journal lost (write error, "
                                   "writer behind)", value=c["journal_records_dropped_total"])
+        for key, doc in (("receive_busy_seconds", "Time the bus thread spent receiving telemetry and control"),
+                         ("receive_budget_exhausted", "Periods in which bus.receive_budget ran out"),
+                         ("receive_throttled_seconds", "Time the bus thread waited with its receive budget spent")):
+            yield CounterMetricFamily(f"v2grt_{key}", doc, value=c[f"{key}_total"])
         miss = CounterMetricFamily("v2grt_deadline_misses", "Deadline misses by kind", labels=["kind"])
         for kind, v in c["deadline_misses_total"].items():
             miss.add_metric([kind], v)

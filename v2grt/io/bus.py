@@ -3,7 +3,8 @@
 Each object owns one socket and must be used by one thread only (pyzmq sockets are not thread-safe);
 shut one down from its owner thread with ``close()`` or a ``with`` block. Every socket has
 ``linger=0`` (a stopping aggregator must not hang on unsent setpoints: gateways fall back to 0 kW on
-expiry anyway), ZMTP heartbeats (a dead peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
+expiry anyway), ZMTP heartbeats except on the aggregator's receivers (RECEIVER_HEARTBEATS; a dead
+peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
 timeout) and ZMQ_MAXMSGSIZE (a peer sending a frame over wire.MAX_FRAME_BYTES is disconnected before
 the frame is buffered). Receivers decode with :mod:`v2grt.io.wire` and count bad frames by error
 code instead of raising: garbage on the network must never stop the control loop.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +55,19 @@ DEFAULT_CONTROL_CONNECT = "tcp://127.0.0.1:5562"
 HEARTBEAT_IVL_MS = 1000  # send a ZMTP PING after this much silence
 HEARTBEAT_TIMEOUT_MS = 3000  # drop the connection if no traffic at all this long after a PING
 HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our traffic
+#: The aggregator's receivers (telemetry PULL, control ROUTER) send no ZMTP heartbeats. libzmq 4.3.5
+#: aborts the process (`Assertion failed: !_io_error (src/stream_engine_base.cpp:310)`) when a peer
+#: disconnects while its receive pipe is full (input stopped by backpressure: the engine marks an I/O
+#: error and waits for the pipe to drain) and this socket's heartbeat timer fires before it drains:
+#: the timer's PING write asserts on the pending error. Reproduced in tests/test_bus.py in one second
+#: with a heartbeat of 1 s; seen once in a "before" run of `v2grt bench fuzz`; libzmq issues 3937,
+#: 4364, 4767, PR 4830 (unmerged). Under overload a full queue is the normal state (the receive
+#: budget, docs/operations.md), so the timer must not exist. Nothing is lost: a receiver has nothing
+#: to send to a dead peer (a control reply to a gone client is dropped anyway); peers still ping it
+#: and get PONGs (a PING decoded from the backlog after such a disconnect could in principle take the
+#: same path; not reproduced: peers pinging every 100 ms did not abort it), and the setpoint PUB keeps
+#: its heartbeats (gateways detect a dead aggregator there).
+RECEIVER_HEARTBEATS = False
 #: First reconnect after a connection drops (libzmq's default 100 ms, plus a random 0 to 100 %).
 #: A revocation drops every connection of the setpoint PUB (docs/security.md): at 100 ms the others
 #: missed the next cycle and paused 2 to 3 periods (bench_security: 199 to 311 ms at a 100 ms period);
@@ -76,6 +91,24 @@ LAST_ERRORS = 8  # error messages a receiver keeps for the status page
 
 
 _MONITOR_IDS = itertools.count(1)
+
+
+def libzmq_io_threads() -> dict[int, str]:
+    """This process's libzmq I/O threads, native id -> name (``ZMQbg/IO/<n>``: n is the thread's index in
+    its context, the bit of ZMQ_AFFINITY that selects it). Linux /proc; {} where it cannot be read."""
+    out = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm", encoding="ascii", errors="replace") as f:
+                    name = f.read().strip()
+            except OSError:  # the thread ended meanwhile
+                continue
+            if name.startswith("ZMQbg/IO/"):
+                out[int(tid)] = name
+    except OSError:
+        return {}
+    return out
 
 
 class BusError(RuntimeError):
@@ -119,8 +152,8 @@ class _Owner:
 
     def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool,
                  curve: Mapping[str, bytes] | None, sndhwm: int | None = None, rcvhwm: int | None = None,
-                 options: Mapping[int, int] | None = None):
-        self._spec = (ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options)
+                 options: Mapping[int, int] | None = None, heartbeats: bool = True):
+        self._spec = (ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options, heartbeats)
         #: A connecting CURVE socket watches its handshakes (heal): refusals seen, the last ZAP status code,
         #: handshakes completed and when the last one was noticed.
         self.refusals = 0
@@ -135,13 +168,14 @@ class _Owner:
         self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
 
     def _open(self) -> None:
-        ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options = self._spec
+        ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options, heartbeats = self._spec
         self.sock = ctx.socket(kind)
         try:
             self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-            self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+            if heartbeats:
+                self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
             self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             self.sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
@@ -224,16 +258,18 @@ class _Owner:
             return False
         return True
 
-    def _drain(self, timeout_ms: int, max_frames: int):
+    def _drain(self, timeout_ms: int, max_frames: int, admit: Callable[[], bool] | None = None):
         """Wait up to ``timeout_ms`` for a message, then yield up to ``max_frames`` queued one-frame ones.
 
         A multipart message is dropped whole, every part received and discarded, and counted as
         MULTIPART (wire.md section 1: a message is one frame): applying one of its frames would act on
-        half of what a peer sent.
+        half of what a peer sent. ``admit()`` is asked before each message; False leaves the rest queued.
         """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return
         for _ in range(max_frames):
+            if admit is not None and not admit():
+                return
             try:
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -307,8 +343,10 @@ class SetpointPublisher(_Owner):
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *,
                  sndhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None,
-                 subscribe_policy: SubscribePolicy | None = None):
-        kind, options = (zmq.PUB, None) if subscribe_policy is None else (zmq.XPUB, {zmq.XPUB_MANUAL: 1})
+                 subscribe_policy: SubscribePolicy | None = None, io_thread: int | None = None):
+        kind, options = (zmq.PUB, {}) if subscribe_policy is None else (zmq.XPUB, {zmq.XPUB_MANUAL: 1})
+        if io_thread is not None:  # its connections on this libzmq I/O thread of the context (ZMQ_AFFINITY)
+            options[zmq.AFFINITY] = 1 << io_thread
         super().__init__(ctx, kind, endpoint, bind=True, curve=curve, sndhwm=sndhwm, options=options)
         self.sent = 0
         self.dropped = 0
@@ -378,7 +416,8 @@ class TelemetryReceiver(_Owner):
                  authorize: Callable[[zmq.Frame, TelemetryBatch], None] | None = None,
                  max_nodes: wire.MaxNodes | None = None, check_ids: bool = True,
                  accept: Callable[[TelemetryBatch, int], None] | None = None):
-        super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm)
+        super().__init__(ctx, zmq.PULL, endpoint, bind=True, curve=curve, rcvhwm=rcvhwm,
+                         heartbeats=RECEIVER_HEARTBEATS)
         self.strict = strict
         #: authorize(frame, batch) raises WireError (e.g. FORBIDDEN) to drop a batch its sender may not send
         self.authorize = authorize
@@ -390,8 +429,12 @@ class TelemetryReceiver(_Owner):
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
 
-    def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0) -> list[TelemetryBatch]:
+    def poll_batches(self, max_frames: int = 256, timeout_ms: int = 0,
+                     admit: Callable[[], bool] | None = None) -> list[TelemetryBatch]:
         """Wait up to ``timeout_ms`` for a frame, then take up to ``max_frames``; return the valid batches.
+
+        ``admit()``, if given, is asked before each frame (the aggregator's receive gate); False stops here
+        and leaves the rest queued.
 
         Bad frames are counted in ``errors[code]`` (frames, not nodes) and their messages kept in
         ``last_errors``; this never raises for anything a peer sent. A batch with quarantined nodes
@@ -399,7 +442,7 @@ class TelemetryReceiver(_Owner):
         """
         batches: list[TelemetryBatch] = []
         t_recv_ns = time.monotonic_ns()
-        for frame in self._drain(timeout_ms, max_frames):
+        for frame in self._drain(timeout_ms, max_frames, admit):
             self.frames += 1
             try:
                 batch = wire.decode_telemetry(frame.buffer, strict=self.strict, max_nodes=self.max_nodes,
@@ -436,7 +479,7 @@ class ControlServer(_Owner):
     def __init__(self, ctx: zmq.Context, endpoint: str, handler: Handler, *,
                  curve: Mapping[str, bytes] | None = None,
                  authorize: Callable[[zmq.Frame, ControlRequest], None] | None = None):
-        super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve)
+        super().__init__(ctx, zmq.ROUTER, endpoint, bind=True, curve=curve, heartbeats=RECEIVER_HEARTBEATS)
         self.handler = handler
         #: authorize(frame, request) raises WireError (e.g. FORBIDDEN) to answer an error instead of running it
         self.authorize = authorize
@@ -447,12 +490,18 @@ class ControlServer(_Owner):
         #: socket without ZAP: lets the handler shape its answer to the caller (owner thread only).
         self.caller: str | None = None
 
-    def serve_once(self, timeout_ms: int = 0, max_requests: int = 16) -> int:
-        """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many."""
+    def serve_once(self, timeout_ms: int = 0, max_requests: int = 16,
+                   admit: Callable[[], bool] | None = None) -> int:
+        """Wait up to ``timeout_ms`` for requests, answer up to ``max_requests``; return how many.
+
+        ``admit()``, if given, is asked before each request; False stops here and leaves the rest queued.
+        """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return 0
         answered = 0
         for _ in range(max_requests):
+            if admit is not None and not admit():
+                break
             try:
                 frames = self._recv_request()
             except zmq.Again:
