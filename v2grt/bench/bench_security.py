@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, stats_ms, table
+from v2grt.bench._common import add_smoke_option, apply_smoke, emit, machine, stats_ms, table
 
 MODES = ("plain", "curve")
 
@@ -418,6 +417,10 @@ def render_revocation(rev: dict) -> str:
             f"unbind+bind max {np.nanmax(rev['rebind_ms']):.2f} ms")
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"gateways": 2, "nodes": 50, "cycles": 20, "block": 10, "calls": 50, "repeats": 1}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench security", description=__doc__.split("\n\n")[0])
     ap.add_argument("--gateways", type=int, default=20)
@@ -431,8 +434,10 @@ def main(argv=None) -> int:
                     help="only the revocation pause, once per --reconnect-ivl-ms value, at --period-ms")
     ap.add_argument("--reconnect-ivl-ms", type=int, nargs="+", default=None, metavar="MS",
                     help="gateways' ZMQ_RECONNECT_IVL values to compare (default: the shipped one)")
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    apply_smoke(ap, a, SMOKE)
     if a.cycles % a.block:
         ap.error("--cycles must be a multiple of --block")
     if a.revocation_only:
