@@ -243,10 +243,13 @@ def measure_revocation(repeats: int, period_s: float, reconnect_ivl_ms: int | No
 
     from v2grt import security
     from v2grt.aggregator import Aggregator
-    from v2grt.config import config_from_dict
+    from v2grt.config import REVOCATION_PAUSE_PERIODS, REVOCATION_RECONNECT_S, config_from_dict
     from v2grt.fleet import Fleet
     from v2grt.io import bus
 
+    # The default expiry (three periods), or the shortest one a secured config accepts where that is longer
+    # (below a 100 ms period: two periods and a reconnect, which the revocation's pause needs).
+    ttl_s = max(3 * period_s, REVOCATION_PAUSE_PERIODS * period_s + REVOCATION_RECONNECT_S)
     tail_ms, gap_ms, drop_gap_ms, rebind_ms = [], [], [], []
     shipped_ivl_ms = bus.RECONNECT_IVL_MS
     if reconnect_ivl_ms is not None:
@@ -261,7 +264,7 @@ def measure_revocation(repeats: int, period_s: float, reconnect_ivl_ms: int | No
             "period_s": period_s, "budget_s": period_s, "meter": None, "state_dir": tmp,
             "realtime": {"mlockall": False, "gc_freeze": False},
             "bus": {k: "tcp://127.0.0.1:*" for k in ("setpoints", "telemetry", "control")}
-                   | {"setpoint_ttl_s": 3 * period_s},  # the default from issue "hardening": three periods
+                   | {"setpoint_ttl_s": ttl_s},
             "service": {"name": "dc", "capacity_kw": 100.0}, "fleet": {"random": 2000},
             "security": {"enabled": True, "server_secret_key": str(keys / "aggregator.key_secret"),
                          "authorized_keys": str(auth)}})
