@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmarks: each runs at a tiny size with --json and reports the documented shape.
+"""Smoke tests of the benchmarks (v2grt.bench): each runs at a tiny size with --json and reports the documented
+shape, from this checkout and from a wheel installed into a fresh venv (the deployment host has no checkout).
 
 Benchmarks are not timed tests: these assert structure and counts, never a latency.
 """
@@ -6,14 +7,17 @@ Benchmarks are not timed tests: these assert structure and counts, never a laten
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from v2grt import bench as benchmarks
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def bench(*args) -> dict:
@@ -25,7 +29,7 @@ def bench(*args) -> dict:
 
 def test_cyclictest_histogram_is_parsed_into_percentiles():
     """cyclictest's --histfile (1 us buckets, overflow and max trailers) gives nearest-rank percentiles."""
-    from bench_loop import histogram_percentiles, parse_histogram
+    from v2grt.bench.bench_loop import histogram_percentiles, parse_histogram
 
     lines = ["# Histogram"] + [f"{us:06d} {count:06d}" for us, count in [(0, 0), (10, 900), (20, 90), (30, 0),
                                                                          (40, 9)]]
@@ -36,8 +40,8 @@ def test_cyclictest_histogram_is_parsed_into_percentiles():
 
 
 def test_bench_loop_json():
-    """bench loop reports v2grt's lateness per period and, with cyclictest installed, the p99 ratio."""
-    r = bench("loop", "--periods-ms", "10", "--seconds", "0.6", "--rounds", "1", "--priority", "0")
+    """bench loop --smoke reports v2grt's lateness per period and, with cyclictest installed, the p99 ratio."""
+    r = bench("loop", "--smoke")
     row = r["results"][0]
     assert row["period_ms"] == 10.0 and row["v2grt"]["n"] >= 20
     assert {"p50_us", "p99_us", "p999_us", "max_us"} <= row["v2grt"].keys()
@@ -48,8 +52,8 @@ def test_bench_loop_json():
 
 
 def test_bench_cycle_json():
-    """bench cycle runs the real aggregator and reports every phase and the delivered setpoint frames."""
-    r = bench("cycle", "--nodes", "2000", "--gateways", "4", "--cycles", "5", "--period-ms", "20", "--priorities", "0")
+    """bench cycle --smoke runs the real aggregator and reports every phase and the delivered setpoint frames."""
+    r = bench("cycle", "--smoke")
     row = r["results"][0]
     assert (row["nodes"], row["gateways"]) == (2000, 4) and row["cycles"] >= 5
     assert {"total", "kernel", "publish", "inputs", "lateness"} <= row["phases"].keys()
@@ -57,17 +61,16 @@ def test_bench_cycle_json():
 
 
 def test_bench_e2e_json():
-    """bench e2e times frequency steps at the Modbus meter to the gateway and splits the latency."""
-    r = bench("e2e", "--configs", "20/5", "--trials", "4", "--nodes", "1000", "--gateways", "4")
+    """bench e2e --smoke times frequency steps at the Modbus meter to the gateway and splits the latency."""
+    r = bench("e2e", "--smoke")
     row = r["results"][0]
     assert row["arrived"] == 4 and row["latency"]["n"] == 4
     assert row["split_mean_ms"].keys() == {"meter", "wait", "cycle", "delivery"}
 
 
 def test_bench_soak_json():
-    """bench soak counts cycles, deadlines and telemetry batches sent, received and rejected."""
-    r = bench("soak", "--duration", "1.5", "--nodes", "1000", "--gateways", "4", "--rate", "4000",
-              "--period-ms", "20")
+    """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
+    r = bench("soak", "--smoke")
     assert r["cycles"] > 0 and r["cycle_errors"] == 0
     assert r["telemetry"]["batches_sent"] > 0 and r["telemetry"]["frames_received"] > 0
     assert r["telemetry"]["rejected"] == 0
@@ -75,7 +78,7 @@ def test_bench_soak_json():
 
 def test_bench_fuzz_smoke_json():
     """bench fuzz --smoke attacks a real `v2grt run` with every kind and reports goals, refusals and survival."""
-    from bench_fuzz import KINDS
+    from v2grt.bench.bench_fuzz import KINDS
 
     r = bench("fuzz", "--smoke")
     agg = r["aggregator"]
@@ -94,7 +97,7 @@ def test_bench_fuzz_smoke_json():
 
 def test_bench_fuzz_reads_the_status_keys_that_exist():
     """status_delta diffs each error map by code and marks one this version's status reply lacks as None."""
-    from bench_fuzz import status_delta
+    from v2grt.bench.bench_fuzz import status_delta
 
     before = {"loop": {"cycles": 10, "missed_deadlines": 1, "budget_overruns": 0, "errors": 0},
               "telemetry_errors": {"BAD_MSGPACK": 5}, "events": {"UNKNOWN_NODE": 2}}
@@ -106,3 +109,75 @@ def test_bench_fuzz_reads_the_status_keys_that_exist():
     assert d["telemetry_errors"] == {"BAD_MSGPACK": 4, "MULTIPART": 3}
     assert d["control_errors"] == {"UNKNOWN_CMD": 7} and d["telemetry_refused_nodes"] is None
     assert d["events"] == {"INVALID_TELEMETRY": 1}
+
+
+# ------------------------------------------------------------------------------ from a wheel, without a checkout
+#: Left out of the copy a wheel is built from: what a build makes (a stale build/ would put modules removed from
+#: the tree into the wheel, hiding a packaging fault) and what it does not need.
+BUILD_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                      ".hypothesis", ".venv", "demo-out", "*.so", "*.c")
+
+
+def _run(cmd: list, *, cwd: Path, timeout: float = 120.0, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{cmd}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> dict:
+    """This tree's wheel installed into a fresh venv, run from an empty directory: nothing of the checkout is
+    importable there. Built once per session from a copy of the tree (the Cython kernel compiles), without build
+    isolation, and the venv sees this environment's site-packages (numpy, pyzmq, ...): no network."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src, dist, venv, cwd = tmp / "src", tmp / "dist", tmp / "venv", tmp / "run"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=BUILD_IGNORE)
+    _run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", dist],
+         cwd=tmp, timeout=900)
+    shutil.rmtree(src)
+    (wheel,) = dist.glob("v2grt-*.whl")
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp)
+    # The environment's pip, run by the venv's python, installs into the venv; --ignore-installed: this
+    # environment's own (editable) v2grt is neither reused nor touched.
+    _run([venv / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
+          wheel], cwd=tmp)
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {"bin": venv / "bin", "venv": venv, "cwd": cwd, "env": env}
+
+
+def installed_v2grt(installed: dict, *args, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """The venv's `v2grt` script with these arguments, from the empty directory."""
+    return _run([installed["bin"] / "v2grt", *args], cwd=installed["cwd"], timeout=timeout, env=installed["env"])
+
+
+@pytest.mark.slow
+def test_installed_package_has_every_benchmark_and_the_shipped_configs(installed):
+    """The wheel's v2grt is the venv's own, lists the checkout's benchmarks, and carries configs/ as package data."""
+    code = ("import json, v2grt, v2grt.bench as b; from importlib import resources; "
+            "print(json.dumps({'file': v2grt.__file__, 'names': b.names(), 'configs': sorted(p.name for p in "
+            "(resources.files('v2grt') / 'data' / 'configs').iterdir())}))")
+    proc = _run([installed["bin"] / "python", "-c", code], cwd=installed["cwd"], env=installed["env"])
+    got = json.loads(proc.stdout)
+    assert Path(got["file"]).is_relative_to(installed["venv"]), got["file"]
+    assert got["names"] == benchmarks.names() and "fuzz" in got["names"]
+    assert {"default.yaml", "discharge_profile.json"} <= set(got["configs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", benchmarks.names())
+def test_installed_benchmark_smoke_prints_its_json(installed, name):
+    """`v2grt bench NAME --smoke --json` from the installed wheel exits 0 and prints one JSON object."""
+    proc = installed_v2grt(installed, "bench", name, "--smoke", "--json", timeout=180)
+    result = json.loads(proc.stdout)
+    assert "machine" in result, sorted(result)
+    if "source" in result:  # measured the installed package, not a checkout
+        assert Path(result["source"]["package"]).is_relative_to(installed["venv"]), result["source"]
+
+
+@pytest.mark.slow
+def test_installed_benchmark_prints_its_table(installed):
+    """Without --json an installed benchmark prints its table (a header over a rule of dashes)."""
+    lines = installed_v2grt(installed, "bench", "kernel", "--smoke").stdout.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    assert rule > 0 and "1000" in "\n".join(lines[rule + 1:])

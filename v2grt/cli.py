@@ -11,9 +11,7 @@ import argparse
 import csv
 import importlib
 import json
-import runpy
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -147,23 +145,11 @@ def cmd_config_check(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- v2grt bench
-def bench_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "bench"
-
-
-def bench_names() -> list[str]:
-    """Every bench/bench_NAME.py of the checkout (none when installed without the source tree)."""
-    return sorted(p.stem[len("bench_"):] for p in bench_dir().glob("bench_*.py"))
-
-
 def cmd_bench(args) -> int:
-    script = bench_dir() / f"bench_{args.name}.py"
-    if not script.exists():
-        raise CliError(f"bench {args.name}: {script} not found; benchmarks run from a source checkout "
-                       "(git clone, then pip install -e .)", EXIT_FAILED)
-    sys.argv = [f"v2grt bench {args.name}", *args.rest]
-    namespace = runpy.run_path(str(script), run_name="v2grt_bench")
-    return int(namespace["main"](args.rest) or 0)
+    """Run benchmark NAME (module v2grt.bench.bench_NAME) with the options after its name."""
+    from v2grt import bench
+
+    return int(bench.load(args.name).main(args.rest) or 0)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -201,10 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.set_defaults(func=cmd_config_check)
 
-    names = bench_names()
-    p = sub.add_parser("bench", help="benchmarks (from the source checkout): " + ", ".join(names),
-                       description="Benchmarks print a table, or one JSON object with --json.")
-    p.add_argument("name", choices=names or None)
+    from v2grt import bench
+
+    names = bench.names()
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(names),
+                       description="Benchmarks print a table, or one JSON object with --json; --smoke runs one at "
+                                   "a tiny size in a few seconds (docs/benchmarks.md).")
+    p.add_argument("name", choices=names)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after the name)")
     p.set_defaults(func=cmd_bench)
 

@@ -1,6 +1,6 @@
 """Wire codec benchmark: setpoint and telemetry encode/decode against per-node msgpack, side by side.
 
-    python bench/bench_wire.py [--sizes 500,10000] [--calls N] [--json]
+    v2grt bench wire [--sizes 500,10000] [--calls N] [--json]
 
 For each gateway size, in one run: encode_setpoints (float64 setpoints in, as the kernel produces
 them), decode_setpoints with the ids cache warm (every cycle but the first after a roster change) and
@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, stats_ms, table
-
+from v2grt.bench._common import add_smoke_option, apply_smoke, emit, machine, stats_ms, table
 from v2grt.io import wire
 
 T_NS = 1_700_000_000_000_000_000
@@ -88,13 +85,19 @@ def render(result: dict) -> str:
             + table(headers, rows))
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"sizes": "500", "calls": 50}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_wire", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="v2grt bench wire", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="500,10000", help="comma-separated nodes per gateway")
     ap.add_argument("--calls", type=int, default=2000, help="timed calls per measurement")
     ap.add_argument("--seed", type=int, default=0)
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     emit(run([int(s) for s in args.sizes.split(",") if s], args.calls, args.seed), args.json, render)
     return 0
 

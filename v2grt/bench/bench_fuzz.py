@@ -49,10 +49,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_DIR, World, emit, machine, source_state, stats_ms, table
-
-ROOT = Path(BENCH_DIR).parent
+from v2grt.bench._common import (
+    World,
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    shipped_config,
+    source_state,
+    stats_ms,
+    table,
+)
 
 #: Issue 10's goal, at 10,000 vehicles and >= 1,000,000 messages.
 GOAL_RSS_GROWTH_BYTES = 50_000_000
@@ -233,9 +241,9 @@ def build_frames(roster: str, targets: list[str], foreign_gw: str, seed: int, pr
 
 
 def _child(kind: str, spec: dict, *, stdin=subprocess.PIPE) -> subprocess.Popen:
-    code = f"import sys; sys.path.insert(0, {BENCH_DIR!r}); import bench_fuzz; bench_fuzz.child_main()"
+    code = "from v2grt.bench.bench_fuzz import child_main; child_main()"
     return subprocess.Popen([sys.executable, "-c", code, kind, json.dumps(spec)], stdin=stdin,
-                            stdout=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, text=True, env=child_env())
 
 
 def child_main() -> None:
@@ -431,22 +439,17 @@ def fuzzer_main(spec: dict) -> dict:
 # the parent: the aggregator, the world, the gateways; before and after
 
 
-def _env() -> dict:
-    """Children import this checkout (what the bench measures), whatever the caller's PYTHONPATH."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 def write_config(tmp: Path, roster: Path, meter_port: int, priority: int | None) -> tuple[Path, dict]:
-    """configs/default.yaml as shipped, pointed at this run's roster, meter, state dir and ephemeral ports."""
+    """configs/default.yaml as shipped (the package's copy), pointed at this run's roster, meter, state dir and
+    ephemeral ports; its discharge profile copied beside it."""
     import yaml
 
-    shipped = ROOT / "configs" / "default.yaml"
-    cfg = yaml.safe_load(shipped.read_text())
+    cfg = yaml.safe_load(shipped_config("default.yaml"))
     cfg["fleet_id"] = "bench-fuzz"
     cfg["state_dir"] = str(tmp / "state")
-    cfg["discharge_profile"] = str(ROOT / "configs" / cfg["discharge_profile"])
+    profile = tmp / Path(cfg["discharge_profile"]).name
+    profile.write_bytes(shipped_config(cfg["discharge_profile"]))
+    cfg["discharge_profile"] = str(profile)
     cfg["meter"].update(host="127.0.0.1", port=meter_port)
     cfg["bus"].update(setpoints="tcp://127.0.0.1:*", telemetry="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*")
     cfg["fleet"] = {"roster": str(roster)}
@@ -601,7 +604,7 @@ def start_aggregator(tmp: Path, roster: Path, meter_port: int, priority: int | N
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     with open(tmp / "aggregator.stderr", "w") as err:  # the child keeps its own descriptor
-        agg = procs.add("aggregator", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env(),
+        agg = procs.add("aggregator", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=child_env(),
                                                        cwd=tmp))
     start = _fields(_wait_for_line(engine_log, " START ", agg, 60, "the aggregator"))
     _wait_for_line(engine_log, " READY ", agg, 60, "the aggregator")
@@ -619,7 +622,7 @@ def start_gateways(tmp: Path, roster: Path, ep: dict, sim_gws: list[str], standi
         procs.add(gw, subprocess.Popen(
             [sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster), "--gateway-id", gw,
              "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"], "--log-file", str(gw_logs[gw])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))
     # Two processes: the recorder does nothing else, so its arrival stamps are not delayed by its own work
     # (encoding 18 gateways' batches once a second delayed the arrival that came meanwhile by 3-11 ms: one
     # message in ten, at the same phase of every second, which is the p99 of the gaps).
@@ -1004,15 +1007,11 @@ def main(argv=None) -> int:
                     help="SCHED_FIFO priority of the stand-in gateway that times setpoints (0: SCHED_OTHER); it "
                          "stands for a gateway on its own machine, so its own scheduling is kept out of the gaps")
     ap.add_argument("--seed", type=int, default=10)
-    ap.add_argument("--smoke", action="store_true", help="a few seconds at a small size (structure, not timing): "
-                                                       + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--keep", action="store_true", help="keep the logs, config and roster (path printed)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
-    if args.smoke:
-        for k, v in SMOKE.items():
-            if getattr(args, k) == ap.get_default(k):
-                setattr(args, k, v)
+    apply_smoke(ap, args, SMOKE)
     mix = {}
     for item in filter(None, args.mix.split(",")):
         kind, _, w = item.partition("=")

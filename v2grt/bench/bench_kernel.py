@@ -15,15 +15,12 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, stats_ms, table
-
 from v2grt import Fleet, reference
 from v2grt._buffers import KernelOutput, Workspace
+from v2grt.bench._common import add_smoke_option, apply_smoke, emit, machine, stats_ms, table
 from v2grt.kernel import compiled
 from v2grt.profile import DispatchProfile
 
@@ -121,14 +118,20 @@ def render(result: dict) -> str:
             f"kernel build: {result['isa']}\n" + table(headers, rows))
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"sizes": "1000", "cycles": 20, "ref_cycles": 4}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench kernel", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated fleet sizes")
     ap.add_argument("--cycles", type=int, default=400, help="compiled-kernel cycles per size (1M: a quarter)")
     ap.add_argument("--ref-cycles", type=int, default=20, help="reference cycles per size (1M: half)")
     ap.add_argument("--seed", type=int, default=0)
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     emit(run(sizes, args.cycles, args.ref_cycles, args.seed), args.json, render)
     return 0

@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from v2grt.aggregator import Aggregator
+from v2grt.bench._common import (
     World,
+    add_smoke_option,
     aggregator_config,
+    apply_smoke,
     catch_all_hwm,
     emit,
     keep_fresh,
@@ -38,8 +39,6 @@ from _common import (
     stats_ms,
     table,
 )
-
-from v2grt.aggregator import Aggregator
 from v2grt.fleet import Fleet
 from v2grt.io.modbus import Latest
 
@@ -178,6 +177,10 @@ def render(r: dict) -> str:
     ])
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"configs": "20/5", "trials": 4, "nodes": 1000, "gateways": 4}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench e2e", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="100/20,100/5,20/20,20/5",
@@ -188,8 +191,10 @@ def main(argv=None) -> int:
     ap.add_argument("--priority", type=int, default=0,
                     help="SCHED_FIFO priority of the control thread (0: SCHED_OTHER, as configs/default.yaml)")
     ap.add_argument("--seed", type=int, default=3)
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     configs = []
     for item in args.configs.split(","):
         period, _, poll = item.partition("/")

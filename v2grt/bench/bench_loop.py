@@ -22,13 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, percentiles_us, source_state, table
-
+from v2grt.bench._common import add_smoke_option, apply_smoke, emit, machine, percentiles_us, source_state, table
 from v2grt.loop import ControlLoop, CycleStats, CycleTimes, RealtimeConfig
 
 INSTALL_HINT = "cyclictest not found: install it with `apt-get install rt-tests` (Debian/Ubuntu)"
@@ -229,6 +226,10 @@ def render(r: dict) -> str:
     return out
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"periods_ms": "10", "seconds": 0.6, "rounds": 1, "priority": 0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench loop", description=__doc__.splitlines()[0])
     ap.add_argument("--periods-ms", default="1,10,100", help="comma-separated periods in ms")
@@ -236,8 +237,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating slices per side per period")
     ap.add_argument("--priority", type=int, default=80, help="SCHED_FIFO priority for both (0: SCHED_OTHER)")
     ap.add_argument("--cpu", type=int, default=None, help="pin both to this CPU")
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     periods = [float(p) for p in args.periods_ms.split(",") if p]
     emit(run(periods, args.seconds, max(args.rounds, 1), args.priority, args.cpu), args.json, render)
     return 0

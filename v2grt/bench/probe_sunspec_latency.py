@@ -10,8 +10,8 @@ time from ``SunSpecMeter.set_frequency`` to
   the chargers that get one before the next step;
 - the first charger *applying* it (the simulator's command latency, 5-20 ms, on top).
 
-    PYTHONPATH=. python bench/probe_sunspec_latency.py --chargers 10 --steps 30
-    PYTHONPATH=. python bench/probe_sunspec_latency.py --chargers 100 --steps 80 --sim-process
+    python -m v2grt.bench.probe_sunspec_latency --chargers 10 --steps 30
+    python -m v2grt.bench.probe_sunspec_latency --chargers 100 --steps 80 --sim-process
 """
 
 from __future__ import annotations

@@ -16,12 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import World, aggregator_config, catch_all_hwm, emit, machine, setup_report, source_state, stats_ms, table
 
 from v2grt.aggregator import Aggregator
+from v2grt.bench._common import (
+    World,
+    add_smoke_option,
+    aggregator_config,
+    apply_smoke,
+    catch_all_hwm,
+    emit,
+    machine,
+    setup_report,
+    source_state,
+    stats_ms,
+    table,
+)
 from v2grt.fleet import Fleet
 from v2grt.loop import METRICS
 
@@ -137,6 +146,10 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"duration": 1.5, "nodes": 1000, "gateways": 4, "rate": 4000.0, "period_ms": 20.0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench soak", description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of measured run (default 600)")
@@ -147,8 +160,10 @@ def main(argv=None) -> int:
     ap.add_argument("--priority", type=int, default=0,
                     help="SCHED_FIFO priority of the control thread (0: SCHED_OTHER, as configs/default.yaml)")
     ap.add_argument("--progress", action="store_true", help="a line on stderr every minute")
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     emit(run(args.duration, args.nodes, args.gateways, args.rate, args.period_ms / 1e3, args.priority,
              args.progress), args.json, render)
     return 0

@@ -6,7 +6,7 @@ sunspec-chargers`) and the gateway (`v2grt gateway sunspec`, defaults: --poll-s 
 refresh write every 0.67 s per discharging charger) are real processes. The gateway's CPU is read
 from /proc over ``--measure-s`` once every charger is online.
 
-    PYTHONPATH=. python bench/probe_sunspec_capacity.py --chargers 100 --units-per-server 10
+    python -m v2grt.bench.probe_sunspec_capacity --chargers 100 --units-per-server 10
 """
 
 from __future__ import annotations

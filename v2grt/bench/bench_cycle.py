@@ -35,14 +35,15 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from v2grt.aggregator import Aggregator
+from v2grt.bench._common import (
     World,
+    add_smoke_option,
     aggregator_config,
+    apply_smoke,
     catch_all_hwm,
     emit,
     keep_fresh,
@@ -52,8 +53,6 @@ from _common import (
     stats_ms,
     table,
 )
-
-from v2grt.aggregator import Aggregator
 from v2grt.fleet import Fleet
 from v2grt.io import wire
 
@@ -216,6 +215,10 @@ def render(r: dict) -> str:
     return "\n".join(out)
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"nodes": "2000", "gateways": "4", "cycles": 5, "period_ms": 20.0, "priorities": "0"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v2grt bench cycle", description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="10000,100000,1000000", help="comma-separated fleet sizes")
@@ -226,8 +229,10 @@ def main(argv=None) -> int:
                     help="control-thread SCHED_FIFO priorities to compare (0: SCHED_OTHER, as configs/default.yaml)")
     ap.add_argument("--journal", default="off,on",
                     help="the dispatch journal off, on, or both side by side (default off,on)")
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     journals = []
     for s in args.journal.split(","):
         if s not in ("off", "on"):

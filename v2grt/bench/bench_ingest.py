@@ -1,6 +1,6 @@
 """Receive-path benchmark: how long the bus thread holds the GIL per telemetry message, hostile and legitimate.
 
-    python bench/bench_ingest.py [--vehicles 100000] [--messages 40] [--json]
+    v2grt bench ingest [--vehicles 100000] [--messages 40] [--json]
 
 A real Aggregator (no meter, control loop at --period-s) receives telemetry on its PULL socket from a
 sender process (so sending costs the measured interpreter nothing), one scenario at a time, a message
@@ -23,12 +23,19 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, setup_report, source_state, table
+from v2grt.bench._common import (
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    setup_report,
+    source_state,
+    table,
+)
 
 T_NS = 1_700_000_000_000_000_000
 SCENARIOS = ("idle", "hostile_unknown_gw", "hostile_roster_gw", "too_many_nodes", "new_gw_1mb_ids",
@@ -209,10 +216,10 @@ def run(args) -> dict:
     results = []
     try:
         for scenario in args.scenarios:
-            child = subprocess.Popen([sys.executable, __file__, "--sender", agg.telemetry.endpoint, scenario,
-                                      str(args.messages), str(args.gap_ms), str(args.vehicles)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            child = subprocess.Popen([sys.executable, "-m", "v2grt.bench.bench_ingest", "--sender",
+                                      agg.telemetry.endpoint, scenario, str(args.messages), str(args.gap_ms),
+                                      str(args.vehicles)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
             ready = child.stdout.readline().split()
             frames0, errors0 = agg.telemetry.frames, sum(agg.telemetry.errors.values())
             paths0 = paths_of(agg)
@@ -280,6 +287,10 @@ def render(r: dict) -> str:
             + f"\nload average {' '.join(f'{x:.1f}' for x in r['load_average'])}")
 
 
+#: --smoke: a few seconds at a tiny size (structure and counts, not timing).
+SMOKE = {"vehicles": 2000, "messages": 3, "gap_ms": 5.0}
+
+
 def main(argv=None) -> int:
     if argv is None and sys.argv[1:2] == ["--sender"]:
         endpoint, scenario, messages, gap_ms, vehicles = sys.argv[2:7]
@@ -293,8 +304,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fifo", type=int, default=0, help="SCHED_FIFO priority of the control thread (0: none)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma-separated subset of " + ", ".join(SCENARIOS))
+    add_smoke_option(ap, SMOKE)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    apply_smoke(ap, args, SMOKE)
     args.scenarios = args.scenarios.split(",")
     emit(run(args), args.json, render)
     return 0

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: percentiles, the machine description, table and JSON output."""
+"""Shared pieces of the benchmarks: percentiles, the machine description, table and JSON output, --smoke."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -73,13 +74,54 @@ def _fmt(c) -> str:
     return str(c)
 
 
+def add_smoke_option(ap, smoke: dict) -> None:
+    """--smoke: the bench at a tiny size, a few seconds (structure and counts, never timing); `smoke` maps
+    option dests to their smoke values and is shown in the help."""
+    ap.add_argument("--smoke", action="store_true", help="a few seconds at a tiny size (structure, not timing): "
+                    + ", ".join(f"{k}={v}" for k, v in smoke.items()))
+
+
+def apply_smoke(ap, args, smoke: dict) -> None:
+    """With --smoke, every option still at its default takes its smoke value; one given explicitly wins."""
+    if args.smoke:
+        for dest, value in smoke.items():
+            if getattr(args, dest) == ap.get_default(dest):
+                setattr(args, dest, value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The aggregator benches (cycle, e2e, soak): the real Aggregator in this process, and "the world" it
 # talks to (a SunSpec meter served over Modbus TCP, gateways subscribing to setpoints and pushing
 # telemetry) in a child process, as in the field: the world's Python threads must not share the
 # aggregator's GIL, or the numbers would charge the harness to v2grt.
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+def package_root() -> Path:
+    """The directory holding the v2grt package this process imported: a checkout, or site-packages."""
+    import v2grt
+
+    return Path(v2grt.__file__).resolve().parent.parent
+
+
+def shipped_config(name: str) -> bytes:
+    """A file of the shipped configs/ (default.yaml, discharge_profile.json, ...), read from the package data
+    (v2grt/data/configs), so an installed package has them too."""
+    from importlib import resources
+
+    ref = resources.files("v2grt") / "data" / "configs" / name
+    try:
+        return ref.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shipped config {name!r}: not in the package data v2grt/data/configs "
+                                "(package data not installed?)") from None
+
+
+def child_env() -> dict:
+    """The environment for a bench's child processes: they import the v2grt this process imported (what the
+    bench measures), whatever the caller's PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(package_root()), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def percentiles_us(samples_ns) -> dict:
@@ -117,17 +159,29 @@ def aggregator_config(*, period_s: float, meter_port: int, n_nodes: int, poll_s:
 
 
 def source_state() -> dict:
-    """The commit measured, and the package files that differed from it (a shared tree moves under a run)."""
+    """What was measured: the package's version and location and, from a git checkout, the commit and the
+    package files that differed from it (a shared tree moves under a run); commit "" when installed."""
     import subprocess
+
+    import v2grt
+
+    root = package_root()
 
     def git(*args) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10).stdout
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "../v2grt").splitlines() if line.strip()]
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_package_files": dirty}
+    state = {"version": v2grt.__version__, "package": str(root / "v2grt"), "commit": "",
+             "uncommitted_package_files": []}
+    top = git("rev-parse", "--show-toplevel").strip()
+    # Only the package's own checkout: an installed package may sit in some other repository's tree.
+    if top and Path(top).resolve() == root:
+        state["commit"] = git("rev-parse", "--short", "HEAD").strip()
+        state["uncommitted_package_files"] = [line[3:] for line in git("status", "--porcelain", "--", "v2grt")
+                                              .splitlines() if line.strip()]
+    return state
 
 
 def catch_all_hwm(gateways: int) -> int:
@@ -164,9 +218,9 @@ class World:
     def __init__(self, meter_model: int = 213, f_hz: float = 50.0):
         import subprocess
 
-        code = f"import sys; sys.path.insert(0, {BENCH_DIR!r}); import _common; _common.world_main()"
+        code = "from v2grt.bench._common import world_main; world_main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=child_env())
         self.meter_port = self.call("meter", model=meter_model, f_hz=f_hz)["port"]
 
     def call(self, cmd: str, **args) -> dict:
