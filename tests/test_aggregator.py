@@ -613,6 +613,7 @@ def test_status_reply_counts_frames_vehicles_and_control_requests_apart(make_agg
     assert st["telemetry_errors"] == {"BAD_MSGPACK": 1}
     assert st["telemetry_refused_nodes"] == {"FOREIGN_NODE": 8, "UNKNOWN_NODE": 2}
     assert st["control_errors"] == {"BAD_PROFILE": 1}
+    assert st["journal"] == {"enabled": False}  # the config has no journal section (test_journal: an enabled one)
     doc = (Path(__file__).parent.parent / "docs" / "wire.md").read_text()
     section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
     assert [key for key in st if f"`{key}`" not in section] == []  # every key documented, with its unit

@@ -490,7 +490,12 @@ def format_status(st: dict) -> str:
     lines.append(f"                 cycle p50 {num(total.get('p50_ms'), '.3f')} ms, p99 "
                  f"{num(total.get('p99_ms'), '.3f')} ms, max {num(total.get('max_ms'), '.3f')} ms; "
                  f"wake-up lateness p99 {num(late.get('p99_ms'), '.3f')} ms")
+    jn = st.get("journal")
+    if jn is not None:  # absent in replies from aggregators older than the dispatch journal
+        lines.append("  journal        " + _journal_line(jn))
     alarms = []
+    if jn and jn.get("write_failing"):
+        alarms.append(f"JOURNAL_WRITE_FAILED: the dispatch journal cannot write ({jn.get('last_error') or '?'})")
     if st.get("estop"):
         alarms.append("EMERGENCY STOP latched (v2g-cli --reset releases it)")
     if st.get("frequency_stale"):
@@ -516,6 +521,18 @@ def format_status(st: dict) -> str:
         if counts:  # frames, vehicles and control requests, each by code (docs/wire.md 6.1)
             lines.append(f"  {label:<15}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def _journal_line(jn: dict) -> str:
+    """One line on the dispatch journal from the status reply's `journal` map."""
+    if not jn.get("enabled"):
+        return "off (journal.enabled is false: no record of the dispatch)"
+    seg = jn.get("segment")
+    where = f"{seg} in {jn.get('dir')}" if seg else f"no segment open, in {jn.get('dir')}"
+    counts = f"{jn.get('records', 0)} records, {jn.get('dropped', 0)} dropped"
+    if jn.get("write_failing"):
+        return f"WRITE FAILING ({jn.get('last_error') or '?'}): {counts}, {jn.get('write_errors', 0)} write errors"
+    return f"{where}: {counts}" + (f", {jn['write_errors']} write errors" if jn.get("write_errors") else "")
 
 
 # ------------------------------------------------------------------------------------ parsers
