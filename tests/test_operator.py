@@ -355,3 +355,18 @@ def test_status_table_has_a_journal_line_and_alarms_a_failing_journal():
     assert "JOURNAL_WRITE_FAILED: the dispatch journal cannot write (No space left on device)" in failing
     assert "  journal        off (journal.enabled is false" in format_status({"journal": {"enabled": False}})
     assert "journal" not in format_status({})  # an aggregator older than the journal
+
+
+def test_status_table_shows_leadership_when_the_reply_has_ha():
+    """With an `ha` map the status table gives the role, epoch, lease left and the leader; without one, no ha line."""
+    from v2grt.operator import format_status
+
+    ha = {"role": "standby", "epoch": 0, "lease_remaining_s": 0.0, "lease_ttl_s": 3.0, "leader": "agg-a",
+          "name": "agg-b", "renew_failures": 0, "etcd_errors": 0, "last_error": ""}
+    text = format_status({"ha": ha})
+    assert "  ha             standby (this is agg-b), epoch 0, lease 0.0 s of 3 s left, leader agg-a\n" in text
+    leading = format_status({"ha": {**ha, "role": "leader", "epoch": 12, "lease_remaining_s": 2.46,
+                                    "leader": "agg-b", "etcd_errors": 2}})
+    assert "leader (this is agg-b), epoch 12, lease 2.5 s of 3 s left, leader agg-b; 2 etcd errors" in leading
+    assert "leader none" in format_status({"ha": {**ha, "leader": None}})
+    assert "  ha " not in format_status({})

@@ -490,6 +490,8 @@ def format_status(st: dict) -> str:
     lines.append(f"                 cycle p50 {num(total.get('p50_ms'), '.3f')} ms, p99 "
                  f"{num(total.get('p99_ms'), '.3f')} ms, max {num(total.get('max_ms'), '.3f')} ms; "
                  f"wake-up lateness p99 {num(late.get('p99_ms'), '.3f')} ms")
+    if (ha := st.get("ha")) is not None:
+        lines.append("  ha             " + _ha_line(ha))
     jn = st.get("journal")
     if jn is not None:  # absent in replies from aggregators older than the dispatch journal
         lines.append("  journal        " + _journal_line(jn))
@@ -521,6 +523,17 @@ def format_status(st: dict) -> str:
         if counts:  # frames, vehicles and control requests, each by code (docs/wire.md 6.1)
             lines.append(f"  {label:<15}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def _ha_line(ha: dict) -> str:
+    """One line on leadership (docs/ha.md) from the status reply's `ha` map."""
+    leader = ha.get("leader")
+    lease = f"{ha.get('lease_remaining_s') or 0:.1f} s of {ha.get('lease_ttl_s') or 0:g} s"
+    line = (f"{ha.get('role')} (this is {ha.get('name')}), epoch {ha.get('epoch')}, lease {lease} left, "
+            f"leader {leader if leader is not None else 'none'}")
+    trouble = [f"{ha[k]} {label}" for k, label in (("renew_failures", "renew failures"),
+                                                   ("etcd_errors", "etcd errors")) if ha.get(k)]
+    return line + (f"; {', '.join(trouble)}" if trouble else "")
 
 
 def _journal_line(jn: dict) -> str:
