@@ -104,7 +104,8 @@ def _start(cfg, args, ready) -> tuple[int, str | None]:
 
     try:
         return run_aggregator(cfg, log_path=args.log_file, json_logs=args.json_logs, ready=ready,
-                              allow_root=args.allow_root, service=True if args.daemonize else None), None
+                              allow_root=args.allow_root, service=True if args.daemonize else None,
+                              exit_after=True), None
     except ConfigError as exc:
         return EXIT_INVALID, str(exc)
     except (SchedulerConflict, ServiceRefused) as exc:
