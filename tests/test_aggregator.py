@@ -313,6 +313,30 @@ def test_emergency_stop_latches_until_reset(make_aggregator, meter):
             next_message(sub, lambda s: not s.estop and s.p_kw.sum() > 0, f"{gw} discharging again")
 
 
+def test_estop_reset_over_control_forgets_the_ffr_latch(make_aggregator, meter):
+    """An e-stop and reset over the control socket drop a latched FFR activation: the fleet answers the
+    frequency at the reset (0 when it has recovered) instead of finishing the pre-stop hold, and latches again
+    at the next dip."""
+    m, _ = meter
+    agg = make_aggregator(service={"name": "ffr_49.7", "capacity_kw": 500.0})
+    keep_fresh(agg)
+    m.set_frequency(49.6)
+    wait_until(lambda: agg.last_result.service_fraction == 1.0 and agg.last_result.allocated_kw > 0,
+               what="FFR latched")  # held for 5 s from the last cycle at the trigger
+    with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint) as cli:
+        assert cli.call("estop", reason="test").ok
+        m.set_frequency(50.0)
+        wait_until(lambda: agg.last_result.estop and agg.last_result.frequency_hz == 50.0, what="stopped at 50 Hz")
+        assert cli.call("reset").ok
+    wait_until(lambda: not agg.last_result.estop, what="released")
+    seq = agg.seq
+    wait_until(lambda: agg.seq >= seq + 5, what="five cycles after the reset")
+    r = agg.last_result
+    assert r.service_fraction == 0.0 and r.allocated_kw == 0.0  # without the fix: 1.0 until the hold ends
+    m.set_frequency(49.6)
+    wait_until(lambda: agg.last_result.service_fraction == 1.0, what="FFR latched again")
+
+
 def test_shutdown_sends_final_zero(make_aggregator, meter):
     """Stopping the aggregator sends every gateway 0 kW with the e-stop flag cleared."""
     m, _ = meter
@@ -597,6 +621,7 @@ def test_status_reply_counts_frames_vehicles_and_control_requests_apart(make_agg
     assert st["telemetry_errors"] == {"BAD_MSGPACK": 1}
     assert st["telemetry_refused_nodes"] == {"FOREIGN_NODE": 8, "UNKNOWN_NODE": 2}
     assert st["control_errors"] == {"BAD_PROFILE": 1}
+    assert st["journal"] == {"enabled": False}  # the config has no journal section (test_journal: an enabled one)
     doc = (Path(__file__).parent.parent / "docs" / "wire.md").read_text()
     section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
     assert [key for key in st if f"`{key}`" not in section] == []  # every key documented, with its unit

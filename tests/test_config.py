@@ -143,3 +143,42 @@ def test_derived_expiry_shorter_than_a_revocation_pause_is_refused_with_security
     assert config_from_dict(config(0.02, 0.14, **sec)).setpoint_ttl_s == 0.14
     assert config_from_dict(config(0.1, **sec)).setpoint_ttl_s == pytest.approx(0.3)
     assert config_from_dict(config(0.02)).setpoint_ttl_s == pytest.approx(0.06)  # no security: no pause to cover
+
+
+@pytest.mark.parametrize("section", ["journal", "ha"])
+def test_operations_md_config_reference_has_every_key_with_its_default_and_range(section):
+    """docs/operations.md section 5 has a row for each key of the ha and journal sections, with the code's
+    default and validated range."""
+    import dataclasses
+    import re
+
+    from v2grt import config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    ref = doc[doc.index("## 5. Configuration"):doc.index("## 6. The discharge profile")]
+    start = ref.index(f"\n**{section}**")
+    block = ref[start:ref.find("\n**", start + 1)]
+    rows = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", block, re.M)}
+    cls = {"journal": config.JournalConfig, "ha": config.HAConfig}[section]
+
+    def g(x):
+        return f"{x:g}".replace("e+0", "e").replace("e+", "e")
+
+    for f in dataclasses.fields(cls):
+        assert f.name in rows, f"operations.md **{section}** lacks `{f.name}`"
+        cell = rows[f.name]  # default, allowed
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        first = cell[0].strip().split()[0].strip("`:")
+        if isinstance(default, bool):
+            assert first == str(default).lower(), (f.name, cell[0])
+        elif isinstance(default, (int, float)):
+            assert float(first) == default, (f.name, cell[0])
+        elif default is None:
+            assert first == "null", (f.name, cell[0])
+        elif default == []:
+            assert first in ("[]", "required"), (f.name, cell[0])
+        else:
+            assert first == default, (f.name, cell[0])
+        spec = config._RANGES.get(f"{section}.{f.name}")
+        if spec is not None and len(spec) == 3:
+            assert f"{g(spec[1])}..{g(spec[2])}" in cell[1], (f.name, cell[1], spec)

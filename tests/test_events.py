@@ -34,3 +34,47 @@ def test_pymodbus_records_reach_engine_log_one_line_each_rate_limited(tmp_path, 
     assert not any(">>>>>" in ln or "send: 0x1 0x3" in ln for ln in lines), lines
     assert "received pdu" not in capfd.readouterr().err
     assert logging.getLogger("pymodbus").propagate  # shutdown_logging put the library's logger back
+
+
+# Calls whose code is computed, each with where its codes are documented: a new one must be added here.
+_COMPUTED_CODES = {
+    "aggregator.py": "UNKNOWN_NODE / FOREIGN_NODE (_telemetry_error), in the table",
+    "gateway/core.py": "the wire error codes of refused setpoints: docs/wire.md 9.1",
+    "gateway/sunspec.py": "Reason names INVALID_TELEMETRY, TIMEOUT_BMS_RESPONSE, NODE_UNREACHABLE, in the table",
+    "journal/writer.py": "Journal._event, the wrapper: its callers' codes are collected",
+    "monitor.py": "Reason names of monitor._WHAT, checked below",
+}
+
+
+def test_every_code_the_package_emits_is_in_the_operations_troubleshooting_table():
+    """Each engine.log code passed to an emit() (or the journal's _event()) in v2grt appears in docs/operations.md
+    section 9, so an operator meeting a code in the log finds what it means."""
+    import ast
+    from pathlib import Path
+
+    from v2grt import monitor
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "operations.md").read_text()
+    table = doc[doc.index("## 9. Troubleshooting matrix"):doc.index("## 10.")]
+    codes: dict[str, str] = {}
+    computed = set()
+    for path in sorted((root / "v2grt").rglob("*.py")):
+        rel = path.relative_to(root / "v2grt").as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("emit", "_event") and node.args):
+                continue
+            arg = node.args[0]
+            options = [arg.body, arg.orelse] if isinstance(arg, ast.IfExp) else [arg]
+            for opt in options:
+                if isinstance(opt, ast.Constant) and isinstance(opt.value, str):
+                    codes.setdefault(opt.value, f"{rel}:{node.lineno}")
+                else:
+                    computed.add(rel)
+    assert len(codes) > 40  # the walk found the emits
+    assert computed == set(_COMPUTED_CODES), "a new emit() with a computed code: say in _COMPUTED_CODES where"
+    codes.update({c.name: "monitor.py" for c in monitor._WHAT})
+    codes.update({c: "gateway/sunspec.py" for c in ("INVALID_TELEMETRY", "TIMEOUT_BMS_RESPONSE", "NODE_UNREACHABLE")})
+    missing = sorted(f"{code} ({where})" for code, where in codes.items() if f"`{code}`" not in table)
+    assert missing == [], "codes emitted but not in docs/operations.md section 9"

@@ -416,6 +416,9 @@ def test_two_aggregators_publish_one_epoch_at_a_time_and_the_gateway_fences_the_
         section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
         assert [key for key in st["ha"] if f"`{key}`" not in section] == []  # every ha key documented
         assert st["epoch"] == epoch_b and st["ha"]["lease_remaining_s"] > 0
+        from v2grt.operator import format_status
+
+        assert f"  ha             leader (this is {st['ha']['name']}), epoch {epoch_b}, lease " in format_status(st)
     finally:
         sub.close()
         ctx.term()

@@ -167,6 +167,8 @@ def test_full_disk_raises_an_alarm_and_the_loop_goes_on(tmp_path, sockets):
                 ballast = tiny / "ballast"
                 ballast.write_bytes(b"\0" * 200_000)  # the journal gets ~50 kB
                 wait_until(lambda: agg.journal.counters.failing, 20.0, what="JOURNAL_WRITE_FAILED")
+                jn = agg.status_report()["journal"]  # what v2g-cli --status shows meanwhile
+                assert jn["write_failing"] is True and jn["write_errors"] >= 1 and jn["last_error"]
                 c0 = agg.stats.cycles
                 time.sleep(0.5)
                 assert agg.stats.cycles - c0 >= 5  # the loop goes on
@@ -184,6 +186,34 @@ def test_full_disk_raises_an_alarm_and_the_loop_goes_on(tmp_path, sockets):
         assert agg.events.counts["JOURNAL_WRITE_RESTORED"] >= 1
     finally:
         subprocess.run(["umount", "-l", str(tiny)], capture_output=True)
+
+
+def test_status_reply_shows_the_journal(tmp_path, sockets):
+    """`v2g-cli --status` (the control socket's status reply and its text) names the journal's directory, open
+    segment and counts; every key of the `journal` map is documented in docs/wire.md 6.1."""
+    import zmq
+
+    from v2grt.io import bus
+    from v2grt.operator import format_status
+
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, journal={"enabled": True, "dir": str(jdir), "parquet": False}))
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=3)
+        agg.start()
+        try:
+            with bus.ControlClient(zmq.Context.instance(), cfg.bus.control) as cli:
+                wait_until(lambda: cli.call("status").result["journal"]["records"] >= 5, 10.0, what="records counted")
+                st = cli.call("status").result
+        finally:
+            agg.stop()
+    jn = st["journal"]
+    assert jn["enabled"] is True and jn["dir"] == str(jdir) and jn["write_failing"] is False
+    assert jn["segment"] in {p.name for p in jdir.glob("*.v2j")} and jn["dropped"] == 0 and jn["last_error"] == ""
+    assert f"  journal        {jn['segment']} in {jdir}: {jn['records']} records, 0 dropped" in format_status(st)
+    doc = (DOCS.parent / "wire.md").read_text()
+    section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
+    assert [key for key in jn if f"`{key}`" not in section] == []
 
 
 def test_segments_rotate_and_retention_removes_the_oldest(tmp_path, sockets):

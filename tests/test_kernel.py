@@ -367,6 +367,30 @@ def test_dispatcher_estop_latches_until_reset():
     assert d.step(49.8, now_s=0.5).allocated_kw == pytest.approx(50.0)
 
 
+def test_dispatcher_estop_reset_forgets_the_ffr_latch():
+    """After an e-stop is reset FFR answers the frequency then: no full response held over from before or
+    during the stop, and a fresh latch (with its hold) if the trigger still holds."""
+    from v2grt import Dispatcher
+
+    d = Dispatcher(uniform_fleet(10), DispatchProfile(), service="ffr_49.7", capacity_kw=50.0)
+    assert d.step(49.6, now_s=0.0).allocated_kw == pytest.approx(50.0)  # latched: 5 s hold from here
+    d.emergency_stop()
+    assert d.step(50.0, now_s=0.1).allocated_kw == 0.0
+    d.reset()
+    r = d.step(50.0, now_s=0.2)  # well inside the pre-stop hold
+    assert r.service_fraction == 0.0 and r.allocated_kw == 0.0
+    d.emergency_stop()
+    d.step(49.6, now_s=0.3)  # a dip during the stop latches nothing for after it
+    d.reset()
+    assert d.step(50.0, now_s=0.4).service_fraction == 0.0
+    d.emergency_stop()
+    d.step(49.6, now_s=0.5)
+    d.reset()
+    assert d.step(49.6, now_s=0.6).allocated_kw == pytest.approx(50.0)  # the trigger still holds: latched again
+    r = d.step(50.0, now_s=0.7)  # and held as usual
+    assert r.service_fraction == 1.0 and r.allocated_kw == pytest.approx(50.0)
+
+
 def test_dispatcher_rejects_implausible_frequency():
     """A NaN or mHz-scaled frequency is refused with a message naming the value and range."""
     from v2grt import Dispatcher

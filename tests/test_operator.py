@@ -337,3 +337,36 @@ def test_status_table_says_how_many_vehicles_were_never_heard():
     st = {"vehicles": 12, "nodes_by_reason": {"OK": 3, "TIMEOUT_BMS_RESPONSE": 9}, "never_heard": 8}
     assert "of TIMEOUT_BMS_RESPONSE, 8 never heard since start" in format_status(st)
     assert "never heard" not in format_status({**st, "never_heard": 0})
+
+
+def test_status_table_has_a_journal_line_and_alarms_a_failing_journal():
+    """The status table says where the journal writes and how much, that it is off, or that it is failing."""
+    from v2grt.operator import format_status
+
+    jn = {"enabled": True, "dir": "/var/lib/v2g/journal/f1", "segment": "f1-20261204T220000Z-e3.v2j",
+          "records": 1200, "vehicle_rows": 40, "dropped": 0, "segments": 1, "write_errors": 0,
+          "write_failing": False, "last_error": ""}
+    text = format_status({"journal": jn})
+    assert "  journal        f1-20261204T220000Z-e3.v2j in /var/lib/v2g/journal/f1: 1200 records, 0 dropped" in text
+    assert "JOURNAL_WRITE_FAILED" not in text
+    failing = format_status({"journal": {**jn, "segment": None, "dropped": 7, "write_errors": 2,
+                                         "write_failing": True, "last_error": "No space left on device"}})
+    assert "WRITE FAILING (No space left on device): 1200 records, 7 dropped, 2 write errors" in failing
+    assert "JOURNAL_WRITE_FAILED: the dispatch journal cannot write (No space left on device)" in failing
+    assert "  journal        off (journal.enabled is false" in format_status({"journal": {"enabled": False}})
+    assert "journal" not in format_status({})  # an aggregator older than the journal
+
+
+def test_status_table_shows_leadership_when_the_reply_has_ha():
+    """With an `ha` map the status table gives the role, epoch, lease left and the leader; without one, no ha line."""
+    from v2grt.operator import format_status
+
+    ha = {"role": "standby", "epoch": 0, "lease_remaining_s": 0.0, "lease_ttl_s": 3.0, "leader": "agg-a",
+          "name": "agg-b", "renew_failures": 0, "etcd_errors": 0, "last_error": ""}
+    text = format_status({"ha": ha})
+    assert "  ha             standby (this is agg-b), epoch 0, lease 0.0 s of 3 s left, leader agg-a\n" in text
+    leading = format_status({"ha": {**ha, "role": "leader", "epoch": 12, "lease_remaining_s": 2.46,
+                                    "leader": "agg-b", "etcd_errors": 2}})
+    assert "leader (this is agg-b), epoch 12, lease 2.5 s of 3 s left, leader agg-b; 2 etcd errors" in leading
+    assert "leader none" in format_status({"ha": {**ha, "leader": None}})
+    assert "  ha " not in format_status({})

@@ -195,6 +195,28 @@ def test_stale_epoch_is_fenced(tmp_path, sockets):
 
 
 # ------------------------------------------------------------------------------- daemonize
+def test_signal_storm_through_shutdown_still_exits_cleanly(tmp_path, sockets):
+    """SIGTERM/SIGINT back to back (a dying parent plus Ctrl-C) until v2g-aggregator has gone, through its whole
+    shutdown: it still stops cleanly, exit code 0 and STOPPED logged (not killed by a late signal)."""
+    import contextlib
+
+    cfg = write_config(tmp_path, sockets)
+    log = tmp_path / "storm.stderr"  # engine.log: stderr in the foreground
+    proc = start_aggregator(cfg, stderr_path=log)
+    try:
+        wait_for_log(log, "READY", timeout_s=20)
+        end = time.monotonic() + 10.0
+        while proc.poll() is None and time.monotonic() < end:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGINT)
+            time.sleep(0.0005)
+        assert proc.wait(10) == 0, log.read_text()[-2000:]
+    finally:
+        stop_process(proc)
+    assert log_lines(log, "STOPPED")
+
+
 def test_daemonize_pidfile_log_and_clean_stop(tmp_path, sockets):
     """--daemonize returns 0 once running, writes the pidfile, logs to the log file; SIGTERM removes the pidfile."""
     cfg = write_config(tmp_path, sockets)

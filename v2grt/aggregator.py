@@ -672,6 +672,7 @@ class Aggregator:
             out["frequency_alert"] = self.alert.state()
         if self.security is not None:
             out["security"] = self.security.snapshot()
+        out["journal"] = self.journal.snapshot() if self.journal is not None else {"enabled": False}
         if self.ha is not None:
             out["ha"] = self.ha.snapshot(time.monotonic_ns())
         return _plain(out)

@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
 
     try:
         return run_aggregator(args.config, log_path=args.log_file, json_logs=args.json_logs,
-                              allow_root=args.allow_root)
+                              allow_root=args.allow_root, exit_after=True)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     except (SchedulerConflict, ServiceRefused) as exc:

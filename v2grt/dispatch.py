@@ -140,11 +140,16 @@ class Dispatcher:
         return self._estop
 
     def emergency_stop(self) -> None:
-        """Latch the emergency stop: every node to 0 kW from the next step until reset()."""
+        """Latch the emergency stop: every node to 0 kW from the next step until reset().
+
+        A stopped cycle also makes the service forget its latch (FFR's hold and release, see
+        run_kernel), so a reset never brings back an activation from before or during the stop.
+        """
         self._estop = True
 
     def reset(self) -> None:
-        """Release a latched emergency stop."""
+        """Release a latched emergency stop: the next step answers from the frequency then, latching
+        afresh if the service's trigger still holds."""
         self._estop = False
 
     def set_profile(self, profile: DispatchProfile) -> None:
@@ -223,8 +228,16 @@ class Dispatcher:
         self._ensure_buffers()
         fleet, out = self.fleet, self._out
         pin_row, pin_kw = (-1, 0.0) if pin is None else (int(pin[0]), float(pin[1]))
-        self.kernel.dispatch(fleet, self.profile, float(request_kw), int(now_ns), float(dt_s), self._estop,
+        estop = self._estop  # read once: the kernel, the result and the latch below agree on it
+        self.kernel.dispatch(fleet, self.profile, float(request_kw), int(now_ns), float(dt_s), estop,
                              out, self._work, pin_row, pin_kw)
+        if estop:
+            # An operator resetting an e-stop expects the fleet to answer the frequency as it is then, not
+            # to jump back to a full FFR response latched before (or during) the stop. Forgetting the latch
+            # after every stopped cycle, here on the control thread, does that however the reset (sent from
+            # the bus thread) falls between service_fraction and this call: the first cycle run without the
+            # stop steps a responder with no latch, and latches again if the trigger still holds.
+            self._responder.reset()
         n = fleet.n_rows
         np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
         t = out.totals
@@ -244,5 +257,5 @@ class Dispatcher:
             total_available_dis_kw=float(t[T_AVAIL_DIS]),
             total_available_chg_kw=float(t[T_AVAIL_CHG]),
             n_carrying=int(t[T_N_CARRYING]),
-            estop=self._estop,
+            estop=estop,
         )

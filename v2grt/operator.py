@@ -104,7 +104,8 @@ def _start(cfg, args, ready) -> tuple[int, str | None]:
 
     try:
         return run_aggregator(cfg, log_path=args.log_file, json_logs=args.json_logs, ready=ready,
-                              allow_root=args.allow_root, service=True if args.daemonize else None), None
+                              allow_root=args.allow_root, service=True if args.daemonize else None,
+                              exit_after=True), None
     except ConfigError as exc:
         return EXIT_INVALID, str(exc)
     except (SchedulerConflict, ServiceRefused) as exc:
@@ -490,7 +491,14 @@ def format_status(st: dict) -> str:
     lines.append(f"                 cycle p50 {num(total.get('p50_ms'), '.3f')} ms, p99 "
                  f"{num(total.get('p99_ms'), '.3f')} ms, max {num(total.get('max_ms'), '.3f')} ms; "
                  f"wake-up lateness p99 {num(late.get('p99_ms'), '.3f')} ms")
+    if (ha := st.get("ha")) is not None:
+        lines.append("  ha             " + _ha_line(ha))
+    jn = st.get("journal")
+    if jn is not None:  # absent in replies from aggregators older than the dispatch journal
+        lines.append("  journal        " + _journal_line(jn))
     alarms = []
+    if jn and jn.get("write_failing"):
+        alarms.append(f"JOURNAL_WRITE_FAILED: the dispatch journal cannot write ({jn.get('last_error') or '?'})")
     if st.get("estop"):
         alarms.append("EMERGENCY STOP latched (v2g-cli --reset releases it)")
     if st.get("frequency_stale"):
@@ -516,6 +524,29 @@ def format_status(st: dict) -> str:
         if counts:  # frames, vehicles and control requests, each by code (docs/wire.md 6.1)
             lines.append(f"  {label:<15}" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def _ha_line(ha: dict) -> str:
+    """One line on leadership (docs/ha.md) from the status reply's `ha` map."""
+    leader = ha.get("leader")
+    lease = f"{ha.get('lease_remaining_s') or 0:.1f} s of {ha.get('lease_ttl_s') or 0:g} s"
+    line = (f"{ha.get('role')} (this is {ha.get('name')}), epoch {ha.get('epoch')}, lease {lease} left, "
+            f"leader {leader if leader is not None else 'none'}")
+    trouble = [f"{ha[k]} {label}" for k, label in (("renew_failures", "renew failures"),
+                                                   ("etcd_errors", "etcd errors")) if ha.get(k)]
+    return line + (f"; {', '.join(trouble)}" if trouble else "")
+
+
+def _journal_line(jn: dict) -> str:
+    """One line on the dispatch journal from the status reply's `journal` map."""
+    if not jn.get("enabled"):
+        return "off (journal.enabled is false: no record of the dispatch)"
+    seg = jn.get("segment")
+    where = f"{seg} in {jn.get('dir')}" if seg else f"no segment open, in {jn.get('dir')}"
+    counts = f"{jn.get('records', 0)} records, {jn.get('dropped', 0)} dropped"
+    if jn.get("write_failing"):
+        return f"WRITE FAILING ({jn.get('last_error') or '?'}): {counts}, {jn.get('write_errors', 0)} write errors"
+    return f"{where}: {counts}" + (f", {jn['write_errors']} write errors" if jn.get("write_errors") else "")
 
 
 # ------------------------------------------------------------------------------------ parsers

@@ -73,7 +73,8 @@ def refuse_root(allow_root: bool, euid: int | None = None) -> None:
 
 
 def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, log_path: str | None = None,
-                   json_logs: bool = False, ready=None, allow_root: bool = True, service: bool | None = None) -> int:
+                   json_logs: bool = False, ready=None, allow_root: bool = True, service: bool | None = None,
+                   exit_after: bool = False) -> int:
     """Start the aggregator and block until SIGINT/SIGTERM (or `stop` is set); returns an exit code.
 
     Takes the fleet lock (a second scheduler for the same fleet is refused: IDEMPOTENT_KEY_CONFLICT),
@@ -85,6 +86,11 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
     to the config's log.file; else to stderr. `ready(aggregator)` is called once the first cycle has
     run (the point systemd is sent READY=1). Raises ConfigError, SchedulerConflict, ServiceRefused,
     BusError or OSError when start-up fails.
+
+    `exit_after`: the caller is the process's entry point and exits once this returns (v2g-aggregator,
+    `v2grt run`). SIGINT, SIGTERM and SIGHUP are then ignored from the end of the shutdown on instead of
+    restored: a late signal (a dying parent and Ctrl-C together) must not kill a process that is already
+    exiting cleanly with the default action (exit -15), nor raise KeyboardInterrupt in its last steps.
     """
     from v2grt.aggregator import Aggregator
     from v2grt.monitor import NodeMonitor
@@ -172,7 +178,7 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
             log.info("STOPPED cycles=%d missed_deadlines=%d budget_overruns=%d total_p99_ms=%.3f",
                      s["cycles"], s["missed_deadlines"], s["budget_overruns"], s["total"]["p99_ms"])
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_IGN if exit_after else handler)
     finally:
         if metrics is not None:
             metrics.stop_server()

@@ -494,7 +494,7 @@ class Responder(Protocol):
         ...
 
     def reset(self) -> None:
-        """Forget any latched state (after an emergency stop or a change of service)."""
+        """Forget any latched state (the Dispatcher calls it after every cycle run under an emergency stop)."""
         ...
 
 

@@ -190,6 +190,16 @@ class Journal:
         idx = (np.arange(self.calls - k, self.calls)) % len(self.cost_ns)
         return self.cost_ns[idx]
 
+    def snapshot(self) -> dict:
+        """The status reply's `journal` map (docs/wire.md 6.1). Read on the bus thread without a lock: each
+        value is one attribute read of what the writer thread set, so a reply may be a pass behind."""
+        c, fh, seg = self.counters, self._fh, self._seg_path
+        return {"enabled": True, "dir": str(self.dir),
+                "segment": seg.name if fh is not None and seg is not None else None,  # None: none open
+                "records": c.records, "vehicle_rows": c.vehicle_rows, "dropped": c.dropped,
+                "segments": c.segments, "write_errors": c.write_errors, "write_failing": c.failing,
+                "last_error": c.last_error}
+
     # ----------------------------------------------------------------- writer thread
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
