@@ -142,6 +142,9 @@ def test_frequency_step_reaches_the_chargers_as_wset_with_the_sunspec_sign(site,
         sim.set_kind(3, "silent")
         wait_until(lambda: agg.fleet.online[row] == 0, 5.0, "the silent charger offline at the aggregator")
         wait_until(lambda: agg.status_report()["nodes_by_reason"].get("OFFLINE", 0) >= 1, 2.0, "OFFLINE counted")
+        # Its reversion timer (1 s after the last write it took) brings it to 0 W while nobody reaches it;
+        # the gateway may notice the silence sooner than that, so wait for the reversion itself.
+        wait_until(lambda: sim.reversions[3] >= 1, 5.0, "the silent charger reverting on its own")
         sim.set_kind(3, "normal")
         wait_until(lambda: agg.fleet.online[row] == 1, 8.0, "back in the pool once it answers again")
 
