@@ -7,6 +7,8 @@ fails, not skips, when etcd is missing. A leader is cut off from etcd by a TCP p
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
 import signal
 import socket
@@ -91,6 +93,46 @@ class CutProxy(threading.Thread):
         self.listener.close()
 
 
+class FaultyMember:
+    """A loopback HTTP server standing in for one etcd member: answers every POST with ``status`` and ``body``
+    (a partitioned member's 503, a malformed 200), or, once ``forward_to`` is set, relays it to a real member."""
+
+    def __init__(self, status: int = 503, body: bytes = b'{"error":"etcdserver: no leader","code":14,'
+                                                          b'"message":"etcdserver: no leader"}'):
+        self.status, self.body, self.forward_to = status, body, ""
+        self.requests = 0
+        member = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                request = self.rfile.read(int(self.headers["Content-Length"]))
+                member.requests += 1
+                status, body = member.status, member.body
+                if member.forward_to:
+                    host, port = member.forward_to.removeprefix("http://").split(":")
+                    conn = http.client.HTTPConnection(host, int(port), timeout=1.0)
+                    conn.request("POST", self.path, body=request, headers={"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    status, body = resp.status, resp.read()
+                    conn.close()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def candidate(url: str, name: str, events=None) -> Elector:
     election = Election(TTL_S, clock_error=CLOCK_ERROR, margin_s=MARGIN_S, poll_s=0.02)
     return Elector(EtcdClient([url], timeout_s=TTL_S / 4), KEY, name, election, events=events)
@@ -154,6 +196,26 @@ def test_the_etcd_client_names_every_endpoint_that_failed():
         EtcdClient(["https://x:1"])
 
 
+def test_a_member_answering_503_listed_first_does_not_block_the_healthy_one(etcd):
+    """A partitioned member's HTTP 503 moves each call on to the next endpoint; only all failing raises, naming each."""
+    sick, sick2 = FaultyMember(), FaultyMember()
+    try:
+        c = EtcdClient([sick.url, etcd.url], timeout_s=0.5)
+        lease, ttl = c.grant(1)
+        assert ttl == 1 and sick.requests == 1
+        c._first = 0  # ask the sick member first again for every call, not only the first one
+        assert c.keepalive(lease) == 1 and sick.requests == 2
+        c._first = 0
+        created, kv = c.create_or_get("/k", "a", lease)
+        assert created and kv.lease == lease and sick.requests == 3
+        with pytest.raises(EtcdError, match=rf"no endpoint answered \({sick.url}: HTTP 503: 'etcdserver: no leader'; "
+                                            rf"{sick2.url}: HTTP 503"):
+            EtcdClient([sick.url, sick2.url], timeout_s=0.5).grant(1)
+    finally:
+        sick.close()
+        sick2.close()
+
+
 # ------------------------------------------------------------------------------------------- election
 def test_an_elector_without_etcd_retries_at_its_pace_and_never_leads():
     """etcd refusing at once: the elector asks again every retry_s (not in a tight loop) and stays a standby."""
@@ -168,6 +230,54 @@ def test_an_elector_without_etcd_retries_at_its_pace_and_never_leads():
         assert 2 <= e.etcd_errors <= 0.5 / (e.election.retry_ns / 1e9) + 2, e.etcd_errors
     finally:
         e.stop()
+
+
+def test_an_election_succeeds_through_a_member_answering_503_listed_first(etcd):
+    """Candidates listing a 503-answering member first still elect exactly one leader through the healthy one."""
+    sick = FaultyMember()
+    electors = []
+    for name in ("a", "b"):
+        election = Election(TTL_S, clock_error=CLOCK_ERROR, margin_s=MARGIN_S, poll_s=0.02)
+        electors.append(Elector(EtcdClient([sick.url, etcd.url], timeout_s=TTL_S / 4), KEY, name, election))
+    for e in electors:
+        e.start()
+    try:
+        leader = leader_of(electors)
+        time.sleep(0.6)  # renewals through the client that skipped the sick member
+        assert [e.name for e in electors if e.view.role == LEADER] == [leader.name]
+        assert {e.view.holder for e in electors} == {leader.name}
+        assert leader.view.may_publish(time.monotonic_ns()) and leader.renew_failures == 0
+        assert sick.requests >= 2
+    finally:
+        for e in electors:
+            e.stop()
+        sick.close()
+
+
+def test_an_unreadable_etcd_reply_is_counted_and_the_elector_keeps_running(etcd):
+    """A 200 with a malformed body: the elector counts an error, stays alive, stops publishing by its deadline
+    while the replies are bad, and leads again once the member answers properly."""
+    bad = FaultyMember(200, b'{"header": {}}')  # JSON, but no lease ID, TTL or txn responses
+    e = candidate(bad.url, "a")
+    e.start()
+    try:
+        wait_until(lambda: e.etcd_errors >= 2, 5.0, "errors counted")
+        assert e._thread.is_alive() and e.view.role != LEADER and not e.view.may_publish(time.monotonic_ns())
+        assert "unexpected etcd reply: KeyError" in e.last_error, e.last_error
+        bad.forward_to = etcd.url
+        wait_until(lambda: e.view.may_publish(time.monotonic_ns()), 5.0, "a leads once the member is healthy")
+        errors = e.etcd_errors
+        bad.forward_to = ""  # keep-alives and campaigns get unreadable replies again
+        t_bad = time.monotonic_ns()
+        wait_until(lambda: not e.view.may_publish(time.monotonic_ns()), 5.0, "a stops publishing")
+        stopped_s = (time.monotonic_ns() - t_bad) / 1e9
+        assert stopped_s < TTL_S, stopped_s  # at its surely-valid deadline, before the lease could expire
+        assert e._thread.is_alive() and e.etcd_errors > errors  # (a keep-alive reply without a TTL reads as 0: gone)
+        bad.forward_to = etcd.url
+        wait_until(lambda: e.view.may_publish(time.monotonic_ns()), 5.0, "a leads again")
+    finally:
+        e.stop()
+        bad.close()
 
 
 def test_of_three_contending_candidates_exactly_one_leads(etcd):

@@ -20,6 +20,10 @@ class EtcdError(RuntimeError):
     """No endpoint answered, or an endpoint answered with an error; the message names the endpoint."""
 
 
+class _EndpointFailed(Exception):
+    """One endpoint gave no usable answer (HTTP status other than 200): the client tries the next one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyValue:
     key: str
@@ -43,8 +47,12 @@ def _kv(raw: dict) -> KeyValue:
 class EtcdClient:
     """etcd's v3 JSON gateway at one or more client URLs (``http://host:port``), tried in turn.
 
-    A call that fails on every endpoint raises EtcdError; the endpoint that last answered is tried
-    first next time. Not thread-safe by design: one owner (the elector thread).
+    A call moves on to the next endpoint when one fails at the transport or HTTP level (refused,
+    timeout, a reply that is not JSON, any status but 200: a partitioned member answers 503 "etcdserver:
+    no leader" while the others have quorum); it raises EtcdError, naming each endpoint and its error,
+    only when every endpoint failed. An error inside a 200 reply is etcd's answer and is raised at
+    once. The endpoint that last answered is tried first next time. Not thread-safe by design: one
+    owner (the elector thread).
     """
 
     def __init__(self, endpoints: list[str], timeout_s: float = 0.5):
@@ -69,6 +77,9 @@ class EtcdClient:
             host, port, url = self.endpoints[i]
             try:
                 reply = self._post(host, port, path, body, self.timeout_s if timeout_s is None else timeout_s)
+            except _EndpointFailed as exc:
+                errors.append(f"{url}: {exc}")
+                continue
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
@@ -76,7 +87,8 @@ class EtcdClient:
             if "error" in reply and "result" not in reply and "header" not in reply:
                 raise EtcdError(f"etcd {url} /v3/{path}: {reply.get('error') or reply.get('message')}")
             return reply
-        raise EtcdError(f"etcd /v3/{path}: no endpoint answered ({'; '.join(errors)})")
+        raise EtcdError(f"etcd /v3/{path}: no endpoint answered ({'; '.join(errors)}; expected HTTP 200 "
+                        "with a JSON reply from at least one)")
 
     @staticmethod
     def _post(host: str, port: int, path: str, body: dict, timeout_s: float) -> dict:
@@ -87,10 +99,16 @@ class EtcdClient:
             data = resp.read()
         finally:
             conn.close()
-        reply = json.loads(data) if data else {}
         if resp.status != 200:
-            raise EtcdError(f"etcd {host}:{port} /v3/{path}: HTTP {resp.status}: "
-                            f"{reply.get('message') or reply.get('error') or data[:200]!r}")
+            try:
+                reply = json.loads(data)
+                why = reply.get("message") or reply.get("error") or data[:200]
+            except (ValueError, AttributeError):  # a proxy's HTML page, or JSON that is not an object
+                why = data[:200]
+            raise _EndpointFailed(f"HTTP {resp.status}: {why!r}")
+        reply = json.loads(data) if data else {}
+        if not isinstance(reply, dict):
+            raise ValueError(f"reply is JSON {type(reply).__name__}, expected an object: {data[:200]!r}")
         return reply
 
     # ---------------------------------------------------------------------------------------- leases

@@ -104,7 +104,7 @@ class Elector:
                 el.renew_attempted(sent)
                 try:
                     ttl_s = self.client.keepalive(el.lease_id)
-                except EtcdError:
+                except Exception:  # no answer, or one we cannot read: the lease is not renewed
                     self.renew_failures += 1
                     raise
                 el.renewed(ttl_s, sent)
@@ -123,6 +123,16 @@ class Elector:
             self.events.emit("ETCD_UNREACHABLE", logging.ERROR, key=self.key, error=str(exc),
                              message="cannot reach etcd: a leader keeps publishing only while its lease is "
                                      "surely valid")
+        except Exception as exc:
+            # An unexpected reply (KeyError, ValueError...) must not end the thread: a dead elector never
+            # renews, campaigns or takes over again. Treated as a failed request: back off, count, log
+            # (rate-limited); the surely-valid deadline below still applies.
+            el.failed(clock())
+            self.etcd_errors += 1
+            self.last_error = f"unexpected etcd reply: {type(exc).__name__}: {exc}"
+            self.events.emit("ETCD_UNREACHABLE", logging.ERROR, key=self.key, error=self.last_error,
+                             message="etcd's reply could not be read: a leader keeps publishing only while "
+                                     "its lease is surely valid")
         el.expire_if_past(clock())
         self.view = el.view()
         if el.role != before:
