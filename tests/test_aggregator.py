@@ -740,3 +740,35 @@ def test_the_bus_thread_keeps_to_its_receive_budget_under_a_flood(make_aggregato
         receive = cli.call("status").result["receive"]
     assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0.5, receive
     assert receive["max_window_busy_ms"] < 0.2 * PERIOD_S * 1e3 + 3.0, receive  # the budget + one message
+
+
+def test_control_requests_are_answered_within_periods_while_cycles_raise(make_aggregator):
+    """Review F5: while every cycle raises (a hook's bug, logged as CYCLE_ERROR), control requests are still
+    answered within a few periods: the receive gate opens after each cycle that raised too (without it the bus
+    thread waited gate.MAX_WAIT_NS, 1 s, for a cycle to publish)."""
+    failing = []
+
+    def buggy_hook(agg, result, times):
+        if failing:
+            raise RuntimeError("test: a cycle hook's bug")
+
+    def before_start(agg):
+        agg.loop.max_consecutive_errors = 10**6  # the loop keeps going: the test is about the gate
+        agg.cycle_hooks.append(buggy_hook)
+
+    agg = make_aggregator(before_start=before_start)
+    latencies_s = []
+    with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint, timeout_ms=5000) as cli:
+        errors0 = agg.loop.stats.errors
+        failing.append(True)
+        try:
+            wait_until(lambda: agg.loop.stats.errors >= errors0 + 3, what="three cycles raised")
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert cli.call("status").ok
+                latencies_s.append(time.monotonic() - t0)
+                time.sleep(0.013)  # off the period grid
+        finally:
+            failing.clear()
+        assert agg.loop.stats.errors >= errors0 + 5  # the requests were answered while cycles raised
+    assert max(latencies_s) < 10 * PERIOD_S, f"control replies took {[round(s, 3) for s in latencies_s]} s"

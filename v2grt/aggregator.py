@@ -309,22 +309,27 @@ class Aggregator:
     # ------------------------------------------------------------------------------ the cycle
     def _cycle(self, deadline_ns: int, woke_ns: int) -> CycleTimes:
         t0 = woke_ns
-        with self._image_lock:  # no telemetry batch is written into the fleet while the cycle reads it
-            input_age_ns = self._read_inputs(woke_ns)
-            t1 = time.monotonic_ns()
-            result = self._dispatch(woke_ns)
-            t2 = time.monotonic_ns()
-            self._publish(result, woke_ns)
-            t3 = time.monotonic_ns()
-            times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
-            self._record(result, input_age_ns)
-            if self.journal is not None:
-                self.journal.record(self, result, times)
-            for hook in self.cycle_hooks:
-                hook(self, result, times)
+        try:
+            with self._image_lock:  # no telemetry batch is written into the fleet while the cycle reads it
+                input_age_ns = self._read_inputs(woke_ns)
+                t1 = time.monotonic_ns()
+                result = self._dispatch(woke_ns)
+                t2 = time.monotonic_ns()
+                self._publish(result, woke_ns)
+                t3 = time.monotonic_ns()
+                times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1,
+                                   publish_ns=t3 - t2)
+                self._record(result, input_age_ns)
+                if self.journal is not None:
+                    self.journal.record(self, result, times)
+                for hook in self.cycle_hooks:
+                    hook(self, result, times)
+        finally:
+            # the bus thread's turn until the next deadline, also after a cycle that raised: else the gate stays
+            # closed for gate.MAX_WAIT_NS (1 s) and an e-stop waits that long (review F5)
+            self.gate.cycle_done(deadline_ns, time.monotonic_ns())
         if not self.first_cycle.is_set():
             self.first_cycle.set()
-        self.gate.cycle_done(deadline_ns, time.monotonic_ns())  # the bus thread's turn until the next deadline
         return times
 
     # phase 1: read inputs (telemetry is already in the fleet arrays: _accept_batch, under the image lock)
