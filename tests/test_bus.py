@@ -362,6 +362,46 @@ def test_bind_conflict_is_a_bus_error_naming_role_and_endpoint(ctx):
         bus.SetpointPublisher(ctx, pub.endpoint)
 
 
+def steal_after_unbind(owner, thief):
+    """Make ``owner``'s next unbind let ``thief`` take its port in the gap (another process doing so)."""
+    unbind, endpoint = owner.sock.unbind, owner.endpoint
+
+    def unbind_and_steal(addr):
+        unbind(addr)
+        assert wait_for(lambda: _try_bind(thief, endpoint), timeout_s=2.0), "the thief could not take the port"
+
+    owner.sock.unbind = unbind_and_steal
+    return unbind
+
+
+def _try_bind(sock, endpoint) -> bool:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        return False
+    return True
+
+
+def test_a_rebind_that_cannot_bind_says_so_and_the_next_one_binds(ctx):
+    """Review F1: when another socket takes the port between unbind and bind, rebind() raises BusError naming the
+    endpoint within its timeout and marks the socket unbound; the next rebind() binds it again (no second
+    unbind: libzmq's ENOENT escaped as a bare ZMQError) and subscribers are served again."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, ctx.socket(zmq.PUB) as thief:
+        thief.linger = 0
+        unbind = steal_after_unbind(pub, thief)
+        t0 = time.monotonic()
+        with pytest.raises(bus.BusError, match=pub.endpoint):
+            pub.rebind(timeout_s=0.005)
+        assert pub.unbound and time.monotonic() - t0 < 1.0
+        pub.sock.unbind = unbind
+        with pytest.raises(bus.BusError, match="unbound until rebind"):  # the port is still taken
+            pub.rebind()
+        thief.unbind(pub.endpoint)
+        assert pub.rebind(timeout_s=2.0) > 0 and not pub.unbound
+        with bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub:
+            assert wait_for(lambda: sub.recv(10) is not None, step=lambda: pub.send(setpoints("gw1", 1)))
+
+
 def test_sockets_carry_linger_heartbeat_hwm_and_size_options(ctx):
     """Every socket has linger 0 and MAXMSGSIZE, heartbeats except the aggregator's receivers; the setpoint PUB
     its small SNDHWM."""
