@@ -772,3 +772,28 @@ def test_control_requests_are_answered_within_periods_while_cycles_raise(make_ag
             failing.clear()
         assert agg.loop.stats.errors >= errors0 + 5  # the requests were answered while cycles raised
     assert max(latencies_s) < 10 * PERIOD_S, f"control replies took {[round(s, 3) for s in latencies_s]} s"
+
+
+def test_an_exception_on_the_bus_thread_is_logged_and_the_thread_goes_on(make_aggregator, caplog):
+    """Review F1: an exception in the bus thread's loop (here, once, from serving a control request) is logged as
+    BUS_THREAD_ERROR (CRITICAL, with its traceback) and the thread keeps serving control requests and
+    telemetry; before, the thread died and with it every control request, the e-stop included."""
+    agg = make_aggregator()
+    serve_once = agg.control.serve_once
+    raised = []
+
+    def buggy_serve_once(*args, **kwargs):
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("test: a bug on the bus thread")
+        return serve_once(*args, **kwargs)
+
+    agg.control.serve_once = buggy_serve_once
+    with caplog.at_level(logging.CRITICAL), \
+            bus.ControlClient(zmq.Context.instance(), agg.control.endpoint, timeout_ms=5000) as cli:
+        assert cli.call("status").ok  # the bus thread raised at its first turn, served it at the next
+        assert raised and agg._bus_thread.is_alive()
+        assert cli.call("estop", reason="test").ok
+    lines = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("BUS_THREAD_ERROR" in r.getMessage() and "RuntimeError" in r.getMessage() for r in lines), lines
+    assert any(r.exc_info and "a bug on the bus thread" in str(r.exc_info[1]) for r in lines), lines
