@@ -15,6 +15,7 @@ import zmq
 
 from v2grt.codes import Reason
 from v2grt.io import bus, wire
+from v2grt.testing import steal_port_after_unbind
 
 ANY = "tcp://127.0.0.1:*"
 T_NS = 1_700_000_000_000_000_000
@@ -362,33 +363,13 @@ def test_bind_conflict_is_a_bus_error_naming_role_and_endpoint(ctx):
         bus.SetpointPublisher(ctx, pub.endpoint)
 
 
-def steal_after_unbind(owner, thief):
-    """Make ``owner``'s next unbind let ``thief`` take its port in the gap (another process doing so)."""
-    unbind, endpoint = owner.sock.unbind, owner.endpoint
-
-    def unbind_and_steal(addr):
-        unbind(addr)
-        assert wait_for(lambda: _try_bind(thief, endpoint), timeout_s=2.0), "the thief could not take the port"
-
-    owner.sock.unbind = unbind_and_steal
-    return unbind
-
-
-def _try_bind(sock, endpoint) -> bool:
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError:
-        return False
-    return True
-
-
 def test_a_rebind_that_cannot_bind_says_so_and_the_next_one_binds(ctx):
     """Review F1: when another socket takes the port between unbind and bind, rebind() raises BusError naming the
     endpoint within its timeout and marks the socket unbound; the next rebind() binds it again (no second
     unbind: libzmq's ENOENT escaped as a bare ZMQError) and subscribers are served again."""
     with bus.SetpointPublisher(ctx, ANY) as pub, ctx.socket(zmq.PUB) as thief:
         thief.linger = 0
-        unbind = steal_after_unbind(pub, thief)
+        unbind = steal_port_after_unbind(pub, thief)
         t0 = time.monotonic()
         with pytest.raises(bus.BusError, match=pub.endpoint):
             pub.rebind(timeout_s=0.005)

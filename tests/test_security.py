@@ -19,7 +19,7 @@ from v2grt.config import ConfigError, config_from_dict
 from v2grt.events import EventLog
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
-from v2grt.testing import LogLines, wait_until, write_ten_vehicle_roster
+from v2grt.testing import LogLines, steal_port_after_unbind, try_bind, wait_until, write_ten_vehicle_roster
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -330,8 +330,6 @@ def test_a_revocation_whose_rebind_fails_keeps_the_threads_and_binds_again(make_
     binds again at the owners' next turns once the ports are free: the other gateway is served again and control
     requests are answered throughout. Before, the retry's second unbind raised ENOENT past the hook: the setpoint
     PUB stayed unbound for good and the bus thread died."""
-    from test_bus import _try_bind, steal_after_unbind
-
     agg = make_secure()
     security.generate_keypair("gw1-old", keys.dir)
     security.authorize_key(keys.dir / "gw1-old.key", "gateway:gw1", keys.auth)
@@ -347,8 +345,8 @@ def test_a_revocation_whose_rebind_fails_keeps_the_threads_and_binds_again(make_
         wait_until(lambda: revoked_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.77))
                    and np.all(soc_of(agg, "gw1") == np.float32(0.77)), what="telemetry on the key to be revoked")
         wait_until(lambda: stays.recv(20), what="setpoints at the gateway that stays")
-        steal_after_unbind(agg.publisher, thief_pub)
-        steal_after_unbind(agg.telemetry, thief_pull)
+        steal_port_after_unbind(agg.publisher, thief_pub)
+        steal_port_after_unbind(agg.telemetry, thief_pull)
         errors0 = agg.loop.stats.errors
         security.revoke_key("gw1-old", keys.auth)
         assert agg.security.reload("test")["dropping"] == ["setpoints", "telemetry"]
@@ -366,7 +364,7 @@ def test_a_revocation_whose_rebind_fails_keeps_the_threads_and_binds_again(make_
         wait_until(lambda: stays.recv(20), timeout_s=10.0, what="setpoints at the gateway that stays, again")
         assert operator.call("status").ok
         assert agg.loop.stats.errors == errors0 and agg.loop.running and agg._bus_thread.is_alive()
-        assert not _try_bind(thief_pub, pub)  # the aggregator holds its port again
+        assert not try_bind(thief_pub, pub)  # the aggregator holds its port again
 
 
 def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys, capsys):

@@ -66,10 +66,12 @@ SECURITY_EVENT_CODES = frozenset({"ZAP_ACCEPTED", "ZAP_DENIED", "FORBIDDEN", "SU
 REBIND_DELAY_S = {"setpoints": 0.0, "telemetry": 0.0, "control": 0.1}
 #: A rebind whose unbind failed (the socket still bound, its connections still up) is tried again after this.
 REBIND_RETRY_S = 1.0
-#: How long one rebind may wait for the old listener to release the port (0.1 to 9 ms measured on loopback,
-#: under load) before it gives up until its owner's next turn: the control thread's is inside the cycle (its
-#: gate closed, the image locked), so it waits little; the bus thread's delays a control request at most this.
-REBIND_WAIT_S = {"setpoints": 0.002, "telemetry": 0.01, "control": 0.01}
+#: How long one rebind may wait for the old listener to release the port before it gives up until its owner's
+#: next turn. Measured on loopback under load (2 cores, ~7 users): a PUB's port free again after median 2.1 ms,
+#: max 9 ms; a PULL's or ROUTER's 0.4 ms, max 4 ms. The control thread's wait is inside the cycle (gate closed,
+#: image locked), so short: a retry at the next cycle costs the gateways a period more of reconnect back-off;
+#: the bus thread's delays a control request at most this. Before: up to 1 s, inside the cycle (review F1).
+REBIND_WAIT_S = {"setpoints": 0.005, "telemetry": 0.01, "control": 0.01}
 #: A socket left unbound by a failed rebind (no peer can connect) is bound again at its owner's next turn:
 #: the next cycle for the setpoint PUB, a bus-thread wake-up at most this later for the others.
 REBIND_UNBOUND_RETRY_S = 0.002
