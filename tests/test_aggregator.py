@@ -740,3 +740,60 @@ def test_the_bus_thread_keeps_to_its_receive_budget_under_a_flood(make_aggregato
         receive = cli.call("status").result["receive"]
     assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0.5, receive
     assert receive["max_window_busy_ms"] < 0.2 * PERIOD_S * 1e3 + 3.0, receive  # the budget + one message
+
+
+def test_control_requests_are_answered_within_periods_while_cycles_raise(make_aggregator):
+    """Review F5: while every cycle raises (a hook's bug, logged as CYCLE_ERROR), control requests are still
+    answered within a few periods: the receive gate opens after each cycle that raised too (without it the bus
+    thread waited gate.MAX_WAIT_NS, 1 s, for a cycle to publish)."""
+    failing = []
+
+    def buggy_hook(agg, result, times):
+        if failing:
+            raise RuntimeError("test: a cycle hook's bug")
+
+    def before_start(agg):
+        agg.loop.max_consecutive_errors = 10**6  # the loop keeps going: the test is about the gate
+        agg.cycle_hooks.append(buggy_hook)
+
+    agg = make_aggregator(before_start=before_start)
+    latencies_s = []
+    with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint, timeout_ms=5000) as cli:
+        errors0 = agg.loop.stats.errors
+        failing.append(True)
+        try:
+            wait_until(lambda: agg.loop.stats.errors >= errors0 + 3, what="three cycles raised")
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert cli.call("status").ok
+                latencies_s.append(time.monotonic() - t0)
+                time.sleep(0.013)  # off the period grid
+        finally:
+            failing.clear()
+        assert agg.loop.stats.errors >= errors0 + 5  # the requests were answered while cycles raised
+    assert max(latencies_s) < 10 * PERIOD_S, f"control replies took {[round(s, 3) for s in latencies_s]} s"
+
+
+def test_an_exception_on_the_bus_thread_is_logged_and_the_thread_goes_on(make_aggregator, caplog):
+    """Review F1: an exception in the bus thread's loop (here, once, from serving a control request) is logged as
+    BUS_THREAD_ERROR (CRITICAL, with its traceback) and the thread keeps serving control requests and
+    telemetry; before, the thread died and with it every control request, the e-stop included."""
+    agg = make_aggregator()
+    serve_once = agg.control.serve_once
+    raised = []
+
+    def buggy_serve_once(*args, **kwargs):
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("test: a bug on the bus thread")
+        return serve_once(*args, **kwargs)
+
+    agg.control.serve_once = buggy_serve_once
+    with caplog.at_level(logging.CRITICAL), \
+            bus.ControlClient(zmq.Context.instance(), agg.control.endpoint, timeout_ms=5000) as cli:
+        assert cli.call("status").ok  # the bus thread raised at its first turn, served it at the next
+        assert raised and agg._bus_thread.is_alive()
+        assert cli.call("estop", reason="test").ok
+    lines = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("BUS_THREAD_ERROR" in r.getMessage() and "RuntimeError" in r.getMessage() for r in lines), lines
+    assert any(r.exc_info and "a bug on the bus thread" in str(r.exc_info[1]) for r in lines), lines

@@ -15,6 +15,7 @@ import zmq
 
 from v2grt.codes import Reason
 from v2grt.io import bus, wire
+from v2grt.testing import steal_port_after_unbind
 
 ANY = "tcp://127.0.0.1:*"
 T_NS = 1_700_000_000_000_000_000
@@ -168,6 +169,55 @@ def test_multipart_telemetry_is_dropped_whole_and_counted(ctx):
         assert "message of 3 frames" in rx.last_errors[-1]
 
 
+class RefusingAdmit:
+    """An admit() for the receive gate's place that counts its calls and refuses every ``every``-th one."""
+
+    def __init__(self, every: int):
+        self.every, self.calls = every, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls % self.every != 0
+
+
+def test_a_message_of_100000_frames_is_dropped_in_admitted_steps(ctx):
+    """Review F2: a PUSH of 100,000 empty frames is dropped DROP_PARTS_PER_ADMIT parts per admit(); refused
+    midway, the rest stays queued and is dropped first at the next call; the batch after it still applies."""
+    n = 100_000
+    with bus.TelemetryReceiver(ctx, ANY) as rx, ctx.socket(zmq.PUSH) as tx:
+        tx.linger = 0
+        tx.connect(rx.endpoint)
+        tx.send_multipart([b""] * n)
+        tx.send(telemetry(seq=5))
+        admit, batches, calls = RefusingAdmit(every=50), [], 0
+        assert wait_for(lambda: batches.extend(rx.poll_batches(64, timeout_ms=20, admit=admit)) or batches,
+                        timeout_s=20.0, step=lambda: None)
+        assert [b.seq for b in batches] == [5]
+        assert rx.errors == {"MULTIPART": 1} and rx.frames == 1
+        assert f"message of {n} frames" in rx.last_errors[-1]
+        assert admit.calls >= n // bus.DROP_PARTS_PER_ADMIT, admit.calls  # one admit per message before
+        calls = admit.calls
+    assert calls // 50 >= 2  # refused at least twice in the middle of the message, and resumed
+
+
+def test_a_control_request_of_100000_frames_is_dropped_in_admitted_steps(ctx):
+    """Review F2 on the control ROUTER: a DEALER's request of 100,000 frames is dropped in admitted steps,
+    resumed after a refusal, never answered; the next request is."""
+    n = 100_000
+    srv = bus.ControlServer(ctx, ANY, handler)
+    with srv, ctx.socket(zmq.DEALER) as dealer:
+        dealer.linger = 0
+        dealer.connect(srv.endpoint)
+        dealer.send_multipart([b""] * n + [wire.encode_request("status", id=1)])
+        dealer.send_multipart([b"", wire.encode_request("status", id=2)])
+        admit = RefusingAdmit(every=50)
+        assert wait_for(lambda: dealer.poll(0), timeout_s=20.0,
+                        step=lambda: srv.serve_once(timeout_ms=20, admit=admit))
+        assert wire.decode_reply(dealer.recv_multipart()[-1]).id == 2
+        assert srv.errors == {"MULTIPART": 1} and f"message of {n + 2} frames" in srv.last_errors[-1]  # + identity
+        assert admit.calls >= n // bus.DROP_PARTS_PER_ADMIT and admit.calls // 50 >= 2, admit.calls
+
+
 def test_multipart_setpoints_and_status_are_dropped_whole_and_counted(ctx):
     """A gateway's and a status subscriber's SUB drop a multipart message whole; single frames still apply."""
     status = wire.encode_status({f.key: 0 if f.kind == "uint" else 0.0 for f in wire.STATUS_FIELDS}
@@ -311,6 +361,26 @@ def test_bind_conflict_is_a_bus_error_naming_role_and_endpoint(ctx):
     with bus.SetpointPublisher(ctx, ANY) as pub, \
             pytest.raises(bus.BusError, match=r"setpoint PUB: cannot bind to 'tcp://127\.0\.0\.1:\d+'"):
         bus.SetpointPublisher(ctx, pub.endpoint)
+
+
+def test_a_rebind_that_cannot_bind_says_so_and_the_next_one_binds(ctx):
+    """Review F1: when another socket takes the port between unbind and bind, rebind() raises BusError naming the
+    endpoint within its timeout and marks the socket unbound; the next rebind() binds it again (no second
+    unbind: libzmq's ENOENT escaped as a bare ZMQError) and subscribers are served again."""
+    with bus.SetpointPublisher(ctx, ANY) as pub, ctx.socket(zmq.PUB) as thief:
+        thief.linger = 0
+        unbind = steal_port_after_unbind(pub, thief)
+        t0 = time.monotonic()
+        with pytest.raises(bus.BusError, match=pub.endpoint):
+            pub.rebind(timeout_s=0.005)
+        assert pub.unbound and time.monotonic() - t0 < 1.0
+        pub.sock.unbind = unbind
+        with pytest.raises(bus.BusError, match="unbound until rebind"):  # the port is still taken
+            pub.rebind()
+        thief.unbind(pub.endpoint)
+        assert pub.rebind(timeout_s=2.0) > 0 and not pub.unbound
+        with bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub:
+            assert wait_for(lambda: sub.recv(10) is not None, step=lambda: pub.send(setpoints("gw1", 1)))
 
 
 def test_sockets_carry_linger_heartbeat_hwm_and_size_options(ctx):

@@ -19,7 +19,7 @@ from v2grt.config import ConfigError, config_from_dict
 from v2grt.events import EventLog
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
-from v2grt.testing import LogLines, wait_until, write_ten_vehicle_roster
+from v2grt.testing import LogLines, steal_port_after_unbind, try_bind, wait_until, write_ten_vehicle_roster
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -322,6 +322,49 @@ def test_a_revocation_costs_the_other_gateways_about_one_period(keys):
     # next cycle's publish
     ms = {"reconnected after": [round(x * 1e3) for x in reconnects_s], "paused": [round(x * 1e3) for x in pauses_s]}
     assert min(reconnects_s) < 0.08 and min(pauses_s) < 0.15, ms
+
+
+def test_a_revocation_whose_rebind_fails_keeps_the_threads_and_binds_again(make_secure, keys):
+    """Review F1: when another socket takes the setpoint and telemetry ports between unbind and bind, the rebind
+    fails without a CYCLE_ERROR or a dead bus thread, says so (KEYS_REBIND_FAILED, CRITICAL, unbound=True) and
+    binds again at the owners' next turns once the ports are free: the other gateway is served again and control
+    requests are answered throughout. Before, the retry's second unbind raised ENOENT past the hook: the setpoint
+    PUB stayed unbound for good and the bus thread died."""
+    agg = make_secure()
+    security.generate_keypair("gw1-old", keys.dir)
+    security.authorize_key(keys.dir / "gw1-old.key", "gateway:gw1", keys.auth)
+    agg.security.reload("test")
+    pub, tel = agg.publisher.endpoint, agg.telemetry.endpoint
+    with bus.GatewaySubscriber(CTX, pub, "gw1", curve=keys.curve("gw1-old")) as revoked_sub, \
+            bus.TelemetryPusher(CTX, tel, curve=keys.curve("gw1-old")) as revoked_push, \
+            bus.GatewaySubscriber(CTX, pub, "gw2", curve=keys.curve("gw2")) as stays, \
+            bus.ControlClient(CTX, agg.control.endpoint, curve=keys.curve("alice")) as operator, \
+            CTX.socket(zmq.PUB) as thief_pub, CTX.socket(zmq.PULL) as thief_pull:
+        thief_pub.linger = thief_pull.linger = 0
+        wait_until(lambda: revoked_sub.recv(20), what="setpoints on the key to be revoked")
+        wait_until(lambda: revoked_push.send(telemetry("gw1", nodes_of(agg, "gw1"), 0.77))
+                   and np.all(soc_of(agg, "gw1") == np.float32(0.77)), what="telemetry on the key to be revoked")
+        wait_until(lambda: stays.recv(20), what="setpoints at the gateway that stays")
+        steal_port_after_unbind(agg.publisher, thief_pub)
+        steal_port_after_unbind(agg.telemetry, thief_pull)
+        errors0 = agg.loop.stats.errors
+        security.revoke_key("gw1-old", keys.auth)
+        assert agg.security.reload("test")["dropping"] == ["setpoints", "telemetry"]
+        for name in ("setpoints", "telemetry"):
+            wait_until(lambda name=name: any("KEYS_REBIND_FAILED" in line and f"socket={name}" in line
+                                             and "unbound=True" in line for line in agg.log_lines),
+                       what=f"KEYS_REBIND_FAILED for {name}")
+        time.sleep(5 * PERIOD_S)  # retries at every turn meanwhile, each refused: the ports are still taken
+        assert agg.publisher.unbound and agg.telemetry.unbound
+        assert operator.call("status").ok  # the bus thread is alive
+        thief_pub.unbind(pub)
+        thief_pull.unbind(tel)
+        wait_until(lambda: agg.security.rebinds["setpoints"] == 1 and agg.security.rebinds["telemetry"] == 1,
+                   what="both sockets bound again")
+        wait_until(lambda: stays.recv(20), timeout_s=10.0, what="setpoints at the gateway that stays, again")
+        assert operator.call("status").ok
+        assert agg.loop.stats.errors == errors0 and agg.loop.running and agg._bus_thread.is_alive()
+        assert not try_bind(thief_pub, pub)  # the aggregator holds its port again
 
 
 def test_key_rotation_keeps_the_gateway_connected_and_cuts_off_the_revoked_key(make_secure, keys, capsys):

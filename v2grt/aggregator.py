@@ -309,22 +309,27 @@ class Aggregator:
     # ------------------------------------------------------------------------------ the cycle
     def _cycle(self, deadline_ns: int, woke_ns: int) -> CycleTimes:
         t0 = woke_ns
-        with self._image_lock:  # no telemetry batch is written into the fleet while the cycle reads it
-            input_age_ns = self._read_inputs(woke_ns)
-            t1 = time.monotonic_ns()
-            result = self._dispatch(woke_ns)
-            t2 = time.monotonic_ns()
-            self._publish(result, woke_ns)
-            t3 = time.monotonic_ns()
-            times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1, publish_ns=t3 - t2)
-            self._record(result, input_age_ns)
-            if self.journal is not None:
-                self.journal.record(self, result, times)
-            for hook in self.cycle_hooks:
-                hook(self, result, times)
+        try:
+            with self._image_lock:  # no telemetry batch is written into the fleet while the cycle reads it
+                input_age_ns = self._read_inputs(woke_ns)
+                t1 = time.monotonic_ns()
+                result = self._dispatch(woke_ns)
+                t2 = time.monotonic_ns()
+                self._publish(result, woke_ns)
+                t3 = time.monotonic_ns()
+                times = CycleTimes(input_age_ns=input_age_ns, inputs_ns=t1 - t0, kernel_ns=t2 - t1,
+                                   publish_ns=t3 - t2)
+                self._record(result, input_age_ns)
+                if self.journal is not None:
+                    self.journal.record(self, result, times)
+                for hook in self.cycle_hooks:
+                    hook(self, result, times)
+        finally:
+            # the bus thread's turn until the next deadline, also after a cycle that raised: else the gate stays
+            # closed for gate.MAX_WAIT_NS (1 s) and an e-stop waits that long (review F5)
+            self.gate.cycle_done(deadline_ns, time.monotonic_ns())
         if not self.first_cycle.is_set():
             self.first_cycle.set()
-        self.gate.cycle_done(deadline_ns, time.monotonic_ns())  # the bus thread's turn until the next deadline
         return times
 
     # phase 1: read inputs (telemetry is already in the fleet arrays: _accept_batch, under the image lock)
@@ -506,22 +511,29 @@ class Aggregator:
         poller.register(self._wake_rx, zmq.POLLIN)
         gate = self.gate
         while True:
-            gate.idle()  # blocking on the sockets is not receiving: not charged to the budget
-            events = dict(poller.poll(1000))
-            if self._wake_rx in events:
-                return
-            # Every message is admitted by the gate (v2grt.gate): none starts while a cycle runs or once this
-            # period's receive budget is spent; then the rest stay queued until the next cycle has published.
-            # Control first: an e-stop must not wait behind a telemetry backlog (the ROUTER fair-queues its
-            # connections, so a flooding client delays it by at most one request).
-            if self.control.sock in events:
-                self.control.serve_once(timeout_ms=0, admit=gate.admit)
-            if self.telemetry.sock in events and not gate.refused:
-                self.telemetry.poll_batches(max_frames=64, timeout_ms=0, admit=gate.admit)  # via _accept_batch
-            if self.security is not None:
-                self.security.bus_tick(self.telemetry, self.control)
-            if gate.refused:
-                gate.wait()
+            try:
+                gate.idle()  # blocking on the sockets is not receiving: not charged to the budget
+                events = dict(poller.poll(1000 if self.security is None else self.security.bus_poll_ms(1000)))
+                if self._wake_rx in events:
+                    return
+                # Every message is admitted by the gate (v2grt.gate): none starts while a cycle runs or once this
+                # period's receive budget is spent; then the rest stay queued until the next cycle has published.
+                # Control first: an e-stop must not wait behind a telemetry backlog (the ROUTER fair-queues its
+                # connections, so a flooding client delays it by at most one request).
+                if self.control.sock in events:
+                    self.control.serve_once(timeout_ms=0, admit=gate.admit)
+                if self.telemetry.sock in events and not gate.refused:
+                    self.telemetry.poll_batches(max_frames=64, timeout_ms=0, admit=gate.admit)  # via _accept_batch
+                if self.security is not None:
+                    self.security.bus_tick(self.telemetry, self.control)
+                if gate.refused:
+                    gate.wait()
+            except Exception as exc:  # a bug must not end the thread: telemetry and control (e-stop) stop with it
+                if self.events.emit("BUS_THREAD_ERROR", logging.CRITICAL, key=type(exc).__name__,
+                                    error=f"{type(exc).__name__}: {exc}",
+                                    message="the bus thread caught this and goes on; report it with the traceback"):
+                    log.critical("BUS_THREAD_ERROR traceback", exc_info=True)
+                time.sleep(0.01)  # an error that repeats at once must not spin a core
 
     def _max_nodes(self, gateway_id: str) -> int | None:
         """The decoder's limit for a batch from ``gateway_id``; None (refused) for a gateway not in the roster."""

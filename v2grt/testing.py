@@ -62,6 +62,30 @@ def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", step_s: fl
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def try_bind(sock, endpoint: str) -> bool:
+    """Bind a ZeroMQ socket to ``endpoint``; False if libzmq refuses (e.g. the port is taken)."""
+    import zmq
+
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        return False
+    return True
+
+
+def steal_port_after_unbind(owner, thief):
+    """Make the next unbind of a bus socket owner (v2grt.io.bus) let ``thief`` bind its port in the gap, as
+    another process could between a rebind's unbind and bind; returns the original unbind."""
+    unbind, endpoint = owner.sock.unbind, owner.endpoint
+
+    def unbind_and_steal(addr):
+        unbind(addr)
+        wait_until(lambda: try_bind(thief, endpoint), timeout_s=2.0, what=f"the thief to take {endpoint}")
+
+    owner.sock.unbind = unbind_and_steal
+    return unbind
+
+
 class LogLines(logging.Handler):
     """Collects the messages of the records it handles (engine.log lines of an EventLog, in tests)."""
 

@@ -19,6 +19,7 @@ bound socket can ``rebind()`` to drop its live connections (CURVE authenticates 
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import os
@@ -79,6 +80,11 @@ RECONNECT_IVL_MAX_MS = 2000  # back off reconnects to a missing aggregator (defa
 #: doubling up to RECONNECT_IVL_MAX_MS while the refusals go on; each retry costs the aggregator's ZAP
 #: thread one decision.
 REFUSED_RETRY_FIRST_MS = 250
+#: Parts of a multipart message dropped per ``admit()`` of the receive gate. libzmq queues a message of
+#: any number of frames (only each frame's size is bounded, MAXMSGSIZE): one PUSH of 300,000 empty frames
+#: (600 KB on the wire) cost the bus thread 1.2 s of CPU behind one admit (review F2); 256 parts are
+#: ~1 ms at most.
+DROP_PARTS_PER_ADMIT = 256
 
 #: Setpoint PUB send queue per subscriber connection. libzmq keeps one queue per connection and a
 #: GatewaySubscriber's connection carries only its own topic, so this is messages per gateway: 4
@@ -163,12 +169,17 @@ class _Owner:
         self._monitor: zmq.Socket | None = None
         self._reopen_at_ns: int | None = None
         self._retry_ms = REFUSED_RETRY_FIRST_MS
+        #: (parts read, parts accepted) of a multipart message being dropped when the gate refused midway
+        self._dropping: tuple[int, int] | None = None
+        #: True while rebind() has dropped the listener and not yet bound the endpoint again: no peer can connect
+        self.unbound = False
         self._open()
         #: The endpoint actually bound or connected (with the port resolved for ``tcp://host:*``).
         self.endpoint: str = self.sock.get(zmq.LAST_ENDPOINT).decode()
 
     def _open(self) -> None:
         ctx, kind, endpoint, bind, curve, sndhwm, rcvhwm, options, heartbeats = self._spec
+        self._dropping = None  # a new socket: nothing half-read
         self.sock = ctx.socket(kind)
         try:
             self.sock.setsockopt(zmq.LINGER, 0)
@@ -263,58 +274,88 @@ class _Owner:
 
         A multipart message is dropped whole, every part received and discarded, and counted as
         MULTIPART (wire.md section 1: a message is one frame): applying one of its frames would act on
-        half of what a peer sent. ``admit()`` is asked before each message; False leaves the rest queued.
+        half of what a peer sent. ``admit()`` is asked before each message and every DROP_PARTS_PER_ADMIT
+        parts dropped; False leaves the rest queued (a message cut short is dropped on first at the next call).
         """
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return
         for _ in range(max_frames):
             if admit is not None and not admit():
                 return
+            if self._dropping is not None:  # the gate refused in the middle of a multipart message last time
+                if not self._drop_rest(*self._dropping, admit=admit):
+                    return
+                continue
             try:
                 frame = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if frame.more:
-                self._drop_rest(1, 1)
+                if not self._drop_rest(1, 1, admit=admit):
+                    return
                 continue
             yield frame
 
-    def _drop_rest(self, parts: int, accepted: int) -> None:
-        """Receive and drop what is left of a multipart message of which ``parts`` were read; count it.
+    def _drop_rest(self, parts: int, accepted: int, admit: Callable[[], bool] | None = None) -> bool:
+        """Receive and drop what is left of a multipart message of which ``parts`` were read; count it; True.
 
-        libzmq queues a message whole, so its other parts are already here; each recv is one short call.
+        libzmq queues a message whole, so its other parts are already here; each recv is one short call, but
+        a message may have hundreds of thousands: ``admit()`` is asked every DROP_PARTS_PER_ADMIT parts, and
+        when it refuses this returns False with the rest still queued, to be dropped first by the next call
+        (``_dropping``; RCVMORE stays set between calls on the owner thread).
         """
+        self._dropping = None
+        since_admit = 0
         while self.sock.get(zmq.RCVMORE):
+            if since_admit >= DROP_PARTS_PER_ADMIT:
+                since_admit = 0
+                if admit is not None and not admit():
+                    self._dropping = (parts, accepted)
+                    return False
             self.sock.recv(zmq.NOBLOCK, copy=False)
             parts += 1
+            since_admit += 1
         self._count_bad(WireError("MULTIPART", f"{self.role}: message of {parts} frames: expected at most "
                                                f"{accepted} (docs/wire.md sections 1 and 6); dropped whole"))
+        return True
 
     def _count_bad(self, exc: WireError) -> None:
         """A bad frame: counted by its code, its message kept among the last few (``errors``, ``last_errors``)."""
         self.errors[exc.code] += 1
         self.last_errors.append(str(exc))
 
-    def rebind(self, timeout_s: float = 1.0) -> int:
+    def rebind(self, timeout_s: float = 0.0) -> int:
         """Drop every live connection of this bound socket: unbind, bind the same endpoint again; ns taken.
 
         libzmq ties accepted connections to their listener, so the unbind closes them all; peers
-        reconnect on their own (RECONNECT_IVL, 100 ms) and go through the handshake, and ZAP, again.
-        The listener closes asynchronously in libzmq's I/O thread, so the bind is retried while the
-        port is still taken (measured 0.1 to 2 ms on loopback). Owner thread only.
+        reconnect on their own (RECONNECT_IVL) and go through the handshake, and ZAP, again. The
+        listener closes asynchronously in libzmq's I/O thread, so the port may still be taken (measured
+        0.1 to 9 ms on loopback, under load): the bind is retried for up to ``timeout_s`` (0: once, no
+        sleep). If it still fails this raises BusError and the socket stays unbound (``unbound``); the
+        next call only tries the bind again (an endpoint no longer bound is not unbound twice: libzmq
+        would say ENOENT). Owner thread only.
         """
         t0 = time.monotonic_ns()
-        self.sock.unbind(self.endpoint)
+        if not self.unbound:
+            try:
+                self.sock.unbind(self.endpoint)
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: not bound (any more): nothing to drop, bind below
+                    raise BusError(f"{self.role}: cannot unbind {self.endpoint!r} to drop its connections: "
+                                   f"{exc}; still bound") from exc
+            self.unbound = True
         deadline = t0 + int(timeout_s * 1e9)
         while True:
             try:
                 self.sock.bind(self.endpoint)
-                return time.monotonic_ns() - t0
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic_ns() > deadline:
-                    raise BusError(f"{self.role}: cannot bind {self.endpoint!r} again after dropping its "
-                                   f"connections: {exc}") from exc
-                time.sleep(0.0005)
+                if exc.errno == zmq.EADDRINUSE and time.monotonic_ns() < deadline:
+                    time.sleep(0.0005)
+                    continue
+                raise BusError(f"{self.role}: cannot bind {self.endpoint!r} again after dropping its connections: "
+                               f"{exc}; unbound until rebind() succeeds") from exc
+            self.unbound = False
+            return time.monotonic_ns() - t0
 
     def __enter__(self):
         return self
@@ -503,10 +544,12 @@ class ControlServer(_Owner):
             if admit is not None and not admit():
                 break
             try:
-                frames = self._recv_request()
+                frames = self._recv_request(admit)
             except zmq.Again:
                 break
             if frames is None:  # too many frames: dropped whole and counted, not answered
+                if self._dropping is not None:  # the gate refused in the middle of dropping it
+                    break
                 continue
             # Everything before the last frame is the routing envelope (REQ: identity, empty;
             # REQ_CORRELATE adds a request id; a DEALER may omit the empty frame): echo it verbatim.
@@ -519,15 +562,19 @@ class ControlServer(_Owner):
             answered += 1
         return answered
 
-    def _recv_request(self) -> list[zmq.Frame] | None:
+    def _recv_request(self, admit: Callable[[], bool] | None = None) -> list[zmq.Frame] | None:
         """One queued message as frames, or None if it had more than MAX_ENVELOPE + 1 (then dropped whole).
 
-        Read part by part, so a message of a million frames is never held as a list.
+        Read part by part, so a message of a million frames is never held as a list; its dropping is
+        admitted in steps (``_drop_rest``): None with ``_dropping`` set means the gate refused midway.
         """
+        if self._dropping is not None:
+            self._drop_rest(*self._dropping, admit=admit)
+            return None
         frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
         while frames[-1].more:
             if len(frames) > self.MAX_ENVELOPE:
-                self._drop_rest(len(frames), self.MAX_ENVELOPE + 1)
+                self._drop_rest(len(frames), self.MAX_ENVELOPE + 1, admit=admit)
                 return None
             frames.append(self.sock.recv(zmq.NOBLOCK, copy=False))
         return frames

@@ -64,7 +64,17 @@ SECURITY_EVENT_CODES = frozenset({"ZAP_ACCEPTED", "ZAP_DENIED", "FORBIDDEN", "SU
 #: A revocation drops a socket's connections this long after the reload: the control socket waits so the
 #: reply to `keys_reload` leaves first; the others drop at their owner thread's next turn.
 REBIND_DELAY_S = {"setpoints": 0.0, "telemetry": 0.0, "control": 0.1}
+#: A rebind whose unbind failed (the socket still bound, its connections still up) is tried again after this.
 REBIND_RETRY_S = 1.0
+#: How long one rebind may wait for the old listener to release the port before it gives up until its owner's
+#: next turn. Measured on loopback under load (2 cores, ~7 users): a PUB's port free again after median 2.1 ms,
+#: max 9 ms; a PULL's or ROUTER's 0.4 ms, max 4 ms. The control thread's wait is inside the cycle (gate closed,
+#: image locked), so short: a retry at the next cycle costs the gateways a period more of reconnect back-off;
+#: the bus thread's delays a control request at most this. Before: up to 1 s, inside the cycle (review F1).
+REBIND_WAIT_S = {"setpoints": 0.005, "telemetry": 0.01, "control": 0.01}
+#: A socket left unbound by a failed rebind (no peer can connect) is bound again at its owner's next turn:
+#: the next cycle for the setpoint PUB, a bus-thread wake-up at most this later for the others.
+REBIND_UNBOUND_RETRY_S = 0.002
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +267,15 @@ class ServerSecurity:
             self._rebind_if_due("telemetry", telemetry)
             self._rebind_if_due("control", control)
 
+    def bus_poll_ms(self, longest_ms: int) -> int:
+        """How long the bus thread may block on its sockets: ``longest_ms``, or until a rebind of one of its
+        sockets is due (at least 1 ms), so a socket left unbound is bound again within milliseconds."""
+        with self._lock:
+            due = [self._rebind_due[n] for n in ("telemetry", "control") if n in self._rebind_due]
+        if not due:
+            return longest_ms
+        return max(1, min(longest_ms, -(-(min(due) - time.monotonic_ns()) // 1_000_000)))
+
     # ---------------------------------------------------------------------------------- ZAP decision
     def _decide(self, msg: list[bytes]) -> tuple[bytes, bytes, bytes, bytes]:
         if len(msg) < 6 or msg[0] != b"1.0":
@@ -414,15 +433,25 @@ class ServerSecurity:
             return
         with self._lock:
             self._rebind_due.pop(socket_name, None)
-            self._seen[socket_name] = set()  # from now on: whoever authenticates against the new keys
+            if not owner.unbound:  # a first attempt, not the retry of one that left the socket unbound
+                self._seen[socket_name] = set()  # from now on: whoever authenticates against the new keys
+        done = False
         try:
-            took_ns = owner.rebind()
+            took_ns = owner.rebind(timeout_s=REBIND_WAIT_S[socket_name])
+            done = True
         except BusError as exc:
-            with self._lock:
-                self._rebind_due[socket_name] = time.monotonic_ns() + int(REBIND_RETRY_S * 1e9)
-            self.events.emit("KEYS_REBIND_FAILED", logging.ERROR, key=socket_name, socket=socket_name,
-                             error=str(exc), message="retrying in 1 s")
+            unbound = owner.unbound
+            self.events.emit("KEYS_REBIND_FAILED", logging.CRITICAL if unbound else logging.ERROR, key=socket_name,
+                             socket=socket_name, endpoint=owner.endpoint, unbound=unbound, error=str(exc),
+                             message="UNBOUND: no peer can connect to this socket until it is bound again; retrying "
+                                     "at every turn of its owner thread" if unbound else
+                                     f"its connections stay up; retrying in {REBIND_RETRY_S:g} s")
             return
+        finally:
+            if not done:  # whatever failed, never forget the retry: an unbound socket stays so until it is done
+                retry_s = REBIND_UNBOUND_RETRY_S if owner.unbound else REBIND_RETRY_S
+                with self._lock:
+                    self._rebind_due.setdefault(socket_name, time.monotonic_ns() + int(retry_s * 1e9))
         self.rebinds[socket_name] += 1
         self.last_rebind_ms[socket_name] = took_ns / 1e6
         self.last_rebind_at_ns[socket_name] = time.monotonic_ns()  # when the connections were dropped
