@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -298,6 +299,34 @@ def test_under_ha_each_cycle_records_its_epoch_whether_it_published_and_its_deli
     assert [c["delivered_kw"][i] for i in range(len(c))] == [fleet_kw[int(t)] for t in c["t_ns"]]
     assert 3.0 * agg.fleet.n_rows in set(c["delivered_kw"])  # the standby's own cycles, after it led
     assert journal.cycles_table(segs[1]).column("published").to_pylist()[0] == 1  # Parquet/export carry it
+
+
+def test_the_roster_is_taken_at_start_not_in_the_first_cycle(tmp_path, sockets):
+    """The journal's row -> id list (O(N): ~10 ms at 1M vehicles) is built by start(), off the control thread's
+    cycle: no cycle slices the fleet's node ids, and the segment's roster names every vehicle."""
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, journal={"enabled": True, "dir": str(jdir), "parquet": False}))
+    sliced_by: list[int] = []  # thread idents that sliced node_ids
+    cycle_threads: set[int] = set()
+
+    class Ids(list):
+        def __getitem__(self, k):
+            if isinstance(k, slice):
+                sliced_by.append(threading.get_ident())
+            return super().__getitem__(k)
+
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=4)
+        agg.fleet.node_ids = Ids(agg.fleet.node_ids)
+        agg.cycle_hooks.append(lambda *_: cycle_threads.add(threading.get_ident()))
+        agg.start()
+        try:
+            wait_until(lambda: agg.journal.calls >= 20, 10.0, what="20 cycles")
+        finally:
+            agg.stop()
+    assert cycle_threads and not cycle_threads & set(sliced_by)
+    (seg,) = [journal.read_segment(p) for p in jdir.glob("*.v2j")]
+    assert seg.rosters[agg.fleet.version]["node_ids"] == agg.fleet.node_ids[: agg.fleet.n_rows]
 
 
 def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverter):
