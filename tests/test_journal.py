@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from _plant import (
 from v2grt import journal
 from v2grt.aggregator import Aggregator
 from v2grt.config import ConfigError, config_from_dict, load_config
+from v2grt.leadership import LEADER, LeaderView
 from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "journal.md"
@@ -238,6 +240,93 @@ def test_segments_rotate_and_retention_removes_the_oldest(tmp_path, sockets):
     assert names[0] not in {p.name for p in jdir.glob("*.v2j")}
     assert not journal.parquet_paths(jdir / names[0])["cycles"].exists()
     assert agg.journal.counters.removed >= 1
+
+
+class _FakeElector:
+    """What the aggregator reads of v2grt.ha.Elector: a LeaderView the test replaces whole, as its thread does."""
+
+    def __init__(self):
+        self.view = LeaderView()  # standby, never elected
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, resign: bool = True) -> None:
+        pass
+
+    def snapshot(self, now_ns: int) -> dict:
+        return {"role": self.view.role, "epoch": self.view.epoch}
+
+
+def test_under_ha_each_cycle_records_its_epoch_whether_it_published_and_its_delivered_power(tmp_path, sockets):
+    """Standby, leader (epoch 7), standby, leader (epoch 9): each record carries the aggregator's epoch of its
+    cycle, `published` only while leading, that cycle's reported power; a segment per epoch, named by it."""
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, journal={"enabled": True, "dir": str(jdir), "parquet": False}))
+    fleet_kw = {}  # t_ns of each journaled cycle -> the vehicles' reported power summed in that cycle
+
+    def hook(agg, result, times):
+        j = agg.journal
+        t_ns = int(j._ring[(j._w - 1) % len(j._ring)]["t_ns"])  # the record this cycle just wrote
+        fleet_kw[t_ns] = float(agg.fleet.p_actual_kw[: agg.fleet.n_rows].sum())
+
+    def leading(epoch: int) -> LeaderView:
+        return LeaderView(role=LEADER, epoch=epoch, surely_valid_until_ns=time.monotonic_ns() + 10**12, lease_id=1,
+                          ttl_s=2)
+
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=3)
+        agg.ha, agg.epoch = _FakeElector(), 0  # as Aggregator does with an `ha` section: epoch 0 until elected
+        agg.cycle_hooks.append(hook)
+        agg.start()
+        try:
+            for view, p_kw in [(LeaderView(), 1.0), (leading(7), 2.0), (LeaderView(), 3.0), (leading(9), 4.0)]:
+                with agg._image_lock:  # no gateway reports: the test is the only writer of reported power
+                    agg.fleet.p_actual_kw[: agg.fleet.n_rows] = p_kw
+                agg.ha.view = view
+                calls = agg.journal.calls
+                wait_until(lambda c=calls: agg.journal.calls >= c + 10, 10.0, what="10 cycles")
+        finally:
+            agg.stop()
+    segs = sorted((journal.read_segment(p) for p in jdir.glob("*.v2j")), key=lambda s: s.cycles["t_ns"][0])
+    assert [s.header["epoch"] for s in segs] == [0, 7, 9]
+    for s in segs:
+        assert set(s.cycles["epoch"]) == {s.header["epoch"]} and s.path.name.endswith(f"-e{s.header['epoch']}.v2j")
+    c = np.concatenate([s.cycles for s in segs])
+    runs = [(int(e), int(p)) for e, p in zip(c["epoch"], c["published"])]
+    runs = [r for i, r in enumerate(runs) if i == 0 or r != runs[i - 1]]
+    assert runs == [(0, 0), (7, 1), (7, 0), (9, 1)]
+    assert [c["delivered_kw"][i] for i in range(len(c))] == [fleet_kw[int(t)] for t in c["t_ns"]]
+    assert 3.0 * agg.fleet.n_rows in set(c["delivered_kw"])  # the standby's own cycles, after it led
+    assert journal.cycles_table(segs[1]).column("published").to_pylist()[0] == 1  # Parquet/export carry it
+
+
+def test_the_roster_is_taken_at_start_not_in_the_first_cycle(tmp_path, sockets):
+    """The journal's row -> id list (O(N): ~10 ms at 1M vehicles) is built by start(), off the control thread's
+    cycle: no cycle slices the fleet's node ids, and the segment's roster names every vehicle."""
+    jdir = tmp_path / "j"
+    cfg = load_config(write_config(tmp_path, sockets, journal={"enabled": True, "dir": str(jdir), "parquet": False}))
+    sliced_by: list[int] = []  # thread idents that sliced node_ids
+    cycle_threads: set[int] = set()
+
+    class Ids(list):
+        def __getitem__(self, k):
+            if isinstance(k, slice):
+                sliced_by.append(threading.get_ident())
+            return super().__getitem__(k)
+
+    with logging_restored():
+        agg = Aggregator(cfg, epoch=4)
+        agg.fleet.node_ids = Ids(agg.fleet.node_ids)
+        agg.cycle_hooks.append(lambda *_: cycle_threads.add(threading.get_ident()))
+        agg.start()
+        try:
+            wait_until(lambda: agg.journal.calls >= 20, 10.0, what="20 cycles")
+        finally:
+            agg.stop()
+    assert cycle_threads and not cycle_threads & set(sliced_by)
+    (seg,) = [journal.read_segment(p) for p in jdir.glob("*.v2j")]
+    assert seg.rosters[agg.fleet.version]["node_ids"] == agg.fleet.node_ids[: agg.fleet.n_rows]
 
 
 def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverter):

@@ -270,6 +270,22 @@ def test_bad_messages_get_callerrors_are_counted_and_do_not_stop_the_gateway(sit
         gw.close()
 
 
+def test_callerror_counters_are_keyed_by_ocpp_rpc_error_codes_only(site):
+    """A CALLERROR code outside OCPP's RPC error-code set is counted as "Other": 1,000 invented codes
+    create one counter key, not 1,000 (state keyed only by known identities, DESIGN.md 12)."""
+    paths, fleet, _passwords = site
+    gw = start_gateway(paths, fleet)
+    try:
+        for i in range(1000):
+            gw.count_callerror(f"Invented{i}" + "x" * 500, "CS0001", "detail")
+        gw.count_callerror("SecurityError", "CS0001", "detail")
+        assert dict(gw.callerrors) == {"Other": 1000, "SecurityError": 1}
+        keys = {k for k in gw.counters() if k.startswith("callerror_")}
+        assert keys == {"callerror_Other", "callerror_SecurityError"}
+    finally:
+        gw.close()
+
+
 def test_unknown_stations_and_wrong_passwords_are_refused(site, tls):
     """An unknown station id (404), a wrong password, another station's password and no TLS are refused
     before the websocket opens; the refusals are counted by cause, not by id."""

@@ -184,7 +184,8 @@ class Aggregator:
         self._test: _TestDischarge | None = None
         self._inverter_fault = {site: False for _, site in self.inverters}
         self.last_result = None
-        self.delivered_kw = 0.0  # sum of the vehicles' reported power at the last publish, kW (+ discharge)
+        self.delivered_kw = 0.0  # sum of the vehicles' reported power this cycle, kW (+ discharge)
+        self.published = False  # this cycle's setpoints went out (False: a standby, or fenced by its lease)
         self.status: dict = {}
         self.first_cycle = threading.Event()
         self.telemetry_profile = "default"
@@ -409,9 +410,13 @@ class Aggregator:
 
     # phase 3: publish
     def _publish(self, result, now_ns: int) -> None:
+        self.published = False  # until this cycle's setpoints are sent (the journal records it)
         self.publisher.admit_subscriptions()  # security: each subscription checked against its key; else no-op
         if self.fleet.version != self._layout_version or self._frames is None:
             self._rebuild_layouts()
+        # once per cycle (~25 us at 100,000 vehicles), shared by the status message and the journal: before
+        # the HA check, so a standby's journal records this cycle's sum, not the one from when it last led
+        self.delivered_kw = float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())
         if self.ha is not None:
             # Self-fencing (docs/ha.md): read the clock now, after dispatch, and publish only while the lease
             # is surely valid; ha.margin_s covers the sends below. A standby publishes no status topic either:
@@ -432,6 +437,7 @@ class Aggregator:
         # result.estop: the flag the kernel ran with, so a flagged message always carries zeros
         for frame in frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n):
             self.publisher.send(frame)
+        self.published = True
         self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
 
     def _rebuild_layouts(self) -> None:
@@ -460,9 +466,7 @@ class Aggregator:
         log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._frames), self.seq)
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
-        n = self.fleet.n_rows
-        # once per cycle (~25 us at 100,000 vehicles), shared by the status message and the journal
-        self.delivered_kw = float(self.fleet.p_actual_kw[:n].sum())
+        # self.delivered_kw: computed by _publish this cycle
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason

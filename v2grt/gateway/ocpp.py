@@ -87,6 +87,14 @@ _HANDLER_LOG = _LibLogger()
 HANDLED_ACTIONS = ("BootNotification", "Heartbeat", "StatusNotification", "TransactionEvent", "MeterValues",
                    "NotifyEVChargingNeeds")
 
+#: OCPP-J RPC framework error codes (OCPP 2.0.1/2.1 part 4; 1.6's FormationViolation and the ocpp
+#: library's OccurenceConstraintViolation spelling too): the keys of ``callerrors``. Any other code is
+#: counted as "Other", so no counter key comes from a string the gateway did not choose (DESIGN.md 12).
+RPC_ERROR_CODES = frozenset({
+    "FormatViolation", "FormationViolation", "GenericError", "InternalError", "MessageTypeNotSupported",
+    "NotImplemented", "NotSupported", "OccurrenceConstraintViolation", "OccurenceConstraintViolation",
+    "PropertyConstraintViolation", "ProtocolError", "RpcFrameworkError", "SecurityError", "TypeConstraintViolation"})
+
 
 @dataclass
 class OcppSettings:
@@ -415,9 +423,10 @@ class OcppVehicles:
                     session.wake.set()
 
     def count_callerror(self, code: str, station: str, detail: str) -> None:
-        self.callerrors[code] += 1
+        key = code if code in RPC_ERROR_CODES else "Other"  # bounded keys, whatever the frame carried
+        self.callerrors[key] += 1
         self.events.emit("OCPP_CALLERROR", logging.WARNING, key=station, gateway=self.gateway_id, station=station,
-                         error=code, total=self.callerrors[code], msg=detail[:200])
+                         error=code[:60], total=self.callerrors[key], msg=detail[:200])
 
     def counters(self) -> dict[str, int]:
         """Plain counters for the stop log line and tests."""

@@ -28,8 +28,9 @@ REASON_NAMES = [Reason(c).name if c in Reason._value2member_map_ else f"CODE_{c}
 #: + = discharge into the grid for every power.
 CYCLE_FIELDS: list[tuple[str, str, str]] = [
     ("t_ns", "int64", "UTC wall-clock time of the cycle's publish, ns since the Unix epoch"),
-    ("epoch", "int64", "the scheduler's fencing epoch"),
+    ("epoch", "int64", "the scheduler's fencing epoch this cycle (HA: 0 until first elected)"),
     ("seq", "int64", "setpoint message sequence number of this cycle (as on the wire)"),
+    ("published", "uint8", "1: this cycle's setpoints went out; 0: not (an HA standby, or fenced by its lease)"),
     ("f_hz", "float64", "grid frequency the cycle used, Hz; NaN when the meter is stale or absent"),
     ("f_age_ms", "float64", "age of the meter sample when the cycle read it, ms; NaN when there is none"),
     ("frequency_stale", "uint8", "1 while the frequency is stale (response frozen or ramping out)"),

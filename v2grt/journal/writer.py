@@ -63,7 +63,7 @@ class Journal:
         self.cfg = cfg
         self.dir = Path(directory)
         self.fleet = fleet
-        self.epoch = epoch
+        self.epoch = epoch  # the open segment's epoch (each cycle records the aggregator's; a change starts a segment)
         self.fleet_id = fleet_id
         self.period_s = period_s
         self.events = events
@@ -137,7 +137,7 @@ class Journal:
         counts = result.nodes_per_reason
         inv = self._inv
         # one tuple assignment in CYCLE_FIELDS order (~1.5 us; field by field it was ~11 us)
-        rec = (t_ns, self.epoch, agg.seq, result.frequency_hz,
+        rec = (t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
                math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale, result.service_fraction,
                agg.dispatcher.capacity_kw, result.request_kw, result.target_kw, result.allocated_kw,
                agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
@@ -157,13 +157,7 @@ class Journal:
     def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
         fleet = self.fleet
         if fleet.version != self._version:  # churn (rare): the writer needs the new row -> id map
-            self._version = fleet.version
-            self._roster = (fleet.version, list(fleet.node_ids[:n]), fleet.site[:n].copy(), list(fleet.site_ids))
-            if -(-max(n, 1) // self._stripes) > self._vrows:
-                # the fleet outgrew the stripe slots (rare: churn): new arrays; the writer skips the
-                # stripes in flight, whose fleet version no longer matches the roster
-                self._size_vehicle_slots(n)
-            self._stripe_k = 0
+            self._take_roster(n)
         if n == 0:
             return
         if self._vw - self._vr >= self._vslots:  # writer stalled: skip this stripe (the next sweep has it)
@@ -184,6 +178,18 @@ class Journal:
         self._vw += 1
         self._stripe_k = 0 if b >= n else self._stripe_k + 1
 
+    def _take_roster(self, n: int) -> None:
+        """The row -> id map for the writer: O(n) (~10 ms at 1M vehicles), so start() takes it before the first
+        cycle; record() takes it again only after churn (Fleet.add/remove, rare; no hook there to take it sooner)."""
+        fleet = self.fleet
+        self._version = fleet.version
+        self._roster = (fleet.version, list(fleet.node_ids[:n]), fleet.site[:n].copy(), list(fleet.site_ids))
+        if -(-max(n, 1) // self._stripes) > self._vrows:
+            # the fleet outgrew the stripe slots (rare: churn): new arrays; the writer skips the
+            # stripes in flight, whose fleet version no longer matches the roster
+            self._size_vehicle_slots(n)
+        self._stripe_k = 0
+
     def cost_samples_ns(self) -> np.ndarray:
         """The control-thread cost of the newest record() calls (up to 4096), ns."""
         k = min(self.calls, len(self.cost_ns))
@@ -202,7 +208,10 @@ class Journal:
 
     # ----------------------------------------------------------------- writer thread
     def start(self) -> None:
+        """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.vehicles:
+            self._take_roster(self.fleet.n_rows)
         self._recover()
         self._thread = threading.Thread(target=self._main, name="v2grt-journal", daemon=True)
         self._thread.start()
@@ -265,17 +274,25 @@ class Journal:
 
     def _write(self, cycles: np.ndarray, stripes: list) -> None:
         while len(cycles) or stripes:
-            if self._fh is None or (len(cycles) and cycles["t_ns"][0] >= self._seg_end_ns) or (
+            # a new segment at the rotation time, and whenever the epoch changes (HA: elected, or a new
+            # leader's epoch): each segment holds one epoch, the one its name and header carry
+            if self._fh is None or (len(cycles) and (cycles["t_ns"][0] >= self._seg_end_ns
+                                                     or cycles["epoch"][0] != self.epoch)) or (
                     not len(cycles) and stripes and stripes[0][0][0] >= self._seg_end_ns):
                 self._seal()
                 t_first = int(cycles["t_ns"][0]) if len(cycles) else int(stripes[0][0][0])
-                self._open(t_first)
-            k = int(np.searchsorted(cycles["t_ns"], self._seg_end_ns)) if len(cycles) else 0
+                self._open(t_first, int(cycles["epoch"][0]) if len(cycles) else self.epoch)
+            end_ns = self._seg_end_ns
+            k = int(np.searchsorted(cycles["t_ns"], end_ns)) if len(cycles) else 0
+            other = np.flatnonzero(cycles["epoch"][:k] != self.epoch)
+            if len(other):  # the epoch changes here: the rest, and the stripes from its time on, go to the next
+                k = int(other[0])
+                end_ns = int(cycles["t_ns"][k])
             if k:
                 self._append(frame(CYCLES, cycles[:k].tobytes()))
                 self.counters.records += k
                 cycles = cycles[k:]
-            while stripes and stripes[0][0][0] < self._seg_end_ns:
+            while stripes and stripes[0][0][0] < end_ns:
                 meta, i = stripes.pop(0)
                 self._write_stripe(meta, i)
         now = time.monotonic()
@@ -324,7 +341,8 @@ class Journal:
         self._site_of_row = np.asarray(site, np.int64)
         self._n_sites = len(site_ids)
 
-    def _open(self, t_ns: int) -> None:
+    def _open(self, t_ns: int, epoch: int) -> None:
+        self.epoch = epoch
         rotate_ns = int(self.cfg.rotate_s * 1e9)
         start = t_ns - t_ns % rotate_ns
         self._seg_end_ns = start + rotate_ns
