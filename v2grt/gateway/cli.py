@@ -33,6 +33,29 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 log = logging.getLogger("v2grt.gateway")
 
 
+def _stop_on_signals():
+    """A stop flag that SIGINT and SIGTERM set (a SignalFlag, not threading.Event: its set() takes a lock that
+    a second signal arriving inside it would deadlock on)."""
+    from v2grt.service import SignalFlag
+
+    stop = SignalFlag()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def _run_until_stopped(core, stop) -> None:
+    """Run the gateway core until `stop`; it returns with every node at 0 kW and its sockets closed.
+
+    Stopping already: more signals (a dying parent and Ctrl-C together) are ignored from then on. With the
+    handler left in place, interpreter shutdown would reset it to the default and a late signal would kill
+    the process (exit -15) before its last words (test_gateway.py::test_signal_storm_still_exits).
+    """
+    core.run(stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def cmd_sim(args) -> int:
     """Run one simulated gateway until SIGTERM/SIGINT."""
     import zmq
@@ -43,13 +66,10 @@ def cmd_sim(args) -> int:
     from v2grt.gateway.sim import SimVehicles, gateway_fleet
     from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
-    from v2grt.service import SignalFlag
     from v2grt.sim.battery import SimError
 
     setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = SignalFlag()  # not threading.Event: its set() takes a lock a second signal would deadlock on
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    stop = _stop_on_signals()
     events = EventLog(interval_s=args.event_interval_s)
     try:
         fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
@@ -81,11 +101,7 @@ def cmd_sim(args) -> int:
         log.info("GATEWAY_START gateway=%s vehicles=%d online=%d firmware_rejects_discharge=%d setpoints=%s "
                  "telemetry=%s telemetry_interval_s=%g", args.gateway_id, len(vehicles.node_ids), int(s.online.sum()),
                  int(s.firmware_rejects_discharge.sum()), args.setpoints, args.telemetry, args.telemetry_interval_s)
-        core.run(stop)  # returns with every vehicle at 0 kW and the sockets closed
-        # Stopping already: more signals (a dying parent and Ctrl-C together) are ignored. With the handler
-        # left in place, interpreter shutdown would reset it to the default and a late one kill the process.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+        _run_until_stopped(core, stop)
         if args.state_out:
             vehicles.write_state(args.state_out)
         counters = " ".join(f"{k}={v}" for k, v in core.counters().items())
@@ -110,12 +126,9 @@ def cmd_ocpp(args) -> int:
     from v2grt.gateway.sim import gateway_fleet
     from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
-    from v2grt.service import SignalFlag
 
     setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = SignalFlag()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    stop = _stop_on_signals()
     events = EventLog(interval_s=args.event_interval_s)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -164,7 +177,7 @@ def cmd_ocpp(args) -> int:
                  "telemetry=%s deadband_kw=%g resync_s=%g max_offline_s=%d", args.gateway_id,
                  len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}), host, vehicles.port,
                  tls is not None, args.setpoints, args.telemetry, args.deadband_kw, args.resync_s, args.max_offline_s)
-        core.run(stop)  # returns with every node at 0 kW (handed to the stations) and the sockets closed
+        _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
         vehicles.close()  # sends what is still due (the zeros), then closes every station
         counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
         log.info("GATEWAY_STOP gateway=%s kind=ocpp %s", args.gateway_id, counters)
@@ -187,12 +200,9 @@ def cmd_sunspec(args) -> int:
     from v2grt.gateway.sunspec import SunSpecChargers, SunSpecSettings
     from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
-    from v2grt.service import SignalFlag
 
     setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = SignalFlag()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    stop = _stop_on_signals()
     events = EventLog(interval_s=args.event_interval_s)
     try:
         fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
@@ -222,7 +232,7 @@ def cmd_sunspec(args) -> int:
         log.info("GATEWAY_START gateway=%s kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g "
                  "revert_s=%d deadband_kw=%g", args.gateway_id, len(vehicles.node_ids), args.setpoints,
                  args.telemetry, args.poll_s, args.revert_s, args.deadband_kw)
-        core.run(stop)  # returns with every node at 0 kW (handed to the pollers) and the sockets closed
+        _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
         vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
         counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
         log.info("GATEWAY_STOP gateway=%s kind=sunspec %s", args.gateway_id, counters)
