@@ -22,7 +22,7 @@ from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
 from v2grt.io import bus, wire
 from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
-from v2grt.testing import LogLines, wait_until
+from v2grt.testing import LogLines, short_ids, wait_until
 
 PERIOD_S = 0.02
 
@@ -477,19 +477,6 @@ def test_setup_report_names_the_kernel_build_after_the_rt_steps(make_aggregator)
 # --- the receive path under hostile input (issue 10) ------------------------------------------------
 
 
-def short_ids(n: int) -> bytes:
-    """``n`` distinct ids of 1-4 base-62 characters: as many ids as a 4 MiB frame can carry."""
-    digits = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    out = []
-    for i in range(n):
-        s = bytearray()
-        while True:
-            s.append(digits[i % 62])
-            i //= 62
-            if not i:
-                break
-        out.append(bytes(s))
-    return b"\x00".join(out)
 
 
 def push_socket(agg):

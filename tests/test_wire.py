@@ -16,6 +16,7 @@ from v2grt.codes import Reason
 from v2grt.fleet import COLUMN_BY_NAME
 from v2grt.io import wire
 from v2grt.io.wire import WireError
+from v2grt.testing import short_ids
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire.md"
 IDS3 = ["EV1", "EV2", "EV3"]
@@ -63,19 +64,6 @@ def telemetry_map(**changes) -> dict:
     return m
 
 
-def short_ids(n: int) -> bytes:
-    """An ids blob of ``n`` distinct 1-4 character ids (base 62): the most ids a 4 MiB frame can hold."""
-    digits = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
-    out = []
-    for i in range(n):
-        s = bytearray()
-        while True:
-            s.append(digits[i % 62])
-            i //= 62
-            if not i:
-                break
-        out.append(bytes(s))
-    return b"\x00".join(out)
 
 
 def code_of(fn, *args, **kwargs) -> WireError:

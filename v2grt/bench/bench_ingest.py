@@ -36,25 +36,13 @@ from v2grt.bench._common import (
     source_state,
     table,
 )
+from v2grt.testing import short_ids
 
 T_NS = 1_700_000_000_000_000_000
 SCENARIOS = ("idle", "hostile_unknown_gw", "hostile_roster_gw", "too_many_nodes", "new_gw_1mb_ids",
              "legit_setpoint_order", "legit_one_other_order", "legit_new_order_each")
 
 
-def short_ids(n: int) -> bytes:
-    """``n`` distinct ids of 1-4 base-62 characters, NUL-joined: the most ids 4 MiB can carry."""
-    digits = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    out = []
-    for i in range(n):
-        s = bytearray()
-        while True:
-            s.append(digits[i % 62])
-            i //= 62
-            if not i:
-                break
-        out.append(bytes(s))
-    return b"\x00".join(out)
 
 
 def frames_for(scenario: str, messages: int, big: list[str]) -> list[bytes]:
