@@ -89,6 +89,14 @@ def _segment_bytes(tmp_path: Path) -> tuple[Path, list[int]]:
     return path, ends
 
 
+
+def clear_of_the_hourly_rotation(run_s: float = 10.0) -> None:
+    """Wait, if need be, until a run of `run_s` seconds cannot cross a UTC hour, where the journal starts a new
+    segment (rotate_s 3600, aligned to the clock): the tests that read one segment would see two."""
+    left_s = 3600.0 - time.time() % 3600.0
+    if left_s < run_s:
+        time.sleep(left_s + 0.5)
+
 def test_a_torn_or_corrupt_frame_is_never_read(tmp_path):
     """Cut at every byte of the last frame, or one flipped bit, leaves exactly the whole frames before it."""
     path, ends = _segment_bytes(tmp_path)
@@ -315,6 +323,7 @@ def test_the_roster_is_taken_at_start_not_in_the_first_cycle(tmp_path, sockets):
                 sliced_by.append(threading.get_ident())
             return super().__getitem__(k)
 
+    clear_of_the_hourly_rotation()
     with logging_restored():
         agg = Aggregator(cfg, epoch=4)
         agg.fleet.node_ids = Ids(agg.fleet.node_ids)
@@ -337,6 +346,7 @@ def test_export_an_interval_as_parquet_and_csv(tmp_path, sockets, meter, inverte
     jdir = tmp_path / "j"
     cfg = load_config(write_config(tmp_path, sockets, meter_port=port, inverter_port=inv_port,
                                    journal={"enabled": True, "dir": str(jdir)}))
+    clear_of_the_hourly_rotation()
     with logging_restored():
         agg = Aggregator(cfg, epoch=5)
         agg.start()
