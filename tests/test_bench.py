@@ -115,6 +115,8 @@ def test_qualify_verdict_names_the_rule_that_fails():
 
     assert verdict(target, loop, cycle(5.0, 9.0), e2e)["verdict"] == "HOLDS"
     assert verdict(target, loop, cycle(80.0, 90.0), e2e)["verdict"] == "HOLDS, NARROWLY"
+    tight = verdict(target, loop, cycle(5.0, 9.0), {"latency": {"p99_ms": 109.0}, "timeouts": 0})
+    assert tight["verdict"] == "HOLDS, NARROWLY" and tight["margin_e2e"] == pytest.approx(0.1)
     bad = verdict(target, loop, cycle(5.0, 9.0, missed=1), e2e)
     assert bad["verdict"] == "DOES NOT HOLD" and not bad["rules"][0]["met"] and all(r["met"] for r in bad["rules"][1:])
     slow = verdict(target, loop, cycle(5.0, 9.0), {"latency": {"p99_ms": 130.0}, "timeouts": 0})
