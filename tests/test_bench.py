@@ -68,6 +68,61 @@ def test_bench_e2e_json():
     assert row["split_mean_ms"].keys() == {"meter", "wait", "cycle", "delivery"}
 
 
+def test_bench_qualify_json(tmp_path):
+    """bench qualify --smoke measures all four parts, inspects the host, gives a verdict and writes json and png."""
+    out = tmp_path / "q"
+    r = bench("qualify", "--smoke", "--out", str(out))
+    assert r["smoke"] and r["sentence"].startswith("SMOKE RUN, NOT A QUALIFICATION")
+    assert (r["target"]["vehicles"], r["target"]["gateways"]) == (1000, 4)
+    assert r["loop"]["v2grt"]["n"] > 0 and r["kernel"]["kernel"]["n"] == 20 and r["kernel"]["kernel_over_roofline"] > 0
+    assert r["cycle"]["phases"]["total"]["n"] >= 5 and r["cycle"]["setpoint_frames_received"] > 0
+    assert r["e2e"]["arrived"] == 3
+    assert {f["check"] for f in r["host"]} >= {"preemption", "sched_fifo", "cpu_isolation", "irq_affinity", "smt",
+                                                "cpu_governor", "rt_throttling", "memlock"}
+    assert r["verdict"] in ("HOLDS", "HOLDS, NARROWLY", "DOES NOT HOLD") and len(r["rules"]) == 4
+    assert json.loads((out / "qualify.json").read_text())["verdict"] == r["verdict"]
+    assert (out / "qualify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qualify_reads_size_gateways_and_realtime_from_the_config(tmp_path):
+    """The target is the roster's rows and gateway ids, the config's period, poll, journal and real-time settings."""
+    from v2grt.bench.bench_qualify import target_from_config
+    from v2grt.fleet import Fleet
+
+    roster = ROOT / "tests" / "data" / "roster_small.csv"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"period_s: 0.05\nbudget_s: 0.04\nfleet: {{roster: {roster}}}\n"
+                   "realtime: {sched_fifo_priority: 60, cpu_affinity: [1]}\nmeter: {poll_interval_s: 0.002}\n")
+    fleet = Fleet.from_csv(roster)
+    t = target_from_config(str(cfg), None, None)
+    assert (t["vehicles"], t["gateways"]) == (len(fleet), len(fleet.gateway_ids))
+    assert (t["period_ms"], t["budget_ms"], t["poll_ms"]) == (50.0, 40.0, 2.0)
+    assert (t["sched_fifo_priority"], t["cpu_affinity"], t["journal"]) == (60, [1], False)
+    cfg.write_text("fleet: {random: 12000}\n")
+    assert target_from_config(str(cfg), None, None)["gateways"] == 24  # one per 500, as Fleet.random makes them
+
+
+def test_qualify_verdict_names_the_rule_that_fails():
+    """A missed deadline, or a p99 eating the budget, turns the verdict; a thin margin says narrowly."""
+    from v2grt.bench.bench_qualify import verdict
+
+    target = {"period_ms": 100.0, "budget_ms": 100.0, "vehicles": 10, "gateways": 1}
+    loop = {"v2grt": {"p99_us": 200, "max_us": 900}}
+    e2e = {"latency": {"p99_ms": 80.0}, "timeouts": 0}
+
+    def cycle(p99, mx, missed=0):
+        return {"phases": {"total": {"p99_ms": p99, "max_ms": mx}}, "missed_deadlines": missed}
+
+    assert verdict(target, loop, cycle(5.0, 9.0), e2e)["verdict"] == "HOLDS"
+    assert verdict(target, loop, cycle(80.0, 90.0), e2e)["verdict"] == "HOLDS, NARROWLY"
+    tight = verdict(target, loop, cycle(5.0, 9.0), {"latency": {"p99_ms": 109.0}, "timeouts": 0})
+    assert tight["verdict"] == "HOLDS, NARROWLY" and tight["margin_e2e"] == pytest.approx(0.1)
+    bad = verdict(target, loop, cycle(5.0, 9.0, missed=1), e2e)
+    assert bad["verdict"] == "DOES NOT HOLD" and not bad["rules"][0]["met"] and all(r["met"] for r in bad["rules"][1:])
+    slow = verdict(target, loop, cycle(5.0, 9.0), {"latency": {"p99_ms": 130.0}, "timeouts": 0})
+    assert slow["verdict"] == "DOES NOT HOLD" and not slow["rules"][3]["met"]
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")

@@ -85,12 +85,15 @@ def publish_breakdown(agg, reps: int = 7) -> dict:
             "send_ms": max(whole - nosend, 0.0)}
 
 
-def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int, journal: bool = False) -> dict:
+def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int, journal: bool = False,
+            cpu: int | None = None, samples: bool = False) -> dict:
+    """One (nodes, gateways) pair; `cpu` pins the control thread; `samples` adds the per-cycle total times
+    (ns) under "total_ns" (bench qualify draws them)."""
     fleet = Fleet.random(n, seed=0, n_gateways=gateways, now_ns=time.monotonic_ns())
     jdir = tempfile.mkdtemp(prefix="v2grt-bench-journal-")
     with World() as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, priority=priority,
-                                hwm=catch_all_hwm(gateways))
+                                cpu=cpu, hwm=catch_all_hwm(gateways))
         # Parquet conversion off: it runs in its own process at rotation, not in this measurement
         cfg.journal.enabled, cfg.journal.dir, cfg.journal.parquet = journal, jdir, False
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
@@ -127,7 +130,8 @@ def measure(n: int, gateways: int, cycles: int, period_s: float, priority: int, 
     frames = rx1["sp_frames"] - rx0["sp_frames"]
     nbytes = rx1["sp_bytes"] - rx0["sp_bytes"]
     ph = {m: stats_ms(w) for m, w in window.items()}
-    return {
+    extra = {"total_ns": [int(x) for x in window["total"]]} if samples else {}
+    return {**extra,
         "nodes": n, "gateways": gateways, "cycles": int(k), "elapsed_s": elapsed, "journal": journal,
         "journal_counters": journal_counters,
         "phases": ph,

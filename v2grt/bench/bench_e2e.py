@@ -98,12 +98,14 @@ def split(trials: list[dict], seen, records) -> dict[str, list[int]]:
 
 
 def measure(period_ms: float, poll_ms: float, n: int, gateways: int, trials: int, priority: int,
-            seed: int) -> dict:
+            seed: int, cpu: int | None = None, samples: bool = False) -> dict:
+    """One PERIOD_MS/POLL_MS config; `cpu` pins the control thread; `samples` adds each trial's latency (ns)
+    under "latency_ns" (bench qualify draws them)."""
     period_s = period_ms / 1e3
     fleet = Fleet.random(n, seed=0, n_gateways=gateways, now_ns=time.monotonic_ns())
     with World(meter_model=213) as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, poll_s=poll_ms / 1e3,
-                                priority=priority, hwm=catch_all_hwm(gateways))
+                                priority=priority, cpu=cpu, hwm=catch_all_hwm(gateways))
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         keep_fresh(agg)
         seen = agg.meter.latest = _FirstSeen()  # instrumentation only: same cell, times of first reads
@@ -128,7 +130,8 @@ def measure(period_ms: float, poll_ms: float, n: int, gateways: int, trials: int
     parts = split(done, seen.changes, timer.records)
     target_ms = period_ms + 10.0
     e2e = stats_ms(lat)
-    return {
+    extra = {"latency_ns": [int(x) for x in lat]} if samples else {}
+    return {**extra,
         "period_ms": period_ms, "poll_ms": poll_ms, "trials": trials, "arrived": len(done),
         "timeouts": trials - len(done),
         "latency": e2e,
