@@ -131,6 +131,29 @@ def test_bench_soak_json():
     assert r["telemetry"]["rejected"] == 0
 
 
+def test_bench_soak_sweep_reports_the_highest_rate_sustained():
+    """bench soak --rates runs one soak per rate and names the highest one that held every rule."""
+    r = bench("soak", "--smoke", "--rates", "1000,2000")
+    assert r["mode"] == "sweep" and [x["rate_asked"] for x in r["results"]] == [1000.0, 2000.0]
+    assert all(x["batches_sent"] > 0 and x["cycles"] > 0 for x in r["results"])
+    ok = [x["rate_sent"] for x in r["results"] if x["sustained"]["ok"]]
+    assert r["highest_sustained_rate"] == (max(ok) if ok else None)
+
+
+def test_soak_sustained_rules_each_can_fail():
+    """A missed deadline, an unapplied batch, a generator short of the rate or a stale meter each fail the rate."""
+    from v2grt.bench.bench_soak import sustained
+
+    good = dict(missed=0, overruns=0, sent=1000, received=995, rejected=0, sent_rate=500_000.0, asked_rate=500_000.0,
+                gateways=200, meter_age={"max_ms": 60.0})
+    assert sustained(**good)["ok"]
+    for change, rule in [({"missed": 1}, "no_missed_deadline"), ({"received": 700}, "all_batches_applied"),
+                         ({"rejected": 1}, "all_batches_applied"), ({"sent_rate": 400_000.0}, "generator_reached_rate"),
+                         ({"meter_age": {"max_ms": 1500.0}}, "meter_stayed_fresh")]:
+        r = sustained(**{**good, **change})
+        assert not r["ok"] and not r["rules"][rule], change
+
+
 def test_bench_fuzz_smoke_json():
     """bench fuzz --smoke attacks a real `v2grt run` with every kind and reports goals, refusals and survival."""
     from v2grt.bench.bench_fuzz import KINDS

@@ -215,13 +215,17 @@ class World:
     the child's counters (setpoint frames and bytes received, telemetry batches sent, ...).
     """
 
-    def __init__(self, meter_model: int = 213, f_hz: float = 50.0):
+    def __init__(self, meter_model: int | None = 213, f_hz: float = 50.0):
+        """meter_model None: no meter (a process that only pushes telemetry, so a high telemetry rate does not
+        starve the meter server of its own process's GIL: `bench soak` runs its load in one of these)."""
         import subprocess
 
         code = "from v2grt.bench._common import world_main; world_main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1, env=child_env())
-        self.meter_port = self.call("meter", model=meter_model, f_hz=f_hz)["port"]
+        self.meter_port = None
+        if meter_model is not None:
+            self.meter_port = self.call("meter", model=meter_model, f_hz=f_hz)["port"]
 
     def call(self, cmd: str, **args) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
