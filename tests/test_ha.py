@@ -216,6 +216,73 @@ def test_a_member_answering_503_listed_first_does_not_block_the_healthy_one(etcd
         sick2.close()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from v2grt.testing import write_test_pki
+
+    return write_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_the_etcd_client_speaks_tls_with_a_client_certificate_and_is_refused_without_one(pki, tmp_path):
+    """etcd with --client-cert-auth on https: with the CA and a client certificate the client leases, campaigns,
+    watches and revokes; without a client certificate every call fails naming the URL (a TLS alert)."""
+    from v2grt.etcd import tls_context
+
+    with EtcdMember(tmp_path / "etcd", tls=pki) as member:
+        assert member.url.startswith("https://127.0.0.1:")
+        c = EtcdClient([member.url], ssl_context=tls_context(str(pki["ca"]), str(pki["client_cert"]),
+                                                             str(pki["client_key"])))
+        lease, _ttl = c.grant(1)
+        created, kv = c.create_or_get("/k", "a", lease)
+        assert created and c.keepalive(lease) == 1
+        revoker = threading.Timer(0.2, lambda: c.revoke(lease))
+        revoker.start()
+        assert c.watch_delete("/k", kv.create_revision + 1, 2.0)  # the stream over TLS sees the deletion
+        revoker.join()
+        anonymous = EtcdClient([member.url], timeout_s=0.5, ssl_context=tls_context(str(pki["ca"])))
+        with pytest.raises(EtcdError, match=rf"no endpoint answered \({member.url}: SSL\w*Error"):
+            anonymous.grant(1)
+        with pytest.raises(EtcdError, match=r"CERTIFICATE_VERIFY_FAILED"):  # etcd's certificate, no CA trusted
+            EtcdClient([member.url], timeout_s=0.5).grant(1)
+
+
+def test_an_elector_from_an_ha_config_with_tls_leads_through_etcd_over_https(pki, tmp_path):
+    """`ha` with https:// URLs and tls_ca_file, tls_cert_file, tls_key_file: Elector.from_config leads."""
+    with EtcdMember(tmp_path / "etcd", tls=pki) as member:
+        cfg = config_from_dict({**BASE, "period_s": 0.05, "budget_s": 0.05, "ha": {
+            "etcd": [member.url], "lease_ttl_s": 1, "name": "tls", "poll_s": 0.02, "tls_ca_file": str(pki["ca"]),
+            "tls_cert_file": str(pki["client_cert"]), "tls_key_file": str(pki["client_key"])}})
+        e = Elector.from_config(cfg)
+        e.start()
+        try:
+            wait_until(lambda: e.view.may_publish(time.monotonic_ns()), 10.0, "the TLS elector leads")
+            assert e.client.tls and e.etcd_errors == 0
+        finally:
+            e.stop()
+
+
+def test_the_ha_tls_keys_are_validated_naming_key_file_and_expectation(pki, tmp_path):
+    """https with a key readable by others, a certificate without its key, tls_* with http://, a missing file:
+    each refused naming the key and what is expected."""
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki["client_key"].read_bytes())
+    loose.chmod(0o644)
+    https = {"etcd": ["https://127.0.0.1:2379"]}
+    cases = [
+        ({**https, "tls_cert_file": str(pki["client_cert"]), "tls_key_file": str(loose)},
+         r"ha\.tls_key_file=.*has mode 0644; a private key must be readable by its owner only \(chmod 0600\)"),
+        ({**https, "tls_cert_file": str(pki["client_cert"])}, r"ha\.tls_cert_file is set without ha\.tls_key_file"),
+        ({"etcd": ["http://127.0.0.1:2379"], "tls_ca_file": str(pki["ca"])},
+         r"ha\.tls_ca_file is set but ha\.etcd uses http://; expected https://"),
+        ({"etcd": ["http://a:2379", "https://b:2379"]}, r"mixes http:// and https://"),
+        ({**https, "tls_ca_file": str(tmp_path / "nope.pem")}, r"ha\.tls_ca_file=.*cannot read .*nope\.pem"),
+    ]
+    for ha, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({**BASE, "ha": ha})
+    assert config_from_dict({**BASE, "ha": {**https, "tls_ca_file": str(pki["ca"])}}).ha.tls_ca_file
+
+
 # ------------------------------------------------------------------------------------------- election
 def test_an_elector_without_etcd_retries_at_its_pace_and_never_leads():
     """etcd refusing at once: the elector asks again every retry_s (not in a tight loop) and stays a standby."""

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 
-from v2grt.etcd import EtcdClient, EtcdError, KeyValue
+from v2grt.etcd import EtcdClient, EtcdError, KeyValue, tls_context
 from v2grt.events import EventLog
 from v2grt.leadership import LEADER, Election, LeaderView
 
@@ -109,7 +109,11 @@ class Elector:
         election = Election(ha.lease_ttl_s, clock_error=ha.clock_error,
                             margin_s=cfg.budget_s if ha.margin_s is None else ha.margin_s, poll_s=ha.poll_s)
         # A request may take a quarter TTL: a keep-alive that hangs longer is retried, not waited for.
-        client = EtcdClient(ha.etcd, timeout_s=min(0.5, ha.lease_ttl_s / 4))
+        context = None
+        if ha.etcd[0].startswith("https:"):  # files checked by the config (v2grt.config._check_ha)
+            context = tls_context(*(str(cfg.resolve(f)) if f else None
+                                    for f in (ha.tls_ca_file, ha.tls_cert_file, ha.tls_key_file)))
+        client = EtcdClient(ha.etcd, timeout_s=min(0.5, ha.lease_ttl_s / 4), ssl_context=context)
         name = ha.name or f"{socket.gethostname()}:{os.getpid()}"
         return cls(client, leader_key(ha.key_prefix, cfg.fleet_id), name, election, events=events, peers=ha.peers,
                    period_s=cfg.period_s)
