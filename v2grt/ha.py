@@ -160,6 +160,10 @@ class Elector:
         el, clock = self.election, self.clock
         before = el.role
         try:
+            # first: once the control thread has published its last cycle, the revoke must not wait behind a
+            # keep-alive that fails (etcd away: it is retried at every step until it goes through or the lease ends)
+            if self._handover is not None and (self.resigning or clock() >= self._handover.next_ns):
+                self._lead_handover(clock())
             if not el.lease_id:
                 if clock() >= el.next_grant_ns:
                     sent = clock()
@@ -194,8 +198,6 @@ class Elector:
                     offer = c.also.get(self.handover_key)
                     if offer is not None and el.role != LEADER and kv is not None:
                         self._take_over(offer, kv, c.revision)
-            if self._handover is not None and clock() >= self._handover.next_ns:
-                self._lead_handover(clock())
         except EtcdError as exc:
             el.failed(clock())
             self.etcd_errors += 1
