@@ -204,6 +204,8 @@ def test_a_standby_hears_the_gateway_publishes_nothing_and_after_kill_9_takes_ov
     assert late == 0 and watcher.fenced == 0
     assert gap_s < TTL_S + 1.0  # lease TTL + etcd's expiry scan + a poll + a period, on a loaded machine
     assert st_b_leading["never_heard"] == 8  # warm: the new leader had heard gw1 before it led
+    start = log_lines(f.configs["b"].with_suffix(".stderr"), "START")  # the foreground process logs to stderr
+    assert start and "epoch=etcd" in start[0] and "ha_name=b role=standby-until-elected" in start[0], start
 
 
 def test_a_planned_handover_moves_leadership_with_a_gap_under_one_period(tmp_path, etcd):
