@@ -192,8 +192,8 @@ def test_the_etcd_client_names_every_endpoint_that_failed():
         port = s.getsockname()[1]
     with pytest.raises(EtcdError, match=rf"no endpoint answered.*127.0.0.1:{port}.*ConnectionRefused"):
         EtcdClient([f"http://127.0.0.1:{port}"], timeout_s=0.2).grant(1)
-    with pytest.raises(ValueError, match=r"'https://x:1'.*expected http://host:port"):
-        EtcdClient(["https://x:1"])
+    with pytest.raises(ValueError, match=r"'ftp://x:1'.*expected http://host:port or https://host:port"):
+        EtcdClient(["ftp://x:1"])
 
 
 def test_a_member_answering_503_listed_first_does_not_block_the_healthy_one(etcd):
