@@ -636,7 +636,11 @@ def test_a_sigstopped_leader_process_wakes_up_and_publishes_nothing(etcd, tmp_pa
         procs.append(start_aggregator(configs["a"][0]))
         wait_until(lambda: sub.recv(timeout_ms=50) is not None, 30.0, "A publishes")
         procs.append(start_aggregator(configs["b"][0]))
-        drain(2.0)  # B has started and stays a standby
+        # B has started (its candidate key is in etcd: a loaded machine took over 2 s to start it) and stays a standby
+        candidate_b = EtcdClient([etcd.url])
+        wait_until(lambda: drain(0.1) or candidate_b.get("/v2grt/fleets/plant/candidates/b") is not None, 30.0,
+                   "B registered as a candidate")
+        drain(0.5)
         epoch_a = admitted[-1]
         assert set(admitted) == {epoch_a}
         procs[0].send_signal(signal.SIGSTOP)
