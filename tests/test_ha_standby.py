@@ -299,3 +299,28 @@ def test_a_handover_the_standby_never_confirms_is_abandoned_and_the_leader_leads
     assert HANDOVER_TIMEOUT_S <= took_s < HANDOVER_TIMEOUT_S + 1.0
     assert stopped == 0 and still_leading  # it published throughout, with the same epoch
     assert offer_left is None  # the offer is withdrawn (while the lease it was bound to lives on)
+
+
+def test_a_second_aggregator_with_the_same_ha_name_is_reported(etcd):
+    """Two candidates named alike: the second to register says HA_NAME_TAKEN (once); the first does not."""
+    from v2grt.etcd import EtcdClient
+    from v2grt.events import EventLog
+    from v2grt.ha import Elector, leader_key
+    from v2grt.leadership import Election
+
+    electors = []
+    for _ in range(2):
+        events = EventLog(interval_s=0.0)
+        electors.append((Elector(EtcdClient([etcd.url]), leader_key("/v2grt/fleets/", "t"), "same",
+                                 Election(1, clock_error=0.01, margin_s=0.1, poll_s=0.02), events=events), events))
+    first, second = electors
+    first[0].start()
+    try:
+        wait_until(lambda: first[0].candidates == ["same"], 10.0, "the first registered")
+        second[0].start()
+        wait_until(lambda: second[1].counts.get("HA_NAME_TAKEN"), 10.0, "HA_NAME_TAKEN on the second")
+        time.sleep(0.3)
+    finally:
+        for e, _ in electors:
+            e.stop()
+    assert second[1].counts["HA_NAME_TAKEN"] == 1 and not first[1].counts.get("HA_NAME_TAKEN")

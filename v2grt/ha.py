@@ -182,8 +182,14 @@ class Elector:
                 if el.role == LEADER or not el.lease_id:
                     el.next_campaign_ns = 0  # a leader checks the key is still its own at every renewal
             if el.lease_id and not self._registered:  # a candidate the others (and a handover) can name
-                self.client.put(self.candidate_key, self.name, el.lease_id)
+                created, kv = self.client.create_or_get(self.candidate_key, self.name, el.lease_id)
                 self._registered = True
+                if not created and kv is not None and kv.lease != el.lease_id:
+                    # another live aggregator has this ha.name: a handover to it, and the `leader` shown, would
+                    # be ambiguous. Said once per lease; leadership itself is still decided by the leases.
+                    self.events.emit("HA_NAME_TAKEN", logging.ERROR, key=self.candidate_key, name=self.name,
+                                     message="another aggregator of this fleet is registered under the same ha.name:"
+                                             " give each its own (a handover names its target by it)")
             if el.lease_id and clock() >= el.next_campaign_ns:
                 c = self.client.campaign(self.key, self.name, el.lease_id, also=(self.handover_key,),
                                          prefix=self.candidates_prefix)
