@@ -35,6 +35,11 @@ class KeyValue:
     lease: int
 
 
+#: The most keys a campaign reads under its prefix (the candidates: a fleet has a few aggregators); a bound on the
+#: work of each poll whatever else is written there.
+MAX_UNDER_PREFIX = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Campaign:
     """What one campaign transaction found: created (we hold the key now) or the holder, plus the extra reads."""
@@ -196,7 +201,8 @@ class EtcdClient:
         k = _b64(key)
         reads = [{"requestRange": {"key": k}}] + [{"requestRange": {"key": _b64(a)}} for a in also]
         if prefix is not None:
-            reads.append({"requestRange": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}})
+            reads.append({"requestRange": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                           "limit": str(MAX_UNDER_PREFIX)}})
         r = self.call("kv/txn", {
             "compare": [{"target": "CREATE", "key": k, "createRevision": "0"}],
             "success": [{"requestPut": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
