@@ -1,5 +1,5 @@
 """Scoring a journal (v2grt.score): each formula on hand-made signals whose score is known, the journal reader on a
-hand-written segment, and `v2grt score` end to end on a real aggregator's journal."""
+hand-written segment, PJM's composite score, and `v2grt score` end to end on a real aggregator's journal."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from v2grt import journal
 from v2grt.aggregator import Aggregator
 from v2grt.codes import Reason
 from v2grt.config import load_config
-from v2grt.score import Series, load_series, score_series
+from v2grt.score import Series, load_series, score_regulation, score_series
 from v2grt.score.metrics import tolerance_band
+from v2grt.score.pjm import period_scores
 from v2grt.services import get_service
 from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
 
@@ -208,6 +209,55 @@ def test_a_soc_floor_breach_read_from_the_vehicle_samples_is_counted_once(tmp_pa
     assert out["total"]["tolerance"]["share"] == 1.0  # base delivered, nothing asked at nominal
 
 
+# ------------------------------------------------------------------------------------------ PJM
+def _reg(n=360 + 30, delay=0, gain=1.0):
+    """An hour and 5 min of 10 s samples of a sinusoidal regulation signal, and a response delayed/scaled."""
+    k = np.arange(n + delay)
+    x = np.sin(2 * np.pi * k / 37.0) * 0.8
+    y = gain * np.r_[np.zeros(delay), x[: n]] if delay else gain * x[:n]
+    return x[:n], y[:n]
+
+
+def test_pjm_scores_a_perfect_follower_one():
+    """Response = signal: accuracy, delay and precision 1, composite 1, pass."""
+    x, y = _reg()
+    sc = period_scores(x[:360], y[:360], y_after=y[360:])
+    assert (sc["accuracy"], sc["delay"], sc["precision"], sc["composite"]) == (pytest.approx(1.0),) * 3 + (
+        pytest.approx(1.0),)
+    assert sc["windows"] == 12 and sc["pass"] is True
+
+
+def test_pjm_finds_a_known_delay_and_a_known_precision():
+    """A 60 s delayed copy: accuracy 1 at delta 60 s, delay score |60 - 300| / 300 = 0.8; a half-gain copy:
+    precision exactly 0.5, composite (1 + 1 + 0.5) / 3."""
+    x, y = _reg(delay=6)
+    sc = period_scores(x[:360], y[:360], y_after=y[360:])
+    assert sc["accuracy"] == pytest.approx(1.0) and sc["delay"] == pytest.approx(0.8)
+    assert sc["mean_delay_s"] == 60.0 and sc["precision"] < 1.0
+    x, y = _reg(gain=0.5)
+    sc = period_scores(x[:360], y[:360], y_after=y[360:])
+    assert sc["precision"] == pytest.approx(0.5) and sc["composite"] == pytest.approx(2.5 / 3)
+    assert sc["pass"] is True
+
+
+def test_regulation_from_a_series_reads_the_signal_from_the_base_schedule():
+    """A journal whose base schedule follows the signal and whose delivered power follows the base: composite 1;
+    an idle fleet (0 kW) scores accuracy and delay 0, precision near 0, and fails."""
+    n = 65 * 60 * 10  # 65 min at 0.1 s
+    t = np.arange(n) * PERIOD_S
+    base = 50.0 * np.sin(2 * np.pi * t / 370.0)
+    s = _series(np.full(n, np.nan), base, base_kw=0.0)
+    s.base_kw = base.copy()
+    out = score_regulation(s, settlement_period_s=3600)
+    assert out["regulation_capacity_kw"] == pytest.approx(50.0, rel=1e-3)
+    assert out["periods"][0]["composite"] == pytest.approx(1.0, abs=1e-6) and out["total"]["pass"] is True
+    s.delivered_measured_kw[:] = 0.0
+    s.delivered_reported_kw[:] = 0.0
+    bad = score_regulation(s, settlement_period_s=3600)
+    p = bad["periods"][0]
+    assert (p["accuracy"], p["delay"]) == (0.0, 0.0) and p["precision"] < 0.1 and bad["total"]["pass"] is False
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture
 def sockets():
@@ -218,8 +268,8 @@ def sockets():
 
 def test_v2grt_score_on_a_real_aggregator_journal(tmp_path, sockets):
     """A real aggregator journals 3 s of DC at 49.7 Hz with gateways that follow: `v2grt score` writes score.json
-    and score.png, scores every record, finds the excursion and the vehicles' reported energy; a bad period is
-    refused with exit 2."""
+    and score.png, scores every record, finds the excursion and the vehicles' reported energy; a --signal (reg) run
+    writes its own score; a bad period is refused with exit 2."""
     meter = SunSpecMeter(203, f_hz=49.7)  # DC asks 37 % of capacity: an excursion
     sim = SimServerThread([meter]).start()
     jdir = tmp_path / "j"
@@ -251,6 +301,15 @@ def test_v2grt_score_on_a_real_aggregator_journal(tmp_path, sockets):
     assert en["required_kwh"] > 0 and 0.5 < en["ratio"] <= 1.01  # the gateways follow their setpoints
     assert score["total"]["events"]["count"] >= 1 and score["total"]["availability"]["share"] > 0.5
     assert "total" in r.stdout and "score.json" in r.stdout
+
+    sig = tmp_path / "signal.csv"  # a constant +0.5 regulation signal over the run, in Unix seconds
+    t_first = min(int(journal.read_segment(p).cycles["t_ns"][0]) for p in jdir.glob("*.v2j")) / 1e9
+    sig.write_text(f"time,signal\n{t_first - 1:.3f},0.5\n")
+    r = run(V2GRT, "score", str(jdir), "--signal", str(sig), "--capacity-kw", "40", "--out", str(tmp_path / "reg"))
+    assert r.returncode == 0, r.stderr
+    reg = json.loads((tmp_path / "reg" / "score.json").read_text())
+    assert reg["service"] == "reg" and reg["signal_source"] == str(sig) and (tmp_path / "reg" / "score.png").exists()
+    assert reg["total"]["windows"] == 0  # 3 s holds no whole 5-minute window: scored nothing, said so
 
     r = run(V2GRT, "score", str(jdir), "--service", "dc", "--settlement-period", "soon", "--out", str(out))
     assert r.returncode == 2 and "--settlement-period" in r.stderr
