@@ -143,7 +143,7 @@ def score_series(series: Series, service: str | ServiceCurve, *, settlement_peri
     lo_ns = t_ns[0] if t0_ns is None else max(int(t0_ns), int(t_ns[0]))
     end_ns = int(t_ns[-1]) + int(round(dt[-1] * 1e9))
     hi_ns = end_ns if t1_ns is None else min(int(t1_ns), end_ns)
-    pidx = t_ns // period_ns
+    pidx = t_ns // period_ns  # settlement period of each record
 
     ev_rows = []
     for i0, i1 in events:
@@ -164,22 +164,25 @@ def score_series(series: Series, service: str | ServiceCurve, *, settlement_peri
     grace_ns = int(round(floor_grace_s * 1e9))
     episodes = [(n, a, b) for n, a, b in series.floor_episodes if a < hi_ns and b > lo_ns]
 
-    def summary(sel: np.ndarray, p_lo: int, p_hi: int) -> dict:
+    def summary(sel: slice, p_lo: int, p_hi: int) -> dict:
+        """The numbers of the records in ``sel`` (a contiguous range: the records are in time order)."""
         span_s = max(0.0, (p_hi - p_lo) / 1e9)
-        js, ins = float(dt[sel & judged].sum()), float(dt[sel & inside].sum())
-        js2, ins2 = float(dt[sel & judged2].sum()), float(dt[sel & inside2].sum())
-        en = metrics.response_energy_kwh(np.where(sel, r, np.nan), np.where(sel, d_resp, np.nan), dt)
-        en2 = metrics.response_energy_kwh(np.where(sel, r, np.nan), np.where(sel, d2_resp, np.nan), dt)
-        av_s = float(dt[sel & avail].sum())
+        w = dt[sel]
+        js, ins = float(w[judged[sel]].sum()), float(w[inside[sel]].sum())
+        js2, ins2 = float(w[judged2[sel]].sum()), float(w[inside2[sel]].sum())
+        en = metrics.response_energy_kwh(r[sel], d_resp[sel], w)
+        en2 = metrics.response_energy_kwh(r[sel], d2_resp[sel], w)
+        av_s = float(w[avail[sel]].sum())
         evs = [e for e in ev_rows if p_lo <= e["t_start_ns"] < p_hi]
         eps = [e for e in episodes if p_lo <= e[1] < p_hi]
         breaches = [e for e in eps if e[2] - e[1] > grace_ns]
-        req_sel = np.abs(r[sel & np.isfinite(r)])
+        r_sel = r[sel]
+        req_sel = np.abs(r_sel[np.isfinite(r_sel)])
         below = series.n_soc_below_minimum
         return {
-            "start": iso(p_lo), "end": iso(p_hi), "span_s": span_s, "recorded_s": float(dt[sel].sum()),
-            "records": int(sel.sum()),
-            "no_frequency_s": float(dt[sel & ~np.isfinite(series.f_hz)].sum()),
+            "start": iso(p_lo), "end": iso(p_hi), "span_s": span_s, "recorded_s": float(w.sum()),
+            "records": len(w),
+            "no_frequency_s": float(w[~np.isfinite(series.f_hz[sel])].sum()),
             "required": {"mean_abs_kw": _nan_none(req_sel.mean()) if req_sel.size else None,
                          "max_abs_kw": _nan_none(req_sel.max()) if req_sel.size else None},
             "tolerance": {"judged_s": js, "within_s": ins, "share": ins / js if js > 0 else None,
@@ -195,16 +198,14 @@ def score_series(series: Series, service: str | ServiceCurve, *, settlement_peri
             "availability": {"available_s": av_s, "share": av_s / span_s if span_s > 0 else None},
             "soc_floor": {"breaches": len(breaches), "touches": len(eps),
                           "vehicles_breaching": len({e[0] for e in breaches}),
-                          "max_vehicles_at_floor": int(below[sel].max()) if below is not None and sel.any() else None},
+                          "max_vehicles_at_floor": int(below[sel].max()) if below is not None and len(w) else None},
         }
 
     periods = []
     for k in range(int(lo_ns // period_ns), int((hi_ns - 1) // period_ns) + 1):
         p_lo, p_hi = max(k * period_ns, lo_ns), min((k + 1) * period_ns, hi_ns)
-        sel = (pidx == k) & (t_ns >= lo_ns) & (t_ns < hi_ns)
-        periods.append({"index": k, **summary(sel, p_lo, p_hi)})
-    in_range = (t_ns >= lo_ns) & (t_ns < hi_ns)
-    total = summary(in_range, lo_ns, hi_ns)
+        periods.append({"index": k, **summary(slice(*np.searchsorted(t_ns, [p_lo, p_hi])), p_lo, p_hi)})
+    total = summary(slice(*np.searchsorted(t_ns, [lo_ns, hi_ns])), lo_ns, hi_ns)
     breaches = [e for e in episodes if e[2] - e[1] > grace_ns]
     out = {
         "service": curve.name, "service_description": curve.description, "source_rule": curve.source,
@@ -249,8 +250,10 @@ def score_journal(journal_dir: str | Path, service: str, **opts) -> dict:
 
         out = score_regulation(series, t0_ns=t0, t1_ns=t1, **opts)
     else:
+        # the grid's nominal: as asked, else the one the aggregator ran at (journals from 2026-12-05 on say it)
+        nominal_hz = opts.pop("nominal_hz", None) or series.header.get("nominal_hz")
         try:
-            curve = _curve(service, opts.pop("nominal_hz", None))
+            curve = _curve(service, nominal_hz)
         except ServiceError as exc:
             raise ValueError(str(exc)) from None
         out = score_series(series, curve, t0_ns=t0, t1_ns=t1, **opts)
