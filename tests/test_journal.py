@@ -5,6 +5,7 @@ read back, a full disk (a real tiny tmpfs) alarmed while the loop goes on, rotat
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -32,9 +33,10 @@ from _plant import (
     write_config,
 )
 
-from v2grt import journal
+from v2grt import journal, reference
 from v2grt.aggregator import Aggregator
 from v2grt.config import ConfigError, config_from_dict, load_config
+from v2grt.kernel import available_isas, compiled
 from v2grt.leadership import LEADER, LeaderView
 from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
@@ -431,3 +433,39 @@ def test_bench_cycle_runs_journal_off_and_on_side_by_side():
     assert (off["journal"], on["journal"]) == (False, True)
     assert "journal" not in off["phases"] and on["phases"]["journal"]["n"] >= 10
     assert on["journal_counters"]["records"] >= 10 and on["journal_counters"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("n_inverters", [0, 2])
+def test_the_compiled_tap_writes_what_its_numpy_twin_writes(isa, n_inverters):
+    """JournalTap (v2grt._core, each build) fills the ring's record and a stripe slot byte for byte as the NumPy twin
+    in v2grt.reference does: every field at its offset, float32 casts, reasons as int32, the inverter sum."""
+    rng = np.random.default_rng(3)
+    compiled_mod = compiled(isa)
+    dtype = journal.cycle_dtype(n_inverters)
+    taps = []
+    for mod in (compiled_mod, reference):
+        ring = np.zeros(4, dtype)
+        inv = rng.normal(size=n_inverters) if not taps else taps[0][1][1].copy()
+        slots = (np.zeros((3, 50), np.float32), np.zeros((3, 50), np.float32), np.zeros((3, 50), np.uint8),
+                 np.full((3, 5), -1, np.int64))
+        tap = mod.JournalTap(ring, inv)
+        tap.bind_slots(*slots)
+        taps.append((tap, (ring, inv), slots))
+    counts = rng.integers(0, 10**6, 256)
+    sp, p, reasons = rng.normal(size=120) * 11, rng.normal(size=120) * 11, rng.integers(0, 13, 120).astype(np.uint8)
+    for tap, _, _ in taps:
+        tap.record(2, 1_780_000_000_123_456_789, 7, 12345, True, 49.87, math.nan, False, 0.25, 400.0, 100.0, 99.5,
+                   98.25, 97.0, 300.5, 280.25, 17, False, 33, 4.5, 1.25, counts)
+        tap.stripe(1, 70, 120, 1_780_000_000_123_456_789, 12345, 3, sp, p, reasons)
+    (_, (ring_c, _), slots_c), (_, (ring_r, _), slots_r) = taps
+    assert ring_c.tobytes() == ring_r.tobytes()
+    assert ring_c[2]["seq"] == 12345 and list(ring_c[2]["reasons"]) == list(counts[:16])
+    if n_inverters:
+        assert ring_c[2]["site_measured_kw"] == ring_c[2]["inverter_kw"].sum()
+    else:
+        assert math.isnan(ring_c[2]["site_measured_kw"])
+    for a, b in zip(slots_c, slots_r):
+        assert a.tobytes() == b.tobytes()
+    assert list(slots_c[3][1]) == [1_780_000_000_123_456_789, 12345, 70, 120, 3]
+    assert np.array_equal(slots_c[0][1, :50], sp[70:120].astype(np.float32))

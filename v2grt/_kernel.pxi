@@ -672,3 +672,136 @@ def stream_roofline(fleet, out):
             avail_chg_out[i] = x
             reason_out[i] = <u8>i
     return acc
+
+
+# ------------------------------------------------------------------------------------ the journal's tap
+from libc.math cimport NAN
+from libc.string cimport memcpy
+
+import numpy as np
+
+
+cdef class JournalTap:
+    """The dispatch journal's per-cycle copy on the control thread, compiled (the NumPy twin:
+    v2grt.reference.JournalTap, same methods and results).
+
+    ``record`` writes one cycle record into a slot of the journal's ring (a structured array of
+    ``v2grt.journal.cycle_dtype``, packed: fields at fixed byte offsets); ``stripe`` copies one stripe of
+    the vehicles' setpoint, reported power (float64 in, float32 out) and reason into a slot. Nothing is
+    allocated and no buffer is acquired per call: the ring and the slots are bound once (``bind_slots``
+    again after they are resized), the source columns are re-bound only when a different array object
+    comes in. Both keep the GIL: they are a few microseconds, and releasing it for a copy this size let
+    the bus or writer thread take it, which cost the control thread up to the 0.5 ms switch interval.
+    """
+
+    cdef unsigned char[:, ::1] ring
+    cdef Py_ssize_t off[32]
+    cdef Py_ssize_t n_reasons, n_inv, off_reasons, off_inv
+    cdef double[::1] inv
+    cdef float[:, ::1] v_sp
+    cdef float[:, ::1] v_p
+    cdef u8[:, ::1] v_reason
+    cdef i64[:, ::1] v_meta
+    cdef object _sp_obj, _p_obj, _r_obj, _c_obj
+    cdef const double[::1] sp_src
+    cdef const double[::1] p_src
+    cdef const u8[::1] r_src
+    cdef const i64[::1] c_src
+
+    def __init__(self, ring, inv):
+        """``ring``: the structured record array (its dtype's field order is CYCLE_FIELDS, then reasons,
+        then inverter_kw if any); ``inv``: the float64 array record() reads the inverters' kW from."""
+        dt = ring.dtype
+        names = dt.names
+        if len(names) > 30:
+            raise ValueError(f"journal tap: {len(names)} record fields: expected at most 30")
+        self.ring = ring.view(np.uint8).reshape(len(ring), dt.itemsize)
+        for k, name in enumerate(names):
+            self.off[k] = dt.fields[name][1]
+        self.off_reasons = dt.fields["reasons"][1]
+        self.n_reasons = dt.fields["reasons"][0].shape[0]
+        self.n_inv = dt.fields["inverter_kw"][0].shape[0] if "inverter_kw" in dt.fields else 0
+        self.off_inv = dt.fields["inverter_kw"][1] if self.n_inv else 0
+        self.inv = inv
+
+    def bind_slots(self, v_sp, v_p, v_reason, v_meta):
+        """The stripe slots: float32 (slots, rows) x 2, uint8 (slots, rows), int64 (slots, 5)."""
+        self.v_sp = v_sp
+        self.v_p = v_p
+        self.v_reason = v_reason
+        self.v_meta = v_meta
+
+    def record(self, Py_ssize_t slot, i64 t_ns, i64 epoch, i64 seq, bint published, double f_hz, double f_age_ms,
+               bint frequency_stale, double service_fraction, double capacity_kw, double request_kw,
+               double target_kw, double allocated_kw, double delivered_kw, double available_dis_kw,
+               double available_chg_kw, int n_carrying, bint estop, int test_row, double test_kw,
+               double cycle_work_ms, counts):
+        """Write one record into ring[slot]; site_measured_kw = sum of ``inv`` (NaN with no inverter);
+        reasons = counts[:16] (int64 in, int32 out). Returns nothing."""
+        if counts is not self._c_obj:
+            self.c_src = counts
+            self._c_obj = counts
+        cdef unsigned char* rec = &self.ring[slot, 0]
+        cdef u8 b
+        cdef int i32
+        cdef Py_ssize_t k
+        cdef double site = NAN if self.n_inv == 0 else 0.0
+        for k in range(self.n_inv):
+            site += self.inv[k]
+        memcpy(rec + self.off[0], &t_ns, 8)
+        memcpy(rec + self.off[1], &epoch, 8)
+        memcpy(rec + self.off[2], &seq, 8)
+        b = published
+        memcpy(rec + self.off[3], &b, 1)
+        memcpy(rec + self.off[4], &f_hz, 8)
+        memcpy(rec + self.off[5], &f_age_ms, 8)
+        b = frequency_stale
+        memcpy(rec + self.off[6], &b, 1)
+        memcpy(rec + self.off[7], &service_fraction, 8)
+        memcpy(rec + self.off[8], &capacity_kw, 8)
+        memcpy(rec + self.off[9], &request_kw, 8)
+        memcpy(rec + self.off[10], &target_kw, 8)
+        memcpy(rec + self.off[11], &allocated_kw, 8)
+        memcpy(rec + self.off[12], &delivered_kw, 8)
+        memcpy(rec + self.off[13], &site, 8)
+        memcpy(rec + self.off[14], &available_dis_kw, 8)
+        memcpy(rec + self.off[15], &available_chg_kw, 8)
+        memcpy(rec + self.off[16], &n_carrying, 4)
+        b = estop
+        memcpy(rec + self.off[17], &b, 1)
+        memcpy(rec + self.off[18], &test_row, 4)
+        memcpy(rec + self.off[19], &test_kw, 8)
+        memcpy(rec + self.off[20], &cycle_work_ms, 8)
+        for k in range(self.n_reasons):
+            i32 = <int>self.c_src[k]
+            memcpy(rec + self.off_reasons + 4 * k, &i32, 4)
+        if self.n_inv:
+            memcpy(rec + self.off_inv, &self.inv[0], 8 * self.n_inv)
+
+    def stripe(self, Py_ssize_t slot, Py_ssize_t a, Py_ssize_t b, i64 t_ns, i64 seq, i64 version,
+               setpoints_kw, p_kw, reasons):
+        """Copy rows [a, b) of the three columns into slot ``slot`` (setpoint and power as float32) and its
+        meta row (t_ns, seq, a, b, version)."""
+        if setpoints_kw is not self._sp_obj:
+            self.sp_src = setpoints_kw
+            self._sp_obj = setpoints_kw
+        if p_kw is not self._p_obj:
+            self.p_src = p_kw
+            self._p_obj = p_kw
+        if reasons is not self._r_obj:
+            self.r_src = reasons
+            self._r_obj = reasons
+        cdef Py_ssize_t i, m = b - a
+        cdef float* sp_out = &self.v_sp[slot, 0]
+        cdef float* p_out = &self.v_p[slot, 0]
+        cdef const double* sp_in = &self.sp_src[a]
+        cdef const double* p_in = &self.p_src[a]
+        for i in range(m):
+            sp_out[i] = <float>sp_in[i]
+            p_out[i] = <float>p_in[i]
+        memcpy(&self.v_reason[slot, 0], &self.r_src[a], m)
+        self.v_meta[slot, 0] = t_ns
+        self.v_meta[slot, 1] = seq
+        self.v_meta[slot, 2] = a
+        self.v_meta[slot, 3] = b
+        self.v_meta[slot, 4] = version

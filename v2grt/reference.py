@@ -302,3 +302,44 @@ def stream_roofline(fleet, out):
     for arr in (out.setpoint_kw, out.avail_dis_kw, out.avail_chg_kw, out.reason):
         arr[:n] = 0
     return acc
+
+
+class JournalTap:
+    """The dispatch journal's per-cycle copy on the control thread, in NumPy (the specification of
+    v2grt._core.JournalTap: same methods, same bytes in the ring and the slots).
+
+    ``record`` writes one cycle record into a slot of the journal's ring (a structured array of
+    ``v2grt.journal.cycle_dtype``); ``stripe`` copies one stripe of the vehicles' setpoint, reported power
+    (float64 in, float32 out) and reason into a slot, with its meta row (t_ns, seq, a, b, version).
+    """
+
+    def __init__(self, ring, inv):
+        self.ring = ring
+        self.inv = inv
+        self.has_inv = "inverter_kw" in ring.dtype.fields
+
+    def bind_slots(self, v_sp, v_p, v_reason, v_meta):
+        """The stripe slots: float32 (slots, rows) x 2, uint8 (slots, rows), int64 (slots, 5)."""
+        self.v_sp, self.v_p, self.v_reason, self.v_meta = v_sp, v_p, v_reason, v_meta
+
+    def record(self, slot, t_ns, epoch, seq, published, f_hz, f_age_ms, frequency_stale, service_fraction,
+               capacity_kw, request_kw, target_kw, allocated_kw, delivered_kw, available_dis_kw, available_chg_kw,
+               n_carrying, estop, test_row, test_kw, cycle_work_ms, counts):
+        """Write one record into ring[slot]; site_measured_kw = sum of ``inv`` (NaN with no inverter);
+        reasons = counts[:16] (int64 in, int32 out). Returns nothing."""
+        inv = self.inv
+        n_reasons = self.ring.dtype.fields["reasons"][0].shape[0]
+        rec = (t_ns, epoch, seq, published, f_hz, f_age_ms, frequency_stale, service_fraction, capacity_kw,
+               request_kw, target_kw, allocated_kw, delivered_kw, inv.sum() if len(inv) else math.nan,
+               available_dis_kw, available_chg_kw, n_carrying, estop, test_row, test_kw, cycle_work_ms,
+               np.asarray(counts[:n_reasons]).astype(np.int32))
+        self.ring[slot] = rec + (inv,) if self.has_inv else rec
+
+    def stripe(self, slot, a, b, t_ns, seq, version, setpoints_kw, p_kw, reasons):
+        """Copy rows [a, b) of the three columns into slot ``slot`` (setpoint and power as float32) and its
+        meta row (t_ns, seq, a, b, version)."""
+        m = b - a
+        self.v_sp[slot, :m] = setpoints_kw[a:b]
+        self.v_p[slot, :m] = p_kw[a:b]
+        self.v_reason[slot, :m] = reasons[a:b]
+        self.v_meta[slot] = (t_ns, seq, a, b, version)

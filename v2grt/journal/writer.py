@@ -27,7 +27,6 @@ from v2grt.journal.format import (
     FORMAT_VERSION,
     HEADER,
     MAGIC,
-    N_REASONS,
     REASON_NAMES,
     ROSTER,
     SITES,
@@ -37,6 +36,7 @@ from v2grt.journal.format import (
     frame,
 )
 from v2grt.journal.read import parquet_paths
+from v2grt.kernel import get_backend
 
 log = logging.getLogger("v2grt.journal")
 
@@ -59,7 +59,8 @@ class Journal:
     """The control thread's side (record) and the writer thread (start, stop) of one aggregator's journal."""
 
     def __init__(self, cfg: JournalConfig, directory: Path, *, fleet, epoch: int, fleet_id: str, period_s: float,
-                 inverter_names: list[str], inverter_sites: list[str], events=None, meta: dict | None = None):
+                 inverter_names: list[str], inverter_sites: list[str], events=None, meta: dict | None = None,
+                 kernel=None):
         self.cfg = cfg
         self.dir = Path(directory)
         self.fleet = fleet
@@ -73,9 +74,14 @@ class Journal:
         self.dtype = cycle_dtype(len(inverter_names))
         n_ring = max(64, int(math.ceil(cfg.buffer_s / period_s)))
         self._ring = np.zeros(n_ring, self.dtype)
+        self._n_ring = n_ring
         self._w = 0  # records written into the ring (control thread only increments)
         self._r = 0  # records taken by the writer
         self._inv = np.full(len(inverter_names), np.nan)
+        # the record fill and the stripe copy, compiled (v2grt._core.JournalTap; the NumPy twin with the reference
+        # backend): ~2 us and ~10 us at 5,000 rows, where the Python tuple into the structured ring and three
+        # memoryview copies were ~23 and ~26 us p50 in the cycle at 100,000 vehicles (docs/benchmarks.md)
+        self._tap = (kernel if kernel is not None else get_backend()).JournalTap(self._ring, self._inv)
         # per-vehicle stripes
         self._stripes = max(1, int(round(cfg.vehicle_interval_s / period_s)))
         self._stripe_k = 0
@@ -91,10 +97,14 @@ class Journal:
         self.calls = 0
         self.counters = JournalCounters()
         self._stop = threading.Event()
-        # The writer passes right after a cycle, woken by record() every _every cycles: it runs in the
-        # control thread's sleep, not into its next cycle (a writer holding the GIL when the control
-        # thread wakes costs the control thread up to the switch interval, 0.5 ms).
-        self._wake = threading.Event()
+        # The writer passes in the control thread's sleep, not into its next cycle (a writer holding the GIL
+        # when the control thread wakes costs it up to the switch interval, 0.5 ms). It is not woken by
+        # record(): any wake-up (Event.set, ~10 us; an eventfd write, ~8 us p50 / 14 us p99 under load: the
+        # syscall wakes a thread on the other core) costs the control thread more than the copy itself. It
+        # times itself instead: half a period after the cycle that ends a flush interval, from the newest
+        # record()'s clock, which is in the middle of the control thread's sleep whenever a cycle's work
+        # is under half its period.
+        self._t_record_ns = 0  # perf_counter_ns() at the newest record() (CLOCK_MONOTONIC)
         self._every = max(1, int(round(cfg.flush_interval_s / period_s)))
         self._thread: threading.Thread | None = None
         self._fh = None
@@ -115,42 +125,37 @@ class Journal:
         rows = max(1, -(-max(n_rows, 1) // self._stripes))
         self._vslots = max(4, int(math.ceil(min(self.cfg.buffer_s, 5.0) / self.period_s)))
         self._vrows = rows
-        # float64 as the fleet's columns: a plain memcpy on the control thread, cast to float32 by the writer
-        self._v_sp = np.zeros((self._vslots, rows), np.float64)
-        self._v_p = np.zeros((self._vslots, rows), np.float64)
+        # float32 as the segment stores them: the tap casts while it copies (half the bytes written)
+        self._v_sp = np.zeros((self._vslots, rows), np.float32)
+        self._v_p = np.zeros((self._vslots, rows), np.float32)
         self._v_reason = np.zeros((self._vslots, rows), np.uint8)
         self._v_meta = np.full((self._vslots, 5), -1, np.int64)  # t_ns, seq, row0, row1, fleet version
+        if getattr(self, "_tap", None) is not None:
+            self._tap.bind_slots(self._v_sp, self._v_p, self._v_reason, self._v_meta)
 
     # ----------------------------------------------------------------- control thread
     def record(self, agg, result, times) -> None:
         """Copy this cycle into the ring (and one stripe of the vehicles); O(1) but for the stripe."""
         t0 = time.perf_counter_ns()
-        fleet = self.fleet
-        n = fleet.n_rows
         for k, (reader, _site) in enumerate(agg.inverters):
             sample, _t = reader.latest.read()
             self._inv[k] = sample.p_kw if sample is not None else math.nan
-        status = agg.status
-        age_ms = status.get("input_age_ms")
+        age_ms = agg.status.get("input_age_ms")
         test = agg._test
         t_ns = time.time_ns()
-        counts = result.nodes_per_reason
-        inv = self._inv
-        # one tuple assignment in CYCLE_FIELDS order (~1.5 us; field by field it was ~11 us)
-        rec = (t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
-               math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale, result.service_fraction,
-               agg.dispatcher.capacity_kw, result.request_kw, result.target_kw, result.allocated_kw,
-               agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
-               inv.sum() if len(inv) else math.nan, result.feasible_dis_kw, result.feasible_chg_kw,
-               result.n_carrying, result.estop, -1 if test is None else test.row,
-               math.nan if test is None else test.kw,
-               (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, counts[:N_REASONS])
-        self._ring[self._w % len(self._ring)] = rec + (inv,) if len(inv) else rec
-        self._w += 1
+        w = self._w
+        self._tap.record(w % self._n_ring, t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
+                         math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale,
+                         result.service_fraction, agg.dispatcher.capacity_kw, result.request_kw, result.target_kw,
+                         result.allocated_kw,
+                         agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
+                         result.feasible_dis_kw, result.feasible_chg_kw, result.n_carrying, result.estop,
+                         -1 if test is None else test.row, math.nan if test is None else test.kw,
+                         (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, result.nodes_per_reason)
+        self._w = w = w + 1
         if self.cfg.vehicles:
-            self._record_stripe(result, n, t_ns, agg.seq)
-        if self._w % self._every == 0:
-            self._wake.set()
+            self._record_stripe(result, self.fleet.n_rows, t_ns, agg.seq)
+        self._t_record_ns = t0
         self.cost_ns[self.calls % len(self.cost_ns)] = time.perf_counter_ns() - t0
         self.calls += 1
 
@@ -166,15 +171,8 @@ class Journal:
         if a >= n:
             self._stripe_k, a = 0, 0
         b = min(n, a + self._vrows)
-        i = self._vw % self._vslots
-        m = b - a
-        # memoryview copies: a memcpy that keeps the GIL. numpy releases the GIL for copies this size, and
-        # getting it back from the bus or writer thread cost up to the 0.5 ms switch interval (p99 0.35 ms).
-        memoryview(self._v_sp[i])[:m] = memoryview(result.setpoints_kw)[a:b]
-        memoryview(self._v_p[i])[:m] = memoryview(fleet.p_actual_kw)[a:b]
-        memoryview(self._v_reason[i])[:m] = memoryview(result.reasons)[a:b]
-        meta = self._v_meta[i]
-        meta[0], meta[1], meta[2], meta[3], meta[4] = t_ns, seq, a, b, self._version
+        self._tap.stripe(self._vw % self._vslots, a, b, t_ns, seq, self._version, result.setpoints_kw,
+                         fleet.p_actual_kw, result.reasons)
         self._vw += 1
         self._stripe_k = 0 if b >= n else self._stripe_k + 1
 
@@ -221,7 +219,6 @@ class Journal:
 
         A Parquet conversion still running goes on in its own process (or is redone at the next start)."""
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
 
@@ -231,13 +228,23 @@ class Journal:
         except OSError:
             pass
         while not self._stop.is_set():
-            # woken by record(); the timeout keeps writing (and fsyncing) if the loop itself stalls
-            self._wake.wait(max(1.0, 2 * self.cfg.flush_interval_s))
-            self._wake.clear()
+            self._stop.wait(self._until_next_pass_s())
             self._guarded(self._pass)
         self._guarded(self._pass)
         self._guarded(self._seal)
         self._guarded(lambda: self._maintain(final=True))
+
+    def _until_next_pass_s(self) -> float:
+        """Seconds until half a period after the cycle that closes the next flush interval, counted from the newest
+        record(); a flush interval from now if the loop is not recording (not started, stalled)."""
+        period_ns = int(self.period_s * 1e9)
+        now = time.perf_counter_ns()
+        target = self._t_record_ns + (self._every - 1) * period_ns + period_ns // 2
+        if target <= now:  # passed it (a slow pass, or the loop stalled): the same phase, the next period
+            target += ((now - target) // period_ns + 1) * period_ns
+        if target - now > 2 * self._every * period_ns:
+            target = now + self._every * period_ns
+        return (target - now) / 1e9
 
     def _guarded(self, step) -> None:
         """A bug in the writer must not end the journal silently: logged with its traceback, counted."""
@@ -486,4 +493,6 @@ def for_aggregator(agg) -> Journal:
     return Journal(cfg.journal, journal_dir(cfg), fleet=agg.fleet, epoch=agg.epoch, fleet_id=cfg.fleet_id,
                    period_s=cfg.period_s, inverter_names=[i.name for i in cfg.inverters],
                    inverter_sites=[i.site for i in cfg.inverters], events=agg.events,
-                   meta={"service": agg.dispatcher.service.name, "capacity_kw": agg.dispatcher.capacity_kw})
+                   meta={"service": agg.dispatcher.service.name, "capacity_kw": agg.dispatcher.capacity_kw,
+                         "nominal_hz": agg.dispatcher.service.nominal_hz},
+                   kernel=agg.dispatcher.kernel)
