@@ -154,12 +154,9 @@ def log_lines(path: Path, code: str | None = None) -> list[str]:
     return [line for line in text.splitlines() if code is None or f" {code} " in f" {line} "]
 
 
-def wait_for_log(path: Path, text: str, timeout_s: float = 8.0, after: int = 0) -> str:
-    """The first line of `path` containing `text`, among the lines after the first `after` (count them with
-    len(log_lines(path)) before the action whose line you wait for: an earlier line of the same code, e.g. a
-    meter that was slow once at start under load, must not stand in for it)."""
-    return wait_until(lambda: next((ln for ln in log_lines(path)[after:] if text in ln), None), timeout_s,
-                      what=f"{text!r} in {path} after line {after}")
+def wait_for_log(path: Path, text: str, timeout_s: float = 8.0) -> str:
+    return wait_until(lambda: next((ln for ln in log_lines(path) if text in ln), None), timeout_s,
+                      what=f"{text!r} in {path}")
 
 
 class SimGateway(threading.Thread):
