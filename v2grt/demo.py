@@ -3,15 +3,18 @@
 One command starts, in this process, a simulated grid meter (SunSpec model 213 over Modbus TCP)
 replaying a real frequency trace sped up ``--speed`` times, and one simulated site inverter (SunSpec
 701/704) per gateway whose measured power is the sum of its vehicles' actual output; then, as
-separate processes, ``--gateways`` simulated gateways (``v2grt gateway sim``) sharing
-``--vehicles`` simulated vehicles, and the aggregator (``v2grt run`` on a config generated into
-``--out``). It shows a live status while it runs, stops everything cleanly after ``--duration``
-seconds (or on Ctrl-C, or on an error), and writes ``report.png``, ``report.json`` and
-``timeseries.csv`` into ``--out``. docs/demo.md explains how to read them.
+separate processes, the gateways of ``--protocols``: ``--gateways`` simulated gateways (``v2grt
+gateway sim``), an OCPP 2.1 gateway with simulated stations and a SunSpec DER gateway with
+simulated chargers (v2grt.demo_protocols), sharing the fleet's simulated vehicles, and the
+aggregator (``v2grt run`` on a config generated into ``--out``). It shows a live status while it
+runs, stops everything cleanly after ``--duration`` seconds (or on Ctrl-C, or on an error), and
+writes ``report.png``, ``report.json`` and ``timeseries.csv`` into ``--out``, with delivered power
+and setpoint-to-applied latency per protocol. docs/demo.md explains how to read them.
 
 Every child runs in its own session (a terminal's Ctrl-C reaches only the demo, which then stops
 the children in order: aggregator first, so gateways hear its final zero, then gateways, so they
-write their final state) and with a parent-death signal, so not even a killed demo leaves one behind.
+write their final state and hand the zero to their devices, then the device simulators) and with
+a parent-death signal, so not even a killed demo leaves one behind.
 Powers are kW, positive = discharge into the grid.
 """
 
@@ -315,6 +318,7 @@ class Demo:
         self._loop0: dict = {}
         self._hist0: dict | None = None
         self.cpu: dict[str, float] = {}
+        self.cpu_by_protocol: dict[str, dict] = {}
         self._sim = self._recorder = self._feeder = self._ctx = self._control = None
         self._live_lines = 0
 
