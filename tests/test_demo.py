@@ -168,6 +168,8 @@ def test_mixed_demo_reports_delivered_power_and_latency_per_protocol(tmp_path):
     # the OCPP side is set up as an operator must: TLS with a private key only its owner reads
     assert (out / "ocpp" / "key.pem").stat().st_mode & 0o777 == 0o600
     assert "tls=True" in (out / "logs" / "gateway-ocpp1.log").read_text()
+    for gw in ("gw1", "gw2", "ocpp1", "sunspec1"):  # every gateway stopped cleanly, none was killed
+        assert "GATEWAY_STOP" in (out / "logs" / f"gateway-{gw}.log").read_text(), gw
     assert wait_gone(str(out)) == []
 
 
