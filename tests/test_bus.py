@@ -344,15 +344,16 @@ def test_publisher_never_blocks_without_subscribers_or_with_a_stalled_one(ctx):
         assert pub.sent >= 4000 and pub.dropped == 0  # PUB drops per subscriber, silently
 
 
-def test_telemetry_pusher_drops_instead_of_blocking_when_the_aggregator_is_away(ctx):
+def test_telemetry_pusher_drops_instead_of_blocking_when_the_aggregator_is_away(ctx, tmp_path):
     """With no aggregator, send() queues up to the HWM and then returns False immediately."""
-    with ctx.socket(zmq.PULL) as probe:  # reserve a port, then free it so nothing listens
-        probe.bind(ANY)
-        endpoint = probe.last_endpoint.decode()
-    with bus.TelemetryPusher(ctx, endpoint, sndhwm=4) as tx:
+    # An ipc path in this test's own directory: nothing else can bind it (a freed TCP port could be taken by
+    # another socket on a busy machine, which then drains the queue and the test flakes).
+    with bus.TelemetryPusher(ctx, f"ipc://{tmp_path / 'nobody-listens'}", sndhwm=4) as tx:
+        # a pusher that blocked would wait 1 s per send past the HWM (46 s here) instead of hanging for ever
+        tx.sock.setsockopt(zmq.SNDTIMEO, 1000)
         t0 = time.monotonic()
         results = [tx.send(telemetry(seq=i)) for i in range(50)]
-        assert time.monotonic() - t0 < 10.0  # a blocking send would hang for ever
+        assert time.monotonic() - t0 < 5.0
         assert results[0] and not results[-1] and tx.dropped == results.count(False) > 0
 
 

@@ -707,8 +707,10 @@ def attack_secured_demo(tmp_path) -> dict:
     import sys
 
     out = tmp_path / "demo-out"
-    demo = subprocess.Popen([sys.executable, "-m", "v2grt.cli", "demo", "--vehicles", "400", "--gateways", "2",
-                             "--duration", "10", "--no-live", "--seed", "7", "--out", str(out), "--secure"],
+    # --protocols sim: the bus under attack, not the OCPP/SunSpec sides (whose start-up would eat the 30 s below)
+    demo = subprocess.Popen([sys.executable, "-m", "v2grt.cli", "demo", "--protocols", "sim", "--vehicles", "400",
+                             "--gateways", "2", "--duration", "10", "--no-live", "--seed", "7", "--out", str(out),
+                             "--secure"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         engine = out / "engine.log"

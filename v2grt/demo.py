@@ -3,15 +3,18 @@
 One command starts, in this process, a simulated grid meter (SunSpec model 213 over Modbus TCP)
 replaying a real frequency trace sped up ``--speed`` times, and one simulated site inverter (SunSpec
 701/704) per gateway whose measured power is the sum of its vehicles' actual output; then, as
-separate processes, ``--gateways`` simulated gateways (``v2grt gateway sim``) sharing
-``--vehicles`` simulated vehicles, and the aggregator (``v2grt run`` on a config generated into
-``--out``). It shows a live status while it runs, stops everything cleanly after ``--duration``
-seconds (or on Ctrl-C, or on an error), and writes ``report.png``, ``report.json`` and
-``timeseries.csv`` into ``--out``. docs/demo.md explains how to read them.
+separate processes, the gateways of ``--protocols``: ``--gateways`` simulated gateways (``v2grt
+gateway sim``), an OCPP 2.1 gateway with simulated stations and a SunSpec DER gateway with
+simulated chargers (v2grt.demo_protocols), sharing the fleet's simulated vehicles, and the
+aggregator (``v2grt run`` on a config generated into ``--out``). It shows a live status while it
+runs, stops everything cleanly after ``--duration`` seconds (or on Ctrl-C, or on an error), and
+writes ``report.png``, ``report.json`` and ``timeseries.csv`` into ``--out``, with delivered power
+and setpoint-to-applied latency per protocol. docs/demo.md explains how to read them.
 
 Every child runs in its own session (a terminal's Ctrl-C reaches only the demo, which then stops
 the children in order: aggregator first, so gateways hear its final zero, then gateways, so they
-write their final state) and with a parent-death signal, so not even a killed demo leaves one behind.
+write their final state and hand the zero to their devices, then the device simulators) and with
+a parent-death signal, so not even a killed demo leaves one behind.
 Powers are kW, positive = discharge into the grid.
 """
 
@@ -41,6 +44,13 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DEFAULT_VEHICLES = 10_000
 DEFAULT_GATEWAYS = 20
+DEFAULT_PROTOCOLS = "sim,ocpp,sunspec"
+#: Vehicles behind the OCPP and SunSpec gateways by default (docs/demo.md says why these sizes): a few
+#: hundred show each protocol at work; gateway + simulator cost 25-30 % of a core for OCPP, 14-15 % for
+#: SunSpec (measured in the default run on the loaded 2-core machine).
+DEFAULT_OCPP_VEHICLES = 200
+DEFAULT_SUNSPEC_VEHICLES = 200
+MAX_DEVICE_VEHICLES = 2000
 DEFAULT_DURATION_S = 60.0
 DEFAULT_SPEED = 10.0
 DEFAULT_SERVICE = "dc"
@@ -135,31 +145,95 @@ def _hms(t_s: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------- recorder
-class _Recorder(threading.Thread):
-    """Owns the status SUB and the site-power PULL: records every message, keeps the newest for the view."""
+class _SetpointTap:
+    """The demo's view of one gateway's setpoint topic: every message (a gateway keeps only the newest).
 
-    def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int], curve=None):
+    With security on it connects with that gateway's own key, the only kind a gateway's topic admits. It
+    reads what the report needs (docs/wire.md section 4) from its own aggregator without the full check
+    of ``wire.decode_setpoints``, which parses every node id of every message once 22 gateways' id lists
+    outrun that decoder's cache: 0.2 ms a message, 4 % of a core taken from the demo process, which also
+    serves the grid meter the aggregator polls every 5 ms. The ids are parsed (and checked) once per list.
+    """
+
+    def __init__(self, ctx, endpoint: str, gateway_id: str, curve=None):
+        from v2grt.io import bus
+
+        # the gateway's own depth: a demo too slow to keep up loses messages, never holds the aggregator
+        self.sub = bus.GatewaySubscriber(ctx, endpoint, gateway_id, curve=curve)
+        self._blob: bytes | None = None
+        self._ids: tuple[str, ...] = ()
+        self.bad = 0
+
+    def recv_all(self, max_frames: int = 64) -> list[tuple[int, tuple[str, ...], np.ndarray]]:
+        """(t_ns, node ids, p_kw as float64) of every message queued, oldest first."""
+        import msgpack
+
+        from v2grt.io import wire
+
+        self.sub.heal()
+        out = []
+        for frame in self.sub._drain(0, max_frames):  # GatewaySubscriber.recv would keep only the newest
+            try:
+                buf = frame.bytes
+                m = msgpack.unpackb(buf[buf.index(b"\x00") + 1:])
+                if m["ids"] != self._blob:
+                    self._ids = tuple(wire.split_ids(m["ids"]))
+                    self._blob = bytes(m["ids"])
+                p_kw = np.frombuffer(m["p_kw"], dtype="<f4").astype(np.float64)
+                if len(p_kw) != len(self._ids):
+                    raise ValueError(f"{len(p_kw)} setpoints for {len(self._ids)} ids")
+                out.append((int(m["t_ns"]), self._ids, p_kw))
+            except Exception:  # not from our aggregator, or not a setpoint message: count and go on
+                self.bad += 1
+        return out
+
+
+class _Recorder(threading.Thread):
+    """Owns the status SUB, the setpoint taps and the site-power PULL: records every message, keeps the newest
+    for the view.
+
+    Per gateway: each setpoint message's receive time, publish time (t_ns), sum and non-zero count, the ids
+    given a non-zero setpoint, and (for ``detailed`` gateways, whose devices report per node) every node's
+    value; from the site-power frames each site's output, the setpoints the devices applied, how many
+    devices their gateway has reached and, at the end, their SoC.
+    """
+
+    def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int], curve=None, *,
+                 taps: dict[str, _SetpointTap] | None = None, detailed: frozenset[str] = frozenset()):
         super().__init__(name="demo-recorder", daemon=True)
         from v2grt.io import bus
 
         self.status_sub = bus.StatusSubscriber(ctx, status_endpoint, curve=curve)
         self.site_pull = site_pull  # bound by the demo's main thread, used only here from now on
+        self.taps = taps or {}  # created by the main thread, used only here from now on
         self.gateway_index = gateway_index
+        self.detailed = detailed
         self.stop = threading.Event()
         self.status_rows: list[tuple] = []
         self.site_rows: list[tuple[float, int, float]] = []
         self.latest: dict | None = None
         self.site_kw: dict[str, float] = {}
+        self.gw_kw: dict[str, float] = {}
         self.gw_seen: set[str] = set()
         self.bad_site_frames = 0
+        # setpoints as published: (recv monotonic s, gateway index, t_ns, sum kW, non-zero count)
+        self.sp_rows: list[tuple[float, int, int, float, int]] = []
+        self.sp_values: dict[str, list[tuple[int, tuple[str, ...], np.ndarray]]] = {g: [] for g in detailed}
+        self.dispatched: dict[str, set[str]] = {g: set() for g in gateway_index}
+        # what the devices did: sim gateways' applied sums, device simulators' per-node applies
+        self.p_set: dict[str, list[tuple[int, float]]] = {g: [] for g in gateway_index}
+        self.applied: dict[str, list[tuple[str, int, float]]] = {g: [] for g in gateway_index}
+        self.reached: dict[str, int] = {}
+        self.final_soc: dict[str, float] = {}
 
     def run(self) -> None:
-        import msgpack
         import zmq
 
         poller = zmq.Poller()
         poller.register(self.status_sub.sock, zmq.POLLIN)
         poller.register(self.site_pull, zmq.POLLIN)
+        for tap in self.taps.values():
+            poller.register(tap.sub.sock, zmq.POLLIN)
         try:
             while not self.stop.is_set():
                 events = dict(poller.poll(100))
@@ -172,25 +246,56 @@ class _Recorder(threading.Thread):
                         self.status_rows.append((now, math.nan if f is None else f, st["target_kw"],
                                                  st["delivered_kw"], st["available_dis_kw"],
                                                  st["available_chg_kw"], st["n_active"]))
+                for gw, tap in self.taps.items():
+                    if tap.sub.sock in events:
+                        for t_ns, ids, p_kw in tap.recv_all():
+                            self._setpoints(now, gw, t_ns, ids, p_kw)
                 if self.site_pull in events:
-                    for _ in range(1024):
-                        try:
-                            frame = self.site_pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            m = msgpack.unpackb(frame)
-                            g = self.gateway_index[m["gw"]]
-                            sites = {str(k): float(v) for k, v in m["sites"].items()}
-                        except Exception:  # a sim-only link: count and go on
-                            self.bad_site_frames += 1
-                            continue
-                        self.site_kw.update(sites)
-                        self.gw_seen.add(m["gw"])
-                        self.site_rows.append((now, g, sum(sites.values())))
+                    self._site_frames(now)
         finally:
             self.status_sub.close()
+            for tap in self.taps.values():
+                tap.sub.close()
             self.site_pull.close(0)
+
+    def _setpoints(self, now: float, gw: str, t_ns: int, ids: tuple[str, ...], p_kw: np.ndarray) -> None:
+        on = np.flatnonzero(p_kw)  # p_kw in float64, as the gateway holds them (it sums in this order too)
+        if on.size:
+            self.dispatched[gw].update(ids[i] for i in on.tolist())
+        self.sp_rows.append((now, self.gateway_index[gw], t_ns, float(p_kw.sum()), int(on.size)))
+        if gw in self.detailed:
+            self.sp_values[gw].append((t_ns, ids, p_kw))
+
+    def _site_frames(self, now: float) -> None:
+        import zmq
+
+        from v2grt.sim import site_power
+
+        for _ in range(1024):
+            try:
+                frame = self.site_pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                m = site_power.decode(frame)
+                gw = m["gw"]
+                g = self.gateway_index[gw]
+            except Exception:  # a sim-only link: count and go on
+                self.bad_site_frames += 1
+                continue
+            sites = m["sites"]
+            self.site_kw.update(sites)
+            self.gw_kw[gw] = sum(sites.values())
+            self.gw_seen.add(gw)
+            self.site_rows.append((now, g, sum(sites.values())))
+            if "p_set_kw" in m:
+                self.p_set[gw].append((m["t_ns"], float(m["p_set_kw"])))
+            for node, t_ns, kw in m.get("applied", ()):
+                self.applied[gw].append((str(node), int(t_ns), float(kw)))
+            if "reached" in m:
+                self.reached[gw] = int(m["reached"])
+            if "soc" in m:
+                self.final_soc.update({str(k): float(v) for k, v in m["soc"].items()})
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -214,21 +319,43 @@ class Demo:
         self._loop0: dict = {}
         self._hist0: dict | None = None
         self.cpu: dict[str, float] = {}
+        self.cpu_by_protocol: dict[str, dict] = {}
         self._sim = self._recorder = self._feeder = self._ctx = self._control = None
         self._live_lines = 0
 
     # ------------------------------------------------------------------------------ set-up
     def prepare(self) -> None:
         """Check the flags, build the fleet, roster, trace and config (files only; nothing started)."""
-        from v2grt.fleet import Fleet
+        from v2grt import demo_protocols as dp
         from v2grt.roster import write_roster
         from v2grt.services import ServiceError, get_service
 
         a = self.args
-        if not 1 <= a.vehicles <= 1_000_000:
-            raise DemoError(f"--vehicles {a.vehicles}: expected 1..1,000,000")
-        if not 1 <= a.gateways <= 200 or a.gateways > a.vehicles:
-            raise DemoError(f"--gateways {a.gateways}: expected 1..200 and at most --vehicles")
+        try:
+            self.protocols = dp.parse_protocols(a.protocols)
+        except ValueError as exc:
+            raise DemoError(str(exc)) from None
+        n_ocpp = a.ocpp_vehicles if "ocpp" in self.protocols else 0
+        n_sunspec = a.sunspec_vehicles if "sunspec" in self.protocols else 0
+        for flag, n, proto in (("--ocpp-vehicles", n_ocpp, "ocpp"), ("--sunspec-vehicles", n_sunspec, "sunspec")):
+            if proto in self.protocols and not 1 <= n <= MAX_DEVICE_VEHICLES:
+                raise DemoError(f"{flag} {n}: expected 1..{MAX_DEVICE_VEHICLES:,}")
+        with_sim = "sim" in self.protocols
+        total = a.vehicles if a.vehicles is not None else (DEFAULT_VEHICLES if with_sim else n_ocpp + n_sunspec)
+        n_sim = total - n_ocpp - n_sunspec
+        if not 1 <= total <= 1_000_000:
+            raise DemoError(f"--vehicles {total}: expected 1..1,000,000")
+        if with_sim and n_sim < 1:
+            raise DemoError(f"--vehicles {total}: leaves no vehicle behind the sim gateways once {n_ocpp} are behind "
+                            f"OCPP and {n_sunspec} behind SunSpec")
+        if not with_sim and n_sim != 0:
+            raise DemoError(f"--vehicles {total}: without sim the fleet is the OCPP and SunSpec vehicles "
+                            f"({n_ocpp + n_sunspec}); leave --vehicles out or set --ocpp/--sunspec-vehicles")
+        if with_sim and (not 1 <= a.gateways <= 200 or a.gateways > n_sim):
+            raise DemoError(f"--gateways {a.gateways}: expected 1..200 and at most the {n_sim:,} vehicles behind "
+                            "the sim gateways")
+        self.n_vehicles = total
+        self.n_sim_gateways = a.gateways if with_sim else 0
         if not 1.0 <= a.duration <= 86400.0:
             raise DemoError(f"--duration {a.duration}: expected 1..86400 s")
         if not 0.01 <= a.speed <= 1000.0:
@@ -251,14 +378,20 @@ class Demo:
             (self.out / old).unlink(missing_ok=True)
         for old in self.out.glob("state-*.csv"):
             old.unlink()
-        self.fleet = Fleet.random(a.vehicles, seed=a.seed, n_gateways=a.gateways, n_sites=a.gateways)
+        # --protocols sim: Fleet.random(--vehicles) behind --gateways, exactly the demo before protocols
+        self.fleet = dp.build_fleet(n_sim=n_sim, n_gateways=self.n_sim_gateways, n_ocpp=n_ocpp, n_sunspec=n_sunspec,
+                                    seed=a.seed)
         self.roster = self.out / "roster.csv"
         write_roster(self.fleet, self.roster)
         self.gateway_ids = list(self.fleet.gateway_ids)
+        self.protocol_of = {gw: "ocpp" if gw == dp.OCPP_GATEWAY else "sunspec" if gw == dp.SUNSPEC_GATEWAY else "sim"
+                            for gw in self.gateway_ids}
         self.site_ids = list(self.fleet.site_ids)
         n = self.fleet.n_rows
+        self.node_ids = list(self.fleet.node_ids[:n])
         self.soc_before = np.array(self.fleet.soc[:n])
-        # one site (and inverter) per gateway: Fleet.random places both in the same contiguous blocks
+        # one site (and inverter) per gateway: Fleet.random places both in the same contiguous blocks, and
+        # each other protocol has a site of its own
         per_site = np.bincount(self.fleet.site[:n], weights=np.maximum(self.fleet.p_dis_max_kw[:n],
                                                                         self.fleet.p_chg_max_kw[:n]),
                                minlength=len(self.site_ids))
@@ -358,7 +491,7 @@ class Demo:
         started = False
         code = EXIT_OK
         try:
-            self._say(f"v2grt demo: {a.vehicles:,} vehicles, {a.gateways} gateway processes, service {a.service}, "
+            self._say(f"v2grt demo: {self._fleet_line()}, service {a.service}, "
                       f"{a.duration:g} s, trace at {a.speed:g}x; files in {self.out}")
             self._t_start = time.monotonic()
             self._start_world()
@@ -395,9 +528,22 @@ class Demo:
     def _say(self, line: str) -> None:
         print(line, flush=True)
 
+    def _vehicles_of(self, protocol: str) -> int:
+        return sum(len(self.fleet.gateway_rows(gw)) for gw, p in self.protocol_of.items() if p == protocol)
+
+    def _fleet_line(self) -> str:
+        if self.protocols == ("sim",):
+            return f"{self.n_vehicles:,} vehicles, {self.n_sim_gateways} gateway processes"
+        parts = [f"{self._vehicles_of('sim'):,} behind {self.n_sim_gateways} sim gateway processes"] * (
+            "sim" in self.protocols)
+        parts += [f"{self._vehicles_of(p):,} behind {p.upper() if p == 'ocpp' else 'SunSpec'} (gateway + simulated "
+                  f"{'stations' if p == 'ocpp' else 'chargers'})" for p in self.protocols if p != "sim"]
+        return f"{self.n_vehicles:,} vehicles: " + ", ".join(parts)
+
     def _start_world(self) -> None:
         import zmq
 
+        from v2grt import demo_protocols as dp
         from v2grt.io import bus
         from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
@@ -408,7 +554,10 @@ class Demo:
                           for site in self.site_ids}
         self._sim = SimServerThread([self.meter, *self.inverters.values()], name="demo-modbus").start()
         names = ["setpoints", "telemetry", "control", "metrics"]
-        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        n_servers = dp.sunspec_servers(self._vehicles_of("sunspec")) if "sunspec" in self.protocols else 0
+        free = _free_ports(len(names) + 1 + n_servers)
+        ports = dict(zip(names, free, strict=False))
+        ocpp_port, sunspec_ports = free[len(names)], free[len(names) + 1:]
         ports["meter"] = self._sim.port(self.meter)
         ports.update({f"inv-{site}": self._sim.port(inv) for site, inv in self.inverters.items()})
         self.config_path = self._config(ports)
@@ -420,8 +569,12 @@ class Demo:
         site_port = site_pull.bind_to_random_port("tcp://127.0.0.1")
         site_endpoint = f"tcp://127.0.0.1:{site_port}"
         view_curve = self.keys.curve("demo-view") if self.keys else None  # an observer key: status only
+        # each gateway's setpoints as published, for the per-protocol report (a gateway key sees its own topic)
+        taps = {gw: _SetpointTap(self._ctx, self.endpoints["setpoints"], gw,
+                                 curve=self.keys.curve(gw) if self.keys else None) for gw in self.gateway_ids}
         self._recorder = _Recorder(self._ctx, self.endpoints["setpoints"], site_pull,
-                                   {g: i for i, g in enumerate(self.gateway_ids)}, curve=view_curve)
+                                   {g: i for i, g in enumerate(self.gateway_ids)}, curve=view_curve, taps=taps,
+                                   detailed=frozenset(g for g, p in self.protocol_of.items() if p != "sim"))
         self._recorder.start()
         self._feeder_stop = threading.Event()
         self.meter_rows: list[tuple[float, float]] = []
@@ -429,9 +582,33 @@ class Demo:
         self._feeder.start()
         self._control = bus.ControlClient(self._ctx, self.endpoints["control"], timeout_ms=1000, curve=view_curve)
 
+        def bus_args(gw: str) -> list[str]:
+            return ["--setpoints", self.endpoints["setpoints"], "--telemetry", self.endpoints["telemetry"],
+                    "--telemetry-interval-s", f"{a.telemetry_interval_s:g}",
+                    "--log-file", str(self.logs / f"gateway-{gw}.log"),
+                    *(self.keys.client_args(gw) if self.keys else [])]
+
+        def devices_args(gw: str) -> list[str]:
+            return ["--site-power", site_endpoint, "--log-file", str(self.logs / f"devices-{gw}.log")]
+
+        self.sides: list[dp.DeviceSide] = []
+        if "ocpp" in self.protocols:
+            self.sides.append(dp.ocpp_side(self.out / "ocpp", self.fleet, self.roster, port=ocpp_port, seed=a.seed,
+                                           gateway_args=bus_args(dp.OCPP_GATEWAY),
+                                           devices_args=devices_args(dp.OCPP_GATEWAY)))
+        if "sunspec" in self.protocols:
+            self.sides.append(dp.sunspec_side(self.out / "sunspec", self.fleet, self.roster, ports=sunspec_ports,
+                                              seed=a.seed, gateway_args=bus_args(dp.SUNSPEC_GATEWAY),
+                                              devices_args=devices_args(dp.SUNSPEC_GATEWAY)))
         # Gateways first; the aggregator once they are all up (_wait_ready), so its first cycles do not
         # share two cores with twenty interpreters starting, and none of them misses its first cycle.
-        for i, gw in enumerate(self.gateway_ids):
+        # Chargers before their gateway (it connects to them), the OCPP gateway before its stations.
+        for side in self.sides:
+            first, second = ((side.devices_argv, side.gateway_argv) if side.protocol == "sunspec"
+                             else (side.gateway_argv, side.devices_argv))
+            for argv in (first, second):
+                self._spawn(f"{'devices' if argv is side.devices_argv else 'gateway'}-{side.gateway_id}", argv)
+        for i, gw in enumerate(g for g in self.gateway_ids if self.protocol_of[g] == "sim"):
             self._spawn(f"gateway-{gw}", [
                 "gateway", "sim", "--roster", str(self.roster), "--gateway-id", gw,
                 "--setpoints", self.endpoints["setpoints"], "--telemetry", self.endpoints["telemetry"],
@@ -495,9 +672,12 @@ class Demo:
         return reply.result if reply.ok else None
 
     def _wait_ready(self) -> None:
-        """Every gateway up (stepping its vehicles), then the aggregator started, answering and fed telemetry."""
+        """Every gateway up (stepping its vehicles; the OCPP and SunSpec gateways have reached their devices),
+        then the aggregator started, answering and fed telemetry."""
         a = self.args
-        deadline = time.monotonic() + max(60.0, 3.0 * a.gateways)
+        n_gw = len(self.gateway_ids)
+        limit_s = max(60.0, 3.0 * n_gw)
+        deadline = time.monotonic() + limit_s
         agg_ok = False
         agg_ok_at = None
         while True:
@@ -506,7 +686,9 @@ class Demo:
             self._check_children()
             now = time.monotonic()
             seen = len(self._recorder.gw_seen)
-            if seen == a.gateways and not any(c.name == "aggregator" for c in self.children):
+            reached = {s.gateway_id: (self._recorder.reached.get(s.gateway_id, 0), s.reachable) for s in self.sides}
+            ready = seen == n_gw and all(r >= want for r, want in reached.values())
+            if ready and not any(c.name == "aggregator" for c in self.children):
                 self._spawn("aggregator", self._aggregator_argv)
             if not agg_ok and any(c.name == "aggregator" for c in self.children):
                 agg_ok = self._status() is not None
@@ -514,12 +696,13 @@ class Demo:
                 agg_ok_at = agg_ok_at or now
                 if now - agg_ok_at >= a.telemetry_interval_s + 0.5:
                     return
+            devices = "".join(f", {gw} reached {r}/{want} devices" for gw, (r, want) in reached.items())
             if now > deadline:
-                raise DemoError(f"not ready after {max(60.0, 3.0 * a.gateways):.0f} s: aggregator "
-                                f"{'answers' if agg_ok else 'does not answer'}, {seen} of {a.gateways} gateways "
-                                f"heard; logs in {self.logs} and {self.out / 'engine.log'}")
+                raise DemoError(f"not ready after {limit_s:.0f} s: aggregator "
+                                f"{'answers' if agg_ok else 'does not answer'}, {seen} of {n_gw} gateways "
+                                f"heard{devices}; logs in {self.logs} and {self.out / 'engine.log'}")
             if not a.no_live and sys.stdout.isatty():
-                print(f"\rstarting: aggregator {'up' if agg_ok else 'starting'}, gateways {seen}/{a.gateways} ",
+                print(f"\rstarting: aggregator {'up' if agg_ok else 'starting'}, gateways {seen}/{n_gw}{devices} ",
                       end="", flush=True)
             time.sleep(0.1)
 
@@ -534,6 +717,7 @@ class Demo:
             c.cpu_at_start_s = _cpu_seconds(c.proc.pid)
         self._cpu_demo0 = time.process_time()
         self.t_run0 = time.monotonic()
+        self.t_run0_utc_ns = time.time_ns()
         self._say(f"v2grt demo: everything is up after {self.t_run0 - self._t_start:.1f} s; running for "
                   f"{a.duration:g} s (Ctrl-C stops early and still writes the report)")
         end = self.t_run0 + a.duration
@@ -581,10 +765,16 @@ class Demo:
             f"{_fmt_kw(st.get('available_chg_kw'), signed=False)}"
             + (f"   contracted {cap / 1e3:,.1f} MW ({self.curve.name})" if cap else ""),
             f"vehicles    {n_nodes:,} in the fleet: {available:,} available, {st.get('n_active', 0):,} carrying load",
+            *(["protocols   " + " · ".join(f"{p} {_fmt_kw(kw)}" for p, kw in self._delivered_by_protocol().items())
+               + "   (delivered, site meters)"] if len(self.protocols) > 1 else []),
             f"not avail.  {excl}",
             f"cycles      p99 {p99 if p99 is not None else float('nan'):.2f} ms   deadline misses "
             f"{st.get('deadline_misses', 0)}   cycles {loop.get('cycles', st.get('seq', 0)):,}",
         ]
+
+    def _delivered_by_protocol(self) -> dict[str, float]:
+        by_gw = dict(self._recorder.gw_kw)  # a copy: the recorder thread adds keys
+        return {p: sum(kw for gw, kw in by_gw.items() if self.protocol_of[gw] == p) for p in self.protocols}
 
     def _render(self, now: float, control: dict | None) -> None:
         lines = self._view(now, control)
@@ -596,7 +786,7 @@ class Demo:
 
     def _render_line(self, now: float, control: dict | None) -> None:
         v = self._view(now, control)
-        print(" | ".join(" ".join(s.split("   (")[0].split()) for s in (v[0], v[1], v[2], v[6])), flush=True)
+        print(" | ".join(" ".join(s.split("   (")[0].split()) for s in (v[0], v[1], v[2], v[-1])), flush=True)
 
     # ------------------------------------------------------------------------------ wind-down
     def _final_status(self) -> None:
@@ -610,15 +800,23 @@ class Demo:
             self.cycle_hist = end
         t_end = self.t_run_end or time.monotonic()
         wall = max(t_end - self.t_run0, 1e-9)
+
+        def pct(children: list[_Child]) -> float:
+            return 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in children) / wall
+
         gw = [c for c in self.children if c.name.startswith("gateway-")]
+        devices = [c for c in self.children if c.name.startswith("devices-")]
         agg = [c for c in self.children if c.name == "aggregator"]
-        self.cpu = {
-            "aggregator": 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in agg) / wall,
-            "gateways": 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in gw) / wall,
-            "demo": 100.0 * (time.process_time() - self._cpu_demo0) / wall,
-        }
+        self.cpu = {"aggregator": pct(agg), "gateways": pct(gw), "demo": 100.0 * (time.process_time() - self._cpu_demo0)
+                    / wall}
+        if devices:
+            self.cpu["device_simulators"] = pct(devices)
         self.cpu["total"] = sum(self.cpu.values())
         self.cpu["cores"] = os.cpu_count() or 1
+        # per protocol: its gateway processes and (OCPP, SunSpec) the simulator of its devices
+        self.cpu_by_protocol = {p: {"gateways": round(pct([c for c in gw if self.protocol_of[c.name[8:]] == p]), 1),
+                                    "devices": round(pct([c for c in devices if self.protocol_of[c.name[8:]] == p]), 1)}
+                                for p in self.protocols}
 
     def _scrape_histogram(self) -> dict | None:
         """The aggregator's v2grt_cycle_duration_seconds{phase="total"} buckets, non-cumulative, in ms."""
@@ -640,11 +838,10 @@ class Demo:
         return {"le_ms": [b for b, _ in buckets], "counts": np.diff(np.r_[0.0, cum]).astype(int).tolist()}
 
     def _shutdown(self) -> None:
-        """Aggregator first (its final zero reaches the gateways), then gateways, then this process's threads."""
-        agg = [c for c in self.children if c.name == "aggregator"]
-        gws = [c for c in self.children if c.name != "aggregator"]
-        self._terminate(agg)
-        self._terminate(gws)
+        """Aggregator first (its final zero reaches the gateways), then gateways (their zeros reach the devices),
+        then the device simulators, then this process's threads."""
+        for first in ("aggregator", "gateway-", ""):
+            self._terminate([c for c in self.children if c.name.startswith(first) and c.proc.poll() is None])
         if self._control is not None:
             self._control.close()
         if self._recorder is not None:
@@ -696,10 +893,11 @@ class Demo:
             available_dis_kw=st[:, 4], available_chg_kw=st[:, 5], n_active=st[:, 6],
             meter_t_s=meter[:, 0] - t0, meter_f_hz=meter[:, 1],
             site_t_s=site[:, 0] - t0, site_gw=site[:, 1].astype(int), site_kw=site[:, 2],
-            n_gateways=a.gateways, curve=self.curve, capacity_kw=capacity_kw, period_s=PERIOD_S,
+            n_gateways=len(self.gateway_ids), curve=self.curve, capacity_kw=capacity_kw, period_s=PERIOD_S,
             tolerance=a.tolerance_pct / 100.0)
         series = report.derive(recording)
         tracking = report.tracking_summary(recording, series)
+        protocols, latency_ms = self._per_protocol(recording, series)
         soc_after = self._soc_after()
         loop = self.final.get("loop", {})
         total = loop.get("total", {})
@@ -710,7 +908,8 @@ class Demo:
             return int(loop[key]) - int(self._loop0.get(key, 0)) if key in loop else 0
 
         summary = {
-            "vehicles": a.vehicles, "gateways": a.gateways, "service": self.curve.name,
+            "vehicles": self.n_vehicles, "gateways": self.n_sim_gateways, "gateway_processes": len(self.gateway_ids),
+            "protocols": protocols, "service": self.curve.name,
             "service_title": (self.curve.description or self.curve.name).split(":")[0],
             "capacity_kw": capacity_kw, "nominal_hz": self.curve.nominal_hz,
             "deadband_hz": report.deadband_hz(self.curve), "speed": a.speed,
@@ -734,7 +933,8 @@ class Demo:
             "soc": {"mean_before": float(np.mean(self.soc_before)),
                     "mean_after": float(np.mean(soc_after)) if len(soc_after) else None,
                     "vehicles_after": len(soc_after)},
-            "cpu_pct": {k: round(v, 1) if isinstance(v, float) else v for k, v in self.cpu.items()},
+            "cpu_pct": {**{k: round(v, 1) if isinstance(v, float) else v for k, v in self.cpu.items()},
+                        "by_protocol": self.cpu_by_protocol},
             "site_power_reports": len(site), "status_samples": len(st),
             "files": {"png": "report.png", "json": "report.json", "timeseries": "timeseries.csv",
                       "config": "config.yaml", "roster": "roster.csv", "status": "status.json",
@@ -743,12 +943,68 @@ class Demo:
         report.write_timeseries(self.out / "timeseries.csv", series)
         report.write_json(self.out / "report.json", summary)
         report.plot(self.out / "report.png", series, summary, soc_before=self.soc_before, soc_after=soc_after,
-                    cycle_hist=self.cycle_hist, minimum_soc=DispatchProfile().minimum_soc)
+                    cycle_hist=self.cycle_hist, minimum_soc=DispatchProfile().minimum_soc, latency_ms=latency_ms)
         self._print_summary(summary)
+
+    def _per_protocol(self, recording, series: dict) -> tuple[dict, dict]:
+        """Each protocol's rows of report.json (adding its series to ``series``) and its latency samples (ms)."""
+        from v2grt import report
+
+        rec, t0 = self._recorder, self.t_run0
+        sp = np.array(rec.sp_rows, dtype=float).reshape(-1, 5)
+        index = {g: i for i, g in enumerate(self.gateway_ids)}
+        groups = {p: [index[g] for g, q in self.protocol_of.items() if q == p] for p in self.protocols}
+        series.update(report.protocol_series(recording, groups, sp[:, 0] - t0, sp[:, 1].astype(int), sp[:, 3],
+                                             sp[:, 4]))
+        t_start_ns = self.t_run0_utc_ns
+        t_end_ns = t_start_ns + int(((self.t_run_end or time.monotonic()) - t0) * 1e9)
+        out, latency = {}, {}
+        for p in self.protocols:
+            samples, unmatched = [], 0
+            for gw, q in self.protocol_of.items():
+                if q != p:
+                    continue
+                ms, miss = report.publish_to_applied_ms(self._setpoint_log(gw, sp), since_ns=t_start_ns,
+                                                        until_ns=t_end_ns)  # the measured run only
+                samples.append(ms)
+                unmatched += miss
+            latency[p] = np.concatenate(samples) if samples else np.zeros(0)
+            out[p] = report.protocol_summary(
+                p, series, recording.t_s, vehicles=self._vehicles_of(p), fleet_vehicles=self.n_vehicles,
+                dispatched=sum(len(rec.dispatched[g]) for g, q in self.protocol_of.items() if q == p),
+                latency_ms=latency[p], unmatched=unmatched)
+            out[p]["gateway_processes"] = sum(q == p for q in self.protocol_of.values())
+        return out, latency
+
+    def _setpoint_log(self, gw: str, sp: np.ndarray):
+        """One gateway's SetpointLog: per node for OCPP/SunSpec (their devices apply per node), else the sums."""
+        from v2grt import report
+
+        rec = self._recorder
+        if gw in rec.sp_values:
+            msgs = rec.sp_values[gw]
+            ids = list(dict.fromkeys(i for _, node_ids, _ in msgs[:1] for i in node_ids))
+            columns = {nid: k for k, nid in enumerate(ids)}
+            values = np.full((len(msgs), len(ids)), np.nan)
+            for m, (_, node_ids, p_kw) in enumerate(msgs):
+                if node_ids == tuple(ids):
+                    values[m] = p_kw
+                else:  # the aggregator's roster changed (not in the demo): place by id
+                    for nid, v in zip(node_ids, p_kw.tolist(), strict=True):
+                        if nid in columns:
+                            values[m, columns[nid]] = v
+            return report.SetpointLog(np.array([t for t, _, _ in msgs], dtype=np.int64),
+                                      values, columns, list(rec.applied[gw]))
+        mine = sp[:, 1] == self.gateway_ids.index(gw)
+        pub = np.array([r[2] for r, m in zip(rec.sp_rows, mine, strict=True) if m], dtype=np.int64)
+        return report.SetpointLog(pub, sp[mine, 3:4], {"": 0},
+                                  [("", t_ns, kw) for t_ns, kw in rec.p_set[gw]])
 
     def _soc_after(self) -> np.ndarray:
         values = []
-        for gw in self.gateway_ids:
+        if self._recorder.final_soc:  # the OCPP and SunSpec simulators' vehicles, from their last frames
+            values.append(np.array(list(self._recorder.final_soc.values()), dtype=float))
+        for gw in (g for g in self.gateway_ids if self.protocol_of[g] == "sim"):
             path = self.out / f"state-{gw}.csv"
             if not path.exists():
                 print(f"v2grt demo: {path.name} missing (gateway {gw} did not stop cleanly)", file=sys.stderr)
@@ -768,9 +1024,22 @@ class Demo:
                   f"({tr['mae_pct_of_capacity']:.3f} % of {s['capacity_kw'] / 1e3:,.1f} MW); "
                   f"in tolerance {100 * tr['within_tolerance_share']:.1f} % of the time; "
                   f"net {e.get('net_discharged', 0):+,.1f} kWh discharged")
-        print(f"  CPU: aggregator {s['cpu_pct'].get('aggregator', 0):.0f} %, gateways "
-              f"{s['cpu_pct'].get('gateways', 0):.0f} %, demo {s['cpu_pct'].get('demo', 0):.0f} % "
-              f"(of one core; {s['cpu_pct'].get('cores', 1)} cores)")
+        print("  per protocol (delivered at the site inverters; latency: setpoint publish to applied at the device, "
+              f"moves >= {s['protocols'] and next(iter(s['protocols'].values()))['latency_ms']['min_move_kw']:g} kW):")
+        print(f"    {'protocol':<9}{'vehicles':>16}{'dispatched':>12}{'|setpoint|':>13}{'|delivered|':>13}"
+              f"{'|error|':>11}{'latency p50 / p99 (moves)':>30}")
+        for name, row in s["protocols"].items():
+            lat = row["latency_ms"]
+            timing = (f"{lat['p50']:.0f} / {lat['p99']:.0f} ms ({lat['samples']})" if lat["samples"]
+                      else f"- ({lat['unmatched']} unmatched)")
+            print(f"    {name:<9}{row['vehicles']:>8,} {row['share_pct']:5.1f} %{row['dispatched_vehicles']:>12,}"
+                  f"{_fmt_kw(row['setpoint_mean_abs_kw'], signed=False):>13}"
+                  f"{_fmt_kw(row['delivered_mean_abs_kw'], signed=False):>13}"
+                  f"{_fmt_kw(row['mae_kw'], signed=False):>11}{timing:>30}")
+        cpu = s["cpu_pct"]
+        print(f"  CPU: aggregator {cpu.get('aggregator', 0):.0f} %, gateways {cpu.get('gateways', 0):.0f} %"
+              + (f", device simulators {cpu['device_simulators']:.0f} %" if "device_simulators" in cpu else "")
+              + f", demo {cpu.get('demo', 0):.0f} % (of one core; {cpu.get('cores', 1)} cores)")
         print(f"  report: {self.out / 'report.png'}, {self.out / 'report.json'}")
 
 
@@ -785,9 +1054,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="the whole system on one machine: simulated meter, vehicles, gateways, aggregator; a report",
         description=cmd_demo.__doc__ + " See docs/demo.md.")
-    p.add_argument("--vehicles", type=int, default=DEFAULT_VEHICLES, help=f"default {DEFAULT_VEHICLES:,}")
+    p.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
+                   help=f"the protocols the fleet sits behind, a subset of {DEFAULT_PROTOCOLS} (default: all three; "
+                        "sim alone is the demo with simulated gateways only)")
+    p.add_argument("--vehicles", type=int, default=None,
+                   help=f"the whole fleet (default {DEFAULT_VEHICLES:,} with sim; without sim, the OCPP and SunSpec "
+                        "vehicles); the sim gateways take what OCPP and SunSpec leave")
     p.add_argument("--gateways", type=int, default=DEFAULT_GATEWAYS,
-                   help=f"gateway processes (one site inverter each), default {DEFAULT_GATEWAYS}")
+                   help=f"sim gateway processes (one site inverter each), default {DEFAULT_GATEWAYS}")
+    p.add_argument("--ocpp-vehicles", type=int, default=DEFAULT_OCPP_VEHICLES,
+                   help=f"EVSEs behind the OCPP gateway (stations of two), default {DEFAULT_OCPP_VEHICLES}")
+    p.add_argument("--sunspec-vehicles", type=int, default=DEFAULT_SUNSPEC_VEHICLES,
+                   help=f"chargers behind the SunSpec gateway (10 per Modbus port), default {DEFAULT_SUNSPEC_VEHICLES}")
     p.add_argument("--duration", type=float, default=DEFAULT_DURATION_S,
                    help=f"seconds to run once everything is up, default {DEFAULT_DURATION_S:g}")
     p.add_argument("--speed", type=float, default=DEFAULT_SPEED,

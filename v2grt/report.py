@@ -151,6 +151,128 @@ def tracking_summary(rec: Recording, s: dict[str, np.ndarray]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------- per protocol
+#: An applied setpoint counts for latency when it moved at least this much from the device's previous
+#: one: above both protocol gateways' deadbands (OCPP 0.5 kW, SunSpec 0.2 kW), whose smaller moves wait
+#: for the gateway's refresh by design (docs/gateways.md) and would time the refresh, not the path.
+LATENCY_MIN_MOVE_KW = 1.0
+#: Two setpoints within this are the same (OCPP rounds to 1 W, 704 WSet to 1 W, the wire carries float32).
+SETPOINT_MATCH_KW = 0.002
+
+
+@dataclasses.dataclass
+class SetpointLog:
+    """One gateway's setpoint messages as the demo received them, and what its devices applied.
+
+    ``values`` holds one column per node (``columns`` maps node id to column), or a single column
+    with the message's sum for a gateway that applies whole messages at once (``v2grt gateway sim``,
+    whose ``applied`` entries then carry the sum it runs at, node id ``""``).
+    """
+
+    pub_t_ns: np.ndarray  # (m,) int64, the message's t_ns (UTC, the aggregator's publish time)
+    values: np.ndarray  # (m, k) kW, + discharge
+    columns: dict[str, int]
+    applied: list[tuple[str, int, float]]  # (node id, UTC ns, kW) as the devices applied them
+
+
+def publish_to_applied_ms(log: SetpointLog, *, since_ns: int = 0, until_ns: int = 2**63 - 1,
+                          min_move_kw: float = LATENCY_MIN_MOVE_KW,
+                          match_kw: float = SETPOINT_MATCH_KW) -> tuple[np.ndarray, int]:
+    """(latencies in ms, count unmatched) from each setpoint's first publish to a device applying it.
+
+    For every setpoint applied between ``since_ns`` and ``until_ns`` (UTC) that moved at least
+    ``min_move_kw`` from that device's previous one (over all of ``log.applied``: a device re-applying
+    the value it holds, as the gateways' refreshes make it, is no move):
+    the newest message at or before the apply time that asked for that value (within ``match_kw``),
+    then the first message of the unbroken run asking for it: the time from that message's publish
+    to the apply. Unmatched: no such message (the gateway clamped the value to the EV's limits, or
+    the run began before the demo listened).
+    """
+    out: list[float] = []
+    unmatched = 0
+    previous: dict[str, float] = {}
+    t_pub = log.pub_t_ns
+    for node, t_ns, kw in log.applied:
+        before = previous.get(node, 0.0)
+        previous[node] = kw
+        col = log.columns.get(node)
+        if col is None or abs(kw - before) < min_move_kw or not since_ns <= t_ns <= until_ns:
+            continue
+        k = int(np.searchsorted(t_pub, t_ns, side="right")) - 1
+        if k < 0:
+            continue  # applied before the first message the demo heard: not ours to time
+        close = np.abs(log.values[: k + 1, col] - kw) <= match_kw
+        hits = np.flatnonzero(close)
+        if not hits.size:
+            unmatched += 1
+            continue
+        k1 = int(hits[-1])
+        breaks = np.flatnonzero(~close[: k1 + 1])
+        if not breaks.size:
+            unmatched += 1  # asked for since before the demo listened: its first publish is unknown
+            continue
+        out.append((t_ns - int(t_pub[breaks[-1] + 1])) / 1e6)
+    return np.asarray(out, dtype=np.float64), unmatched
+
+
+def percentiles_ms(samples: np.ndarray) -> dict:
+    """p50, p99, max and the count (None for an empty sample)."""
+    if not len(samples):
+        return {"p50": None, "p99": None, "max": None, "samples": 0}
+    return {"p50": float(np.percentile(samples, 50)), "p99": float(np.percentile(samples, 99)),
+            "max": float(samples.max()), "samples": int(len(samples))}
+
+
+def protocol_series(rec: Recording, groups: dict[str, list[int]], sp_t_s: np.ndarray, sp_gw: np.ndarray,
+                    sp_kw: np.ndarray, sp_carrying: np.ndarray) -> dict[str, np.ndarray]:
+    """Per protocol, on the status grid: its setpoints' sum (as published), what its sites delivered
+    (now and one period later) and how many of its vehicles had a non-zero setpoint.
+
+    ``groups``: protocol -> gateway indexes; ``sp_*``: one entry per setpoint message received.
+    """
+    t = rec.t_s
+    out: dict[str, np.ndarray] = {}
+    for name, gws in groups.items():
+        setpoint = np.zeros(len(t))
+        carrying = np.zeros(len(t))
+        delivered = np.zeros(len(t))
+        later = np.zeros(len(t))
+        for g in gws:
+            mine = sp_gw == g
+            setpoint += held(sp_t_s[mine], sp_kw[mine], t)
+            carrying += held(sp_t_s[mine], sp_carrying[mine], t)
+            site = rec.site_gw == g
+            delivered += held(rec.site_t_s[site], rec.site_kw[site], t)
+            later += held(rec.site_t_s[site], rec.site_kw[site], t + rec.period_s)
+        out[f"setpoint_{name}_kw"] = setpoint
+        out[f"delivered_{name}_kw"] = delivered
+        out[f"delivered_later_{name}_kw"] = later
+        out[f"carrying_{name}"] = carrying
+    return out
+
+
+def protocol_summary(name: str, s: dict[str, np.ndarray], t_s: np.ndarray, *, vehicles: int, fleet_vehicles: int,
+                     dispatched: int, latency_ms: np.ndarray, unmatched: int) -> dict:
+    """One protocol's row of report.json (see docs/demo.md)."""
+    sp, d, later = s[f"setpoint_{name}_kw"], s[f"delivered_{name}_kw"], s[f"delivered_later_{name}_kw"]
+    seg = (d[1:] + d[:-1]) / 2.0 * np.diff(t_s) if len(t_s) > 1 else np.zeros(0)
+    err = later - sp
+    return {
+        "vehicles": int(vehicles), "share_pct": 100.0 * vehicles / max(fleet_vehicles, 1),
+        "dispatched_vehicles": int(dispatched),
+        "carrying_mean": float(np.mean(s[f"carrying_{name}"])) if len(t_s) else 0.0,
+        "carrying_max": int(np.max(s[f"carrying_{name}"])) if len(t_s) else 0,
+        "setpoint_mean_abs_kw": float(np.mean(np.abs(sp))) if len(t_s) else 0.0,
+        "delivered_mean_abs_kw": float(np.mean(np.abs(d))) if len(t_s) else 0.0,
+        "delivered_max_abs_kw": float(np.max(np.abs(d))) if len(t_s) else 0.0,
+        "mae_kw": float(np.mean(np.abs(err))) if len(t_s) else None,
+        "energy_kwh": {"discharged": float(np.clip(seg, 0.0, None).sum() / 3600.0),
+                       "charged": float(-np.clip(seg, None, 0.0).sum() / 3600.0)},
+        "latency_ms": {**percentiles_ms(latency_ms), "unmatched": int(unmatched),
+                       "min_move_kw": LATENCY_MIN_MOVE_KW},
+    }
+
+
 def write_timeseries(path: str | Path, s: dict[str, np.ndarray]) -> None:
     """The derived series as CSV, one row per status sample."""
     keys = list(s)
@@ -172,11 +294,15 @@ def _plain(obj):
 
 # ----------------------------------------------------------------------------------------- picture
 def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_before: np.ndarray,
-         soc_after: np.ndarray, cycle_hist: dict | None, minimum_soc: float = 0.20) -> None:
-    """One page (PNG): frequency; required, target, delivered and the band; tracking error; SoC; cycle times.
+         soc_after: np.ndarray, cycle_hist: dict | None, minimum_soc: float = 0.20,
+         latency_ms: dict[str, np.ndarray] | None = None) -> None:
+    """One page (PNG): frequency; required, target, delivered and the band; tracking error; per protocol,
+    delivered against setpoints and the publish-to-applied latency; SoC; cycle times.
 
     ``cycle_hist``: ``{"le_ms": [...], "counts": [...]}`` non-cumulative counts per bucket upper bound
-    (the aggregator's Prometheus histogram), or None; ``summary`` supplies titles and percentile marks.
+    (the aggregator's Prometheus histogram), or None; ``summary`` supplies titles and percentile marks,
+    and ``summary["protocols"]`` the per-protocol rows (series ``setpoint_<p>_kw``, ``delivered_<p>_kw``
+    in ``s``); ``latency_ms``: each protocol's latency samples.
     """
     import matplotlib
 
@@ -185,13 +311,16 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
     from matplotlib.gridspec import GridSpec
 
     t = s["t_s"]
-    fig = plt.figure(figsize=(12, 10.5), dpi=90)
-    gs = GridSpec(4, 2, figure=fig, height_ratios=[1.0, 1.6, 0.8, 1.25], hspace=0.42, wspace=0.22,
-                  left=0.07, right=0.98, top=0.91, bottom=0.06)
+    protocols = summary.get("protocols") or {}
+    fig = plt.figure(figsize=(12, 13.5), dpi=90)
+    gs = GridSpec(5, 2, figure=fig, height_ratios=[1.0, 1.6, 0.8, 1.2, 1.25], hspace=0.48, wspace=0.22,
+                  left=0.07, right=0.98, top=0.93, bottom=0.05)
     tr = summary.get("tracking", {})
     cyc = summary.get("cycle_ms", {})
+    behind = " + ".join(f"{p} {row['vehicles']:,}" for p, row in protocols.items())
     fig.suptitle(
-        f"v2grt demo: {summary['vehicles']:,} simulated vehicles behind {summary['gateways']} gateway processes, "
+        f"v2grt demo: {summary['vehicles']:,} simulated vehicles ({behind}) behind {summary['gateway_processes']} "
+        f"gateway processes, "
         f"{summary['service_title']}\n"
         f"{summary['duration_s']:.0f} s, frequency trace at {summary['speed']:g}x; "
         f"{summary.get('cycles', 0):,} cycles, p99 {cyc.get('p99', float('nan')):.2f} ms, "
@@ -240,7 +369,9 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
                    + (f": mean |error| {mae:,.1f} kW ({tr.get('mae_pct_of_capacity', 0):.3f} % of capacity)"
                       if mae is not None else ""), fontsize=9, loc="left")
 
-    ax_s = fig.add_subplot(gs[3, 0])
+    _plot_protocols(fig, gs[3, :], ax_f, s, protocols, latency_ms or {})
+
+    ax_s = fig.add_subplot(gs[4, 0])
     bins = np.linspace(0.0, 1.0, 41)
     ax_s.hist(soc_before, bins=bins, histtype="stepfilled", alpha=0.35, color="#1f77b4", label="before")
     ax_s.hist(soc_after, bins=bins, histtype="step", lw=1.5, color="#d62728", label="after")
@@ -254,7 +385,7 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
     ax_s.legend(fontsize=8)
     ax_s.grid(alpha=0.3)
 
-    ax_c = fig.add_subplot(gs[3, 1])
+    ax_c = fig.add_subplot(gs[4, 1])
     budget_ms = summary.get("budget_ms", 100.0)
     if cycle_hist and sum(cycle_hist["counts"]):
         le = np.asarray(cycle_hist["le_ms"], float)
@@ -283,5 +414,48 @@ def plot(path: str | Path, s: dict[str, np.ndarray], summary: dict, *, soc_befor
     plt.close(fig)
 
 
-__all__ = ["DEFAULT_TOLERANCE", "Recording", "deadband_hz", "derive", "held", "metered_kw", "plot", "required_kw",
-           "tolerance_band", "tracking_summary", "write_json", "write_timeseries"]
+_PROTOCOL_COLOURS = {"sim": "#2ca02c", "ocpp": "#1f77b4", "sunspec": "#9467bd"}
+
+
+def _plot_protocols(fig, cell, ax_time, s: dict[str, np.ndarray], protocols: dict, latency_ms: dict) -> None:
+    """One panel per protocol (its setpoints as published, its sites' delivered power) and one of latencies."""
+    from matplotlib.gridspec import GridSpecFromSubplotSpec
+
+    if not protocols:
+        return
+    sub = GridSpecFromSubplotSpec(1, len(protocols) + 1, subplot_spec=cell, wspace=0.28)
+    t = s["t_s"]
+    for k, (name, row) in enumerate(protocols.items()):
+        ax = fig.add_subplot(sub[0, k], sharex=ax_time)
+        colour = _PROTOCOL_COLOURS.get(name, "k")
+        ax.plot(t, s[f"setpoint_{name}_kw"], color="#ff7f0e", lw=1.0, label="setpoints")
+        ax.plot(t, s[f"delivered_{name}_kw"], color=colour, lw=1.0, label="delivered (sites)")
+        ax.axhline(0.0, color="0.6", lw=0.6)
+        ax.set_title(f"{name}: {row['vehicles']:,} vehicles ({row['share_pct']:.1f} %), "
+                     f"{row['dispatched_vehicles']:,} dispatched", fontsize=8, loc="left")
+        ax.set_xlabel("time since start, s", fontsize=8)
+        if k == 0:
+            ax.set_ylabel("power, kW (+ discharge)")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    ax = fig.add_subplot(sub[0, len(protocols)])
+    for name, row in protocols.items():
+        ms = np.sort(np.asarray(latency_ms.get(name, []), float))
+        lat = row["latency_ms"]
+        if ms.size:
+            ax.step(ms, np.arange(1, ms.size + 1) / ms.size, where="post", color=_PROTOCOL_COLOURS.get(name, "k"),
+                    label=f"{name}: p50 {lat['p50']:.0f}, p99 {lat['p99']:.0f} ms (n {lat['samples']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("setpoint publish to applied at the device, ms", fontsize=8)
+    ax.set_ylabel("share of moves", fontsize=8)
+    ax.set_title(f"Latency of setpoint moves >= {LATENCY_MIN_MOVE_KW:g} kW", fontsize=8, loc="left")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+__all__ = ["DEFAULT_TOLERANCE", "LATENCY_MIN_MOVE_KW", "SETPOINT_MATCH_KW", "Recording", "SetpointLog", "deadband_hz",
+           "derive", "held", "metered_kw", "percentiles_ms", "plot", "protocol_series", "protocol_summary",
+           "publish_to_applied_ms", "required_kw", "tolerance_band", "tracking_summary", "write_json",
+           "write_timeseries"]

@@ -56,30 +56,28 @@ def _run_until_stopped(core, stop) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def cmd_sim(args) -> int:
-    """Run one simulated gateway until SIGTERM/SIGINT."""
+def _run_gateway(args, load, make_vehicles, *, errors: tuple = (), start, finish) -> int:
+    """What every gateway command does around its own driver, in this order: logging, the stop flag and the
+    event log; ``load()``, its inputs (the roster's vehicles of ``--gateway-id`` and whatever else the kind
+    reads) or an exit code; the bus key (``--client-key``); the ZeroMQ context; ``make_vehicles(inputs,
+    events, ctx)`` and the GatewayCore around it (``errors``: the driver's own start-up errors, besides the
+    core's and the bus's); the GATEWAY_START line (``start(vehicles)``: its format and values after the
+    gateway id); the run until SIGTERM/SIGINT; the GATEWAY_STOP line (``finish(vehicles, core)``: what the
+    kind does once the core stopped, and the line's text after the gateway id); the teardown."""
     import zmq
 
+    from v2grt.cli import CliError
     from v2grt.events import EventLog, setup_logging
-    from v2grt.fleet import Fleet, FleetError
     from v2grt.gateway.core import GatewayCore, GatewayError
-    from v2grt.gateway.sim import SimVehicles, gateway_fleet
     from v2grt.io.bus import BusError
-    from v2grt.roster import RosterError
-    from v2grt.sim.battery import SimError
+    from v2grt.security.cli import client_curve_from_args
 
     setup_logging(args.log_file, json_lines=args.json_logs)
     stop = _stop_on_signals()
     events = EventLog(interval_s=args.event_interval_s)
-    try:
-        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
-    except FileNotFoundError:
-        return _fail(f"--roster {args.roster!r}: no such file", EXIT_INVALID)
-    except (RosterError, FleetError, GatewayError) as exc:
-        return _fail(str(exc), EXIT_INVALID)
-    from v2grt.cli import CliError
-    from v2grt.security.cli import client_curve_from_args
-
+    inputs = load()
+    if isinstance(inputs, int):
+        return inputs
     try:
         curve = client_curve_from_args(args)  # --client-key/--server-key when the aggregator is secured
     except CliError as exc:
@@ -88,159 +86,161 @@ def cmd_sim(args) -> int:
     vehicles = None
     try:
         try:
-            vehicles = SimVehicles(fleet, gateway_id=args.gateway_id, seed=args.seed,
-                                   unreachable_fraction=args.unreachable_fraction,
-                                   low_soh_fraction=args.low_soh_fraction, hot_fraction=args.hot_fraction,
-                                   unplug_rate_per_h=args.unplug_rate_per_h, plug_rate_per_h=args.plug_rate_per_h,
-                                   events=events, ctx=ctx, site_power=args.site_power)
+            vehicles = make_vehicles(inputs, events, ctx)
             core = GatewayCore(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
                                telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
-        except (SimError, GatewayError, BusError, zmq.ZMQError) as exc:
+        except (GatewayError, BusError, zmq.ZMQError, *errors) as exc:
             return _fail(str(exc), EXIT_INVALID)
-        s = vehicles.state
-        log.info("GATEWAY_START gateway=%s vehicles=%d online=%d firmware_rejects_discharge=%d setpoints=%s "
-                 "telemetry=%s telemetry_interval_s=%g", args.gateway_id, len(vehicles.node_ids), int(s.online.sum()),
-                 int(s.firmware_rejects_discharge.sum()), args.setpoints, args.telemetry, args.telemetry_interval_s)
-        _run_until_stopped(core, stop)
-        if args.state_out:
-            vehicles.write_state(args.state_out)
-        counters = " ".join(f"{k}={v}" for k, v in core.counters().items())
-        log.info("GATEWAY_STOP gateway=%s %s plug_events=%d state_out=%s", args.gateway_id, counters,
-                 vehicles.plug_events, args.state_out or "-")
+        fmt, values = start(vehicles)
+        log.info("GATEWAY_START gateway=%s " + fmt, args.gateway_id, *values)
+        _run_until_stopped(core, stop)  # every node at 0 kW, handed to the vehicles or chargers
+        log.info("GATEWAY_STOP gateway=%s %s", args.gateway_id, finish(vehicles, core))
         return EXIT_OK
     finally:
         if vehicles is not None:
             vehicles.close()
         ctx.term()
+
+
+def _roster_fleet(args):
+    """The roster's vehicles of --gateway-id, as a fleet of their own."""
+    from v2grt.fleet import Fleet
+    from v2grt.gateway.sim import gateway_fleet
+
+    return gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
+
+
+def _counters(*parts: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in {k: v for part in parts for k, v in part.items()}.items())
+
+
+def cmd_sim(args) -> int:
+    """Run one simulated gateway until SIGTERM/SIGINT."""
+    from v2grt.fleet import FleetError
+    from v2grt.gateway.core import GatewayError
+    from v2grt.gateway.sim import SimVehicles
+    from v2grt.roster import RosterError
+    from v2grt.sim.battery import SimError
+
+    def load():
+        try:
+            return _roster_fleet(args)
+        except FileNotFoundError:
+            return _fail(f"--roster {args.roster!r}: no such file", EXIT_INVALID)
+        except (RosterError, FleetError, GatewayError) as exc:
+            return _fail(str(exc), EXIT_INVALID)
+
+    def make_vehicles(fleet, events, ctx):
+        return SimVehicles(fleet, gateway_id=args.gateway_id, seed=args.seed,
+                           unreachable_fraction=args.unreachable_fraction,
+                           low_soh_fraction=args.low_soh_fraction, hot_fraction=args.hot_fraction,
+                           unplug_rate_per_h=args.unplug_rate_per_h, plug_rate_per_h=args.plug_rate_per_h,
+                           events=events, ctx=ctx, site_power=args.site_power)
+
+    def start(vehicles):
+        s = vehicles.state
+        return ("vehicles=%d online=%d firmware_rejects_discharge=%d setpoints=%s telemetry=%s "
+                "telemetry_interval_s=%g", (len(vehicles.node_ids), int(s.online.sum()),
+                                            int(s.firmware_rejects_discharge.sum()), args.setpoints, args.telemetry,
+                                            args.telemetry_interval_s))
+
+    def finish(vehicles, core):
+        if args.state_out:
+            vehicles.write_state(args.state_out)
+        return f"{_counters(core.counters())} plug_events={vehicles.plug_events} state_out={args.state_out or '-'}"
+
+    return _run_gateway(args, load, make_vehicles, errors=(SimError,), start=start, finish=finish)
 
 
 def cmd_ocpp(args) -> int:
     """Run the OCPP 2.1 gateway (a CSMS for the roster's <station>:<evse> nodes) until SIGTERM/SIGINT."""
-    import zmq
-
-    from v2grt.events import EventLog, setup_logging
-    from v2grt.fleet import Fleet, FleetError
+    from v2grt.fleet import FleetError
     from v2grt.gateway import ocpp_mapping as om
-    from v2grt.gateway.core import GatewayCore, GatewayError
+    from v2grt.gateway.core import GatewayError
     from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
-    from v2grt.gateway.sim import gateway_fleet
-    from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
 
-    setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = _stop_on_signals()
-    events = EventLog(interval_s=args.event_interval_s)
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return _fail(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9000", EXIT_INVALID)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        return _fail("--tls-cert and --tls-key go together", EXIT_INVALID)
-    try:
-        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
-        credentials = om.load_credentials(args.credentials)
-        tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    except FileNotFoundError as exc:
-        return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
-    except (RosterError, FleetError, GatewayError, om.MappingError) as exc:
-        return _fail(str(exc), EXIT_INVALID)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a bad certificate or key
-        return _fail(f"--tls-cert {args.tls_cert!r} / --tls-key {args.tls_key!r}: {exc}", EXIT_INVALID)
-    from v2grt.cli import CliError
-    from v2grt.security.cli import client_curve_from_args
 
-    try:
-        curve = client_curve_from_args(args)
-    except CliError as exc:
-        return _fail(str(exc), EXIT_INVALID)
-    import ocpp.messages
-
-    # ocpp validates every payload on a thread-pool worker by default: a thread hop per message that
-    # buys nothing under the GIL. Inline, 100 simulated stations x 2 EVSEs cost 14-17 % of a core
-    # instead of 17-23 % (three runs each, loaded 2-core box). A process-wide switch of the library,
-    # so set here, where the process is this gateway's own.
-    ocpp.messages.ASYNC_VALIDATION = False
-    settings = OcppSettings(credentials, host=host, port=int(port), ssl_context=tls,
-                            allow_plaintext=args.allow_plaintext, deadband_kw=args.deadband_kw,
-                            resync_s=args.resync_s, max_offline_s=args.max_offline_s,
-                            call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
-                            accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
-    ctx = zmq.Context()
-    vehicles = None
-    try:
+    def load():
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            return _fail(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9000", EXIT_INVALID)
+        if bool(args.tls_cert) != bool(args.tls_key):
+            return _fail("--tls-cert and --tls-key go together", EXIT_INVALID)
         try:
-            vehicles = OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
-            core = GatewayCore(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
-                               telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
-        except (GatewayError, BusError, zmq.ZMQError) as exc:
+            fleet = _roster_fleet(args)
+            credentials = om.load_credentials(args.credentials)
+            tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        except FileNotFoundError as exc:
+            return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
+        except (RosterError, FleetError, GatewayError, om.MappingError) as exc:
             return _fail(str(exc), EXIT_INVALID)
-        log.info("GATEWAY_START gateway=%s kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s "
-                 "telemetry=%s deadband_kw=%g resync_s=%g max_offline_s=%d", args.gateway_id,
-                 len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}), host, vehicles.port,
-                 tls is not None, args.setpoints, args.telemetry, args.deadband_kw, args.resync_s, args.max_offline_s)
-        _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a bad certificate or key
+            return _fail(f"--tls-cert {args.tls_cert!r} / --tls-key {args.tls_key!r}: {exc}", EXIT_INVALID)
+        return fleet, credentials, tls
+
+    def make_vehicles(inputs, events, ctx):
+        import ocpp.messages
+
+        fleet, credentials, tls = inputs
+        # ocpp validates every payload on a thread-pool worker by default: a thread hop per message that
+        # buys nothing under the GIL. Inline, 100 simulated stations x 2 EVSEs cost 14-17 % of a core
+        # instead of 17-23 % (three runs each, loaded 2-core box). A process-wide switch of the library,
+        # so set here, where the process is this gateway's own.
+        ocpp.messages.ASYNC_VALIDATION = False
+        settings = OcppSettings(credentials, host=host, port=int(port), ssl_context=tls,
+                                allow_plaintext=args.allow_plaintext, deadband_kw=args.deadband_kw,
+                                resync_s=args.resync_s, max_offline_s=args.max_offline_s,
+                                call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
+                                accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
+        return OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+
+    def start(vehicles):
+        return ("kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s telemetry=%s deadband_kw=%g "
+                "resync_s=%g max_offline_s=%d", (len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}),
+                                                 host, vehicles.port, vehicles.settings.ssl_context is not None,
+                                                 args.setpoints, args.telemetry, args.deadband_kw, args.resync_s,
+                                                 args.max_offline_s))
+
+    def finish(vehicles, core):
         vehicles.close()  # sends what is still due (the zeros), then closes every station
-        counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
-        log.info("GATEWAY_STOP gateway=%s kind=ocpp %s", args.gateway_id, counters)
-        return EXIT_OK
-    finally:
-        if vehicles is not None:
-            vehicles.close()
-        ctx.term()
+        return f"kind=ocpp {_counters(core.counters(), vehicles.counters())}"
+
+    return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
 
 
 def cmd_sunspec(args) -> int:
     """Run the SunSpec DER gateway (chargers on Modbus TCP, one per roster node) until SIGTERM/SIGINT."""
-    import zmq
-
-    from v2grt.events import EventLog, setup_logging
-    from v2grt.fleet import Fleet, FleetError
+    from v2grt.fleet import FleetError
     from v2grt.gateway import sunspec_mapping as sm
-    from v2grt.gateway.core import GatewayCore, GatewayError
-    from v2grt.gateway.sim import gateway_fleet
+    from v2grt.gateway.core import GatewayError
     from v2grt.gateway.sunspec import SunSpecChargers, SunSpecSettings
-    from v2grt.io.bus import BusError
     from v2grt.roster import RosterError
 
-    setup_logging(args.log_file, json_lines=args.json_logs)
-    stop = _stop_on_signals()
-    events = EventLog(interval_s=args.event_interval_s)
-    try:
-        fleet = gateway_fleet(Fleet.from_csv(args.roster), args.gateway_id)
-        devices = sm.load_devices(args.devices)
-    except FileNotFoundError as exc:
-        return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
-    except (RosterError, FleetError, GatewayError, sm.MappingError) as exc:
-        return _fail(str(exc), EXIT_INVALID)
-    from v2grt.cli import CliError
-    from v2grt.security.cli import client_curve_from_args
-
-    try:
-        curve = client_curve_from_args(args)
-    except CliError as exc:
-        return _fail(str(exc), EXIT_INVALID)
-    settings = SunSpecSettings(poll_s=args.poll_s, timeout_s=args.timeout_s, revert_s=args.revert_s,
-                               deadband_kw=args.deadband_kw, stale_s=args.stale_s)
-    ctx = zmq.Context()
-    vehicles = None
-    try:
+    def load():
         try:
-            vehicles = SunSpecChargers(fleet, devices, settings, gateway_id=args.gateway_id, events=events).start()
-            core = GatewayCore(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
-                               telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
-        except (GatewayError, BusError, zmq.ZMQError) as exc:
+            return _roster_fleet(args), sm.load_devices(args.devices)
+        except FileNotFoundError as exc:
+            return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
+        except (RosterError, FleetError, GatewayError, sm.MappingError) as exc:
             return _fail(str(exc), EXIT_INVALID)
-        log.info("GATEWAY_START gateway=%s kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g "
-                 "revert_s=%d deadband_kw=%g", args.gateway_id, len(vehicles.node_ids), args.setpoints,
-                 args.telemetry, args.poll_s, args.revert_s, args.deadband_kw)
-        _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
+
+    def make_vehicles(inputs, events, ctx):
+        fleet, devices = inputs
+        settings = SunSpecSettings(poll_s=args.poll_s, timeout_s=args.timeout_s, revert_s=args.revert_s,
+                                   deadband_kw=args.deadband_kw, stale_s=args.stale_s)
+        return SunSpecChargers(fleet, devices, settings, gateway_id=args.gateway_id, events=events).start()
+
+    def start(vehicles):
+        return ("kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g revert_s=%d deadband_kw=%g",
+                (len(vehicles.node_ids), args.setpoints, args.telemetry, args.poll_s, args.revert_s,
+                 args.deadband_kw))
+
+    def finish(vehicles, core):
         vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
-        counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
-        log.info("GATEWAY_STOP gateway=%s kind=sunspec %s", args.gateway_id, counters)
-        return EXIT_OK
-    finally:
-        if vehicles is not None:
-            vehicles.close()
-        ctx.term()
+        return f"kind=sunspec {_counters(core.counters(), vehicles.counters())}"
+
+    return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
 
 
 def cmd_ocpp_password(args) -> int:

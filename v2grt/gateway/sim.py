@@ -7,9 +7,10 @@ the old). Vehicles unplug and come back (``SimFleetState.churn``); a few have fi
 discharge (they report ``NODE_UNREACHABLE`` once asked to discharge), a few have worn packs and a
 few are hot, as ``SimFleetState.from_fleet`` sets them up from the seed.
 
-Optionally each step's measured output per site is pushed to a simulation-only endpoint
-(``site_power``): the demo uses it as the "physics" behind its simulated site inverters, whose
-measured ``W`` is the sum of their vehicles' output. That link is not part of the wire protocol.
+Optionally each step's measured output per site, and the sum of the setpoints applied, are pushed
+to a simulation-only endpoint (``site_power``, v2grt.sim.site_power): the demo uses it as the
+"physics" behind its simulated site inverters, whose measured ``W`` is the sum of their vehicles'
+output, and to time setpoint publish to applied. That link is not part of the wire protocol.
 Powers are kW, positive = discharge into the grid.
 """
 
@@ -17,22 +18,18 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import zmq
 
 from v2grt.codes import Reason
 from v2grt.events import EventLog
 from v2grt.fleet import COLUMNS, Fleet
+from v2grt.sim import site_power
 from v2grt.sim.battery import SimFleetState
 
 log = logging.getLogger("v2grt.gateway")
-
-#: Site-power frames: ``{"v": 1, "gw": str, "t_ns": UTC ns, "sites": {site_id: kW, ...}}`` (msgpack).
-SITE_POWER_VERSION = 1
 
 #: Columns of the state file written at shutdown (one row per vehicle).
 STATE_COLUMNS = ("node_id", "gateway_id", "site_id", "online", "soc", "soh", "temp_c", "cycle_count", "p_kw",
@@ -108,7 +105,7 @@ class SimVehicles:
             delivered[changed] = self.state.p_kw[changed]  # 0 for the ones that just left
             self._announced_reject[changed] = False
         if self._site_sock is not None:
-            self._send_site_power(delivered)
+            self._send_site_power(delivered, p_kw)
 
     def telemetry(self, now_ns: int) -> dict[str, np.ndarray]:
         """What the vehicles report now (SimFleetState.telemetry); thermal limits are logged as they trip."""
@@ -130,11 +127,9 @@ class SimVehicles:
                                  gateway=self.gateway_id, msg="charger firmware rejects discharge")
             self._announced_reject |= new
 
-    def _send_site_power(self, delivered: np.ndarray) -> None:
-        per_site = np.bincount(self.site, weights=delivered, minlength=len(self.site_ids))
-        sites = {self.site_ids[s]: float(per_site[s]) for s in np.unique(self.site).tolist()}
-        frame = msgpack.packb({"v": SITE_POWER_VERSION, "gw": self.gateway_id, "t_ns": time.time_ns(),
-                               "sites": sites})
+    def _send_site_power(self, delivered: np.ndarray, p_set_kw: np.ndarray) -> None:
+        frame = site_power.encode(self.gateway_id, site_power.per_site_kw(self.site, self.site_ids, delivered),
+                                  p_set_kw=float(p_set_kw.sum()))
         try:
             self._site_sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:

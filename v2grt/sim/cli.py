@@ -17,6 +17,7 @@ unit id), then the chargers served where the devices file says.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -90,9 +91,31 @@ def cmd_ocpp_stations(args) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s", len(specs), fleet.n_rows, args.url,
              args.kinds or "-")
-    sims.run_forever(stop)
+    with _site_power(args, fleet, sims):
+        sims.run_forever(stop)
     log.info("SIM_OCPP_STOP connections=%d commands=%d", sum(sims.connections.values()), len(sims.commands))
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _site_power(args, fleet, sims):
+    """With ``--site-power``: push the devices' output per site and their applied setpoints (simulation only)."""
+    if not args.site_power:
+        yield
+        return
+    import zmq
+
+    from v2grt.sim.site_power import DevicePowerPusher
+
+    ctx = zmq.Context()
+    pusher = DevicePowerPusher(ctx, args.site_power, args.gateway_id, list(fleet.node_ids[: fleet.n_rows]),
+                               fleet.site[: fleet.n_rows], list(fleet.site_ids), sims)
+    pusher.start()
+    try:
+        yield
+    finally:
+        pusher.stop()  # after the devices stopped: its last frame carries their final SoC
+        ctx.term()
 
 
 def _add_ocpp_stations(ssub) -> None:
@@ -112,6 +135,8 @@ def _add_ocpp_stations(ssub) -> None:
                                                        "for --stations x --evses nodes into DIR, then exit")
     p.add_argument("--stations", type=int, default=10, help="with --write-site: stations (default 10)")
     p.add_argument("--evses", type=int, default=2, help="with --write-site: EVSEs per station (default 2)")
+    p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
+                                        "applied to this ZeroMQ endpoint (the demo's site inverters)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.set_defaults(func=cmd_ocpp_stations)
 
@@ -159,9 +184,10 @@ def cmd_sunspec_chargers(args) -> int:
         print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
         return EXIT_FAILED
     log.info("SIM_SUNSPEC_START chargers=%d servers=%d kinds=%s", len(node_ids), len(layout), args.kinds or "-")
-    while not stop.is_set():
-        time.sleep(0.1)
-    sims.stop()
+    with _site_power(args, fleet, sims):
+        while not stop.is_set():
+            time.sleep(0.1)
+        sims.stop()
     log.info("SIM_SUNSPEC_STOP writes=%d reversions=%d", len(sims.writes), int(sims.reversions.sum()))
     return EXIT_OK
 
@@ -201,6 +227,8 @@ def _add_sunspec_chargers(ssub) -> None:
     p.add_argument("--base-port", type=int, default=15020, help="with --write-site: first TCP port (15020)")
     p.add_argument("--units-per-server", type=int, default=1,
                    help="with --write-site: unit ids per TCP port (default 1: one server per charger)")
+    p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
+                                        "applied to this ZeroMQ endpoint (the demo's site inverters)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.set_defaults(func=cmd_sunspec_chargers)
 
