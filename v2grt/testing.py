@@ -118,7 +118,8 @@ class EtcdMember:
     HA tests fail rather than skip (CI installs etcd-server, .ci/run).
     """
 
-    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500):
+    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500, host: str = "127.0.0.1",
+                 ports: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()):
         import shutil
 
         self.binary = shutil.which("etcd")
@@ -127,6 +128,10 @@ class EtcdMember:
                                "install it with `apt-get install -y etcd-server` (what .ci/run does)")
         self.data_dir = str(data_dir)
         self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
+        # host: the address it listens on; ports: (client, peer), fixed, else free loopback ports picked at the
+        # first start and kept, so a restart (stop, start) comes back at the same URL with the same data.
+        # prefix: a command prefix, e.g. ("ip", "netns", "exec", NS) to run it in a network namespace (v2grt.harig)
+        self.host, self.ports, self.prefix = host, ports, tuple(prefix)
         self.proc = None
         self.url = ""
 
@@ -135,15 +140,18 @@ class EtcdMember:
         import subprocess
 
         for _attempt in range(3):  # a free port picked here may be taken before etcd binds it: try again
-            ports = []
-            for _ in range(2):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    ports.append(s.getsockname()[1])
-            client, peer = (f"http://127.0.0.1:{p}" for p in ports)
+            ports = self.ports
+            if ports is None:
+                picked = []
+                for _ in range(2):
+                    with socket.socket() as s:
+                        s.bind((self.host, 0))
+                        picked.append(s.getsockname()[1])
+                ports = (picked[0], picked[1])
+            client, peer = (f"http://{self.host}:{p}" for p in ports)
             self.proc = subprocess.Popen(
-                [self.binary, "--name", "v2grt-test", "--data-dir", self.data_dir, "--listen-client-urls", client,
-                 "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                [*self.prefix, self.binary, "--name", "v2grt-test", "--data-dir", self.data_dir,
+                 "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
                  "--initial-advertise-peer-urls", peer, "--initial-cluster", f"v2grt-test={peer}",
                  "--heartbeat-interval", str(self.heartbeat_ms), "--election-timeout", str(self.election_ms)],
                 stdout=subprocess.DEVNULL, stderr=open(f"{self.data_dir}.log", "ab"))
@@ -151,9 +159,12 @@ class EtcdMember:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self.healthy():
+                    self.ports = ports
                     return self
                 time.sleep(0.05)
             self.stop()
+            if self.ports is not None:
+                break  # fixed ports: picking again would not help
         raise RuntimeError(f"etcd did not become healthy at {self.url} within {timeout_s} s "
                            f"(log: {self.data_dir}.log)")
 
