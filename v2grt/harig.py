@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import os
 import re
 import shutil
@@ -215,6 +216,8 @@ class Rig:
         self.start_aggregator("A")
         self.wait_leader(timeout_s, expect="A")
         self.start_aggregator("B")
+        for agg in AGGREGATORS:
+            self.start_tap(agg)
         for gw in self.gateway_ids:
             self.start_gateway(gw)
         self.wait_flowing(timeout_s)
@@ -383,6 +386,21 @@ class Rig:
     def record_path(self, gw: str) -> Path:
         return self.dir / f"{gw}.rec"
 
+    def start_tap(self, agg: str) -> Proc:
+        """A subscriber on ``agg``'s own node recording every setpoint frame it sends (unfenced): what a leader
+        published, seen even while its node is cut off."""
+        gw = self.gateway_ids[0]
+        return self.spawn(f"tap-{agg}", agg, [sys.executable, "-m", "v2grt.harig", "tap", "--connect",
+                                              self.endpoint(agg, "setpoints"), "--gateway-id", gw,
+                                              "--record", str(self.tap_path(agg))])
+
+    def tap_path(self, agg: str) -> Path:
+        return self.dir / f"{agg}.tap"
+
+    def taps(self) -> dict[str, np.ndarray]:
+        """Per aggregator, the frames it sent as (receive monotonic ns, epoch, seq, send UTC ns) rows."""
+        return {agg: read_record(self.tap_path(agg)).accepted for agg in AGGREGATORS}
+
     # ------------------------------------------------------------------------------ faults
     def signal(self, name: str, sig: int) -> None:
         """Send ``sig`` to process ``name`` (kill -9: SIGKILL, waited for)."""
@@ -479,9 +497,177 @@ class Rig:
 
         wait_until(ok, timeout_s, f"aggregator {agg} to answer and hear every vehicle", 0.1)
 
+    def settle(self, timeout_s: float = 60.0) -> str:
+        """Undo every fault (restore cut nodes, SIGCONT, etcd back, dead aggregators restarted), then wait for a
+        leader, a warm standby and setpoints at every gateway; returns the leader's name."""
+        for node in self.nodes.values():
+            if node.cut:
+                self.restore(node.name)
+        for proc in self.procs.values():
+            if proc.stopped:
+                self.signal(proc.name, signal.SIGCONT)
+        if self.etcd.proc is None or self.etcd.proc.poll() is not None:
+            self.start_etcd()
+        for agg in AGGREGATORS:
+            if self.procs[agg].popen.poll() is not None:
+                self.start_aggregator(agg)
+        leader = self.wait_leader(timeout_s)
+        for agg in AGGREGATORS:
+            if agg != leader:
+                self.wait_warm(agg, timeout_s)
+        self.wait_flowing(timeout_s, since_ns=time.monotonic_ns())
+        return leader
+
+    def other(self, agg: str) -> str:
+        return next(a for a in AGGREGATORS if a != agg)
+
+    def wait_epoch_past(self, epoch: int, timeout_s: float, since_ns: int = 0) -> int:
+        """Until every gateway accepted a frame of an epoch above ``epoch`` (after ``since_ns``); returns it."""
+        from v2grt.testing import wait_until
+
+        def ok():
+            newest = []
+            for rec in self.records().values():
+                a = rec.accepted
+                a = a[(a[:, 0] > since_ns) & (a[:, 1] > epoch)] if len(a) else a
+                if not len(a):
+                    return None
+                newest.append(int(a[-1, 1]))
+            return max(newest)
+
+        return wait_until(ok, timeout_s, f"every gateway to accept an epoch above {epoch}", 0.02)
+
     def epoch_at_gateways(self) -> int:
         """The newest epoch any gateway accepted."""
         return max(int(r.accepted[-1, 1]) for r in self.records().values() if len(r.accepted))
+
+
+# ------------------------------------------------------------------------------------------ faults
+# Each makes one fault on a settled rig (Rig.settle), waits for the fleet to come back and returns the
+# measures of measure() plus its own; the rig is left to settle() again. Times: monotonic, s.
+
+def _now() -> int:
+    return time.monotonic_ns()
+
+
+def _tail_s(rig: Rig) -> float:
+    return max(0.3, 6 * rig.cfg.period_s)  # frames of the new leader after the gap, so the gap is closed
+
+
+def fault_kill9(rig: Rig) -> dict:
+    """kill -9 of the leader: the standby takes over once the lease expired at etcd."""
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    rig.signal(old, signal.SIGKILL)
+    new_epoch = rig.wait_epoch_past(epoch, 10 * rig.cfg.lease_ttl_s + 10, t0)
+    time.sleep(_tail_s(rig))
+    t1 = _now()
+    return {"fault": "kill9", "old": old, "new": rig.leader(), "old_epoch": epoch, "new_epoch": new_epoch,
+            **measure(rig.records(), t0, t1, rig.cfg.period_s), "published": published(rig.taps(), t0 - NS, t1)}
+
+
+def fault_sigstop(rig: Rig, hold_s: float | None = None) -> dict:
+    """SIGSTOP of the leader past its lease, the standby takes over, then SIGCONT: the woken process must
+    send nothing a gateway accepts (``accepted_after_wake``) and, self-fenced, nothing at all (``sent_after_wake``)."""
+    hold_s = hold_s if hold_s is not None else rig.cfg.lease_ttl_s + 1.0
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    rig.signal(old, signal.SIGSTOP)
+    new_epoch = rig.wait_epoch_past(epoch, 10 * rig.cfg.lease_ttl_s + 10, t0)
+    time.sleep(max(0.0, hold_s - (_now() - t0) / NS))
+    t_cont, t_cont_utc = _now(), time.time_ns()
+    rig.signal(old, signal.SIGCONT)
+    time.sleep(1.0)  # the woken process runs its cycles (and its elector learns it lost)
+    t1 = _now()
+    recs = rig.records()
+    late = sum(int(((r.accepted[:, 0] > t_cont) & (r.accepted[:, 1] == epoch)).sum()) for r in recs.values()
+               if len(r.accepted))
+    tap = rig.taps()[old]
+    # stamped after the wake = published after it (a frame queued before the stop may leave after it, stamped before)
+    sent = int(((tap[:, 3] > t_cont_utc) & (tap[:, 1] == epoch)).sum()) if len(tap) else 0
+    return {"fault": "sigstop", "old": old, "new": rig.leader(), "old_epoch": epoch, "new_epoch": new_epoch,
+            "hold_s": hold_s, **measure(recs, t0, t1, rig.cfg.period_s), "accepted_after_wake": late,
+            "sent_after_wake": sent, "published": published(rig.taps(), t0 - NS, t1)}
+
+
+def fault_cut_leader(rig: Rig, hold_s: float | None = None) -> dict:
+    """The leader's node cut off the network: it stops publishing by itself (its tap, on its own node, shows
+    when: ``stopped_after_s``), the standby takes over; restored after ``hold_s``, it rejoins as a standby."""
+    hold_s = hold_s if hold_s is not None else rig.cfg.lease_ttl_s + 1.5
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    rig.cut(old)
+    new_epoch = rig.wait_epoch_past(epoch, 10 * rig.cfg.lease_ttl_s + 10, t0)
+    time.sleep(max(0.0, hold_s - (_now() - t0) / NS))
+    rig.restore(old)
+    time.sleep(_tail_s(rig))
+    t1 = _now()
+    tap = rig.taps()[old]
+    mine = tap[(tap[:, 0] >= t0) & (tap[:, 1] == epoch)] if len(tap) else tap
+    stopped = (int(mine[-1, 0]) - t0) / NS if len(mine) else 0.0
+    return {"fault": "cut_leader", "old": old, "new": rig.leader(), "old_epoch": epoch, "new_epoch": new_epoch,
+            "hold_s": hold_s, "stopped_after_s": stopped, **measure(rig.records(), t0, t1, rig.cfg.period_s),
+            "published": published(rig.taps(), t0 - NS, t1)}
+
+
+def fault_etcd_restart(rig: Rig, down_s: float | None = None) -> dict:
+    """etcd killed, restarted ``down_s`` later with its data: the leader stops within its lease
+    (``stopped_after_s``), nobody publishes while etcd is away (``frames_while_down``), one leads after."""
+    down_s = down_s if down_s is not None else rig.cfg.lease_ttl_s + 1.0
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    rig.stop_etcd()
+    time.sleep(down_s)
+    t_up = _now()
+    rig.start_etcd()
+    new = rig.wait_leader(30.0)
+    rig.wait_flowing(30.0, since_ns=_now())
+    time.sleep(_tail_s(rig))
+    t1 = _now()
+    recs = rig.records()
+    before_up = [r.accepted[(r.accepted[:, 0] >= t0) & (r.accepted[:, 0] < t_up)] for r in recs.values()
+                 if len(r.accepted)]
+    last = max((int(a[-1, 0]) for a in before_up if len(a)), default=t0)
+    grace = t0 + int(rig.cfg.lease_ttl_s * NS)
+    while_down = sum(int((a[:, 0] > grace).sum()) for a in before_up)
+    return {"fault": "etcd_restart", "old": old, "new": new, "old_epoch": epoch, "new_epoch": rig.epoch_at_gateways(),
+            "down_s": down_s, "stopped_after_s": (last - t0) / NS, "frames_while_down": while_down,
+            **measure(recs, t0, t1, rig.cfg.period_s), "published": published(rig.taps(), t0 - NS, t1)}
+
+
+def fault_cut_gateway(rig: Rig, gw: str | None = None, hold_s: float = 1.0) -> dict:
+    """A gateway's node cut off for ``hold_s`` and restored: its setpoints expire (0 kW) and resume
+    (``recovered_after_s`` from the restore); the other gateways and the leader are untouched."""
+    gw = gw or rig.gateway_ids[0]
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    rig.cut(gw)
+    time.sleep(hold_s)
+    t_r = _now()
+    rig.restore(gw)
+    from v2grt.testing import wait_until
+
+    def back():
+        a = read_record(rig.record_path(gw)).accepted
+        a = a[a[:, 0] > t_r] if len(a) else a
+        return int(a[0, 0]) if len(a) else None
+
+    t_back = wait_until(back, 30.0, f"gateway {gw} to accept setpoints again", 0.02)
+    time.sleep(_tail_s(rig))
+    t1 = _now()
+    recs = rig.records()
+    m = measure(recs, t0, t1, rig.cfg.period_s)
+    others = {g: v for g, v in m["gap_s"].items() if g != gw}
+    return {"fault": "cut_gateway", "gateway": gw, "old": old, "new": rig.leader(), "old_epoch": epoch,
+            "new_epoch": rig.epoch_at_gateways(), "hold_s": hold_s, "recovered_after_s": (t_back - t_r) / NS,
+            "gap_others_max_s": max(others.values()) if others else None, **m,
+            "power_cut": fleet_power({gw: recs[gw]}, t0, t1), "published": published(rig.taps(), t0 - NS, t1)}
+
+
+FAULTS = {"kill9": fault_kill9, "sigstop": fault_sigstop, "cut_leader": fault_cut_leader,
+          "etcd_restart": fault_etcd_restart, "cut_gateway": fault_cut_gateway}
+#: The faults that need network namespaces (cutting a node off).
+NETNS_FAULTS = ("cut_leader", "cut_gateway")
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -501,7 +687,8 @@ def read_record(path) -> GatewayRecord:
         text = Path(path).read_text()
     except FileNotFoundError:
         text = ""
-    for line in text.splitlines():
+    lines = text.split("\n")[:-1]  # a last line without its newline is still being written: skipped
+    for line in lines:
         f = line.split()
         try:
             if f[0] == "a" and len(f) == 5:
@@ -554,6 +741,21 @@ def measure(records: dict[str, GatewayRecord], t0_ns: int, t1_ns: int, period_s:
     return out
 
 
+def published(taps: dict[str, np.ndarray], t0_ns: int, t1_ns: int) -> dict:
+    """From the aggregators' taps, per epoch sent in [t0_ns, t1_ns] (receive time): who sent it and the send
+    stamps (UTC ns) of its first and last frame; ``overlap_s``: the largest time an older epoch's last frame
+    was sent after a newer epoch's first (> 0: two leaders published at once; must be < 0)."""
+    spans: dict[int, dict] = {}
+    for agg, rows in taps.items():
+        w = rows[(rows[:, 0] >= t0_ns) & (rows[:, 0] <= t1_ns)] if len(rows) else rows
+        for ep in sorted(set(w[:, 1].tolist())):
+            t = w[w[:, 1] == ep, 3]
+            spans[ep] = {"by": agg, "first_ns": int(t.min()), "last_ns": int(t.max()), "frames": int(len(t))}
+    eps = sorted(spans)
+    overlaps = [(spans[a]["last_ns"] - spans[b]["first_ns"]) / NS for a, b in itertools.pairwise(eps)]
+    return {"epochs": spans, "overlap_s": max(overlaps) if overlaps else None}
+
+
 def fleet_power(records: dict[str, GatewayRecord], t0_ns: int, t1_ns: int, step_s: float = 0.01) -> dict:
     """The fleet's delivered kW as a step function per gateway summed on a ``step_s`` grid (see measure)."""
     grid = np.arange(t0_ns - NS, t1_ns, int(step_s * NS))
@@ -590,6 +792,47 @@ class _RecordingCore:
         if now - self._rec_flushed > 50_000_000:  # readers see it within ~50 ms
             self._rec.flush()
             self._rec_flushed = now
+
+
+def tap_main(argv: list[str]) -> int:
+    """``python -m v2grt.harig tap``: record every setpoint frame of one topic from one aggregator (no fence)."""
+    import argparse
+    import threading
+
+    import zmq
+
+    from v2grt.io import wire
+
+    ap = argparse.ArgumentParser(prog="python -m v2grt.harig tap")
+    ap.add_argument("--connect", required=True)
+    ap.add_argument("--gateway-id", required=True)
+    ap.add_argument("--record", required=True)
+    args = ap.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.setsockopt(zmq.SUBSCRIBE, wire.setpoint_topic(args.gateway_id))
+    sock.connect(args.connect)
+    flushed = time.monotonic_ns()
+    with open(args.record, "a", buffering=1 << 16) as out:
+        while not stop.is_set():
+            if sock.poll(50):
+                frame = sock.recv()
+                now = time.monotonic_ns()
+                try:
+                    m = wire.decode_setpoints(frame)
+                except wire.WireError:
+                    continue
+                out.write(f"a {now} {m.ep} {m.seq} {m.t_ns}\n")
+            if time.monotonic_ns() - flushed > 50_000_000:
+                out.flush()
+                flushed = time.monotonic_ns()
+    sock.close()
+    ctx.term()
+    return 0
 
 
 def gateway_main(argv: list[str]) -> int:
@@ -658,12 +901,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gateway"]:
         return gateway_main(argv[1:])
-    print("usage: python -m v2grt.harig gateway ... (internal: the rig's gateways)", file=sys.stderr)
+    if argv[:1] == ["tap"]:
+        return tap_main(argv[1:])
+    print("usage: python -m v2grt.harig gateway|tap ... (internal: the rig's gateways and taps)", file=sys.stderr)
     return 2
 
 
-__all__ = ["GatewayRecord", "Rig", "RigConfig", "RigError", "Unsupported", "measure", "namespaces_available",
-           "read_record", "sweep_stale"]
+__all__ = ["FAULTS", "NETNS_FAULTS", "GatewayRecord", "Rig", "RigConfig", "RigError", "Unsupported", "measure",
+           "namespaces_available", "published", "read_record", "sweep_stale"]
 
 if __name__ == "__main__":
     sys.exit(main())
