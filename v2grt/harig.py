@@ -302,11 +302,13 @@ class Rig:
     # ------------------------------------------------------------------------------ processes
     def spawn(self, name: str, node: str, argv: list[str]) -> Proc:
         """Run ``argv`` on ``node`` (in its namespace), output to <workdir>/<name>.log."""
+        from v2grt.bench._common import child_env  # children import the v2grt this process imported
+
         n = self.nodes[node]
         log = self.dir / f"{name}.log"
         with open(log, "ab") as out:
             popen = subprocess.Popen([*n.prefix, *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_pdeathsig, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     preexec_fn=_pdeathsig, env={**child_env(), "PYTHONUNBUFFERED": "1"})
         proc = Proc(name, n, popen, log)
         self.procs[name] = proc
         return proc
