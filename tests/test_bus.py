@@ -459,3 +459,106 @@ def test_curve_hook_encrypts_setpoints_end_to_end(ctx):
         assert plain.recv(timeout_ms=50) is None
     with pytest.raises(bus.BusError, match="server_key"):
         bus.GatewaySubscriber(ctx, ANY, "gw1", curve={"secret_key": client_secret})
+
+
+# ------------------------------------------------------------------------------- several aggregators (HA)
+def test_a_fan_in_never_applies_an_older_epoch_after_a_newer_one_from_another_aggregator(ctx):
+    """Two aggregators' PUBs, one gateway listening to both: epoch 5 until epoch 6 is heard, then never 5 again."""
+    with bus.SetpointPublisher(ctx, ANY) as old, bus.SetpointPublisher(ctx, ANY) as new, \
+            bus.SetpointFanIn(ctx, [old.endpoint, new.endpoint], "gw1") as sub:
+        admitted = []
+
+        def step(*pubs):
+            for pub, ep in pubs:
+                pub.send(setpoints("gw1", pub.sent + 1, ep=ep))
+            msg = sub.recv(timeout_ms=5)
+            if msg is not None:
+                admitted.append((msg.ep, sub.source))
+
+        assert wait_for(lambda: admitted, step=lambda: step((old, 5)))
+        # the stale leader goes on publishing beside the new one, which (a higher epoch) starts later
+        assert wait_for(lambda: len([a for a in admitted if a[0] == 6]) >= 20 and sub.errors["IDEMPOTENT_KEY_CONFLICT"],
+                        timeout_s=5.0, step=lambda: step((old, 5), (new, 6)))
+        epochs = [ep for ep, _ in admitted]
+        assert epochs == sorted(epochs) and set(epochs) == {5, 6}  # never back to 5 once 6 was applied
+        assert {src for ep, src in admitted if ep == 6} == {1} and {src for ep, src in admitted if ep == 5} == {0}
+        assert sub.fence.epoch == 6 and sub.received > len(admitted)
+
+
+def test_a_fan_out_sends_every_batch_to_every_aggregator_and_a_missing_one_blocks_nothing(ctx):
+    """Telemetry to two live aggregators and one that is not there: each live one gets every batch (a single PUSH
+    would deal them round-robin); the missing one's copies are dropped and counted on its endpoint only."""
+    with socket_path() as away, bus.TelemetryReceiver(ctx, ANY) as a, bus.TelemetryReceiver(ctx, ANY) as b, \
+            bus.TelemetryFanOut(ctx, [a.endpoint, b.endpoint, away]) as out:
+        got = {a.endpoint: [], b.endpoint: []}
+
+        def step():
+            for rx in (a, b):
+                got[rx.endpoint] += [batch.seq for batch in rx.poll_batches(timeout_ms=5)]
+
+        assert wait_for(lambda: all(got.values()), step=lambda: (out.send(telemetry(seq=0)), step()))
+        first = out.sent
+        for seq in range(1, 31):  # at the pace of a gateway (its queue holds 16 per aggregator)
+            assert out.send(telemetry(seq=seq))
+            time.sleep(0.002)
+            step()
+        assert wait_for(lambda: all(set(range(1, 31)) <= set(v) for v in got.values()), step=step)
+        # the missing one queues its 16 (libzmq keeps a pipe for a connect not yet made), then drops
+        assert out.dropped_by[away] > 0 and out.dropped_by[a.endpoint] == out.dropped_by[b.endpoint] == 0
+        assert out.sent >= first + 60  # each batch queued at both live aggregators (and some at the missing one)
+
+
+def socket_path():
+    """An ipc:// endpoint in a private directory that nothing binds (a missing aggregator)."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def cm():
+        with tempfile.TemporaryDirectory(prefix="v2g-", dir="/tmp") as d:
+            yield f"ipc://{d}/nobody"
+
+    return cm()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", r"--setpoints: no endpoint given"),
+    ("tcp://a:5560,", r"endpoint 2 of 2, '', is not a ZeroMQ endpoint; expected tcp/ipc/inproc://address"),
+    ("a:5560", r"endpoint 1 of 1, 'a:5560', is not a ZeroMQ endpoint"),
+    ("tcp://a:5560,tcp://a:5560", r"endpoint 'tcp://a:5560' is listed twice"),
+    (",".join(f"tcp://a:{5560 + i}" for i in range(9)), r"9 endpoints; at most 8 aggregators per fleet"),
+])
+def test_a_list_of_aggregator_endpoints_is_validated_naming_the_option_and_the_endpoint(value, message):
+    """Each bad endpoint list is refused naming the option, the endpoint and what is expected."""
+    with pytest.raises(bus.BusError, match=message):
+        bus.split_endpoints(value, "--setpoints")
+    assert bus.split_endpoints("tcp://a:5560, tcp://b:5560", "--setpoints") == ["tcp://a:5560", "tcp://b:5560"]
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_a_gateway_trusts_each_aggregator_by_its_own_server_key(ctx):
+    """Two aggregators with their own CURVE key pairs: one fan-in given both public keys in order hears both;
+    a key count that does not match the endpoints is refused; keys given the wrong way round hear nothing."""
+    (pa, sa), (pb, sb), (pc, sc) = zmq.curve_keypair(), zmq.curve_keypair(), zmq.curve_keypair()
+    client = {"public_key": pc, "secret_key": sc}
+    with bus.SetpointPublisher(ctx, ANY, curve={"secret_key": sa}) as a, \
+            bus.SetpointPublisher(ctx, ANY, curve={"secret_key": sb}) as b:
+        eps = [a.endpoint, b.endpoint]
+        with pytest.raises(bus.BusError, match=r"3 aggregator public keys for 2 aggregator endpoints"):
+            bus.curves_for({**client, "server_key": (pa, pb, pa)}, 2)
+        with bus.SetpointFanIn(ctx, eps, "gw1", curves=bus.curves_for({**client, "server_key": (pa, pb)}, 2)) as sub, \
+                bus.SetpointFanIn(ctx, eps, "gw1", curves=bus.curves_for({**client, "server_key": (pb, pa)}, 2)) as bad:
+            sources = set()
+
+            def step():
+                a.send(setpoints("gw1", a.sent + 1, ep=1))
+                b.send(setpoints("gw1", b.sent + 1, ep=2))
+                if sub.recv(timeout_ms=5) is not None:
+                    sources.add(sub.source)
+
+            assert wait_for(lambda: 1 in sources, step=step)  # b's epoch 2; a's 1 is then fenced
+            assert sub.fence.epoch == 2
+            assert bad.recv(timeout_ms=100) is None and bad.received == 0
+        with bus.SetpointFanIn(ctx, [a.endpoint], "gw1", curves=bus.curves_for({**client, "server_key": pa}, 1)) as one:
+            assert wait_for(lambda: one.recv(timeout_ms=5) is not None,
+                            step=lambda: a.send(setpoints("gw1", a.sent + 1)))

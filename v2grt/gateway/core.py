@@ -11,7 +11,8 @@ obligations of docs/wire.md section 4.3 so that no driver has to:
 3. e-stop: 0 kW for every node while the newest accepted message has ``estop`` set;
 4. expiry: a message holds until the earlier of its ``exp_ns`` (UTC) and local monotonic receive
    time + (``exp_ns`` - ``t_ns``); after that every node is held at 0 kW until a newer one arrives;
-5. fencing: an older epoch is refused and logged as ``IDEMPOTENT_KEY_CONFLICT`` (wire.SetpointFence).
+5. fencing: an older epoch is refused and logged as ``IDEMPOTENT_KEY_CONFLICT`` (wire.SetpointFence), one
+   fence across every aggregator the gateway listens to (high availability: docs/ha.md).
 
 Telemetry goes out every ``telemetry_interval_s``: SoC, power, online, fault and voltage (``v_dc``)
 in every batch, the slow keys (SoH, temperatures, BMS limits, cycle count) only in batches whose
@@ -25,6 +26,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -74,11 +76,16 @@ class Vehicles(Protocol):
 class GatewayCore:
     """One gateway's sockets and rules around a :class:`Vehicles` driver; ``run(stop)`` is the loop.
 
-    Create, run and close on one thread. Counters (``accepted``, ``expiries``, ``batches_sent``,
-    ``rejected`` by wire error code) are for logs and tests.
+    ``setpoints`` and ``telemetry``: the endpoints of every aggregator of the fleet, a list or one string
+    with commas (``tcp://a:5560,tcp://b:5560``), the i-th of each being the i-th aggregator's (docs/wire.md
+    2.1): setpoints are subscribed from all behind one fence (bus.SetpointFanIn), every telemetry batch
+    goes to all (bus.TelemetryFanOut), so standbys hear every vehicle. Create, run and close on one
+    thread. Counters (``accepted``, ``expiries``, ``batches_sent``, ``rejected`` by wire error code) are
+    for logs and tests.
     """
 
-    def __init__(self, ctx: zmq.Context, gateway_id: str, vehicles: Vehicles, *, setpoints: str, telemetry: str,
+    def __init__(self, ctx: zmq.Context, gateway_id: str, vehicles: Vehicles, *, setpoints: str | Sequence[str],
+                 telemetry: str | Sequence[str],
                  telemetry_interval_s: float = 1.0, events: EventLog | None = None, curve: dict | None = None):
         if not (0.01 <= telemetry_interval_s <= 60.0):
             raise GatewayError(f"telemetry_interval_s={telemetry_interval_s!r}: expected 0.01..60 s")
@@ -97,10 +104,21 @@ class GatewayCore:
         self.row_of = {nid: i for i, nid in enumerate(vehicles.node_ids)}
         self.interval_ns = round(telemetry_interval_s * 1e9)
         self.events = events or EventLog()
-        # curve: this gateway's key pair (authorized as gateway:<gateway_id>) when the bus is secured
-        self.sub = bus.GatewaySubscriber(ctx, setpoints, gateway_id, curve=curve)
+        # Every aggregator of the fleet (docs/wire.md 2.1): the i-th setpoint and telemetry endpoints are one
+        # aggregator's; curve: this gateway's key pair (authorized as gateway:<gateway_id> at each aggregator),
+        # and the aggregators' public keys, one for all or one per endpoint (bus.curves_for).
         try:
-            self.pusher = bus.TelemetryPusher(ctx, telemetry, curve=curve)
+            sp_eps = bus.split_endpoints(setpoints, "setpoints (--setpoints)")
+            tel_eps = bus.split_endpoints(telemetry, "telemetry (--telemetry)")
+            if len(sp_eps) != len(tel_eps):
+                raise bus.BusError(f"{len(sp_eps)} setpoint endpoints (--setpoints) but {len(tel_eps)} telemetry "
+                                   "endpoints (--telemetry): expected one of each per aggregator, in the same order")
+            curves = bus.curves_for(curve, len(sp_eps))
+        except bus.BusError as exc:
+            raise GatewayError(f"gateway {gateway_id!r}: {exc}") from None
+        self.sub = bus.SetpointFanIn(ctx, sp_eps, gateway_id, curves=curves)
+        try:
+            self.pusher = bus.TelemetryFanOut(ctx, tel_eps, curves=curves)
         except bus.BusError:
             self.sub.close()
             raise
@@ -231,7 +249,7 @@ class GatewayCore:
             self.vehicles.apply(self.p_kw, now)
             self.send_telemetry(now)
             # linger=0 would drop the last batch still queued: give it a moment to leave.
-            self.pusher.sock.close(linger=200)
+            self.pusher.close(linger_ms=200)
         finally:
             self.pusher.close()
             self.sub.close()

@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -146,6 +146,9 @@ def _apply_security(sock: zmq.Socket, curve: Mapping[str, bytes] | None, *, serv
             sock.setsockopt(zmq.ZAP_DOMAIN, str(curve["zap_domain"]).encode())
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     else:
+        if not isinstance(curve["server_key"], (bytes, str)):  # several (bus.curves_for): one per socket
+            raise BusError("CURVE client: several aggregator public keys given for one socket; a socket connects "
+                           "to one aggregator and takes its key (--server-key FILE)")
         sock.setsockopt(zmq.CURVE_SERVERKEY, curve["server_key"])
         sock.setsockopt(zmq.CURVE_PUBLICKEY, curve["public_key"])
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve["secret_key"])
@@ -627,17 +630,22 @@ def _user_id(frame: zmq.Frame | None) -> str | None:
 
 
 class GatewaySubscriber(_Owner):
-    """A gateway's SUB socket: its own topic only, epoch/sequence fenced, newest message first."""
+    """A gateway's SUB socket: its own topic only, epoch/sequence fenced, newest message first.
+
+    ``fence``: share one SetpointFence among the subscribers to every aggregator of a fleet
+    (SetpointFanIn), so that the newest-epoch rule holds across them; default: a fence of its own.
+    """
 
     role = "setpoint SUB"
 
     def __init__(self, ctx: zmq.Context, endpoint: str, gateway_id: str, *,
-                 rcvhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None):
+                 rcvhwm: int = SETPOINT_SNDHWM, curve: Mapping[str, bytes] | None = None,
+                 fence: SetpointFence | None = None):
         topic = wire.setpoint_topic(gateway_id)  # validates the id before any socket exists
         super().__init__(ctx, zmq.SUB, endpoint, bind=False, curve=curve, rcvhwm=rcvhwm,
                          options={zmq.SUBSCRIBE: topic})
         self.gateway_id = gateway_id
-        self.fence = SetpointFence()
+        self.fence = fence if fence is not None else SetpointFence()
         self.received = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
@@ -713,6 +721,180 @@ class TelemetryPusher(_Owner):
         return True
 
 
+# ---------------------------------------------------------------------------------------------------
+# a gateway connected to every aggregator of its fleet (high availability, docs/wire.md 2.1)
+
+#: The most aggregators one gateway connects to: a fleet's leader and its standbys (docs/ha.md).
+MAX_AGGREGATORS = 8
+_ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+
+
+def split_endpoints(value: str | Sequence[str], what: str) -> list[str]:
+    """The aggregators' endpoints from ``"tcp://a:5560,tcp://b:5560"`` (a CLI value) or a list; BusError when
+    one is empty, not ``scheme://address``, repeated, or there are more than MAX_AGGREGATORS. ``what`` names
+    the option in the message (e.g. ``--setpoints``)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not items or items == [""]:
+        raise BusError(f"{what}: no endpoint given; expected one ZeroMQ endpoint per aggregator, comma-separated "
+                       "(e.g. tcp://10.0.1.1:5560,tcp://10.0.1.2:5560)")
+    if len(items) > MAX_AGGREGATORS:
+        raise BusError(f"{what}: {len(items)} endpoints; at most {MAX_AGGREGATORS} aggregators per fleet")
+    out: list[str] = []
+    for i, ep in enumerate(items):
+        ep = ep.strip() if isinstance(ep, str) else ep
+        scheme, sep, address = ep.partition("://") if isinstance(ep, str) else ("", "", "")
+        if not sep or scheme not in _ENDPOINT_SCHEMES or not address:
+            raise BusError(f"{what}: endpoint {i + 1} of {len(items)}, {ep!r}, is not a ZeroMQ endpoint; expected "
+                           f"{'/'.join(_ENDPOINT_SCHEMES)}://address (one per aggregator, comma-separated)")
+        if ep in out:
+            raise BusError(f"{what}: endpoint {ep!r} is listed twice; each aggregator once")
+        out.append(ep)
+    return out
+
+
+def curves_for(curve: Mapping[str, Any] | None, n: int, what: str = "--server-key") -> list[Mapping[str, Any] | None]:
+    """One client ``curve=`` mapping per aggregator, in the order of the endpoints.
+
+    Each aggregator has its own server key pair, so ``curve["server_key"]`` may be a sequence of ``n``
+    public keys, the i-th for the i-th endpoint (``--server-key a.key,b.key``); one key (bytes) serves
+    every aggregator (a key pair copied to each host). The gateway's own key pair is the same for all; it
+    must be authorized as ``gateway:<id>`` at each aggregator (docs/security.md).
+    """
+    if curve is None:
+        return [None] * n
+    server = curve.get("server_key")
+    if isinstance(server, (bytes, str)) or server is None:
+        return [curve] * n
+    keys = list(server)
+    if len(keys) != n:
+        raise BusError(f"{what}: {len(keys)} aggregator public keys for {n} aggregator endpoints; expected one key "
+                       "for all or one per endpoint, in the same order")
+    return [{**curve, "server_key": key} for key in keys]
+
+
+class SetpointFanIn:
+    """A gateway's setpoint subscriptions to every aggregator of its fleet: one SUB each, one fence for all.
+
+    Only the leader publishes (docs/ha.md); a gateway cannot know which aggregator that is, so it
+    listens to all. The shared SetpointFence admits a message only if its (epoch, seq) is newer than
+    every message admitted before from any aggregator: once a newer leader's epoch is heard, no frame
+    of an older one is ever applied again. ``recv`` has GatewaySubscriber's contract; ``source`` is the
+    index (in ``endpoints``) of the aggregator the newest admitted message came from. Owner thread only.
+    """
+
+    role = "setpoint SUB"
+
+    def __init__(self, ctx: zmq.Context, endpoints: Sequence[str], gateway_id: str, *,
+                 rcvhwm: int = SETPOINT_SNDHWM, curves: Sequence[Mapping[str, Any] | None] | None = None):
+        curves = list(curves) if curves is not None else [None] * len(endpoints)
+        if len(curves) != len(endpoints):
+            raise BusError(f"{self.role}: {len(curves)} CURVE settings for {len(endpoints)} endpoints")
+        self.fence = SetpointFence()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=LAST_ERRORS)
+        self.subs: list[GatewaySubscriber] = []
+        try:
+            for endpoint, curve in zip(endpoints, curves):
+                sub = GatewaySubscriber(ctx, endpoint, gateway_id, rcvhwm=rcvhwm, curve=curve, fence=self.fence)
+                sub.errors, sub.last_errors = self.errors, self.last_errors  # counted together
+                self.subs.append(sub)
+        except BusError:
+            self.close()
+            raise
+        self.endpoints = [s.endpoint for s in self.subs]
+        self.source: int | None = None
+
+    @property
+    def received(self) -> int:
+        return sum(s.received for s in self.subs)
+
+    def recv(self, timeout_ms: int = 0, max_frames: int = 64) -> SetpointMsg | None:
+        """Wait up to ``timeout_ms`` for any aggregator; the newest admitted message of up to ``max_frames`` queued
+        at each, or None. The fence admits only ever newer (epoch, seq), so the last admitted is the newest."""
+        if len(self.subs) == 1:
+            msg = self.subs[0].recv(timeout_ms, max_frames)
+            if msg is not None:
+                self.source = 0
+            return msg
+        for sub in self.subs:
+            sub.heal()  # before polling: a remade socket is polled, not the closed one
+        if not zmq.zmq_poll([(s.sock, zmq.POLLIN) for s in self.subs], timeout_ms):
+            return None
+        newest = None
+        for i, sub in enumerate(self.subs):
+            msg = sub.recv(0, max_frames)
+            if msg is not None:
+                newest, self.source = msg, i
+        return newest
+
+    def close(self) -> None:
+        for sub in self.subs:
+            sub.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class TelemetryFanOut:
+    """A gateway's telemetry PUSH sockets, one per aggregator of its fleet: every batch goes to each.
+
+    One PUSH connected to several aggregators would deal the batches out round-robin; a standby must
+    hear every vehicle to be warm (docs/ha.md). An aggregator that is down or slow fills only its own
+    queue (TELEMETRY_SNDHWM) and drops there; ``dropped`` counts batch copies refused, ``dropped_by``
+    per endpoint. ``send`` is True if at least one aggregator's queue took the batch. Owner thread only.
+    """
+
+    role = "telemetry PUSH"
+
+    def __init__(self, ctx: zmq.Context, endpoints: Sequence[str], *, sndhwm: int = TELEMETRY_SNDHWM,
+                 curves: Sequence[Mapping[str, Any] | None] | None = None):
+        curves = list(curves) if curves is not None else [None] * len(endpoints)
+        if len(curves) != len(endpoints):
+            raise BusError(f"{self.role}: {len(curves)} CURVE settings for {len(endpoints)} endpoints")
+        self.pushers: list[TelemetryPusher] = []
+        try:
+            for endpoint, curve in zip(endpoints, curves):
+                self.pushers.append(TelemetryPusher(ctx, endpoint, sndhwm=sndhwm, curve=curve))
+        except BusError:
+            self.close()
+            raise
+        self.endpoints = [p.endpoint for p in self.pushers]
+
+    @property
+    def sent(self) -> int:
+        return sum(p.sent for p in self.pushers)
+
+    @property
+    def dropped(self) -> int:
+        return sum(p.dropped for p in self.pushers)
+
+    @property
+    def dropped_by(self) -> dict[str, int]:
+        return {p.endpoint: p.dropped for p in self.pushers}
+
+    def send(self, frame: bytes) -> bool:
+        """Queue ``frame`` to every aggregator without blocking."""
+        ok = False
+        for pusher in self.pushers:
+            ok |= pusher.send(frame)
+        return ok
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every socket; ``linger_ms`` > 0 gives batches still queued that long to leave."""
+        for pusher in self.pushers:
+            pusher._close_monitor()
+            pusher.sock.close(linger=linger_ms)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 class ControlTimeout(WireError):
     """The aggregator did not answer a control request in time (code TIMEOUT)."""
 
@@ -786,7 +968,8 @@ class ControlClient(_Owner):
 
 __all__ = [
     "DEFAULT_CONTROL_CONNECT", "DEFAULT_CONTROL_ENDPOINT", "DEFAULT_SETPOINT_CONNECT",
-    "DEFAULT_SETPOINT_ENDPOINT", "DEFAULT_TELEMETRY_CONNECT", "DEFAULT_TELEMETRY_ENDPOINT", "BusError",
-    "ControlClient", "ControlRefused", "ControlServer", "ControlTimeout", "GatewaySubscriber", "SetpointPublisher",
-    "StatusSubscriber", "TelemetryPusher", "TelemetryReceiver",
+    "DEFAULT_SETPOINT_ENDPOINT", "DEFAULT_TELEMETRY_CONNECT", "DEFAULT_TELEMETRY_ENDPOINT", "MAX_AGGREGATORS",
+    "BusError", "ControlClient", "ControlRefused", "ControlServer", "ControlTimeout", "GatewaySubscriber",
+    "SetpointFanIn", "SetpointPublisher", "StatusSubscriber", "TelemetryFanOut", "TelemetryPusher",
+    "TelemetryReceiver", "curves_for", "split_endpoints",
 ]

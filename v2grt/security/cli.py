@@ -30,7 +30,9 @@ def add_client_key_options(parser) -> None:
     g.add_argument("--client-key", metavar="FILE", default=os.environ.get(ENV_CLIENT_KEY),
                    help=f"your secret key file, NAME{SECRET_SUFFIX}, mode 0600 (default ${ENV_CLIENT_KEY})")
     g.add_argument("--server-key", metavar="FILE", default=os.environ.get(ENV_SERVER_KEY),
-                   help=f"the aggregator's public key file, e.g. aggregator{PUBLIC_SUFFIX} (default ${ENV_SERVER_KEY})")
+                   help=f"the aggregator's public key file, e.g. aggregator{PUBLIC_SUFFIX} "
+                        f"(default ${ENV_SERVER_KEY}); a gateway of several aggregators: one file per aggregator, "
+                        "comma-separated, in the order of its endpoints")
 
 
 def client_curve_from_args(args) -> dict | None:
@@ -48,7 +50,11 @@ def client_curve_from_args(args) -> dict | None:
         raise CliError(f"{missing} is missing: a secured bus needs both your secret key file (--client-key "
                        f"NAME{SECRET_SUFFIX}) and the aggregator's public key file (--server-key aggregator.key)")
     try:
-        return client_curve_files(client, server)
+        files = [f for f in str(server).split(",")]
+        curve = client_curve_files(client, files[0])
+        if len(files) > 1:  # a gateway of an HA fleet: the i-th key is the i-th aggregator's (docs/wire.md 2.1)
+            curve["server_key"] = tuple(read_key_file(f).public_key for f in files)
+        return curve
     except SecurityError as exc:
         raise CliError(str(exc)) from None
 
