@@ -877,9 +877,9 @@ def gateway_main(argv: list[str]) -> int:
     vehicles = Vehicles(fleet, gateway_id=args.gateway_id, seed=1, unreachable_fraction=0.0, low_soh_fraction=0.0,
                         hot_fraction=0.0, unplug_rate_per_h=0.0, plug_rate_per_h=0.0, ctx=ctx,
                         events=EventLog(interval_s=60.0))
-    core = Core(ctx, args.gateway_id, vehicles, setpoints=args.setpoints[0], telemetry=args.telemetry[0],
+    # every aggregator of the fleet: setpoints from all behind one fence, each telemetry batch to all (ha-warm)
+    core = Core(ctx, args.gateway_id, vehicles, setpoints=args.setpoints, telemetry=args.telemetry,
                 telemetry_interval_s=args.telemetry_interval_s)
-    _connect_all(core, args.setpoints[1:], args.telemetry[1:])
     core._open_record(args.record)
     try:
         core.run(stop)
@@ -888,15 +888,6 @@ def gateway_main(argv: list[str]) -> int:
         vehicles.close()
         ctx.term()
     return 0
-
-
-def _connect_all(core, setpoints: list[str], telemetry: list[str]) -> None:
-    """Subscribe to the other aggregators' setpoints too; telemetry to every aggregator (PUSH round-robins
-    between connected peers: each gets every other batch, enough to keep its vehicles heard)."""
-    for ep in setpoints:
-        core.sub.sock.connect(ep)
-    for ep in telemetry:
-        core.pusher.sock.connect(ep)
 
 
 def main(argv: list[str] | None = None) -> int:
