@@ -70,7 +70,7 @@ def run(args) -> dict:
         raise SystemExit(f"v2grt bench failover: --faults {','.join(unknown)}: expected some of "
                          f"{','.join(harig.FAULTS)}")
     cfg = harig.RigConfig(gateways=args.gateways, vehicles=args.vehicles, period_s=args.period_s,
-                          lease_ttl_s=args.lease_ttl_s, mode=args.mode)
+                          lease_ttl_s=args.lease_ttl_s, mode=args.mode, setpoint_ttl_s=args.setpoint_ttl_s)
     results, skipped, raw = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="v2g-failover-") as tmp:
         t0 = time.monotonic()
@@ -100,7 +100,8 @@ def run(args) -> dict:
     goals["double_leader"]["met"] = goals["double_leader"]["measured"] == 0
     return {"bench": "failover", "machine": machine(), "source": source_state(),
             "rig": {"netns": netns, "loopback_reason": reason, "gateways": args.gateways, "vehicles": args.vehicles,
-                    "period_s": args.period_s, "lease_ttl_s": args.lease_ttl_s, "started_s": started_s},
+                    "period_s": args.period_s, "lease_ttl_s": args.lease_ttl_s, "started_s": started_s,
+                    "setpoint_ttl_s": args.setpoint_ttl_s},
             "repeats": args.repeats, "results": results, "skipped": skipped, "goals": goals,
             "runs": raw if args.raw else None}
 
@@ -113,7 +114,8 @@ def render(r: dict) -> str:
                      s["stale"], s["p_before_kw"].get("p50"), s["p_zero_s"].get("p50")])
     rig = r["rig"]
     head = (f"failover on the HA rig ({'network namespaces' if rig['netns'] else 'loopback: ' + rig['loopback_reason']}"
-            f"), lease {rig['lease_ttl_s']} s, period {rig['period_s'] * 1e3:g} ms, {rig['gateways']} gateways")
+            f"), lease {rig['lease_ttl_s']} s, period {rig['period_s'] * 1e3:g} ms, {rig['gateways']} gateways, "
+            f"setpoints held {rig['setpoint_ttl_s'] or 3 * rig['period_s']:g} s")
     out = [head, table(["fault", "n", "gap p50 s", "gap p99 s", "gap max s", "double", "stale", "p before kW",
                         "0 kW s p50"], rows)]
     for s in r["results"]:
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", default=",".join(harig.FAULTS), help=f"comma list (default {','.join(harig.FAULTS)})")
     ap.add_argument("--lease-ttl-s", type=int, default=1, help="ha.lease_ttl_s (default 1)")
     ap.add_argument("--period-s", type=float, default=0.05, help="control period (default 0.05)")
+    ap.add_argument("--setpoint-ttl-s", type=float, default=None,
+                    help="bus.setpoint_ttl_s: how long gateways hold the last setpoints (default: 3 periods)")
     ap.add_argument("--gateways", type=int, default=2)
     ap.add_argument("--vehicles", type=int, default=40)
     ap.add_argument("--mode", choices=("auto", "netns", "loopback"), default="auto",
