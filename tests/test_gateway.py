@@ -386,3 +386,13 @@ def test_gateway_falls_to_zero_within_three_periods_after_the_aggregator_is_kill
         site.close()
         ctx.term()
         sim.stop()
+
+
+def test_a_gateway_given_unmatched_aggregator_lists_refuses_to_start(roster, tmp_path):
+    """Two setpoint endpoints but one telemetry endpoint (HA, docs/wire.md 2.1): exit 2 naming both options."""
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "gateway", "sim", "--roster", str(roster),
+                           "--gateway-id", "gw1", "--setpoints", "tcp://127.0.0.1:5560,tcp://127.0.0.2:5560",
+                           "--telemetry", "tcp://127.0.0.1:5561"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert ("2 setpoint endpoints (--setpoints) but 1 telemetry endpoints (--telemetry): expected one of each per "
+            "aggregator, in the same order") in proc.stderr

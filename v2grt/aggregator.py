@@ -171,6 +171,9 @@ class Aggregator:
         self.loop = ControlLoop(self.period_ns, self._cycle, budget_ns=int(round(cfg.budget_s * 1e9)),
                                 realtime=RealtimeConfig(**dataclasses.asdict(cfg.realtime)), stats=self.stats,
                                 on_setup=self._log_setup)
+        if self.ha is not None:  # a planned handover to this standby: publish from a cycle at once (docs/ha.md)
+            self.ha.on_prepare = lambda until_ns: self.loop.expect_wake(until_ns, wait_s=1.5 * cfg.period_s)
+            self.ha.on_won = self.loop.wake
         self.seq = 0
         # Every gateway's frame, laid out once per fleet membership (ids included) and refilled each cycle;
         # _rows_all lists the fleet rows in the frames' gateway order.
@@ -423,7 +426,7 @@ class Aggregator:
             # a subscriber connected to every aggregator must not read a standby's numbers as the fleet's
             # (its role and numbers are in the status reply, v2g-cli --status).
             view = self.ha.view
-            if not view.may_publish(time.monotonic_ns()):
+            if self.ha.resigning or not view.may_publish(time.monotonic_ns()):  # resigning: handed over
                 return
             if view.epoch != self.epoch:
                 self.epoch, self.seq = view.epoch, 0
@@ -439,6 +442,8 @@ class Aggregator:
             self.publisher.send(frame)
         self.published = True
         self.publisher.send(wire.encode_status(self._status_fields(result, t_ns, now_ns)))
+        if self.ha is not None and self.ha.handover_ready:  # a planned handover: this was the last publish
+            self.ha.resign_after_publish()
 
     def _rebuild_layouts(self) -> None:
         fleet = self.fleet
@@ -594,6 +599,16 @@ class Aggregator:
             self.slow_n = SLOW_N_OPTIMIZED if args["name"] == "optimized" else 1
             self.events.emit("TELEMETRY_PROFILE", logging.INFO, key="profile", profile=args["name"])
             return {"telemetry_profile": args["name"]}
+        if cmd == "handover":  # operator keys only: moves the leadership (docs/ha.md, planned handover)
+            if self.ha is None:
+                raise wire.WireError("REFUSED", "handover: this aggregator has no `ha` section: it is the only one "
+                                                "of its fleet")
+            from v2grt.ha import HandoverError
+
+            try:
+                return self.ha.request_handover(args.get("to"))
+            except HandoverError as exc:
+                raise wire.WireError("REFUSED", str(exc)) from None
         if cmd == "keys_reload":  # operator keys only (security.ServerSecurity.authorize_control)
             if self.security is None:
                 raise wire.WireError("REFUSED", "keys_reload: security is not enabled in this aggregator's config")

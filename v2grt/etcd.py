@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import http.client
 import json
+import time
 import urllib.parse
 
 
@@ -31,6 +32,23 @@ class KeyValue:
     create_revision: int
     mod_revision: int
     lease: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Campaign:
+    """What one campaign transaction found: created (we hold the key now) or the holder, plus the extra reads."""
+
+    created: bool
+    holder: KeyValue | None
+    also: dict[str, KeyValue | None]
+    under_prefix: list[KeyValue]
+    revision: int  # the store's revision when the transaction ran
+
+
+def _prefix_end(prefix: str) -> str:
+    """The range end that selects every key starting with ``prefix`` (its last byte plus one)."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
 def _b64(text: str) -> str:
@@ -143,6 +161,90 @@ class EtcdClient:
             return True, KeyValue(key, value, rev, rev, lease_id)
         kvs = r["responses"][0]["response_range"].get("kvs", [])
         return False, _kv(kvs[0]) if kvs else None
+
+    def campaign(self, key: str, value: str, lease_id: int, *, also: tuple[str, ...] = (),
+                 prefix: str | None = None) -> Campaign:
+        """``create_or_get`` that also reads, in the same transaction when the key exists, the keys ``also`` and
+        every key under ``prefix`` (the handover key and the candidates, docs/ha.md): one request per poll."""
+        k = _b64(key)
+        reads = [{"requestRange": {"key": k}}] + [{"requestRange": {"key": _b64(a)}} for a in also]
+        if prefix is not None:
+            reads.append({"requestRange": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}})
+        r = self.call("kv/txn", {
+            "compare": [{"target": "CREATE", "key": k, "createRevision": "0"}],
+            "success": [{"requestPut": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
+            "failure": reads})
+        revision = int(r["header"]["revision"])
+        if r.get("succeeded"):
+            return Campaign(True, KeyValue(key, value, revision, revision, lease_id), {}, [], revision)
+        ranges = [resp["response_range"].get("kvs", []) for resp in r["responses"]]
+        holder = _kv(ranges[0][0]) if ranges[0] else None
+        others = {a: (_kv(kvs[0]) if kvs else None) for a, kvs in zip(also, ranges[1:])}
+        under = [_kv(raw) for raw in ranges[1 + len(also)]] if prefix is not None else []
+        return Campaign(False, holder, others, under, revision)
+
+    def put(self, key: str, value: str, lease_id: int = 0) -> int:
+        """Put ``key`` = ``value`` (bound to ``lease_id`` if not 0); the revision of the put."""
+        r = self.call("kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease_id)})
+        return int(r["header"]["revision"])
+
+    def put_if(self, key: str, value: str, *, lease_id: int | None = None, value_is: str | None = None,
+               create_revision_of: tuple[str, int] | None = None) -> bool:
+        """Put in one transaction only if the key's value is ``value_is`` and/or the key
+        ``create_revision_of[0]`` has that create revision; ``lease_id`` None keeps the key's lease. True if put."""
+        compare = []
+        if value_is is not None:
+            compare.append({"target": "VALUE", "key": _b64(key), "value": _b64(value_is)})
+        if create_revision_of is not None:
+            compare.append({"target": "CREATE", "key": _b64(create_revision_of[0]),
+                            "createRevision": str(create_revision_of[1])})
+        put = {"key": _b64(key), "value": _b64(value)}
+        put.update({"ignore_lease": True} if lease_id is None else {"lease": str(lease_id)})
+        r = self.call("kv/txn", {"compare": compare, "success": [{"requestPut": put}]})
+        return bool(r.get("succeeded"))
+
+    def delete_if(self, key: str, value_is: str) -> bool:
+        """Delete ``key`` only if its value is ``value_is``; True if deleted."""
+        k = _b64(key)
+        r = self.call("kv/txn", {"compare": [{"target": "VALUE", "key": k, "value": _b64(value_is)}],
+                                 "success": [{"requestDeleteRange": {"key": k}}]})
+        return bool(r.get("succeeded"))
+
+    def watch_delete(self, key: str, start_revision: int, timeout_s: float, on_watching=None) -> bool:
+        """Watch ``key`` from ``start_revision``: True as soon as etcd reports its deletion, False after ``timeout_s``.
+
+        One streaming request (``/v3/watch``, a JSON object per line) to the endpoint that answered last;
+        ``on_watching()`` runs once etcd confirmed the watch (so nothing deleted after it can be missed); False from
+        it ends the watch (False). Any
+        transport error raises EtcdError: the caller falls back to polling.
+        """
+        host, port, url = self.endpoints[self._first]
+        deadline = time.monotonic() + timeout_s
+        conn = http.client.HTTPConnection(host, port, timeout=max(0.01, timeout_s))
+        try:
+            body = {"create_request": {"key": _b64(key), "start_revision": str(start_revision)}}
+            conn.request("POST", "/v3/watch", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise EtcdError(f"etcd {url} /v3/watch: HTTP {resp.status}: {resp.read(200)!r}")
+            while (left := deadline - time.monotonic()) > 0:
+                conn.sock.settimeout(left)
+                try:
+                    line = resp.readline()
+                except TimeoutError:
+                    return False
+                if not line:
+                    raise EtcdError(f"etcd {url} /v3/watch: the stream ended")
+                result = json.loads(line).get("result", {})
+                if result.get("created") and on_watching is not None and on_watching() is False:
+                    return False
+                if any(ev.get("type") == "DELETE" for ev in result.get("events", [])):
+                    return True
+            return False
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise EtcdError(f"etcd {url} /v3/watch: {type(exc).__name__}: {exc}") from None
+        finally:
+            conn.close()
 
     def get(self, key: str) -> KeyValue | None:
         r = self.call("kv/range", {"key": _b64(key)})

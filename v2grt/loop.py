@@ -26,6 +26,8 @@ log = logging.getLogger("v2grt.loop")
 
 CLOCK_MONOTONIC = 1  # <time.h>; time.monotonic_ns() reads the same clock on Linux
 TIMER_ABSTIME = 1
+#: Inside an expect_wake window the loop sleeps at most this long at a time, so wake() takes effect within it.
+WAKE_SLICE_NS = 1_000_000
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
@@ -234,6 +236,39 @@ class ControlLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.started = threading.Event()
+        self._expect_until_ns = 0  # monotonic: until then the loop sleeps in WAKE_SLICE_NS slices (expect_wake)
+        self._woken = False
+        self._slicing = threading.Event()  # set once a sleep inside the expect_wake window is sliced
+        self.off_grid_cycles = 0  # cycles run at once on wake(), between two deadlines of the grid
+
+    def expect_wake(self, until_ns: int, wait_s: float = 0.0) -> bool:
+        """From now until ``until_ns`` (monotonic) sleep in slices of WAKE_SLICE_NS, so that ``wake()`` runs a cycle
+        within a slice instead of at the next deadline. Any thread. For a planned handover of leadership (docs/ha.md):
+        the new leader publishes at once instead of up to a period later; clock_nanosleep cannot be interrupted
+        without a signal, and slicing costs ~1,000 short wake-ups a second only inside the window.
+
+        A sleep already begun runs to its deadline: wait up to ``wait_s`` (a period covers it) for the loop to be
+        sleeping in slices; True once it is (wake() then takes effect within a slice)."""
+        self._slicing.clear()
+        self._expect_until_ns = until_ns
+        return self._slicing.wait(wait_s) if wait_s > 0 else self._slicing.is_set()
+
+    def wake(self) -> None:
+        """Run one cycle now, off the grid, if the loop is inside an ``expect_wake`` window; else nothing. Any thread.
+        The grid goes on unchanged after it (the next deadline may then be less than a period away)."""
+        self._woken = True
+
+    def _sleep(self, sleeper: AbsoluteSleeper, deadline_ns: int) -> bool:
+        """Sleep to ``deadline_ns``; True if ``wake()`` cut the sleep short inside an expect_wake window."""
+        while True:
+            now = time.monotonic_ns()
+            if now >= self._expect_until_ns or now >= deadline_ns:
+                sleeper.sleep_until(deadline_ns)
+                return False
+            self._slicing.set()
+            sleeper.sleep_until(min(deadline_ns, now + WAKE_SLICE_NS, self._expect_until_ns))
+            if self._woken:
+                return True
 
     def start(self) -> None:
         self._thread.start()
@@ -265,10 +300,14 @@ class ControlLoop:
         self.started.set()
         try:
             while not self._stop.is_set():
-                sleeper.sleep_until(deadline)
+                off_grid = self._sleep(sleeper, deadline)
+                self._woken = False  # a wake() outside a window, or this one: spent
                 woke = time.monotonic_ns()
+                # an off-grid cycle belongs to the grid's previous deadline (the receive gate's next one is `deadline`)
+                due = deadline - period if off_grid else deadline
+                self.off_grid_cycles += off_grid
                 try:
-                    t = self.cycle(deadline, woke)
+                    t = self.cycle(due, woke)
                     consecutive_errors = 0
                 except Exception as exc:  # the loop keeps its deadlines; repeated failure stops it
                     stats.errors += 1
@@ -279,9 +318,10 @@ class ControlLoop:
                         break
                     t = CycleTimes()
                 end = time.monotonic_ns()
-                stats.record(woke - deadline, t.input_age_ns, t.inputs_ns, t.kernel_ns, t.publish_ns, end - woke,
-                             budget)
-                deadline += period
+                stats.record(0 if off_grid else woke - deadline, t.input_age_ns, t.inputs_ns, t.kernel_ns,
+                             t.publish_ns, end - woke, budget)
+                if not off_grid:
+                    deadline += period
                 if end > deadline:  # ran past the next deadline: skip whole periods, stay on the grid
                     missed = (end - deadline) // period + 1
                     stats.missed_deadlines += missed

@@ -6,9 +6,10 @@
     v2g-cli --test-discharge --unit-id EV_NODE_01 [--kw 5] [--seconds 10]
     v2g-cli --reload [--profile FILE]
     v2g-cli --telemetry-profile optimized
+    v2g-cli --handover [--to NAME]       (high availability: to the leader; NAME a standby's ha.name)
 
 The same operations are `v2grt` subcommands: status, estop, reset, test-discharge, reload,
-telemetry-profile (and `v2grt run` for the aggregator in the foreground).
+telemetry-profile, handover (and `v2grt run` for the aggregator in the foreground).
 
 Exit codes (all commands): 0 success; 1 the operation failed at run time (the aggregator did not answer,
 a socket or the log could not be opened, a test discharge aborted or the vehicle did not deliver);
@@ -369,6 +370,28 @@ def cmd_telemetry_profile(args) -> int:
     return EXIT_OK
 
 
+def cmd_handover(args) -> int:
+    """Hand leadership to a standby (high availability, docs/ha.md): ask the leader, then follow its status until
+    the handover is done or abandoned (the leader then leads on). Exit 0 done, 1 abandoned, 3 refused."""
+    with _session(args) as s:
+        r = s.call("handover", **({"to": args.to} if args.to else {}))
+        print(f"handover from {r['from']} (epoch {r['epoch']}) to {r['to']} started")
+        deadline = time.monotonic() + float(r.get("timeout_s", 2.0)) + args.timeout
+        h: dict = {}
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            h = (s.call("status").get("ha") or {}).get("handover") or {}
+            if h.get("epoch") == r["epoch"] and h.get("to") == r["to"] and h.get("state") not in (None, "requested"):
+                break
+    state = h.get("state") or "no outcome reported in time"
+    if state == "done":
+        print(f"leadership handed over: {r['from']} published its last cycle and resigned; {r['to']} leads from "
+              "its next cycle with a new epoch (v2g-cli --status at it shows the epoch)")
+        return EXIT_OK
+    print(f"handover to {r['to']}: {state}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_test_discharge(args) -> int:
     """Discharge one vehicle for a while and report what its telemetry showed."""
     if args.seconds <= 0 or args.kw <= 0:
@@ -527,14 +550,29 @@ def format_status(st: dict) -> str:
 
 
 def _ha_line(ha: dict) -> str:
-    """One line on leadership (docs/ha.md) from the status reply's `ha` map."""
+    """Lines on leadership (docs/ha.md) from the status reply's `ha` map: role, epoch, lease, leader, peers."""
     leader = ha.get("leader")
     lease = f"{ha.get('lease_remaining_s') or 0:.1f} s of {ha.get('lease_ttl_s') or 0:g} s"
+    until = ha.get("lease_valid_until_ns")
+    if until:
+        clock = time.strftime("%H:%M:%S", time.gmtime(until / 1e9))
+        lease += f" (surely valid until {clock}.{until // 1_000_000 % 1000:03d} UTC)"
     line = (f"{ha.get('role')} (this is {ha.get('name')}), epoch {ha.get('epoch')}, lease {lease} left, "
-            f"leader {leader if leader is not None else 'none'}")
+            f"leader {leader if leader is not None else 'none'}"
+            + (f" (epoch {ha['leader_epoch']})" if leader is not None and ha.get("leader_epoch") else ""))
     trouble = [f"{ha[k]} {label}" for k, label in (("renew_failures", "renew failures"),
                                                    ("etcd_errors", "etcd errors")) if ha.get(k)]
-    return line + (f"; {', '.join(trouble)}" if trouble else "")
+    line += f"; {', '.join(trouble)}" if trouble else ""
+    pad = "\n                 "
+    candidates = ha.get("candidates")
+    if candidates is not None:
+        line += f"{pad}candidates in etcd: {', '.join(candidates) or 'none'}"
+    if ha.get("peers"):
+        line += f"{pad}peers (configured): {', '.join(ha['peers'])}"
+    if ha.get("handover"):
+        h = ha["handover"]
+        line += f"{pad}last handover: {h.get('from')} (epoch {h.get('epoch')}) to {h.get('to')}: {h.get('state')}"
+    return line
 
 
 def _journal_line(jn: dict) -> str:
@@ -577,6 +615,9 @@ def operator_parser() -> argparse.ArgumentParser:
                      help="reload the discharge profile (the configured one, or --profile); a bad one is refused")
     act.add_argument("--telemetry-profile", choices=["default", "optimized"],
                      help="switch the gateways' telemetry profile (optimized: less overhead)")
+    act.add_argument("--handover", action="store_true",
+                     help="high availability: hand leadership to a standby (send it to the leader; --to NAME)")
+    ap.add_argument("--to", help="--handover: the standby's ha.name (default: any registered standby)")
     ap.add_argument("--json", action="store_true", help="--status / --test-discharge: print JSON")
     ap.add_argument("--unit-id", help="--test-discharge: the vehicle's node id, e.g. EV_NODE_01")
     ap.add_argument("--kw", type=float, default=5.0, help="--test-discharge: power, kW (default 5)")
@@ -596,7 +637,8 @@ def operator_main(argv: list[str] | None = None) -> int:
     if args.telemetry_profile:
         args.name = args.telemetry_profile
     func = (cmd_status if args.status else cmd_estop if args.emergency_stop else cmd_reset if args.reset
-            else cmd_test_discharge if args.test_discharge else cmd_reload if args.reload else cmd_telemetry_profile)
+            else cmd_test_discharge if args.test_discharge else cmd_reload if args.reload
+            else cmd_handover if args.handover else cmd_telemetry_profile)
     try:
         return func(args)
     except CliError as exc:
@@ -634,4 +676,7 @@ def add_parser(sub) -> None:
     _client_options(p)
     p = add("telemetry-profile", cmd_telemetry_profile, "switch the gateways' telemetry profile")
     p.add_argument("name", choices=["default", "optimized"])
+    _client_options(p)
+    p = add("handover", cmd_handover, "high availability: hand leadership to a standby (ask the leader)")
+    p.add_argument("--to", help="the standby's ha.name (default: any registered standby)")
     _client_options(p)

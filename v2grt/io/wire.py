@@ -838,6 +838,7 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     "reload": {"path": Arg("str", False, doc="discharge profile to load instead of the configured one")},
     "telemetry_profile": {"name": Arg("enum", choices=TELEMETRY_PROFILES, doc="telemetry profile")},
     "keys_reload": {},  # security: re-read the authorized keys; drops connections of revoked keys
+    "handover": {"to": Arg("id", False, doc="the standby to hand leadership to (its ha.name); default: any")},
 }
 
 
