@@ -45,7 +45,7 @@ def rec(rows, power=()) -> GatewayRecord:
     return GatewayRecord(np.array(rows, dtype=np.int64).reshape(-1, 4), np.array(power, dtype=float).reshape(-1, 2))
 
 
-def test_measure_finds_the_gap_and_counts_frames_of_a_leader_already_succeeded():
+def test_measure_finds_the_gap_the_switch_and_frames_of_a_leader_already_succeeded():
     """Epoch 5 until 1.0 s, epoch 7 from 2.0 s at gw1; gw2 accepts one epoch-5 frame sent after epoch 7's first."""
     ms = 1_000_000
     gw1 = [(t * ms, 5, t, 10_000 * ms + t * ms) for t in range(0, 1001, 50)]
@@ -53,7 +53,8 @@ def test_measure_finds_the_gap_and_counts_frames_of_a_leader_already_succeeded()
     gw2 = [(100 * ms, 5, 1, 10_100 * ms), (2100 * ms, 7, 2, 12_100 * ms), (2150 * ms, 5, 3, 12_150 * ms)]
     m = measure({"gw1": rec(gw1, [(-1000 * ms, 10.0), (1200 * ms, 0.0), (2000 * ms, 10.0)]), "gw2": rec(gw2)},
                 500 * ms, 2500 * ms, 0.05)
-    assert m["gap_s"]["gw1"] == pytest.approx(1.0)
+    assert m["gap_s"]["gw1"] == pytest.approx(1.0) and m["switch_s"]["gw1"] == pytest.approx(1.0)
+    assert m["steady_p99_s"] == pytest.approx(0.05)  # gw1's frames every 50 ms in the second before t0
     assert m["double_leader"] == 1  # gw2's epoch-5 frame sent at 12.150 s, after epoch 7's first (12.000 s)
     assert m["stale_after_newer"] == 1  # and gw2 took it after an epoch-7 one
     assert m["epochs"] == [5, 7, 5, 7]  # accepted, all gateways merged in receive order
@@ -134,6 +135,18 @@ def test_a_rig_left_by_a_dead_process_is_swept(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- faults
+def test_a_planned_handover_moves_leadership_to_the_standby_with_no_frame_of_two_leaders(rig):
+    """The control command `v2g-cli --handover` sends, to the leader: the standby leads with a newer epoch, every
+    gateway switches once, the old leader's last frame left before the new one's first."""
+    rig.settle()
+    r = harig.fault_handover(rig)
+    show(r)
+    assert r["new"] == r["to"] == rig.other(r["old"]) and r["new_epoch"] > r["old_epoch"]
+    assert r["epochs"] == [r["old_epoch"], r["new_epoch"]] and set(r["switch_s"]) == set(rig.gateway_ids)
+    assert_one_leader_at_a_time(r)
+    assert r["switch_max_s"] < 1.0  # liveness (the goal, <= 1 period, is `v2grt bench failover`'s)
+
+
 def test_kill9_of_the_leader_the_standby_takes_over_with_a_newer_epoch(rig):
     """kill -9 of the leader process: the standby leads with a higher epoch, every gateway follows it, never both."""
     rig.settle()

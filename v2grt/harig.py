@@ -442,19 +442,27 @@ class Rig:
 
     def status(self, agg: str, timeout_ms: int = 1000) -> dict | None:
         """The aggregator's status reply over its control socket, or None (no answer in time)."""
+        try:
+            return self.control(agg, "status", timeout_ms=timeout_ms)
+        except RigError:
+            return None
+
+    def control(self, agg: str, cmd: str, timeout_ms: int = 1000, **args) -> dict:
+        """One control request to ``agg`` (as v2g-cli sends it); its result, or RigError naming the refusal."""
         import zmq
 
         from v2grt.io import bus
 
-        ctx = zmq.Context.instance()
-        client = bus.ControlClient(ctx, self.endpoint(agg, "control"), timeout_ms=timeout_ms)
+        client = bus.ControlClient(zmq.Context.instance(), self.endpoint(agg, "control"), timeout_ms=timeout_ms)
         try:
-            reply = client.call("status")
-            return reply.result if reply.ok else None
-        except Exception:
-            return None
+            reply = client.call(cmd, **args)
+        except Exception as exc:
+            raise RigError(f"{cmd} to aggregator {agg}: {type(exc).__name__}: {exc}") from None
         finally:
             client.close()
+        if not reply.ok:
+            raise RigError(f"{cmd} to aggregator {agg} refused: {reply.error_code}: {reply.error_message}")
+        return reply.result
 
     def wait_leader(self, timeout_s: float = 30.0, expect: str | None = None, not_: str | None = None) -> str:
         from v2grt.testing import wait_until
@@ -517,8 +525,21 @@ class Rig:
         for agg in AGGREGATORS:
             if agg != leader:
                 self.wait_warm(agg, timeout_s)
+        self.wait_candidates(leader, timeout_s)
         self.wait_flowing(timeout_s, since_ns=time.monotonic_ns())
         return leader
+
+    def wait_candidates(self, leader: str, timeout_s: float = 30.0) -> None:
+        """Until the leader's status lists every aggregator as a candidate in etcd (a standby that just resigned
+        registers again after a hold-off; a handover asked before that is refused)."""
+        from v2grt.testing import wait_until
+
+        def ok():
+            st = self.status(leader, timeout_ms=300)
+            cands = (st or {}).get("ha", {}).get("candidates")
+            return st is not None and (cands is None or set(AGGREGATORS) <= set(cands))
+
+        wait_until(ok, timeout_s, f"every aggregator registered as a candidate (asked {leader})", 0.05)
 
     def other(self, agg: str) -> str:
         return next(a for a in AGGREGATORS if a != agg)
@@ -666,7 +687,22 @@ def fault_cut_gateway(rig: Rig, gw: str | None = None, hold_s: float = 1.0) -> d
             "power_cut": fleet_power({gw: recs[gw]}, t0, t1), "published": published(rig.taps(), t0 - NS, t1)}
 
 
-FAULTS = {"kill9": fault_kill9, "sigstop": fault_sigstop, "cut_leader": fault_cut_leader,
+def fault_handover(rig: Rig) -> dict:
+    """A planned handover (what `v2g-cli --handover` asks the leader): the standby leads from the cycle after the
+    leader's last publish; goal: a gap at the gateways of at most one period (``gap_periods``)."""
+    old, epoch = rig.wait_leader(), rig.epoch_at_gateways()
+    t0 = _now()
+    asked = rig.control(old, "handover")
+    new_epoch = rig.wait_epoch_past(epoch, 10.0, t0)
+    time.sleep(_tail_s(rig))
+    t1 = _now()
+    m = measure(rig.records(), t0, t1, rig.cfg.period_s)
+    return {"fault": "handover", "old": old, "new": rig.leader(), "to": asked.get("to"), "old_epoch": epoch,
+            "new_epoch": new_epoch, **m, "gap_periods": (m["switch_max_s"] or m["gap_max_s"]) / rig.cfg.period_s,
+            "published": published(rig.taps(), t0 - NS, t1)}
+
+
+FAULTS = {"handover": fault_handover, "kill9": fault_kill9, "sigstop": fault_sigstop, "cut_leader": fault_cut_leader,
           "etcd_restart": fault_etcd_restart, "cut_gateway": fault_cut_gateway}
 #: The faults that need network namespaces (cutting a node off).
 NETNS_FAULTS = ("cut_leader", "cut_gateway")
@@ -707,6 +743,9 @@ def measure(records: dict[str, GatewayRecord], t0_ns: int, t1_ns: int, period_s:
 
     - ``gap_s``: per gateway, the longest time between two setpoint messages it accepted in the window
       (across a failover: the old leader's last frame to the new leader's first); ``gap_max_s`` over all.
+    - ``switch_s``: per gateway that saw the epoch change, the time from the last frame of one epoch to the
+      first of the next (a planned handover's gap); ``steady_p99_s``: the p99 time between frames in the
+      second before ``t0_ns`` (the period and its jitter, to read a switch against).
     - ``double_leader``: frames accepted (by any gateway) of an epoch, sent at or after the first frame of a
       newer epoch was sent (two leaders publishing at once, as the fleet saw it); must be 0.
     - ``stale_after_newer``: frames a gateway accepted of an older epoch after one of a newer (the fence's job).
@@ -714,15 +753,21 @@ def measure(records: dict[str, GatewayRecord], t0_ns: int, t1_ns: int, period_s:
     - power: the fleet's delivered kW (sum of the gateways') ``p_before_kw`` (mean over the second before
       ``t0_ns``), ``p_min_kw`` in the window and ``p_zero_s``, how long it sat at 0 kW there.
     """
-    gaps, frames = {}, []
+    gaps, switches, steady, frames = {}, {}, [], []
     stale = 0
     for gw, rec in records.items():
         a = rec.accepted
         w = a[(a[:, 0] >= t0_ns - int(2 * period_s * NS)) & (a[:, 0] <= t1_ns)] if len(a) else a
         if len(w) >= 2:
             gaps[gw] = float(np.diff(w[:, 0]).max()) / NS
+            change = np.flatnonzero(np.diff(w[:, 1]) != 0)
+            if len(change):
+                switches[gw] = float((w[change + 1, 0] - w[change, 0]).max()) / NS
         else:
             gaps[gw] = (t1_ns - t0_ns) / NS  # nothing (or one frame) in the window: the whole window is a gap
+        before = a[(a[:, 0] >= t0_ns - NS) & (a[:, 0] < t0_ns), 0] if len(a) else a
+        if len(before) >= 2:
+            steady.append(np.diff(before))
         if len(w):
             stale += int((w[:, 1] < np.maximum.accumulate(w[:, 1])).sum())
             frames.append(w)
@@ -737,8 +782,11 @@ def measure(records: dict[str, GatewayRecord], t0_ns: int, t1_ns: int, period_s:
     for ep in order.tolist():
         if not seen or seen[-1] != ep:
             seen.append(ep)
-    out = {"gap_s": gaps, "gap_max_s": max(gaps.values()) if gaps else None, "double_leader": double,
-           "stale_after_newer": stale, "epochs": seen}
+    steady_ns = np.concatenate(steady) if steady else np.zeros(0)
+    out = {"gap_s": gaps, "gap_max_s": max(gaps.values()) if gaps else None,
+           "switch_s": switches, "switch_max_s": max(switches.values()) if switches else None,
+           "steady_p99_s": float(np.percentile(steady_ns, 99)) / NS if len(steady_ns) else None,
+           "double_leader": double, "stale_after_newer": stale, "epochs": seen}
     out.update(fleet_power(records, t0_ns, t1_ns))
     return out
 
