@@ -3,7 +3,8 @@
 As root the rig puts each in a network namespace of its own (CI runs as root); otherwise it runs on
 loopback and the faults that cut a node off the network skip, saying why. One rig serves the module:
 each test makes its fault on a settled rig (a leader, a warm standby, setpoints at every gateway) and
-the next test settles it again. Each test prints its measures (run with -s); `v2grt bench failover`
+the next test settles it again. ``V2GRT_RIG_MODE=loopback`` forces the loopback rig (as a machine
+without namespaces runs it). Each test prints its measures (run with -s); `v2grt bench failover`
 repeats them for percentiles. Safety is asserted exactly (no frame of two leaders accepted, no stale
 epoch after a newer one); times only as generous liveness bounds.
 """
@@ -11,6 +12,7 @@ epoch after a newer one); times only as generous liveness bounds.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,7 +27,9 @@ TTL_S = 1
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    with Rig(tmp_path_factory.mktemp("rig"), RigConfig(lease_ttl_s=TTL_S)) as r:
+    # V2GRT_RIG_MODE=loopback runs the loopback rig as root too (what a machine without namespaces runs)
+    mode = os.environ.get("V2GRT_RIG_MODE", "auto")
+    with Rig(tmp_path_factory.mktemp("rig"), RigConfig(lease_ttl_s=TTL_S, mode=mode)) as r:
         yield r
 
 
