@@ -229,7 +229,13 @@ class Rig:
         if self._closed:
             return
         self._closed = True
-        for proc in list(self.procs.values()):
+        procs = list(self.procs.values())
+        for proc in procs:  # all asked at once, then waited for: a slow one does not hold up the rest
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGCONT)
+                    proc.popen.send_signal(signal.SIGTERM)
+        for proc in procs:
             self._terminate(proc)
         if self.etcd is not None:
             self.etcd.stop()
