@@ -192,8 +192,8 @@ def test_the_etcd_client_names_every_endpoint_that_failed():
         port = s.getsockname()[1]
     with pytest.raises(EtcdError, match=rf"no endpoint answered.*127.0.0.1:{port}.*ConnectionRefused"):
         EtcdClient([f"http://127.0.0.1:{port}"], timeout_s=0.2).grant(1)
-    with pytest.raises(ValueError, match=r"'https://x:1'.*expected http://host:port"):
-        EtcdClient(["https://x:1"])
+    with pytest.raises(ValueError, match=r"'ftp://x:1'.*expected http://host:port or https://host:port"):
+        EtcdClient(["ftp://x:1"])
 
 
 def test_a_member_answering_503_listed_first_does_not_block_the_healthy_one(etcd):
@@ -214,6 +214,73 @@ def test_a_member_answering_503_listed_first_does_not_block_the_healthy_one(etcd
     finally:
         sick.close()
         sick2.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from v2grt.testing import write_test_pki
+
+    return write_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_the_etcd_client_speaks_tls_with_a_client_certificate_and_is_refused_without_one(pki, tmp_path):
+    """etcd with --client-cert-auth on https: with the CA and a client certificate the client leases, campaigns,
+    watches and revokes; without a client certificate every call fails naming the URL (a TLS alert)."""
+    from v2grt.etcd import tls_context
+
+    with EtcdMember(tmp_path / "etcd", tls=pki) as member:
+        assert member.url.startswith("https://127.0.0.1:")
+        c = EtcdClient([member.url], ssl_context=tls_context(str(pki["ca"]), str(pki["client_cert"]),
+                                                             str(pki["client_key"])))
+        lease, _ttl = c.grant(1)
+        created, kv = c.create_or_get("/k", "a", lease)
+        assert created and c.keepalive(lease) == 1
+        revoker = threading.Timer(0.2, lambda: c.revoke(lease))
+        revoker.start()
+        assert c.watch_delete("/k", kv.create_revision + 1, 2.0)  # the stream over TLS sees the deletion
+        revoker.join()
+        anonymous = EtcdClient([member.url], timeout_s=0.5, ssl_context=tls_context(str(pki["ca"])))
+        with pytest.raises(EtcdError, match=rf"no endpoint answered \({member.url}: SSL\w*Error"):
+            anonymous.grant(1)
+        with pytest.raises(EtcdError, match=r"CERTIFICATE_VERIFY_FAILED"):  # etcd's certificate, no CA trusted
+            EtcdClient([member.url], timeout_s=0.5).grant(1)
+
+
+def test_an_elector_from_an_ha_config_with_tls_leads_through_etcd_over_https(pki, tmp_path):
+    """`ha` with https:// URLs and tls_ca_file, tls_cert_file, tls_key_file: Elector.from_config leads."""
+    with EtcdMember(tmp_path / "etcd", tls=pki) as member:
+        cfg = config_from_dict({**BASE, "period_s": 0.05, "budget_s": 0.05, "ha": {
+            "etcd": [member.url], "lease_ttl_s": 1, "name": "tls", "poll_s": 0.02, "tls_ca_file": str(pki["ca"]),
+            "tls_cert_file": str(pki["client_cert"]), "tls_key_file": str(pki["client_key"])}})
+        e = Elector.from_config(cfg)
+        e.start()
+        try:
+            wait_until(lambda: e.view.may_publish(time.monotonic_ns()), 10.0, "the TLS elector leads")
+            assert e.client.tls and e.etcd_errors == 0
+        finally:
+            e.stop()
+
+
+def test_the_ha_tls_keys_are_validated_naming_key_file_and_expectation(pki, tmp_path):
+    """https with a key readable by others, a certificate without its key, tls_* with http://, a missing file:
+    each refused naming the key and what is expected."""
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki["client_key"].read_bytes())
+    loose.chmod(0o644)
+    https = {"etcd": ["https://127.0.0.1:2379"]}
+    cases = [
+        ({**https, "tls_cert_file": str(pki["client_cert"]), "tls_key_file": str(loose)},
+         r"ha\.tls_key_file=.*has mode 0644; a private key must be readable by its owner only \(chmod 0600\)"),
+        ({**https, "tls_cert_file": str(pki["client_cert"])}, r"ha\.tls_cert_file is set without ha\.tls_key_file"),
+        ({"etcd": ["http://127.0.0.1:2379"], "tls_ca_file": str(pki["ca"])},
+         r"ha\.tls_ca_file is set but ha\.etcd uses http://; expected https://"),
+        ({"etcd": ["http://a:2379", "https://b:2379"]}, r"mixes http:// and https://"),
+        ({**https, "tls_ca_file": str(tmp_path / "nope.pem")}, r"ha\.tls_ca_file=.*cannot read .*nope\.pem"),
+    ]
+    for ha, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({**BASE, "ha": ha})
+    assert config_from_dict({**BASE, "ha": {**https, "tls_ca_file": str(pki["ca"])}}).ha.tls_ca_file
 
 
 # ------------------------------------------------------------------------------------------- election
@@ -569,7 +636,11 @@ def test_a_sigstopped_leader_process_wakes_up_and_publishes_nothing(etcd, tmp_pa
         procs.append(start_aggregator(configs["a"][0]))
         wait_until(lambda: sub.recv(timeout_ms=50) is not None, 30.0, "A publishes")
         procs.append(start_aggregator(configs["b"][0]))
-        drain(2.0)  # B has started and stays a standby
+        # B has started (its candidate key is in etcd: a loaded machine took over 2 s to start it) and stays a standby
+        candidate_b = EtcdClient([etcd.url])
+        wait_until(lambda: drain(0.1) or candidate_b.get("/v2grt/fleets/plant/candidates/b") is not None, 30.0,
+                   "B registered as a candidate")
+        drain(0.5)
         epoch_a = admitted[-1]
         assert set(admitted) == {epoch_a}
         procs[0].send_signal(signal.SIGSTOP)
@@ -584,12 +655,15 @@ def test_a_sigstopped_leader_process_wakes_up_and_publishes_nothing(etcd, tmp_pa
         while raw_a.poll(0):
             frames_a.append(wire.decode_setpoints(raw_a.recv()))
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGCONT)
-            stop_process(proc)
+        # Sockets first: a SUB whose queue is full (nothing drains it now) aborts the whole process in libzmq 4.3.5
+        # when its peer disconnects and its heartbeat timer fires (issue 3937, v2grt.io.bus.RECEIVER_HEARTBEATS);
+        # seen here twice as "Fatal Python error: Aborted" while the aggregators were being stopped.
         raw_a.close()
         sub.close()
         ctx.term()
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            stop_process(proc)
     newest_a_ns = max(m.t_ns for m in frames_a if m.ep == epoch_a)
     print(f"\nSIGSTOP of the leader process: its newest frame was stamped {(t_stop_ns - newest_a_ns) / 1e9:.3f} s "
           f"before the stop; after SIGCONT ({(t_cont_ns - t_stop_ns) / 1e9:.1f} s later) it sent nothing")

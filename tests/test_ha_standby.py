@@ -204,6 +204,8 @@ def test_a_standby_hears_the_gateway_publishes_nothing_and_after_kill_9_takes_ov
     assert late == 0 and watcher.fenced == 0
     assert gap_s < TTL_S + 1.0  # lease TTL + etcd's expiry scan + a poll + a period, on a loaded machine
     assert st_b_leading["never_heard"] == 8  # warm: the new leader had heard gw1 before it led
+    start = log_lines(f.configs["b"].with_suffix(".stderr"), "START")  # the foreground process logs to stderr
+    assert start and "epoch=etcd" in start[0] and "ha_name=b role=standby-until-elected" in start[0], start
 
 
 def test_a_planned_handover_moves_leadership_with_a_gap_under_one_period(tmp_path, etcd):
@@ -237,7 +239,11 @@ def test_a_planned_handover_moves_leadership_with_a_gap_under_one_period(tmp_pat
     assert "handover from a (epoch" in done.stdout and "leadership handed over" in done.stdout
     assert epoch_b > epoch_a and watcher.epochs() == sorted(watcher.epochs()) and watcher.fenced == 0
     assert late == 0
-    assert gap_s <= f.period_s, gap_s
+    assert gap_s <= f.period_s, gap_s  # the goal
+    # On one host both aggregators' cycles fall on one grid (CLOCK_MONOTONIC // period), so a new leader that waited
+    # for its next deadline would leave a gap of about one period; the cycle it runs at once makes it milliseconds
+    # (8-32 ms measured under a load average of 10-25).
+    assert gap_s < 0.6 * f.period_s, gap_s
     assert st_a["ha"]["role"] == "standby" and st_a["ha"]["handover"]["state"] == "done"
     assert st_a["ha"]["handover"]["to"] == "b" and st_a["ha"]["handover"]["epoch"] == epoch_a
     assert f"ha             leader (this is b), epoch {epoch_b}, lease " in status_text
@@ -254,3 +260,67 @@ def test_handover_needs_an_operator_key_when_security_is_on():
 
     assert "handover" in wire.COMMANDS and "handover" not in READ_ONLY_COMMANDS
     assert sys.modules["v2grt.io.wire"].COMMANDS["handover"]["to"].required is False
+
+
+def test_a_handover_the_standby_never_confirms_is_abandoned_and_the_leader_leads_on(etcd):
+    """A registered candidate that never answers (no elector behind its key): after HANDOVER_TIMEOUT_S the leader
+    deletes its offer, reports `aborted`, and kept publishing throughout; an unknown name is refused at once."""
+    from v2grt.etcd import EtcdClient
+    from v2grt.ha import HANDOVER_TIMEOUT_S, Elector, HandoverError, leader_key
+    from v2grt.leadership import Election
+
+    key = leader_key("/v2grt/fleets/", "t")
+    a = Elector(EtcdClient([etcd.url], timeout_s=0.25), key, "a", Election(1, clock_error=0.01, margin_s=0.1,
+                                                                           poll_s=0.02), period_s=0.05)
+    ghost = EtcdClient([etcd.url])
+    ghost_lease, _ = ghost.grant(10)
+    ghost.put(a.candidates_prefix + "ghost", "ghost", ghost_lease)
+    a.start()
+    try:
+        wait_until(lambda: a.view.may_publish(time.monotonic_ns()) and "ghost" in a.candidates, 10.0, "a leads")
+        with pytest.raises(HandoverError, match=r"to='nobody' is not a registered standby; standbys now: \['ghost'\]"):
+            a.request_handover("nobody")
+        epoch = a.view.epoch
+        t0 = time.monotonic()
+        assert a.request_handover()["to"] == "ghost"
+        assert ghost.get(a.handover_key) is not None or wait_until(lambda: ghost.get(a.handover_key), 1.0, "offer")
+        stopped = 0
+        while (a.last_handover or {}).get("state") in (None, "requested") and time.monotonic() - t0 < 5.0:
+            stopped += not a.view.may_publish(time.monotonic_ns())
+            time.sleep(0.01)
+        took_s = time.monotonic() - t0
+        state = a.last_handover["state"]
+        offer_left = ghost.get(a.handover_key)
+        still_leading = a.view.may_publish(time.monotonic_ns()) and a.view.epoch == epoch
+    finally:
+        a.stop()
+        ghost.revoke(ghost_lease)
+    assert state.startswith("aborted: ghost did not confirm") and state.endswith("a keeps leading"), state
+    assert HANDOVER_TIMEOUT_S <= took_s < HANDOVER_TIMEOUT_S + 1.0
+    assert stopped == 0 and still_leading  # it published throughout, with the same epoch
+    assert offer_left is None  # the offer is withdrawn (while the lease it was bound to lives on)
+
+
+def test_a_second_aggregator_with_the_same_ha_name_is_reported(etcd):
+    """Two candidates named alike: the second to register says HA_NAME_TAKEN (once); the first does not."""
+    from v2grt.etcd import EtcdClient
+    from v2grt.events import EventLog
+    from v2grt.ha import Elector, leader_key
+    from v2grt.leadership import Election
+
+    electors = []
+    for _ in range(2):
+        events = EventLog(interval_s=0.0)
+        electors.append((Elector(EtcdClient([etcd.url]), leader_key("/v2grt/fleets/", "t"), "same",
+                                 Election(1, clock_error=0.01, margin_s=0.1, poll_s=0.02), events=events), events))
+    first, second = electors
+    first[0].start()
+    try:
+        wait_until(lambda: first[0].candidates == ["same"], 10.0, "the first registered")
+        second[0].start()
+        wait_until(lambda: second[1].counts.get("HA_NAME_TAKEN"), 10.0, "HA_NAME_TAKEN on the second")
+        time.sleep(0.3)
+    finally:
+        for e, _ in electors:
+            e.stop()
+    assert second[1].counts["HA_NAME_TAKEN"] == 1 and not first[1].counts.get("HA_NAME_TAKEN")

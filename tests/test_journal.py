@@ -255,6 +255,7 @@ class _FakeElector:
 
     def __init__(self):
         self.view = LeaderView()  # standby, never elected
+        self.resigning = self.handover_ready = False  # no planned handover under way
 
     def start(self) -> None:
         pass

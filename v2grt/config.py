@@ -142,6 +142,11 @@ class HAConfig:
     clock_error: float = 0.01  # bound on our clock's rate error against etcd's (fraction of the TTL)
     margin_s: float | None = None  # kept off the lease's end for the publish itself; None: budget_s
     poll_s: float = 0.05  # how often a standby tries the leader key
+    # etcd over TLS (https:// URLs): the CA that signed etcd's certificate (None: the system's CAs), and this
+    # aggregator's client certificate and key for etcd's --client-cert-auth (both or neither; key mode 0600)
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 @dataclasses.dataclass
@@ -385,12 +390,24 @@ def _ha(src, value) -> HAConfig:
         else:
             setattr(ha, key, _value(src, f"ha.{key}", v, fields[key].type))
     if not ha.etcd:
-        raise ConfigError(f"{src}: ha.etcd is required: a list of etcd client URLs (http://host:port), e.g. "
+        raise ConfigError(f"{src}: ha.etcd is required: a list of etcd client URLs (http(s)://host:port), e.g. "
                           "['http://10.0.0.5:2379']")
     for i, url in enumerate(ha.etcd):
-        if not re.fullmatch(r"http://[^/:\s]+:\d{1,5}/?", url):
+        if not re.fullmatch(r"https?://[^/:\s]+:\d{1,5}/?", url):
             raise ConfigError(f"{src}: ha.etcd[{i}]={url!r} is not an etcd client URL; expected http://host:port "
-                              "(etcd's v3 JSON gateway; TLS is not supported yet)")
+                              "or https://host:port (etcd's v3 JSON gateway)")
+    schemes = {url.split(":", 1)[0] for url in ha.etcd}
+    if len(schemes) > 1:
+        raise ConfigError(f"{src}: ha.etcd={ha.etcd!r} mixes http:// and https://; expected one scheme for every "
+                          "member of the cluster")
+    tls_keys = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(ha, k) is not None]
+    if tls_keys and schemes == {"http"}:
+        raise ConfigError(f"{src}: ha.{tls_keys[0]} is set but ha.etcd uses http://; expected https:// URLs for "
+                          "etcd over TLS (or no tls_* keys)")
+    if (ha.tls_cert_file is None) != (ha.tls_key_file is None):
+        given, missing = ("tls_cert_file", "tls_key_file") if ha.tls_key_file is None else ("tls_key_file",
+                                                                                         "tls_cert_file")
+        raise ConfigError(f"{src}: ha.{given} is set without ha.{missing}; a client certificate needs both")
     for i, ep in enumerate(ha.peers):
         if not ep.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"{src}: ha.peers[{i}]={ep!r} must be a peer aggregator's control endpoint "
@@ -402,8 +419,23 @@ def _ha(src, value) -> HAConfig:
 
 
 def _check_ha(src, cfg: Config) -> None:
-    """The lease must leave at least two periods of surely valid time after clock_error and margin_s."""
+    """The lease must leave at least two periods of surely valid time after clock_error and margin_s; the TLS
+    files must be readable files, the private key not readable by group or others."""
     ha = cfg.ha
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        value = getattr(ha, key)
+        if value is None:
+            continue
+        path = cfg.resolve(value)
+        try:
+            st = path.stat()
+            path.open("rb").close()
+        except OSError as exc:
+            raise ConfigError(f"{src}: ha.{key}={value!r}: cannot read {path} ({exc.strerror}); expected a PEM "
+                              "file") from None
+        if key == "tls_key_file" and st.st_mode & 0o077:
+            raise ConfigError(f"{src}: ha.{key}={value!r}: {path} has mode {st.st_mode & 0o777:04o}; a private key "
+                              "must be readable by its owner only (chmod 0600)")
     margin_s = cfg.budget_s if ha.margin_s is None else ha.margin_s
     usable_s = ha.lease_ttl_s * (1.0 - ha.clock_error) - margin_s
     if usable_s < 2 * cfg.period_s:

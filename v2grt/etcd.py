@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import http.client
 import json
+import ssl
 import time
 import urllib.parse
 
@@ -34,6 +35,11 @@ class KeyValue:
     lease: int
 
 
+#: The most keys a campaign reads under its prefix (the candidates: a fleet has a few aggregators); a bound on the
+#: work of each poll whatever else is written there.
+MAX_UNDER_PREFIX = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Campaign:
     """What one campaign transaction found: created (we hold the key now) or the holder, plus the extra reads."""
@@ -43,6 +49,23 @@ class Campaign:
     also: dict[str, KeyValue | None]
     under_prefix: list[KeyValue]
     revision: int  # the store's revision when the transaction ran
+
+
+def tls_context(ca_file: str | None = None, cert_file: str | None = None,
+                key_file: str | None = None) -> ssl.SSLContext:
+    """A client context for etcd over TLS: trusts ``ca_file`` (None: the system's CAs), presents ``cert_file`` and
+    ``key_file`` when given (etcd's ``--client-cert-auth``). ValueError names the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"etcd TLS: CA file {ca_file!r} cannot be used: {exc}") from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"etcd TLS: client certificate {cert_file!r} with key {key_file!r} cannot be used: "
+                             f"{exc}") from None
+    return context
 
 
 def _prefix_end(prefix: str) -> str:
@@ -73,18 +96,28 @@ class EtcdClient:
     owner (the elector thread).
     """
 
-    def __init__(self, endpoints: list[str], timeout_s: float = 0.5):
+    def __init__(self, endpoints: list[str], timeout_s: float = 0.5, ssl_context: ssl.SSLContext | None = None):
         if not endpoints:
             raise ValueError("EtcdClient: no etcd endpoints given (expected http://host:port URLs)")
         self.endpoints: list[tuple[str, int, str]] = []
         for url in endpoints:
             u = urllib.parse.urlsplit(url)
-            if u.scheme != "http" or not u.hostname or not u.port:
-                raise ValueError(f"etcd endpoint {url!r}: expected http://host:port (the v3 JSON gateway; "
-                                 "TLS is not supported by this client yet)")
+            if u.scheme not in ("http", "https") or not u.hostname or not u.port:
+                raise ValueError(f"etcd endpoint {url!r}: expected http://host:port or https://host:port (the v3 "
+                                 "JSON gateway)")
             self.endpoints.append((u.hostname, u.port, url))
+        if len({url.split(":", 1)[0] for _h, _p, url in self.endpoints}) > 1:
+            raise ValueError(f"etcd endpoints {endpoints!r}: mix http:// and https://; expected one scheme")
+        self.tls = self.endpoints[0][2].startswith("https:")
+        #: https: this context (tls_context: the CA, a client certificate); None: the system's default
+        self.ssl_context = (ssl_context or ssl.create_default_context()) if self.tls else None
         self.timeout_s = timeout_s
         self._first = 0
+
+    def _connect(self, host: str, port: int, timeout_s: float) -> http.client.HTTPConnection:
+        if self.tls:
+            return http.client.HTTPSConnection(host, port, timeout=timeout_s, context=self.ssl_context)
+        return http.client.HTTPConnection(host, port, timeout=timeout_s)
 
     def call(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
         """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers; the decoded JSON reply."""
@@ -98,7 +131,7 @@ class EtcdClient:
             except _EndpointFailed as exc:
                 errors.append(f"{url}: {exc}")
                 continue
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:  # ssl.SSLError is an OSError
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
             self._first = i
@@ -108,9 +141,8 @@ class EtcdClient:
         raise EtcdError(f"etcd /v3/{path}: no endpoint answered ({'; '.join(errors)}; expected HTTP 200 "
                         "with a JSON reply from at least one)")
 
-    @staticmethod
-    def _post(host: str, port: int, path: str, body: dict, timeout_s: float) -> dict:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    def _post(self, host: str, port: int, path: str, body: dict, timeout_s: float) -> dict:
+        conn = self._connect(host, port, timeout_s)
         try:
             conn.request("POST", f"/v3/{path}", body=json.dumps(body), headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -169,7 +201,8 @@ class EtcdClient:
         k = _b64(key)
         reads = [{"requestRange": {"key": k}}] + [{"requestRange": {"key": _b64(a)}} for a in also]
         if prefix is not None:
-            reads.append({"requestRange": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}})
+            reads.append({"requestRange": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                           "limit": str(MAX_UNDER_PREFIX)}})
         r = self.call("kv/txn", {
             "compare": [{"target": "CREATE", "key": k, "createRevision": "0"}],
             "success": [{"requestPut": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
@@ -220,7 +253,7 @@ class EtcdClient:
         """
         host, port, url = self.endpoints[self._first]
         deadline = time.monotonic() + timeout_s
-        conn = http.client.HTTPConnection(host, port, timeout=max(0.01, timeout_s))
+        conn = self._connect(host, port, max(0.01, timeout_s))
         try:
             body = {"create_request": {"key": _b64(key), "start_revision": str(start_revision)}}
             conn.request("POST", "/v3/watch", body=json.dumps(body), headers={"Content-Type": "application/json"})

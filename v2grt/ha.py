@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 
-from v2grt.etcd import EtcdClient, EtcdError, KeyValue
+from v2grt.etcd import EtcdClient, EtcdError, KeyValue, tls_context
 from v2grt.events import EventLog
 from v2grt.leadership import LEADER, Election, LeaderView
 
@@ -109,7 +109,11 @@ class Elector:
         election = Election(ha.lease_ttl_s, clock_error=ha.clock_error,
                             margin_s=cfg.budget_s if ha.margin_s is None else ha.margin_s, poll_s=ha.poll_s)
         # A request may take a quarter TTL: a keep-alive that hangs longer is retried, not waited for.
-        client = EtcdClient(ha.etcd, timeout_s=min(0.5, ha.lease_ttl_s / 4))
+        context = None
+        if ha.etcd[0].startswith("https:"):  # files checked by the config (v2grt.config._check_ha)
+            context = tls_context(*(str(cfg.resolve(f)) if f else None
+                                    for f in (ha.tls_ca_file, ha.tls_cert_file, ha.tls_key_file)))
+        client = EtcdClient(ha.etcd, timeout_s=min(0.5, ha.lease_ttl_s / 4), ssl_context=context)
         name = ha.name or f"{socket.gethostname()}:{os.getpid()}"
         return cls(client, leader_key(ha.key_prefix, cfg.fleet_id), name, election, events=events, peers=ha.peers,
                    period_s=cfg.period_s)
@@ -156,6 +160,10 @@ class Elector:
         el, clock = self.election, self.clock
         before = el.role
         try:
+            # first: once the control thread has published its last cycle, the revoke must not wait behind a
+            # keep-alive that fails (etcd away: it is retried at every step until it goes through or the lease ends)
+            if self._handover is not None and (self.resigning or clock() >= self._handover.next_ns):
+                self._lead_handover(clock())
             if not el.lease_id:
                 if clock() >= el.next_grant_ns:
                     sent = clock()
@@ -174,8 +182,14 @@ class Elector:
                 if el.role == LEADER or not el.lease_id:
                     el.next_campaign_ns = 0  # a leader checks the key is still its own at every renewal
             if el.lease_id and not self._registered:  # a candidate the others (and a handover) can name
-                self.client.put(self.candidate_key, self.name, el.lease_id)
+                created, kv = self.client.create_or_get(self.candidate_key, self.name, el.lease_id)
                 self._registered = True
+                if not created and kv is not None and kv.lease != el.lease_id:
+                    # another live aggregator has this ha.name: a handover to it, and the `leader` shown, would
+                    # be ambiguous. Said once per lease; leadership itself is still decided by the leases.
+                    self.events.emit("HA_NAME_TAKEN", logging.ERROR, key=self.candidate_key, name=self.name,
+                                     message="another aggregator of this fleet is registered under the same ha.name:"
+                                             " give each its own (a handover names its target by it)")
             if el.lease_id and clock() >= el.next_campaign_ns:
                 c = self.client.campaign(self.key, self.name, el.lease_id, also=(self.handover_key,),
                                          prefix=self.candidates_prefix)
@@ -190,8 +204,6 @@ class Elector:
                     offer = c.also.get(self.handover_key)
                     if offer is not None and el.role != LEADER and kv is not None:
                         self._take_over(offer, kv, c.revision)
-            if self._handover is not None and clock() >= self._handover.next_ns:
-                self._lead_handover(clock())
         except EtcdError as exc:
             el.failed(clock())
             self.etcd_errors += 1

@@ -118,7 +118,9 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
         raise
     metrics = None
     try:
-        epoch = next_epoch(cfg.state_dir, cfg.fleet_id)
+        # with `ha` the epoch is the leader key's create revision in etcd, taken when elected (docs/ha.md): no
+        # host-local epoch is drawn (it would be ignored), and the log says the election decides
+        epoch = 0 if cfg.ha is not None else next_epoch(cfg.state_dir, cfg.fleet_id)
         if cfg.metrics.enabled:  # before the aggregator: a busy port fails start-up with nothing to undo
             from v2grt.metrics import MetricsExporter
 
@@ -140,11 +142,12 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: hup.set())
-        log.info("START fleet_id=%s epoch=%d pid=%d vehicles=%d gateways=%d service=%s capacity_kw=%.1f "
-                 "period_s=%g setpoint_ttl_s=%g setpoints=%s telemetry=%s control=%s", cfg.fleet_id, epoch,
-                 os.getpid(), len(agg.fleet), len(agg.fleet.gateway_ids), agg.dispatcher.service.name,
-                 agg.dispatcher.capacity_kw, cfg.period_s, cfg.setpoint_ttl_s, agg.publisher.endpoint,
-                 agg.telemetry.endpoint, agg.control.endpoint)
+        log.info("START fleet_id=%s epoch=%s pid=%d vehicles=%d gateways=%d service=%s capacity_kw=%.1f "
+                 "period_s=%g setpoint_ttl_s=%g setpoints=%s telemetry=%s control=%s%s", cfg.fleet_id,
+                 epoch if cfg.ha is None else "etcd", os.getpid(), len(agg.fleet), len(agg.fleet.gateway_ids),
+                 agg.dispatcher.service.name, agg.dispatcher.capacity_kw, cfg.period_s, cfg.setpoint_ttl_s,
+                 agg.publisher.endpoint, agg.telemetry.endpoint, agg.control.endpoint,
+                 "" if agg.ha is None else f" ha_name={agg.ha.name} role=standby-until-elected")
         agg.start()
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -152,9 +155,10 @@ def run_aggregator(cfg: Config | str, *, stop: threading.Event | None = None, lo
                 if stop.is_set() or not agg.loop.running or time.monotonic() > deadline:
                     break
             if agg.first_cycle.is_set():
-                log.info("READY first cycle ran (epoch %d)", epoch)
+                role = "" if agg.ha is None else f", {agg.ha.view.role}"
+                log.info("READY first cycle ran (epoch %d%s)", agg.epoch, role)
                 if notifier:
-                    notifier.notify(f"READY=1\nSTATUS=dispatching fleet {cfg.fleet_id}, epoch {epoch}\n"
+                    notifier.notify(f"READY=1\nSTATUS=dispatching fleet {cfg.fleet_id}, epoch {agg.epoch}{role}\n"
                                     f"MAINPID={os.getpid()}")
                 if ready is not None:
                     ready(agg)

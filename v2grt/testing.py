@@ -110,6 +110,59 @@ def write_ten_vehicle_roster(path) -> Path:
     return Path(path)
 
 
+def write_test_pki(directory) -> dict[str, Path]:
+    """A CA and two certificates it signed, for 127.0.0.1: a server's and a client's (PEM; keys mode 0600), in
+    ``directory``, for TLS tests (etcd with ``--client-cert-auth``). Keys of the result: ``ca``, ``server_cert``,
+    ``server_key``, ``client_cert``, ``client_key``. Needs ``cryptography`` (the test extra)."""
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out: dict[str, Path] = {}
+
+    def write_key(name: str, key) -> None:
+        path = d / f"{name}.key"
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        os.chmod(path, 0o600)
+        out[f"{name}_key"] = path
+
+    def build(subject: str, issuer_name, issuer_key, key, *, ca: bool, usage=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                             x509.DNSName("localhost")]), False)
+            b = b.add_extension(x509.ExtendedKeyUsage(usage), False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v2grt-test-ca")])
+    ca_cert = build("v2grt-test-ca", ca_name, ca_key, ca_key, ca=True)
+    out["ca"] = d / "ca.pem"
+    out["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    # etcd 3.4's JSON gateway dials etcd's own gRPC port with the server certificate as a client certificate when
+    # --client-cert-auth is on, so the server's must allow client use too (else every request: 503 "connection closed")
+    for name, usage in (("server", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                        ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = build(f"v2grt-test-{name}", ca_name, ca_key, key, ca=False, usage=usage)
+        out[f"{name}_cert"] = d / f"{name}.pem"
+        out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_key(name, key)
+    return out
+
+
 class EtcdMember:
     """A single-member etcd (Debian's etcd-server) on loopback: ephemeral ports, its own data dir; for HA tests.
 
@@ -118,8 +171,8 @@ class EtcdMember:
     HA tests fail rather than skip (CI installs etcd-server, .ci/run).
     """
 
-    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500, host: str = "127.0.0.1",
-                 ports: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()):
+    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500, tls: dict | None = None,
+                 host: str = "127.0.0.1", ports: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()):
         import shutil
 
         self.binary = shutil.which("etcd")
@@ -128,6 +181,8 @@ class EtcdMember:
                                "install it with `apt-get install -y etcd-server` (what .ci/run does)")
         self.data_dir = str(data_dir)
         self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
+        #: write_test_pki's files: clients over https only, with a certificate signed by its CA (--client-cert-auth)
+        self.tls = tls
         # host: the address it listens on; ports: (client, peer), fixed, else free loopback ports picked at the
         # first start and kept, so a restart (stop, start) comes back at the same URL with the same data.
         # prefix: a command prefix, e.g. ("ip", "netns", "exec", NS) to run it in a network namespace (v2grt.harig)
@@ -148,13 +203,17 @@ class EtcdMember:
                         s.bind((self.host, 0))
                         picked.append(s.getsockname()[1])
                 ports = (picked[0], picked[1])
-            client, peer = (f"http://{self.host}:{p}" for p in ports)
+            client = f"{'https' if self.tls else 'http'}://{self.host}:{ports[0]}"
+            peer = f"http://{self.host}:{ports[1]}"
+            tls_args = [] if not self.tls else [
+                "--cert-file", str(self.tls["server_cert"]), "--key-file", str(self.tls["server_key"]),
+                "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
             self.proc = subprocess.Popen(
                 [*self.prefix, self.binary, "--name", "v2grt-test", "--data-dir", self.data_dir,
                  "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
                  "--initial-advertise-peer-urls", peer, "--initial-cluster", f"v2grt-test={peer}",
-                 "--heartbeat-interval", str(self.heartbeat_ms), "--election-timeout", str(self.election_ms)],
-                stdout=subprocess.DEVNULL, stderr=open(f"{self.data_dir}.log", "ab"))
+                 "--heartbeat-interval", str(self.heartbeat_ms), "--election-timeout", str(self.election_ms),
+                 *tls_args], stdout=subprocess.DEVNULL, stderr=open(f"{self.data_dir}.log", "ab"))
             self.url = client
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -174,7 +233,13 @@ class EtcdMember:
 
         u = urllib.parse.urlsplit(self.url)
         try:
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=0.5)
+            if self.tls:
+                from v2grt.etcd import tls_context
+
+                context = tls_context(str(self.tls["ca"]), str(self.tls["client_cert"]), str(self.tls["client_key"]))
+                conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=0.5, context=context)
+            else:
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=0.5)
             conn.request("GET", "/health")
             ok = b'"true"' in conn.getresponse().read()
             conn.close()
