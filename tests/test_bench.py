@@ -154,6 +154,15 @@ def test_soak_sustained_rules_each_can_fail():
         assert not r["ok"] and not r["rules"][rule], change
 
 
+def test_bench_failover_smoke_json():
+    """bench failover --smoke kills the leader once on the HA rig: a gap, no double-leader frame, goals reported."""
+    r = bench("failover", "--smoke")
+    (row,) = r["results"]
+    assert (row["fault"], row["repeats"], row["leader_changed"]) == ("kill9", 1, 1)
+    assert row["gap_s"]["n"] == 1 and row["double_leader"] == 0 and row["stale"] == 0
+    assert set(r["goals"]) == {"kill9_gap_p99_s", "double_leader"} and r["goals"]["double_leader"]["met"]
+
+
 def test_bench_fuzz_smoke_json():
     """bench fuzz --smoke attacks a real `v2grt run` with every kind and reports goals, refusals and survival."""
     from v2grt.bench.bench_fuzz import KINDS

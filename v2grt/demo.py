@@ -1046,6 +1046,10 @@ class Demo:
 # ---------------------------------------------------------------------------------------------- CLI
 def cmd_demo(args) -> int:
     """Run the whole system on this machine (meter, inverters, gateways, aggregator) and report."""
+    if getattr(args, "ha", False):  # a separate path: two aggregators under etcd on the HA rig (v2grt/demo_ha.py)
+        from v2grt.demo_ha import run_ha
+
+        return run_ha(args, DEFAULT_VEHICLES, DEFAULT_GATEWAYS, PERIOD_S)
     return Demo(args).run()
 
 
@@ -1090,6 +1094,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-live", action="store_true", help="no live status while running (logs, CI)")
     p.add_argument("--secure", action="store_true", help="security.enabled: CURVE keys for every process (in "
                                                          "--out/keys), peers from 127.0.0.1 only (docs/security.md)")
+    p.add_argument("--ha", action="store_true", help="two aggregators under etcd on the HA rig (network namespaces "
+                                                     "as root), the leader killed midway, the gap reported "
+                                                     "(docs/demo.md)")
     p.set_defaults(func=cmd_demo)
 
 

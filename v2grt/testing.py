@@ -171,7 +171,8 @@ class EtcdMember:
     HA tests fail rather than skip (CI installs etcd-server, .ci/run).
     """
 
-    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500, tls: dict | None = None):
+    def __init__(self, data_dir, *, heartbeat_ms: int = 50, election_ms: int = 500, tls: dict | None = None,
+                 host: str = "127.0.0.1", ports: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()):
         import shutil
 
         self.binary = shutil.which("etcd")
@@ -182,6 +183,10 @@ class EtcdMember:
         self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
         #: write_test_pki's files: clients over https only, with a certificate signed by its CA (--client-cert-auth)
         self.tls = tls
+        # host: the address it listens on; ports: (client, peer), fixed, else free loopback ports picked at the
+        # first start and kept, so a restart (stop, start) comes back at the same URL with the same data.
+        # prefix: a command prefix, e.g. ("ip", "netns", "exec", NS) to run it in a network namespace (v2grt.harig)
+        self.host, self.ports, self.prefix = host, ports, tuple(prefix)
         self.proc = None
         self.url = ""
 
@@ -190,19 +195,22 @@ class EtcdMember:
         import subprocess
 
         for _attempt in range(3):  # a free port picked here may be taken before etcd binds it: try again
-            ports = []
-            for _ in range(2):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    ports.append(s.getsockname()[1])
-            client = f"{'https' if self.tls else 'http'}://127.0.0.1:{ports[0]}"
-            peer = f"http://127.0.0.1:{ports[1]}"
+            ports = self.ports
+            if ports is None:
+                picked = []
+                for _ in range(2):
+                    with socket.socket() as s:
+                        s.bind((self.host, 0))
+                        picked.append(s.getsockname()[1])
+                ports = (picked[0], picked[1])
+            client = f"{'https' if self.tls else 'http'}://{self.host}:{ports[0]}"
+            peer = f"http://{self.host}:{ports[1]}"
             tls_args = [] if not self.tls else [
                 "--cert-file", str(self.tls["server_cert"]), "--key-file", str(self.tls["server_key"]),
                 "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
             self.proc = subprocess.Popen(
-                [self.binary, "--name", "v2grt-test", "--data-dir", self.data_dir, "--listen-client-urls", client,
-                 "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                [*self.prefix, self.binary, "--name", "v2grt-test", "--data-dir", self.data_dir,
+                 "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
                  "--initial-advertise-peer-urls", peer, "--initial-cluster", f"v2grt-test={peer}",
                  "--heartbeat-interval", str(self.heartbeat_ms), "--election-timeout", str(self.election_ms),
                  *tls_args], stdout=subprocess.DEVNULL, stderr=open(f"{self.data_dir}.log", "ab"))
@@ -210,9 +218,12 @@ class EtcdMember:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self.healthy():
+                    self.ports = ports
                     return self
                 time.sleep(0.05)
             self.stop()
+            if self.ports is not None:
+                break  # fixed ports: picking again would not help
         raise RuntimeError(f"etcd did not become healthy at {self.url} within {timeout_s} s "
                            f"(log: {self.data_dir}.log)")
 
