@@ -97,6 +97,7 @@ class Journal:
         self._wake = threading.Event()
         self._every = max(1, int(round(cfg.flush_interval_s / period_s)))
         self._thread: threading.Thread | None = None
+        self._sync = False  # started without a writer thread: record_cycle writes (see start)
         self._fh = None
         self._seg_path: Path | None = None
         self._seg_end_ns = 0
@@ -125,34 +126,41 @@ class Journal:
     def record(self, agg, result, times) -> None:
         """Copy this cycle into the ring (and one stripe of the vehicles); O(1) but for the stripe."""
         t0 = time.perf_counter_ns()
-        fleet = self.fleet
-        n = fleet.n_rows
         for k, (reader, _site) in enumerate(agg.inverters):
             sample, _t = reader.latest.read()
             self._inv[k] = sample.p_kw if sample is not None else math.nan
-        status = agg.status
-        age_ms = status.get("input_age_ms")
+        age_ms = agg.status.get("input_age_ms")
         test = agg._test
-        t_ns = time.time_ns()
-        counts = result.nodes_per_reason
-        inv = self._inv
-        # one tuple assignment in CYCLE_FIELDS order (~1.5 us; field by field it was ~11 us)
-        rec = (t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
-               math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale, result.service_fraction,
-               agg.dispatcher.capacity_kw, result.request_kw, result.target_kw, result.allocated_kw,
-               agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
-               inv.sum() if len(inv) else math.nan, result.feasible_dis_kw, result.feasible_chg_kw,
-               result.n_carrying, result.estop, -1 if test is None else test.row,
-               math.nan if test is None else test.kw,
-               (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, counts[:N_REASONS])
-        self._ring[self._w % len(self._ring)] = rec + (inv,) if len(inv) else rec
-        self._w += 1
-        if self.cfg.vehicles:
-            self._record_stripe(result, n, t_ns, agg.seq)
-        if self._w % self._every == 0:
-            self._wake.set()
+        self.record_cycle(result, t_ns=time.time_ns(), epoch=agg.epoch, seq=agg.seq, published=agg.published,
+                          f_age_ms=math.nan if age_ms is None or agg.meter is None else age_ms,
+                          frequency_stale=agg._f_stale, capacity_kw=agg.dispatcher.capacity_kw,
+                          delivered_kw=agg.delivered_kw,  # the status message's sum, computed once per cycle
+                          inverter_kw=self._inv, test_row=-1 if test is None else test.row,
+                          test_kw=math.nan if test is None else test.kw,
+                          work_ms=(times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6)
         self.cost_ns[self.calls % len(self.cost_ns)] = time.perf_counter_ns() - t0
         self.calls += 1
+
+    def record_cycle(self, result, *, t_ns: int, epoch: int, seq: int, published: bool, f_age_ms: float,
+                     frequency_stale: bool, capacity_kw: float, delivered_kw: float, inverter_kw: np.ndarray,
+                     test_row: int = -1, test_kw: float = math.nan, work_ms: float = math.nan) -> None:
+        """One cycle's record from explicit values (``record`` reads them off the aggregator; the backtest
+        passes simulated time and its simulated meters). ``inverter_kw``: one per configured inverter, kW."""
+        counts = result.nodes_per_reason
+        # one tuple assignment in CYCLE_FIELDS order (~1.5 us; field by field it was ~11 us)
+        rec = (t_ns, epoch, seq, published, result.frequency_hz, f_age_ms, frequency_stale, result.service_fraction,
+               capacity_kw, result.request_kw, result.target_kw, result.allocated_kw, delivered_kw,
+               inverter_kw.sum() if len(inverter_kw) else math.nan, result.feasible_dis_kw, result.feasible_chg_kw,
+               result.n_carrying, result.estop, test_row, test_kw, work_ms, counts[:N_REASONS])
+        self._ring[self._w % len(self._ring)] = rec + (inverter_kw,) if len(inverter_kw) else rec
+        self._w += 1
+        if self.cfg.vehicles:
+            self._record_stripe(result, self.fleet.n_rows, t_ns, seq)
+        if self._w % self._every == 0:
+            if self._thread is None and self._sync:
+                self._guarded(self._pass)  # no writer thread (start(thread=False)): write here, in turn
+            else:
+                self._wake.set()
 
     def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
         fleet = self.fleet
@@ -207,12 +215,18 @@ class Journal:
                 "last_error": c.last_error}
 
     # ----------------------------------------------------------------- writer thread
-    def start(self) -> None:
-        """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock."""
+    def start(self, *, thread: bool = True) -> None:
+        """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock.
+
+        ``thread=False`` (the backtest, in simulated time): no writer thread; ``record_cycle`` writes each
+        ``flush_interval_s`` of records itself, and ``stop`` drains and seals, all on the caller's thread."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.vehicles:
             self._take_roster(self.fleet.n_rows)
         self._recover()
+        if not thread:
+            self._sync = True
+            return
         self._thread = threading.Thread(target=self._main, name="v2grt-journal", daemon=True)
         self._thread.start()
 
@@ -224,6 +238,11 @@ class Journal:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
+        elif self._sync:
+            self._sync = False
+            self._guarded(self._pass)
+            self._guarded(self._seal)
+            self._guarded(lambda: self._maintain(final=True))
 
     def _main(self) -> None:
         try:
