@@ -116,6 +116,13 @@ class DelayModel:
             z = self._zeros = np.zeros(self.n)
         return z
 
+    def settle(self, setpoint_kw: np.ndarray) -> None:
+        """Start in steady state: every charger already at ``setpoint_kw`` and sent it (the fleet followed
+        the service before the window began), so the first step does not ramp from 0 kW."""
+        np.copyto(self.p_kw, setpoint_kw)
+        self._sent[:] = setpoint_kw
+        self._k = self.lag_steps + 1
+
     def forget(self, rows: np.ndarray) -> None:
         """Vehicles that unplugged or arrived: output 0 and nothing pending for them."""
         self.p_kw[rows] = 0.0
