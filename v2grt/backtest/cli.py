@@ -84,12 +84,20 @@ def _show(v) -> str:
 
 
 def _score(journal_dir: Path, service: str, **opts) -> dict:
-    """v2grt.score's verdict on the journal; {"available": False} while that package is not in this tree."""
-    try:
-        from v2grt.score import score_journal
-    except ImportError:
-        return {"available": False, "why": "v2grt.score is not installed in this tree"}
+    """v2grt.score's verdict on the journal (docs/services.md section 7), read back from the segments as any
+    journal is."""
+    from v2grt.score import score_journal
+
     return score_journal(journal_dir, service, **opts)
+
+
+def _score_row(score: dict) -> dict:
+    """The few numbers of a score a comparison table needs."""
+    t = score["total"]
+    e = t["energy"][score["delivered_source"]]["total"]
+    return {"within_tolerance_share": t["tolerance"]["share"], "energy_ratio": e["ratio"],
+            "events": t["events"]["count"], "events_full_ok": t["events"]["full_ok"],
+            "availability_share": t["availability"]["share"], "soc_floor_breaches": t["soc_floor"]["breaches"]}
 
 
 def run(args) -> dict:
@@ -131,7 +139,7 @@ def run(args) -> dict:
                                     "percentiles": list(report.SOC_PERCENTILES),
                                     "soc": np.round(res.samples["soc_pct"], 5).tolist(),
                                     "plugged": res.samples["plugged"].astype(int).tolist()}
-        summary["score"] = _score(res.journal_dir, bt.curve.name)
+        summary["score"] = _score(res.journal_dir, bt.curve.name, tolerance=summary["tolerance"])
         results.append({"label": label, "summary": summary, "steps": res.steps, "samples": res.samples,
                         "wear": res.wear, "tracking": trk})
     doc = {"variants": [r["summary"] for r in results],
@@ -143,7 +151,8 @@ def run(args) -> dict:
                         "efc_max": (r["summary"]["wear"]["efc"] or {}).get("max"),
                         "vehicles_carrying_any": r["summary"]["wear"]["vehicles_carrying_any"],
                         "throughput_kwh": r["summary"]["energy_kwh"]["throughput"],
-                        "speed_x": r["summary"]["speed_x"]} for r in results],
+                        "speed_x": r["summary"]["speed_x"], "speed_cpu_x": r["summary"]["speed_cpu_x"],
+                        "score": _score_row(r["summary"]["score"])} for r in results],
            "files": {"json": "report.json", "png": "report.png", "journals": "journal/<variant>/"}}
     (out / "report.json").write_text(json.dumps(doc, indent=1, default=_plain) + "\n", encoding="utf-8")
     if not args.no_png:
@@ -162,14 +171,19 @@ def _plain(obj):
 
 
 def _print(doc: dict, out: Path) -> None:
-    for v in doc["variants"]:
-        t, soc, e = v["tracking"], v["soc"], v["energy_kwh"]
+    for v, row in zip(doc["variants"], doc["compare"], strict=True):
+        t, soc, e, sc = v["tracking"], v["soc"], v["energy_kwh"], row["score"]
         print(f"{v['label']}: {v['vehicles']:,} vehicles, {v['service']}, {v['hours']:g} h in {v['wall_s']:.1f} s "
               f"({v['speed_x']:,.0f}x real time); capacity {v['capacity_kw'] / 1e3:,.2f} MW; in tolerance "
               f"{100 * t['within_tolerance_share']:.3f} % of steps ({t['steps_outside']} outside); SoC floor breaches "
               f"{soc['floor_breaches']}; min SoC while discharging {soc['min_while_discharging']}; net "
               f"{e['net_discharged']:+,.1f} kWh, throughput {e['throughput']:,.1f} kWh; EFC mean "
               f"{(v['wear']['efc'] or {}).get('mean', math.nan):.5f}")
+        share = sc["within_tolerance_share"]
+        print(f"  score (v2grt.score): within tolerance {100 * share if share is not None else math.nan:.3f} %, "
+              f"energy delivered/required {sc['energy_ratio'] if sc['energy_ratio'] is not None else math.nan:.4f}, "
+              f"{sc['events']} events ({sc['events_full_ok']} full in time), SoC floor breaches "
+              f"{sc['soc_floor_breaches']}")
     print(f"report: {out / 'report.json'}, {out / 'report.png'}")
 
 
