@@ -79,7 +79,10 @@ def test_the_backtest_journal_is_the_live_format_in_simulated_time(tmp_path):
     assert np.all(np.diff(cyc["t_ns"]) == 10**9) and cyc["inverter_kw"].shape[1] == bt.n_sites
     assert np.allclose(cyc["site_measured_kw"][1:], res.steps["measured_kw"][1:])
     assert abs(cyc["target_kw"]).max() > 0 and seg.vehicle_rows > 0
-    assert journal.vehicles_table(seg).num_rows == seg.vehicle_rows
+    veh = journal.vehicles_table(seg)
+    assert veh.num_rows == seg.vehicle_rows
+    first_minute = np.asarray(veh.column("t_ns")) < cyc["t_ns"][0] + 60 * 10**9  # vehicle_interval_s: 60 s
+    assert len(set(np.asarray(veh.column("node_id").to_pylist(), object)[first_minute])) == bt.n  # a whole sweep
 
 
 def test_the_same_seed_gives_the_same_journal_and_another_seed_does_not(tmp_path):

@@ -158,11 +158,11 @@ class Backtest:
         self.n_sites = fleet.n_sites
         self.journal_dir = Path(journal_dir)
         shutil.rmtree(self.journal_dir, ignore_errors=True)  # a run's journal holds that run only
+        # hourly segments on the simulated UTC clock as live; no retention, no Parquet child during the run
+        # (`v2grt journal convert` converts them after); a ring of 600 s of records for the writer's passes
         cfg = JournalConfig(enabled=True, dir=str(self.journal_dir), rotate_s=3600.0, flush_interval_s=1.0,
                             vehicles=True, vehicle_interval_s=max(s.vehicle_interval_s, self.period_s),
                             max_age_h=None, max_size_gb=None, parquet=False, buffer_s=600.0)
-        flush_s = min(60.0, max(self.period_s, 1.0) * 30)
-        cfg = dataclasses.replace(cfg, flush_interval_s=min(1.0, flush_s))
         self.journal = Journal(cfg, self.journal_dir, fleet=fleet, epoch=1, fleet_id="backtest",
                                period_s=self.period_s, inverter_names=[f"inv-{x}" for x in fleet.site_ids],
                                inverter_sites=list(fleet.site_ids),
@@ -170,8 +170,6 @@ class Backtest:
                                    "trace": str(s.trace.source), "trace_start_s": s.trace_start_s,
                                    "delay_s": s.delay_s, "ramp_s": s.ramp_s, "seed": s.seed,
                                    "profile": self.profile.to_dict(), "plugs": s.plugs}})
-        # the journal's writer passes every `_every` records: make it a few hundred records per pass
-        self.journal._every = max(1, int(round(30.0 / self.period_s)))
         self.utc0_ns = _utc0_ns(s.trace, s.trace_start_s)
 
     # ------------------------------------------------------------------------------ telemetry
@@ -231,8 +229,8 @@ class Backtest:
             sim.p_kw[rows_off] = 0.0
             self.delay.forget(rows_off)
         if len(rows_on):
-            rows_on = rows_on[sim.active[rows_on]]
-            soc_on = soc_on[: len(rows_on)] if len(soc_on) == len(rows_on) else soc_on
+            keep = sim.active[rows_on]  # a free roster row never plugs in
+            rows_on, soc_on = rows_on[keep], soc_on[keep]
             sim.online[rows_on] = True
             sim.soc[rows_on] = soc_on
             sim.p_kw[rows_on] = 0.0
@@ -283,7 +281,8 @@ class Backtest:
         np.copyto(sim.p_kw, self.delay.p_kw)
         stepped = np.flatnonzero(sim.p_kw)  # vehicles with power now (the battery model steps them)
         self._tel_fast(stepped)
-        journal.start(thread=False)
+        # a writer pass every 30 s of simulated time, not every step (the journal caps it at its stripe slots)
+        journal.start(thread=False, every=max(1, int(round(30.0 / P))))
         wall0 = time.perf_counter()
         cpu0 = time.process_time()
         k_s = 0

@@ -215,11 +215,16 @@ class Journal:
                 "last_error": c.last_error}
 
     # ----------------------------------------------------------------- writer thread
-    def start(self, *, thread: bool = True) -> None:
+    def start(self, *, thread: bool = True, every: int | None = None) -> None:
         """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock.
 
-        ``thread=False`` (the backtest, in simulated time): no writer thread; ``record_cycle`` writes each
-        ``flush_interval_s`` of records itself, and ``stop`` drains and seals, all on the caller's thread."""
+        ``thread=False`` (the backtest, in simulated time): no writer thread; ``record_cycle`` writes every
+        ``every`` records (default: a ``flush_interval_s``'s worth; at most half the ring and the vehicle
+        stripe slots) itself, and ``stop`` drains and seals, all on the caller's thread."""
+        if every is not None:
+            # at most half the ring, and at most the vehicle stripe slots (a stripe finding them full is skipped)
+            limit = min(len(self._ring) // 2, self._vslots if self.cfg.vehicles else len(self._ring))
+            self._every = max(1, min(int(every), limit))
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.vehicles:
             self._take_roster(self.fleet.n_rows)
