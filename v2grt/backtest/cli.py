@@ -218,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roster", default=None, help="a roster CSV instead of a random fleet")
     p.add_argument("--hours", type=float, default=5.0, help="simulated hours (default 5)")
     p.add_argument("--period-s", type=float, default=None,
-                   help="control period, s (default: the trace's step, 1 s for the shipped trace)")
+                   help="control period, s (default: the trace's step, at most 1 s; 1 s for the shipped trace)")
     p.add_argument("--capacity-kw", type=float, default=None,
                    help="contracted capacity, kW (default: the least the plugged-in fleet holds both ways at any "
                         "quarter hour of the window)")
