@@ -78,11 +78,20 @@ def test_the_backtest_journal_is_the_live_format_in_simulated_time(tmp_path):
     assert cyc["t_ns"][0] == 1552953722 * 10**9  # 2019-03-19T01:02:02+01:00, the trace's first sample
     assert np.all(np.diff(cyc["t_ns"]) == 10**9) and cyc["inverter_kw"].shape[1] == bt.n_sites
     assert np.allclose(cyc["site_measured_kw"][1:], res.steps["measured_kw"][1:])
+    # the fleet starts as one already answering the service (warm-up), not from 0 kW
+    assert abs(cyc["site_measured_kw"][0] - cyc["target_kw"][0]) < 0.05 * abs(cyc["target_kw"][0])
     assert abs(cyc["target_kw"]).max() > 0 and seg.vehicle_rows > 0
     veh = journal.vehicles_table(seg)
     assert veh.num_rows == seg.vehicle_rows
     first_minute = np.asarray(veh.column("t_ns")) < cyc["t_ns"][0] + 60 * 10**9  # vehicle_interval_s: 60 s
     assert len(set(np.asarray(veh.column("node_id").to_pylist(), object)[first_minute])) == bt.n  # a whole sweep
+
+
+def test_a_coarse_trace_is_stepped_at_most_every_second(tmp_path):
+    """The 10 s sample trace runs at a 1 s period (interpolated), the 1 s one at 1 s, an explicit period as given."""
+    coarse = load_trace(sample_trace_path("frequency_deviation_2018-01-05_10s.csv"))
+    assert Backtest(Settings(trace=coarse, vehicles=20, hours=0.01), tmp_path / "a").period_s == 1.0
+    assert small(tmp_path, "b").period_s == 1.0 and small(tmp_path, "c", period_s=0.1).period_s == 0.1
 
 
 def test_the_same_seed_gives_the_same_journal_and_another_seed_does_not(tmp_path):
