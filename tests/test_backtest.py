@@ -115,7 +115,9 @@ def test_compare_runs_both_policies_into_one_report(tmp_path, capsys):
     code = main(["backtest", "--service", "fcr", "--vehicles", "400", "--hours", "0.05", "--compare",
                  "policy=merit,prorata", "--out", str(out), "--price-eur-per-mw-h", "12", "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    doc = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    doc = json.loads(text)
+    assert "Infinity" not in text and "NaN" not in text  # strict JSON: the default ramp limit inf is "inf"
     assert [v["label"] for v in doc["variants"]] == ["policy=merit", "policy=prorata"]
     merit, prorata = doc["variants"]
     assert merit["profile"]["policy"] == "merit" and prorata["profile"]["policy"] == "prorata"

@@ -154,10 +154,27 @@ def run(args) -> dict:
                         "speed_x": r["summary"]["speed_x"], "speed_cpu_x": r["summary"]["speed_cpu_x"],
                         "score": _score_row(r["summary"]["score"])} for r in results],
            "files": {"json": "report.json", "png": "report.png", "journals": "journal/<variant>/"}}
-    (out / "report.json").write_text(json.dumps(doc, indent=1, default=_plain) + "\n", encoding="utf-8")
+    doc = _strict(doc)
+    (out / "report.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     if not args.no_png:
         report.plot(out / "report.png", results)
     return doc
+
+
+def _strict(obj):
+    """JSON that every parser reads: numpy values as plain ones, NaN as null, an infinite profile value
+    (``node_ramp_kw_per_s: inf``, no limit) as the string "inf"."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, (np.generic, Path)):
+        return _strict(_plain(obj))
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
 
 
 def _plain(obj):
@@ -201,7 +218,7 @@ def cmd_backtest(args) -> int:
         print(f"v2grt backtest: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
-        print(json.dumps(doc, indent=1, default=_plain))
+        print(json.dumps(doc, indent=1, allow_nan=False))
     else:
         _print(doc, Path(args.out))
     return EXIT_OK
