@@ -469,3 +469,32 @@ def test_the_compiled_tap_writes_what_its_numpy_twin_writes(isa, n_inverters):
         assert a.tobytes() == b.tobytes()
     assert list(slots_c[3][1]) == [1_780_000_000_123_456_789, 12345, 70, 120, 3]
     assert np.array_equal(slots_c[0][1, :50], sp[70:120].astype(np.float32))
+
+
+def test_a_journal_without_writer_thread_records_simulated_time_into_its_segments(tmp_path):
+    """start(thread=False) + record_cycle: records carry the caller's t_ns, segments rotate on it, stop seals."""
+    from v2grt.config import JournalConfig
+    from v2grt.dispatch import Dispatcher
+    from v2grt.testing import uniform_fleet
+
+    fleet = uniform_fleet(8)
+    d = Dispatcher(fleet, service="fcr", period_s=1.0)
+    cfg = JournalConfig(enabled=True, rotate_s=60.0, parquet=False, max_age_h=None, max_size_gb=None,
+                        flush_interval_s=0.1)
+    j = journal.Journal(cfg, tmp_path, fleet=fleet, epoch=1, fleet_id="bt", period_s=1.0,
+                        inverter_names=["inv-a"], inverter_sites=["site0"])
+    j.start(thread=False)
+    t0_ns = 1_552_953_722 * 10**9  # 2019-03-19T00:02:02Z: simulated, not the wall clock
+    for k in range(150):
+        r = d.step(50.05, now_ns=k * 10**9)
+        j.record_cycle(r, t_ns=t0_ns + k * 10**9, epoch=1, seq=k + 1, published=True, f_age_ms=0.0,
+                       frequency_stale=False, capacity_kw=d.capacity_kw, delivered_kw=0.0,
+                       inverter_kw=np.array([1.5]))
+    j.stop()
+    segs = sorted(tmp_path.glob("*.v2j"))
+    assert [s.name for s in segs] == ["bt-20190319T000202Z-e1.v2j", "bt-20190319T000300Z-e1.v2j",
+                                      "bt-20190319T000400Z-e1.v2j"]
+    cycles = np.concatenate([journal.read_segment(s).cycles for s in segs])
+    assert all(journal.read_segment(s).sealed for s in segs)
+    assert np.array_equal(cycles["t_ns"], t0_ns + np.arange(150) * 10**9)
+    assert np.array_equal(cycles["seq"], np.arange(1, 151)) and np.all(cycles["site_measured_kw"] == 1.5)

@@ -404,3 +404,20 @@ def test_dispatcher_never_takes_a_vehicle_below_its_soc_floor(backend, seed, min
         assert np.all(after >= low), (np.flatnonzero(after < low), after[after < low], delivered[after < low])
         high = np.maximum(before, maximum_soc) + 1e-12
         assert np.all(after <= high), (np.flatnonzero(after > high), after[after > high], delivered[after > high])
+
+
+def test_step_rows_equals_step_when_the_other_vehicles_are_idle():
+    """step_rows over the vehicles with power now or asked for is step() bit for bit (hot, worn, rejecting ones too)."""
+    fleet = Fleet.random(2000, seed=3)
+    full = SimFleetState.from_fleet(fleet, 3, unreachable_fraction=0.05, hot_fraction=0.05)
+    part = SimFleetState.from_fleet(fleet, 3, unreachable_fraction=0.05, hot_fraction=0.05)
+    rng = np.random.default_rng(4)
+    for k in range(40):
+        p = np.zeros(full.n)
+        some = rng.random(full.n) < 0.1
+        p[some] = rng.uniform(-30.0, 30.0, some.sum())
+        rows = np.flatnonzero((p != 0.0) | (part.p_kw != 0.0))
+        assert np.array_equal(full.step(p, 1.0), part.step_rows(p, 1.0, rows)), k
+    for name in battery._STEPPED:
+        assert np.array_equal(getattr(full, name), getattr(part, name)), name
+    assert full.discharge_rejected.any() and (full.temp_c > 50.0).any()

@@ -107,6 +107,7 @@ class Journal:
         self._t_record_ns = 0  # perf_counter_ns() at the newest record() (CLOCK_MONOTONIC)
         self._every = max(1, int(round(cfg.flush_interval_s / period_s)))
         self._thread: threading.Thread | None = None
+        self._sync = False  # started without a writer thread: record_cycle writes (see start)
         self._fh = None
         self._seg_path: Path | None = None
         self._seg_end_ns = 0
@@ -142,22 +143,38 @@ class Journal:
             self._inv[k] = sample.p_kw if sample is not None else math.nan
         age_ms = agg.status.get("input_age_ms")
         test = agg._test
-        t_ns = time.time_ns()
-        w = self._w
-        self._tap.record(w % self._n_ring, t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
-                         math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale,
-                         result.service_fraction, agg.dispatcher.capacity_kw, result.request_kw, result.target_kw,
-                         result.allocated_kw,
-                         agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
-                         result.feasible_dis_kw, result.feasible_chg_kw, result.n_carrying, result.estop,
-                         -1 if test is None else test.row, math.nan if test is None else test.kw,
-                         (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, result.nodes_per_reason)
-        self._w = w = w + 1
-        if self.cfg.vehicles:
-            self._record_stripe(result, self.fleet.n_rows, t_ns, agg.seq)
+        self.record_cycle(result, t_ns=time.time_ns(), epoch=agg.epoch, seq=agg.seq, published=agg.published,
+                          f_age_ms=math.nan if age_ms is None or agg.meter is None else age_ms,
+                          frequency_stale=agg._f_stale, capacity_kw=agg.dispatcher.capacity_kw,
+                          delivered_kw=agg.delivered_kw,  # the status message's sum, computed once per cycle
+                          inverter_kw=self._inv, test_row=-1 if test is None else test.row,
+                          test_kw=math.nan if test is None else test.kw,
+                          work_ms=(times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6)
         self._t_record_ns = t0
         self.cost_ns[self.calls % len(self.cost_ns)] = time.perf_counter_ns() - t0
         self.calls += 1
+
+    def record_cycle(self, result, *, t_ns: int, epoch: int, seq: int, published: bool, f_age_ms: float,
+                     frequency_stale: bool, capacity_kw: float, delivered_kw: float, inverter_kw: np.ndarray,
+                     test_row: int = -1, test_kw: float = math.nan, work_ms: float = math.nan) -> None:
+        """One cycle's record from explicit values (``record`` reads them off the aggregator; the backtest
+        passes simulated time and its simulated meters). ``inverter_kw``: one per configured inverter, kW."""
+        inv = self._inv
+        if inverter_kw is not inv:  # the tap reads the inverters from its own buffer
+            inv[:] = inverter_kw
+        w = self._w
+        self._tap.record(w % self._n_ring, t_ns, epoch, seq, published, result.frequency_hz, f_age_ms, frequency_stale,
+                         result.service_fraction, capacity_kw, result.request_kw, result.target_kw,
+                         result.allocated_kw, delivered_kw, result.feasible_dis_kw, result.feasible_chg_kw,
+                         result.n_carrying, result.estop, test_row, test_kw, work_ms, result.nodes_per_reason)
+        self._w = w + 1
+        if self.cfg.vehicles:
+            self._record_stripe(result, self.fleet.n_rows, t_ns, seq)
+        # The writer thread wakes itself half a period after a flush interval's last cycle (no wake-up from here:
+        # an Event.set() cost 10/33 us p50/p99 in the cycle); without one (start(thread=False), the backtest) the
+        # caller's thread writes every `_every` records itself.
+        if self._sync and self._w % self._every == 0:
+            self._guarded(self._pass)
 
     def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
         fleet = self.fleet
@@ -205,12 +222,23 @@ class Journal:
                 "last_error": c.last_error}
 
     # ----------------------------------------------------------------- writer thread
-    def start(self) -> None:
-        """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock."""
+    def start(self, *, thread: bool = True, every: int | None = None) -> None:
+        """Call before the loop's first cycle: the roster is taken here, not under the cycle's image lock.
+
+        ``thread=False`` (the backtest, in simulated time): no writer thread; ``record_cycle`` writes every
+        ``every`` records (default: a ``flush_interval_s``'s worth; at most half the ring and the vehicle
+        stripe slots) itself, and ``stop`` drains and seals, all on the caller's thread."""
+        if every is not None:
+            # at most half the ring, and at most the vehicle stripe slots (a stripe finding them full is skipped)
+            limit = min(len(self._ring) // 2, self._vslots if self.cfg.vehicles else len(self._ring))
+            self._every = max(1, min(int(every), limit))
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.vehicles:
             self._take_roster(self.fleet.n_rows)
         self._recover()
+        if not thread:
+            self._sync = True
+            return
         self._thread = threading.Thread(target=self._main, name="v2grt-journal", daemon=True)
         self._thread.start()
 
@@ -221,6 +249,11 @@ class Journal:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10.0)
+        elif self._sync:
+            self._sync = False
+            self._guarded(self._pass)
+            self._guarded(self._seal)
+            self._guarded(lambda: self._maintain(final=True))
 
     def _main(self) -> None:
         try:
