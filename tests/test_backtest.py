@@ -152,7 +152,8 @@ def test_the_backtest_delivers_what_a_live_demo_delivers_on_the_same_slice(tmp_p
     FCR slice deliver the same mean power within 5 %: the backtest's physics and dispatch are the live ones."""
     start_s, duration_s = _steady_low_window(10.0), 10.0
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "demo", "--vehicles", "200", "--gateways", "2",
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "demo", "--protocols", "sim", "--vehicles", "200",
+                           "--gateways", "2",
                            "--duration", str(duration_s), "--speed", "1", "--service", "fcr", "--no-live", "--seed",
                            "3", "--trace-start-s", str(start_s), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
