@@ -58,6 +58,9 @@ def run(args) -> int:
         print(f"v2grt prequal: --vehicles {args.vehicles} / --gateways {args.gateways}: expected 1..100,000 "
               "vehicles and 1..200 gateways, no more gateways than vehicles", file=sys.stderr)
         return EXIT_INVALID
+    if not 0.0 <= args.unreachable_fraction <= 1.0:
+        print(f"v2grt prequal: --unreachable-fraction {args.unreachable_fraction}: expected 0..1", file=sys.stderr)
+        return EXIT_INVALID
     if args.capacity_kw is not None and not args.capacity_kw > 0:
         print(f"v2grt prequal: --capacity-kw {args.capacity_kw}: expected > 0 kW", file=sys.stderr)
         return EXIT_INVALID
@@ -68,7 +71,7 @@ def run(args) -> int:
           f"files in {out}", flush=True)
     runs = []
     rig = Rig(out, service=curve.name, vehicles=args.vehicles, gateways=args.gateways,
-              capacity_kw=args.capacity_kw, seed=args.seed)
+              capacity_kw=args.capacity_kw, seed=args.seed, unreachable_fraction=args.unreachable_fraction)
     try:
         with rig:
             for spec in specs:
@@ -101,7 +104,8 @@ def run(args) -> int:
         "service": curve.name, "service_source": curve.source, "vehicles": args.vehicles, "gateways": args.gateways,
         "capacity_kw": capacity_kw, "capacity_from": "--capacity-kw" if args.capacity_kw else
         "the aggregator's default (what the fleet can hold both ways at start)",
-        "fleet_rated_dis_kw": rig.fleet_rated_kw, "quick": bool(args.quick), "tolerance": tolerance,
+        "fleet_rated_dis_kw": rig.fleet_rated_kw, "unreachable_fraction": args.unreachable_fraction,
+        "quick": bool(args.quick), "tolerance": tolerance,
         "measured_at": "site inverters (SunSpec 701 W), the journal's site_measured_kw per cycle",
         "period_s": 0.05, "journal": str(rig.journal_dir), "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -135,6 +139,9 @@ def add_parser(sub) -> None:
     p.add_argument("--only", default=None, help="comma-separated test names to run (default: all)")
     p.add_argument("--tolerance-pct", type=float, default=3.0,
                    help="steady-state band, %% of capacity (default 3, as `v2grt demo`)")
+    p.add_argument("--unreachable-fraction", type=float, default=0.01,
+                   help="share of vehicles whose firmware rejects discharge (default 0.01, as `v2grt gateway sim`); "
+                        "the aggregator learns of each from its first telemetry after the refusal")
     p.add_argument("--seed", type=int, default=0, help="seed of the fleet (default 0)")
     p.set_defaults(func=cmd_prequal)
 

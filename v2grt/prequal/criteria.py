@@ -59,11 +59,13 @@ def required_kw(spec: TestSpec, curve: ServiceCurve, capacity_kw: float, t_s: np
         return np.interp(f, curve.f_hz, curve.fraction) * capacity_kw
     lo = min(-spec.pre_s, float(t_s.min()) if t_s.size else 0.0)
     hi = max(spec.duration_s, float(t_s.max()) if t_s.size else 0.0)
-    grid = np.arange(lo, hi + _GRID_S, _GRID_S)
+    grid = np.arange(math.floor(lo / _GRID_S), math.ceil(hi / _GRID_S) + 1) * _GRID_S  # t = 0 on the grid
     full = curve.fraction_at(curve.trigger_hz)
     latch = TriggerResponder(curve.trigger_hz, full, curve.hold_s or 0.0, curve.release_per_s or math.inf)
     y = np.array([latch.step(spec.frequency_at(float(t)), float(t)) for t in grid])
-    return np.interp(t_s, grid, y) * capacity_kw
+    # the latch's value holds until its next step (a step at t = 0 is full from t = 0, not ramped in over 10 ms)
+    idx = np.clip(np.searchsorted(grid, t_s + 1e-9, side="right") - 1, 0, len(grid) - 1)
+    return y[idx] * capacity_kw
 
 
 def baseline_kw(t_s: np.ndarray, p_kw: np.ndarray) -> float:

@@ -93,7 +93,7 @@ def sequence(service: str, *, quick: bool = False) -> list[TestSpec]:
     curve = get_service(name)
     nom = curve.nominal_hz
     if name == "dc":
-        hold, after, pre = (4.0, 3.0, 2.0) if quick else (30.0, 30.0, 10.0)
+        hold, after, pre = (3.0, 2.0, 1.5) if quick else (30.0, 30.0, 10.0)
         hold_src = ("v2grt: NESO's public text gives the times to start and to full delivery, not a hold; "
                     "30 s shows steady delivery well past the 1 s full-delivery time")
         return [TestSpec(f"dc_step_{d:+.1f}hz", f"DC: frequency step {d:+.1f} Hz, held", "step", nom, nom + d,
@@ -125,7 +125,7 @@ def sequence(service: str, *, quick: bool = False) -> list[TestSpec]:
     trig = curve.trigger_hz
     assert trig is not None
     after = 12.0 if quick else 20.0  # 5 s support + 5 s release at 20 %/s + margin
-    pre = 2.0 if quick else 10.0
+    pre = 1.5 if quick else 10.0
     return [
         TestSpec(f"{name}_trigger", f"FFR: dip to {trig - 0.1:.2f} Hz for 1 s (through the {trig:.1f} Hz trigger)",
                  "ffr_trigger", nom, trig - 0.1, 1.0, after, pre, nom, ("ffr_full", "ffr_support", "ffr_release"),
