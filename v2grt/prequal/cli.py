@@ -36,7 +36,7 @@ def _series(spec, curve, capacity_kw: float, cycles: dict, t0_ns: int) -> dict[s
 def run(args) -> int:
     from v2grt.bench._common import machine
     from v2grt.prequal import criteria, report
-    from v2grt.prequal.rig import Rig, RigError, read_cycles
+    from v2grt.prequal.rig import SETPOINT_TTL_S, Rig, RigError, health, read_cycles
     from v2grt.prequal.sequence import sequence
     from v2grt.services import ServiceError, get_service
 
@@ -107,7 +107,8 @@ def run(args) -> int:
         "fleet_rated_dis_kw": rig.fleet_rated_kw, "unreachable_fraction": args.unreachable_fraction,
         "quick": bool(args.quick), "tolerance": tolerance,
         "measured_at": "site inverters (SunSpec 701 W), the journal's site_measured_kw per cycle",
-        "period_s": 0.05, "journal": str(rig.journal_dir), "machine": machine(),
+        "period_s": 0.05, "setpoint_ttl_s": SETPOINT_TTL_S, "rig": health(out), "journal": str(rig.journal_dir),
+        "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "passed": all(t["passed"] for t in tests), "tests": tests,
     }

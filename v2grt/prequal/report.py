@@ -48,6 +48,11 @@ def render_table(summary: dict) -> str:
     head = (f"v2grt prequal --service {summary['service']}: {summary['vehicles']:,} vehicles, "
             f"{summary['gateways']} gateways, contracted {summary['capacity_kw']:,.1f} kW"
             f"{' (--quick holds)' if summary['quick'] else ''}; delivered power measured at the site inverters")
+    rig = summary.get("rig") or {}
+    if rig:
+        head += (f"\nrig: {rig.get('aggregator_cycles')} cycles, {rig.get('aggregator_missed_deadlines')} missed "
+                 f"deadlines; gateway setpoint expiries {rig.get('gateway_setpoint_expiries')} (each one drops a "
+                 "site to 0 kW until the next setpoint)")
     verdict = "ALL PASS" if summary["passed"] else (
         f"FAIL: {sum(not t['passed'] for t in summary['tests'])} of {len(summary['tests'])} tests")
     return "\n".join([head, table(["test", "check", "criterion", "measured", "result"], rows), verdict])
@@ -92,12 +97,11 @@ def plot_test(path: Path, test: dict, series: dict[str, np.ndarray], *, capacity
     ax_p.plot(t, req / scale, color="k", lw=1.0, ls="--", label="required response")
     ax_p.plot(t, series["target_kw"] / scale, color="#ff7f0e", lw=1.0, label="target (aggregator)")
     ax_p.plot(t, series["delivered_kw"] / scale, color="#2ca02c", lw=1.4, label="delivered (site inverters' meters)")
-    top = ax_p.get_ylim()[1]
     for k, c in enumerate(test["checks"]):
         if c["name"] in ("start", "full", "ffr_full") and c["limit"] is not None:
             ax_p.axvline(c["limit"], color="#d62728", lw=0.8, ls=":")
-            ax_p.text(c["limit"], top * (1.0 - 0.08 * k), f" {c['name']} <= {c['limit']:g} s", fontsize=7,
-                      color="#d62728", va="top")
+            ax_p.text(c["limit"], 0.97 - 0.06 * k, f" {c['name']} <= {c['limit']:g} s", fontsize=7,
+                      color="#d62728", va="top", transform=ax_p.get_xaxis_transform())
         if c["name"] == "ramp_7_5s":
             ax_p.axvline(7.5, color="#d62728", lw=0.8, ls=":")
     ax_p.axvline(0.0, color="0.5", lw=0.7)
