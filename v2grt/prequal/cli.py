@@ -28,7 +28,8 @@ def _series(spec, curve, capacity_kw: float, cycles: dict, t0_ns: int) -> dict[s
     t_prog = np.arange(-spec.pre_s, spec.duration_s, 0.01)
     return {
         "t_s": t, "delivered_kw": cycles["site_measured_kw"][sel], "target_kw": cycles["target_kw"][sel],
-        "f_used_hz": cycles["f_hz"][sel], "required_kw": required_kw(spec, curve, capacity_kw, t),
+        "f_used_hz": cycles["f_hz"][sel], "frequency_stale": cycles["frequency_stale"][sel],
+        "required_kw": required_kw(spec, curve, capacity_kw, t),
         "t_prog_s": t_prog, "f_prog_hz": np.array([spec.frequency_at(float(x)) for x in t_prog]),
     }
 
@@ -36,7 +37,7 @@ def _series(spec, curve, capacity_kw: float, cycles: dict, t0_ns: int) -> dict[s
 def run(args) -> int:
     from v2grt.bench._common import machine
     from v2grt.prequal import criteria, report
-    from v2grt.prequal.rig import SETPOINT_TTL_S, Rig, RigError, health, read_cycles
+    from v2grt.prequal.rig import METER_TIMEOUT_S, SETPOINT_TTL_S, Rig, RigError, health, read_cycles
     from v2grt.prequal.sequence import sequence
     from v2grt.services import ServiceError, get_service
 
@@ -95,6 +96,8 @@ def run(args) -> int:
                 "hold_source": spec.hold_source, "f_from_hz": spec.f_from_hz, "f_to_hz": spec.f_to_hz,
                 "ramp_hz_per_s": spec.ramp_hz_per_s, "pre_s": spec.pre_s, "hold_s": spec.hold_s,
                 "after_s": spec.after_s, "t0_utc_ns": int(t0_ns), "samples": int(len(s["t_s"])),
+                # cycles in which the aggregator had no fresh meter reading (the rig's fault, not the fleet's)
+                "frequency_stale_cycles": int(np.sum(s["frequency_stale"])),
                 "passed": all(c.passed for c in checks), "checks": [c.as_dict() for c in checks],
                 "png": f"{spec.name}.png"}
         report.plot_test(out / test["png"], test, s, capacity_kw=capacity_kw, tolerance=tolerance,
@@ -107,7 +110,8 @@ def run(args) -> int:
         "fleet_rated_dis_kw": rig.fleet_rated_kw, "unreachable_fraction": args.unreachable_fraction,
         "quick": bool(args.quick), "tolerance": tolerance,
         "measured_at": "site inverters (SunSpec 701 W), the journal's site_measured_kw per cycle",
-        "period_s": 0.05, "setpoint_ttl_s": SETPOINT_TTL_S, "rig": health(out), "journal": str(rig.journal_dir),
+        "period_s": 0.05, "setpoint_ttl_s": SETPOINT_TTL_S, "meter_timeout_s": METER_TIMEOUT_S, "rig": health(out),
+        "journal": str(rig.journal_dir),
         "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "passed": all(t["passed"] for t in tests), "tests": tests,

@@ -41,10 +41,13 @@ def _limit(check: dict) -> str:
 def render_table(summary: dict) -> str:
     """The terminal table: test, check, the rule's criterion, the measured value, PASS/FAIL."""
     rows = []
+    stale = []
     for test in summary["tests"]:
         for c in test["checks"]:
             rows.append([test["name"], c["name"], _limit(c), _fmt(c["measured"], c["unit"]),
                          "PASS" if c["passed"] else "FAIL"])
+        if test.get("frequency_stale_cycles"):
+            stale.append(f"{test['name']} {test['frequency_stale_cycles']}")
     head = (f"v2grt prequal --service {summary['service']}: {summary['vehicles']:,} vehicles, "
             f"{summary['gateways']} gateways, contracted {summary['capacity_kw']:,.1f} kW"
             f"{' (--quick holds)' if summary['quick'] else ''}; delivered power measured at the site inverters")
@@ -53,6 +56,8 @@ def render_table(summary: dict) -> str:
         head += (f"\nrig: {rig.get('aggregator_cycles')} cycles, {rig.get('aggregator_missed_deadlines')} missed "
                  f"deadlines; gateway setpoint expiries {rig.get('gateway_setpoint_expiries')} (each one drops a "
                  "site to 0 kW until the next setpoint)")
+        if stale:
+            head += "; cycles without a fresh meter reading: " + ", ".join(stale)
     verdict = "ALL PASS" if summary["passed"] else (
         f"FAIL: {sum(not t['passed'] for t in summary['tests'])} of {len(summary['tests'])} tests")
     return "\n".join([head, table(["test", "check", "criterion", "measured", "result"], rows), verdict])

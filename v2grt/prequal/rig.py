@@ -29,6 +29,7 @@ from v2grt.demo import _free_ports, _run_flags, _tail, _w_sf
 PERIOD_S = 0.05  # 20 Hz cycle records: the rate GB's dynamic services are monitored at
 METER_TICK_S = 0.01
 SETPOINT_TTL_S = 0.5
+METER_TIMEOUT_S = 0.25
 TERM_TIMEOUT_S = 10.0
 
 
@@ -158,7 +159,11 @@ class Rig:
             "budget_s": PERIOD_S,
             "state_dir": "state",
             "realtime": {"sched_fifo_priority": 50},  # best effort, as the shipped config
-            "meter": {"host": "127.0.0.1", "port": meter_port, "poll_interval_s": 0.005, "timeout_s": 0.05},
+            # timeout 0.25 s (the shipped default is 0.05 s): the simulated meter is served by this process,
+            # which a loaded host starves for longer than a real meter ever takes; at 0.05 s a starved answer
+            # dropped the connection and its backoff left the frequency stale for 3.5 s (load 23)
+            "meter": {"host": "127.0.0.1", "port": meter_port, "poll_interval_s": 0.005,
+                      "timeout_s": METER_TIMEOUT_S},
             "inverters": [{"name": f"inv-{s}", "site": s, "host": "127.0.0.1", "port": p}
                           for s, p in inverter_ports.items()],
             # setpoint expiry 0.5 s, as `v2grt demo`: the simulated gateways share two cores with everything
