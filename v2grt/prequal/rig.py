@@ -209,17 +209,18 @@ class Rig:
         return reply.result if reply.ok else None
 
     def _wait_heard(self, deadline: float) -> None:
-        """The aggregator answers and has heard the fleet: its available discharge stopped growing."""
+        """The aggregator answers and has heard the fleet: its available discharge stopped growing (within 1 %
+        over 0.5 s, after at least one telemetry interval: thermal limits may keep it drifting a little)."""
         last, since = None, None
         while True:
             self._check_children()
             st = self.status()
             now = time.monotonic()
             if st is not None:
-                avail = round(float(st.get("available_dis_kw") or 0.0), 1)
+                avail = float(st.get("available_dis_kw") or 0.0)
                 since = since or now
-                if avail > 0 and avail == last and now - since >= self.telemetry_interval_s + 0.5:
-                    self.capacity_used_kw = float(st.get("capacity_kw") or 0.0)
+                if (avail > 0 and last is not None and abs(avail - last) <= 0.01 * avail
+                        and now - since >= self.telemetry_interval_s + 0.5):
                     return
                 last = avail
             if now > deadline:
@@ -268,17 +269,18 @@ class Rig:
         t0_mono = time.monotonic()
         t0_ns = time.time_ns()
         self.set_frequency(programme(0.0))
-        next_t = t0_mono
+        next_t = next_check = t0_mono
         while True:
             next_t += METER_TICK_S
             now = time.monotonic()
             if now - t0_mono >= duration_s:
                 return t0_ns
+            if now >= next_check:
+                self._check_children()
+                next_check = now + 0.5
             if next_t > now:
                 time.sleep(next_t - now)
             self.set_frequency(programme(time.monotonic() - t0_mono))
-            if int((now - t0_mono) / 0.5) != int((time.monotonic() - t0_mono) / 0.5):
-                self._check_children()
 
     # ------------------------------------------------------------------------------ stop
     def stop(self) -> None:
