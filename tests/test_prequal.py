@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_demo import wait_gone
 
-from tests.test_demo import wait_gone
 from v2grt.journal import SUFFIX, read_segment
 
 pytestmark = pytest.mark.slow
