@@ -55,6 +55,9 @@ def run(args) -> int:
                   f"{', '.join(s.name for s in specs)}", file=sys.stderr)
             return EXIT_INVALID
         specs = [s for s in specs if s.name in wanted]
+    if not specs:
+        print("v2grt prequal: --only named no test", file=sys.stderr)
+        return EXIT_INVALID
     if not 1 <= args.vehicles <= 100_000 or not 1 <= args.gateways <= min(args.vehicles, 200):
         print(f"v2grt prequal: --vehicles {args.vehicles} / --gateways {args.gateways}: expected 1..100,000 "
               "vehicles and 1..200 gateways, no more gateways than vehicles", file=sys.stderr)
@@ -78,6 +81,7 @@ def run(args) -> int:
             for spec in specs:
                 print(f"  {spec.name}: {spec.title}", flush=True)
                 runs.append((spec, rig.drive(spec.frequency_at, spec.pre_s, spec.duration_s)))
+            t_end_ns = time.time_ns()
         cycles = read_cycles(rig.journal_dir)
     except RigError as exc:
         print(f"v2grt prequal: {exc}", file=sys.stderr)
@@ -110,7 +114,8 @@ def run(args) -> int:
         "fleet_rated_dis_kw": rig.fleet_rated_kw, "unreachable_fraction": args.unreachable_fraction,
         "quick": bool(args.quick), "tolerance": tolerance,
         "measured_at": "site inverters (SunSpec 701 W), the journal's site_measured_kw per cycle",
-        "period_s": 0.05, "setpoint_ttl_s": SETPOINT_TTL_S, "meter_timeout_s": METER_TIMEOUT_S, "rig": health(out),
+        "period_s": 0.05, "setpoint_ttl_s": SETPOINT_TTL_S, "meter_timeout_s": METER_TIMEOUT_S,
+        "rig": health(out, runs[0][1] - int(specs[0].pre_s * 1e9), t_end_ns),
         "journal": str(rig.journal_dir),
         "machine": machine(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -54,8 +54,8 @@ def render_table(summary: dict) -> str:
     rig = summary.get("rig") or {}
     if rig:
         head += (f"\nrig: {rig.get('aggregator_cycles')} cycles, {rig.get('aggregator_missed_deadlines')} missed "
-                 f"deadlines; gateway setpoint expiries {rig.get('gateway_setpoint_expiries')} (each one drops a "
-                 "site to 0 kW until the next setpoint)")
+                 f"deadlines over its life; gateway setpoint expiries during the tests "
+                 f"{rig.get('gateway_setpoint_expiries')} (each one drops a site to 0 kW until the next setpoint)")
         if stale:
             head += "; cycles without a fresh meter reading: " + ", ".join(stale)
     verdict = "ALL PASS" if summary["passed"] else (
