@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
 
 #: Modules that add subcommands (operator tools, demo, gateways, keys, simulators), each with add_parser(sub).
 PLUGIN_MODULES = ("v2grt.operator", "v2grt.demo", "v2grt.gateway.cli", "v2grt.security.cli", "v2grt.sim.cli",
-                  "v2grt.journal", "v2grt.score", "v2grt.backtest.cli")
+                  "v2grt.journal", "v2grt.score", "v2grt.backtest.cli", "v2grt.prequal")
 
 
 class CliError(Exception):
