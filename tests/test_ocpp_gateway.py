@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import ssl
 import threading
@@ -24,7 +23,7 @@ from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
 from v2grt.gateway.sim import gateway_fleet
 from v2grt.sim.battery import SimFleetState
 from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
-from v2grt.testing import wait_until
+from v2grt.testing import self_signed_cert, wait_until
 
 GW = "ocpp1"
 
@@ -40,27 +39,7 @@ def site(tmp_path):
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 (cryptography), its server context and a client context."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    d = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v2grt-test-csms")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = self_signed_cert(tmp_path_factory.mktemp("tls"))
     client = ssl.create_default_context(cafile=str(cert_path))
     return server_ssl_context(str(cert_path), str(key_path)), client
 

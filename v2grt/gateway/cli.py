@@ -24,6 +24,7 @@ devices file maps each roster node to host, port and unit id (docs/gateways.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import signal
 import sys
@@ -173,12 +174,16 @@ def cmd_ocpp(args) -> int:
                                telemetry_interval_s=args.telemetry_interval_s, events=events, curve=curve)
         except (GatewayError, BusError, zmq.ZMQError) as exc:
             return _fail(str(exc), EXIT_INVALID)
+        if args.trace_file:
+            vehicles.trace = collections.deque(maxlen=1_000_000)
         log.info("GATEWAY_START gateway=%s kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s "
                  "telemetry=%s deadband_kw=%g resync_s=%g max_offline_s=%d", args.gateway_id,
                  len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}), host, vehicles.port,
                  tls is not None, args.setpoints, args.telemetry, args.deadband_kw, args.resync_s, args.max_offline_s)
         _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
         vehicles.close()  # sends what is still due (the zeros), then closes every station
+        if args.trace_file:
+            vehicles.write_trace(args.trace_file)
         counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
         log.info("GATEWAY_STOP gateway=%s kind=ocpp %s", args.gateway_id, counters)
         return EXIT_OK
@@ -334,6 +339,8 @@ def _add_ocpp(gsub) -> None:
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--trace-file", help="on exit, write the time each setpoint update was handed over and sent "
+                                        "(CSV; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
     from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)

@@ -42,6 +42,7 @@ from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v201 import ChargePoint as ChargePoint201
 
 from v2grt.gateway import ocpp_mapping as om
+from v2grt.gateway import ocpp_schema
 from v2grt.sim.battery import SimFleetState
 
 log = logging.getLogger("v2grt.sim")
@@ -85,10 +86,17 @@ class _StationMixin:
         self.row_of_evse = dict(spec.evses)
         self.profile_evse: dict[int, int] = {}  # chargingProfileId -> evse id
 
+    async def _handle_call(self, msg):
+        """The gateway's requests are checked against the package's schemas, compiled (ocpp_schema: the
+        package's own jsonschema check made the simulator the bench's bottleneck at 200 stations)."""
+        if msg.action in self.route_map:
+            ocpp_schema.validate(self._ocpp_version, msg.action, msg.payload)
+        return await super()._handle_call(msg)
+
     def _record(self, action: str, payload: dict) -> None:
         self.sim.commands.append(Command(time.monotonic_ns(), self.spec.station_id, action, payload))
 
-    @on("SetChargingProfile")
+    @on("SetChargingProfile", skip_schema_validation=True)  # checked in _handle_call
     async def on_set_profile(self, evse_id, charging_profile, **_):
         self._record("SetChargingProfile", {"evse_id": evse_id, "charging_profile": charging_profile})
         if self.spec.kind == "rejects" and charging_profile.get("charging_profile_purpose") == "TxProfile":
@@ -107,7 +115,7 @@ class _StationMixin:
                              lapse_s=schedule.get("duration"))
         return self._call_result.SetChargingProfile(status="Accepted")
 
-    @on("UpdateDynamicSchedule")
+    @on("UpdateDynamicSchedule", skip_schema_validation=True)  # checked in _handle_call
     async def on_update(self, charging_profile_id, schedule_update, **_):
         self._record("UpdateDynamicSchedule", {"charging_profile_id": charging_profile_id,
                                                "schedule_update": schedule_update})
@@ -118,7 +126,7 @@ class _StationMixin:
         return self._call_result.UpdateDynamicSchedule(status="Accepted")
 
 
-    @on("TriggerMessage")
+    @on("TriggerMessage", skip_schema_validation=True)  # checked in _handle_call
     async def on_trigger(self, requested_message, evse=None, **_):
         self._record("TriggerMessage", {"requested_message": requested_message, "evse": evse})
         if requested_message != "TransactionEvent" or not self._triggered(evse):
@@ -176,6 +184,10 @@ class SimStations:
         self.tx_id: list[str | None] = [None] * n  # the running transaction per EVSE (survives reconnects)
         self.tx_seq = 0
         self.commands: collections.deque[Command] = collections.deque(maxlen=100_000)
+        # (CLOCK_MONOTONIC ns, row, kW) of each command as received and as applied (after the command
+        # latency): the latency benchmark reads them (write_trace), tests too. Bounded: ~1 h of a bench.
+        self.received: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
+        self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
         self.connections: collections.Counter[str] = collections.Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -189,11 +201,13 @@ class SimStations:
         if max_offline_s is not None:
             self.max_offline_s[row] = max_offline_s
         now = time.monotonic_ns()
+        self.received.append((now, row, p_kw))
         self.lapse_at_ns[row] = now + int(lapse_s * 1e9) if lapse_s else np.iinfo(np.int64).max
 
         def take_effect():
             self.target_kw[row] = p_kw
-            self.applied_ns[row] = time.monotonic_ns()
+            self.applied_ns[row] = t = time.monotonic_ns()
+            self.applies.append((t, row, p_kw))
 
         self.loop.call_later(delay, take_effect)
 
@@ -268,7 +282,9 @@ class SimStations:
             await asyncio.sleep(self.meter_interval_s)
             for evse, row in spec.evses:
                 if self.state.online[row]:
-                    await cp.call(call.MeterValues(evse_id=evse, meter_value=[self._meter(row)]))
+                    # our own payload, built as the schema says: not checked on every send (CPU)
+                    await cp.call(call.MeterValues(evse_id=evse, meter_value=[self._meter(row)]),
+                                  skip_schema_validation=True)
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
                 return
@@ -307,10 +323,20 @@ class SimStations:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> SimStations:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="ocpp-stations", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ocpp-stations", daemon=True)
         self._thread.start()
         self._ready.wait(10.0)
         return self
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._main())
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -328,6 +354,16 @@ class SimStations:
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(10.0)
             self._thread = None
+
+    def write_trace(self, path: str | Path) -> int:
+        """Write every command received and applied as CSV ``event,t_ns,row,p_kw`` (event ``recv`` or
+        ``apply``, t_ns CLOCK_MONOTONIC, row of the roster's gateway rows, kW + discharge); the count."""
+        rows = [("recv", *r) for r in list(self.received)] + [("apply", *r) for r in list(self.applies)]
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["event", "t_ns", "row", "p_kw"])
+            w.writerows(rows)
+        return len(rows)
 
     def run_forever(self, stop) -> None:
         """Run until ``stop`` (an object with is_set()) is set; the CLI's main loop."""
