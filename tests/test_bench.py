@@ -80,6 +80,17 @@ def test_bench_e2e_ocpp_json():
     assert row["gateway_counters"]["updates_sent"] > 0
 
 
+def test_bench_gateway_ocpp_json():
+    """bench gateway --protocol ocpp --smoke reads the gateway process's CPU while every EVSE is online and the
+    updates the load asks for go out."""
+    r = bench("gateway", "--protocol", "ocpp", "--smoke")
+    (row,) = r["results"]
+    assert (row["stations"], row["nodes"], row["rate_per_s"]) == (4, 8, 2.0) and row["online_at_end"] == 8
+    assert row["gateway_cpu_percent"] >= 0 and row["measure_s"] >= 2.0 and row["updates_per_s"] >= 0
+    assert row["gateway_counters"]["updates_sent"] > 0 and row["gateway_counters"]["calls_received"] > 0
+    assert row["exit_codes"] == {"gateway": 0, "stations": [0]}
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
 from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
 from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
@@ -471,6 +472,13 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _result_payload(response) -> dict:
+    """A handler's reply dataclass as the schema's camelCase dict ({} at once when every field is None)."""
+    if all(v is None for v in vars(response).values()):
+        return {}
+    return snake_to_camel_case(remove_nones(serialize_as_dict(response)))
+
+
 def _unique_id(raw: Any) -> str:
     """The message id of a raw frame if it has one (for the CALLERROR), else "-1" (OCPP-J 4.2.3)."""
     try:
@@ -546,6 +554,7 @@ class _SessionMixin:
             await self._send_error("-1", "FormatViolation", "not an OCPP-J message")
             return
         if isinstance(msg, Call):
+            self.gw.stats["calls_received"] += 1
             if not isinstance(msg.unique_id, str) or not isinstance(msg.payload, dict):
                 await self._send_error(_unique_id(raw_msg), "FormatViolation", "message id must be a string "
                                                                                 "and the payload an object")
@@ -572,7 +581,11 @@ class _SessionMixin:
                 raise NotSupportedError(details={"cause": f"{str(msg.action)[:60]} is not an OCPP action"}) from None
             raise OcppNotImplemented(details={"cause": f"{msg.action} is not handled by this CSMS"})
         ocpp_schema.validate(self._ocpp_version, msg.action, msg.payload)  # the package's schemas, compiled
-        return await super()._handle_call(msg)
+        # Not ChargePoint._handle_call: for every message it inspects the handler's signature and turns the
+        # reply dataclass into a dict, strips its Nones and camel-cases it; most replies here are empty
+        # (MeterValues, StatusNotification). A handler's exception goes to _route, which answers CALLERROR.
+        response = await self.route_map[msg.action]["_on_action"](**camel_to_snake_case(msg.payload))
+        await self._send(msg.create_call_result(_result_payload(response)).to_json())
 
     async def _send_error(self, unique_id: str, code: str, description: str) -> None:
         await self._send(json.dumps([MessageType.CallError, unique_id, code, description, {}]))
