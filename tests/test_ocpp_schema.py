@@ -82,3 +82,19 @@ def test_an_action_without_a_schema_is_not_implemented():
     for version, action in (("2.1", "NoSuchAction"), ("2.1", "../v16/schemas/Heartbeat"), ("9", "Heartbeat")):
         with pytest.raises(OcppNotImplemented):
             ocpp_schema.validate(version, action, {})
+
+
+def test_the_gateways_snake_case_keys_are_the_packages_and_bounded():
+    """The gateway's remembered key conversion gives ocpp's camel_to_snake_case result, and stops remembering
+    keys past its bound (a station can invent keys in customData)."""
+    from ocpp.charge_point import camel_to_snake_case
+
+    from v2grt.gateway import ocpp as gw
+
+    payload = {"evseId": 1, "meterValue": [{"sampledValue": [{"unitOfMeasure": {"unit": "W"}}]}],
+               "chargingNeeds": {"v2xChargingParameters": {"evMinV2XEnergyRequest": 1, "targetSoC": 80}},
+               "customData": {"vendorId": "v", "ocppCSMSURL": "u", "someHTTPThing": [1, {"aB": 2}]}}
+    assert gw._snake(payload) == camel_to_snake_case(payload)
+    invented = {f"k{i}X": i for i in range(2 * gw._SNAKE_KEYS_MAX)}
+    assert gw._snake(invented) == camel_to_snake_case(invented)
+    assert len(gw._SNAKE_KEYS) <= gw._SNAKE_KEYS_MAX
