@@ -125,7 +125,7 @@ def measure(args, directory: Path) -> dict:
     n = args.stations * args.evses
     rig = Rig(directory, stations=args.stations, evses=args.evses, plaintext=args.plaintext).write_site()
     fleet = Fleet.from_csv(rig.paths["roster"])
-    gw_trace_path, st_trace_path = directory / "gateway.trace", directory / "stations.trace"
+    gw_trace_path = directory / "gateway.trace"
     steps: list[dict] = []
     with World(meter_model=213, f_hz=F_CHARGE_HZ) as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, poll_s=args.poll_ms / 1e3,
@@ -139,8 +139,8 @@ def measure(args, directory: Path) -> dict:
                 raise RuntimeError("the aggregator ran no cycle within 10 s")
             rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(gw_trace_path),
                               *args.gateway_args)
-            rig.start_stations("--latency-ms", args.latency_ms, "--trace-file", str(st_trace_path),
-                               "--meter-interval-s", str(args.meter_interval_s))
+            rig.start_stations("--latency-ms", args.latency_ms, "--meter-interval-s", str(args.meter_interval_s),
+                               processes=args.sim_processes, trace=True)
             t_up = time.monotonic()
             deadline = t_up + args.connect_timeout_s
             while int(agg.fleet.online[:n].sum()) < n:
@@ -153,7 +153,7 @@ def measure(args, directory: Path) -> dict:
             time.sleep(args.settle_s)
             rng = np.random.default_rng(args.seed)
             load_before = uptime()
-            cpu0 = {"gateway": process_cpu_s(rig.gateway.pid), "stations": process_cpu_s(rig.sim.pid)}
+            cpu0 = {"gateway": process_cpu_s(rig.gateway.pid), "stations": rig.sims_cpu_s()}
             t_cpu0 = time.monotonic()
             miss0 = agg.stats.missed_deadlines
             for k in range(args.trials):
@@ -163,8 +163,8 @@ def measure(args, directory: Path) -> dict:
                 steps.append({"f_hz": f, "sign": 1.0 if f == F_DISCHARGE_HZ else -1.0, "t_step_ns": reply["t_ns"]})
             time.sleep(args.gap_s)
             wall = time.monotonic() - t_cpu0
-            cpu = {k: 100.0 * (process_cpu_s(p.pid) - cpu0[k]) / wall
-                   for k, p in (("gateway", rig.gateway), ("stations", rig.sim))}
+            cpu = {"gateway": 100.0 * (process_cpu_s(rig.gateway.pid) - cpu0["gateway"]) / wall,
+                   "stations": 100.0 * (rig.sims_cpu_s() - cpu0["stations"]) / wall}
             missed = agg.stats.missed_deadlines - miss0
             load_after = uptime()
         finally:
@@ -172,9 +172,12 @@ def measure(args, directory: Path) -> dict:
             agg.stop()
     gw = np.array([[int(r[1]), int(r[2]), float(r[3]), int(r[0])] for r in read_csv(gw_trace_path)],
                   dtype=np.float64).reshape(-1, 4)
-    st = read_csv(st_trace_path)
-    recv = np.array([[int(r[1]), int(r[2]), float(r[3])] for r in st if r[0] == "recv"]).reshape(-1, 3)
-    appl = np.array([[int(r[1]), int(r[2]), float(r[3])] for r in st if r[0] == "apply"]).reshape(-1, 3)
+    recv, appl = [], []
+    for path, ids in rig.station_traces():  # each simulator's rows are its own roster's: map to the gateway's
+        rows = [fleet.row_of[i] for i in ids]
+        for r in read_csv(path):
+            (recv if r[0] == "recv" else appl).append([int(r[1]), rows[int(r[2])], float(r[3])])
+    recv, appl = np.array(recv, dtype=np.float64).reshape(-1, 3), np.array(appl, dtype=np.float64).reshape(-1, 3)
     for a in (gw, recv, appl):
         a[:] = a[np.argsort(a[:, 0], kind="stable")]
     res = analyse(steps, seen.changes, timer.records, gw, recv, appl)
@@ -207,6 +210,7 @@ def run(args) -> dict:
                        "poll_ms": args.poll_ms, "trials": args.trials, "gap_s": args.gap_s,
                        "station_latency_ms": args.latency_ms, "tls": not args.plaintext,
                        "meter_interval_s": args.meter_interval_s, "gateway_args": args.gateway_args,
+                       "sim_processes": args.sim_processes,
                        "steps_hz": [F_DISCHARGE_HZ, F_CHARGE_HZ], "cpu_count": os.cpu_count()},
             "results": [row]}
 
@@ -238,7 +242,7 @@ def render(r: dict) -> str:
 
 
 #: --smoke: a few seconds at a tiny size (structure and counts, not timing).
-SMOKE = {"stations": 3, "trials": 4, "gap_s": 0.4, "settle_s": 0.5}
+SMOKE = {"stations": 3, "trials": 4, "gap_s": 0.4, "settle_s": 0.5, "sim_processes": 1}
 
 
 def main(argv=None) -> int:
@@ -254,6 +258,8 @@ def main(argv=None) -> int:
                     help="the simulated stations' command latency MIN:MAX (default 5:20 ms: the station's "
                          "controller taking the value; docs/benchmarks.md)")
     ap.add_argument("--meter-interval-s", type=float, default=1.0, help="stations' MeterValues period (1 s)")
+    ap.add_argument("--sim-processes", type=int, default=2,
+                    help="simulator processes sharing the stations (default 2: one per core of the reference box)")
     ap.add_argument("--plaintext", action="store_true", help="ws:// without TLS (default: TLS, security profile 2)")
     ap.add_argument("--settle-s", type=float, default=2.0, help="wait after every EVSE is online (2 s)")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)

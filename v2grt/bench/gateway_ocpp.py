@@ -37,47 +37,20 @@ from v2grt.bench._common import (
     source_state,
     table,
 )
-from v2grt.bench._ocpp_rig import GATEWAY_ID, Rig, process_cpu_s, uptime
+from v2grt.bench._ocpp_rig import Rig, process_cpu_s, uptime
 
 #: GB DC's full discharge and full charge, with the contracted capacity = the fleet's: every EVSE swings between
 #: +11 and -11 kW at each change (within DC's linear band the allocation moves only the marginal EVSEs)
 F_LOW_HZ, F_HIGH_HZ = 49.5, 50.5
 
 
-def shard_site(paths: dict, shards: int, directory: Path) -> list[tuple[Path, Path]]:
-    """Split the roster and passwords by station into ``shards`` (roster, passwords) pairs, one per simulator."""
-    with open(paths["roster"], newline="") as fh:
-        rows = list(csv.reader(fh))
-    header, body = rows[0], rows[1:]
-    stations = list(dict.fromkeys(r[0].rpartition(":")[0] for r in body))
-    with open(paths["passwords"], newline="") as fh:
-        pw = list(csv.reader(fh))
-    out = []
-    for k in range(shards):
-        mine = set(stations[k::shards])
-        roster, passwords = directory / f"roster{k}.csv", directory / f"passwords{k}.csv"
-        with open(roster, "w", newline="") as fh:
-            csv.writer(fh).writerows([header] + [r for r in body if r[0].rpartition(":")[0] in mine])
-        with open(passwords, "w", newline="") as fh:
-            csv.writer(fh).writerows([pw[0]] + [r for r in pw[1:] if r[0] in mine])
-        passwords.chmod(0o600)
-        out.append((roster, passwords))
-    return out
-
-
 def measure(stations: int, rate: float, args, directory: Path) -> dict:
-    import signal
-    import subprocess
-
     from v2grt.aggregator import Aggregator
-    from v2grt.bench._common import child_env
     from v2grt.fleet import Fleet
 
     n = stations * args.evses
     rig = Rig(directory, stations=stations, evses=args.evses, plaintext=args.plaintext).write_site()
     fleet = Fleet.from_csv(rig.paths["roster"])
-    shards = shard_site(rig.paths, min(args.sim_processes, stations), directory)
-    sims: list[subprocess.Popen] = []
     interval_s = 1.0 / rate
     with World(meter_model=213, f_hz=F_LOW_HZ) as world:
         cfg = aggregator_config(period_s=0.1, meter_port=world.meter_port, n_nodes=n, poll_s=0.02,
@@ -88,15 +61,7 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
             trace = directory / "gateway.trace"
             rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(trace),
                               *args.gateway_args)
-            scheme = "ws" if rig.plaintext else "wss"
-            tls = [] if rig.plaintext else ["--ca-cert", str(rig.cert)]
-            for k, (roster, passwords) in enumerate(shards):
-                sims.append(subprocess.Popen(
-                    [sys.executable, "-m", "v2grt.cli", "sim", "ocpp-stations", "--url",
-                     f"{scheme}://127.0.0.1:{rig.port}/ocpp", "--roster", str(roster), "--gateway-id", GATEWAY_ID,
-                     "--passwords", str(passwords), "--meter-interval-s", f"{interval_s:g}", "--seed", str(k),
-                     "--log-file", str(directory / f"stations{k}.log"), *tls],
-                    env=child_env(), stdout=subprocess.DEVNULL, stderr=open(directory / f"stations{k}.stderr", "w")))
+            rig.start_stations("--meter-interval-s", f"{interval_s:g}", processes=args.sim_processes)
             deadline = time.monotonic() + args.connect_timeout_s
             t_up = time.monotonic()
             while int(agg.fleet.online[:n].sum()) < n:
@@ -115,7 +80,7 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
                 now = time.monotonic()
                 if c0 is None and now >= t_measure:
                     c0, t0, t0_ns = process_cpu_s(rig.gateway.pid), now, time.monotonic_ns()
-                    s0 = sum(process_cpu_s(p.pid) for p in sims)
+                    s0 = rig.sims_cpu_s()
                     a0 = os.times()
                 if now >= t_end:
                     break
@@ -126,21 +91,13 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
                 time.sleep(max(min(t_next, t_end) - time.monotonic(), 0.0))
             wall, t1_ns = time.monotonic() - t0, time.monotonic_ns()
             gw_cpu = 100.0 * (process_cpu_s(rig.gateway.pid) - c0) / wall
-            sim_cpu = 100.0 * (sum(process_cpu_s(p.pid) for p in sims) - s0) / wall
+            sim_cpu = 100.0 * (rig.sims_cpu_s() - s0) / wall
             a1 = os.times()
             agg_cpu = 100.0 * ((a1.user - a0.user) + (a1.system - a0.system)) / wall
             online_end = int(agg.fleet.online[:n].sum())
             load_after = uptime()
         finally:
-            for p in sims:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
             codes = rig.stop()
-            for p in sims:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
             agg.stop()
     counters = rig.gateway_counters()
     with open(trace, newline="") as fh:  # t_handed_ns, t_sent_ns, row, p_kw
@@ -149,9 +106,9 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
         "stations": stations, "evses_per_station": args.evses, "nodes": n, "rate_per_s": rate,
         "gateway_cpu_percent": gw_cpu, "stations_cpu_percent": sim_cpu, "aggregator_process_cpu_percent": agg_cpu,
         "measure_s": wall, "online_after_s": online_s, "online_at_end": online_end,
-        "gateway_counters": counters, "sim_processes": len(sims),
+        "gateway_counters": counters, "sim_processes": len(rig.shards),
         "updates_per_s_expected": n * rate, "updates_per_s": sent / wall,
-        "exit_codes": {**codes, "stations": [p.returncode for p in sims]},
+        "exit_codes": codes,
         "load": {"before": load, "after": load_after},
     }
 
