@@ -212,6 +212,10 @@ class OcppVehicles:
                         len(unknown_stations), unknown_stations[0],
                         "roster stations without credentials can never connect")
         self.n = n
+        self.station_rows: dict[str, list[int]] = {}
+        for (station, _evse), row in self.row_of.items():
+            self.station_rows.setdefault(station, []).append(row)
+        self._install_sessions: set[_SessionMixin] = set()  # stations with an EVSE in a transaction, no profile
         self.lock = threading.Lock()
         self.target_kw = np.zeros(n)
         self.sent_kw = np.full(n, np.nan)
@@ -376,6 +380,7 @@ class OcppVehicles:
             await old.done.wait()
         with self.lock:
             self.sessions[station] = session
+            self._install_sessions.add(session)  # transactions running from before a reconnect
             for row in session.rows:
                 self.evses[row].charge_only = version == om.OCPP201
         self.stats["connections"] += 1
@@ -403,15 +408,17 @@ class OcppVehicles:
                              station=station, close_code=ws.close_code)
 
     def _rows_of(self, station: str) -> list[int]:
-        return [r for (s, _e), r in self.row_of.items() if s == station]
+        return self.station_rows.get(station, [])
 
     # ------------------------------------------------------------------------------ control
     def _scan(self, installs: bool = True) -> None:
         """Hand every due setpoint (ocpp_mapping.due_rows) and, with ``installs``, every missing profile
-        to its station. Setpoint arrivals scan without installs: that part is a Python loop over every
-        EVSE, done by the ticker and the transaction handlers."""
+        to its station, and wake the stations that got work. Installs look only at the stations listed
+        in ``_install_sessions`` (an EVSE with a transaction and no profile): a loop over every EVSE at
+        every tick and every TransactionEvent cost O(stations^2) while a thousand stations connect."""
         now = time.monotonic_ns()
         s = self.settings
+        woken = set()
         with self.lock:
             due = om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now,
                               deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9))
@@ -424,14 +431,24 @@ class OcppVehicles:
                     # the station answers; the sender always sends the newest target.
                     self.sent_kw[row] = self.target_kw[row]
                     self.sent_ns[row] = now
-            for session in self.sessions.values():
-                for row in session.rows if installs else ():
+                    woken.add(session)
+            for session in list(self._install_sessions) if installs else ():
+                if self.sessions.get(session.id) is not session:
+                    self._install_sessions.discard(session)
+                    continue
+                missing = False
+                for row in session.rows:
                     e = self.evses[row]
-                    if (e.transaction_id is not None and not e.profile_installed and now >= e.profile_retry_ns
-                            and row not in session.pending_install and row != session.installing):
-                        session.pending_install.add(row)
-                if session.pending_update or session.pending_install or session.need_default or session.need_trigger:
-                    session.wake.set()
+                    if e.transaction_id is not None and not e.profile_installed:
+                        missing = True
+                        if (now >= e.profile_retry_ns and row not in session.pending_install
+                                and row != session.installing):
+                            session.pending_install.add(row)
+                            woken.add(session)
+                if not missing:
+                    self._install_sessions.discard(session)
+            for session in woken:
+                session.wake.set()
 
     def count_callerror(self, code: str, station: str, detail: str) -> None:
         key = code if code in RPC_ERROR_CODES else "Other"  # bounded keys, whatever the frame carried
@@ -697,6 +714,7 @@ class _SessionMixin:
                     e.transaction_id, e.profile_installed, e.profile_refused, e.profile_retry_ns = tx, False, False, 0
                     self.gw.controllable[row] = False
                 self.tx_rows[tx] = row
+                self.gw._install_sessions.add(self)
         self.gw._scan()
         return self._call_result.TransactionEvent()
 

@@ -98,7 +98,8 @@ def cmd_ocpp_stations(args) -> int:
     sims.run_forever(stop)
     if args.trace_file:
         sims.write_trace(args.trace_file)
-    log.info("SIM_OCPP_STOP connections=%d commands=%d", sum(sims.connections.values()), len(sims.commands))
+    log.info("SIM_OCPP_STOP connections=%d commands=%d meter_timeouts=%d", sum(sims.connections.values()),
+             len(sims.commands), sims.meter_timeouts)
     return EXIT_OK
 
 

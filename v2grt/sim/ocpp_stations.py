@@ -181,7 +181,8 @@ class SimStations:
     def __init__(self, url: str, specs: list[StationSpec], state: SimFleetState, *,
                  ssl_context: ssl.SSLContext | None = None, latency_s: tuple[float, float] = (0.02, 0.08),
                  ramp_kw_per_s: float = 50.0, meter_interval_s: float = 1.0, tick_s: float = 0.02,
-                 disconnect_every_s: float = 20.0, away_s: float = 5.0, seed: int = 0):
+                 disconnect_every_s: float = 20.0, away_s: float = 5.0, seed: int = 0,
+                 connect_spread_s: float | None = None):
         self.url = url.rstrip("/")
         self.specs = specs
         self.state = state
@@ -193,6 +194,9 @@ class SimStations:
         self.disconnect_every_s = disconnect_every_s
         self.away_s = away_s
         self.rng = random.Random(seed)
+        # default: 5 ms per station (a thousand power up over 5 s)
+        self.connect_spread_s = len(specs) * 0.005 if connect_spread_s is None else connect_spread_s
+        self.meter_timeouts = 0
         n = len(state)
         self.target_kw = np.zeros(n)  # what the station was told (+ discharge), after its latency
         self.p_kw = np.zeros(n)  # what the EV delivers now (ramped)
@@ -257,6 +261,10 @@ class SimStations:
         auth = base64.b64encode(f"{spec.station_id}:{spec.password}".encode()).decode()
         rows = [r for _e, r in spec.evses]
         booted = False
+        # Stations power up over a spread, not in the same millisecond (a thousand TLS handshakes, boots and
+        # transactions at once time out and reconnect in a storm); reconnects back off with jitter, as
+        # OCPP's RetryBackOffRandomRange asks of real ones.
+        await asyncio.sleep(self.rng.uniform(0.0, self.connect_spread_s))
         while True:
             try:
                 async with connect(f"{self.url}/{spec.station_id}", subprotocols=[subprotocol],
@@ -274,7 +282,7 @@ class SimStations:
                 log.debug("station %s: %r", spec.station_id, exc)
             self.connected[rows] = False
             self.offline_since_ns[rows] = time.monotonic_ns()
-            await asyncio.sleep(self.away_s if spec.kind == "disconnects" else 1.0)
+            await asyncio.sleep(self.away_s if spec.kind == "disconnects" else 1.0 + self.rng.uniform(0.0, 2.0))
 
     async def _session(self, cp, spec: StationSpec, v201: bool, *, boot: bool) -> None:
         """One connection: BootNotification after power-up only (a reconnect is not a reboot), the
@@ -302,7 +310,10 @@ class SimStations:
             await asyncio.sleep(self.meter_interval_s)
             for evse, row in spec.evses:
                 if self.state.online[row]:
-                    await cp.call_raw("MeterValues", {"evseId": evse, "meterValue": [self._meter(row)]})
+                    try:
+                        await cp.call_raw("MeterValues", {"evseId": evse, "meterValue": [self._meter(row)]})
+                    except asyncio.TimeoutError:  # a station keeps its connection and sends the next ones
+                        self.meter_timeouts += 1
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
                 return
