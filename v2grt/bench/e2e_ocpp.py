@@ -170,8 +170,8 @@ def measure(args, directory: Path) -> dict:
         finally:
             codes = rig.stop()
             agg.stop()
-    gw = np.array([[int(r[1]), int(r[2]), float(r[3]), int(r[0])] for r in read_csv(gw_trace_path)],
-                  dtype=np.float64).reshape(-1, 4)
+    gw = np.array([[int(r[2]), int(r[3]), float(r[4]), int(r[1])] for r in read_csv(gw_trace_path)
+                   if r[0] == "update"], dtype=np.float64).reshape(-1, 4)
     recv, appl = [], []
     for path, ids in rig.station_traces():  # each simulator's rows are its own roster's: map to the gateway's
         rows = [fleet.row_of[i] for i in ids]

@@ -100,14 +100,22 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
             codes = rig.stop()
             agg.stop()
     counters = rig.gateway_counters()
-    with open(trace, newline="") as fh:  # t_handed_ns, t_sent_ns, row, p_kw
-        sent = sum(1 for r in list(csv.reader(fh))[1:] if t0_ns <= int(r[1]) < t1_ns)
+    sent = calls = 0
+    with open(trace, newline="") as fh:  # event, t_handed_ns, t_sent_ns, row, p_kw
+        for r in list(csv.reader(fh))[1:]:
+            if t0_ns <= int(r[2]) < t1_ns:
+                sent += r[0] == "update"
+                calls += r[0] == "call"
+    # the gateway's CPU per unit of work actually done (a starved load generator asks for less than planned)
+    per_1000 = gw_cpu / ((sent + calls) / wall) * 1000.0 if sent + calls else None
     return {
         "stations": stations, "evses_per_station": args.evses, "nodes": n, "rate_per_s": rate,
         "gateway_cpu_percent": gw_cpu, "stations_cpu_percent": sim_cpu, "aggregator_process_cpu_percent": agg_cpu,
         "measure_s": wall, "online_after_s": online_s, "online_at_end": online_end,
         "gateway_counters": counters, "sim_processes": len(rig.shards),
-        "updates_per_s_expected": n * rate, "updates_per_s": sent / wall,
+        "updates_per_s_expected": n * rate, "updates_per_s": sent / wall, "calls_per_s": calls / wall,
+        "gateway_cpu_percent_per_1000_messages_per_s": per_1000,
+        "projected_cpu_percent_at_load": None if per_1000 is None else per_1000 * 2 * n * rate / 1000.0,
         "exit_codes": codes,
         "load": {"before": load, "after": load_after},
     }
@@ -138,11 +146,19 @@ def render(r: dict) -> str:
         gc = x["gateway_counters"]
         rows.append([x["stations"], x["nodes"], x["rate_per_s"], round(x["gateway_cpu_percent"], 1),
                      round(x["stations_cpu_percent"], 1), x["online_at_end"], round(x["updates_per_s"]),
-                     round(x["updates_per_s_expected"]), gc.get("calls_received", 0), gc.get("call_timeouts", 0),
-                     x["load"]["before"]])
+                     round(x["updates_per_s_expected"]), round(x["calls_per_s"]),
+                     _r(x["gateway_cpu_percent_per_1000_messages_per_s"]), _r(x["projected_cpu_percent_at_load"]),
+                     gc.get("call_timeouts", 0), x["load"]["before"]])
     return "\n".join([head, table(["stations", "EVSEs", "rate /s", "gateway CPU %", "stations CPU %", "online",
-                                   "updates/s", "expected/s", "calls received", "timeouts", "load"], rows),
+                                   "updates/s", "planned/s", "calls in/s", "CPU % per 1000 msg/s",
+                                   "CPU % projected", "timeouts", "load"], rows),
+                      "(a message = an UpdateDynamicSchedule sent or a CALL received; projected = the per-message cost "
+                      "times the planned load: 2 messages per EVSE per update)",
                       f"goal: {r['goal']}"])
+
+
+def _r(x):
+    return None if x is None else round(x, 1)
 
 
 def _loads(text: str) -> list[tuple[int, float]]:

@@ -176,6 +176,7 @@ def cmd_ocpp(args) -> int:
             return _fail(str(exc), EXIT_INVALID)
         if args.trace_file:
             vehicles.trace = collections.deque(maxlen=1_000_000)
+            vehicles.calls_trace = collections.deque(maxlen=1_000_000)
         log.info("GATEWAY_START gateway=%s kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s "
                  "telemetry=%s deadband_kw=%g resync_s=%g max_offline_s=%d", args.gateway_id,
                  len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}), host, vehicles.port,

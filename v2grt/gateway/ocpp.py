@@ -228,6 +228,7 @@ class OcppVehicles:
         # With trace on (the latency benchmark): (handed over ns, sent ns, row, kW) of every setpoint
         # update, CLOCK_MONOTONIC; bounded, written by write_trace.
         self.trace: collections.deque[tuple[int, int, int, float]] | None = None
+        self.calls_trace: collections.deque[int] | None = None  # receive times of station CALLs, with trace
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._thread: threading.Thread | None = None
@@ -457,13 +458,15 @@ class OcppVehicles:
                          error=code[:60], total=self.callerrors[key], msg=detail[:200])
 
     def write_trace(self, path) -> int:
-        """Write the setpoint updates traced (``trace`` on) as CSV ``t_handed_ns,t_sent_ns,row,p_kw``; the count."""
+        """Write what was traced (``trace`` on) as CSV ``event,t_handed_ns,t_sent_ns,row,p_kw``: ``update`` rows for
+        setpoint updates, ``call`` rows (t_sent_ns = received) for CALLs from stations; the count."""
         import csv
 
-        rows = list(self.trace or ())
+        rows = [("update", *r) for r in list(self.trace or ())]
+        rows += [("call", 0, t, -1, 0.0) for t in list(self.calls_trace or ())]
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["t_handed_ns", "t_sent_ns", "row", "p_kw"])
+            w.writerow(["event", "t_handed_ns", "t_sent_ns", "row", "p_kw"])
             w.writerows(rows)
         return len(rows)
 
@@ -596,6 +599,8 @@ class _SessionMixin:
             return
         if isinstance(msg, Call):
             self.gw.stats["calls_received"] += 1
+            if self.gw.calls_trace is not None:
+                self.gw.calls_trace.append(time.monotonic_ns())
             if not isinstance(msg.unique_id, str) or not isinstance(msg.payload, dict):
                 await self._send_error(_unique_id(raw_msg), "FormatViolation", "message id must be a string "
                                                                                 "and the payload an object")
