@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--evses", type=int, default=2, help="EVSEs per station (default 2)")
     ap.add_argument("--trials", type=int, default=100, help="frequency steps (default 100)")
     ap.add_argument("--period-ms", type=float, default=100.0, help="the aggregator's control period (100 ms)")
-    ap.add_argument("--poll-ms", type=float, default=20.0, help="the aggregator's meter poll interval (20 ms)")
+    ap.add_argument("--poll-ms", type=float, default=5.0,
+                    help="the aggregator's meter poll interval (5 ms, as configs/default.yaml ships)")
     ap.add_argument("--gap-s", type=float, default=1.0,
                     help="pause between steps, plus a random fraction of two periods (default 1.0 s)")
     ap.add_argument("--latency-ms", default="5:20",
