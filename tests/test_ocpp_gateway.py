@@ -522,3 +522,57 @@ def test_a_restarted_gateway_learns_running_transactions_with_trigger_message(si
     finally:
         sims.stop()
         gw.close()
+
+
+def test_a_reply_that_breaks_its_schema_is_counted_and_the_setpoint_sent_again(site):
+    """A real `ocpp` 2.1 station answering UpdateDynamicSchedule with a status outside the schema: the gateway
+    checks the reply (its own CALL path, not ChargePoint.call), counts it as a bad reply and a rejected update,
+    and sends the setpoint again at the next scan instead of taking it as applied."""
+    from ocpp.routing import on
+    from ocpp.v21 import ChargePoint, call, call_result
+    from websockets.asyncio.client import connect
+
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet, deadband_kw=0.1)
+    updates = []
+
+    class Station(ChargePoint):
+        @on("SetChargingProfile")
+        def on_profile(self, evse_id, charging_profile, **_):
+            return call_result.SetChargingProfile(status="Accepted")
+
+        @on("UpdateDynamicSchedule", skip_schema_validation=True)  # lets the station send a reply that is not valid
+        def on_update(self, charging_profile_id, schedule_update, **_):
+            updates.append(schedule_update["setpoint"])
+            return call_result.UpdateDynamicSchedule(status="Maybe")
+
+    async def session():
+        auth = base64.b64encode(f"CS0001:{passwords['CS0001']}".encode()).decode()
+        async with connect(f"ws://127.0.0.1:{gw.port}/ocpp/CS0001", subprotocols=["ocpp2.1"],
+                           additional_headers={"Authorization": f"Basic {auth}"}) as ws:
+            cp = Station("CS0001", ws)
+            reader = asyncio.create_task(cp.start())
+            await cp.call(call.BootNotification(charging_station={"model": "t", "vendorName": "t"}, reason="PowerUp"))
+            await cp.call(call.TransactionEvent(
+                event_type="Started", timestamp="2026-12-04T21:00:00Z", trigger_reason="CablePluggedIn", seq_no=0,
+                transaction_info={"transactionId": "T1"}, evse={"id": 1},
+                meter_value=[{"timestamp": "2026-12-04T21:00:00Z", "sampledValue": [{"measurand": "SoC",
+                                                                                    "value": 50}]}]))
+            for _ in range(100):
+                if gw.controllable[0]:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.controllable[0]  # the profile is in
+            for _ in range(60):  # the gateway's GatewayCore would call apply every wake; so does this loop
+                gw.apply(np.array([5.0, 0, 0, 0, 0, 0]), 0)
+                if len(updates) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            reader.cancel()
+
+    try:
+        asyncio.run(session())
+        assert updates[:2] == [-5000.0, -5000.0]  # sent again: the first was not taken as applied
+        assert gw.stats["bad_replies"] >= 1 and gw.stats["updates_rejected"] >= 1
+    finally:
+        gw.close()
