@@ -59,7 +59,11 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
         agg.start()
         try:
             trace = directory / "gateway.trace"
-            rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(trace),
+            # the per-station message rate limit (default 20/s) sized for the load: at 10/s a station with two
+            # EVSEs sends 20 MeterValues a second and would be rate-limited and disconnected
+            per_station = 2.0 * args.evses * rate
+            limit = ["--rate-per-s", f"{max(20.0, per_station):g}", "--burst", f"{max(40.0, 2 * per_station):g}"]
+            rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(trace), *limit,
                               *args.gateway_args)
             rig.start_stations("--meter-interval-s", f"{interval_s:g}", processes=args.sim_processes)
             deadline = time.monotonic() + args.connect_timeout_s
