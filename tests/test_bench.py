@@ -123,6 +123,29 @@ def test_qualify_verdict_names_the_rule_that_fails():
     assert slow["verdict"] == "DOES NOT HOLD" and not slow["rules"][3]["met"]
 
 
+def test_bench_e2e_ocpp_json():
+    """bench e2e --protocol ocpp --smoke runs the gateway and stations as processes and times every phase to the
+    stations' own application of each step."""
+    r = bench("e2e", "--protocol", "ocpp", "--smoke")
+    row = r["results"][0]
+    assert r["protocol"] == "ocpp" and row["exit_codes"] == {"gateway": 0, "stations": [0]}
+    assert row["steps_timed"] == 4 and row["latency"]["n"] >= 4 and row["sent_not_applied"] == 0
+    assert row["phases"].keys() == {"meter_to_publish", "publish_to_send", "send_to_receive", "receive_to_apply"}
+    assert all(p["n"] == row["latency"]["n"] for p in row["phases"].values())
+    assert row["gateway_counters"]["updates_sent"] > 0
+
+
+def test_bench_gateway_ocpp_json():
+    """bench gateway --protocol ocpp --smoke reads the gateway process's CPU while every EVSE is online and the
+    updates the load asks for go out."""
+    r = bench("gateway", "--protocol", "ocpp", "--smoke")
+    (row,) = r["results"]
+    assert (row["stations"], row["nodes"], row["rate_per_s"]) == (4, 8, 2.0) and row["online_at_end"] == 8
+    assert row["gateway_cpu_percent"] >= 0 and row["measure_s"] >= 2.0 and row["updates_per_s"] >= 0
+    assert row["gateway_counters"]["updates_sent"] > 0 and row["gateway_counters"]["calls_received"] > 0
+    assert row["exit_codes"] == {"gateway": 0, "stations": [0]}
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")

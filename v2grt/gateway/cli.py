@@ -24,6 +24,7 @@ devices file maps each roster node to host, port and unit id (docs/gateways.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import signal
 import sys
@@ -193,7 +194,11 @@ def cmd_ocpp(args) -> int:
                                 resync_s=args.resync_s, max_offline_s=args.max_offline_s,
                                 call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
                                 accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
-        return OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        vehicles = OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        if args.trace_file:  # benches: every sent update and answered call, written at exit (bench e2e --protocol ocpp)
+            vehicles.trace = collections.deque(maxlen=1_000_000)
+            vehicles.calls_trace = collections.deque(maxlen=1_000_000)
+        return vehicles
 
     def start(vehicles):
         return ("kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s telemetry=%s deadband_kw=%g "
@@ -204,6 +209,8 @@ def cmd_ocpp(args) -> int:
 
     def finish(vehicles, core):
         vehicles.close()  # sends what is still due (the zeros), then closes every station
+        if args.trace_file:
+            vehicles.write_trace(args.trace_file)
         return f"kind=ocpp {_counters(core.counters(), vehicles.counters())}"
 
     return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
@@ -334,6 +341,8 @@ def _add_ocpp(gsub) -> None:
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--trace-file", help="on exit, write the time each setpoint update was handed over and sent "
+                                        "(CSV; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
     from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)
