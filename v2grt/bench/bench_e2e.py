@@ -181,8 +181,22 @@ def render(r: dict) -> str:
 SMOKE = {"configs": "20/5", "trials": 4, "nodes": 1000, "gateways": 4}
 
 
+#: `--protocol`: sim (this module: the setpoint at a gateway's SUB), or a rig that ends at a protocol's charger.
+PROTOCOLS = ("sim", "ocpp", "sunspec")
+
+
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--protocol", choices=PROTOCOLS, default="sim")
+    known, rest = pre.parse_known_args(argv)
+    if known.protocol == "sunspec":
+        from v2grt.bench import e2e_sunspec
+
+        return e2e_sunspec.main(rest)
     ap = argparse.ArgumentParser(prog="v2grt bench e2e", description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="sim",
+                    help="sim: to the setpoint at a gateway (default); sunspec: to a simulated SunSpec charger "
+                         "applying it (`v2grt bench e2e --protocol sunspec --help`)")
     ap.add_argument("--configs", default="100/20,100/5,20/20,20/5",
                     help="comma-separated PERIOD_MS/POLL_MS pairs (control period / meter poll interval)")
     ap.add_argument("--trials", type=int, default=200, help="frequency steps per config")

@@ -162,6 +162,8 @@ def cmd_sunspec_chargers(args) -> int:
     while not stop.is_set():
         time.sleep(0.1)
     sims.stop()
+    if args.trace_out:
+        sims.save_trace(args.trace_out)
     log.info("SIM_SUNSPEC_STOP writes=%d reversions=%d", len(sims.writes), int(sims.reversions.sum()))
     return EXIT_OK
 
@@ -201,6 +203,9 @@ def _add_sunspec_chargers(ssub) -> None:
     p.add_argument("--base-port", type=int, default=15020, help="with --write-site: first TCP port (15020)")
     p.add_argument("--units-per-server", type=int, default=1,
                    help="with --write-site: unit ids per TCP port (default 1: one server per charger)")
+    p.add_argument("--trace-out", metavar="FILE.npz",
+                   help="at exit, write the setpoint writes received and the targets taken, with their "
+                        "CLOCK_MONOTONIC times (the last 100,000 of each; v2grt bench e2e --protocol sunspec)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.set_defaults(func=cmd_sunspec_chargers)
 
