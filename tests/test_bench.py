@@ -81,6 +81,17 @@ def test_bench_e2e_sunspec_json():
     assert r["gateway_counters"]["modbus_writes_ok"] > 0 and r["cpu_percent_of_a_core"]["gateway"] > 0
 
 
+def test_bench_gateway_sunspec_json():
+    """bench gateway --protocol sunspec --smoke runs a real gateway process against simulated chargers and reports
+    its CPU, the polls it kept up and whether it held the size."""
+    r = bench("gateway", "--protocol", "sunspec", "--smoke")
+    (row,) = r["results"]
+    assert r["protocol"] == "sunspec" and row["devices"] == 8 and row["gateway_exit"] == 0
+    assert row["window_s"] > 1.0 and row["polls_per_device_s"] > 0.5 and row["writes_per_s"] > 0
+    assert row["gateway_cpu_pct"] > 0 and row["counters"]["devices_connected_min"] == 8
+    assert r["goal"]["met"] is None  # 1,000 devices were not measured
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")

@@ -147,7 +147,7 @@ def _first(events, t_from: int, t_to: int, p0: float, sign: float) -> int | None
     return int(t[sel[0]]) if sel.size else None
 
 
-def _wait_heard(ctx, control: str, n: int, procs: dict, timeout_s: float) -> float:
+def wait_heard(ctx, control: str, procs: dict, timeout_s: float) -> float:
     """Heard before dispatched: until every charger's telemetry reached the aggregator; the seconds it took."""
     from v2grt.bench.bench_fuzz import status
 
@@ -206,7 +206,7 @@ def run(args) -> dict:
              "--log-file", str(gw_log), *args.gateway_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))
         observer = Observer(ctx, ep["setpoints"], row_of).start()
-        heard_s = _wait_heard(ctx, ep["control"], n, {"aggregator": agg, "sim": sim, "gateway": gw}, 60.0)
+        heard_s = wait_heard(ctx, ep["control"], {"aggregator": agg, "sim": sim, "gateway": gw}, 60.0)
         wait_until(lambda: bool(observer.messages) and bool((observer.messages[-1][1] < -MOVED_KW).all()), 10.0,
                    "every charger charging before the first step")
         time.sleep(args.gap_s)

@@ -232,7 +232,9 @@ def cmd_sunspec(args) -> int:
         log.info("GATEWAY_START gateway=%s kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g "
                  "revert_s=%d deadband_kw=%g", args.gateway_id, len(vehicles.node_ids), args.setpoints,
                  args.telemetry, args.poll_s, args.revert_s, args.deadband_kw)
+        stats_stop = _log_stats(args.gateway_id, args.stats_interval_s, core, vehicles)
         _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
+        stats_stop.set()
         vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
         counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
         log.info("GATEWAY_STOP gateway=%s kind=sunspec %s", args.gateway_id, counters)
@@ -241,6 +243,25 @@ def cmd_sunspec(args) -> int:
         if vehicles is not None:
             vehicles.close()
         ctx.term()
+
+
+def _log_stats(gateway_id: str, interval_s: float, core, vehicles):
+    """Every ``interval_s`` (0: never) a GATEWAY_STATS line with the counters so far and CLOCK_MONOTONIC, from a
+    thread of its own; returns the Event that stops it. Rates over a window are the difference of two lines
+    (v2grt bench gateway --protocol sunspec reads them)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def loop():
+        while not done.wait(interval_s):
+            counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
+            log.info("GATEWAY_STATS gateway=%s t_mono_ns=%d %s", gateway_id, time.monotonic_ns(), counters)
+
+    if interval_s > 0:
+        threading.Thread(target=loop, name="stats", daemon=True).start()
+    return done
 
 
 def cmd_ocpp_password(args) -> int:
@@ -371,6 +392,8 @@ def _add_sunspec(gsub) -> None:
                    help="a charger without a valid poll for this long reports TIMEOUT_BMS_RESPONSE (default 5 s)")
     p.add_argument("--event-interval-s", type=float, default=60.0,
                    help="log the same event code for the same key at most this often (default 60)")
+    p.add_argument("--stats-interval-s", type=float, default=0.0,
+                   help="log a GATEWAY_STATS line with the Modbus and bus counters this often (default 0: never)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
     from v2grt.security.cli import add_client_key_options

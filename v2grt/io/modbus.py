@@ -884,6 +884,17 @@ class InputThread:
                 poller.close()
                 await asyncio.sleep(poller.backoff_max_s)
 
+    def call_soon_threadsafe(self, fn: Callable[..., object], *args: object) -> bool:
+        """Run ``fn(*args)`` on the input loop soon, from any thread; False when the loop is not running."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed between the check and the call
+            return False
+        return True
+
     def call(self, coro_fn: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
         """Run ``coro_fn()`` on the input loop from another thread and return its result."""
         if self._loop is None or not self._loop.is_running():

@@ -146,7 +146,7 @@ def cmd_sunspec_chargers(args) -> int:
         latency = (float(lo) / 1000.0, float(hi or lo) / 1000.0)
         state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
         sims = SimChargers(state, layout, kinds=kinds, latency_s=latency, ramp_kw_per_s=args.ramp_kw_per_s,
-                           seed=args.seed)
+                           tick_s=args.tick_s, seed=args.seed)
     except Exception as exc:  # every input problem is a usage error here, named
         print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -195,6 +195,9 @@ def _add_sunspec_chargers(ssub) -> None:
     p.add_argument("--kinds", help="misbehaving chargers, e.g. silent=1,bad=1 (the first chargers)")
     p.add_argument("--latency-ms", default="5:20", help="write-to-apply latency range MIN:MAX in ms (default 5:20)")
     p.add_argument("--ramp-kw-per-s", type=float, default=50.0, help="power ramp of each charger (default 50 kW/s)")
+    p.add_argument("--tick-s", type=float, default=0.02,
+                   help="the physics step: power, battery and registers move this often (default 0.02 s; a "
+                        "written setpoint takes effect on its own timer, not on the tick)")
     p.add_argument("--seed", type=int, default=0, help="seed of latencies and the site's SoCs")
     p.add_argument("--write-site", metavar="DIR", help="write roster.csv and devices.csv for --chargers chargers "
                                                        "into DIR, then exit")
