@@ -109,14 +109,16 @@ def measure(n: int, args, tmp: Path) -> dict:
             log_k = d / f"sim{k}.log"
             sims.append((log_k, procs.add(f"sim{k}", subprocess.Popen(
                 [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
-                 "--gateway-id", GATEWAY_ID, "--tick-s", str(args.sim_tick_s), "--log-file", str(log_k)],
+                 "--gateway-id", GATEWAY_ID, "--tick-s", str(args.sim_tick_s), "--log-file", str(log_k),
+                 "--sched-fifo-priority", str(args.sim_priority)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=d))))
         for k, (log_k, proc) in enumerate(sims):
             _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, 120, f"simulator {k}")
         gw = procs.add("gateway", subprocess.Popen(
             [*cli, "gateway", "sunspec", "--roster", str(paths["roster"]), "--gateway-id", GATEWAY_ID, "--devices",
              str(paths["devices"]), "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"],
-             "--stats-interval-s", "1", "--log-file", str(gw_log), *args.gateway_args],
+             "--stats-interval-s", "1", "--log-file", str(gw_log), "--sched-fifo-priority",
+             str(args.gateway_priority), *args.gateway_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=d))
         watched = {"aggregator": agg, "gateway": gw, **{f"sim{k}": p for k, (_l, p) in enumerate(sims)}}
         heard_s = wait_heard(ctx, ep["control"], watched, 30.0 + n * 0.06)
@@ -162,6 +164,7 @@ def run(args) -> dict:
         "config": {"devices": args.devices, "units_per_server": args.units_per_server, "poll_s": args.poll_s,
                    "f_hz": args.f_hz, "measure_s": args.measure_s, "settle_s": args.settle_s,
                    "sim_processes": args.sim_processes, "sim_tick_s": args.sim_tick_s,
+                   "gateway_priority": args.gateway_priority, "sim_priority": args.sim_priority,
                    "gateway_args": args.gateway_args},
         "results": rows,
         "goal": {"devices": GOAL_DEVICES, "cpu_pct": GOAL_CPU_PCT,
@@ -174,7 +177,8 @@ def render(r: dict) -> str:
     m, c = r["machine"], r["config"]
     head = (f"one `v2grt gateway sunspec` process, polls every {c['poll_s']:g} s, meter at {c['f_hz']:g} Hz, on "
             f"{m['cpu']} ({m['cores']} cores); {c['units_per_server']} unit ids per port, {c['sim_processes']} "
-            f"simulator process(es); CPU over {c['measure_s']:g} s, % of one core")
+            f"simulator process(es); SCHED_FIFO gateway {c['gateway_priority']}, simulators {c['sim_priority']} "
+            f"(0: SCHED_OTHER); CPU over {c['measure_s']:g} s, % of one core")
     rows = [[x["devices"], x["gateway_cpu_pct"], x["polls_per_device_s"], x["writes_per_s"], x["failures"],
              "yes" if x["held"] else "NO", x["load_cpu_pct"]["sims"], x["load_cpu_pct"]["aggregator"],
              x["load_average"][0]] for x in r["results"]]
@@ -203,6 +207,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-port", type=int, default=16000, help="the simulators' first TCP port")
     ap.add_argument("--priority", type=int, default=None,
                     help="the aggregator's SCHED_FIFO priority (default: configs/default.yaml's)")
+    ap.add_argument("--gateway-priority", type=int, default=0,
+                    help="the gateway's SCHED_FIFO priority (default 0: SCHED_OTHER; on a loaded shared machine a "
+                         "priority keeps other users' load from starving its polls, its CPU is the same)")
+    ap.add_argument("--sim-priority", type=int, default=0, help="the simulators' SCHED_FIFO priority (default 0)")
     ap.add_argument("--gateway-arg", dest="gateway_args", action="append", default=[],
                     help="an extra argument for `v2grt gateway sunspec` (repeat; e.g. --gateway-arg=--revert-s=3)")
 

@@ -233,6 +233,7 @@ def cmd_sunspec(args) -> int:
                  "revert_s=%d deadband_kw=%g", args.gateway_id, len(vehicles.node_ids), args.setpoints,
                  args.telemetry, args.poll_s, args.revert_s, args.deadband_kw)
         stats_stop = _log_stats(args.gateway_id, args.stats_interval_s, core, vehicles)
+        _realtime(args.sched_fifo_priority)
         _run_until_stopped(core, stop)  # every node at 0 kW, handed to the chargers
         stats_stop.set()
         vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
@@ -243,6 +244,17 @@ def cmd_sunspec(args) -> int:
         if vehicles is not None:
             vehicles.close()
         ctx.term()
+
+
+def _realtime(priority: int) -> None:
+    """SCHED_FIFO for every thread of the gateway (0: leave them SCHED_OTHER); each thread's outcome logged as
+    RT_SETUP, as the aggregator logs its own."""
+    if not priority:
+        return
+    from v2grt.loop import set_process_fifo
+
+    for step in set_process_fifo(priority):
+        log.info("RT_SETUP step=%s granted=%s detail=%s", step.step, step.granted, step.detail)
 
 
 def _log_stats(gateway_id: str, interval_s: float, core, vehicles):
@@ -392,6 +404,9 @@ def _add_sunspec(gsub) -> None:
                    help="a charger without a valid poll for this long reports TIMEOUT_BMS_RESPONSE (default 5 s)")
     p.add_argument("--event-interval-s", type=float, default=60.0,
                    help="log the same event code for the same key at most this often (default 60)")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO at this priority for every thread of the gateway (default 0: SCHED_OTHER); "
+                        "below the aggregator's (configs/default.yaml: 50) on a shared host (docs/gateways.md)")
     p.add_argument("--stats-interval-s", type=float, default=0.0,
                    help="log a GATEWAY_STATS line with the Modbus and bus counters this often (default 0: never)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
