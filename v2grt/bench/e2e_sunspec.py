@@ -170,13 +170,14 @@ def wait_heard(ctx, control: str, procs: dict, timeout_s: float) -> float:
 
 
 def _instruments_fifo(priority: int) -> None:
-    """This process's threads (the meter's server, the observer) at SCHED_FIFO `priority`, what they start
-    SCHED_OTHER: a meter is hardware of its own and an observer a clock, and neither should wait behind other
-    users of a shared machine (that would be charged to v2grt). Not granted: they stay as they are."""
-    if priority:
-        from v2grt.loop import set_process_fifo
+    """Every thread of this process (the meter's server, the observer, the stepping loop) at SCHED_FIFO
+    `priority` while the meter steps, then (0) back to SCHED_OTHER before the next row starts its processes,
+    which would inherit it: a meter is hardware of its own and the observer and the step's time stamp are
+    clocks; none should wait behind other users of a shared machine (that would be charged to v2grt, or
+    to its credit). Not granted: they stay as they are."""
+    from v2grt.loop import set_process_fifo
 
-        set_process_fifo(priority, reset_on_fork=True)
+    set_process_fifo(priority)
 
 
 def measure(args, gateway_priority: int, sim_priority: int) -> dict:
@@ -198,7 +199,6 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
     row_of = {nid: i for i, nid in enumerate(fleet.node_ids[: fleet.n_rows])}
     meter = SunSpecMeter(213, f_hz=F_CHARGE_HZ)
     msim = SimServerThread([meter], name="bench-meter").start()
-    _instruments_fifo(args.bench_priority)
     procs = _Procs()
     ctx = zmq.Context()
     observer = None
@@ -219,12 +219,13 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
              "--log-file", str(gw_log), "--sched-fifo-priority", str(gateway_priority), *args.gateway_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))
         observer = Observer(ctx, ep["setpoints"], row_of).start()
-        _instruments_fifo(args.bench_priority)
         heard_s = wait_heard(ctx, ep["control"], {"aggregator": agg, "sim": sim, "gateway": gw}, 60.0)
         # Dispatched before the first step (the merit order may leave a charger or two at less; each charger's
         # step is measured from its own setpoint before it).
         wait_until(lambda: bool(observer.messages) and (observer.messages[-1][1] < -MOVED_KW).mean() >= 0.5, 20.0,
                    "the chargers charging before the first step")
+        if args.bench_priority:
+            _instruments_fifo(args.bench_priority)
         time.sleep(args.gap_s)
         period_s = float(cfg["period_s"])
         rng = np.random.default_rng(args.seed)
@@ -246,6 +247,8 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
         stop_line = _find_line(gw_log, "GATEWAY_STOP") or ""
         rt_gateway = sum(" granted=True " in line for line in gw_log.read_text().splitlines() if "RT_SETUP" in line)
     finally:
+        if args.bench_priority:
+            _instruments_fifo(0)
         if observer is not None and observer._thread.is_alive():
             observer.stop()
         procs.stop_all()
