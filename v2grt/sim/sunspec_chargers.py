@@ -102,9 +102,17 @@ class SunSpecCharger(SunSpecDevice):
         """Set raw values of the live points (W, Alrm, SoC, SoH, WHAvail, WSetRvrtRem) in one step: the physics
         tick's fast path (set_points looks every point up again: most of a 100-charger simulator's tick)."""
         live = self._live
-        enc = [(live[name], encode_point(live[name][1], v)) for name, v in values.items()]
+        enc = []
+        for name, v in values.items():
+            i, p = live[name]
+            if v is not None and p.size == 1 and -0x8000 <= v <= 0xFFFF:
+                enc.append((i, (v & 0xFFFF,)))  # int16/uint16 in range: its two's complement, without struct
+            elif v is not None and p.size == 2 and 0 <= v <= 0xFFFFFFFE:
+                enc.append((i, (v >> 16, v & 0xFFFF)))  # uint32/bitfield32 (0xFFFFFFFF: not implemented)
+            else:
+                enc.append((i, encode_point(p, v)))
         with self._lock:
-            for (i, _p), regs in enc:
+            for i, regs in enc:
                 self._image[i : i + len(regs)] = regs
 
     def _on_write(self, address: int, count: int) -> None:
