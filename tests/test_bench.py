@@ -80,6 +80,8 @@ def test_bench_e2e_sunspec_json():
         "meter_to_publish", "publish_to_write", "write_to_applied")))
     assert row["exit_codes"] == [{"gateway": 0, "sim": 0, "aggregator": 0}]
     assert row["gateway_counters"][0]["modbus_writes_ok"] > 0 and row["cpu_percent_of_a_core"]["gateway"] > 0
+    if os.geteuid() == 0:  # --sched-fifo-priority granted: every thread of the gateway says so (RT_SETUP)
+        assert (row["gateway_priority"], row["sim_priority"]) == (1, 1) and row["gateway_threads_fifo"][0] >= 3
 
 
 def test_bench_gateway_sunspec_json():

@@ -346,7 +346,7 @@ def render(r: dict) -> str:
 
 
 #: --smoke: a few seconds at a tiny size (structure and counts, not timing).
-SMOKE = {"chargers": 4, "trials": 4, "gap_s": 0.4, "priorities": [(0, 0)]}
+SMOKE = {"chargers": 4, "trials": 4, "gap_s": 0.4, "priorities": [(1, 1)]}
 
 
 def _priorities(text: str) -> list[tuple[int, int]]:

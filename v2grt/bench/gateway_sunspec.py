@@ -83,7 +83,7 @@ def window(stats: list[dict[str, int]], t0_ns: int, t1_ns: int) -> dict:
             "devices_connected_min": min(s.get("devices_connected", 0) for s in inside)}
 
 
-def measure(n: int, args, tmp: Path) -> dict:
+def measure(n: int, args, tmp: Path, base_port: int) -> dict:
     """One fleet size: start everything, wait until every charger is heard, measure, stop."""
     import zmq
 
@@ -93,7 +93,7 @@ def measure(n: int, args, tmp: Path) -> dict:
     from v2grt.sim.sunspec_chargers import write_site
 
     d = tmp / f"n{n}"
-    paths = write_site(d / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=args.base_port,
+    paths = write_site(d / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=base_port,
                        units_per_server=args.units_per_server)
     parts = split_site(paths["roster"], paths["devices"], args.sim_processes, d / "sims")
     meter = SunSpecMeter(213, f_hz=args.f_hz)
@@ -107,11 +107,12 @@ def measure(n: int, args, tmp: Path) -> dict:
         sims = []
         for k, (roster_k, devices_k) in enumerate(parts):
             log_k = d / f"sim{k}.log"
-            sims.append((log_k, procs.add(f"sim{k}", subprocess.Popen(
-                [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
-                 "--gateway-id", GATEWAY_ID, "--tick-s", str(args.sim_tick_s), "--log-file", str(log_k),
-                 "--sched-fifo-priority", str(args.sim_priority)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=d))))
+            with open(d / f"sim{k}.stderr", "w") as err:  # the child keeps its own descriptor
+                sims.append((log_k, procs.add(f"sim{k}", subprocess.Popen(
+                    [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
+                     "--gateway-id", GATEWAY_ID, "--tick-s", str(args.sim_tick_s), "--log-file", str(log_k),
+                     "--sched-fifo-priority", str(args.sim_priority)],
+                    stdout=subprocess.DEVNULL, stderr=err, env=child_env(), cwd=d))))
         for k, (log_k, proc) in enumerate(sims):
             _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, 120, f"simulator {k}")
         gw = procs.add("gateway", subprocess.Popen(
@@ -157,7 +158,8 @@ def run(args) -> dict:
     # The meter's server logs the aggregator's cancelled requests at stop: noise, not a result.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="v2g-gateway-sunspec-"))
-    rows = [measure(n, args, tmp) for n in args.devices]
+    # Each size on ports of its own: the previous size's listeners may linger a moment after their processes.
+    rows = [measure(n, args, tmp, args.base_port + 2000 * k) for k, n in enumerate(args.devices)]
     goal = next((r for r in rows if r["devices"] == GOAL_DEVICES), None)
     return {
         "benchmark": "gateway", "protocol": "sunspec", "machine": machine(), "source": source_state(),
@@ -204,7 +206,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--f-hz", type=float, default=49.6, help="the meter's frequency (49.6 Hz)")
     ap.add_argument("--measure-s", type=float, default=20.0, help="CPU and counters over this long (20 s)")
     ap.add_argument("--settle-s", type=float, default=3.0, help="wait after every charger is heard (3 s)")
-    ap.add_argument("--base-port", type=int, default=16000, help="the simulators' first TCP port")
+    ap.add_argument("--base-port", type=int, default=20000,
+                    help="the simulators' first TCP port (20000; each fleet size 2000 ports further on)")
     ap.add_argument("--priority", type=int, default=None,
                     help="the aggregator's SCHED_FIFO priority (default: configs/default.yaml's)")
     ap.add_argument("--gateway-priority", type=int, default=0,
