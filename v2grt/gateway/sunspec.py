@@ -10,10 +10,12 @@ timer) and 713 (SoC, SoH, energy available, status). :class:`SunSpecChargers` is
 - one asyncio (uvloop) thread, :class:`v2grt.io.modbus.InputThread`, with one
   :class:`ChargerPoller` per device: its own pymodbus client, discovery on every (re)connection,
   capped exponential backoff, a timeout on every request (all from ``SunSpecPoller``);
-- each poller polls 701 and 713 every ``poll_s`` and writes the setpoint block of 704 when the
-  gateway hands it a new setpoint (past the deadband, or exactly 0), and re-writes it every
-  ``revert_s / 3`` while it is not 0: every write sets ``WSetRvrtTms`` = ``revert_s``, so a charger
-  that stops hearing the gateway goes to ``WSetRvrt`` = 0 W by itself within ``revert_s``;
+- on each connection two tasks share the client: a reader polls 701 and 713 every ``poll_s``; a
+  writer writes the setpoint block of 704 as soon as the gateway hands it a new setpoint (past the
+  deadband, or exactly 0; one loop wake for a whole setpoint message), behind at most the one read
+  in flight, and re-writes it every ``revert_s / 3`` while it is not 0: every write sets
+  ``WSetRvrtTms`` = ``revert_s``, so a charger that stops hearing the gateway goes to ``WSetRvrt`` =
+  0 W by itself within ``revert_s``;
 - values are checked by :mod:`v2grt.gateway.sunspec_mapping`; a refused poll is counted
   (``invalid``) and its node reports ``INVALID_TELEMETRY`` until a valid poll arrives.
 
