@@ -27,6 +27,7 @@ alike and the rows compare as ratios.
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import subprocess
@@ -151,6 +152,19 @@ def _first(events, t_from: int, t_to: int, p0: float, sign: float) -> int | None
     return int(t[sel[0]]) if sel.size else None
 
 
+def merged_trace(parts: list[tuple[Path, Path]], row_of: dict[str, int]) -> dict[str, np.ndarray]:
+    """The simulators' save_trace files as one, each (trace, its roster) part's rows mapped to the site's by node id."""
+    with_rows = []
+    for trace_path, roster in parts:
+        with open(roster, newline="") as fh:
+            ids = [r[0] for r in list(csv.reader(fh))[1:]]
+        to_site = np.array([row_of[nid] for nid in ids], np.int64)
+        t = dict(np.load(trace_path))
+        t["write_row"], t["apply_row"] = to_site[t["write_row"]], to_site[t["apply_row"]]
+        with_rows.append(t)
+    return {k: np.concatenate([t[k] for t in with_rows]) for k in with_rows[0]}
+
+
 def wait_heard(ctx, control: str, procs: dict, timeout_s: float) -> float:
     """Heard before dispatched: until every charger's telemetry reached the aggregator; the seconds it took."""
     from v2grt.bench.bench_fuzz import status
@@ -185,6 +199,7 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
     import zmq
 
     from v2grt.bench.bench_fuzz import _fields, _find_line, _Procs, _wait_for_line, start_aggregator
+    from v2grt.bench.gateway_sunspec import split_site
     from v2grt.fleet import Fleet
     from v2grt.gateway.sim import gateway_fleet
     from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
@@ -203,23 +218,30 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
     ctx = zmq.Context()
     observer = None
     cli = [sys.executable, "-m", "v2grt.cli"]
-    trace_path = tmp / "trace.npz"
-    gw_log, sim_log = tmp / "gateway.log", tmp / "sim.log"
+    gw_log = tmp / "gateway.log"
+    # The chargers over --sim-processes simulators (devices with CPUs of their own, not 100 answers queued on
+    # one event loop); each records its writes and applies by its own rows, mapped back by node id.
+    parts = split_site(paths["roster"], paths["devices"], args.sim_processes, tmp / "sims")
+    sims = []
     try:
         agg, ep, cfg, rt = start_aggregator(tmp, paths["roster"], msim.port(meter), args.priority, procs)
-        sim = procs.add("sim", subprocess.Popen(
-            [*cli, "sim", "sunspec-chargers", "--roster", str(paths["roster"]), "--devices", str(paths["devices"]),
-             "--gateway-id", GATEWAY_ID, "--trace-out", str(trace_path), "--log-file", str(sim_log),
-             "--sched-fifo-priority", str(sim_priority)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))
-        _wait_for_line(sim_log, "SIM_SUNSPEC_START", sim, 60, "the simulated chargers")  # or the gateway backs off
+        for k, (roster_k, devices_k) in enumerate(parts):
+            log_k = tmp / f"sim{k}.log"
+            sims.append((log_k, tmp / f"trace{k}.npz", roster_k, procs.add(f"sim{k}", subprocess.Popen(
+                [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
+                 "--gateway-id", GATEWAY_ID, "--trace-out", str(tmp / f"trace{k}.npz"), "--log-file", str(log_k),
+                 "--sched-fifo-priority", str(sim_priority)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))))
+        for k, (log_k, _t, _r, proc) in enumerate(sims):  # all serving, or the gateway backs off
+            _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, 60, f"simulator {k}")
         gw = procs.add("gateway", subprocess.Popen(
             [*cli, "gateway", "sunspec", "--roster", str(paths["roster"]), "--gateway-id", GATEWAY_ID, "--devices",
              str(paths["devices"]), "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"],
              "--log-file", str(gw_log), "--sched-fifo-priority", str(gateway_priority), *args.gateway_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))
         observer = Observer(ctx, ep["setpoints"], row_of).start()
-        heard_s = wait_heard(ctx, ep["control"], {"aggregator": agg, "sim": sim, "gateway": gw}, 60.0)
+        watched = {"aggregator": agg, "gateway": gw, **{f"sim{k}": x[3] for k, x in enumerate(sims)}}
+        heard_s = wait_heard(ctx, ep["control"], watched, 60.0)
         # Dispatched before the first step (the merit order may leave a charger or two at less; each charger's
         # step is measured from its own setpoint before it).
         wait_until(lambda: bool(observer.messages) and (observer.messages[-1][1] < -MOVED_KW).mean() >= 0.5, 20.0,
@@ -230,7 +252,7 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
         period_s = float(cfg["period_s"])
         rng = np.random.default_rng(args.seed)
         steps: list[tuple[int, float]] = []
-        cpu0 = {name: cpu_s(p.pid) for name, p in (("aggregator", agg), ("gateway", gw), ("sim", sim))}
+        cpu0 = {name: cpu_s(p.pid) for name, p in watched.items()}
         t0 = time.monotonic()
         for k in range(args.trials):
             f_hz = F_DISCHARGE_HZ if k % 2 == 0 else F_CHARGE_HZ
@@ -238,12 +260,14 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
             steps.append((time.monotonic_ns(), 1.0 if f_hz == F_DISCHARGE_HZ else -1.0))
             time.sleep(args.gap_s + float(rng.uniform(0.0, 2 * period_s)))
         elapsed = time.monotonic() - t0
-        cpu = {name: 100.0 * (cpu_s(p.pid) - cpu0[name]) / elapsed for name, p in
-               (("aggregator", agg), ("gateway", gw), ("sim", sim))}
+        each = {name: 100.0 * (cpu_s(p.pid) - cpu0[name]) / elapsed for name, p in watched.items()}
+        cpu = {"aggregator": each["aggregator"], "gateway": each["gateway"],
+               "sim": sum(v for k, v in each.items() if k.startswith("sim"))}
         load = os.getloadavg()
         observer.stop()
-        codes = {name: procs.stop(p) for name, p in (("gateway", gw), ("sim", sim), ("aggregator", agg))}
-        trace = dict(np.load(trace_path))
+        codes = {"gateway": procs.stop(gw), "sim": max(procs.stop(x[3]) for x in sims),
+                 "aggregator": procs.stop(agg)}
+        trace = merged_trace([(t, r) for _l, t, r, _p in sims], row_of)
         stop_line = _find_line(gw_log, "GATEWAY_STOP") or ""
         rt_gateway = sum(" granted=True " in line for line in gw_log.read_text().splitlines() if "RT_SETUP" in line)
     finally:
@@ -305,7 +329,8 @@ def run(args) -> dict:
     return {
         "benchmark": "e2e", "protocol": "sunspec", "machine": machine(), "source": source_state(),
         "config": {"chargers": args.chargers, "units_per_server": args.units_per_server, "trials": args.trials,
-                   "rounds": args.rounds, "gap_s": args.gap_s, "period_ms": first["period_ms"],
+                   "rounds": args.rounds, "gap_s": args.gap_s, "sim_processes": args.sim_processes,
+                   "period_ms": first["period_ms"],
                    "meter_poll_ms": first["meter_poll_ms"], "gateway_args": args.gateway_args,
                    "steps_hz": [F_DISCHARGE_HZ, F_CHARGE_HZ], "moved_kw": MOVED_KW, "realtime": first["realtime"],
                    "bench_priority": args.bench_priority},
@@ -316,7 +341,8 @@ def run(args) -> dict:
 def render(r: dict) -> str:
     m, c = r["machine"], r["config"]
     out = [f"frequency step at the SunSpec meter -> simulated charger applying its new power, on {m['cpu']} "
-           f"({m['cores']} cores); {c['chargers']} chargers ({c['units_per_server']} unit id(s) per port), "
+           f"({m['cores']} cores); {c['chargers']} chargers ({c['units_per_server']} unit id(s) per port, "
+           f"{c['sim_processes']} simulator processes), "
            f"{c['trials']} steps x {c['rounds']} round(s) per row, period {c['period_ms']:g} ms, meter poll "
            f"{c['meter_poll_ms']:g} ms; meter and observer at SCHED_FIFO {c['bench_priority']}"]
     for x in r["results"]:
@@ -366,6 +392,8 @@ def main(argv=None) -> int:
                     help="pause between steps (plus a random 0..2 periods); long enough for the last step's "
                          "setpoints to settle")
     ap.add_argument("--base-port", type=int, default=17000, help="the simulator's first TCP port")
+    ap.add_argument("--sim-processes", type=int, default=2,
+                    help="simulator processes sharing the chargers (2: as many as this machine's cores)")
     ap.add_argument("--priority", type=int, default=None,
                     help="the aggregator's SCHED_FIFO priority (default: configs/default.yaml's)")
     ap.add_argument("--priorities", type=_priorities, default=[(0, 0), (40, 30)],
