@@ -191,6 +191,7 @@ SMOKE = {"configs": "20/5", "trials": 4, "nodes": 1000, "gateways": 4}
 #: --protocol NAME -> the module whose main(argv) runs that rig (one line per protocol).
 PROTOCOL_RIGS = {
     "ocpp": "v2grt.bench.e2e_ocpp",
+    "sunspec": "v2grt.bench.e2e_sunspec",
 }
 
 

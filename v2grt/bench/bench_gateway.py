@@ -1,6 +1,7 @@
 """Capacity of one protocol gateway process: how many devices it holds at its update rate, and its CPU.
 
     v2grt bench gateway --protocol ocpp [...]   (OCPP 2.1 charging stations: v2grt/bench/gateway_ocpp.py)
+    v2grt bench gateway --protocol sunspec [...]   (SunSpec DER chargers on Modbus TCP: v2grt/bench/gateway_sunspec.py)
 
 Each protocol's rig is a module with ``run(args) -> dict`` (the JSON result) and ``main(argv)`` (its own
 options, ``--smoke`` and ``--json``); ``--protocol`` picks it and hands it the rest of the command line
@@ -17,8 +18,9 @@ import sys
 #: --protocol NAME -> the module whose main(argv) runs that rig (one line per protocol).
 PROTOCOL_RIGS = {
     "ocpp": "v2grt.bench.gateway_ocpp",
+    "sunspec": "v2grt.bench.gateway_sunspec",
 }
-DEFAULT_PROTOCOL = "ocpp"
+DEFAULT_PROTOCOL = "sunspec"
 
 
 def main(argv=None) -> int:
