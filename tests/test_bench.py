@@ -123,6 +123,56 @@ def test_qualify_verdict_names_the_rule_that_fails():
     assert slow["verdict"] == "DOES NOT HOLD" and not slow["rules"][3]["met"]
 
 
+def test_bench_e2e_ocpp_json():
+    """bench e2e --protocol ocpp --smoke runs the gateway and stations as processes and times every phase to the
+    stations' own application of each step."""
+    r = bench("e2e", "--protocol", "ocpp", "--smoke")
+    row = r["results"][0]
+    assert r["protocol"] == "ocpp" and row["exit_codes"] == {"gateway": 0, "stations": [0]}
+    assert row["steps_timed"] == 4 and row["latency"]["n"] >= 4 and row["sent_not_applied"] == 0
+    assert row["phases"].keys() == {"meter_to_publish", "publish_to_send", "send_to_receive", "receive_to_apply"}
+    assert all(p["n"] == row["latency"]["n"] for p in row["phases"].values())
+    assert row["gateway_counters"]["updates_sent"] > 0
+
+
+def test_bench_gateway_ocpp_json():
+    """bench gateway --protocol ocpp --smoke reads the gateway process's CPU while every EVSE is online and the
+    updates the load asks for go out."""
+    r = bench("gateway", "--protocol", "ocpp", "--smoke")
+    (row,) = r["results"]
+    assert (row["stations"], row["nodes"], row["rate_per_s"]) == (4, 8, 2.0) and row["online_at_end"] == 8
+    assert row["gateway_cpu_percent"] >= 0 and row["measure_s"] >= 2.0 and row["updates_per_s"] >= 0
+    assert row["gateway_counters"]["updates_sent"] > 0 and row["gateway_counters"]["calls_received"] > 0
+    assert row["exit_codes"] == {"gateway": 0, "stations": [0]}
+
+
+def test_bench_e2e_sunspec_json():
+    """bench e2e --protocol sunspec --smoke steps the meter through real aggregator, gateway and charger processes
+    and splits each charger's latency into phases that add up to its total."""
+    r = bench("e2e", "--protocol", "sunspec", "--smoke")
+    (row,) = r["results"]
+    assert r["protocol"] == "sunspec" and row["steps"] == 4 and row["missing"] == 0 and row["steps_unanswered"] == 0
+    per = row["per_charger"]
+    assert per["total"]["n"] >= 4 * 3 and row["last_charger"]["total"]["n"] == 4  # every step moves the chargers
+    assert per["total"]["mean_ms"] == pytest.approx(sum(per[k]["mean_ms"] for k in (
+        "meter_to_publish", "publish_to_write", "write_to_applied")))
+    assert row["exit_codes"] == [{"gateway": 0, "sim": 0, "aggregator": 0}]
+    assert row["gateway_counters"][0]["modbus_writes_ok"] > 0 and row["cpu_percent_of_a_core"]["gateway"] > 0
+    if os.geteuid() == 0:  # --sched-fifo-priority granted: every thread of the gateway says so (RT_SETUP)
+        assert (row["gateway_priority"], row["sim_priority"]) == (1, 1) and row["gateway_threads_fifo"][0] >= 3
+
+
+def test_bench_gateway_sunspec_json():
+    """bench gateway --protocol sunspec --smoke runs a real gateway process against simulated chargers and reports
+    its CPU, the polls it kept up and whether it held the size."""
+    r = bench("gateway", "--protocol", "sunspec", "--smoke")
+    (row,) = r["results"]
+    assert r["protocol"] == "sunspec" and row["devices"] == 8 and row["gateway_exit"] == 0
+    assert row["window_s"] > 1.0 and row["polls_per_device_s"] > 0.5 and row["writes_per_s"] > 0
+    assert row["gateway_cpu_pct"] > 0 and row["counters"]["devices_connected_min"] == 8
+    assert r["goal"]["met"] is None  # 1,000 devices were not measured
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import ssl
 import threading
@@ -24,7 +23,7 @@ from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
 from v2grt.gateway.sim import gateway_fleet
 from v2grt.sim.battery import SimFleetState
 from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
-from v2grt.testing import wait_until
+from v2grt.testing import self_signed_cert, wait_until
 
 GW = "ocpp1"
 
@@ -40,27 +39,7 @@ def site(tmp_path):
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 (cryptography), its server context and a client context."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    d = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v2grt-test-csms")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = self_signed_cert(tmp_path_factory.mktemp("tls"))
     client = ssl.create_default_context(cafile=str(cert_path))
     return server_ssl_context(str(cert_path), str(key_path)), client
 
@@ -542,4 +521,58 @@ def test_a_restarted_gateway_learns_running_transactions_with_trigger_message(si
         wait_until(lambda: np.allclose(sims.target_kw, 3.0), 3.0, "setpoints applied after the restart")
     finally:
         sims.stop()
+        gw.close()
+
+
+def test_a_reply_that_breaks_its_schema_is_counted_and_the_setpoint_sent_again(site):
+    """A real `ocpp` 2.1 station answering UpdateDynamicSchedule with a status outside the schema: the gateway
+    checks the reply (its own CALL path, not ChargePoint.call), counts it as a bad reply and a rejected update,
+    and sends the setpoint again at the next scan instead of taking it as applied."""
+    from ocpp.routing import on
+    from ocpp.v21 import ChargePoint, call, call_result
+    from websockets.asyncio.client import connect
+
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet, deadband_kw=0.1)
+    updates = []
+
+    class Station(ChargePoint):
+        @on("SetChargingProfile")
+        def on_profile(self, evse_id, charging_profile, **_):
+            return call_result.SetChargingProfile(status="Accepted")
+
+        @on("UpdateDynamicSchedule", skip_schema_validation=True)  # lets the station send a reply that is not valid
+        def on_update(self, charging_profile_id, schedule_update, **_):
+            updates.append(schedule_update["setpoint"])
+            return call_result.UpdateDynamicSchedule(status="Maybe")
+
+    async def session():
+        auth = base64.b64encode(f"CS0001:{passwords['CS0001']}".encode()).decode()
+        async with connect(f"ws://127.0.0.1:{gw.port}/ocpp/CS0001", subprotocols=["ocpp2.1"],
+                           additional_headers={"Authorization": f"Basic {auth}"}) as ws:
+            cp = Station("CS0001", ws)
+            reader = asyncio.create_task(cp.start())
+            await cp.call(call.BootNotification(charging_station={"model": "t", "vendorName": "t"}, reason="PowerUp"))
+            await cp.call(call.TransactionEvent(
+                event_type="Started", timestamp="2026-12-04T21:00:00Z", trigger_reason="CablePluggedIn", seq_no=0,
+                transaction_info={"transactionId": "T1"}, evse={"id": 1},
+                meter_value=[{"timestamp": "2026-12-04T21:00:00Z", "sampledValue": [{"measurand": "SoC",
+                                                                                    "value": 50}]}]))
+            for _ in range(100):
+                if gw.controllable[0]:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.controllable[0]  # the profile is in
+            for _ in range(60):  # the gateway's GatewayCore would call apply every wake; so does this loop
+                gw.apply(np.array([5.0, 0, 0, 0, 0, 0]), 0)
+                if len(updates) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            reader.cancel()
+
+    try:
+        asyncio.run(session())
+        assert updates[:2] == [-5000.0, -5000.0]  # sent again: the first was not taken as applied
+        assert gw.stats["bad_replies"] >= 1 and gw.stats["updates_rejected"] >= 1
+    finally:
         gw.close()

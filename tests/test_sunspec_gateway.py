@@ -241,6 +241,48 @@ def test_silent_and_bad_chargers_map_to_reason_codes_and_never_stop_the_others(s
     assert [wset_kw(sim, r) for r in range(4)] == [0.0] * 4  # close flushed the zeros
 
 
+def test_a_setpoint_is_written_while_a_poll_is_under_way_not_after_it(tmp_path):
+    """A setpoint handed over while the charger is slow to answer a poll's first read (701) goes out as soon as
+    that read is answered, before the poll's second read (713): a write waits for one request, not a poll."""
+    import asyncio
+
+    paths = write_site(tmp_path / "site", n_devices=1, gateway_id=GW, base_port=0)
+    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
+    state = SimFleetState.from_fleet(fleet, 0, unreachable_fraction=0.0, hot_fraction=0.0, low_soh_fraction=0.0)
+    sim = SimChargers(state, grouped_layout(1))
+    dev = sim.devices[0]
+    models = sorted((addr, mid) for mid, addr in dev.models.items())
+    seen: list[tuple[int, bool]] = []  # (model, is a write) of each request, in the order the charger got them
+    armed, in_slow_read = threading.Event(), threading.Event()
+    action = dev._action
+
+    async def slow_701(fc, start, address, count, current, set_values):
+        mid = max((m for a, m in models if a <= address), default=0)
+        seen.append((mid, set_values is not None))
+        if mid == 701 and set_values is None and armed.is_set():
+            armed.clear()
+            in_slow_read.set()
+            await asyncio.sleep(0.3)  # the charger takes its time over this read
+        return await action(fc, start, address, count, current, set_values)
+
+    dev._action = slow_701
+    sim.start()
+    gw = start_gateway(fleet, sim.devices_map(list(fleet.node_ids[:1])), poll_s=0.5, timeout_s=0.9, revert_s=3)
+    try:
+        wait_until(lambda: gw.pollers[0].written_kw == 0.0 and gw.counters()["modbus_reads_ok"] >= 1, 5.0,
+                   "connected, written and polled")
+        armed.set()
+        assert in_slow_read.wait(3.0), "no poll reached the charger"
+        mark = len(seen)
+        gw.apply(np.array([4.0]), time.monotonic_ns())
+        wait_until(lambda: wset_kw(sim, 0) == 4.0, 3.0, "the setpoint at the charger")
+        wait_until(lambda: len(seen) >= mark + 2, 3.0, "the poll's second read")
+        assert seen[mark:mark + 2] == [(704, True), (713, False)]
+    finally:
+        gw.close()
+        sim.stop()
+
+
 def test_a_device_without_the_charger_models_or_with_a_bad_scale_factor_is_refused(site):
     """A SunSpec inverter (701/704 only) and a charger whose WSet_SF is 20 are refused at connect, named,
     counted, OFFLINE; never written; the gateway keeps serving the others."""

@@ -121,6 +121,22 @@ def apply_realtime(cfg: RealtimeConfig) -> list[SetupStep]:
     return steps
 
 
+def set_process_fifo(priority: int) -> list[SetupStep]:
+    """SCHED_FIFO at `priority` for every thread this process has now (its own, libzmq's I/O threads, the log
+    writer), by /proc/self/task; never raises. For processes with no control thread of their own to protect
+    (a protocol gateway, a simulator standing for devices with CPUs of their own), where one priority for all
+    keeps a thread from waiting for the GIL behind a lower-priority thread that the scheduler put aside.
+    Threads and processes started afterwards inherit it (0: every thread back to SCHED_OTHER)."""
+    steps = []
+    for task in sorted(os.listdir("/proc/self/task"), key=int):
+        try:
+            name = open(f"/proc/self/task/{task}/comm").read().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        steps.append(set_thread_fifo(int(task), priority, f"{name}[{task}]"))
+    return steps
+
+
 def io_priority(control_priority: int) -> int:
     """The SCHED_FIFO priority of the input and bus threads: just below the control thread's (at least 1),
     so fresh inputs are read ahead of every SCHED_OTHER thread but never preempt a cycle."""
@@ -129,10 +145,12 @@ def io_priority(control_priority: int) -> int:
 
 def set_thread_fifo(native_id: int, priority: int, name: str) -> SetupStep:
     """SCHED_FIFO at `priority` for one thread of this process, by its native id (Linux: a thread id is
-    a valid pid for sched_setscheduler); never raises. Returns the step, granted or why not."""
+    a valid pid for sched_setscheduler); never raises. Returns the step, granted or why not.
+    `priority` 0: back to SCHED_OTHER."""
     step = f"sched_fifo:{name}"
     try:
-        os.sched_setscheduler(native_id, os.SCHED_FIFO, os.sched_param(priority))
+        policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
+        os.sched_setscheduler(native_id, policy, os.sched_param(priority))
         return SetupStep(step, True, f"SCHED_FIFO priority {priority}")
     except (OSError, ValueError) as exc:
         return SetupStep(step, False, f"priority {priority}: {exc} (needs CAP_SYS_NICE or LimitRTPRIO)")

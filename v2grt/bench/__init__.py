@@ -2,8 +2,9 @@
 
 Each ``bench_NAME`` module here is one benchmark with ``main(argv) -> int``; it prints a table, or one JSON
 object with ``--json``, and has ``--smoke`` (a tiny size, a few seconds: structure, not timing). ``_common``
-holds what they share. The ``probe_*`` modules are indicative probes, not benchmarks
-(``python -m v2grt.bench.probe_sunspec_latency``). Benchmarks measure; no test asserts a latency.
+holds what they share; ``e2e_PROTOCOL`` and ``gateway_PROTOCOL`` are the per-protocol rigs that
+``v2grt bench e2e --protocol`` and ``v2grt bench gateway --protocol`` hand over to. Benchmarks measure; no test
+asserts a latency.
 """
 
 from __future__ import annotations

@@ -417,7 +417,7 @@ def world_main() -> None:
                 reply = {"ok": True}
             elif cmd == "set_frequency":
                 state["meter"].set_frequency(req["f_hz"])
-                reply = {"ok": True}
+                reply = {"ok": True, "t_ns": time.monotonic_ns()}  # when the step was made (CLOCK_MONOTONIC)
             elif cmd == "counters":
                 reply = dict(counters)
             elif cmd == "e2e":

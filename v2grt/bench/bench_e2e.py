@@ -1,6 +1,10 @@
 """End-to-end latency: a frequency step written into the Modbus meter to the setpoint at a gateway.
 
     v2grt bench e2e [--configs 100/20,100/5,20/20,20/5] [--trials 200] [--nodes 10000] [--json]
+    v2grt bench e2e --protocol ocpp [...]   (to a simulated OCPP station applying it: v2grt/bench/e2e_ocpp.py)
+
+``--protocol sim`` (the default) is what follows; any other protocol hands the rest of the command
+line to its rig module (``PROTOCOL_RIGS``), which has its own options (``--protocol ocpp --help``).
 
 Each config is PERIOD_MS/POLL_MS: the aggregator's control period and its meter poll interval. The
 Aggregator runs in this process; a child process plays the world: a SunSpec meter (model 213) served
@@ -184,8 +188,24 @@ def render(r: dict) -> str:
 SMOKE = {"configs": "20/5", "trials": 4, "nodes": 1000, "gateways": 4}
 
 
+#: --protocol NAME -> the module whose main(argv) runs that rig (one line per protocol).
+PROTOCOL_RIGS = {
+    "ocpp": "v2grt.bench.e2e_ocpp",
+    "sunspec": "v2grt.bench.e2e_sunspec",
+}
+
+
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--protocol", default="sim", choices=["sim", *PROTOCOL_RIGS])
+    known, rest = pre.parse_known_args(argv)
+    if known.protocol != "sim":
+        import importlib
+
+        return int(importlib.import_module(PROTOCOL_RIGS[known.protocol]).main(rest) or 0)
     ap = argparse.ArgumentParser(prog="v2grt bench e2e", description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", default="sim", choices=["sim", *PROTOCOL_RIGS],
+                    help="sim (default): to the setpoint at a gateway; others: to a simulated charger applying it")
     ap.add_argument("--configs", default="100/20,100/5,20/20,20/5",
                     help="comma-separated PERIOD_MS/POLL_MS pairs (control period / meter poll interval)")
     ap.add_argument("--trials", type=int, default=200, help="frequency steps per config")

@@ -24,6 +24,7 @@ devices file maps each roster node to host, port and unit id (docs/gateways.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import signal
 import sys
@@ -56,14 +57,16 @@ def _run_until_stopped(core, stop) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _run_gateway(args, load, make_vehicles, *, errors: tuple = (), start, finish) -> int:
+def _run_gateway(args, load, make_vehicles, *, errors: tuple = (), start, finish, running=None) -> int:
     """What every gateway command does around its own driver, in this order: logging, the stop flag and the
     event log; ``load()``, its inputs (the roster's vehicles of ``--gateway-id`` and whatever else the kind
     reads) or an exit code; the bus key (``--client-key``); the ZeroMQ context; ``make_vehicles(inputs,
     events, ctx)`` and the GatewayCore around it (``errors``: the driver's own start-up errors, besides the
     core's and the bus's); the GATEWAY_START line (``start(vehicles)``: its format and values after the
-    gateway id); the run until SIGTERM/SIGINT; the GATEWAY_STOP line (``finish(vehicles, core)``: what the
-    kind does once the core stopped, and the line's text after the gateway id); the teardown."""
+    gateway id); ``running(vehicles, core)`` if given (what runs beside the core, e.g. a stats thread; it
+    returns what to call once the core stopped); the run until SIGTERM/SIGINT; the GATEWAY_STOP line
+    (``finish(vehicles, core)``: what the kind does once the core stopped, and the line's text after the
+    gateway id); the teardown."""
     import zmq
 
     from v2grt.cli import CliError
@@ -93,7 +96,10 @@ def _run_gateway(args, load, make_vehicles, *, errors: tuple = (), start, finish
             return _fail(str(exc), EXIT_INVALID)
         fmt, values = start(vehicles)
         log.info("GATEWAY_START gateway=%s " + fmt, args.gateway_id, *values)
+        after = running(vehicles, core) if running is not None else None
         _run_until_stopped(core, stop)  # every node at 0 kW, handed to the vehicles or chargers
+        if after is not None:
+            after()
         log.info("GATEWAY_STOP gateway=%s %s", args.gateway_id, finish(vehicles, core))
         return EXIT_OK
     finally:
@@ -193,7 +199,11 @@ def cmd_ocpp(args) -> int:
                                 resync_s=args.resync_s, max_offline_s=args.max_offline_s,
                                 call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
                                 accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
-        return OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        vehicles = OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        if args.trace_file:  # benches: every sent update and answered call, written at exit (bench e2e --protocol ocpp)
+            vehicles.trace = collections.deque(maxlen=1_000_000)
+            vehicles.calls_trace = collections.deque(maxlen=1_000_000)
+        return vehicles
 
     def start(vehicles):
         return ("kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s telemetry=%s deadband_kw=%g "
@@ -204,6 +214,8 @@ def cmd_ocpp(args) -> int:
 
     def finish(vehicles, core):
         vehicles.close()  # sends what is still due (the zeros), then closes every station
+        if args.trace_file:
+            vehicles.write_trace(args.trace_file)
         return f"kind=ocpp {_counters(core.counters(), vehicles.counters())}"
 
     return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
@@ -236,11 +248,46 @@ def cmd_sunspec(args) -> int:
                 (len(vehicles.node_ids), args.setpoints, args.telemetry, args.poll_s, args.revert_s,
                  args.deadband_kw))
 
+    def running(vehicles, core):
+        stats_stop = _log_stats(args.gateway_id, args.stats_interval_s, core, vehicles)
+        _realtime(args.sched_fifo_priority)
+        return stats_stop.set
+
     def finish(vehicles, core):
         vehicles.close()  # writes what is still due (the zeros), then stops the Modbus thread
         return f"kind=sunspec {_counters(core.counters(), vehicles.counters())}"
 
-    return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
+    return _run_gateway(args, load, make_vehicles, start=start, finish=finish, running=running)
+
+
+def _realtime(priority: int) -> None:
+    """SCHED_FIFO for every thread of the gateway (0: leave them SCHED_OTHER); each thread's outcome logged as
+    RT_SETUP, as the aggregator logs its own."""
+    if not priority:
+        return
+    from v2grt.loop import set_process_fifo
+
+    for step in set_process_fifo(priority):
+        log.info("RT_SETUP step=%s granted=%s detail=%s", step.step, step.granted, step.detail)
+
+
+def _log_stats(gateway_id: str, interval_s: float, core, vehicles):
+    """Every ``interval_s`` (0: never) a GATEWAY_STATS line with the counters so far and CLOCK_MONOTONIC, from a
+    thread of its own; returns the Event that stops it. Rates over a window are the difference of two lines
+    (v2grt bench gateway --protocol sunspec reads them)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def loop():
+        while not done.wait(interval_s):
+            counters = " ".join(f"{k}={v}" for k, v in {**core.counters(), **vehicles.counters()}.items())
+            log.info("GATEWAY_STATS gateway=%s t_mono_ns=%d %s", gateway_id, time.monotonic_ns(), counters)
+
+    if interval_s > 0:
+        threading.Thread(target=loop, name="stats", daemon=True).start()
+    return done
 
 
 def cmd_ocpp_password(args) -> int:
@@ -334,6 +381,8 @@ def _add_ocpp(gsub) -> None:
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--trace-file", help="on exit, write the time each setpoint update was handed over and sent "
+                                        "(CSV; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
     from v2grt.security.cli import add_client_key_options
 
     add_client_key_options(p)
@@ -371,6 +420,11 @@ def _add_sunspec(gsub) -> None:
                    help="a charger without a valid poll for this long reports TIMEOUT_BMS_RESPONSE (default 5 s)")
     p.add_argument("--event-interval-s", type=float, default=60.0,
                    help="log the same event code for the same key at most this often (default 60)")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO at this priority for every thread of the gateway (default 0: SCHED_OTHER); "
+                        "below the aggregator's (configs/default.yaml: 50) on a shared host (docs/gateways.md)")
+    p.add_argument("--stats-interval-s", type=float, default=0.0,
+                   help="log a GATEWAY_STATS line with the Modbus and bus counters this often (default 0: never)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
     from v2grt.security.cli import add_client_key_options

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
 from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
 from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
@@ -48,6 +49,7 @@ from ocpp.v201 import ChargePoint as ChargePoint201
 
 from v2grt.events import EventLog
 from v2grt.gateway import ocpp_mapping as om
+from v2grt.gateway import ocpp_schema
 from v2grt.gateway.core import GatewayError
 
 log = logging.getLogger("v2grt.gateway")
@@ -116,6 +118,7 @@ class OcppSettings:
     accept_201: bool = True
     tick_s: float = 0.1  # the resync/install scan; setpoints themselves go out when they arrive
     meter_stale_s: float = 10.0  # no meter values for this long: the node's values are not trusted
+    use_uvloop: bool = True  # the websockets loop on uvloop when installed (a pyproject dependency)
 
     def check(self) -> None:
         problems = []
@@ -209,6 +212,10 @@ class OcppVehicles:
                         len(unknown_stations), unknown_stations[0],
                         "roster stations without credentials can never connect")
         self.n = n
+        self.station_rows: dict[str, list[int]] = {}
+        for (station, _evse), row in self.row_of.items():
+            self.station_rows.setdefault(station, []).append(row)
+        self._install_sessions: set[_SessionMixin] = set()  # stations with an EVSE in a transaction, no profile
         self.lock = threading.Lock()
         self.target_kw = np.zeros(n)
         self.sent_kw = np.full(n, np.nan)
@@ -218,6 +225,10 @@ class OcppVehicles:
         self.callerrors: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
         self.stats: collections.Counter[str] = collections.Counter()
+        # With trace on (the latency benchmark): (handed over ns, sent ns, row, kW) of every setpoint
+        # update, CLOCK_MONOTONIC; bounded, written by write_trace.
+        self.trace: collections.deque[tuple[int, int, int, float]] | None = None
+        self.calls_trace: collections.deque[int] | None = None  # receive times of station CALLs, with trace
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._thread: threading.Thread | None = None
@@ -295,7 +306,8 @@ class OcppVehicles:
 
     def _run_loop(self) -> None:
         try:
-            asyncio.run(self._main())
+            with asyncio.Runner(loop_factory=_loop_factory(self.settings.use_uvloop)) as runner:
+                runner.run(self._main())
         except BaseException as exc:  # reported to start()
             self._error = exc
             self._ready.set()
@@ -306,6 +318,10 @@ class OcppVehicles:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         s = self.settings
+        for version in ("2.1", "2.0.1"):  # compiled now, not at the first message of a busy moment
+            ocpp_schema.precompile(version, HANDLED_ACTIONS)
+            ocpp_schema.precompile(version, ("SetChargingProfile", "TriggerMessage"), response=True)
+        ocpp_schema.precompile("2.1", ("UpdateDynamicSchedule",), response=True)
         subprotocols = list(om.SUBPROTOCOLS if s.accept_201 else om.SUBPROTOCOLS[:1])
         async with serve(self._serve_station, s.host, s.port, subprotocols=subprotocols,
                          process_request=self._authenticate, ssl=s.ssl_context, max_size=s.max_message_bytes,
@@ -367,6 +383,7 @@ class OcppVehicles:
             await old.done.wait()
         with self.lock:
             self.sessions[station] = session
+            self._install_sessions.add(session)  # transactions running from before a reconnect
             for row in session.rows:
                 self.evses[row].charge_only = version == om.OCPP201
         self.stats["connections"] += 1
@@ -394,15 +411,17 @@ class OcppVehicles:
                              station=station, close_code=ws.close_code)
 
     def _rows_of(self, station: str) -> list[int]:
-        return [r for (s, _e), r in self.row_of.items() if s == station]
+        return self.station_rows.get(station, [])
 
     # ------------------------------------------------------------------------------ control
     def _scan(self, installs: bool = True) -> None:
         """Hand every due setpoint (ocpp_mapping.due_rows) and, with ``installs``, every missing profile
-        to its station. Setpoint arrivals scan without installs: that part is a Python loop over every
-        EVSE, done by the ticker and the transaction handlers."""
+        to its station, and wake the stations that got work. Installs look only at the stations listed
+        in ``_install_sessions`` (an EVSE with a transaction and no profile): a loop over every EVSE at
+        every tick and every TransactionEvent cost O(stations^2) while a thousand stations connect."""
         now = time.monotonic_ns()
         s = self.settings
+        woken = set()
         with self.lock:
             due = om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now,
                               deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9))
@@ -415,14 +434,24 @@ class OcppVehicles:
                     # the station answers; the sender always sends the newest target.
                     self.sent_kw[row] = self.target_kw[row]
                     self.sent_ns[row] = now
-            for session in self.sessions.values():
-                for row in session.rows if installs else ():
+                    woken.add(session)
+            for session in list(self._install_sessions) if installs else ():
+                if self.sessions.get(session.id) is not session:
+                    self._install_sessions.discard(session)
+                    continue
+                missing = False
+                for row in session.rows:
                     e = self.evses[row]
-                    if (e.transaction_id is not None and not e.profile_installed and now >= e.profile_retry_ns
-                            and row not in session.pending_install and row != session.installing):
-                        session.pending_install.add(row)
-                if session.pending_update or session.pending_install or session.need_default or session.need_trigger:
-                    session.wake.set()
+                    if e.transaction_id is not None and not e.profile_installed:
+                        missing = True
+                        if (now >= e.profile_retry_ns and row not in session.pending_install
+                                and row != session.installing):
+                            session.pending_install.add(row)
+                            woken.add(session)
+                if not missing:
+                    self._install_sessions.discard(session)
+            for session in woken:
+                session.wake.set()
 
     def count_callerror(self, code: str, station: str, detail: str) -> None:
         key = code if code in RPC_ERROR_CODES else "Other"  # bounded keys, whatever the frame carried
@@ -430,14 +459,70 @@ class OcppVehicles:
         self.events.emit("OCPP_CALLERROR", logging.WARNING, key=station, gateway=self.gateway_id, station=station,
                          error=code[:60], total=self.callerrors[key], msg=detail[:200])
 
+    def write_trace(self, path) -> int:
+        """Write what was traced (``trace`` on) as CSV ``event,t_handed_ns,t_sent_ns,row,p_kw``: ``update`` rows for
+        setpoint updates, ``call`` rows (t_sent_ns = received) for CALLs from stations; the count."""
+        import csv
+
+        rows = [("update", *r) for r in list(self.trace or ())]
+        rows += [("call", 0, t, -1, 0.0) for t in list(self.calls_trace or ())]
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["event", "t_handed_ns", "t_sent_ns", "row", "p_kw"])
+            w.writerows(rows)
+        return len(rows)
+
     def counters(self) -> dict[str, int]:
         """Plain counters for the stop log line and tests."""
         return {**self.stats, **{f"callerror_{k}": v for k, v in sorted(self.callerrors.items())},
                 **{f"refused_{k}": v for k, v in sorted(self.refused.items())}}
 
 
+def _loop_factory(use_uvloop: bool):
+    """uvloop's event loop when asked and installed, else asyncio's (None: asyncio.Runner's default)."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: the OCPP gateway runs on the default asyncio loop")
+        else:
+            return uvloop.new_event_loop
+    return None
+
+
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: camelCase key -> the ocpp package's snake_case of it. Its conversion runs two regular expressions per
+#: key of every message (15 % of the gateway's busy time at 200 stations); the keys repeat. Bounded: a
+#: station can invent keys inside customData, and those are converted without being remembered.
+_SNAKE_KEYS: dict[str, str] = {}
+_SNAKE_KEYS_MAX = 4096
+
+
+def _snake(data):
+    """ocpp.charge_point.camel_to_snake_case, with the key conversions remembered (same result)."""
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            snake = _SNAKE_KEYS.get(key)
+            if snake is None:
+                snake = next(iter(camel_to_snake_case({key: None})))
+                if len(_SNAKE_KEYS) < _SNAKE_KEYS_MAX:
+                    _SNAKE_KEYS[key] = snake
+            out[snake] = _snake(value)
+        return out
+    if isinstance(data, list):
+        return [_snake(v) for v in data]
+    return data
+
+
+def _result_payload(response) -> dict:
+    """A handler's reply dataclass as the schema's camelCase dict ({} at once when every field is None)."""
+    if all(v is None for v in vars(response).values()):
+        return {}
+    return snake_to_camel_case(remove_nones(serialize_as_dict(response)))
 
 
 def _unique_id(raw: Any) -> str:
@@ -515,6 +600,9 @@ class _SessionMixin:
             await self._send_error("-1", "FormatViolation", "not an OCPP-J message")
             return
         if isinstance(msg, Call):
+            self.gw.stats["calls_received"] += 1
+            if self.gw.calls_trace is not None:
+                self.gw.calls_trace.append(time.monotonic_ns())
             if not isinstance(msg.unique_id, str) or not isinstance(msg.payload, dict):
                 await self._send_error(_unique_id(raw_msg), "FormatViolation", "message id must be a string "
                                                                                 "and the payload an object")
@@ -540,7 +628,12 @@ class _SessionMixin:
             except ValueError:
                 raise NotSupportedError(details={"cause": f"{str(msg.action)[:60]} is not an OCPP action"}) from None
             raise OcppNotImplemented(details={"cause": f"{msg.action} is not handled by this CSMS"})
-        return await super()._handle_call(msg)
+        ocpp_schema.validate(self._ocpp_version, msg.action, msg.payload)  # the package's schemas, compiled
+        # Not ChargePoint._handle_call: for every message it inspects the handler's signature and turns the
+        # reply dataclass into a dict, strips its Nones and camel-cases it; most replies here are empty
+        # (MeterValues, StatusNotification). A handler's exception goes to _route, which answers CALLERROR.
+        response = await self.route_map[msg.action]["_on_action"](**_snake(msg.payload))
+        await self._send(msg.create_call_result(_result_payload(response)).to_json())
 
     async def _send_error(self, unique_id: str, code: str, description: str) -> None:
         await self._send(json.dumps([MessageType.CallError, unique_id, code, description, {}]))
@@ -581,18 +674,18 @@ class _SessionMixin:
                 e.p_kw = reading.p_kw
 
     # ------------------------------------------------------------------------------ handlers
-    @on("BootNotification")
+    @on("BootNotification", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_boot(self, charging_station, reason, **_):
         self.need_default = True
         self.wake.set()
         return self._call_result.BootNotification(current_time=_now_iso(), interval=self.gw.settings.heartbeat_s,
                                                   status="Accepted")
 
-    @on("Heartbeat")
+    @on("Heartbeat", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_heartbeat(self, **_):
         return self._call_result.Heartbeat(current_time=_now_iso())
 
-    @on("StatusNotification")
+    @on("StatusNotification", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_status(self, timestamp, connector_status, evse_id, connector_id, **_):
         row = self._row(evse_id)
         if row is not None:
@@ -600,7 +693,7 @@ class _SessionMixin:
                 self.gw.evses[row].connector_status = connector_status
         return self._call_result.StatusNotification()
 
-    @on("TransactionEvent")
+    @on("TransactionEvent", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_transaction(self, event_type, timestamp, trigger_reason, seq_no, transaction_info, evse=None,
                              meter_value=None, **_):
         tx = transaction_info["transaction_id"]
@@ -628,10 +721,11 @@ class _SessionMixin:
                     e.transaction_id, e.profile_installed, e.profile_refused, e.profile_retry_ns = tx, False, False, 0
                     self.gw.controllable[row] = False
                 self.tx_rows[tx] = row
+                self.gw._install_sessions.add(self)
         self.gw._scan()
         return self._call_result.TransactionEvent()
 
-    @on("MeterValues")
+    @on("MeterValues", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_meter_values(self, evse_id, meter_value, **_):
         row = self._row(evse_id)
         if row is not None:
@@ -641,7 +735,7 @@ class _SessionMixin:
                 self.wake.set()
         return self._call_result.MeterValues()
 
-    @on("NotifyEVChargingNeeds")
+    @on("NotifyEVChargingNeeds", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_charging_needs(self, charging_needs, evse_id, **_):
         row = self._row(evse_id)
         if row is None:
@@ -683,37 +777,48 @@ class _SessionMixin:
             finally:
                 self.busy = 0
 
-    async def _request(self, payload) -> Any | None:
-        """One CALL; None (counted) on CALLERROR, timeout or a reply the library could not read."""
+    async def _request(self, action: str, payload: dict) -> dict | None:
+        """One CALL (a payload of the schema's camelCase names); the reply's payload, checked against the
+        schema, or None (counted) on CALLERROR, timeout or a reply that fails its schema.
+
+        Not ``ChargePoint.call``: it converts a dataclass to camelCase and back and checks both payloads
+        with jsonschema on every call, most of a setpoint update's cost at hundreds of stations. Ours are
+        built with the schema's names (ocpp_mapping, tested against the schemas); replies are still checked.
+        """
+        unique_id = str(self._unique_id_generator())
+        response = None
         try:
-            return await self.call(payload, suppress=False)
+            async with self._call_lock:  # OCPP-J: one CALL in flight per station
+                await self._send(Call(unique_id=unique_id, action=action, payload=payload).to_json())
+                response = await self._get_specific_response(unique_id, self._response_timeout)
+            if response.message_type_id == MessageType.CallError:
+                raise response.to_exception()
+            ocpp_schema.validate(self._ocpp_version, action, response.payload, response=True)
+            return response.payload
         except asyncio.TimeoutError:
             self.gw.stats["call_timeouts"] += 1
         except OCPPError as exc:
-            self.gw.stats["callerrors_received"] += 1
-            log.warning("OCPP_CALLERROR_RECEIVED gateway=%s station=%s action=%s code=%s", self.gw.gateway_id,
-                        self.id, type(payload).__name__, exc.code)
-        except Exception as exc:  # e.g. a reply failing schema validation
-            from websockets.exceptions import ConnectionClosed
-
-            if isinstance(exc, ConnectionClosed):
-                raise
-            self.gw.stats["bad_replies"] += 1
-            log.warning("OCPP_BAD_REPLY gateway=%s station=%s action=%s error=%r", self.gw.gateway_id, self.id,
-                        type(payload).__name__, str(exc)[:200])
+            if response is not None and response.message_type_id == MessageType.CallError:
+                self.gw.stats["callerrors_received"] += 1
+                log.warning("OCPP_CALLERROR_RECEIVED gateway=%s station=%s action=%s code=%s", self.gw.gateway_id,
+                            self.id, action, exc.code)
+            else:
+                self.gw.stats["bad_replies"] += 1
+                log.warning("OCPP_BAD_REPLY gateway=%s station=%s action=%s error=%r", self.gw.gateway_id,
+                            self.id, action, str(exc)[:200])
         return None
 
     async def _install_default(self) -> None:
-        reply = await self._request(self._call.SetChargingProfile(evse_id=0, charging_profile=om.default_profile()))
-        if reply is None or reply.status != "Accepted":
+        reply = await self._request("SetChargingProfile", {"evseId": 0, "chargingProfile": om.default_profile()})
+        if reply is None or reply.get("status") != "Accepted":
             self.gw.stats["default_profile_rejected"] += 1
             self.gw.events.emit("OCPP_DEFAULT_PROFILE_REJECTED", logging.WARNING, key=self.id,
                                 gateway=self.gw.gateway_id, station=self.id,
                                 msg="the station keeps its own fallback when it loses the gateway")
 
     async def _trigger_transactions(self) -> None:
-        reply = await self._request(self._call.TriggerMessage(requested_message="TransactionEvent"))
-        self.gw.stats["triggers_accepted" if reply is not None and reply.status == "Accepted"
+        reply = await self._request("TriggerMessage", {"requestedMessage": "TransactionEvent"})
+        self.gw.stats["triggers_accepted" if reply is not None and reply.get("status") == "Accepted"
                       else "triggers_rejected"] += 1
 
     async def _install(self, row: int) -> None:
@@ -724,8 +829,8 @@ class _SessionMixin:
         if tx is None:
             return
         profile = self._profile(e.evse_id, tx, p_kw, limits)
-        reply = await self._request(self._call.SetChargingProfile(evse_id=e.evse_id, charging_profile=profile))
-        ok = reply is not None and reply.status == "Accepted"
+        reply = await self._request("SetChargingProfile", {"evseId": e.evse_id, "chargingProfile": profile})
+        ok = reply is not None and reply.get("status") == "Accepted"
         now = time.monotonic_ns()
         with gw.lock:
             if e.transaction_id != tx:
@@ -751,11 +856,14 @@ class _SessionMixin:
             if not gw.controllable[row]:
                 return
             p_kw, limits, tx = float(gw.target_kw[row]), e.limits(), e.transaction_id
+            handed_ns = int(gw.sent_ns[row])
             gw.sent_kw[row] = p_kw
-            gw.sent_ns[row] = time.monotonic_ns()
-        reply = await self._request(self._update_payload(e.evse_id, tx, p_kw, limits))
+            gw.sent_ns[row] = now = time.monotonic_ns()
+        if gw.trace is not None:
+            gw.trace.append((handed_ns, now, row, p_kw))
+        reply = await self._request(*self._update_payload(e.evse_id, tx, p_kw, limits))
         gw.stats["updates_sent"] += 1
-        if reply is None or reply.status != "Accepted":
+        if reply is None or reply.get("status") != "Accepted":
             gw.stats["updates_rejected"] += 1
             e.update_rejects += 1
             with gw.lock:
@@ -772,9 +880,9 @@ class Session21(_SessionMixin, ChargePoint21):
     def _profile(self, evse_id, tx, p_kw, limits):
         return om.dynamic_profile(evse_id, tx, p_kw, max_offline_s=self.gw.settings.max_offline_s, limits=limits)
 
-    def _update_payload(self, evse_id, tx, p_kw, limits):
-        return self._call.UpdateDynamicSchedule(charging_profile_id=om.tx_profile_id(evse_id),
-                                                schedule_update=om.schedule_update(p_kw, limits))
+    def _update_payload(self, evse_id, tx, p_kw, limits) -> tuple[str, dict]:
+        return "UpdateDynamicSchedule", {"chargingProfileId": om.tx_profile_id(evse_id),
+                                         "scheduleUpdate": om.schedule_update(p_kw, limits)}
 
 
 class Session201(_SessionMixin, ChargePoint201):
@@ -789,9 +897,8 @@ class Session201(_SessionMixin, ChargePoint201):
     def _profile(self, evse_id, tx, p_kw, limits):
         return om.charge_limit_profile(evse_id, tx, p_kw, duration_s=self._duration_s(), limits=limits)
 
-    def _update_payload(self, evse_id, tx, p_kw, limits):
-        return self._call.SetChargingProfile(evse_id=evse_id, charging_profile=self._profile(evse_id, tx, p_kw,
-                                                                                              limits))
+    def _update_payload(self, evse_id, tx, p_kw, limits) -> tuple[str, dict]:
+        return "SetChargingProfile", {"evseId": evse_id, "chargingProfile": self._profile(evse_id, tx, p_kw, limits)}
 
 
 def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:

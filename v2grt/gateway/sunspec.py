@@ -10,10 +10,12 @@ timer) and 713 (SoC, SoH, energy available, status). :class:`SunSpecChargers` is
 - one asyncio (uvloop) thread, :class:`v2grt.io.modbus.InputThread`, with one
   :class:`ChargerPoller` per device: its own pymodbus client, discovery on every (re)connection,
   capped exponential backoff, a timeout on every request (all from ``SunSpecPoller``);
-- each poller polls 701 and 713 every ``poll_s`` and writes the setpoint block of 704 when the
-  gateway hands it a new setpoint (past the deadband, or exactly 0), and re-writes it every
-  ``revert_s / 3`` while it is not 0: every write sets ``WSetRvrtTms`` = ``revert_s``, so a charger
-  that stops hearing the gateway goes to ``WSetRvrt`` = 0 W by itself within ``revert_s``;
+- on each connection two tasks share the client: a reader polls 701 and 713 every ``poll_s``; a
+  writer writes the setpoint block of 704 as soon as the gateway hands it a new setpoint (past the
+  deadband, or exactly 0; one loop wake for a whole setpoint message), behind at most the one read
+  in flight, and re-writes it every ``revert_s / 3`` while it is not 0: every write sets
+  ``WSetRvrtTms`` = ``revert_s``, so a charger that stops hearing the gateway goes to ``WSetRvrt`` =
+  0 W by itself within ``revert_s``;
 - values are checked by :mod:`v2grt.gateway.sunspec_mapping`; a refused poll is counted
   (``invalid``) and its node reports ``INVALID_TELEMETRY`` until a valid poll arrives.
 
@@ -164,61 +166,108 @@ class ChargerPoller(SunSpecPoller):
         return True
 
     async def _poll_connected(self) -> bool:
-        """Poll on a fixed grid, write when woken or when the refresh is due; until the connection fails."""
+        """The writer and the reader of this connection as two tasks, until the connection fails.
+
+        The writer sends a setpoint as soon as it is handed over (and the refresh when due); the reader polls
+        on its fixed grid. pymodbus sends one request at a time per client, in the order they are asked for,
+        so a write waits for at most the one read in flight, never for a whole poll (two reads) as when one
+        task did both. True if a request succeeded (the backoff starts over).
+        """
         loop = asyncio.get_running_loop()
         self._loop, self._wake = loop, asyncio.Event()
         self._wake.set()  # the first write goes out at once on every connection
-        failures, any_ok = 0, False
-        next_poll = loop.time()
-        refresh_s = self.settings.revert_s / 3.0
+        self._failures, self._any_ok = 0, False
+        tasks = {asyncio.ensure_future(self._write_loop()), asyncio.ensure_future(self._read_loop())}
         try:
-            while True:
-                now = loop.time()
-                due = next_poll
-                if self.written_kw not in (None, 0.0):
-                    due = min(due, now + max(refresh_s - (time.monotonic_ns() - self.written_ns) / 1e9, 0.0))
-                if not self._wake.is_set() and due > now:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), due - now)
-                    except asyncio.TimeoutError:
-                        pass
-                try:
-                    self._wake.clear()
-                    await self._write_due(time.monotonic_ns())
-                    if loop.time() >= next_poll:
-                        reading = await self._poll()
-                        if reading is not None:
-                            self.counters.reads_ok += 1
-                            self.latest.publish(reading, time.monotonic_ns())
-                        any_ok = True
-                        next_poll += self.interval_s
-                        if next_poll < loop.time():  # overran: skip to the next slot, never bunch up
-                            next_poll += math.ceil((loop.time() - next_poll) / self.interval_s) * self.interval_s
-                    failures = 0
-                except asyncio.TimeoutError:
-                    self.counters.timeouts += 1
-                    self._error(f"no answer within {self.timeout_s} s")
-                    failures += 1
-                except (OSError, ModbusException, SunSpecError) as exc:
-                    self.counters.errors += 1
-                    self._error(str(exc) or type(exc).__name__)
-                    failures += 1
-                    client = self._client
-                    if client is None or not client.connected:
-                        return any_ok
-                except Exception as exc:  # SunSpecPoller's own "connection closed"; anything else is a bug
-                    client = self._client
-                    if client is not None and client.connected:
-                        raise
-                    self.counters.errors += 1
-                    self._error(str(exc) or type(exc).__name__)
-                    return any_ok
-                if failures >= self.max_failures:
-                    return any_ok
-                if failures:
-                    next_poll = max(next_poll, loop.time() + self.interval_s)
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a bug in either is raised here (InputThread._guard logs it and restarts)
+            return self._any_ok
         finally:
             self._wake = None
+            pending = {t for t in tasks if not t.done()}
+            while pending:  # cancel until done (asyncio.wait_for can swallow a cancellation before 3.12)
+                for t in pending:
+                    t.cancel()
+                _done, pending = await asyncio.wait(pending, timeout=0.2)
+
+    def _failed(self, exc: BaseException) -> bool:
+        """Count a failed request; True when this connection is to be given up."""
+        self._failures += 1
+        if isinstance(exc, asyncio.TimeoutError):
+            self.counters.timeouts += 1
+            self._error(f"no answer within {self.timeout_s} s")
+        else:
+            client = self._client
+            if not isinstance(exc, (OSError, ModbusException, SunSpecError)) and client is not None \
+                    and client.connected:
+                raise exc  # not SunSpecPoller's "connection closed" either: a bug
+            self.counters.errors += 1
+            self._error(str(exc) or type(exc).__name__)
+            if client is None or not client.connected:
+                return True
+        return self._failures >= self.max_failures
+
+    async def _write_loop(self) -> None:
+        """Write when woken (a new setpoint), when the refresh is due, or a poll interval after a failed write."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        refresh_s = self.settings.revert_s / 3.0
+        retry_at = None
+        while True:
+            if self.written_kw is None:
+                due = retry_at  # None: wait for a wake (at connect the event is already set)
+            elif self.written_kw != 0.0:
+                due = loop.time() + max(refresh_s - (time.monotonic_ns() - self.written_ns) / 1e9, 0.0)
+            else:
+                due = None  # 0 holds without a refresh (the reversion value is 0 too)
+            if not wake.is_set():
+                timer = loop.call_at(due, wake.set) if due is not None else None
+                try:
+                    await wake.wait()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+            wake.clear()
+            try:
+                if await self._write_due(time.monotonic_ns()):
+                    self._failures, self._any_ok = 0, True
+                retry_at = None
+            except Exception as exc:
+                if self._failed(exc):
+                    return
+                retry_at = loop.time() + self.interval_s
+
+    async def _read_loop(self) -> None:
+        """Poll 701 + 713 on a fixed grid (overruns skip slots, never bunch up); after a failure, one interval on."""
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time()
+        while True:
+            delay = next_poll - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                reading = await self._poll()
+            except Exception as exc:
+                if self._failed(exc):
+                    return
+                next_poll = loop.time() + self.interval_s
+                continue
+            if reading is not None:
+                self.counters.reads_ok += 1
+                self.latest.publish(reading, time.monotonic_ns())
+            self._failures, self._any_ok = 0, True
+            next_poll += self.interval_s
+            now = loop.time()
+            if next_poll < now:
+                next_poll += math.ceil((now - next_poll) / self.interval_s) * self.interval_s
+
+
+def _wake_all(pollers: list[ChargerPoller]) -> None:
+    """On the input loop: wake each poller's writer (one call for a whole setpoint message, not one per device)."""
+    for p in pollers:
+        if p._wake is not None:
+            p._wake.set()
 
 
 class SunSpecChargers:
@@ -269,9 +318,10 @@ class SunSpecChargers:
             (target == 0.0) & (handed != 0.0))
         for i, poller in enumerate(self.pollers):
             poller.want_kw = float(target[i])
-        for i in np.flatnonzero(due).tolist():
-            handed[i] = target[i]
-            self.pollers[i].wake()
+        rows = np.flatnonzero(due).tolist()
+        if rows:
+            handed[rows] = target[rows]
+            self.inputs.call_soon_threadsafe(_wake_all, [self.pollers[i] for i in rows])
 
     def telemetry(self, now_ns: int) -> dict[str, np.ndarray]:
         """Per node: the newest valid reading, online/fault from sunspec_mapping.node_online_fault."""

@@ -83,6 +83,11 @@ def cmd_ocpp_stations(args) -> int:
     except Exception as exc:  # every input problem is a usage error here, named
         print(f"v2grt sim ocpp-stations: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    import ocpp.messages
+
+    # The package validates on a thread-pool worker by default: a thread hop per message for nothing
+    # under the GIL (the gateway's CLI does the same); this process is the simulator's own.
+    ocpp.messages.ASYNC_VALIDATION = False
     state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
     sims = SimStations(args.url, specs, state, ssl_context=ctx, latency_s=latency,
                        ramp_kw_per_s=args.ramp_kw_per_s, meter_interval_s=args.meter_interval_s, seed=args.seed)
@@ -93,7 +98,10 @@ def cmd_ocpp_stations(args) -> int:
              args.kinds or "-")
     with _site_power(args, fleet, sims):
         sims.run_forever(stop)
-    log.info("SIM_OCPP_STOP connections=%d commands=%d", sum(sims.connections.values()), len(sims.commands))
+    if args.trace_file:
+        sims.write_trace(args.trace_file)
+    log.info("SIM_OCPP_STOP connections=%d commands=%d meter_timeouts=%d", sum(sims.connections.values()),
+             len(sims.commands), sims.meter_timeouts)
     return EXIT_OK
 
 
@@ -138,6 +146,8 @@ def _add_ocpp_stations(ssub) -> None:
     p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
                                         "applied to this ZeroMQ endpoint (the demo's site inverters)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
+    p.add_argument("--trace-file", help="on exit, write every setpoint received and applied (CSV event,t_ns,row,"
+                                        "p_kw; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
     p.set_defaults(func=cmd_ocpp_stations)
 
 
@@ -171,7 +181,7 @@ def cmd_sunspec_chargers(args) -> int:
         latency = (float(lo) / 1000.0, float(hi or lo) / 1000.0)
         state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
         sims = SimChargers(state, layout, kinds=kinds, latency_s=latency, ramp_kw_per_s=args.ramp_kw_per_s,
-                           seed=args.seed)
+                           tick_s=args.tick_s, seed=args.seed)
     except Exception as exc:  # every input problem is a usage error here, named
         print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -183,11 +193,18 @@ def cmd_sunspec_chargers(args) -> int:
     except RuntimeError as exc:
         print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if args.sched_fifo_priority:
+        from v2grt.loop import set_process_fifo
+
+        for step in set_process_fifo(args.sched_fifo_priority):
+            log.info("RT_SETUP step=%s granted=%s detail=%s", step.step, step.granted, step.detail)
     log.info("SIM_SUNSPEC_START chargers=%d servers=%d kinds=%s", len(node_ids), len(layout), args.kinds or "-")
     with _site_power(args, fleet, sims):
         while not stop.is_set():
             time.sleep(0.1)
         sims.stop()
+    if args.trace_out:
+        sims.save_trace(args.trace_out)
     log.info("SIM_SUNSPEC_STOP writes=%d reversions=%d", len(sims.writes), int(sims.reversions.sum()))
     return EXIT_OK
 
@@ -219,6 +236,9 @@ def _add_sunspec_chargers(ssub) -> None:
     p.add_argument("--kinds", help="misbehaving chargers, e.g. silent=1,bad=1 (the first chargers)")
     p.add_argument("--latency-ms", default="5:20", help="write-to-apply latency range MIN:MAX in ms (default 5:20)")
     p.add_argument("--ramp-kw-per-s", type=float, default=50.0, help="power ramp of each charger (default 50 kW/s)")
+    p.add_argument("--tick-s", type=float, default=0.02,
+                   help="the physics step: power, battery and registers move this often (default 0.02 s; a "
+                        "written setpoint takes effect on its own timer, not on the tick)")
     p.add_argument("--seed", type=int, default=0, help="seed of latencies and the site's SoCs")
     p.add_argument("--write-site", metavar="DIR", help="write roster.csv and devices.csv for --chargers chargers "
                                                        "into DIR, then exit")
@@ -229,6 +249,12 @@ def _add_sunspec_chargers(ssub) -> None:
                    help="with --write-site: unit ids per TCP port (default 1: one server per charger)")
     p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
                                         "applied to this ZeroMQ endpoint (the demo's site inverters)")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO for every thread (default 0: off): chargers are devices with CPUs of their own; "
+                        "on a shared host this keeps other users' load out of their answers (benchmarks)")
+    p.add_argument("--trace-out", metavar="FILE.npz",
+                   help="at exit, write the setpoint writes received and the targets taken, with their "
+                        "CLOCK_MONOTONIC times (the last 100,000 of each; v2grt bench e2e --protocol sunspec)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.set_defaults(func=cmd_sunspec_chargers)
 

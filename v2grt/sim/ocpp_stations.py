@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ocpp.messages import Call, MessageType
 from ocpp.routing import after, on
 from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v201 import ChargePoint as ChargePoint201
 
 from v2grt.gateway import ocpp_mapping as om
+from v2grt.gateway import ocpp_schema
 from v2grt.sim.battery import SimFleetState
 
 log = logging.getLogger("v2grt.sim")
@@ -85,10 +87,33 @@ class _StationMixin:
         self.row_of_evse = dict(spec.evses)
         self.profile_evse: dict[int, int] = {}  # chargingProfileId -> evse id
 
+    async def _handle_call(self, msg):
+        """The gateway's requests are checked against the package's schemas, compiled (ocpp_schema: the
+        package's own jsonschema check made the simulator the bench's bottleneck at 200 stations)."""
+        if msg.action in self.route_map:
+            ocpp_schema.validate(self._ocpp_version, msg.action, msg.payload)
+        if msg.action == "UpdateDynamicSchedule":  # the hot one, answered without the package's conversions
+            status = self._update(msg.payload.get("chargingProfileId"), msg.payload.get("scheduleUpdate"))
+            await self._send(msg.create_call_result({"status": status}).to_json())
+            return None
+        return await super()._handle_call(msg)
+
+    async def call_raw(self, action: str, payload: dict) -> dict:
+        """A CALL of a payload already in the schema's camelCase names (the meter values, every second per
+        EVSE): not ChargePoint.call, which converts a dataclass to camelCase and the reply back, and checks
+        both with jsonschema. Ours are built as the schema says (tested); the reply's payload is returned."""
+        unique_id = str(self._unique_id_generator())
+        async with self._call_lock:  # OCPP-J: one CALL in flight
+            await self._send(Call(unique_id=unique_id, action=action, payload=payload).to_json())
+            response = await self._get_specific_response(unique_id, self._response_timeout)
+        if response.message_type_id == MessageType.CallError:
+            raise response.to_exception()
+        return response.payload
+
     def _record(self, action: str, payload: dict) -> None:
         self.sim.commands.append(Command(time.monotonic_ns(), self.spec.station_id, action, payload))
 
-    @on("SetChargingProfile")
+    @on("SetChargingProfile", skip_schema_validation=True)  # checked in _handle_call
     async def on_set_profile(self, evse_id, charging_profile, **_):
         self._record("SetChargingProfile", {"evse_id": evse_id, "charging_profile": charging_profile})
         if self.spec.kind == "rejects" and charging_profile.get("charging_profile_purpose") == "TxProfile":
@@ -107,18 +132,21 @@ class _StationMixin:
                              lapse_s=schedule.get("duration"))
         return self._call_result.SetChargingProfile(status="Accepted")
 
-    @on("UpdateDynamicSchedule")
+    @on("UpdateDynamicSchedule", skip_schema_validation=True)  # answered in _handle_call
     async def on_update(self, charging_profile_id, schedule_update, **_):
+        return self._call_result.UpdateDynamicSchedule(status=self._update(charging_profile_id, schedule_update))
+
+    def _update(self, charging_profile_id, schedule_update) -> str:
+        """A new setpoint for the EVSE of that profile (schema-checked payload, camelCase keys): its status."""
         self._record("UpdateDynamicSchedule", {"charging_profile_id": charging_profile_id,
                                                "schedule_update": schedule_update})
         evse = self.profile_evse.get(charging_profile_id)
         if self.spec.kind == "rejects" or evse is None or "setpoint" not in schedule_update:
-            return self._call_result.UpdateDynamicSchedule(status="Rejected")
+            return "Rejected"
         self.sim.command(self.row_of_evse[evse], om.setpoint_to_kw(schedule_update["setpoint"], "W"))
-        return self._call_result.UpdateDynamicSchedule(status="Accepted")
+        return "Accepted"
 
-
-    @on("TriggerMessage")
+    @on("TriggerMessage", skip_schema_validation=True)  # checked in _handle_call
     async def on_trigger(self, requested_message, evse=None, **_):
         self._record("TriggerMessage", {"requested_message": requested_message, "evse": evse})
         if requested_message != "TransactionEvent" or not self._triggered(evse):
@@ -153,7 +181,8 @@ class SimStations:
     def __init__(self, url: str, specs: list[StationSpec], state: SimFleetState, *,
                  ssl_context: ssl.SSLContext | None = None, latency_s: tuple[float, float] = (0.02, 0.08),
                  ramp_kw_per_s: float = 50.0, meter_interval_s: float = 1.0, tick_s: float = 0.02,
-                 disconnect_every_s: float = 20.0, away_s: float = 5.0, seed: int = 0):
+                 disconnect_every_s: float = 20.0, away_s: float = 5.0, seed: int = 0,
+                 connect_spread_s: float | None = None):
         self.url = url.rstrip("/")
         self.specs = specs
         self.state = state
@@ -165,6 +194,9 @@ class SimStations:
         self.disconnect_every_s = disconnect_every_s
         self.away_s = away_s
         self.rng = random.Random(seed)
+        # default: 5 ms per station (a thousand power up over 5 s)
+        self.connect_spread_s = len(specs) * 0.005 if connect_spread_s is None else connect_spread_s
+        self.meter_timeouts = 0
         n = len(state)
         self.target_kw = np.zeros(n)  # what the station was told (+ discharge), after its latency
         self.p_kw = np.zeros(n)  # what the EV delivers now (ramped)
@@ -176,6 +208,10 @@ class SimStations:
         self.tx_id: list[str | None] = [None] * n  # the running transaction per EVSE (survives reconnects)
         self.tx_seq = 0
         self.commands: collections.deque[Command] = collections.deque(maxlen=100_000)
+        # (CLOCK_MONOTONIC ns, row, kW) of each command as received and as applied (after the command
+        # latency): the latency benchmark reads them (write_trace), tests too. Bounded: ~1 h of a bench.
+        self.received: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
+        self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
         self.connections: collections.Counter[str] = collections.Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -189,11 +225,13 @@ class SimStations:
         if max_offline_s is not None:
             self.max_offline_s[row] = max_offline_s
         now = time.monotonic_ns()
+        self.received.append((now, row, p_kw))
         self.lapse_at_ns[row] = now + int(lapse_s * 1e9) if lapse_s else np.iinfo(np.int64).max
 
         def take_effect():
             self.target_kw[row] = p_kw
-            self.applied_ns[row] = time.monotonic_ns()
+            self.applied_ns[row] = t = time.monotonic_ns()
+            self.applies.append((t, row, p_kw))
 
         self.loop.call_later(delay, take_effect)
 
@@ -223,6 +261,10 @@ class SimStations:
         auth = base64.b64encode(f"{spec.station_id}:{spec.password}".encode()).decode()
         rows = [r for _e, r in spec.evses]
         booted = False
+        # Stations power up over a spread, not in the same millisecond (a thousand TLS handshakes, boots and
+        # transactions at once time out and reconnect in a storm); reconnects back off with jitter, as
+        # OCPP's RetryBackOffRandomRange asks of real ones.
+        await asyncio.sleep(self.rng.uniform(0.0, self.connect_spread_s))
         while True:
             try:
                 async with connect(f"{self.url}/{spec.station_id}", subprotocols=[subprotocol],
@@ -240,7 +282,7 @@ class SimStations:
                 log.debug("station %s: %r", spec.station_id, exc)
             self.connected[rows] = False
             self.offline_since_ns[rows] = time.monotonic_ns()
-            await asyncio.sleep(self.away_s if spec.kind == "disconnects" else 1.0)
+            await asyncio.sleep(self.away_s if spec.kind == "disconnects" else 1.0 + self.rng.uniform(0.0, 2.0))
 
     async def _session(self, cp, spec: StationSpec, v201: bool, *, boot: bool) -> None:
         """One connection: BootNotification after power-up only (a reconnect is not a reboot), the
@@ -268,7 +310,10 @@ class SimStations:
             await asyncio.sleep(self.meter_interval_s)
             for evse, row in spec.evses:
                 if self.state.online[row]:
-                    await cp.call(call.MeterValues(evse_id=evse, meter_value=[self._meter(row)]))
+                    try:
+                        await cp.call_raw("MeterValues", {"evseId": evse, "meterValue": [self._meter(row)]})
+                    except asyncio.TimeoutError:  # a station keeps its connection and sends the next ones
+                        self.meter_timeouts += 1
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
                 return
@@ -307,10 +352,20 @@ class SimStations:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> SimStations:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="ocpp-stations", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ocpp-stations", daemon=True)
         self._thread.start()
         self._ready.wait(10.0)
         return self
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._main())
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -328,6 +383,16 @@ class SimStations:
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(10.0)
             self._thread = None
+
+    def write_trace(self, path: str | Path) -> int:
+        """Write every command received and applied as CSV ``event,t_ns,row,p_kw`` (event ``recv`` or
+        ``apply``, t_ns CLOCK_MONOTONIC, row of the roster's gateway rows, kW + discharge); the count."""
+        rows = [("recv", *r) for r in list(self.received)] + [("apply", *r) for r in list(self.applies)]
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["event", "t_ns", "row", "p_kw"])
+            w.writerows(rows)
+        return len(rows)
 
     def run_forever(self, stop) -> None:
         """Run until ``stop`` (an object with is_set()) is set; the CLI's main loop."""

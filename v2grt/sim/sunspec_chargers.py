@@ -8,8 +8,10 @@ one per (host, port), each holding one or more unit ids. Behind every charger is
 for all chargers at once. What a charger does with a write of the 704 setpoint block:
 
 - the new ``WSet`` (``WSetEna`` ENABLED, ``WSetMod`` WATTS; anything else means 0 W here) takes
-  effect after the charger's command latency (uniform in ``latency_s``), then the power ramps at
-  ``ramp_kw_per_s`` (a converter does not jump), clipped to the 702 ratings and the battery;
+  effect after the charger's command latency (uniform in ``latency_s``, default 5-20 ms: a charger's
+  controller picking up a Modbus write), timed on its own (not on the physics tick, which would add
+  up to ``tick_s`` that no charger has), then the power ramps at ``ramp_kw_per_s`` (a converter does
+  not jump), clipped to the 702 ratings and the battery;
 - the reversion timer: ``WSetRvrtTms`` whole seconds after the write (when ``WSetEnaRvrt`` is
   ENABLED), with no newer write, the charger goes to ``WSetRvrt`` on its own; ``WSetRvrtRem``
   counts down.
@@ -34,11 +36,13 @@ import numpy as np
 from pymodbus.server import ModbusTcpServer
 
 from v2grt.gateway import sunspec_mapping as sm
-from v2grt.io.modbus import decode_point, model_points
+from v2grt.io.modbus import decode_point, encode_point, model_points
 from v2grt.sim.battery import SimFleetState
 from v2grt.sim.sunspec import SunSpecDevice
 
 KINDS = ("normal", "silent", "bad")
+#: The physics tick's register values (SimChargers._publish) and the points they go to.
+_LIVE_POINT = {"W": "W", "SoC": "SoC", "SoH": "SoH", "WHAvail": "WHAvail", "Rem": "WSetRvrtRem", "Alrm": "Alrm"}
 #: 713 scale factors of the simulated chargers: SoC/SoH in 0.1 %, energy in 10 Wh (uint16 up to 655 kWh).
 PCT_SF = -1
 WH_SF = 1
@@ -89,6 +93,27 @@ class SunSpecCharger(SunSpecDevice):
         first, count = sm.span(704, sm.WRITE_704)
         self._block = (self.models[704] + first, count, first)
         self._wset_regs = range(self.models[704] + first, self.models[704] + first + count)
+        #: The points the physics tick updates: (index into the image, Point), for :meth:`poke`.
+        self._live = {name: (self.models[mid] + model_points(mid)[name].offset - self.base, model_points(mid)[name])
+                      for mid, name in ((701, "W"), (701, "Alrm"), (713, "SoC"), (713, "SoH"), (713, "WHAvail"),
+                                        (704, "WSetRvrtRem"))}
+
+    def poke(self, **values) -> None:
+        """Set raw values of the live points (W, Alrm, SoC, SoH, WHAvail, WSetRvrtRem) in one step: the physics
+        tick's fast path (set_points looks every point up again: most of a 100-charger simulator's tick)."""
+        live = self._live
+        enc = []
+        for name, v in values.items():
+            i, p = live[name]
+            if v is not None and p.size == 1 and -0x8000 <= v <= 0xFFFF:
+                enc.append((i, (v & 0xFFFF,)))  # int16/uint16 in range: its two's complement, without struct
+            elif v is not None and p.size == 2 and 0 <= v <= 0xFFFFFFFE:
+                enc.append((i, (v >> 16, v & 0xFFFF)))  # uint32/bitfield32 (0xFFFFFFFF: not implemented)
+            else:
+                enc.append((i, encode_point(p, v)))
+        with self._lock:
+            for i, regs in enc:
+                self._image[i : i + len(regs)] = regs
 
     def _on_write(self, address: int, count: int) -> None:
         if not any(a in self._wset_regs for a in range(address, address + count)):
@@ -148,14 +173,15 @@ class SimChargers:
         self.target_kw = np.zeros(n)
         self.p_kw = np.zeros(n)
         self.applied_ns = np.zeros(n, dtype=np.int64)
-        self.pending_at_ns = np.full(n, np.iinfo(np.int64).max)
-        self.pending_kw = np.zeros(n)
+        self._command = [0] * n  # per charger, the number of its newest write (a newer one supersedes)
         self.revert_at_ns = np.full(n, np.iinfo(np.int64).max)
         self.revert_kw = np.zeros(n)
         self.reversions = np.zeros(n, dtype=np.int64)
         self.writes: collections.deque[Write] = collections.deque(maxlen=100_000)
         self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=100_000)
-        self._raw = {k: np.full(n, -1, dtype=np.int64) for k in ("W", "SoC", "SoH", "WHAvail", "Rem", "Alrm")}
+        self._raw = {k: np.full(n, -1, dtype=np.int64) for k in _LIVE_POINT}
+        self._online = np.ones(n, dtype=bool)
+        self._w_sf = np.array([d.w_sf for d in self.devices])
         self._ports: list[int] = [p for _h, p, _u in self.layout]
         self._servers: list[ModbusTcpServer] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -179,22 +205,25 @@ class SimChargers:
         """On the server loop: a setpoint block arrived; it takes effect after the command latency."""
         self.writes.append(w)
         i = w.row
-        self.pending_at_ns[i] = w.t_ns + int(self.rng.uniform(*self.latency_s) * 1e9)
-        self.pending_kw[i] = w.p_kw
+        self._command[i] += 1
+        delay_s = self.rng.uniform(*self.latency_s) - (time.monotonic_ns() - w.t_ns) / 1e9
+        self.loop.call_later(max(delay_s, 0.0), self._take, i, self._command[i], w.p_kw)
         # The reversion timer runs from the write (SunSpec 704: WSetRvrtTms after the last write).
         self.revert_at_ns[i] = w.t_ns + w.revert_s * 1_000_000_000 if w.revert_s > 0 else np.iinfo(np.int64).max
         self.revert_kw[i] = w.revert_kw
 
+    def _take(self, i: int, command: int, p_kw: float) -> None:
+        """On the server loop, when a write's command latency has passed: its WSet is the new target."""
+        if command != self._command[i]:
+            return  # a newer write arrived meanwhile: it replaces this one, as in the register image
+        now_ns = time.monotonic_ns()
+        self.target_kw[i] = p_kw
+        self.applied_ns[i] = now_ns
+        self.applies.append((now_ns, i, p_kw))
+
     def step(self, dt_s: float, now_ns: int) -> None:
-        """Advance every charger by ``dt_s``: commands due, reversion, ramp, battery, registers."""
+        """Advance every charger by ``dt_s``: reversion, ramp, battery, registers."""
         s = self.state
-        due = self.pending_at_ns <= now_ns
-        if due.any():
-            self.target_kw[due] = self.pending_kw[due]
-            self.applied_ns[due] = now_ns
-            self.pending_at_ns[due] = np.iinfo(np.int64).max
-            for i in np.flatnonzero(due).tolist():
-                self.applies.append((now_ns, i, float(self.target_kw[i])))
         reverted = self.revert_at_ns <= now_ns
         if reverted.any():
             # Counted (and timed) only where the timer changes what the charger does.
@@ -213,7 +242,7 @@ class SimChargers:
     def _publish(self, now_ns: int) -> None:
         """Write the registers that changed: 701 W and Alrm, 713 SoC/SoH/WHAvail, 704 WSetRvrtRem."""
         s = self.state
-        w_sf = np.array([d.w_sf for d in self.devices])
+        w_sf = self._w_sf
         raw = {
             "W": np.rint(self.p_kw * 1e3 / 10.0**w_sf).astype(np.int64),
             "SoC": np.where(self.kinds == "bad", 2500, np.rint(s.soc * 100.0 * 10**-PCT_SF)).astype(np.int64),
@@ -223,16 +252,18 @@ class SimChargers:
                             np.ceil(np.maximum(self.revert_at_ns - now_ns, 0) / 1e9)).astype(np.int64),
             "Alrm": np.where(s.thermal_limit, sm.ALRM_OVER_TEMP, 0).astype(np.int64),
         }
-        changed = np.zeros(len(s), dtype=bool)
+        online = s.online.astype(bool)
+        per_row: dict[int, dict] = {}
         for k, v in raw.items():
-            changed |= v != self._raw[k]
-        for i in np.flatnonzero(changed).tolist():
-            d = self.devices[i]
-            online = bool(s.online[i])
-            d.set_points(701, W=int(raw["W"][i]), Alrm=int(raw["Alrm"][i]))
-            d.set_points(713, SoC=int(raw["SoC"][i]) if online else None, SoH=int(raw["SoH"][i]),
-                         WHAvail=int(raw["WHAvail"][i]) if online else None)
-            d.set_points(704, WSetRvrtRem=int(raw["Rem"][i]))
+            moved = v != self._raw[k]
+            if k in ("SoC", "WHAvail"):
+                moved |= online != self._online  # not implemented while the EV is away
+            for i in np.flatnonzero(moved).tolist():
+                per_row.setdefault(i, {})[_LIVE_POINT[k]] = int(v[i]) if online[i] or k not in ("SoC", "WHAvail") \
+                    else None
+        for i, values in per_row.items():
+            self.devices[i].poke(**values)
+        self._online = online
         for k, v in raw.items():
             self._raw[k][:] = v
 
@@ -243,6 +274,17 @@ class SimChargers:
             now = time.monotonic_ns()
             self.step(max((now - t_prev) / 1e9, 1e-6), now)
             t_prev = now
+
+    def save_trace(self, path: str | Path) -> None:
+        """The writes received and the targets taken (``writes``, ``applies``) as .npz arrays, CLOCK_MONOTONIC ns:
+        ``write_t_ns``, ``write_row``, ``write_kw``, ``apply_t_ns``, ``apply_row``, ``apply_kw`` (benchmarks)."""
+        writes, applies = list(self.writes), list(self.applies)
+        np.savez(path, write_t_ns=np.array([w.t_ns for w in writes], np.int64),
+                 write_row=np.array([w.row for w in writes], np.int64),
+                 write_kw=np.array([w.p_kw for w in writes], float),
+                 apply_t_ns=np.array([a[0] for a in applies], np.int64),
+                 apply_row=np.array([a[1] for a in applies], np.int64),
+                 apply_kw=np.array([a[2] for a in applies], float))
 
     # ------------------------------------------------------------------------------ servers
     def address(self, row: int) -> sm.DeviceAddress:
@@ -281,10 +323,21 @@ class SimChargers:
         for server in self._servers:
             await server.shutdown()
 
+    def _serve(self) -> None:
+        # uvloop when installed, as the gateway's input thread: a charger's answer should not wait on the
+        # simulator's event loop more than a device's own controller would.
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._main())
+
     def start(self, timeout_s: float = 10.0) -> SimChargers:
         """Bind every server and start the physics; RuntimeError if a port cannot be bound."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="sunspec-chargers",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="sunspec-chargers", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise RuntimeError(f"simulated chargers did not start within {timeout_s:g} s")
