@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -84,17 +83,10 @@ class _Child:
 
 # ------------------------------------------------------------------------------------- small helpers
 def _free_ports(k: int) -> list[int]:
-    """k TCP ports on 127.0.0.1 that were free a moment ago (all held at once, so they differ)."""
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """k TCP ports on 127.0.0.1 that were free a moment ago (v2grt.testing.free_ports)."""
+    from v2grt.testing import free_ports
+
+    return free_ports(k)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -16,9 +16,6 @@ loopback costs little (one handshake per station at start).
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import ipaddress
-import os
 from pathlib import Path
 
 from v2grt.fleet import COLUMNS, Fleet
@@ -61,29 +58,9 @@ def build_fleet(*, n_sim: int, n_gateways: int, n_ocpp: int, n_sunspec: int, see
 
 def self_signed_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A certificate for ``host`` (its own CA, one day) and its private key (mode 0600) in ``directory``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from v2grt.testing import self_signed_cert
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v2grt-demo-csms")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.unlink(missing_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed_cert(directory, host, common_name="v2grt-demo-csms")
 
 
 @dataclasses.dataclass

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -106,16 +105,10 @@ def _pdeathsig() -> None:
 
 
 def _free_ports(k: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """k TCP ports on 127.0.0.1 that were free a moment ago (v2grt.testing.free_ports)."""
+    from v2grt.testing import free_ports
+
+    return free_ports(k)
 
 
 @dataclasses.dataclass

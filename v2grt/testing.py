@@ -4,6 +4,7 @@ line collector and a small roster file."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -286,10 +287,11 @@ def short_ids(n: int) -> bytes:
     return b"\x00".join(out)
 
 
-def self_signed_cert(directory, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed EC certificate for ``host`` (an IP address) valid one day, as PEM files cert.pem and
-    key.pem in ``directory`` (OCPP TLS tests and `v2grt bench e2e --protocol ocpp`); needs ``cryptography``
-    (the test extra)."""
+def self_signed_cert(directory, host: str = "127.0.0.1", common_name: str = "v2grt-test-csms") -> tuple[Path, Path]:
+    """A self-signed EC certificate for ``host`` (an IP address; its own CA) valid one day, as PEM files cert.pem
+    and key.pem in ``directory``, the key created with mode 0600 (never readable by others, not even for a
+    moment). For the OCPP gateway's TLS in tests, `v2grt bench e2e --protocol ocpp` and `v2grt demo`; needs
+    ``cryptography``."""
     import datetime
     import ipaddress
 
@@ -301,7 +303,7 @@ def self_signed_cert(directory, host: str = "127.0.0.1") -> tuple[Path, Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "v2grt-test-csms")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -311,7 +313,25 @@ def self_signed_cert(directory, host: str = "127.0.0.1") -> tuple[Path, Path]:
             .sign(key, hashes.SHA256()))
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
+    key_path.unlink(missing_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def free_ports(k: int) -> list[int]:
+    """k TCP ports on 127.0.0.1 that were free a moment ago (all held at once, so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
