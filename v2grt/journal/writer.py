@@ -76,6 +76,11 @@ class Journal:
         self._ring = np.zeros(n_ring, self.dtype)
         self._n_ring = n_ring
         self._w = 0  # records written into the ring (control thread only increments)
+        # bus.publisher_thread: the newest record's `published` flag is decided by the publisher thread after its
+        # sends (publish_outcome); the writer takes no record from that one on until it is (v2grt.publisher)
+        self._undecided = -1  # the record index awaiting its outcome; -1: none
+        self._early: tuple[int, bool] | None = None  # an outcome that came before its record() did
+        self._outcome_lock = threading.Lock()
         self._r = 0  # records taken by the writer
         self._inv = np.full(len(inverter_names), np.nan)
         # the record fill and the stripe copy, compiled (v2grt._core.JournalTap; the NumPy twin with the reference
@@ -143,21 +148,42 @@ class Journal:
         age_ms = agg.status.get("input_age_ms")
         test = agg._test
         t_ns = time.time_ns()
-        w = self._w
-        self._tap.record(w % self._n_ring, t_ns, agg.epoch, agg.seq, agg.published, result.frequency_hz,
-                         math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale,
-                         result.service_fraction, agg.dispatcher.capacity_kw, result.request_kw, result.target_kw,
-                         result.allocated_kw,
-                         agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
-                         result.feasible_dis_kw, result.feasible_chg_kw, result.n_carrying, result.estop,
-                         -1 if test is None else test.row, math.nan if test is None else test.kw,
-                         (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, result.nodes_per_reason)
-        self._w = w = w + 1
+        with self._outcome_lock:  # uncontended but for the publisher thread's publish_outcome (~0.1 us)
+            w = self._w
+            published = agg.published
+            early = self._early
+            if early is not None and early[0] == w:  # the publisher thread decided before this record existed
+                published, self._early = early[1], None
+            self._tap.record(w % self._n_ring, t_ns, agg.epoch, agg.seq, published, result.frequency_hz,
+                             math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale,
+                             result.service_fraction, agg.dispatcher.capacity_kw, result.request_kw, result.target_kw,
+                             result.allocated_kw,
+                             agg.delivered_kw,  # the status message's sum of reported power, computed once per cycle
+                             result.feasible_dis_kw, result.feasible_chg_kw, result.n_carrying, result.estop,
+                             -1 if test is None else test.row, math.nan if test is None else test.kw,
+                             (times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6, result.nodes_per_reason)
+            self._w = w = w + 1
         if self.cfg.vehicles:
             self._record_stripe(result, self.fleet.n_rows, t_ns, agg.seq)
         self._t_record_ns = t0
         self.cost_ns[self.calls % len(self.cost_ns)] = time.perf_counter_ns() - t0
         self.calls += 1
+
+    def expect_outcome(self) -> int:
+        """Control thread, before handing a cycle to the publisher thread: the index of the record the cycle's
+        record() will write, held back from the writer until publish_outcome() decides its `published` flag."""
+        self._undecided = self._w
+        return self._w
+
+    def publish_outcome(self, w: int, sent: bool) -> None:
+        """Publisher thread, after the cycle's sends (or its refusal): record ``w``'s `published` flag."""
+        with self._outcome_lock:
+            if self._w > w:  # recorded already: set the flag in the ring, where the writer has not taken it yet
+                self._ring["published"][w % self._n_ring] = sent
+            else:  # record() has not run yet: it takes the outcome
+                self._early = (w, sent)
+            if self._undecided == w:
+                self._undecided = -1
 
     def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
         fleet = self.fleet
@@ -230,7 +256,7 @@ class Journal:
         while not self._stop.is_set():
             self._stop.wait(self._until_next_pass_s())
             self._guarded(self._pass)
-        self._guarded(self._pass)
+        self._guarded(lambda: self._pass(final=True))  # stop() comes after the publisher's last outcome
         self._guarded(self._seal)
         self._guarded(lambda: self._maintain(final=True))
 
@@ -258,8 +284,11 @@ class Journal:
             self._event("JOURNAL_WRITE_FAILED", logging.ERROR, error=repr(exc),
                         message="the journal writer raised; see the traceback above")
 
-    def _pass(self) -> None:
+    def _pass(self, final: bool = False) -> None:
         w, vw = self._w, self._vw
+        undecided = self._undecided  # read after _w: set before the record it names is counted in _w
+        if 0 <= undecided < w and not final:  # its `published` flag is not known yet: up to it, the rest next pass
+            w = undecided
         lost = w - self._r - len(self._ring)
         if lost > 0:
             self.counters.dropped += lost
