@@ -208,3 +208,44 @@ def test_publisher_thread_is_a_bool_and_false_sends_on_the_control_thread():
     finally:
         agg.stop()
     assert agg.sender is None and control in callers
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_each_gateway_gets_its_own_vehicles_setpoints_whether_or_not_the_roster_is_in_gateway_order(interleaved):
+    """A roster in gateway order is copied into the frames, an interleaved one gathered: either way the frames
+    a gateway receives carry exactly the kernel's setpoints and reasons of its own vehicles, in its id order."""
+    fleet = Fleet.random(200, seed=1, n_gateways=GATEWAYS, now_ns=time.monotonic_ns())
+    if interleaved:
+        fleet.gateway[:200] = np.arange(200) % GATEWAYS
+    data = {"fleet_id": "test", "period_s": PERIOD_S, "budget_s": PERIOD_S, "meter": None,
+            "realtime": {"mlockall": False, "gc_freeze": False},
+            "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                    "setpoint_ttl_s": 0.2},
+            "service": {"name": "dc", "capacity_kw": 1000.0, "base_kw": 300.0},  # a steady 300 kW discharge
+            "fleet": {"random": 200}}
+    agg = Aggregator(config_from_dict(data), epoch=7, fleet=fleet)
+    fleet.last_telemetry_ns[:200] = time.monotonic_ns() + 3_600_000_000_000  # heard: the kernel dispatches them
+    frames = []
+    send = agg.publisher.send
+
+    def keep(frame):
+        if frame.startswith(wire.SETPOINT_TOPIC_PREFIX):
+            frames.append(frame)
+        return send(frame)
+
+    agg.publisher.send = keep
+    agg.start()
+    try:
+        wait_until(lambda: len(frames) >= 3 * GATEWAYS, 10.0, what="three cycles of frames")
+        agg.loop.stop()  # the last cycle's result stays: its frames were gathered from it
+        agg.sender.wait_idle()
+    finally:
+        agg.stop(final_zero=False)
+    assert agg._rows_in_order is not interleaved
+    sp, reasons = agg.last_result.setpoints_kw, agg.last_result.reasons
+    last = [m for m in map(wire.decode_setpoints, frames) if m.seq == agg.seq]
+    assert len(last) == GATEWAYS and sp[:200].any()
+    for msg in last:
+        rows = np.array([fleet.row_of[i] for i in msg.node_ids])
+        assert set(rows) == set(fleet.gateway_rows(msg.gw))
+        assert np.array_equal(msg.p_kw, sp[rows].astype(np.float32)) and np.array_equal(msg.reasons, reasons[rows])

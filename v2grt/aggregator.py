@@ -184,6 +184,7 @@ class Aggregator:
         # _rows_all lists the fleet rows in the frames' gateway order.
         self._frames: wire.SetpointFrames | None = None
         self._rows_all = np.zeros(0, np.int64)
+        self._rows_in_order = False  # _rows_all is 0, 1, 2, ...: the gather is a plain copy
         self._layout_version = -1
         self._p99_cache: float | None = None
         self._last_fraction = 0.0
@@ -472,9 +473,16 @@ class Aggregator:
         t_ns = time.time_ns()
         frames = self._frames
         # One gather for the whole fleet, straight into the frames' float32/uint8 arrays. mode="clip":
-        # rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes).
-        np.take(result.setpoints_kw, self._rows_all, out=frames.p_kw, mode="clip")
-        np.take(result.reasons, self._rows_all, out=frames.reasons, mode="clip")
+        # rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes). A roster whose
+        # rows are already in gateway order needs no gather, a plain copy: 17 + 3 us instead of 106 + 68 us at
+        # 100,000 vehicles (1,000 gateways, this machine).
+        if self._rows_in_order:
+            n = len(frames.p_kw)
+            np.copyto(frames.p_kw, result.setpoints_kw[:n], casting="same_kind")
+            np.copyto(frames.reasons, result.reasons[:n])
+        else:
+            np.take(result.setpoints_kw, self._rows_all, out=frames.p_kw, mode="clip")
+            np.take(result.reasons, self._rows_all, out=frames.reasons, mode="clip")
         # result.estop: the flag the kernel ran with, so a flagged message always carries zeros. fill() checks
         # every value here, on this thread, before a frame exists: a wild value raises in the cycle (CYCLE_ERROR).
         it = frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n)
@@ -528,6 +536,7 @@ class Aggregator:
                 rows.append(gw_rows)
         self._frames = wire.SetpointFrames(gateways)
         self._rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self._rows_in_order = bool(np.array_equal(self._rows_all, np.arange(len(self._rows_all))))
         self._layout_version = fleet.version
         # telemetry in the order of these frames' ids is mapped by a bytes comparison (v2grt.ingest)
         self.router.set_roster(fleet, [(gw, blob, r) for (gw, blob), r in zip(gateways, rows)])
