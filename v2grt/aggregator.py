@@ -517,7 +517,7 @@ class Aggregator:
         if not sent:
             self.published = False
         if self.journal is not None and job.journal_w >= 0:
-            self.journal.publish_outcome(job.journal_w, sent)
+            self.journal.publish_outcome(job.journal_w, job.seq, sent)
         if sent and self.ha is not None and self.ha.handover_ready:
             self.ha.resign_after_publish()
 

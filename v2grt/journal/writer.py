@@ -79,7 +79,7 @@ class Journal:
         # bus.publisher_thread: the newest record's `published` flag is decided by the publisher thread after its
         # sends (publish_outcome); the writer takes no record from that one on until it is (v2grt.publisher)
         self._undecided = -1  # the record index awaiting its outcome; -1: none
-        self._early: tuple[int, bool] | None = None  # an outcome that came before its record() did
+        self._early: tuple[int, int, bool] | None = None  # (index, seq, sent): an outcome ahead of its record()
         self._outcome_lock = threading.Lock()
         self._r = 0  # records taken by the writer
         self._inv = np.full(len(inverter_names), np.nan)
@@ -151,9 +151,11 @@ class Journal:
         with self._outcome_lock:  # uncontended but for the publisher thread's publish_outcome (~0.1 us)
             w = self._w
             published = agg.published
-            early = self._early
-            if early is not None and early[0] == w:  # the publisher thread decided before this record existed
-                published, self._early = early[1], None
+            early, self._early = self._early, None
+            # the publisher thread decided before this record existed; only for the cycle it was handed (a cycle
+            # that raised between its hand-over and its record() leaves an outcome that is not the next one's)
+            if early is not None and early[0] == w and early[1] == agg.seq and published:
+                published = early[2]
             self._tap.record(w % self._n_ring, t_ns, agg.epoch, agg.seq, published, result.frequency_hz,
                              math.nan if age_ms is None or agg.meter is None else age_ms, agg._f_stale,
                              result.service_fraction, agg.dispatcher.capacity_kw, result.request_kw, result.target_kw,
@@ -175,13 +177,13 @@ class Journal:
         self._undecided = self._w
         return self._w
 
-    def publish_outcome(self, w: int, sent: bool) -> None:
+    def publish_outcome(self, w: int, seq: int, sent: bool) -> None:
         """Publisher thread, after the cycle's sends (or its refusal): record ``w``'s `published` flag."""
         with self._outcome_lock:
             if self._w > w:  # recorded already: set the flag in the ring, where the writer has not taken it yet
                 self._ring["published"][w % self._n_ring] = sent
             else:  # record() has not run yet: it takes the outcome
-                self._early = (w, sent)
+                self._early = (w, seq, sent)
             if self._undecided == w:
                 self._undecided = -1
 
@@ -287,7 +289,9 @@ class Journal:
     def _pass(self, final: bool = False) -> None:
         w, vw = self._w, self._vw
         undecided = self._undecided  # read after _w: set before the record it names is counted in _w
-        if 0 <= undecided < w and not final:  # its `published` flag is not known yet: up to it, the rest next pass
+        # Its `published` flag is not known yet: up to it, the rest next pass. Held back for at most half the ring
+        # (a publisher thread stuck that long): then written as handed over (1), rather than lost to an overrun.
+        if 0 <= undecided < w and not final and w - undecided < self._n_ring // 2:
             w = undecided
         lost = w - self._r - len(self._ring)
         if lost > 0:
