@@ -133,9 +133,11 @@ def test_a_busy_publisher_makes_the_cycle_skip_and_its_frames_keep_their_header(
     assert agg.events.counts["PUBLISHER_BUSY"] >= 1
 
 
-def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_published_0(tmp_path):
+@pytest.mark.parametrize("after_record", [False, True])
+def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_published_0(tmp_path, after_record):
     """HA self-fencing at send time: a cycle handed over while leading, whose lease is gone when the publisher
-    thread is about to send, sends no frame and no status, and its journal record says `published` 0."""
+    thread is about to send, sends no frame and no status, and its journal record says `published` 0, whether
+    the refusal comes before the control thread wrote that record or after (then the flag is set in the ring)."""
     agg = make(tmp_path)
     agg.ha, agg.epoch = _Elector(agg), 0
     lose = threading.Event()
@@ -144,6 +146,10 @@ def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_publ
     def admit_then_lose(*a):  # on the publisher thread, right before it asks may_send()
         if lose.is_set():
             lose.clear()
+            if after_record:  # the control thread has written this cycle's record (published 1, undecided)
+                j = agg.journal
+                w = j._undecided
+                wait_until(lambda: j._w > w >= 0, 1.0, what="the handed-over cycle's record")
             agg.ha.view = LeaderView()  # the elector thread's view: no longer leading
         return admit(*a)
 
@@ -166,7 +172,7 @@ def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_publ
     assert agg.events.counts["PUBLISH_FENCED_AT_SEND"] == 1
     c = np.concatenate([s.cycles for s in (journal.read_segment(p) for p in (tmp_path / "j").glob("*.v2j"))])
     c = c[c["epoch"] == 5]
-    assert int(c["published"][c["seq"] == fenced_seq][-1]) == 0
+    assert int(c["published"][c["seq"] == fenced_seq][0]) == 0  # the fenced cycle's record (standbys' repeat its seq)
     assert set(c["published"][c["seq"] < fenced_seq]) == {1}
 
 
