@@ -431,14 +431,14 @@ def test_after_a_restart_only_vehicles_heard_since_are_dispatched(tmp_path):
 
 
 def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_aggregator):
-    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input and bus threads and the
-    setpoint PUB's libzmq I/O thread get SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and
+    """With SCHED_FIFO granted to the control thread (priority 10), the Modbus input, bus and publisher threads
+    and the setpoint PUB's libzmq I/O thread get SCHED_FIFO 9, each step reported; without it they stay SCHED_OTHER and
     the report says why."""
     agg = make_aggregator(realtime={"sched_fifo_priority": 10})
     report = {s.step: s for s in agg.loop.setup_report}
     if not report["sched_fifo"].granted:
         pytest.skip(f"SCHED_FIFO not granted here: {report['sched_fifo'].detail}")
-    threads = [*agg.input_threads, agg._bus_thread]
+    threads = [*agg.input_threads, agg._bus_thread, agg.sender]  # the sender: the setpoint PUB's owner
     assert len(threads) >= 2
     for t in threads:
         assert report[f"sched_fifo:{t.name}"].granted, report[f"sched_fifo:{t.name}"].detail

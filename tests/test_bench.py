@@ -58,6 +58,8 @@ def test_bench_cycle_json():
     assert (row["nodes"], row["gateways"]) == (2000, 4) and row["cycles"] >= 5
     assert {"total", "kernel", "publish", "inputs", "lateness"} <= row["phases"].keys()
     assert row["setpoint_frames_received"] > 0 and row["publish_breakdown_p50_ms"]["frames_ms"] > 0
+    # the publisher thread (the default): the deadline-to-last-frame time beside the control thread's cost
+    assert row["publisher_thread"] and row["phases"]["wire"]["n"] >= 5
 
 
 def test_bench_e2e_json():

@@ -145,9 +145,9 @@ def test_derived_expiry_shorter_than_a_revocation_pause_is_refused_with_security
     assert config_from_dict(config(0.02)).setpoint_ttl_s == pytest.approx(0.06)  # no security: no pause to cover
 
 
-@pytest.mark.parametrize("section", ["journal", "ha"])
+@pytest.mark.parametrize("section", ["journal", "ha", "bus"])
 def test_operations_md_config_reference_has_every_key_with_its_default_and_range(section):
-    """docs/operations.md section 5 has a row for each key of the ha and journal sections, with the code's
+    """docs/operations.md section 5 has a row for each key of the ha, journal and bus sections, with the code's
     default and validated range."""
     import dataclasses
     import re
@@ -159,7 +159,7 @@ def test_operations_md_config_reference_has_every_key_with_its_default_and_range
     start = ref.index(f"\n**{section}**")
     block = ref[start:ref.find("\n**", start + 1)]
     rows = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", block, re.M)}
-    cls = {"journal": config.JournalConfig, "ha": config.HAConfig}[section]
+    cls = {"journal": config.JournalConfig, "ha": config.HAConfig, "bus": config.BusConfig}[section]
 
     def g(x):
         return f"{x:g}".replace("e+0", "e").replace("e+", "e")

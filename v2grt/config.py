@@ -69,6 +69,9 @@ class BusConfig:
     # share of each period the bus thread may spend receiving (telemetry + control), after the cycle has
     # published; beyond it messages wait in ZeroMQ's queues (v2grt.gate, docs/operations.md)
     receive_budget: float = 0.5
+    # true: a publisher thread owns the setpoint PUB and sends each cycle's frames while the control thread
+    # sleeps (v2grt.publisher); false: the control thread sends them itself (the fallback, and bench A/B)
+    publisher_thread: bool = True
 
 
 @dataclasses.dataclass

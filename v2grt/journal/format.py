@@ -30,7 +30,9 @@ CYCLE_FIELDS: list[tuple[str, str, str]] = [
     ("t_ns", "int64", "UTC wall-clock time of the cycle's publish, ns since the Unix epoch"),
     ("epoch", "int64", "the scheduler's fencing epoch this cycle (HA: 0 until first elected)"),
     ("seq", "int64", "setpoint message sequence number of this cycle (as on the wire)"),
-    ("published", "uint8", "1: this cycle's setpoints went out; 0: not (an HA standby, or fenced by its lease)"),
+    ("published", "uint8", "1: this cycle's setpoints went out (with bus.publisher_thread: set once that thread has "
+                           "queued every frame and the status); 0: not (an HA standby, fenced by its lease, also at "
+                           "send time, or the publisher thread still busy with the previous cycle)"),
     ("f_hz", "float64", "grid frequency the cycle used, Hz; NaN when the meter is stale or absent"),
     ("f_age_ms", "float64", "age of the meter sample when the cycle read it, ms; NaN when there is none"),
     ("frequency_stale", "uint8", "1 while the frequency is stale (response frozen or ramping out)"),

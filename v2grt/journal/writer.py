@@ -76,6 +76,11 @@ class Journal:
         self._ring = np.zeros(n_ring, self.dtype)
         self._n_ring = n_ring
         self._w = 0  # records written into the ring (control thread only increments)
+        # bus.publisher_thread: the newest record's `published` flag is decided by the publisher thread after its
+        # sends (publish_outcome); the writer takes no record from that one on until it is (v2grt.publisher)
+        self._undecided = -1  # the record index awaiting its outcome; -1: none
+        self._early: tuple[int, int, bool] | None = None  # (index, seq, sent): an outcome ahead of its record()
+        self._outcome_lock = threading.Lock()
         self._r = 0  # records taken by the writer
         self._inv = np.full(len(inverter_names), np.nan)
         # the record fill and the stripe copy, compiled (v2grt._core.JournalTap; the NumPy twin with the reference
@@ -162,12 +167,19 @@ class Journal:
         inv = self._inv
         if inverter_kw is not inv:  # the tap reads the inverters from its own buffer
             inv[:] = inverter_kw
-        w = self._w
-        self._tap.record(w % self._n_ring, t_ns, epoch, seq, published, result.frequency_hz, f_age_ms, frequency_stale,
-                         result.service_fraction, capacity_kw, result.request_kw, result.target_kw,
-                         result.allocated_kw, delivered_kw, result.feasible_dis_kw, result.feasible_chg_kw,
-                         result.n_carrying, result.estop, test_row, test_kw, work_ms, result.nodes_per_reason)
-        self._w = w + 1
+        with self._outcome_lock:  # uncontended but for the publisher thread's publish_outcome (~0.1 us)
+            w = self._w
+            early, self._early = self._early, None
+            # the publisher thread decided before this record existed; only for the cycle it was handed (a cycle
+            # that raised between its hand-over and its record() leaves an outcome that is not the next one's)
+            if early is not None and early[0] == w and early[1] == seq and published:
+                published = early[2]
+            self._tap.record(w % self._n_ring, t_ns, epoch, seq, published, result.frequency_hz, f_age_ms,
+                             frequency_stale, result.service_fraction, capacity_kw, result.request_kw,
+                             result.target_kw, result.allocated_kw, delivered_kw, result.feasible_dis_kw,
+                             result.feasible_chg_kw, result.n_carrying, result.estop, test_row, test_kw, work_ms,
+                             result.nodes_per_reason)
+            self._w = w + 1
         if self.cfg.vehicles:
             self._record_stripe(result, self.fleet.n_rows, t_ns, seq)
         # The writer thread wakes itself half a period after a flush interval's last cycle (no wake-up from here:
@@ -175,6 +187,22 @@ class Journal:
         # caller's thread writes every `_every` records itself.
         if self._sync and self._w % self._every == 0:
             self._guarded(self._pass)
+
+    def expect_outcome(self) -> int:
+        """Control thread, before handing a cycle to the publisher thread: the index of the record the cycle's
+        record() will write, held back from the writer until publish_outcome() decides its `published` flag."""
+        self._undecided = self._w
+        return self._w
+
+    def publish_outcome(self, w: int, seq: int, sent: bool) -> None:
+        """Publisher thread, after the cycle's sends (or its refusal): record ``w``'s `published` flag."""
+        with self._outcome_lock:
+            if self._w > w:  # recorded already: set the flag in the ring, where the writer has not taken it yet
+                self._ring["published"][w % self._n_ring] = sent
+            else:  # record() has not run yet: it takes the outcome
+                self._early = (w, seq, sent)
+            if self._undecided == w:
+                self._undecided = -1
 
     def _record_stripe(self, result, n: int, t_ns: int, seq: int) -> None:
         fleet = self.fleet
@@ -263,7 +291,7 @@ class Journal:
         while not self._stop.is_set():
             self._stop.wait(self._until_next_pass_s())
             self._guarded(self._pass)
-        self._guarded(self._pass)
+        self._guarded(lambda: self._pass(final=True))  # stop() comes after the publisher's last outcome
         self._guarded(self._seal)
         self._guarded(lambda: self._maintain(final=True))
 
@@ -291,8 +319,13 @@ class Journal:
             self._event("JOURNAL_WRITE_FAILED", logging.ERROR, error=repr(exc),
                         message="the journal writer raised; see the traceback above")
 
-    def _pass(self) -> None:
+    def _pass(self, final: bool = False) -> None:
         w, vw = self._w, self._vw
+        undecided = self._undecided  # read after _w: set before the record it names is counted in _w
+        # Its `published` flag is not known yet: up to it, the rest next pass. Held back for at most half the ring
+        # (a publisher thread stuck that long): then written as handed over (1), rather than lost to an overrun.
+        if 0 <= undecided < w and not final and w - undecided < self._n_ring // 2:
+            w = undecided
         lost = w - self._r - len(self._ring)
         if lost > 0:
             self.counters.dropped += lost

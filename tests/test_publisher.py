@@ -1,0 +1,257 @@
+"""The publisher thread (v2grt.publisher, bus.publisher_thread) in a real Aggregator on loopback sockets: it alone
+touches the setpoint PUB, a cycle's frame buffer is never rewritten while it sends, it fences itself at send
+time and decides the journal's `published` flag, and a planned handover resigns after the frames went out."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from v2grt import journal
+from v2grt.aggregator import Aggregator
+from v2grt.config import ConfigError, config_from_dict
+from v2grt.fleet import Fleet
+from v2grt.io import bus, wire
+from v2grt.leadership import LEADER, LeaderView
+from v2grt.testing import wait_until
+
+PERIOD_S = 0.02
+GATEWAYS = 8
+
+
+def make(tmp_path=None, publisher_thread: bool = True, **sections) -> Aggregator:
+    """An aggregator on ephemeral ports with no meter (every setpoint 0 kW), 200 vehicles on 8 gateways."""
+    data = {"fleet_id": "test", "period_s": PERIOD_S, "budget_s": PERIOD_S,
+            "realtime": {"mlockall": False, "gc_freeze": False},
+            "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*",
+                    "control": "tcp://127.0.0.1:*", "setpoint_ttl_s": 0.2, "publisher_thread": publisher_thread},
+            "service": {"name": "dc", "capacity_kw": 1000.0}, "fleet": {"random": 200}, "meter": None}
+    if tmp_path is not None:
+        data["journal"] = {"enabled": True, "dir": str(tmp_path / "j"), "parquet": False}
+    data.update(sections)
+    fleet = Fleet.random(200, seed=1, n_gateways=GATEWAYS, now_ns=time.monotonic_ns())
+    return Aggregator(config_from_dict(data), epoch=7, fleet=fleet)
+
+
+class _Elector:
+    """What the aggregator reads of v2grt.ha.Elector; the test replaces `view` whole, as the elector thread does.
+    resign_after_publish() notes how many frames the socket had sent when it was called, and on which thread."""
+
+    def __init__(self, agg: Aggregator):
+        self.agg = agg
+        self.view = LeaderView()
+        self.resigning = self.handover_ready = False
+        self.resigned_at: tuple[int, int] | None = None  # (frames sent by then, thread ident)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, resign: bool = True) -> None:
+        pass
+
+    def snapshot(self, now_ns: int) -> dict:
+        return {"role": self.view.role, "epoch": self.view.epoch}
+
+    def resign_after_publish(self) -> None:
+        if self.handover_ready:
+            self.handover_ready, self.resigning = False, True
+            self.resigned_at = (self.agg.publisher.sent, threading.get_ident())
+
+
+def leading(epoch: int) -> LeaderView:
+    return LeaderView(role=LEADER, epoch=epoch, surely_valid_until_ns=time.monotonic_ns() + 10**12, lease_id=1,
+                      ttl_s=2)
+
+
+def test_only_the_publisher_thread_touches_the_setpoint_socket():
+    """Every send and subscription check on the setpoint PUB, the final zero at shutdown included, runs on the
+    publisher thread, and a gateway receives its frames and then the final zero."""
+    agg = make()
+    callers: set[int] = set()
+    send, admit = agg.publisher.send, agg.publisher.admit_subscriptions
+
+    def traced_send(frame):
+        callers.add(threading.get_ident())
+        return send(frame)
+
+    def traced_admit(*a):
+        callers.add(threading.get_ident())
+        return admit(*a)
+
+    agg.publisher.send, agg.publisher.admit_subscriptions = traced_send, traced_admit
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw2") as sub:
+            wait_until(lambda: sub.recv(100) is not None, 10.0, what="a setpoint message")
+            seq = agg.seq
+            agg.stop()
+            last = None
+            while (msg := sub.recv(300)) is not None:
+                last = msg
+    finally:
+        agg.stop()
+    assert callers == {agg.sender._thread.ident}
+    assert last is not None and last.seq > seq and np.all(last.p_kw == 0.0) and not last.estop  # the final zero
+
+
+def test_a_busy_publisher_makes_the_cycle_skip_and_its_frames_keep_their_header():
+    """While the publisher thread is held in the middle of a cycle's frames, the next cycles are not handed over
+    (counted, PUBLISHER_BUSY) and every frame of the held cycle still carries its own seq: the buffer it reads
+    is not rewritten by a later cycle."""
+    agg = make()
+    hold = threading.Event()
+    seqs: list[int] = []
+    send = agg.publisher.send
+
+    def held_send(frame):
+        if frame.startswith(wire.SETPOINT_TOPIC_PREFIX) and hold.is_set():
+            msg = wire.decode_setpoints(frame)
+            if not seqs and msg.gw != agg._frames.gateway_ids[0]:
+                return send(frame)  # held from the first frame of a cycle on
+            if not seqs:
+                time.sleep(8 * PERIOD_S)  # this thread is stuck mid-cycle for 8 periods
+            seqs.append(msg.seq)
+            if len(seqs) == GATEWAYS:
+                hold.clear()
+        return send(frame)
+
+    agg.publisher.send = held_send
+    agg.start()
+    try:
+        assert agg.first_cycle.wait(10.0)
+        hold.set()
+        wait_until(lambda: not hold.is_set(), 10.0, what="the held cycle sent")
+        agg.sender.wait_idle()
+    finally:
+        agg.stop()
+    assert len(seqs) == GATEWAYS and len(set(seqs)) == 1, seqs
+    assert agg.sender.busy_skips >= 3
+    assert agg.events.counts["PUBLISHER_BUSY"] >= 1
+
+
+@pytest.mark.parametrize("after_record", [False, True])
+def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_published_0(tmp_path, after_record):
+    """HA self-fencing at send time: a cycle handed over while leading, whose lease is gone when the publisher
+    thread is about to send, sends no frame and no status, and its journal record says `published` 0, whether
+    the refusal comes before the control thread wrote that record or after (then the flag is set in the ring)."""
+    agg = make(tmp_path)
+    agg.ha, agg.epoch = _Elector(agg), 0
+    lose = threading.Event()
+    admit = agg.publisher.admit_subscriptions
+
+    def admit_then_lose(*a):  # on the publisher thread, right before it asks may_send()
+        if lose.is_set():
+            lose.clear()
+            if after_record:  # the control thread has written this cycle's record (published 1, undecided)
+                j = agg.journal
+                w = j._undecided
+                wait_until(lambda: j._w > w >= 0, 1.0, what="the handed-over cycle's record")
+            agg.ha.view = LeaderView()  # the elector thread's view: no longer leading
+        return admit(*a)
+
+    agg.publisher.admit_subscriptions = admit_then_lose
+    agg.ha.view = leading(5)
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw1") as sub:
+            wait_until(lambda: (m := sub.recv(100)) is not None and m.ep == 5, 10.0, what="frames of epoch 5")
+            lose.set()
+            wait_until(lambda: agg.sender.fenced == 1, 10.0, what="a cycle fenced at send time")
+            fenced_seq = agg.seq
+            time.sleep(5 * PERIOD_S)
+            seen = []
+            while (m := sub.recv(50)) is not None:
+                seen.append(m.seq)
+    finally:
+        agg.stop()
+    assert seen == [] or max(seen) < fenced_seq  # nothing of the fenced cycle, nothing after it
+    assert agg.events.counts["PUBLISH_FENCED_AT_SEND"] == 1
+    c = np.concatenate([s.cycles for s in (journal.read_segment(p) for p in (tmp_path / "j").glob("*.v2j"))])
+    c = c[c["epoch"] == 5]
+    assert int(c["published"][c["seq"] == fenced_seq][0]) == 0  # the fenced cycle's record (standbys' repeat its seq)
+    assert set(c["published"][c["seq"] < fenced_seq]) == {1}
+
+
+def test_a_planned_handover_resigns_on_the_publisher_thread_after_the_last_frames_went_out():
+    """With a handover confirmed, the leader's next cycle is sent in full (every gateway's frame and the status)
+    and only then does it resign, on the publisher thread; no later cycle is published."""
+    agg = make()
+    agg.ha, agg.epoch = _Elector(agg), 0
+    agg.ha.view = leading(3)
+    agg.start()
+    try:
+        wait_until(lambda: agg.seq >= 3, 10.0, what="three published cycles")
+        agg.sender.wait_idle()
+        agg.ha.handover_ready = True
+        wait_until(lambda: agg.ha.resigned_at is not None, 10.0, what="the resignation")
+        sent_then, thread = agg.ha.resigned_at
+        seq = agg.seq
+        time.sleep(5 * PERIOD_S)
+        assert agg.seq == seq and agg.publisher.sent == sent_then  # nothing published after it
+    finally:
+        agg.stop()
+    assert thread == agg.sender._thread.ident
+    assert sent_then % (GATEWAYS + 1) == 0  # whole cycles only: each one's frames and its status
+
+
+def test_publisher_thread_is_a_bool_and_false_sends_on_the_control_thread():
+    """bus.publisher_thread must be true or false; with false there is no publisher thread and the control
+    thread sends the frames itself."""
+    with pytest.raises(ConfigError, match="publisher_thread"):
+        make(publisher_thread="yes")
+    agg = make(publisher_thread=False)
+    callers: set[int] = set()
+    send = agg.publisher.send
+    agg.publisher.send = lambda frame: callers.add(threading.get_ident()) or send(frame)
+    agg.start()
+    try:
+        wait_until(lambda: agg.seq >= 3, 10.0, what="three published cycles")
+        control = agg.loop._thread.ident
+    finally:
+        agg.stop()
+    assert agg.sender is None and control in callers
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_each_gateway_gets_its_own_vehicles_setpoints_whether_or_not_the_roster_is_in_gateway_order(interleaved):
+    """A roster in gateway order is copied into the frames, an interleaved one gathered: either way the frames
+    a gateway receives carry exactly the kernel's setpoints and reasons of its own vehicles, in its id order."""
+    fleet = Fleet.random(200, seed=1, n_gateways=GATEWAYS, now_ns=time.monotonic_ns())
+    if interleaved:
+        fleet.gateway[:200] = np.arange(200) % GATEWAYS
+    data = {"fleet_id": "test", "period_s": PERIOD_S, "budget_s": PERIOD_S, "meter": None,
+            "realtime": {"mlockall": False, "gc_freeze": False},
+            "bus": {"setpoints": "tcp://127.0.0.1:*", "telemetry": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                    "setpoint_ttl_s": 0.2},
+            "service": {"name": "dc", "capacity_kw": 1000.0, "base_kw": 300.0},  # a steady 300 kW discharge
+            "fleet": {"random": 200}}
+    agg = Aggregator(config_from_dict(data), epoch=7, fleet=fleet)
+    fleet.last_telemetry_ns[:200] = time.monotonic_ns() + 3_600_000_000_000  # heard: the kernel dispatches them
+    frames = []
+    send = agg.publisher.send
+
+    def keep(frame):
+        if frame.startswith(wire.SETPOINT_TOPIC_PREFIX):
+            frames.append(frame)
+        return send(frame)
+
+    agg.publisher.send = keep
+    agg.start()
+    try:
+        wait_until(lambda: len(frames) >= 3 * GATEWAYS, 10.0, what="three cycles of frames")
+        agg.loop.stop()  # the last cycle's result stays: its frames were gathered from it
+        agg.sender.wait_idle()
+    finally:
+        agg.stop(final_zero=False)
+    assert agg._rows_in_order is not interleaved
+    sp, reasons = agg.last_result.setpoints_kw, agg.last_result.reasons
+    last = [m for m in map(wire.decode_setpoints, frames) if m.seq == agg.seq]
+    assert len(last) == GATEWAYS and sp[:200].any()
+    for msg in last:
+        rows = np.array([fleet.row_of[i] for i in msg.node_ids])
+        assert set(rows) == set(fleet.gateway_rows(msg.gw))
+        assert np.array_equal(msg.p_kw, sp[rows].astype(np.float32)) and np.array_equal(msg.reasons, reasons[rows])
