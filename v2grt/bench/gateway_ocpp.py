@@ -92,7 +92,8 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
                     world.call("set_frequency", f_hz=f_next)
                     f_next = F_LOW_HZ if f_next == F_HIGH_HZ else F_HIGH_HZ
                     t_next += interval_s
-                time.sleep(max(min(t_next, t_end) - time.monotonic(), 0.0))
+                wake = min(t_next, t_end) if c0 is not None else min(t_next, t_end, t_measure)  # start on time
+                time.sleep(max(wake - time.monotonic(), 0.0))
             wall, t1_ns = time.monotonic() - t0, time.monotonic_ns()
             gw_cpu = 100.0 * (process_cpu_s(rig.gateway.pid) - c0) / wall
             sim_cpu = 100.0 * (rig.sims_cpu_s() - s0) / wall
