@@ -6,8 +6,8 @@
 The one report a control engineer runs on the target host. From the config it takes the control period
 and budget, the fleet size (the roster's rows, or `fleet.random`), the number of gateways (the roster's
 gateway ids; `random: N` gets one per 500 vehicles as Fleet.random makes them), the meter poll interval,
-the journal setting and the real-time settings (SCHED_FIFO priority, CPU pinning); --vehicles/--gateways
-ask "what if" instead. Then, in one run, with those real-time settings:
+the journal and publisher-thread settings and the real-time settings (SCHED_FIFO priority, CPU pinning);
+--vehicles/--gateways ask "what if" instead. Then, in one run, with those real-time settings:
 
 1. loop:   wake-up lateness of v2grt's ControlLoop against cyclictest (rt-tests) at the period, alternating
            in slices so drift hits both alike (as `bench loop`); without cyclictest, the loop alone, said so;
@@ -75,6 +75,7 @@ def target_from_config(path: str, vehicles: int | None, gateways: int | None) ->
         "journal": bool(cfg.journal.enabled),
         "sched_fifo_priority": int(cfg.realtime.sched_fifo_priority),
         "cpu_affinity": cpus, "mlockall": cfg.realtime.mlockall,
+        "publisher_thread": bool(cfg.bus.publisher_thread),
     }
 
 
@@ -227,7 +228,7 @@ def run(config: str, vehicles: int | None, gateways: int | None, seconds: float,
     say(f"3/4 whole cycle, {n:,} vehicles, {g:,} gateways, {cycles} cycles ...")
     gc.collect()
     cycle = bench_cycle.measure(n, g, cycles, target["period_ms"] / 1e3, prio, journal=target["journal"], cpu=cpu,
-                                samples=True)
+                                samples=True, publisher=target["publisher_thread"])
     say(f"4/4 meter-to-gateway latency, {trials} frequency steps ...")
     e2e = bench_e2e.measure(target["period_ms"], target["poll_ms"], n, g, trials, prio, seed=3, cpu=cpu, samples=True)
     v = verdict(target, loop, cycle, e2e)
@@ -267,7 +268,7 @@ def render(r: dict) -> str:
         f"host qualification on {m['cpu']} ({m['cores']} cores), load {r['load_avg'][0]:.2f}, {r['date_utc']}",
         f"config {t['config']}: period {t['period_ms']:g} ms (budget {t['budget_ms']:g} ms), {t['vehicles']:,} "
         f"vehicles ({t['fleet_source']}), {t['gateways']:,} gateways, meter poll {t['poll_ms']:g} ms, journal "
-        f"{'on' if t['journal'] else 'off'}",
+        f"{'on' if t['journal'] else 'off'}, publisher thread {'on' if t.get('publisher_thread') else 'off'}",
         f"scheduling: {'SCHED_FIFO ' + str(s['priority_used']) if s['sched_fifo'] else 'SCHED_OTHER'} ({s['detail']})"
         + pinned,
         "", "host"]
