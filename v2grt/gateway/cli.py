@@ -108,6 +108,18 @@ def _run_gateway(args, load, make_vehicles, *, errors: tuple = (), start, finish
         ctx.term()
 
 
+def _add_bus_endpoints(p) -> None:
+    """--setpoints and --telemetry: one aggregator's endpoints, or every aggregator's of an HA fleet (docs/ha.md)."""
+    from v2grt.io import bus
+
+    p.add_argument("--setpoints", default=bus.DEFAULT_SETPOINT_CONNECT,
+                   help=f"the aggregator's setpoint PUB (default {bus.DEFAULT_SETPOINT_CONNECT}); with several "
+                        "aggregators (ha), every one's, comma-separated: setpoints are taken from all, fenced by epoch")
+    p.add_argument("--telemetry", default=bus.DEFAULT_TELEMETRY_CONNECT,
+                   help=f"the aggregator's telemetry PULL (default {bus.DEFAULT_TELEMETRY_CONNECT}); with several "
+                        "aggregators, every one's, comma-separated in the same order: telemetry goes to all")
+
+
 def _roster_fleet(args):
     """The roster's vehicles of --gateway-id, as a fleet of their own."""
     from v2grt.fleet import Fleet
@@ -310,16 +322,12 @@ def _fail(message: str, code: int) -> int:
 
 
 def _add_sim(gsub) -> None:
-    from v2grt.io import bus
 
     p = gsub.add_parser("sim", help="simulated vehicles behind one gateway (battery, thermal and plug models)",
                         description=cmd_sim.__doc__ + " Powers are kW, positive = discharge into the grid.")
     p.add_argument("--roster", required=True, help="roster CSV; the gateway drives the rows with its gateway id")
     p.add_argument("--gateway-id", required=True, help="this gateway's id (its setpoint topic is sp/<id>)")
-    p.add_argument("--setpoints", default=bus.DEFAULT_SETPOINT_CONNECT,
-                   help=f"the aggregator's setpoint PUB (default {bus.DEFAULT_SETPOINT_CONNECT})")
-    p.add_argument("--telemetry", default=bus.DEFAULT_TELEMETRY_CONNECT,
-                   help=f"the aggregator's telemetry PULL (default {bus.DEFAULT_TELEMETRY_CONNECT})")
+    _add_bus_endpoints(p)
     p.add_argument("--telemetry-interval-s", type=float, default=1.0,
                    help="seconds between telemetry batches (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated faults and plug events")
@@ -347,7 +355,6 @@ def _add_sim(gsub) -> None:
 
 
 def _add_ocpp(gsub) -> None:
-    from v2grt.io import bus
 
     p = gsub.add_parser("ocpp", help="OCPP 2.1 charging stations behind one gateway (a CSMS; docs/gateways.md)",
                         description=cmd_ocpp.__doc__ + " Powers are kW, positive = discharge into the grid.")
@@ -360,10 +367,7 @@ def _add_ocpp(gsub) -> None:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--allow-plaintext", action="store_true",
                    help="run without TLS (security profile 1: passwords in clear); labs only")
-    p.add_argument("--setpoints", default=bus.DEFAULT_SETPOINT_CONNECT,
-                   help=f"the aggregator's setpoint PUB (default {bus.DEFAULT_SETPOINT_CONNECT})")
-    p.add_argument("--telemetry", default=bus.DEFAULT_TELEMETRY_CONNECT,
-                   help=f"the aggregator's telemetry PULL (default {bus.DEFAULT_TELEMETRY_CONNECT})")
+    _add_bus_endpoints(p)
     p.add_argument("--telemetry-interval-s", type=float, default=1.0,
                    help="seconds between telemetry batches (default 1.0)")
     p.add_argument("--deadband-kw", type=float, default=0.5,
@@ -394,7 +398,6 @@ def _add_ocpp(gsub) -> None:
 
 
 def _add_sunspec(gsub) -> None:
-    from v2grt.io import bus
 
     p = gsub.add_parser("sunspec", help="SunSpec DER chargers on Modbus TCP behind one gateway (docs/gateways.md)",
                         description=cmd_sunspec.__doc__ + " Powers are kW, positive = discharge into the grid.")
@@ -402,10 +405,7 @@ def _add_sunspec(gsub) -> None:
     p.add_argument("--gateway-id", required=True, help="this gateway's id (its setpoint topic is sp/<id>)")
     p.add_argument("--devices", required=True,
                    help="CSV node_id,host,port,unit_id: where each roster node's charger answers")
-    p.add_argument("--setpoints", default=bus.DEFAULT_SETPOINT_CONNECT,
-                   help=f"the aggregator's setpoint PUB (default {bus.DEFAULT_SETPOINT_CONNECT})")
-    p.add_argument("--telemetry", default=bus.DEFAULT_TELEMETRY_CONNECT,
-                   help=f"the aggregator's telemetry PULL (default {bus.DEFAULT_TELEMETRY_CONNECT})")
+    _add_bus_endpoints(p)
     p.add_argument("--telemetry-interval-s", type=float, default=1.0,
                    help="seconds between telemetry batches (default 1.0)")
     p.add_argument("--poll-s", type=float, default=1.0, help="read 701 and 713 of each charger this often (1 s)")
