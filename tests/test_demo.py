@@ -180,3 +180,34 @@ def test_protocol_flags_are_checked_before_anything_starts(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "demo", "--out", str(tmp_path / "o"), *MIX, *extra],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+
+
+def test_the_recorder_keeps_only_the_demos_own_sites_and_vehicles_from_site_power_frames():
+    """Site-power frames over a real ZeroMQ PUSH/PULL pair: an unknown gateway's frame is counted as bad; a site
+    or vehicle id the demo does not have is dropped, so its tables cannot grow with ids a sender chose."""
+    import zmq
+
+    from v2grt.demo import _Recorder
+    from v2grt.sim import site_power
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    rec = _Recorder(ctx, "tcp://127.0.0.1:1", pull, {"gw1": 0}, known_sites=frozenset({"depot"}),
+                    known_nodes=frozenset({"EV1"}))
+    try:
+        push.send(site_power.encode("gw1", {"depot": 5.0, "made_up": 1e6}, soc={"EV1": 0.5, "EV_X": 0.9}))
+        push.send(site_power.encode("gw_unknown", {"depot": 7.0}))
+        deadline = time.monotonic() + 5.0
+        while (rec.gw_seen != {"gw1"} or rec.bad_site_frames < 1) and time.monotonic() < deadline:
+            if pull.poll(100):
+                rec._site_frames(time.monotonic())
+        assert rec.site_kw == {"depot": 5.0} and rec.gw_kw == {"gw1": 5.0}
+        assert rec.final_soc == {"EV1": 0.5} and rec.bad_site_frames == 1
+    finally:
+        push.close(0)
+        pull.close(0)
+        rec.status_sub.close()
+        ctx.term()

@@ -191,7 +191,8 @@ class _Recorder(threading.Thread):
     """
 
     def __init__(self, ctx, status_endpoint: str, site_pull, gateway_index: dict[str, int], curve=None, *,
-                 taps: dict[str, _SetpointTap] | None = None, detailed: frozenset[str] = frozenset()):
+                 taps: dict[str, _SetpointTap] | None = None, detailed: frozenset[str] = frozenset(),
+                 known_sites: frozenset[str] | None = None, known_nodes: frozenset[str] | None = None):
         super().__init__(name="demo-recorder", daemon=True)
         from v2grt.io import bus
 
@@ -200,6 +201,8 @@ class _Recorder(threading.Thread):
         self.taps = taps or {}  # created by the main thread, used only here from now on
         self.gateway_index = gateway_index
         self.detailed = detailed
+        # site and vehicle ids come from the frames' senders: only the demo's own are kept (None: any)
+        self.known_sites, self.known_nodes = known_sites, known_nodes
         self.stop = threading.Event()
         self.status_rows: list[tuple] = []
         self.site_rows: list[tuple[float, int, float]] = []
@@ -276,6 +279,8 @@ class _Recorder(threading.Thread):
                 self.bad_site_frames += 1
                 continue
             sites = m["sites"]
+            if self.known_sites is not None:
+                sites = {k: v for k, v in sites.items() if k in self.known_sites}
             self.site_kw.update(sites)
             self.gw_kw[gw] = sum(sites.values())
             self.gw_seen.add(gw)
@@ -287,7 +292,8 @@ class _Recorder(threading.Thread):
             if "reached" in m:
                 self.reached[gw] = int(m["reached"])
             if "soc" in m:
-                self.final_soc.update({str(k): float(v) for k, v in m["soc"].items()})
+                self.final_soc.update({str(k): float(v) for k, v in m["soc"].items()
+                                       if self.known_nodes is None or str(k) in self.known_nodes})
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -537,6 +543,7 @@ class Demo:
 
         from v2grt import demo_protocols as dp
         from v2grt.io import bus
+        from v2grt.io.wire import MAX_FRAME_BYTES
         from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
 
         a = self.args
@@ -558,6 +565,7 @@ class Demo:
         self._ctx = zmq.Context()
         site_pull = self._ctx.socket(zmq.PULL)
         site_pull.setsockopt(zmq.LINGER, 0)
+        site_pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # bounded before msgpack sees it
         site_port = site_pull.bind_to_random_port("tcp://127.0.0.1")
         site_endpoint = f"tcp://127.0.0.1:{site_port}"
         view_curve = self.keys.curve("demo-view") if self.keys else None  # an observer key: status only
@@ -566,7 +574,9 @@ class Demo:
                                  curve=self.keys.curve(gw) if self.keys else None) for gw in self.gateway_ids}
         self._recorder = _Recorder(self._ctx, self.endpoints["setpoints"], site_pull,
                                    {g: i for i, g in enumerate(self.gateway_ids)}, curve=view_curve, taps=taps,
-                                   detailed=frozenset(g for g, p in self.protocol_of.items() if p != "sim"))
+                                   detailed=frozenset(g for g, p in self.protocol_of.items() if p != "sim"),
+                                   known_sites=frozenset(self.site_ids),
+                                   known_nodes=frozenset(self.fleet.row_of))
         self._recorder.start()
         self._feeder_stop = threading.Event()
         self.meter_rows: list[tuple[float, float]] = []
