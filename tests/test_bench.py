@@ -176,6 +176,12 @@ def test_bench_gateway_sunspec_json():
     assert r["goal"]["met"] is None  # 1,000 devices were not measured
 
 
+def test_bench_ocpp_schema_json():
+    """bench ocpp_schema --smoke times both checks of one MeterValues on the same messages and gives their ratio."""
+    r = bench("ocpp_schema", "--smoke")
+    assert r["results"]["compiled"]["n"] == r["results"]["ocpp_package"]["n"] == 200 and r["ratio_p50"] > 0
+
+
 def test_bench_soak_json():
     """bench soak --smoke counts cycles, deadlines and telemetry batches sent, received and rejected."""
     r = bench("soak", "--smoke")
