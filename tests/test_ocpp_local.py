@@ -133,7 +133,8 @@ def site(tmp_path):
 @contextlib.contextmanager
 def local_rig(site, tmp_path, kinds, capacity_kw, f_hz=49.7):
     """A real aggregator (GB DC, pro rata), its SunSpec meter, the LocalFrequency gateway under a GatewayCore and
-    the simulated stations measuring the meter's frequency; yields (meter, aggregator, gateway, stations)."""
+    the simulated stations measuring the meter's frequency; yields (meter, aggregator, gateway, stations, the
+    function that stops the GatewayCore)."""
     from v2grt.aggregator import Aggregator
     from v2grt.config import config_from_dict
     from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
@@ -169,9 +170,14 @@ def local_rig(site, tmp_path, kinds, capacity_kw, f_hz=49.7):
     stop = threading.Event()
     runner = threading.Thread(target=core.run, args=(stop,), daemon=True)
     runner.start()
+
+    def stop_core():
+        stop.set()
+        runner.join(5.0)
+
     try:
         wait_until(lambda: int(agg.fleet.online[: agg.fleet.n_rows].sum()) == 6, 15.0, "six EVSEs online")
-        yield meter, agg, gw, sims
+        yield meter, agg, gw, sims, stop_core
     finally:
         stop.set()
         runner.join(5.0)
@@ -193,7 +199,7 @@ def test_stations_answer_a_frequency_step_before_the_gateway_sends_anything(site
     message from the gateway; a 2.0.1 station and one that rejects LocalFrequency fall back to CentralSetpoint
     (counted) and follow the step through the central loop, whose re-allocation then moves the baselines;
     expiry puts every EVSE back on CentralSetpoint at 0 kW."""
-    with local_rig(site, tmp_path, {"CS0002": "no_lf", "CS0003": "v201"}, 33.0) as (meter, agg, gw, sims):
+    with local_rig(site, tmp_path, {"CS0002": "no_lf", "CS0003": "v201"}, 33.0) as (meter, agg, gw, sims, _stop_core):
         wait_until(lambda: (gw.mode_sent[:2] == HELD_LOCAL).all() and (gw.mode_sent[2:4] == HELD_CENTRAL).all(),
                    10.0, "CS0001 in LocalFrequency, CS0002 (rejects it) in CentralSetpoint")
         assert gw.counters()["local_frequency_fallbacks"] == 4  # CS0002's two EVSEs and CS0003's (2.0.1) two
@@ -229,7 +235,7 @@ def test_stations_answer_a_frequency_step_before_the_gateway_sends_anything(site
 def test_a_pro_rata_frequency_step_costs_no_message(site, tmp_path):
     """When every EVSE answers locally and the aggregator shares the response pro rata, a frequency step moves
     every station without one message from the gateway: the baselines stay inside the deadband."""
-    with local_rig(site, tmp_path, {}, 33.0) as (meter, _agg, gw, sims):
+    with local_rig(site, tmp_path, {}, 33.0) as (meter, _agg, gw, sims, stop_core):
         wait_until(lambda: (gw.mode_sent == HELD_LOCAL).all() and sims.p_kw.min() > 1.5, 10.0,
                    "every EVSE in LocalFrequency, discharging at 49.7 Hz")
         time.sleep(0.3)
@@ -239,6 +245,9 @@ def test_a_pro_rata_frequency_step_costs_no_message(site, tmp_path):
         time.sleep(0.5)
         assert list(sims.commands)[n_cmds:] == []
         assert gw.target_kw == pytest.approx(np.zeros(6), abs=0.5)  # baselines: the response is all the curve's
+        stop_core()  # GatewayCore.close: its last zeros, final
+        wait_until(lambda: (gw.mode_sent == HELD_CENTRAL).all() and np.allclose(sims.target_kw, 0.0), 3.0,
+                   "every EVSE in CentralSetpoint at 0 kW when the gateway stops")
 
 
 def test_a_zero_baseline_is_not_a_stop():

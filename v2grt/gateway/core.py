@@ -75,7 +75,8 @@ class Vehicles(Protocol):
     # Optional, looked up with getattr (a driver without them is unchanged):
     # ``setpoints_accepted(ep, seq, ok)`` before the apply of each accepted message: its epoch and
     # sequence (to pair it with the status topic's frequency of the same cycle) and, per node, whether
-    # it was named with reason OK and no e-stop; ``setpoints_expired()`` when the setpoints lapse.
+    # it was named with reason OK and no e-stop; ``setpoints_expired()`` when the setpoints lapse and when
+    # the gateway stops (before the apply of the zeros).
 
 
 class GatewayCore:
@@ -259,6 +260,9 @@ class GatewayCore:
         try:
             self.p_kw[:] = 0.0
             self._holding = False
+            stopped = getattr(self.vehicles, "setpoints_expired", None)
+            if stopped is not None:  # these zeros are final: no node may answer frequency on its own
+                stopped()
             now = time.monotonic_ns()
             self.vehicles.apply(self.p_kw, now)
             self.send_telemetry(now)

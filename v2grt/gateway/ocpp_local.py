@@ -241,6 +241,10 @@ class LocalFrequencyVehicles(OcppVehicles):
                          msg="this EVSE runs CentralSetpoint: it follows frequency only through the central loop")
 
     def close(self, flush_s: float = 2.0) -> None:
+        """Every EVSE back to CentralSetpoint at its target (0 kW after GatewayCore.close), sent, then stop."""
+        with self.lock:
+            self.cur_key = None
+            self._recompute()
         super().close(flush_s)
         if self.status is not None:
             self.status.close()
