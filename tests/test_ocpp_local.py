@@ -258,3 +258,26 @@ def test_a_zero_baseline_is_not_a_stop():
     assert m.due_rows(target, sent, np.zeros(2, np.int64), ok, 1, deadband_kw=0.5, resync_ns=10**12).tolist() == [0, 1]
     assert m.due_rows(target, sent, np.zeros(2, np.int64), ok, 1, deadband_kw=0.5, resync_ns=10**12,
                       zero_rows=np.array([True, False])).tolist() == [0]
+
+
+def test_bench_e2e_ocpp_runs_both_operation_modes_side_by_side():
+    """bench e2e --protocol ocpp --smoke --operation-mode central,local-frequency gives one row per mode: every
+    step timed in both, the gateway's phases only for central, and far fewer messages per step locally."""
+    import json
+    import subprocess
+    import sys
+
+    from v2grt.bench._common import child_env
+
+    out = subprocess.run([sys.executable, "-m", "v2grt.cli", "bench", "e2e", "--protocol", "ocpp", "--smoke",
+                          "--operation-mode", "central,local-frequency", "--policy", "prorata", "--json"],
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    central, local = r["results"]
+    assert (central["operation_mode"], local["operation_mode"]) == ("central", "local-frequency")
+    assert central["steps_timed"] == local["steps_timed"] == 4 and local["sent_not_applied"] == 0
+    assert central["phases"]["publish_to_send"]["n"] > 0 and local["phases"]["publish_to_send"]["n"] == 0
+    assert central["messages_per_step"]["p50"] >= 6 and local["messages_per_step"]["p50"] < 6
+    assert local["gateway_counters"]["local_frequency_profiles_sent"] >= 6
+    assert local["exit_codes"] == {"gateway": 0, "stations": [0]}
