@@ -281,3 +281,23 @@ def test_bench_e2e_ocpp_runs_both_operation_modes_side_by_side():
     assert central["messages_per_step"]["p50"] >= 6 and local["messages_per_step"]["p50"] < 6
     assert local["gateway_counters"]["local_frequency_profiles_sent"] >= 6
     assert local["exit_codes"] == {"gateway": 0, "stations": [0]}
+
+
+def test_the_mode_options_name_what_is_missing():
+    """--operation-mode local-frequency without --service or --service-capacity-kw, or with an unknown service, is
+    refused naming the option; central needs neither."""
+    import argparse
+
+    from v2grt.gateway.ocpp_local import add_local_frequency_options, local_settings_from_args
+
+    ap = argparse.ArgumentParser()
+    add_local_frequency_options(ap)
+    assert local_settings_from_args(ap.parse_args([])) is None
+    with pytest.raises(GatewayError, match="--service NAME"):
+        local_settings_from_args(ap.parse_args(["--operation-mode", "local-frequency", "--service", "dc"]))
+    with pytest.raises(GatewayError, match="--service: unknown service 'fcr-x'"):
+        local_settings_from_args(ap.parse_args(["--operation-mode", "local-frequency", "--service", "fcr-x",
+                                                "--service-capacity-kw", "10"]))
+    lf = local_settings_from_args(ap.parse_args(["--operation-mode", "local-frequency", "--service", "fcr",
+                                                 "--service-capacity-kw", "10"]))
+    assert lf.service.name == "fcr" and lf.capacity_kw == 10.0

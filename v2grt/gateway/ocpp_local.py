@@ -138,8 +138,12 @@ class LocalFrequencyVehicles(OcppVehicles):
         self.lf = lf
         n = self.n
         rating = np.minimum(fleet.p_dis_max_kw[:n], fleet.p_chg_max_kw[:n]).astype(np.float64)
-        self.share_kw = om.evse_shares_kw(rating, lf.capacity_kw)
-        self.curves = [om.freq_watt_curve(lf.service.f_hz, lf.service.fraction, float(s)) for s in self.share_kw]
+        try:
+            self.share_kw = om.evse_shares_kw(rating, lf.capacity_kw)
+            self.curves = [om.freq_watt_curve(lf.service.f_hz, lf.service.fraction, float(s)) for s in self.share_kw]
+        except om.MappingError as exc:  # e.g. a capacity that gives one EVSE more than the wire's 1000 kW
+            raise GatewayError(f"gateway {gateway_id!r}: --service-capacity-kw {lf.capacity_kw:g} over "
+                               f"{n} EVSEs: {exc}") from None
         self.central_kw = np.zeros(n)
         self.ok = np.zeros(n, dtype=bool)  # named with reason OK, no e-stop (GatewayCore's hook)
         self.lf_capable = np.ones(n, dtype=bool)  # False: 2.0.1, or refused LocalFrequency
