@@ -25,6 +25,15 @@ that used it, the end of its publish) is timed in this process. Phases, per step
 - receive -> apply: the simulated station's command latency (``--latency-ms``, uniform).
 
 Goal (issue 11): p99 <= period + 100 ms with 200 stations.
+
+``--operation-mode central,local-frequency`` runs the rig once per mode, one after the other in one
+command, with the same aggregator, site and steps. In ``local-frequency`` the gateway installs
+LocalFrequency profiles (the aggregator's service, ``dc``, scaled to each EVSE's share of its capacity)
+and the stations read the bench's meter themselves (``--frequency-from``, polled every 20 ms): the time
+then runs from the step to the station applying its own answer, and the gateway's phases do not apply.
+For each mode the table gives the messages the gateway sent to stations per step (UpdateDynamicSchedule,
+or SetChargingProfile for a LocalFrequency baseline). ``--policy prorata`` shares the response as the
+stations' curves do (a pure step then moves no baseline); ``merit`` (the aggregator's default) does not.
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ from v2grt.bench.bench_e2e import F_CHARGE_HZ, F_DISCHARGE_HZ, _FirstSeen, _Publ
 SIGN_KW = 0.1
 
 PHASES = ("meter_to_publish", "publish_to_send", "send_to_receive", "receive_to_apply")
+
+#: --operation-mode values (v2grt gateway ocpp --operation-mode).
+MODES = ("central", "local-frequency")
 
 
 def read_csv(path: Path) -> list[list[str]]:
@@ -117,12 +129,44 @@ def analyse(steps: list[dict], seen, records, gw_trace: np.ndarray, st_recv: np.
             "aggregator": aggregator}
 
 
-def measure(args, directory: Path) -> dict:
+def messages_per_step(steps: list[dict], gw_trace: np.ndarray) -> list[int]:
+    """Messages the gateway sent to stations (its trace's updates, sorted by send time) in each step's window."""
+    out = []
+    for k, st in enumerate(steps):
+        t0 = st["t_step_ns"]
+        t1 = steps[k + 1]["t_step_ns"] if k + 1 < len(steps) else t0 + 10**10
+        lo, hi = np.searchsorted(gw_trace[:, 0], [t0, t1])
+        out.append(int(hi - lo))
+    return out
+
+
+def _mode_args(mode: str, capacity_kw: float, meter_port: int) -> tuple[list[str], list[str]]:
+    """(extra gateway options, extra simulator options) of an operation mode."""
+    if mode == "central":
+        return [], []
+    return (["--operation-mode", "local-frequency", "--service", "dc", "--service-capacity-kw", f"{capacity_kw:g}"],
+            ["--frequency-from", f"127.0.0.1:{meter_port}"])
+
+
+def _with_policy(cfg, policy: str, directory: Path):
+    """The bench aggregator's config with the dispatch policy asked (a discharge_profile file of one key)."""
+    import dataclasses
+    import json
+
+    if policy == "merit":
+        return cfg
+    path = directory / "profile.json"
+    path.write_text(json.dumps({"policy": policy}))
+    return dataclasses.replace(cfg, discharge_profile=str(path))
+
+
+def measure(args, directory: Path, mode: str = "central") -> dict:
     from v2grt.aggregator import Aggregator
     from v2grt.fleet import Fleet
 
     period_s = args.period_ms / 1e3
     n = args.stations * args.evses
+    directory.mkdir(parents=True, exist_ok=True)
     rig = Rig(directory, stations=args.stations, evses=args.evses, plaintext=args.plaintext).write_site()
     fleet = Fleet.from_csv(rig.paths["roster"])
     gw_trace_path = directory / "gateway.trace"
@@ -130,6 +174,8 @@ def measure(args, directory: Path) -> dict:
     with World(meter_model=213, f_hz=F_CHARGE_HZ) as world:
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, poll_s=args.poll_ms / 1e3,
                                 priority=args.priority, capacity_kw=0.8 * float(fleet.p_dis_max_kw[:n].sum()))
+        cfg = _with_policy(cfg, args.policy, directory)
+        gw_mode, sim_mode = _mode_args(mode, cfg.service.capacity_kw, world.meter_port)
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         seen = agg.meter.latest = _FirstSeen()
         timer = agg._publish = _PublishTimer(agg._publish)
@@ -138,9 +184,9 @@ def measure(args, directory: Path) -> dict:
             if not agg.first_cycle.wait(10.0):
                 raise RuntimeError("the aggregator ran no cycle within 10 s")
             rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(gw_trace_path),
-                              *args.gateway_args)
+                              *gw_mode, *args.gateway_args)
             rig.start_stations("--latency-ms", args.latency_ms, "--meter-interval-s", str(args.meter_interval_s),
-                               processes=args.sim_processes, trace=True)
+                               *sim_mode, processes=args.sim_processes, trace=True)
             t_up = time.monotonic()
             deadline = t_up + args.connect_timeout_s
             while int(agg.fleet.online[:n].sum()) < n:
@@ -181,16 +227,22 @@ def measure(args, directory: Path) -> dict:
     for a in (gw, recv, appl):
         a[:] = a[np.argsort(a[:, 0], kind="stable")]
     res = analyse(steps, seen.changes, timer.records, gw, recv, appl)
+    msgs = messages_per_step(steps, gw)
     total = stats_ms(res["samples"]["total"])
     last = stats_ms(res["last_evse"])
     target_ms = args.period_ms + 100.0
     rows = res["rows_per_step"]
     return {
+        "operation_mode": mode, "policy": args.policy,
+        "messages_per_step": {"p50": float(np.median(msgs)) if msgs else 0.0, "max": max(msgs, default=0),
+                              "mean": float(np.mean(msgs)) if msgs else 0.0, "per_evse_mean":
+                              float(np.mean(msgs)) / n if msgs else 0.0},
         "stations": args.stations, "evses_per_station": args.evses, "nodes": n, "trials": args.trials,
         "steps_timed": len(res["last_evse"]), "evses_per_step_min": min(rows) if rows else 0,
         "evses_per_step_median": float(np.median(rows)) if rows else 0.0, "sent_not_applied": res["missing"],
         "latency": total, "last_evse_per_step": last,
-        "phases": {p: stats_ms(res["samples"][p]) for p in PHASES},
+        # LocalFrequency: the stations answer on their own; the gateway's sends are baselines, not the step's path
+        "phases": {p: stats_ms(res["samples"][p] if mode == "central" else []) for p in PHASES},
         "aggregator_split": {k: stats_ms(v) for k, v in res["aggregator"].items()},
         "target_ms": target_ms,
         "target_met": bool(total.get("n")) and total["p99_ms"] <= target_ms,
@@ -202,22 +254,41 @@ def measure(args, directory: Path) -> dict:
 
 
 def run(args) -> dict:
+    modes = [m.strip() for m in args.operation_mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"--operation-mode {args.operation_mode!r}: expected a comma-separated list of {MODES}")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="v2g-e2e-ocpp-") as tmp:
         directory = Path(args.keep) if args.keep else Path(tmp)
-        row = measure(args, directory)
+        for mode in modes:  # one after the other, same site and steps; each mode's files in a directory of its own
+            rows.append(measure(args, directory / mode if len(modes) > 1 else directory, mode))
     return {"benchmark": "e2e", "protocol": "ocpp", "machine": machine(), "source": source_state(),
             "config": {"stations": args.stations, "evses": args.evses, "period_ms": args.period_ms,
                        "poll_ms": args.poll_ms, "trials": args.trials, "gap_s": args.gap_s,
                        "station_latency_ms": args.latency_ms, "tls": not args.plaintext,
                        "meter_interval_s": args.meter_interval_s, "gateway_args": args.gateway_args,
-                       "sim_processes": args.sim_processes,
+                       "sim_processes": args.sim_processes, "operation_modes": modes, "policy": args.policy,
                        "steps_hz": [F_DISCHARGE_HZ, F_CHARGE_HZ], "cpu_count": os.cpu_count()},
-            "results": [row]}
+            "results": rows}
 
 
 def render(r: dict) -> str:
+    """One block per operation mode (render_one), then the modes side by side when there are several."""
+    blocks = [render_one({**r, "results": [x]}) for x in r["results"]]
+    if len(r["results"]) > 1:
+        blocks.append("side by side (one run, the modes one after the other):\n" + table(
+            ["mode", "n", "p50 ms", "p99 ms", "last EVSE p99 ms", "messages/step p50", "max"],
+            [[x.get("operation_mode", "central"), x["latency"].get("n", 0), x["latency"].get("p50_ms"),
+              x["latency"].get("p99_ms"), x["last_evse_per_step"].get("p99_ms"), x["messages_per_step"]["p50"],
+              x["messages_per_step"]["max"]] for x in r["results"]]))
+    return "\n\n".join(blocks)
+
+
+def render_one(r: dict) -> str:
     m, c, x = r["machine"], r["config"], r["results"][0]
-    head = (f"frequency step at the meter -> simulated OCPP station applying the new setpoint, on {m['cpu']} "
+    head = (f"[{x.get('operation_mode', 'central')}, policy {x.get('policy', 'merit')}] "
+            f"frequency step at the meter -> simulated OCPP station applying the new setpoint, on {m['cpu']} "
             f"({m['cores']} cores), python {m['python']}; {c['stations']} stations x {c['evses']} EVSEs, period "
             f"{c['period_ms']:g} ms, meter poll {c['poll_ms']:g} ms, station latency {c['station_latency_ms']} ms, "
             f"TLS {'on' if c['tls'] else 'off'}; {x['load']['before']} (after: {x['load']['after']})")
@@ -235,6 +306,8 @@ def render(r: dict) -> str:
              table(["phase", "n", "p50 ms", "p99 ms", "max ms", "mean ms"],
                    [row(p, x["phases"][p]) for p in PHASES] + [row(f"  aggregator {k}", v)
                                                                for k, v in x["aggregator_split"].items()]),
+             f"messages to stations per step: p50 {x['messages_per_step']['p50']:g}, max "
+             f"{x['messages_per_step']['max']}, mean per EVSE {x['messages_per_step']['per_evse_mean']:.3f}",
              f"CPU during the steps (% of one core): gateway {x['cpu_percent_of_core']['gateway']:.1f}, stations "
              f"{x['cpu_percent_of_core']['stations']:.1f}; missed deadlines {x['missed_deadlines']}; exit codes "
              f"{x['exit_codes']}"]
@@ -267,6 +340,12 @@ def main(argv=None) -> int:
     ap.add_argument("--priority", type=int, default=0, help="SCHED_FIFO priority of the control thread (0: off)")
     ap.add_argument("--gateway-args", type=shlex.split, default=[],
                     help="extra `v2grt gateway ocpp` options, one quoted string (e.g. \"--deadband-kw 1\")")
+    ap.add_argument("--operation-mode", default="central",
+                    help="comma-separated: central (CentralSetpoint, the default), local-frequency (stations answer "
+                         "frequency with LocalFrequency profiles); several run one after the other in this command")
+    ap.add_argument("--policy", default="merit", choices=("merit", "prorata"),
+                    help="the aggregator's dispatch policy (merit: its default; prorata shares the response as the "
+                         "stations' local curves do)")
     ap.add_argument("--keep", help="keep the site, logs and traces in this directory")
     ap.add_argument("--seed", type=int, default=3)
     add_smoke_option(ap, SMOKE)

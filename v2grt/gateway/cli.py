@@ -176,6 +176,7 @@ def cmd_ocpp(args) -> int:
     from v2grt.gateway import ocpp_mapping as om
     from v2grt.gateway.core import GatewayError
     from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
+    from v2grt.gateway.ocpp_local import local_settings_from_args
     from v2grt.roster import RosterError
 
     host, _, port = args.listen.rpartition(":")
@@ -189,18 +190,19 @@ def cmd_ocpp(args) -> int:
             fleet = _roster_fleet(args)
             credentials = om.load_credentials(args.credentials)
             tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+            local = local_settings_from_args(args)
         except FileNotFoundError as exc:
             return _fail(f"{exc.filename!r}: no such file", EXIT_INVALID)
         except (RosterError, FleetError, GatewayError, om.MappingError) as exc:
             return _fail(str(exc), EXIT_INVALID)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a bad certificate or key
             return _fail(f"--tls-cert {args.tls_cert!r} / --tls-key {args.tls_key!r}: {exc}", EXIT_INVALID)
-        return fleet, credentials, tls
+        return fleet, credentials, tls, local
 
     def make_vehicles(inputs, events, ctx):
         import ocpp.messages
 
-        fleet, credentials, tls = inputs
+        fleet, credentials, tls, local = inputs
         # ocpp validates every payload on a thread-pool worker by default: a thread hop per message that
         # buys nothing under the GIL. Inline, 100 simulated stations x 2 EVSEs cost 14-17 % of a core
         # instead of 17-23 % (three runs each, loaded 2-core box). A process-wide switch of the library,
@@ -211,7 +213,10 @@ def cmd_ocpp(args) -> int:
                                 resync_s=args.resync_s, max_offline_s=args.max_offline_s,
                                 call_timeout_s=args.call_timeout_s, rate_per_s=args.rate_per_s, burst=args.burst,
                                 accept_201=not args.no_ocpp201, meter_stale_s=args.meter_stale_s)
-        vehicles = OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        if local is None:
+            vehicles = OcppVehicles(fleet, settings, gateway_id=args.gateway_id, events=events).start()
+        else:
+            vehicles = _local_frequency_vehicles(args, fleet, settings, local, events, ctx)
         if args.trace_file:  # benches: every sent update and answered call, written at exit (bench e2e --protocol ocpp)
             vehicles.trace = collections.deque(maxlen=1_000_000)
             vehicles.calls_trace = collections.deque(maxlen=1_000_000)
@@ -219,10 +224,10 @@ def cmd_ocpp(args) -> int:
 
     def start(vehicles):
         return ("kind=ocpp nodes=%d stations=%d listen=%s:%d tls=%s setpoints=%s telemetry=%s deadband_kw=%g "
-                "resync_s=%g max_offline_s=%d", (len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}),
-                                                 host, vehicles.port, vehicles.settings.ssl_context is not None,
-                                                 args.setpoints, args.telemetry, args.deadband_kw, args.resync_s,
-                                                 args.max_offline_s))
+                "resync_s=%g max_offline_s=%d operation_mode=%s service=%s", (
+                    len(vehicles.node_ids), len({e.station_id for e in vehicles.evses}), host, vehicles.port,
+                    vehicles.settings.ssl_context is not None, args.setpoints, args.telemetry, args.deadband_kw,
+                    args.resync_s, args.max_offline_s, args.operation_mode, args.service or "-"))
 
     def finish(vehicles, core):
         vehicles.close()  # sends what is still due (the zeros), then closes every station
@@ -231,6 +236,23 @@ def cmd_ocpp(args) -> int:
         return f"kind=ocpp {_counters(core.counters(), vehicles.counters())}"
 
     return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
+
+
+def _local_frequency_vehicles(args, fleet, settings, local, events, ctx):
+    """The OCPP driver of --operation-mode local-frequency, listening to the status topic of every aggregator
+    (the frequency of each cycle) with the same endpoints and key as the setpoints."""
+    from v2grt.gateway.ocpp_local import LocalFrequencyVehicles
+    from v2grt.io import bus
+    from v2grt.security.cli import client_curve_from_args
+
+    endpoints = bus.split_endpoints(args.setpoints, "setpoints (--setpoints)")
+    curves = bus.curves_for(client_curve_from_args(args), len(endpoints))
+    vehicles = LocalFrequencyVehicles(fleet, settings, local, gateway_id=args.gateway_id, events=events).start()
+    try:
+        return vehicles.listen_status(ctx, endpoints, curves)
+    except Exception:
+        vehicles.close(0.0)
+        raise
 
 
 def cmd_sunspec(args) -> int:
@@ -379,6 +401,9 @@ def _add_ocpp(gsub) -> None:
     p.add_argument("--rate-per-s", type=float, default=20.0, help="messages a station may send per second (20)")
     p.add_argument("--burst", type=float, default=40.0, help="messages a station may send at once (40)")
     p.add_argument("--no-ocpp201", action="store_true", help="refuse stations that only speak ocpp2.0.1")
+    from v2grt.gateway.ocpp_local import add_local_frequency_options
+
+    add_local_frequency_options(p)
     p.add_argument("--meter-stale-s", type=float, default=10.0,
                    help="an EVSE without meter values for this long reports TIMEOUT_BMS_RESPONSE (default 10 s)")
     p.add_argument("--event-interval-s", type=float, default=60.0,

@@ -72,6 +72,12 @@ class Vehicles(Protocol):
     def telemetry(self, now_ns: int) -> dict[str, np.ndarray]:
         """Per-node measurements keyed as wire.TELEMETRY_ARRAYS (the four required keys at least)."""
 
+    # Optional, looked up with getattr (a driver without them is unchanged):
+    # ``setpoints_accepted(ep, seq, ok)`` before the apply of each accepted message: its epoch and
+    # sequence (to pair it with the status topic's frequency of the same cycle) and, per node, whether
+    # it was named with reason OK and no e-stop; ``setpoints_expired()`` when the setpoints lapse and when
+    # the gateway stops (before the apply of the zeros).
+
 
 class GatewayCore:
     """One gateway's sockets and rules around a :class:`Vehicles` driver; ``run(stop)`` is the loop.
@@ -183,6 +189,12 @@ class GatewayCore:
                              old=self.epoch, new=msg.ep, msg="a newer aggregator instance took over")
         self.epoch = msg.ep
         self.slow_n = msg.slow_n
+        accepted = getattr(self.vehicles, "setpoints_accepted", None)
+        if accepted is not None:  # an optional driver hook (the OCPP gateway's LocalFrequency mode)
+            ok = np.zeros(self.n, dtype=bool)  # named, reason OK and no e-stop: the node may answer frequency
+            if not msg.estop:
+                ok[dst] = msg.reasons[src] == 0
+            accepted(msg.ep, msg.seq, ok)
         self._valid_mono_ns = now_ns + (msg.exp_ns - msg.t_ns)
         self._valid_wall_ns = msg.exp_ns
         self._holding = True
@@ -206,6 +218,9 @@ class GatewayCore:
 
     def _expire(self) -> None:
         self.p_kw[:] = 0.0
+        expired = getattr(self.vehicles, "setpoints_expired", None)
+        if expired is not None:  # the optional hook's counterpart: nothing may answer frequency now
+            expired()
         self._holding = False
         self.expiries += 1
         self.events.emit("SETPOINT_EXPIRED", logging.WARNING, key=self.gateway_id, gateway=self.gateway_id,
@@ -245,6 +260,9 @@ class GatewayCore:
         try:
             self.p_kw[:] = 0.0
             self._holding = False
+            stopped = getattr(self.vehicles, "setpoints_expired", None)
+            if stopped is not None:  # these zeros are final: no node may answer frequency on its own
+                stopped()
             now = time.monotonic_ns()
             self.vehicles.apply(self.p_kw, now)
             self.send_telemetry(now)

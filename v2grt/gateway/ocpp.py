@@ -374,7 +374,7 @@ class OcppVehicles:
             self.refused["NO_SUBPROTOCOL"] += 1
             await ws.close(1002, "subprotocol ocpp2.1 or ocpp2.0.1 required")
             return
-        cls = Session21 if version == om.OCPP21 else Session201
+        cls = self._session_class(version)
         session = cls(station, ws, self)
         old = self.sessions.get(station)
         if old is not None:  # the station reconnected before we noticed the old socket die
@@ -410,6 +410,10 @@ class OcppVehicles:
             self.events.emit("OCPP_STATION_DISCONNECTED", logging.WARNING, key=station, gateway=self.gateway_id,
                              station=station, close_code=ws.close_code)
 
+    def _session_class(self, version: str) -> type:
+        """The session class of a station speaking ``version`` (the LocalFrequency mode has its own 2.1 one)."""
+        return Session21 if version == om.OCPP21 else Session201
+
     def _rows_of(self, station: str) -> list[int]:
         return self.station_rows.get(station, [])
 
@@ -420,11 +424,9 @@ class OcppVehicles:
         in ``_install_sessions`` (an EVSE with a transaction and no profile): a loop over every EVSE at
         every tick and every TransactionEvent cost O(stations^2) while a thousand stations connect."""
         now = time.monotonic_ns()
-        s = self.settings
         woken = set()
         with self.lock:
-            due = om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now,
-                              deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9))
+            due = self._due_rows(now)
             for row in due.tolist():
                 e = self.evses[row]
                 session = self.sessions.get(e.station_id)
@@ -452,6 +454,12 @@ class OcppVehicles:
                     self._install_sessions.discard(session)
             for session in woken:
                 session.wake.set()
+
+    def _due_rows(self, now_ns: int) -> np.ndarray:
+        """ocpp_mapping.due_rows over the targets (under the lock; the LocalFrequency mode refines it)."""
+        s = self.settings
+        return om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now_ns,
+                           deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9))
 
     def count_callerror(self, code: str, station: str, detail: str) -> None:
         key = code if code in RPC_ERROR_CODES else "Other"  # bounded keys, whatever the frame carried

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,19 +196,113 @@ def charge_limit_profile(evse_id: int, transaction_id: str, p_kw: float, *, dura
                                                               "limit": magnitude_to_rate(charge_kw, unit)}]}]}
 
 
+# ------------------------------------------------------------------------------- LocalFrequency
+#: OCPP 2.1 operation modes the gateway installs (OperationModeEnumType).
+CENTRAL_SETPOINT = "CentralSetpoint"
+LOCAL_FREQUENCY = "LocalFrequency"
+#: V2XFreqWattPointType list: the schema's maxItems.
+MAX_FREQ_WATT_POINTS = 20
+
+
+def evse_shares_kw(rating_kw: np.ndarray, capacity_kw: float) -> np.ndarray:
+    """Each EVSE's share of ``capacity_kw`` (the service capacity this gateway's EVSEs carry), pro rata to
+    its rating (kW, >= 0): the scale of its own frequency-watt curve. Shares sum to ``capacity_kw``."""
+    rating_kw = np.asarray(rating_kw, dtype=np.float64)
+    if not (math.isfinite(capacity_kw) and capacity_kw >= 0.0):
+        raise MappingError(f"capacity_kw={capacity_kw!r}: expected a finite number >= 0 kW")
+    if rating_kw.size and not (np.isfinite(rating_kw).all() and (rating_kw >= 0.0).all()):
+        raise MappingError("EVSE ratings: expected finite kW >= 0 for every EVSE")
+    total = float(rating_kw.sum())
+    return rating_kw * (capacity_kw / total) if total > 0.0 else np.zeros_like(rating_kw)
+
+
+def freq_watt_curve(f_hz, fraction, share_kw: float) -> list[dict]:
+    """``v2xFreqWattCurve`` of one EVSE: the service curve (``f_hz`` ascending, ``fraction`` of capacity,
+    + = discharge, as :class:`v2grt.services.ServiceCurve`) scaled to ``share_kw``.
+
+    ``power`` is W and, as every OCPP setpoint, negative = discharging (the schema: "to charge
+    (positive) or discharge (negative)"); the sign flips in :func:`kw_to_setpoint`. At most 20
+    points (the schema's maxItems); a station holds the end values beyond the first and last point,
+    as the service curve does.
+    """
+    f = [float(x) for x in f_hz]
+    y = [float(x) for x in fraction]
+    if not 1 <= len(f) <= MAX_FREQ_WATT_POINTS or len(f) != len(y):
+        raise MappingError(f"v2xFreqWattCurve: {len(f)} frequencies and {len(y)} values: expected the same "
+                           f"number, 1..{MAX_FREQ_WATT_POINTS}")
+    if any(not b > a for a, b in itertools.pairwise(f)) or not all(math.isfinite(x) and 0 < x < 100 for x in f):
+        raise MappingError(f"v2xFreqWattCurve: frequencies {f!r}: expected strictly ascending Hz in 0..100")
+    if not all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in y):
+        raise MappingError(f"v2xFreqWattCurve: fractions {y!r}: expected -1..1 of the EVSE's share")
+    if not (math.isfinite(share_kw) and 0.0 <= share_kw <= MAX_ABS_KW):
+        raise MappingError(f"share_kw={share_kw!r}: expected 0..{MAX_ABS_KW:g} kW")
+    return [{"frequency": fi, "power": kw_to_setpoint(share_kw * yi)} for fi, yi in zip(f, y)]
+
+
+def freq_watt_w(curve: list[dict], f_hz: float) -> float:
+    """The curve's power at ``f_hz`` (W, OCPP sign): linear between points, the end values beyond them."""
+    if not curve:
+        return 0.0
+    pts = sorted((float(p["frequency"]), float(p["power"])) for p in curve)
+    return float(np.interp(f_hz, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def local_frequency_profile(evse_id: int, transaction_id: str, baseline_kw: float, curve: list[dict], *,
+                            max_offline_s: int, limits: EvLimits = EvLimits()) -> dict:
+    """The ``chargingProfile`` of an EVSE that answers frequency itself: Dynamic, ``LocalFrequency``.
+
+    The station delivers ``v2xBaseline + v2xFreqWattCurve(f_local)`` (W, negative = discharging),
+    within ``limit`` (charge, >= 0) and ``dischargeLimit`` (<= 0), the EV's own limits. Same id,
+    stack level and failsafe (``maxOfflineDuration``) as :func:`dynamic_profile`, so either replaces the
+    other. W only: the schema gives the curve's power in W whatever ``chargingRateUnit`` says.
+    """
+    if not (math.isfinite(baseline_kw) and abs(baseline_kw) <= 2 * MAX_ABS_KW):
+        raise MappingError(f"v2xBaseline: {baseline_kw!r} kW: expected |value| <= {2 * MAX_ABS_KW:g} kW")
+    period = {"startPeriod": 0, "operationMode": LOCAL_FREQUENCY, "v2xBaseline": kw_to_setpoint(baseline_kw),
+              "v2xFreqWattCurve": curve}
+    if limits.p_chg_max_kw is not None:
+        period["limit"] = magnitude_to_rate(limits.p_chg_max_kw, "W")
+    if limits.p_dis_max_kw is not None:
+        period["dischargeLimit"] = -magnitude_to_rate(limits.p_dis_max_kw, "W") + 0.0
+    return {"id": tx_profile_id(evse_id), "stackLevel": 1, "chargingProfilePurpose": "TxProfile",
+            "chargingProfileKind": "Dynamic", "transactionId": transaction_id,
+            "maxOfflineDuration": int(max_offline_s), "invalidAfterOfflineDuration": True,
+            "chargingSchedule": [{"id": tx_profile_id(evse_id), "chargingRateUnit": "W",
+                                  "chargingSchedulePeriod": [period]}]}
+
+
+def local_baselines_kw(p_kw: np.ndarray, share_kw: np.ndarray, fraction: float) -> np.ndarray:
+    """``v2xBaseline`` per EVSE (kW, + discharge) so that baseline + curve(f) equals the aggregator's setpoint
+    ``p_kw`` at the frequency it used (``fraction`` = the service curve there): ``p_kw - share_kw * fraction``.
+
+    A pure frequency change moves ``p_kw`` and the curve alike (when the aggregator shares the response
+    pro rata, as the curves do): the baselines stay, and nothing needs to be sent.
+    """
+    return np.asarray(p_kw, dtype=np.float64) - np.asarray(share_kw, dtype=np.float64) * fraction
+
+
+def local_frequency_kw(baseline_w: float, curve: list[dict], f_hz: float, limits: EvLimits = EvLimits()) -> float:
+    """What a station in ``LocalFrequency`` delivers at ``f_hz``, v2grt kW (+ discharge): baseline + curve(f),
+    converted by :func:`setpoint_to_kw` and held within the EV's limits (the period's limit and dischargeLimit)."""
+    return limits.clamp(setpoint_to_kw(baseline_w + freq_watt_w(curve, f_hz), "W"))
+
+
 # ------------------------------------------------------------------------------- when to send
 def due_rows(target_kw: np.ndarray, sent_kw: np.ndarray, sent_ns: np.ndarray, controllable: np.ndarray,
-             now_ns: int, *, deadband_kw: float, resync_ns: int) -> np.ndarray:
+             now_ns: int, *, deadband_kw: float, resync_ns: int, zero_rows: np.ndarray | None = None) -> np.ndarray:
     """Rows whose setpoint must go out now (int64, ascending).
 
     A row is due when it is controllable and: nothing was sent yet (``sent_kw`` NaN); or the target
     moved more than ``deadband_kw`` from what was sent; or the target is exactly 0 and the sent
     value was not (zero always goes out: expiry and e-stop must not hide in the deadband); or
-    ``resync_ns`` passed since the last send.
+    ``resync_ns`` passed since the last send. ``zero_rows`` (bool, optional): the rows the zero rule
+    applies to (LocalFrequency baselines are not setpoints: 0 there is no stop; the mode switch is).
     """
     never = np.isnan(sent_kw)
     moved = np.abs(target_kw - np.where(never, 0.0, sent_kw)) > deadband_kw
     to_zero = (target_kw == 0.0) & (sent_kw != 0.0)
+    if zero_rows is not None:
+        to_zero &= zero_rows
     stale = (now_ns - sent_ns) >= resync_ns
     return np.flatnonzero(controllable & (never | moved | to_zero | stale))
 
@@ -464,9 +559,10 @@ class TokenBucket:
         return self.tokens <= -self.burst
 
 
-__all__ = ["CONNECTOR_STATUS", "DEFAULT_PROFILE_ID", "OCPP21", "OCPP201", "SUBPROTOCOLS", "EvLimits", "EvNeeds",
-           "MappingError", "MeterReading", "TokenBucket", "charge_limit_profile", "check_password",
-           "default_profile", "due_rows", "dynamic_profile", "ev_min_soc", "hash_password", "kw_to_setpoint",
-           "load_credentials", "magnitude_to_rate", "node_id", "node_online_fault", "parse_charging_needs",
-           "parse_meter_values", "schedule_update", "setpoint_to_kw", "split_node_id", "station_id_from_path",
-           "tx_profile_id", "valid_station_id"]
+__all__ = ["CENTRAL_SETPOINT", "CONNECTOR_STATUS", "DEFAULT_PROFILE_ID", "LOCAL_FREQUENCY", "MAX_FREQ_WATT_POINTS",
+           "OCPP21", "OCPP201", "SUBPROTOCOLS", "EvLimits", "EvNeeds", "MappingError", "MeterReading", "TokenBucket",
+           "charge_limit_profile", "check_password", "default_profile", "due_rows", "dynamic_profile", "ev_min_soc",
+           "evse_shares_kw", "freq_watt_curve", "freq_watt_w", "hash_password", "kw_to_setpoint", "load_credentials",
+           "local_baselines_kw", "local_frequency_kw", "local_frequency_profile", "magnitude_to_rate", "node_id",
+           "node_online_fault", "parse_charging_needs", "parse_meter_values", "schedule_update", "setpoint_to_kw",
+           "split_node_id", "station_id_from_path", "tx_profile_id", "valid_station_id"]

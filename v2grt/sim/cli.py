@@ -91,17 +91,28 @@ def cmd_ocpp_stations(args) -> int:
     state = SimFleetState.from_fleet(fleet, args.seed, unreachable_fraction=0.0)
     sims = SimStations(args.url, specs, state, ssl_context=ctx, latency_s=latency,
                        ramp_kw_per_s=args.ramp_kw_per_s, meter_interval_s=args.meter_interval_s, seed=args.seed)
+    from v2grt.sim import ocpp_local
+
+    try:
+        local = ocpp_local.attach(sims, args.frequency_from, poll_ms=args.frequency_poll_ms)
+    except ValueError as exc:
+        print(f"v2grt sim ocpp-stations: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     stop = SignalFlag()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s", len(specs), fleet.n_rows, args.url,
-             args.kinds or "-")
-    with _site_power(args, fleet, sims):
-        sims.run_forever(stop)
+    log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s frequency_from=%s", len(specs), fleet.n_rows,
+             args.url, args.kinds or "-", args.frequency_from or "-")
+    try:
+        with _site_power(args, fleet, sims):
+            sims.run_forever(stop)
+    finally:
+        if local.feed is not None:
+            local.feed.stop()
     if args.trace_file:
         sims.write_trace(args.trace_file)
-    log.info("SIM_OCPP_STOP connections=%d commands=%d meter_timeouts=%d", sum(sims.connections.values()),
-             len(sims.commands), sims.meter_timeouts)
+    log.info("SIM_OCPP_STOP connections=%d commands=%d meter_timeouts=%d local_responses=%d",
+             sum(sims.connections.values()), len(sims.commands), sims.meter_timeouts, local.responses)
     return EXIT_OK
 
 
@@ -145,6 +156,11 @@ def _add_ocpp_stations(ssub) -> None:
     p.add_argument("--evses", type=int, default=2, help="with --write-site: EVSEs per station (default 2)")
     p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
                                         "applied to this ZeroMQ endpoint (the demo's site inverters)")
+    p.add_argument("--frequency-from", metavar="HOST:PORT",
+                   help="the SunSpec meter whose frequency the stations measure (one poller per process, shared by "
+                        "its stations): stations then accept LocalFrequency profiles; without it they reject them")
+    p.add_argument("--frequency-poll-ms", type=float, default=20.0,
+                   help="poll interval of --frequency-from (default 20 ms)")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.add_argument("--trace-file", help="on exit, write every setpoint received and applied (CSV event,t_ns,row,"
                                         "p_kw; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")

@@ -16,7 +16,8 @@ It reports StatusNotification, TransactionEvent (Started with meter values), Not
 (bidirectional AC_BPT with the BMS limits and the energy to its minimum SoC) and MeterValues (SoC,
 Power.Active.Import/Export) every ``meter_interval_s``. Kinds that misbehave on purpose:
 ``rejects`` (refuses every profile and update), ``disconnects`` (drops the connection every
-``disconnect_every_s`` for ``away_s``), ``v201`` (speaks only ocpp2.0.1: charge limits, no V2X).
+``disconnect_every_s`` for ``away_s``), ``v201`` (speaks only ocpp2.0.1: charge limits, no V2X),
+``no_lf`` (2.1, but rejects LocalFrequency profiles). LocalFrequency itself: v2grt.sim.ocpp_local.
 Powers are kW, + = discharge into the grid; the OCPP signs come from v2grt.gateway.ocpp_mapping.
 """
 
@@ -50,7 +51,7 @@ log = logging.getLogger("v2grt.sim")
 _LIB_LOG = logging.getLogger("v2grt.sim.ocpp.lib")
 _LIB_LOG.setLevel(logging.CRITICAL)
 
-KINDS = ("normal", "rejects", "disconnects", "v201")
+KINDS = ("normal", "rejects", "disconnects", "v201", "no_lf")
 
 
 @dataclass
@@ -124,6 +125,11 @@ class _StationMixin:
         if charging_profile.get("charging_profile_purpose") == "TxProfile" and evse_id in self.row_of_evse:
             row = self.row_of_evse[evse_id]
             self.profile_evse[charging_profile["id"]] = evse_id
+            if period.get("operation_mode") == om.LOCAL_FREQUENCY:  # v2grt.sim.ocpp_local answers it
+                status = self.sim.local.install(self.spec.kind, row, charging_profile) if self.sim.local else "Rejected"
+                return self._call_result.SetChargingProfile(status=status)
+            if self.sim.local is not None:
+                self.sim.local.clear(row)
             if "setpoint" in period:
                 target = om.setpoint_to_kw(period["setpoint"], unit)
             else:  # 2.0.1: a charge limit of X W, and the EV charges at it: the same as a setpoint of +X W
@@ -213,6 +219,7 @@ class SimStations:
         self.received: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
         self.applies: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=1_000_000)
         self.connections: collections.Counter[str] = collections.Counter()
+        self.local = None  # v2grt.sim.ocpp_local.LocalResponse: LocalFrequency profiles (ocpp_local.attach)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
