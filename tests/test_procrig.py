@@ -47,6 +47,19 @@ def test_free_ports_are_distinct_and_bindable():
             s.bind(("127.0.0.1", port))
 
 
+def test_cpu_seconds_counts_a_busy_child_and_is_0_for_a_gone_one(tmp_path):
+    """A child that spins until it has used 0.5 s of CPU reads >= 0.45 s (clock ticks); a reaped pid reads 0."""
+    proc = procrig.start([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                          "while time.process_time() - t < 0.5: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                         tmp_path / "busy.out")
+    try:
+        procrig.wait_for(lambda: "done" in (tmp_path / "busy.out").read_text(), 30.0, "the busy child done")
+        assert procrig.cpu_seconds(proc.pid) >= 0.45
+    finally:
+        procrig.stop([proc], 5.0)
+    assert procrig.cpu_seconds(proc.pid) == 0.0
+
+
 def test_children_stop_in_the_given_order(tmp_path):
     """Children.stop(("aggregator", "gateway-", "")) stops the aggregator, then the gateways, then the rest."""
     kids = procrig.Children(tmp_path, tmp_path)

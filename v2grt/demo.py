@@ -71,15 +71,6 @@ class _Interrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------- small helpers
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _fmt_kw(kw: float | None, signed: bool = True) -> str:
     if kw is None or not math.isfinite(kw):
         return "-"
@@ -659,7 +650,7 @@ class Demo:
         self._loop0 = (self._status() or {}).get("loop", {})
         self._hist0 = self._scrape_histogram() if self.metrics_url else None
         for c in self.children:
-            c.cpu_at_start_s = _cpu_seconds(c.proc.pid)
+            c.cpu_at_start_s = procrig.cpu_seconds(c.proc.pid)
         self._cpu_demo0 = time.process_time()
         self.t_run0 = time.monotonic()
         self.t_run0_utc_ns = time.time_ns()
@@ -747,7 +738,7 @@ class Demo:
         wall = max(t_end - self.t_run0, 1e-9)
 
         def pct(children: list[procrig.Child]) -> float:
-            return 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in children) / wall
+            return 100.0 * sum(procrig.cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in children) / wall
 
         gw = [c for c in self.children if c.name.startswith("gateway-")]
         devices = [c for c in self.children if c.name.startswith("devices-")]

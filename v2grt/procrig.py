@@ -87,6 +87,16 @@ def tail(path: Path, lines: int = 12) -> str:
         return "(no log)"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads so far, from /proc/PID/stat fields 14 and
+    15 (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_flags() -> set[str]:
     """Option strings `v2grt run` accepts here (it may or may not have --allow-root)."""
     from v2grt.cli import build_parser
@@ -239,8 +249,8 @@ def child_main(argv: list[str]) -> int:
 
 
 __all__ = ["RIG_METER_TIMEOUT_S", "RIG_SETPOINT_TTL_S", "TERM_TIMEOUT_S", "Child", "ChildError", "Children",
-           "allow_root_args", "check", "die_with_parent", "free_ports", "run_flags", "start", "stop", "tail",
-           "v2grt_argv", "wait_for"]
+           "allow_root_args", "check", "cpu_seconds", "die_with_parent", "free_ports", "run_flags", "start", "stop",
+           "tail", "v2grt_argv", "wait_for"]
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child-of":
