@@ -385,19 +385,32 @@ def test_a_rebind_that_cannot_bind_says_so_and_the_next_one_binds(ctx):
 
 
 def test_sockets_carry_linger_heartbeat_hwm_and_size_options(ctx):
-    """Every socket has linger 0 and MAXMSGSIZE, heartbeats except the aggregator's receivers; the setpoint PUB
-    its small SNDHWM."""
+    """Every socket has linger 0 and MAXMSGSIZE, heartbeats except the aggregator's receivers and the gateway's
+    SUB (which has TCP keepalive instead); the setpoint PUB its small SNDHWM."""
     with bus.SetpointPublisher(ctx, ANY) as pub, bus.GatewaySubscriber(ctx, pub.endpoint, "gw1") as sub, \
             bus.TelemetryReceiver(ctx, ANY) as pull, bus.ControlServer(ctx, ANY, handler) as router:
         for s in (pub.sock, sub.sock, pull.sock, router.sock):
             assert s.getsockopt(zmq.LINGER) == 0
             assert s.getsockopt(zmq.MAXMSGSIZE) == wire.MAX_FRAME_BYTES
-        for s in (pub.sock, sub.sock):
-            assert s.getsockopt(zmq.HEARTBEAT_IVL) == bus.HEARTBEAT_IVL_MS
-            assert s.getsockopt(zmq.HEARTBEAT_TIMEOUT) == bus.HEARTBEAT_TIMEOUT_MS
-        for s in (pull.sock, router.sock):  # RECEIVER_HEARTBEATS: libzmq issue 3937
+        assert pub.sock.getsockopt(zmq.HEARTBEAT_IVL) == bus.HEARTBEAT_IVL_MS
+        assert pub.sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == bus.HEARTBEAT_TIMEOUT_MS
+        for s in (pull.sock, router.sock, sub.sock):  # RECEIVER_HEARTBEATS: libzmq issue 3937
             assert s.getsockopt(zmq.HEARTBEAT_IVL) == 0
+            assert s.getsockopt(zmq.HEARTBEAT_TIMEOUT) in (-1, 0)  # libzmq: -1 = "as the interval", i.e. none
+        assert (sub.sock.getsockopt(zmq.TCP_KEEPALIVE), sub.sock.getsockopt(zmq.TCP_KEEPALIVE_IDLE),
+                sub.sock.getsockopt(zmq.TCP_KEEPALIVE_INTVL), sub.sock.getsockopt(zmq.TCP_KEEPALIVE_CNT)) == (
+            1, bus.SUB_KEEPALIVE_IDLE_S, bus.SUB_KEEPALIVE_INTVL_S, bus.SUB_KEEPALIVE_CNT)
         assert pub.sock.getsockopt(zmq.SNDHWM) == bus.SETPOINT_SNDHWM
+
+
+def test_every_gateway_fan_in_socket_runs_without_heartbeats_and_with_keepalive(ctx):
+    """SetpointFanIn's SUB to each aggregator (what gateway/core.py runs) has no ZMTP heartbeat and has keepalive."""
+    with bus.SetpointPublisher(ctx, ANY) as a, bus.SetpointPublisher(ctx, ANY) as b, \
+            bus.SetpointFanIn(ctx, [a.endpoint, b.endpoint], "gw1") as fan:
+        assert len(fan.subs) == 2
+        for sub in fan.subs:
+            assert sub.sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
+            assert sub.sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
 
 
 STALLED_RECEIVER = """
@@ -443,6 +456,54 @@ def test_a_full_telemetry_queue_survives_its_peers_disconnecting(ctx):
         child.kill()
     assert child.returncode == 0, f"the receiver process ended with {child.returncode}: {err.strip()[-300:]}"
     assert int(out.split()[-1]) > 0  # it still received afterwards
+
+
+STALLED_GATEWAY = """
+import sys, time, zmq
+from v2grt.io import bus
+ctx = zmq.Context()
+with bus.SetpointFanIn(ctx, sys.argv[2].split(","), "gw1") as fan:
+    print("up", flush=True)
+    time.sleep(float(sys.argv[1]))  # a gateway starved of CPU: never reads, each SUB's pipe fills, input stops
+    n = 0
+    for sub in fan.subs:
+        while sub.sock.poll(200):
+            sub.sock.recv()
+            n += 1
+print(n, flush=True)
+"""
+
+
+def test_a_stalled_gateway_survives_its_aggregators_going_away(ctx):
+    """The gateway-side twin of libzmq issue 3937: a SetpointFanIn that stops reading while six aggregators fill
+    its queues and go away outlives them (with the SUB's heartbeats on, 1 s, the process aborted with
+    `Assertion failed: !_io_error` in every try: 3 of 3 before the SUBs followed RECEIVER_HEARTBEATS)."""
+    pubs = []
+    try:
+        for _ in range(6):
+            pub = ctx.socket(zmq.PUB)
+            pub.linger = 0
+            pub.setsockopt(zmq.SNDHWM, 100_000)
+            pubs.append((pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"))
+        child = subprocess.Popen([sys.executable, "-c", STALLED_GATEWAY, "2.5", ",".join(e for _, e in pubs)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "up", child.stderr.read()
+            time.sleep(0.3)  # every SUB connected and subscribed
+            for pub, _ in pubs:  # each fills its subscriber's pipe, then goes away with that input stopped
+                end = time.monotonic() + 0.2
+                while time.monotonic() < end:
+                    pub.send(wire.setpoint_topic("gw1") + b"x" * 2000)
+                time.sleep(0.05)
+                pub.close()
+            out, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+    finally:
+        for pub, _ in pubs:
+            pub.close()
+    assert child.returncode == 0, f"the gateway process ended with {child.returncode}: {err.strip()[-300:]}"
+    assert int(out.split()[-1]) > 0  # what was queued is still read afterwards
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")

@@ -139,7 +139,7 @@ def test_ffr_static_step_at_trigger(name, trigger_hz, full_activation_s):
     c = get_service(name)
     assert c.trigger_hz == approx(trigger_hz, abs=1e-12)
     assert c.full_activation_s == full_activation_s
-    assert (c.hold_s, c.release_per_s) == (5.0, 0.2)
+    assert (c.hold_s, c.release_per_s) == (5.0, 0.18)  # 18 %/s: margin under Fingrid's 20 %/s
     assert c.fraction_at(trigger_hz) == 1.0
     assert c.fraction_at(trigger_hz - 0.2) == 1.0
     assert c.fraction_at(trigger_hz + 0.001) == 0.0
@@ -549,10 +549,10 @@ def test_curve_responder_refuses_hold_overrides():
 
 
 def test_ffr_responder_triggers_holds_and_releases():
-    """FFR latches full at 49.7 Hz, holds 5 s after recovery, then ramps out at 20 %/s."""
+    """FFR latches full at 49.7 Hz, holds 5 s after recovery, then ramps out at 18 %/s (under Fingrid's 20 %/s)."""
     r = get_service("ffr").responder()
     assert isinstance(r, TriggerResponder)
-    assert (r.hold_s, r.release_per_s) == (5.0, 0.2)
+    assert (r.hold_s, r.release_per_s) == (5.0, 0.18)
     assert r.step(49.80, 0.0) == 0.0  # above the trigger: nothing
     assert r.step(49.71, 0.1) == 0.0
     assert r.step(49.70, 0.2) == 1.0  # reaches the trigger: full
@@ -560,9 +560,10 @@ def test_ffr_responder_triggers_holds_and_releases():
     assert r.step(49.90, 0.4) == 1.0  # recovered, hold runs until 0.3 + 5 s
     assert r.step(50.00, 5.2) == 1.0
     assert r.step(50.00, 5.3) == approx(1.0)  # hold ends: ramp starts from full
-    assert r.step(50.00, 6.3) == approx(0.8)
-    assert r.step(50.00, 7.8) == approx(0.5)
-    assert r.step(50.00, 10.3) == approx(0.0, abs=1e-12)
+    assert r.step(50.00, 6.3) == approx(0.82)
+    assert r.step(50.00, 7.8) == approx(0.55)
+    assert r.step(50.00, 10.3) == approx(0.10)
+    assert r.step(50.00, 5.3 + 1 / 0.18) == approx(0.0, abs=1e-12)
     assert r.step(50.00, 11.0) == 0.0
     assert r.step(50.00, 100.0) == 0.0
 
@@ -574,17 +575,17 @@ def test_ffr_responder_holds_while_frequency_stays_low():
         assert r.step(49.55, i * 0.1) == 1.0
     assert r.step(49.9, 60.0) == 1.0
     assert r.step(49.9, 64.8) == 1.0
-    assert r.step(49.9, 64.9 + 5.0 + 0.1) == 0.0
+    assert r.step(49.9, 64.9 + 1 / 0.18 + 0.1) == 0.0  # hold ended 64.9 s; 100 % at 18 %/s
 
 
 def test_ffr_responder_retriggers_during_release():
     """A second dip during the ramp-out latches full again and re-arms the hold."""
     r = get_service("ffr").responder()
     r.step(49.6, 0.0)
-    assert r.step(50.0, 6.0) == approx(0.8)
+    assert r.step(50.0, 6.0) == approx(0.82)
     assert r.step(49.7, 6.1) == 1.0
     assert r.step(50.0, 11.0) == 1.0
-    assert r.step(50.0, 12.1) == approx(0.8)
+    assert r.step(50.0, 12.1) == approx(0.82)
 
 
 def test_ffr_responder_long_support_override():
@@ -609,7 +610,7 @@ def test_ffr_responder_ignores_nan_and_resets():
     assert r.step(math.nan, 0.0) == 0.0
     assert r.step(49.6, 1.0) == 1.0
     assert r.step(math.nan, 5.9) == 1.0
-    assert r.step(math.nan, 7.0) == approx(0.8)  # NaN did not extend the hold past 6.0 s
+    assert r.step(math.nan, 7.0) == approx(0.82)  # NaN did not extend the hold past 6.0 s
     r.step(49.6, 8.0)
     r.reset()
     assert r.step(50.0, 8.1) == 0.0

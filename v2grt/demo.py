@@ -14,14 +14,12 @@ and setpoint-to-applied latency per protocol. docs/demo.md explains how to read 
 Every child runs in its own session (a terminal's Ctrl-C reaches only the demo, which then stops
 the children in order: aggregator first, so gateways hear its final zero, then gateways, so they
 write their final state and hand the zero to their devices, then the device simulators) and with
-a parent-death signal, so not even a killed demo leaves one behind.
+a parent-death signal, so not even a killed demo leaves one behind (v2grt.procrig, as every rig).
 Powers are kW, positive = discharge into the grid.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import dataclasses
 import json
 import logging
@@ -30,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +35,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from v2grt import procrig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,8 +58,6 @@ PERIOD_S = 0.1
 DEFAULT_TELEMETRY_INTERVAL_S = 1.0
 METER_TICK_S = 0.02  # the meter's frequency is refreshed this often (the aggregator polls every 20 ms)
 INVERTER_TICK_S = 0.1
-TERM_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL after this long
-PR_SET_PDEATHSIG = 1
 
 _PROM_LINE = re.compile(r'^(v2grt_[a-z_]+)_bucket\{(.*)\} ([0-9.eE+-]+)$')
 
@@ -73,57 +70,7 @@ class _Interrupted(Exception):
     """Ctrl-C or SIGTERM while starting up: nothing to report yet."""
 
 
-@dataclasses.dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    cpu_at_start_s: float = 0.0
-
-
 # ------------------------------------------------------------------------------------- small helpers
-def _free_ports(k: int) -> list[int]:
-    """k TCP ports on 127.0.0.1 that were free a moment ago (v2grt.testing.free_ports)."""
-    from v2grt.testing import free_ports
-
-    return free_ports(k)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _run_flags() -> set[str]:
-    """Option strings `v2grt run` accepts here (it may or may not have --allow-root)."""
-    from v2grt.cli import build_parser
-
-    ap = build_parser()
-    for action in ap._actions:  # argparse has no public way to reach a subparser
-        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
-            return {s for a in action.choices["run"]._actions for s in a.option_strings}
-    return set()
-
-
-def _w_sf(max_kw: float) -> int:
-    """The smallest W_SF >= 0 at which max_kw fits 701's int16 W."""
-    sf = 0
-    while max_kw * 1e3 / 10.0 ** sf > 30000:
-        sf += 1
-    return sf
-
-
 def _fmt_kw(kw: float | None, signed: bool = True) -> str:
     if kw is None or not math.isfinite(kw):
         return "-"
@@ -303,7 +250,7 @@ class Demo:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out).expanduser().resolve()
-        self.children: list[_Child] = []
+        self.children = procrig.Children(self.out / "logs", self.out, error=DemoError)
         from v2grt.service import SignalFlag
 
         # Set from signal handlers, so not threading.Event: its set() takes a lock a second signal deadlocks on
@@ -327,6 +274,7 @@ class Demo:
         from v2grt import demo_protocols as dp
         from v2grt.roster import write_roster
         from v2grt.services import ServiceError, get_service
+        from v2grt.sim.sunspec import inverter_w_sf
 
         a = self.args
         try:
@@ -393,7 +341,7 @@ class Demo:
         per_site = np.bincount(self.fleet.site[:n], weights=np.maximum(self.fleet.p_dis_max_kw[:n],
                                                                         self.fleet.p_chg_max_kw[:n]),
                                minlength=len(self.site_ids))
-        self.inverter_w_sf = _w_sf(float(per_site.max()) * 1.05)
+        self.inverter_w_sf = inverter_w_sf(float(per_site.max()) * 1.05)
 
     def _load_trace(self):
         from v2grt.sim.traces import TraceError, load_trace, sample_trace_path, synthetic_trace
@@ -447,7 +395,8 @@ class Demo:
                           for site in self.site_ids],
             "bus": {"setpoints": f"tcp://127.0.0.1:{ports['setpoints']}",
                     "telemetry": f"tcp://127.0.0.1:{ports['telemetry']}",
-                    "control": f"tcp://127.0.0.1:{ports['control']}", "setpoint_ttl_s": 0.5},
+                    "control": f"tcp://127.0.0.1:{ports['control']}",
+                    "setpoint_ttl_s": procrig.RIG_SETPOINT_TTL_S},  # not 3 periods: procrig says why
             "service": {"name": a.service, "nominal_hz": self.curve.nominal_hz, "capacity_kw": a.capacity_kw},
             "fleet": {"roster": "roster.csv"},
         }
@@ -554,7 +503,7 @@ class Demo:
         self._sim = SimServerThread([self.meter, *self.inverters.values()], name="demo-modbus").start()
         names = ["setpoints", "telemetry", "control", "metrics"]
         n_servers = dp.sunspec_servers(self._vehicles_of("sunspec")) if "sunspec" in self.protocols else 0
-        free = _free_ports(len(names) + 1 + n_servers)
+        free = procrig.free_ports(len(names) + 1 + n_servers)
         ports = dict(zip(names, free, strict=False))
         ocpp_port, sunspec_ports = free[len(names)], free[len(names) + 1:]
         ports["meter"] = self._sim.port(self.meter)
@@ -609,9 +558,9 @@ class Demo:
             first, second = ((side.devices_argv, side.gateway_argv) if side.protocol == "sunspec"
                              else (side.gateway_argv, side.devices_argv))
             for argv in (first, second):
-                self._spawn(f"{'devices' if argv is side.devices_argv else 'gateway'}-{side.gateway_id}", argv)
+                self.children.spawn(f"{'devices' if argv is side.devices_argv else 'gateway'}-{side.gateway_id}", argv)
         for i, gw in enumerate(g for g in self.gateway_ids if self.protocol_of[g] == "sim"):
-            self._spawn(f"gateway-{gw}", [
+            self.children.spawn(f"gateway-{gw}", [
                 "gateway", "sim", "--roster", str(self.roster), "--gateway-id", gw,
                 "--setpoints", self.endpoints["setpoints"], "--telemetry", self.endpoints["telemetry"],
                 "--telemetry-interval-s", f"{a.telemetry_interval_s:g}", "--seed", str(a.seed * 1000 + i),
@@ -619,24 +568,15 @@ class Demo:
                 "--unplug-rate-per-h", f"{0.1 * a.speed:g}", "--plug-rate-per-h", f"{0.5 * a.speed:g}",
                 "--state-out", str(self.out / f"state-{gw}.csv"), "--site-power", site_endpoint,
                 "--log-file", str(self.logs / f"gateway-{gw}.log"), *(self.keys.client_args(gw) if self.keys else [])])
-        run = ["run", "--config", str(self.config_path), "--log-file", str(self.out / "engine.log")]
-        if os.geteuid() == 0 and "--allow-root" in _run_flags():
-            run.append("--allow-root")  # the demo's own processes; a service runs as its own account
-        self._aggregator_argv = run
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = self.logs / f"{name}.out"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "v2grt.demo", "--child-of", str(os.getpid()), "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, cwd=self.out,
-                start_new_session=True)  # Ctrl-C in the terminal reaches the demo only; it stops them in order
-        self.children.append(_Child(name, proc, log))
+        self._aggregator_argv = ["run", "--config", str(self.config_path), "--log-file", str(self.out / "engine.log"),
+                                 *procrig.allow_root_args()]
 
     def _feed(self) -> None:
         """Meter frequency from the trace every METER_TICK_S; inverters' measured W from the site reports."""
+        from v2grt.sim.sunspec import inverter_limit_kw
+
         speed, shift = self.args.speed, self.trace_shift_hz
-        lim_kw = 30000 * 10.0 ** self.inverter_w_sf / 1e3
+        lim_kw = inverter_limit_kw(self.inverter_w_sf)
         next_inv = 0.0
         failed = False
         while not self._feeder_stop.is_set():
@@ -657,12 +597,6 @@ class Demo:
                     print(f"v2grt demo: meter feed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     failed = True
             self._feeder_stop.wait(max(0.0, METER_TICK_S - (time.monotonic() - now)))
-
-    def _check_children(self) -> None:
-        for c in self.children:
-            rc = c.proc.poll()
-            if rc is not None:
-                raise DemoError(f"{c.name} exited with code {rc}; its log ({c.log}) ends:\n{_tail(c.log)}")
 
     def _status(self) -> dict | None:
         from v2grt.io.wire import WireError
@@ -685,13 +619,13 @@ class Demo:
         while True:
             if self.stop.is_set():
                 raise _Interrupted
-            self._check_children()
+            self.children.check()
             now = time.monotonic()
             seen = len(self._recorder.gw_seen)
             reached = {s.gateway_id: (self._recorder.reached.get(s.gateway_id, 0), s.reachable) for s in self.sides}
             ready = seen == n_gw and all(r >= want for r, want in reached.values())
             if ready and not any(c.name == "aggregator" for c in self.children):
-                self._spawn("aggregator", self._aggregator_argv)
+                self.children.spawn("aggregator", self._aggregator_argv)
             if not agg_ok and any(c.name == "aggregator" for c in self.children):
                 agg_ok = self._status() is not None
             if agg_ok:
@@ -716,7 +650,7 @@ class Demo:
         self._loop0 = (self._status() or {}).get("loop", {})
         self._hist0 = self._scrape_histogram() if self.metrics_url else None
         for c in self.children:
-            c.cpu_at_start_s = _cpu_seconds(c.proc.pid)
+            c.cpu_at_start_s = procrig.cpu_seconds(c.proc.pid)
         self._cpu_demo0 = time.process_time()
         self.t_run0 = time.monotonic()
         self.t_run0_utc_ns = time.time_ns()
@@ -729,7 +663,7 @@ class Demo:
             now = time.monotonic()
             if now >= end:
                 break
-            self._check_children()
+            self.children.check()
             if not a.no_live:
                 if now - last_status >= 1.0:  # the control socket's view, once a second (it costs percentiles)
                     control = self._status() or control
@@ -803,8 +737,8 @@ class Demo:
         t_end = self.t_run_end or time.monotonic()
         wall = max(t_end - self.t_run0, 1e-9)
 
-        def pct(children: list[_Child]) -> float:
-            return 100.0 * sum(_cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in children) / wall
+        def pct(children: list[procrig.Child]) -> float:
+            return 100.0 * sum(procrig.cpu_seconds(c.proc.pid) - c.cpu_at_start_s for c in children) / wall
 
         gw = [c for c in self.children if c.name.startswith("gateway-")]
         devices = [c for c in self.children if c.name.startswith("devices-")]
@@ -842,8 +776,8 @@ class Demo:
     def _shutdown(self) -> None:
         """Aggregator first (its final zero reaches the gateways), then gateways (their zeros reach the devices),
         then the device simulators, then this process's threads."""
-        for first in ("aggregator", "gateway-", ""):
-            self._terminate([c for c in self.children if c.name.startswith(first) and c.proc.poll() is None])
+        self.children.stop(("aggregator", "gateway-", ""), hurry=self.hurry, on_kill=lambda c: print(
+            f"v2grt demo: {c.name} (pid {c.proc.pid}) did not stop; killing it", file=sys.stderr))
         if self._control is not None:
             self._control.close()
         if self._recorder is not None:
@@ -858,25 +792,6 @@ class Demo:
             self._ctx.term()
         if self._live_lines:
             self._live_lines = 0
-
-    def _terminate(self, children: list[_Child]) -> None:
-        """SIGTERM, wait up to TERM_TIMEOUT_S (less after a second Ctrl-C), then SIGKILL the process group."""
-        for c in children:
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + TERM_TIMEOUT_S
-        while any(c.proc.poll() is None for c in children) and time.monotonic() < deadline:
-            if self.hurry.is_set():
-                break
-            time.sleep(0.05)
-        for c in children:
-            if c.proc.poll() is None:
-                print(f"v2grt demo: {c.name} (pid {c.proc.pid}) did not stop; killing it", file=sys.stderr)
-                try:
-                    os.killpg(c.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            c.proc.wait()
 
     # ------------------------------------------------------------------------------ report
     def _report(self) -> None:
@@ -1100,30 +1015,3 @@ def add_parser(sub) -> None:
                                                      "as root), the leader killed midway, the gap reported "
                                                      "(docs/demo.md)")
     p.set_defaults(func=cmd_demo)
-
-
-# ------------------------------------------------------------------------------------ child processes
-def _child_main(argv: list[str]) -> int:
-    """``python -m v2grt.demo --child-of PID -- ARGS``: run ``v2grt ARGS``, dying with the demo.
-
-    PR_SET_PDEATHSIG sends SIGTERM (the children's clean stop) when the demo's thread that spawned
-    us ends, so a demo killed with SIGKILL leaves no process behind; the check after it closes the
-    race with a demo that died before the call.
-    """
-    parent = int(argv[1])
-    rest = argv[3:] if len(argv) > 2 and argv[2] == "--" else argv[2:]
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the demo's own shutdown still stops us
-    if os.getppid() != parent:
-        return EXIT_FAILED
-    from v2grt.cli import main
-
-    return main(rest)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-of":
-        sys.exit(_child_main(sys.argv[1:]))
-    sys.exit(f"usage: {sys.argv[0]} is internal; run `v2grt demo`")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import os
@@ -35,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from v2grt import procrig
+
 NS = 1_000_000_000
-PR_SET_PDEATHSIG = 1
 
 #: Ports each node uses in namespace mode (every node has an address of its own).
 ETCD_PORTS = (2379, 2380)
@@ -44,6 +44,8 @@ METER_PORT, INVERTER_PORT = 1502, 1503
 SETPOINT_PORT, TELEMETRY_PORT, CONTROL_PORT = 5560, 5561, 5562
 
 AGGREGATORS = ("A", "B")
+#: close(): SIGTERM to every process at once, SIGKILL to those still running this long after
+TERM_TIMEOUT_S = 5.0
 FLEET_ID = "rig"
 
 #: A prefix every rig's names start with: v2g<pid>x<k>..., so a rig left by a killed process is found.
@@ -94,21 +96,6 @@ def sweep_stale() -> list[str]:
             if _run("ip", *kind, check=False).returncode == 0:
                 removed.append(name)
     return removed
-
-
-def _pdeathsig() -> None:
-    """In the child before exec: die with the rig's process (not even a killed test run leaves one behind)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _free_ports(k: int) -> list[int]:
-    """k TCP ports on 127.0.0.1 that were free a moment ago (v2grt.testing.free_ports)."""
-    from v2grt.testing import free_ports
-
-    return free_ports(k)
 
 
 @dataclasses.dataclass
@@ -222,14 +209,8 @@ class Rig:
         if self._closed:
             return
         self._closed = True
-        procs = list(self.procs.values())
-        for proc in procs:  # all asked at once, then waited for: a slow one does not hold up the rest
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGCONT)
-                    proc.popen.send_signal(signal.SIGTERM)
-        for proc in procs:
-            self._terminate(proc)
+        # all asked at once (SIGCONT first: a SIGSTOPped one), then waited for together, then killed
+        procrig.stop([proc.popen for proc in self.procs.values()], TERM_TIMEOUT_S)
         if self.etcd is not None:
             self.etcd.stop()
         if self.netns:
@@ -243,25 +224,13 @@ class Rig:
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
-    def _terminate(self, proc: Proc, timeout_s: float = 5.0) -> None:
-        p = proc.popen
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGCONT)
-                p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
     # ------------------------------------------------------------------------------ the network
     def _network(self) -> None:
         names = ["etcd", "meter", *AGGREGATORS, *self.gateway_ids]
         if not self.netns:
             for name in names:
                 self.nodes[name] = Node(name, "127.0.0.1")
-            ports = _free_ports(3 * len(AGGREGATORS) + 2)
+            ports = procrig.free_ports(3 * len(AGGREGATORS) + 2)
             for name in AGGREGATORS:
                 for key in ("setpoints", "telemetry", "control"):
                     self.ports[f"{name}.{key}"] = ports.pop()
@@ -305,9 +274,9 @@ class Rig:
 
         n = self.nodes[node]
         log = self.dir / f"{name}.log"
-        with open(log, "ab") as out:
-            popen = subprocess.Popen([*n.prefix, *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_pdeathsig, env={**child_env(), "PYTHONUNBUFFERED": "1"})
+        # SIGKILL with the rig's process: not even a killed test run leaves one behind
+        popen = procrig.start([*n.prefix, *argv], log, env={**child_env(), "PYTHONUNBUFFERED": "1"},
+                              die_with=signal.SIGKILL, append=True)
         proc = Proc(name, n, popen, log)
         self.procs[name] = proc
         return proc

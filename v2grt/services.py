@@ -27,6 +27,11 @@ NOMINALS_HZ = (50.0, 60.0)
 #: 1 uHz ramp: two orders below the best meter resolution (0.1 mHz), hence a step to every input.
 STEP_HZ = 1e-6
 
+#: Fingrid FFR: the 5 s support option needs a deactivation no faster than this (fraction of capacity/s).
+FFR_RELEASE_LIMIT_PER_S = 0.2
+#: What the built-in FFR curves release at: the limit with margin for how it is measured (see `_ffr`).
+FFR_RELEASE_PER_S = 0.18
+
 #: Optional metadata a curve carries beyond its points (all times in s, rates in fraction/s).
 META_FIELDS = (
     "description",
@@ -674,18 +679,21 @@ def _ffr(name: str, trigger_dev_hz: float, full_activation_s: float, nominal_hz:
     # least 30 s; the default is the 5 s option (less energy), responder() overrides it. Re-armed
     # within 15 min (an energy-management matter, not the curve's). The static curve is the step at
     # the trigger; the hold lives in TriggerResponder.
+    # Release at 18 %/s, not the rule's 20 %/s: `v2grt prequal` judges it over any 1 s of 20 Hz records of a
+    # 50 ms-polled meter, where a window can hold up to two more cycles' fall (measured 20.0-22.0 %/s at a
+    # 20 %/s release); 20 / 1.1 = 18.2 %/s keeps even that under 20 %/s.
     trigger_hz = nominal_hz + trigger_dev_hz
     return ServiceCurve.from_deviation(
         name,
         [(trigger_dev_hz, 1.0), (trigger_dev_hz + STEP_HZ, 0.0)],
         nominal_hz,
         description=f"Fingrid FFR: full discharge at {trigger_hz:.1f} Hz and below, latched; "
-        f"full within {full_activation_s} s, held 5 s, released at <= 20 %/s",
+        f"full within {full_activation_s} s, held 5 s, released at 18 %/s (the rule: <= 20 %/s)",
         source="Fingrid, Technical requirements and prequalification process of Fast Frequency Reserve",
         full_activation_s=full_activation_s,
         trigger_hz=trigger_hz,
         hold_s=5.0,
-        release_per_s=0.2,
+        release_per_s=FFR_RELEASE_PER_S,
     )
 
 
@@ -785,6 +793,8 @@ SERVICES: Mapping[str, ServiceCurve] = MappingProxyType({k: get_service(k) for k
 
 
 __all__ = [
+    "FFR_RELEASE_LIMIT_PER_S",
+    "FFR_RELEASE_PER_S",
     "F_MAX_HZ",
     "F_MIN_HZ",
     "META_FIELDS",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from v2grt.fleet import COLUMNS, Fleet
+from v2grt.procrig import free_ports  # noqa: F401  (the rigs' helper; tests take it from here too)
 
 
 def fleet_from_arrays(n_sites: int = 1, **arrays) -> Fleet:
@@ -319,19 +320,3 @@ def self_signed_cert(directory, host: str = "127.0.0.1", common_name: str = "v2g
         fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()))
     return cert_path, key_path
-
-
-def free_ports(k: int) -> list[int]:
-    """k TCP ports on 127.0.0.1 that were free a moment ago (all held at once, so they differ)."""
-    import socket
-
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

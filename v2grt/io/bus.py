@@ -3,8 +3,8 @@
 Each object owns one socket and must be used by one thread only (pyzmq sockets are not thread-safe);
 shut one down from its owner thread with ``close()`` or a ``with`` block. Every socket has
 ``linger=0`` (a stopping aggregator must not hang on unsent setpoints: gateways fall back to 0 kW on
-expiry anyway), ZMTP heartbeats except on the aggregator's receivers (RECEIVER_HEARTBEATS; a dead
-peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
+expiry anyway), ZMTP heartbeats except on the aggregator's receivers and the gateways' setpoint SUBs
+(RECEIVER_HEARTBEATS; elsewhere a dead peer is noticed in HEARTBEAT_TIMEOUT_MS, not at the next TCP
 timeout) and ZMQ_MAXMSGSIZE (a peer sending a frame over wire.MAX_FRAME_BYTES is disconnected before
 the frame is buffered). Receivers decode with :mod:`v2grt.io.wire` and count bad frames by error
 code instead of raising: garbage on the network must never stop the control loop.
@@ -56,7 +56,8 @@ DEFAULT_CONTROL_CONNECT = "tcp://127.0.0.1:5562"
 HEARTBEAT_IVL_MS = 1000  # send a ZMTP PING after this much silence
 HEARTBEAT_TIMEOUT_MS = 3000  # drop the connection if no traffic at all this long after a PING
 HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our traffic
-#: The aggregator's receivers (telemetry PULL, control ROUTER) send no ZMTP heartbeats. libzmq 4.3.5
+#: The aggregator's receivers (telemetry PULL, control ROUTER) and the gateways' setpoint SUBs
+#: (GatewaySubscriber, so SetpointFanIn and gateway/core.py) send no ZMTP heartbeats. libzmq 4.3.5
 #: aborts the process (`Assertion failed: !_io_error (src/stream_engine_base.cpp:310)`) when a peer
 #: disconnects while its receive pipe is full (input stopped by backpressure: the engine marks an I/O
 #: error and waits for the pipe to drain) and this socket's heartbeat timer fires before it drains:
@@ -66,9 +67,23 @@ HEARTBEAT_TTL_MS = 3000  # ask the peer to drop us after this long without our t
 #: budget, docs/operations.md), so the timer must not exist. Nothing is lost: a receiver has nothing
 #: to send to a dead peer (a control reply to a gone client is dropped anyway); peers still ping it
 #: and get PONGs (a PING decoded from the backlog after such a disconnect could in principle take the
-#: same path; not reproduced: peers pinging every 100 ms did not abort it), and the setpoint PUB keeps
-#: its heartbeats (gateways detect a dead aggregator there).
+#: same path; not reproduced: peers pinging every 100 ms did not abort it). A gateway starved of CPU
+#: is the same case on the other side: its SUB's pipe full (RCVHWM 4), an aggregator going away, and
+#: the SUB's own timer aborts the gateway (reproduced in tests/test_bus.py with SetpointFanIn). A dead
+#: aggregator is noticed instead by the setpoint expiry (`exp_ns`, bus.setpoint_ttl_s: 0 kW three
+#: periods after the last setpoint by default, docs/wire.md 4.3 item 4, far sooner than a heartbeat
+#: timeout of HEARTBEAT_TIMEOUT_MS), and its dead connection is
+#: dropped by TCP keepalive (SUB_KEEPALIVE_*: the kernel's timer, none in libzmq's engine), so a
+#: gateway reconnects to an aggregator host that died without a FIN; the setpoint PUB keeps its
+#: heartbeats (the gateways answer its PINGs).
 RECEIVER_HEARTBEATS = False
+#: TCP keepalive on the gateways' setpoint SUBs (seconds): probes after this much silence on the wire,
+#: this far apart, this many unanswered drop the connection (about 4 s after an aggregator host dies
+#: silently, near HEARTBEAT_TIMEOUT_MS). A live aggregator is never silent that long (it publishes every
+#: period, or pings every HEARTBEAT_IVL_MS as a standby) and a SIGSTOPped one's kernel still answers.
+SUB_KEEPALIVE_IDLE_S = 1
+SUB_KEEPALIVE_INTVL_S = 1
+SUB_KEEPALIVE_CNT = 3
 #: First reconnect after a connection drops (libzmq's default 100 ms, plus a random 0 to 100 %).
 #: A revocation drops every connection of the setpoint PUB (docs/security.md): at 100 ms the others
 #: missed the next cycle and paused 2 to 3 periods (bench_security: 199 to 311 ms at a 100 ms period);
@@ -643,7 +658,11 @@ class GatewaySubscriber(_Owner):
                  fence: SetpointFence | None = None):
         topic = wire.setpoint_topic(gateway_id)  # validates the id before any socket exists
         super().__init__(ctx, zmq.SUB, endpoint, bind=False, curve=curve, rcvhwm=rcvhwm,
-                         options={zmq.SUBSCRIBE: topic})
+                         options={zmq.SUBSCRIBE: topic, zmq.TCP_KEEPALIVE: 1,
+                                  zmq.TCP_KEEPALIVE_IDLE: SUB_KEEPALIVE_IDLE_S,
+                                  zmq.TCP_KEEPALIVE_INTVL: SUB_KEEPALIVE_INTVL_S,
+                                  zmq.TCP_KEEPALIVE_CNT: SUB_KEEPALIVE_CNT},
+                         heartbeats=RECEIVER_HEARTBEATS)  # libzmq 3937: see RECEIVER_HEARTBEATS
         self.gateway_id = gateway_id
         self.fence = fence if fence is not None else SetpointFence()
         self.received = 0

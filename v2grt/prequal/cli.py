@@ -29,6 +29,7 @@ def _series(spec, curve, capacity_kw: float, cycles: dict, t0_ns: int) -> dict[s
     return {
         "t_s": t, "delivered_kw": cycles["site_measured_kw"][sel], "target_kw": cycles["target_kw"][sel],
         "f_used_hz": cycles["f_hz"][sel], "frequency_stale": cycles["frequency_stale"][sel],
+        "f_age_ms": cycles["f_age_ms"][sel],
         "required_kw": required_kw(spec, curve, capacity_kw, t),
         "t_prog_s": t_prog, "f_prog_hz": np.array([spec.frequency_at(float(x)) for x in t_prog]),
     }
@@ -102,6 +103,9 @@ def run(args) -> int:
                 "after_s": spec.after_s, "t0_utc_ns": int(t0_ns), "samples": int(len(s["t_s"])),
                 # cycles in which the aggregator had no fresh meter reading (the rig's fault, not the fleet's)
                 "frequency_stale_cycles": int(np.sum(s["frequency_stale"])),
+                # the oldest meter reading a cycle used: the meter and the site inverters are served by this
+                # process, so it is also how long the measured (delivered) power could stand still (rig stall)
+                "meter_age_max_ms": round(float(np.max(s["f_age_ms"], initial=0.0)), 1),
                 "passed": all(c.passed for c in checks), "checks": [c.as_dict() for c in checks],
                 "png": f"{spec.name}.png"}
         report.plot_test(out / test["png"], test, s, capacity_kw=capacity_kw, tolerance=tolerance,

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from v2grt.prequal.sequence import TestSpec
-from v2grt.services import ServiceCurve, TriggerResponder
+from v2grt.services import FFR_RELEASE_LIMIT_PER_S, ServiceCurve, TriggerResponder
 
 START_FRACTION = 0.05
 FULL_FRACTION = 0.95
@@ -142,9 +142,10 @@ def evaluate(spec: TestSpec, curve: ServiceCurve, capacity_kw: float, t_s, p_kw,
             out.append(Check(name, f"full activation held >= {limit:g} s", limit, held, "s",
                              held is not None and held >= limit))
         elif name == "ffr_release":
-            limit = (curve.release_per_s or 0.2) + tolerance
+            # the rule's limit, not the curve's own rate (which releases slower, for margin)
+            limit = FFR_RELEASE_LIMIT_PER_S + tolerance
             rate = max_drop_per_s(t_s, dp, cap)
-            out.append(Check(name, f"deactivation <= {curve.release_per_s or 0.2:.0%} of capacity per s "
+            out.append(Check(name, f"deactivation <= {FFR_RELEASE_LIMIT_PER_S:.0%} of capacity per s "
                                    f"(+{tolerance:.0%} measurement tolerance), over any 1 s", limit, rate,
                              "of capacity per s", rate is not None and rate <= limit))
         elif name == "ffr_quiet":

@@ -38,16 +38,24 @@ def _limit(check: dict) -> str:
     return f"<= {100 * lim:.0f} % {unit}" if unit.startswith("of ") else f"{lim:g} {unit}"
 
 
+#: A meter reading older than this in a cycle (two 50 ms periods; normally 5-10 ms at the 5 ms poll) means
+#: the prequal process stalled (seen: 479 ms at load 5, when an FFR release measured 26.9 %/s on a curve of 18).
+RIG_STALL_MS = 100.0
+
+
 def render_table(summary: dict) -> str:
     """The terminal table: test, check, the rule's criterion, the measured value, PASS/FAIL."""
     rows = []
     stale = []
+    stalls = []
     for test in summary["tests"]:
         for c in test["checks"]:
             rows.append([test["name"], c["name"], _limit(c), _fmt(c["measured"], c["unit"]),
                          "PASS" if c["passed"] else "FAIL"])
         if test.get("frequency_stale_cycles"):
             stale.append(f"{test['name']} {test['frequency_stale_cycles']}")
+        if (test.get("meter_age_max_ms") or 0.0) > RIG_STALL_MS:
+            stalls.append(f"{test['name']} {test['meter_age_max_ms']:.0f} ms")
     head = (f"v2grt prequal --service {summary['service']}: {summary['vehicles']:,} vehicles, "
             f"{summary['gateways']} gateways, contracted {summary['capacity_kw']:,.1f} kW"
             f"{' (--quick holds)' if summary['quick'] else ''}; delivered power measured at the site inverters")
@@ -58,6 +66,9 @@ def render_table(summary: dict) -> str:
                  f"{rig.get('gateway_setpoint_expiries')} (each one drops a site to 0 kW until the next setpoint)")
         if stale:
             head += "; cycles without a fresh meter reading: " + ", ".join(stale)
+        if stalls:
+            head += ("\nrig stall (this process's meter and site inverters not served; measured power stands still, "
+                     "then catches up, which can move a time or rate check): " + ", ".join(stalls))
     verdict = "ALL PASS" if summary["passed"] else (
         f"FAIL: {sum(not t['passed'] for t in summary['tests'])} of {len(summary['tests'])} tests")
     return "\n".join([head, table(["test", "check", "criterion", "measured", "result"], rows), verdict])

@@ -3,7 +3,7 @@
 In this process: a simulated grid meter (SunSpec model 213 over Modbus TCP, which the aggregator
 polls for frequency) and one simulated site inverter (SunSpec 701) per gateway, whose measured ``W``
 is set the moment the gateway reports its vehicles' actual output (the sim-only ``--site-power``
-link, as `v2grt demo` uses). As child processes (each dying with this one, as the demo's): the
+link, as `v2grt demo` uses). As child processes (v2grt.procrig: each dying with this one): the
 simulated gateways (`v2grt gateway sim`) and the aggregator (`v2grt run`) with its dispatch journal
 on. The frequency programme of each test is written into the meter every METER_TICK_S; afterwards
 the journal is read back: its cycle records carry the frequency the aggregator used and the site
@@ -12,36 +12,23 @@ inverters' measured power, which is what the grid operator's meters would show.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from v2grt.demo import _free_ports, _run_flags, _tail, _w_sf
+from v2grt import procrig
 
 PERIOD_S = 0.05  # 20 Hz cycle records: the rate GB's dynamic services are monitored at
 METER_TICK_S = 0.01
-SETPOINT_TTL_S = 0.5
-METER_TIMEOUT_S = 0.25
-TERM_TIMEOUT_S = 10.0
+SETPOINT_TTL_S = procrig.RIG_SETPOINT_TTL_S
+METER_TIMEOUT_S = procrig.RIG_METER_TIMEOUT_S
 
 
 class RigError(RuntimeError):
     """The rig could not start or run; the message says which process and where its log is."""
-
-
-@dataclasses.dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
 
 
 class Rig:
@@ -57,7 +44,7 @@ class Rig:
         self.seed = seed
         self.telemetry_interval_s = telemetry_interval_s
         self.unreachable_fraction = unreachable_fraction
-        self.children: list[_Child] = []
+        self.children: procrig.Children | None = None
         self.journal_dir = out / "journal"
         self.site_kw: dict[str, float] = {}
         self.f_hz = 50.0
@@ -84,13 +71,20 @@ class Rig:
         from v2grt.io import bus
         from v2grt.roster import write_roster
         from v2grt.services import get_service
-        from v2grt.sim.sunspec import SimServerThread, SunSpecInverter, SunSpecMeter
+        from v2grt.sim.sunspec import (
+            SimServerThread,
+            SunSpecInverter,
+            SunSpecMeter,
+            inverter_limit_kw,
+            inverter_w_sf,
+        )
 
         self.curve = get_service(self.service)
         self.f_hz = self.curve.nominal_hz
         self.out.mkdir(parents=True, exist_ok=True)
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
+        self.children = procrig.Children(self.logs, self.out, error=RigError)
         # a previous run's segments would be read as this run's, its logs counted in this run's health
         for old in [*self.journal_dir.glob("*"), *self.logs.glob("*.log"), *self.logs.glob("*.out"),
                     self.out / "engine.log"]:
@@ -107,15 +101,15 @@ class Rig:
         per_site = np.bincount(fleet.site[:n], weights=np.maximum(fleet.p_dis_max_kw[:n], fleet.p_chg_max_kw[:n]),
                                minlength=len(fleet.site_ids))
         self.fleet_rated_kw = float(np.sum(fleet.p_dis_max_kw[:n]))
-        w_sf = _w_sf(float(per_site.max()) * 1.05)
-        self.w_lim_kw = 30000 * 10.0 ** w_sf / 1e3
+        w_sf = inverter_w_sf(float(per_site.max()) * 1.05)
+        self.w_lim_kw = inverter_limit_kw(w_sf)
         self.gateway_ids, self.site_ids = list(fleet.gateway_ids), list(fleet.site_ids)
 
         self.meter = SunSpecMeter(213, f_hz=self.f_hz, name="grid-meter")
         self.inverters = {s: SunSpecInverter(f_hz=self.f_hz, w_sf=w_sf, name=f"inv-{s}") for s in self.site_ids}
         self._sim = SimServerThread([self.meter, *self.inverters.values()], name="prequal-modbus").start()
         names = ["setpoints", "telemetry", "control"]
-        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        ports = dict(zip(names, procrig.free_ports(len(names)), strict=True))
         ends = {k: f"tcp://127.0.0.1:{ports[k]}" for k in names}
         config = self._config(ends, self._sim.port(self.meter),
                               {s: self._sim.port(inv) for s, inv in self.inverters.items()})
@@ -129,7 +123,7 @@ class Rig:
         self._control = bus.ControlClient(self._ctx, ends["control"], timeout_ms=1000)
 
         for i, gw in enumerate(self.gateway_ids):
-            self._spawn(f"gateway-{gw}", [
+            self.children.spawn(f"gateway-{gw}", [
                 "gateway", "sim", "--roster", str(roster), "--gateway-id", gw, "--setpoints", ends["setpoints"],
                 "--telemetry", ends["telemetry"], "--telemetry-interval-s", f"{self.telemetry_interval_s:g}",
                 "--seed", str(self.seed * 1000 + i), "--unreachable-fraction", f"{self.unreachable_fraction:g}",
@@ -137,16 +131,11 @@ class Rig:
                 "--unplug-rate-per-h", "0", "--plug-rate-per-h", "0",
                 "--site-power", site_endpoint, "--log-file", str(self.logs / f"gateway-{gw}.log")])
         deadline = time.monotonic() + timeout_s
-        while len(self.site_kw) < len(self.site_ids):  # every gateway up and stepping its vehicles
-            self._check_children()
-            if time.monotonic() > deadline:
-                raise RigError(f"only {len(self.site_kw)} of {len(self.site_ids)} gateways reported after "
-                               f"{timeout_s:g} s; logs in {self.logs}")
-            time.sleep(0.05)
-        run = ["run", "--config", str(config), "--log-file", str(self.out / "engine.log")]
-        if os.geteuid() == 0 and "--allow-root" in _run_flags():
-            run.append("--allow-root")  # our own child; a service runs as its own account
-        self._spawn("aggregator", run)
+        procrig.wait_for(lambda: len(self.site_kw) >= len(self.site_ids), timeout_s,  # every gateway stepping
+                         lambda: f"only {len(self.site_kw)} of {len(self.site_ids)} gateways reported after "
+                                 f"{timeout_s:g} s; logs in {self.logs}", children=self.children, error=RigError)
+        self.children.spawn("aggregator", ["run", "--config", str(config), "--log-file", str(self.out / "engine.log"),
+                                           *procrig.allow_root_args()])
         self._wait_heard(deadline)
 
     def _config(self, ends: dict[str, str], meter_port: int, inverter_ports: dict[str, int]) -> Path:
@@ -160,16 +149,12 @@ class Rig:
             "budget_s": PERIOD_S,
             "state_dir": "state",
             "realtime": {"sched_fifo_priority": 50},  # best effort, as the shipped config
-            # timeout 0.25 s (the shipped default is 0.05 s): the simulated meter is served by this process,
-            # which a loaded host starves for longer than a real meter ever takes; at 0.05 s a starved answer
-            # dropped the connection and its backoff left the frequency stale for 3.5 s (load 23)
+            # timeout 0.25 s, not the shipped 0.05 s: procrig.RIG_METER_TIMEOUT_S says why
             "meter": {"host": "127.0.0.1", "port": meter_port, "poll_interval_s": 0.005,
                       "timeout_s": METER_TIMEOUT_S},
             "inverters": [{"name": f"inv-{s}", "site": s, "host": "127.0.0.1", "port": p}
                           for s, p in inverter_ports.items()],
-            # setpoint expiry 0.5 s, as `v2grt demo`: the simulated gateways share two cores with everything
-            # else here, and at the default (3 periods, 150 ms) a starved one drops its site to 0 kW for a
-            # moment (seen at load 20: 2.5 MW dips in a 10 MW hold); a real gateway has a host of its own
+            # setpoint expiry 0.5 s, as `v2grt demo`, not 3 periods: procrig.RIG_SETPOINT_TTL_S says why
             "bus": {"setpoints": ends["setpoints"], "telemetry": ends["telemetry"], "control": ends["control"],
                     "setpoint_ttl_s": SETPOINT_TTL_S},
             "service": {"name": self.curve.name, "nominal_hz": self.curve.nominal_hz,
@@ -186,20 +171,6 @@ class Rig:
                         + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         return path
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = self.logs / f"{name}.out"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "v2grt.demo", "--child-of", str(os.getpid()), "--", *argv],
-                                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, cwd=self.out,
-                                    start_new_session=True)
-        self.children.append(_Child(name, proc, log))
-
-    def _check_children(self) -> None:
-        for c in self.children:
-            rc = c.proc.poll()
-            if rc is not None:
-                raise RigError(f"{c.name} exited with code {rc}; its log ({c.log}) ends:\n{_tail(c.log)}")
-
     def status(self) -> dict | None:
         from v2grt.io.wire import WireError
 
@@ -214,7 +185,7 @@ class Rig:
         over 0.5 s, after at least one telemetry interval: thermal limits may keep it drifting a little)."""
         last, since = None, None
         while True:
-            self._check_children()
+            self.children.check()
             st = self.status()
             now = time.monotonic()
             if st is not None:
@@ -265,7 +236,7 @@ class Rig:
         self.set_frequency(programme(-1.0))
         end = time.monotonic() + pre_s
         while time.monotonic() < end:
-            self._check_children()
+            self.children.check()
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
         t0_mono = time.monotonic()
         t0_ns = time.time_ns()
@@ -277,7 +248,7 @@ class Rig:
             if now - t0_mono >= duration_s:
                 return t0_ns
             if now >= next_check:
-                self._check_children()
+                self.children.check()
                 next_check = now + 0.5
             if next_t > now:
                 time.sleep(next_t - now)
@@ -286,8 +257,8 @@ class Rig:
     # ------------------------------------------------------------------------------ stop
     def stop(self) -> None:
         """Aggregator first (its journal is sealed, its final zero reaches the gateways), then the gateways."""
-        self._terminate([c for c in self.children if c.name == "aggregator"])
-        self._terminate([c for c in self.children if c.name != "aggregator"])
+        if self.children is not None:
+            self.children.stop(("aggregator", ""))
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
@@ -304,21 +275,6 @@ class Rig:
             logging.getLogger("pymodbus").removeHandler(self._pm_handler)
             self._pm_handler.close()
             self._pm_handler = None
-
-    def _terminate(self, children: list[_Child]) -> None:
-        for c in children:
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + TERM_TIMEOUT_S
-        while any(c.proc.poll() is None for c in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for c in children:
-            if c.proc.poll() is None:
-                try:
-                    os.killpg(c.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            c.proc.wait()
 
 
 def health(out: Path, t_from_ns: int, t_to_ns: int) -> dict:

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALRM_MANUFACTURER",
+    "INVERTER_W_MAX",
     "PHASE_MISMATCH_TEXT",
     "InverterSetpoint",
     "RegisterDevice",
@@ -62,6 +63,8 @@ __all__ = [
     "SunSpecDevice",
     "SunSpecInverter",
     "SunSpecMeter",
+    "inverter_limit_kw",
+    "inverter_w_sf",
     "serve",
 ]
 
@@ -341,6 +344,23 @@ class InverterSetpoint(NamedTuple):
     revert_p_kw: float  # WSetRvrt, applied when the reversion timer runs out
     revert_s: int  # WSetRvrtTms, 0 = no reversion
     t_written_ns: int | None  # CLOCK_MONOTONIC of the latest client write to these points
+
+
+#: The largest |701 W| the simulated site inverters are given (int16 holds 32767; the rest is headroom).
+INVERTER_W_MAX = 30000
+
+
+def inverter_w_sf(max_kw: float) -> int:
+    """The smallest W_SF >= 0 at which ``max_kw`` fits a site inverter's 701 W (INVERTER_W_MAX)."""
+    sf = 0
+    while max_kw * 1e3 / 10.0**sf > INVERTER_W_MAX:
+        sf += 1
+    return sf
+
+
+def inverter_limit_kw(w_sf: int) -> float:
+    """The largest |power| a site inverter with ``w_sf`` shows, kW (what a rig clips its measured W to)."""
+    return INVERTER_W_MAX * 10.0**w_sf / 1e3
 
 
 class SunSpecInverter(SunSpecDevice):
