@@ -314,18 +314,35 @@ cdef void _availability(
     # site_hi[s] per row would chain every row of a site through store-to-load forwarding.
     cdef Py_ssize_t run_site = -1
     cdef double run_hi = 0.0, run_lo = 0.0
-    # Participating rows (OK, SOC_MIN, SOC_MAX) are counted in registers; excluded rows, the rare
-    # case, in reason_counts directly.
-    cdef i64 n_in = 0, n_soc_min = 0, n_soc_max = 0
     cdef u16 qi
     cdef float b_hi[BLOCK]
     cdef float b_lo[BLOCK]
-    cdef float b_q[BLOCK]
-    cdef float b_code[BLOCK]
+    # The window again, in L1 scratch: read back from the output, where the block loop has just
+    # stored it to a line still on its way from memory, it stalled the row (1M nodes: ~1.5 ms).
+    cdef float b_w[BLOCK]
+    cdef int b_q[BLOCK]  # the bucket as an int: converted in the vectorised loop, not per row here
+    cdef int b_code[BLOCK]
     # Loop invariants in locals: read through a pointer, the compiler reloads them every row, as
     # it cannot rule out that the row stores changed them.
     cdef i64 stale_ns = p.stale_ns
     cdef Py_ssize_t pin_row = pin.row
+    # Raw pointers for the scalar loop: a memoryview's data pointer lives in its struct, which the
+    # compiler reloads after every store it cannot prove does not alias it.
+    cdef const u8* active_p = &active[0]
+    cdef const u8* online_p = &online[0]
+    cdef const u8* fault_p = &fault[0]
+    cdef const int* site_p = &site[0]
+    cdef const u8* site_fault_p = &site_fault[0]
+    cdef const i64* tel_p = &last_telemetry_ns[0]
+    cdef u8* reason_p = &reason_out[0]
+    cdef float* dis_p = &avail_dis_out[0]
+    cdef float* chg_p = &avail_chg_out[0]
+    cdef float* window_p = &window[0]
+    cdef u16* q_p = &q[0]
+    cdef double* site_hi_p = &site_hi[0]
+    cdef double* site_lo_p = &site_lo[0]
+    cdef double* hist_p = &hist[0]
+    cdef i64* counts_p = &reason_counts[0]
     for s in range(n_sites):
         site_hi[s] = 0.0
         site_lo[s] = 0.0
@@ -339,71 +356,71 @@ cdef void _availability(
         _block_arithmetic(m, p, direction, &soc[start], &soh[start], &capacity_kwh[start],
                           &p_dis_max_kw[start], &p_chg_max_kw[start], &temp_c[start], &cycle_count[start],
                           &efficiency[start], &last_kw[start], &avail_dis_out[start], &avail_chg_out[start],
-                          b_hi, b_lo, &window[start], b_q, b_code)
+                          b_hi, b_lo, &window[start], b_w, b_q, b_code)
         for j in range(m):
             i = start + j
-            s = site[i]
+            s = site_p[i]
             # Every link of the chain but the last excludes the row, whatever its code: a gateway's
             # fault code may equal SOC_BELOW_MINIMUM and still means "do not dispatch".
             participating = False
-            if active[i] == 0:
+            if active_p[i] == 0:
                 r = R_EMPTY
             elif estop:
                 r = R_ESTOP
-            elif online[i] == 0:
+            elif online_p[i] == 0:
                 r = R_OFFLINE
-            elif fault[i] != 0:
-                r = fault[i]
+            elif fault_p[i] != 0:
+                r = fault_p[i]
             elif s < 0 or s >= n_sites:
                 r = R_INVALID
-            elif site_fault[s] != 0:
-                r = site_fault[s]
+            elif site_fault_p[s] != 0:
+                r = site_fault_p[s]
             elif b_code[j] == R_INVALID:
                 r = R_INVALID
-            elif now_ns - last_telemetry_ns[i] > stale_ns:
+            elif now_ns - tel_p[i] > stale_ns:
                 r = R_TIMEOUT
             else:
                 r = <u8>b_code[j]  # OK, SOH, THERMAL, SOC_MIN or SOC_MAX
                 participating = (r != R_SOH) & (r != R_THERMAL)
-            reason_out[i] = r
+            reason_p[i] = r
             if not participating:  # excluded: nothing to give
-                avail_dis_out[i] = 0.0
-                avail_chg_out[i] = 0.0
-                window[i] = 0.0
-                reason_counts[r] += 1
+                dis_p[i] = 0.0
+                chg_p[i] = 0.0
+                window_p[i] = 0.0
+                # OK, SOC_MIN and SOC_MAX are counted per block below (an excluded row may carry
+                # those codes too: a gateway's fault code), every other code here, the rare case.
+                if (r != R_OK) & (r != R_SOC_MIN) & (r != R_SOC_MAX):
+                    counts_p[r] += 1
                 continue
-            n_in += 1
-            n_soc_min += r == R_SOC_MIN
-            n_soc_max += r == R_SOC_MAX
             if i == pin_row:  # held at its pin: not ranked, not in the site sums (_allocate places it)
                 pin.ok, pin.site = True, s
-                window[i] = 0.0
+                window_p[i] = 0.0
                 continue
             if s != run_site:
                 if run_site >= 0:
-                    site_hi[run_site] += run_hi
-                    site_lo[run_site] += run_lo
+                    site_hi_p[run_site] += run_hi
+                    site_lo_p[run_site] += run_lo
                 run_site, run_hi, run_lo = s, 0.0, 0.0
             run_hi += b_hi[j]
             run_lo += b_lo[j]
             # Unconditionally: a row with a zero window adds 0 to its bucket, and a branch on w > 0
             # mispredicts on every row at the SoC limits.
-            w = window[i]
-            qi = <u16>(<int>b_q[j])
-            q[i] = qi
-            hist[qi] += w
+            w = b_w[j]  # not window_p[i]: see b_w
+            qi = <u16>b_q[j]
+            q_p[i] = qi
+            hist_p[qi] += w
+        # Rows per participating code, counted over the block's reasons in a loop that vectorises: a
+        # counter per row in the loop above lived on the stack (too few registers), a chain through
+        # memory on every row.
+        _count_codes(&reason_p[start], m, &counts_p[0])
         # Fleet totals per block, after the loop above zeroed the excluded rows: in four independent
         # partial sums (in the row loop the accumulators spilled to the stack, a chain through memory).
-        sum_dis += _sum4f(&avail_dis_out[start], m)
-        sum_chg += _sum4f(&avail_chg_out[start], m)
+        sum_dis += _sum4f(&dis_p[start], m)
+        sum_chg += _sum4f(&chg_p[start], m)
         start += m
     if run_site >= 0:
-        site_hi[run_site] += run_hi
-        site_lo[run_site] += run_lo
-    # += : an excluded row may carry these codes too (a gateway's fault code)
-    reason_counts[R_OK] += n_in - n_soc_min - n_soc_max
-    reason_counts[R_SOC_MIN] += n_soc_min
-    reason_counts[R_SOC_MAX] += n_soc_max
+        site_hi_p[run_site] += run_hi
+        site_lo_p[run_site] += run_lo
     sums[1] = sum_dis
     sums[2] = sum_chg
 
@@ -429,6 +446,19 @@ cdef inline double _sum4(const double* x, Py_ssize_t m) noexcept nogil:
     return (s0 + s1) + (s2 + s3)
 
 
+cdef inline void _count_codes(const u8* r, Py_ssize_t m, i64* counts) noexcept nogil:
+    """counts[c] += rows of r[0:m] equal to c, for the three codes a participating row has."""
+    cdef int n_ok = 0, n_min = 0, n_max = 0
+    cdef Py_ssize_t j
+    for j in range(m):
+        n_ok += r[j] == R_OK
+        n_min += r[j] == R_SOC_MIN
+        n_max += r[j] == R_SOC_MAX
+    counts[R_OK] += n_ok
+    counts[R_SOC_MIN] += n_min
+    counts[R_SOC_MAX] += n_max
+
+
 cdef inline double _sum4f(const float* x, Py_ssize_t m) noexcept nogil:
     """_sum4 of a float32 column, summed in double (a block of 128 kW values in float32 would round)."""
     cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
@@ -449,7 +479,8 @@ cdef void _block_arithmetic(
     Py_ssize_t m, const Params* p, int direction,
     in_f32 soc, in_f32 soh, in_f32 capacity_kwh, in_f32 p_dis_max_kw, in_f32 p_chg_max_kw, in_f32 temp_c,
     in_f32 cycle_count, in_f32 efficiency, in_f32 last_kw,
-    out_f32 a_dis, out_f32 a_chg, out_f32 w_hi, out_f32 w_lo, out_f32 w_dir, out_f32 q_dir, out_f32 code,
+    out_f32 a_dis, out_f32 a_chg, out_f32 w_hi, out_f32 w_lo, out_f32 w_dir, out_f32 w_copy, int* q_dir,
+    int* code,
 ) noexcept nogil:
     """Every row's availability, ramp windows and rank bucket as if it were eligible, plus the part of
     its reason that arithmetic decides (`code`: INVALID, SOH, THERMAL, SOC_MIN, SOC_MAX or OK, in
@@ -460,7 +491,7 @@ cdef void _block_arithmetic(
     bit-identical to the twin's."""
     cdef Py_ssize_t j
     cdef float t, soc_j, soh_j, eff_j, f_temp, usable_kwh, e_dis, e_chg, ad, ac, hi, lo, x, x_carrying
-    cdef float soc_term, last
+    cdef float soc_term, last, w
     cdef float min_soc = <float>p.minimum_soc, max_soc = <float>p.maximum_soc, per_end = <float>p.per_endurance
     cdef float temp_min = <float>p.temp_min_c, temp_max = <float>p.temp_max_c
     cdef float inv_temp = <float>p.inv_temp_derate_c, inv_soc = <float>p.inv_soc_taper
@@ -500,7 +531,9 @@ cdef void _block_arithmetic(
         # The direction enters as 0/1 weights, not as selects on a loop-invariant condition: GCC 12
         # vectorises those only in some surroundings (a small edit elsewhere turned the whole loop
         # scalar). Exact for the rows that matter: hi, lo are finite and >= 0, so hi * 1 + lo * 0 == hi.
-        w_dir[j] = hi * dis + lo * chg
+        w = hi * dis + lo * chg
+        w_dir[j] = w
+        w_copy[j] = w
         # Rank bucket in the target's direction: same expression and operation order as
         # reference.rank_buckets, so the buckets are bit-identical (the 0/1 weights are exact). Both
         # candidates of the hysteresis select are computed first: a conditional FP operation may
@@ -512,7 +545,7 @@ cdef void _block_arithmetic(
         x = x_carrying if last * sign > zero else x
         x = x * q_scale
         x = x if x >= zero else zero  # also NaN
-        q_dir[j] = x if x < top else top
+        q_dir[j] = <int>(x if x < top else top)
         # The code as a float: selects between floats vectorise where integer ones under a
         # float mask do not (SSE2).
         c = <float>R_OK
@@ -520,8 +553,9 @@ cdef void _block_arithmetic(
         c = <float>R_SOC_MAX if (ac == zero) & (soc_j >= max_soc) else c
         c = <float>R_THERMAL if (t < temp_min) | (t > temp_max) else c
         c = <float>R_SOH if soh_j < soh_min else c
-        code[j] = c if _validf(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
-                               eff_j, cycle_count[j]) else <float>R_INVALID
+        c = c if _validf(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
+                         eff_j, cycle_count[j]) else <float>R_INVALID
+        code[j] = <int>c  # converted here, eight at a time, not per row in the scalar loop
 
 
 cdef void _allocate(
