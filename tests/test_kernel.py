@@ -240,6 +240,21 @@ def test_availability_is_nonlinear_in_soc_and_temperature(backend):
     assert a[7] == 0.0 and out.reason[7] == Reason.THERMAL_LIMIT
 
 
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+def test_a_vehicle_reporting_exactly_a_threshold_is_at_it(backend):
+    """The fleet holds SoC and SoH in float32 and both backends compare them with the profile's thresholds
+    rounded to float32: a SoC of exactly the floor (0.2, stored 0.2000000030) is at the floor, one of exactly
+    the ceiling (0.95, stored 0.9499999881) at the ceiling, an SoH of exactly the threshold (0.7) passes."""
+    p = DispatchProfile()
+    fleet = fleet_from_arrays(soc=[p.minimum_soc, p.maximum_soc, 0.6], soh=[1.0, 1.0, p.soh_threshold],
+                              capacity_kwh=[60.0] * 3, p_dis_max_kw=[11.0] * 3, p_chg_max_kw=[11.0] * 3)
+    assert fleet.soc.dtype == np.float32
+    assert float(fleet.soc[0]) != p.minimum_soc and float(fleet.soc[1]) != p.maximum_soc  # rounded
+    out = run(backend, fleet, p, 0.0)
+    assert out.reason[:3].tolist() == [Reason.SOC_BELOW_MINIMUM, Reason.SOC_ABOVE_MAXIMUM, Reason.OK]
+    assert out.avail_dis_kw[0] == 0.0 and out.avail_chg_kw[1] == 0.0 and out.avail_dis_kw[2] > 0.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_endurance_bounds_availability(backend):
     """A node offers only the power it can sustain for the endurance time, losses counted."""
