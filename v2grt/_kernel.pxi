@@ -273,11 +273,13 @@ cdef extern from *:
     typedef double *__restrict__ v2grt_out_f64;
     typedef float const *__restrict__ v2grt_in_f32;
     typedef float *__restrict__ v2grt_out_f32;
+    typedef unsigned short const *__restrict__ v2grt_in_u16;
     """
     ctypedef const double* in_f64 "v2grt_in_f64"
     ctypedef double* out_f64 "v2grt_out_f64"
     ctypedef const float* in_f32 "v2grt_in_f32"
     ctypedef float* out_f32 "v2grt_out_f32"
+    ctypedef const u16* in_u16 "v2grt_in_u16"
 
 cdef enum:
     BLOCK = 128  # rows per block: its columns, outputs and scratch (~20 KiB) stay in L1 beside the histogram
@@ -444,6 +446,22 @@ cdef inline double _sum4(const double* x, Py_ssize_t m) noexcept nogil:
         s0 += x[j]
         j += 1
     return (s0 + s1) + (s2 + s3)
+
+
+cdef Py_ssize_t _fill_above(Py_ssize_t n, in_f32 window, in_u16 q, int b_marginal, double sign,
+                            out_f64 setpoint) noexcept nogil:
+    """setpoint = the window above the marginal bucket, 0 at and below it; returns the rows set.
+    Multiplies by 0/1, not branches: whether a row's bucket is above the marginal one is a coin toss
+    the branch predictor loses on half the rows (windows are finite and >= 0, so w * 1.0 == w and
+    w * 0.0 == 0.0 exactly; windows <= MIN_TAKE_KW are already 0)."""
+    cdef Py_ssize_t i
+    cdef int c = 0
+    cdef float take
+    for i in range(n):
+        take = window[i] * <float>(q[i] > b_marginal)
+        setpoint[i] = sign * take
+        c += take != 0.0
+    return c
 
 
 cdef inline void _count_codes(const u8* r, Py_ssize_t m, i64* counts) noexcept nogil:
@@ -638,18 +656,17 @@ cdef void _allocate(
                     break
                 cum += hist[b]
             remaining -= cum
+            # Every row above the marginal bucket full, every other idle, in a loop that vectorises;
+            # then the marginal bucket's rows, in row order, take what is left.
+            n_carrying += _fill_above(n, &window[0], &q[0], b_marginal, sign, &setpoint_out[0])
             for i in range(n):
-                # Multiplies by 0/1, not branches, for the common case: whether a row's bucket is
-                # above the marginal one is a coin toss the branch predictor loses on half the rows
-                # (windows are finite and >= 0, so w * 1.0 == w and w * 0.0 == 0.0 exactly).
-                w = window[i]
-                take = w * <double>(q[i] > b_marginal)  # windows <= MIN_TAKE_KW are already 0
                 if q[i] == b_marginal:  # rare: only the marginal bucket's rows
+                    w = window[i]
                     if w > 0.0 and remaining > MIN_TAKE_KW:
                         take = _min(w, remaining)  # > MIN_TAKE_KW: both are
                         remaining -= take
-                setpoint_out[i] = sign * take
-                n_carrying += take != 0.0
+                        setpoint_out[i] = sign * take
+                        n_carrying += 1
         else:
             # A site limit binds: order the participants by bucket (counting sort, stable in row),
             # then fill greedily, each node taking min(window, site remainder, fleet remainder).
