@@ -92,7 +92,7 @@ def test_growth_doubles_capacity_and_preserves_values():
     for i in range(65, 129):
         add_ev(fleet, f"EV{i}", soc=i / 1000)
     assert fleet.capacity == 256
-    np.testing.assert_array_equal(fleet.soc[:64], np.arange(64) / 100)
+    np.testing.assert_array_equal(fleet.soc[:64], np.float32(np.arange(64) / 100))  # float32 columns
     np.testing.assert_array_equal(fleet.cycle_count[:64], np.arange(64))
     assert fleet.node_ids[:3] == ["EV0", "EV1", "EV2"] and len(fleet.node_ids) == 256
     for name, _ in STATE_COLUMNS:
@@ -187,7 +187,7 @@ def test_random_fleet_is_realistic():
     assert len(fleet) == n and fleet.n_rows == n
     cap = fleet.column("capacity_kwh")
     assert cap.min() >= 40 and cap.max() <= 100 and len(np.unique(cap)) >= 5
-    assert set(np.unique(fleet.column("p_dis_max_kw"))) == {7.4, 11.0, 22.0}
+    assert set(np.unique(fleet.column("p_dis_max_kw"))) == set(np.float32([7.4, 11.0, 22.0]))
     np.testing.assert_array_equal(fleet.column("p_chg_max_kw"), fleet.column("p_dis_max_kw"))
     offline = np.count_nonzero(fleet.column("online") == 0)
     assert 0 < offline < 0.1 * n
@@ -306,9 +306,9 @@ def test_hand_written_fixture_loads_with_defaults():
     """tests/data/roster_small.csv (reordered columns, omitted and empty optional cells) loads as written."""
     fleet = load_roster(DATA / "roster_small.csv")
     assert list(fleet.row_of) == ["EV_NODE_01", "EV_NODE_02", "EV_NODE_03"]
-    np.testing.assert_array_equal(fleet.column("temp_c"), [18.5, 25.0, -3.0])  # empty -> default
+    np.testing.assert_array_equal(fleet.column("temp_c"), np.float32([18.5, 25.0, -3.0]))  # empty -> default
     np.testing.assert_array_equal(fleet.column("capacity_kwh"), [77, 58, 100])
-    np.testing.assert_array_equal(fleet.column("p_chg_max_kw"), [11, 7.4, 22])
+    np.testing.assert_array_equal(fleet.column("p_chg_max_kw"), np.float32([11, 7.4, 22]))
     assert np.all(fleet.column("soh") == 1.0) and np.all(fleet.column("online") == 1)
     assert fleet.gateway_ids == ["gw1", "gw2"] and fleet.site_ids == ["depot_a", "depot_b"]
     np.testing.assert_array_equal(fleet.gateway_rows("gw2"), [2])

@@ -130,7 +130,8 @@ def test_invariants(backend, case):
     assert -out.totals[T_FEASIBLE_CHG] - eps <= target <= out.totals[T_FEASIBLE_DIS] + eps
     assert np.all(sp <= out.avail_dis_kw[:n] + eps) and np.all(sp >= -out.avail_chg_kw[:n] - eps)
     assert not (np.any(sp > eps) and np.any(sp < -eps)), "no node charges while another discharges"
-    soc = fleet.soc[:n]
+    # in double, as the kernel compares (a float32 column against a Python float compares in float32 in NumPy 2)
+    soc = fleet.soc[:n].astype(np.float64)
     assert np.all(sp[soc <= profile.minimum_soc] <= eps), "no discharge at or below the SoC floor"
     assert np.all(sp[soc >= profile.maximum_soc] >= -eps), "no charge at or above the SoC ceiling"
     hard = ~np.isin(reason, [Reason.OK, *ONE_WAY])
@@ -237,6 +238,21 @@ def test_availability_is_nonlinear_in_soc_and_temperature(backend):
     assert a[2] == pytest.approx(5.0) and a[3] == pytest.approx(10.0)  # linear taper over 0.1 of SoC
     assert a[5] == pytest.approx(5.0) and a[6] == pytest.approx(5.0)  # 5 degC inside a 10 degC band
     assert a[7] == 0.0 and out.reason[7] == Reason.THERMAL_LIMIT
+
+
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+def test_a_vehicle_reporting_exactly_a_threshold_is_at_it(backend):
+    """The fleet holds SoC and SoH in float32 and both backends compare them with the profile's thresholds
+    rounded to float32: a SoC of exactly the floor (0.2, stored 0.2000000030) is at the floor, one of exactly
+    the ceiling (0.95, stored 0.9499999881) at the ceiling, an SoH of exactly the threshold (0.7) passes."""
+    p = DispatchProfile()
+    fleet = fleet_from_arrays(soc=[p.minimum_soc, p.maximum_soc, 0.6], soh=[1.0, 1.0, p.soh_threshold],
+                              capacity_kwh=[60.0] * 3, p_dis_max_kw=[11.0] * 3, p_chg_max_kw=[11.0] * 3)
+    assert fleet.soc.dtype == np.float32
+    assert float(fleet.soc[0]) != p.minimum_soc and float(fleet.soc[1]) != p.maximum_soc  # rounded
+    out = run(backend, fleet, p, 0.0)
+    assert out.reason[:3].tolist() == [Reason.SOC_BELOW_MINIMUM, Reason.SOC_ABOVE_MAXIMUM, Reason.OK]
+    assert out.avail_dis_kw[0] == 0.0 and out.avail_chg_kw[1] == 0.0 and out.avail_dis_kw[2] > 0.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -646,9 +662,9 @@ def test_workspace_refuses_a_bucket_count_the_kernel_cannot_hold():
 def test_compiled_builds_vectorise_the_block_arithmetic():
     """The kernel's speed rests on GCC vectorising pass 1's block arithmetic, and a harmless-looking
     edit (a select on a loop-invariant int, an integer select under a double mask) has turned it
-    scalar without any other test noticing (1M nodes: 9 -> 15 ms). Packed-double arithmetic in the
-    built extension says whether it still is: ~65 (baseline) and ~125 (AVX2) instructions when
-    vectorised, 7 and 10 when not."""
+    scalar without any other test noticing (1M nodes: 9 -> 15 ms). Packed-single arithmetic (the block
+    computes in float32) in the built extension says whether it still is: 116 instructions in either
+    build when vectorised, 0 when built with -fno-tree-vectorize."""
     import re
     import shutil
     import subprocess
@@ -660,8 +676,8 @@ def test_compiled_builds_vectorise_the_block_arithmetic():
         path = compiled(isa).__file__
         asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
                              check=True).stdout
-        packed = len(re.findall(r"\tv?(?:mul|div|min|max|add|sub)pd\s", asm))
-        assert packed >= 40, (f"{path}: {packed} packed-double instructions: the block arithmetic is no "
+        packed = len(re.findall(r"\tv?(?:mul|div|min|max|add|sub)ps\s", asm))
+        assert packed >= 40, (f"{path}: {packed} packed-single instructions: the block arithmetic is no "
                               "longer vectorised (CFLAGS=-fopt-info-vec-optimized pip install -e . -v shows why)")
 
 

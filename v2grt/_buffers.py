@@ -29,7 +29,8 @@ MIN_SETPOINT_KW = 1e-6
 class KernelOutput:
     """What one dispatch cycle produces: per-node arrays of the fleet's capacity, and fleet totals.
 
-    ``setpoint_kw`` (float64, + discharge), ``avail_dis_kw`` and ``avail_chg_kw`` (float64, >= 0),
+    ``setpoint_kw`` (float64, + discharge), ``avail_dis_kw`` and ``avail_chg_kw`` (float32, >= 0:
+    the kernel computes them in float32, docs/architecture.md),
     ``reason`` (uint8, v2grt.codes.Reason), ``totals`` (float64[N_TOTALS], see the T_* indices),
     ``reason_counts`` (int64[N_REASON_SLOTS]: rows per reason code, free rows under EMPTY).
     """
@@ -37,8 +38,8 @@ class KernelOutput:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.setpoint_kw = np.zeros(capacity, np.float64)
-        self.avail_dis_kw = np.zeros(capacity, np.float64)
-        self.avail_chg_kw = np.zeros(capacity, np.float64)
+        self.avail_dis_kw = np.zeros(capacity, np.float32)
+        self.avail_chg_kw = np.zeros(capacity, np.float32)
         self.reason = np.zeros(capacity, np.uint8)
         self.totals = np.zeros(N_TOTALS, np.float64)
         self.reason_counts = np.zeros(N_REASON_SLOTS, np.int64)
@@ -53,7 +54,7 @@ class Workspace:
         self.capacity = capacity
         self.site_capacity = site_capacity
         self.buckets = buckets
-        self.window_kw = np.zeros(capacity, np.float64)  # ramp-limited window in the target's direction
+        self.window_kw = np.zeros(capacity, np.float32)  # ramp-limited window in the target's direction
         self.q = np.zeros(capacity, np.uint16)  # rank bucket per node, in the target's direction
         self.order = np.zeros(capacity, np.int32)  # counting-sort order (only when a site limit binds)
         self.site_hi_kw = np.zeros(site_capacity, np.float64)

@@ -82,17 +82,6 @@ cdef struct Params:
     bint prorata
 
 
-cdef inline bint _valid(double soc, double soh, double capacity_kwh, double p_dis_max_kw, double p_chg_max_kw,
-                       double temp_c, double efficiency, double cycle_count) noexcept nogil:
-    """Every value finite and in range. One sum tests finiteness for all eight (NaN or inf anywhere
-    makes s - s NaN, and a sum that overflows is as unusable), then min/max fold the range tests
-    instead of sixteen separate comparisons (v2grt bench kernel, 1M nodes: ~15.3 -> ~14.6 ms)."""
-    cdef double s = soc + soh + capacity_kwh + p_dis_max_kw + p_chg_max_kw + temp_c + efficiency + cycle_count
-    return ((s - s == 0.0) & (_min(soc, soh) >= 0.0) & (_max(soc, soh) <= 1.0) & (capacity_kwh > 0.0)
-            & (_min(_min(p_dis_max_kw, p_chg_max_kw), cycle_count) >= 0.0)
-            & (efficiency > 0.0) & (efficiency <= 1.0))
-
-
 cdef double _ramp(double rate_kw_per_s, double dt_s) noexcept nogil:
     if isinf(rate_kw_per_s):
         return INFINITY
@@ -101,22 +90,44 @@ cdef double _ramp(double rate_kw_per_s, double dt_s) noexcept nogil:
     return rate_kw_per_s * _max(dt_s, 0.0)
 
 
-cdef inline double _taper(double x, double inv_band) noexcept nogil:
-    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0, inv_band 0).
-    Selects, not branches, so loops that call it still vectorise."""
-    cdef double y = x * inv_band
-    y = 0.0 if y < 0.0 else y
-    y = 1.0 if y > 1.0 else y
-    cdef double step = 1.0 if x > 0.0 else 0.0
-    return y if inv_band > 0.0 else step
-
-
 cdef inline double _min(double a, double b) noexcept nogil:
     return a if a < b else b
 
 
 cdef inline double _max(double a, double b) noexcept nogil:
     return a if a > b else b
+
+
+cdef inline float _minf(float a, float b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline float _maxf(float a, float b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline float _taperf(float x, float inv_band) noexcept nogil:
+    """0 at x <= 0, rising linearly to 1 at x >= band (a step at 0 when band is 0, inv_band 0).
+    Selects, not branches, so loops that call it still vectorise. float32, as the block arithmetic."""
+    cdef float zero = 0.0, one = 1.0
+    cdef float y = x * inv_band
+    y = zero if y < zero else y
+    y = one if y > one else y
+    cdef float step = one if x > zero else zero
+    return y if inv_band > zero else step
+
+
+cdef inline bint _validf(float soc, float soh, float capacity_kwh, float p_dis_max_kw, float p_chg_max_kw,
+                         float temp_c, float efficiency, float cycle_count) noexcept nogil:
+    """Every value finite and in range. One sum tests finiteness for all eight (NaN or inf anywhere
+    makes s - s NaN, and a sum that overflows float32 is as unusable), then min/max fold the range tests
+    instead of sixteen separate comparisons (v2grt bench kernel, 1M nodes: ~15.3 -> ~14.6 ms). In
+    float32, as the columns are, and so in the twin."""
+    cdef float zero = 0.0, one = 1.0
+    cdef float s = soc + soh + capacity_kwh + p_dis_max_kw + p_chg_max_kw + temp_c + efficiency + cycle_count
+    return ((s - s == zero) & (_minf(soc, soh) >= zero) & (_maxf(soc, soh) <= one) & (capacity_kwh > zero)
+            & (_minf(_minf(p_dis_max_kw, p_chg_max_kw), cycle_count) >= zero)
+            & (efficiency > zero) & (efficiency <= one))
 
 
 cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -189,30 +200,30 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     cdef const u8[::1] online = fleet.online
     cdef const u8[::1] fault = fleet.fault
     cdef const int[::1] site = fleet.site
-    cdef const double[::1] soc = fleet.soc
-    cdef const double[::1] soh = fleet.soh
-    cdef const double[::1] capacity_kwh = fleet.capacity_kwh
-    cdef const double[::1] p_dis_max_kw = fleet.p_dis_max_kw
-    cdef const double[::1] p_chg_max_kw = fleet.p_chg_max_kw
-    cdef const double[::1] temp_c = fleet.temp_c
-    cdef const double[::1] cycle_count = fleet.cycle_count
-    cdef const double[::1] efficiency = fleet.efficiency
+    cdef const float[::1] soc = fleet.soc
+    cdef const float[::1] soh = fleet.soh
+    cdef const float[::1] capacity_kwh = fleet.capacity_kwh
+    cdef const float[::1] p_dis_max_kw = fleet.p_dis_max_kw
+    cdef const float[::1] p_chg_max_kw = fleet.p_chg_max_kw
+    cdef const float[::1] temp_c = fleet.temp_c
+    cdef const float[::1] cycle_count = fleet.cycle_count
+    cdef const float[::1] efficiency = fleet.efficiency
     cdef const i64[::1] last_telemetry_ns = fleet.last_telemetry_ns
-    cdef const double[::1] last_kw = fleet.last_setpoint_kw
+    cdef const float[::1] last_kw = fleet.last_setpoint_kw
     cdef const double[::1] site_export_kw = fleet.site_export_kw
     cdef const double[::1] site_import_kw = fleet.site_import_kw
     cdef const u8[::1] site_fault = fleet.site_fault
 
     cdef double[::1] setpoint_out = out.setpoint_kw
-    cdef double[::1] avail_dis_out = out.avail_dis_kw
-    cdef double[::1] avail_chg_out = out.avail_chg_kw
+    cdef float[::1] avail_dis_out = out.avail_dis_kw
+    cdef float[::1] avail_chg_out = out.avail_chg_kw
     cdef u8[::1] reason_out = out.reason
     cdef double[::1] totals_out = out.totals
     cdef i64[::1] reason_counts = out.reason_counts
     if reason_counts.shape[0] < 256:
         raise ValueError(f"out.reason_counts holds {reason_counts.shape[0]} slots, a uint8 reason needs 256")
 
-    cdef double[::1] window = work.window_kw
+    cdef float[::1] window = work.window_kw
     cdef u16[::1] q = work.q
     cdef int[::1] order = work.order
     cdef double[::1] site_hi = work.site_hi_kw
@@ -237,7 +248,7 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
 
 
 cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop,
-                    const double[::1] last_kw, double* prev_total_kw) noexcept nogil:
+                    const float[::1] last_kw, double* prev_total_kw) noexcept nogil:
     """Sign of this cycle's target: +1 discharge, -1 charge, 0 none. Clamping to what the fleet can
     give never flips the sign, so it is known before availability, and only one direction is ranked.
     Sets *prev_total_kw to the last cycle's fleet total when a fleet ramp limit needs it (else 0)."""
@@ -260,9 +271,15 @@ cdef extern from *:
     """
     typedef double const *__restrict__ v2grt_in_f64;
     typedef double *__restrict__ v2grt_out_f64;
+    typedef float const *__restrict__ v2grt_in_f32;
+    typedef float *__restrict__ v2grt_out_f32;
+    typedef unsigned short const *__restrict__ v2grt_in_u16;
     """
     ctypedef const double* in_f64 "v2grt_in_f64"
     ctypedef double* out_f64 "v2grt_out_f64"
+    ctypedef const float* in_f32 "v2grt_in_f32"
+    ctypedef float* out_f32 "v2grt_out_f32"
+    ctypedef const u16* in_u16 "v2grt_in_u16"
 
 cdef enum:
     BLOCK = 128  # rows per block: its columns, outputs and scratch (~20 KiB) stay in L1 beside the histogram
@@ -271,12 +288,12 @@ cdef enum:
 cdef void _availability(
     Py_ssize_t n, Py_ssize_t n_sites, const Params* p, i64 now_ns, bint estop, int direction,
     const u8[::1] active, const u8[::1] online, const u8[::1] fault, const int[::1] site,
-    const double[::1] soc, const double[::1] soh, const double[::1] capacity_kwh,
-    const double[::1] p_dis_max_kw, const double[::1] p_chg_max_kw, const double[::1] temp_c,
-    const double[::1] cycle_count, const double[::1] efficiency, const i64[::1] last_telemetry_ns,
-    const double[::1] last_kw, const u8[::1] site_fault,
-    u8[::1] reason_out, double[::1] avail_dis_out, double[::1] avail_chg_out,
-    double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
+    const float[::1] soc, const float[::1] soh, const float[::1] capacity_kwh,
+    const float[::1] p_dis_max_kw, const float[::1] p_chg_max_kw, const float[::1] temp_c,
+    const float[::1] cycle_count, const float[::1] efficiency, const i64[::1] last_telemetry_ns,
+    const float[::1] last_kw, const u8[::1] site_fault,
+    u8[::1] reason_out, float[::1] avail_dis_out, float[::1] avail_chg_out,
+    float[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
     double[::1] hist, i64[::1] reason_counts, Pin* pin, double* sums,
 ) noexcept nogil:
     """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
@@ -299,18 +316,35 @@ cdef void _availability(
     # site_hi[s] per row would chain every row of a site through store-to-load forwarding.
     cdef Py_ssize_t run_site = -1
     cdef double run_hi = 0.0, run_lo = 0.0
-    # Participating rows (OK, SOC_MIN, SOC_MAX) are counted in registers; excluded rows, the rare
-    # case, in reason_counts directly.
-    cdef i64 n_in = 0, n_soc_min = 0, n_soc_max = 0
     cdef u16 qi
-    cdef double b_hi[BLOCK]
-    cdef double b_lo[BLOCK]
-    cdef double b_q[BLOCK]
-    cdef double b_code[BLOCK]
+    cdef float b_hi[BLOCK]
+    cdef float b_lo[BLOCK]
+    # The window again, in L1 scratch: read back from the output, where the block loop has just
+    # stored it to a line still on its way from memory, it stalled the row (1M nodes: ~1.5 ms).
+    cdef float b_w[BLOCK]
+    cdef int b_q[BLOCK]  # the bucket as an int: converted in the vectorised loop, not per row here
+    cdef int b_code[BLOCK]
     # Loop invariants in locals: read through a pointer, the compiler reloads them every row, as
     # it cannot rule out that the row stores changed them.
     cdef i64 stale_ns = p.stale_ns
     cdef Py_ssize_t pin_row = pin.row
+    # Raw pointers for the scalar loop: a memoryview's data pointer lives in its struct, which the
+    # compiler reloads after every store it cannot prove does not alias it.
+    cdef const u8* active_p = &active[0]
+    cdef const u8* online_p = &online[0]
+    cdef const u8* fault_p = &fault[0]
+    cdef const int* site_p = &site[0]
+    cdef const u8* site_fault_p = &site_fault[0]
+    cdef const i64* tel_p = &last_telemetry_ns[0]
+    cdef u8* reason_p = &reason_out[0]
+    cdef float* dis_p = &avail_dis_out[0]
+    cdef float* chg_p = &avail_chg_out[0]
+    cdef float* window_p = &window[0]
+    cdef u16* q_p = &q[0]
+    cdef double* site_hi_p = &site_hi[0]
+    cdef double* site_lo_p = &site_lo[0]
+    cdef double* hist_p = &hist[0]
+    cdef i64* counts_p = &reason_counts[0]
     for s in range(n_sites):
         site_hi[s] = 0.0
         site_lo[s] = 0.0
@@ -324,71 +358,71 @@ cdef void _availability(
         _block_arithmetic(m, p, direction, &soc[start], &soh[start], &capacity_kwh[start],
                           &p_dis_max_kw[start], &p_chg_max_kw[start], &temp_c[start], &cycle_count[start],
                           &efficiency[start], &last_kw[start], &avail_dis_out[start], &avail_chg_out[start],
-                          b_hi, b_lo, &window[start], b_q, b_code)
+                          b_hi, b_lo, &window[start], b_w, b_q, b_code)
         for j in range(m):
             i = start + j
-            s = site[i]
+            s = site_p[i]
             # Every link of the chain but the last excludes the row, whatever its code: a gateway's
             # fault code may equal SOC_BELOW_MINIMUM and still means "do not dispatch".
             participating = False
-            if active[i] == 0:
+            if active_p[i] == 0:
                 r = R_EMPTY
             elif estop:
                 r = R_ESTOP
-            elif online[i] == 0:
+            elif online_p[i] == 0:
                 r = R_OFFLINE
-            elif fault[i] != 0:
-                r = fault[i]
+            elif fault_p[i] != 0:
+                r = fault_p[i]
             elif s < 0 or s >= n_sites:
                 r = R_INVALID
-            elif site_fault[s] != 0:
-                r = site_fault[s]
+            elif site_fault_p[s] != 0:
+                r = site_fault_p[s]
             elif b_code[j] == R_INVALID:
                 r = R_INVALID
-            elif now_ns - last_telemetry_ns[i] > stale_ns:
+            elif now_ns - tel_p[i] > stale_ns:
                 r = R_TIMEOUT
             else:
                 r = <u8>b_code[j]  # OK, SOH, THERMAL, SOC_MIN or SOC_MAX
                 participating = (r != R_SOH) & (r != R_THERMAL)
-            reason_out[i] = r
+            reason_p[i] = r
             if not participating:  # excluded: nothing to give
-                avail_dis_out[i] = 0.0
-                avail_chg_out[i] = 0.0
-                window[i] = 0.0
-                reason_counts[r] += 1
+                dis_p[i] = 0.0
+                chg_p[i] = 0.0
+                window_p[i] = 0.0
+                # OK, SOC_MIN and SOC_MAX are counted per block below (an excluded row may carry
+                # those codes too: a gateway's fault code), every other code here, the rare case.
+                if (r != R_OK) & (r != R_SOC_MIN) & (r != R_SOC_MAX):
+                    counts_p[r] += 1
                 continue
-            n_in += 1
-            n_soc_min += r == R_SOC_MIN
-            n_soc_max += r == R_SOC_MAX
             if i == pin_row:  # held at its pin: not ranked, not in the site sums (_allocate places it)
                 pin.ok, pin.site = True, s
-                window[i] = 0.0
+                window_p[i] = 0.0
                 continue
             if s != run_site:
                 if run_site >= 0:
-                    site_hi[run_site] += run_hi
-                    site_lo[run_site] += run_lo
+                    site_hi_p[run_site] += run_hi
+                    site_lo_p[run_site] += run_lo
                 run_site, run_hi, run_lo = s, 0.0, 0.0
             run_hi += b_hi[j]
             run_lo += b_lo[j]
             # Unconditionally: a row with a zero window adds 0 to its bucket, and a branch on w > 0
             # mispredicts on every row at the SoC limits.
-            w = window[i]
-            qi = <u16>(<int>b_q[j])
-            q[i] = qi
-            hist[qi] += w
+            w = b_w[j]  # not window_p[i]: see b_w
+            qi = <u16>b_q[j]
+            q_p[i] = qi
+            hist_p[qi] += w
+        # Rows per participating code, counted over the block's reasons in a loop that vectorises: a
+        # counter per row in the loop above lived on the stack (too few registers), a chain through
+        # memory on every row.
+        _count_codes(&reason_p[start], m, &counts_p[0])
         # Fleet totals per block, after the loop above zeroed the excluded rows: in four independent
         # partial sums (in the row loop the accumulators spilled to the stack, a chain through memory).
-        sum_dis += _sum4(&avail_dis_out[start], m)
-        sum_chg += _sum4(&avail_chg_out[start], m)
+        sum_dis += _sum4f(&dis_p[start], m)
+        sum_chg += _sum4f(&chg_p[start], m)
         start += m
     if run_site >= 0:
-        site_hi[run_site] += run_hi
-        site_lo[run_site] += run_lo
-    # += : an excluded row may carry these codes too (a gateway's fault code)
-    reason_counts[R_OK] += n_in - n_soc_min - n_soc_max
-    reason_counts[R_SOC_MIN] += n_soc_min
-    reason_counts[R_SOC_MAX] += n_soc_max
+        site_hi_p[run_site] += run_hi
+        site_lo_p[run_site] += run_lo
     sums[1] = sum_dis
     sums[2] = sum_chg
 
@@ -414,80 +448,140 @@ cdef inline double _sum4(const double* x, Py_ssize_t m) noexcept nogil:
     return (s0 + s1) + (s2 + s3)
 
 
+cdef Py_ssize_t _fill_above(Py_ssize_t n, in_f32 window, in_u16 q, int b_marginal, double sign,
+                            out_f64 setpoint) noexcept nogil:
+    """setpoint = the window above the marginal bucket, 0 at and below it; returns the rows set.
+    Multiplies by 0/1, not branches: whether a row's bucket is above the marginal one is a coin toss
+    the branch predictor loses on half the rows (windows are finite and >= 0, so w * 1.0 == w and
+    w * 0.0 == 0.0 exactly; windows <= MIN_TAKE_KW are already 0)."""
+    cdef Py_ssize_t i
+    cdef int c = 0
+    cdef float take
+    for i in range(n):
+        take = window[i] * <float>(q[i] > b_marginal)
+        setpoint[i] = sign * take
+        c += take != 0.0
+    return c
+
+
+cdef inline void _count_codes(const u8* r, Py_ssize_t m, i64* counts) noexcept nogil:
+    """counts[c] += rows of r[0:m] equal to c, for the three codes a participating row has."""
+    cdef int n_ok = 0, n_min = 0, n_max = 0
+    cdef Py_ssize_t j
+    for j in range(m):
+        n_ok += r[j] == R_OK
+        n_min += r[j] == R_SOC_MIN
+        n_max += r[j] == R_SOC_MAX
+    counts[R_OK] += n_ok
+    counts[R_SOC_MIN] += n_min
+    counts[R_SOC_MAX] += n_max
+
+
+cdef inline double _sum4f(const float* x, Py_ssize_t m) noexcept nogil:
+    """_sum4 of a float32 column, summed in double (a block of 128 kW values in float32 would round)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t j = 0
+    while j + 4 <= m:
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+        j += 4
+    while j < m:
+        s0 += x[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
 cdef void _block_arithmetic(
     Py_ssize_t m, const Params* p, int direction,
-    in_f64 soc, in_f64 soh, in_f64 capacity_kwh, in_f64 p_dis_max_kw, in_f64 p_chg_max_kw, in_f64 temp_c,
-    in_f64 cycle_count, in_f64 efficiency, in_f64 last_kw,
-    out_f64 a_dis, out_f64 a_chg, out_f64 w_hi, out_f64 w_lo, out_f64 w_dir, out_f64 q_dir, out_f64 code,
+    in_f32 soc, in_f32 soh, in_f32 capacity_kwh, in_f32 p_dis_max_kw, in_f32 p_chg_max_kw, in_f32 temp_c,
+    in_f32 cycle_count, in_f32 efficiency, in_f32 last_kw,
+    out_f32 a_dis, out_f32 a_chg, out_f32 w_hi, out_f32 w_lo, out_f32 w_dir, out_f32 w_copy, int* q_dir,
+    int* code,
 ) noexcept nogil:
     """Every row's availability, ramp windows and rank bucket as if it were eligible, plus the part of
     its reason that arithmetic decides (`code`: INVALID, SOH, THERMAL, SOC_MIN, SOC_MAX or OK, in
     that priority); the caller applies the rest of the chain and zeroes the rows it excludes.
-    No branches on row data, so the compiler vectorises the loop. Same expressions and operation order
-    as v2grt.reference, so availability and buckets are bit-identical to the twin's."""
+    No branches on row data, so the compiler vectorises the loop. All in float32 (eight lanes per
+    AVX2 operation), the profile's values rounded to float32 once; the same expressions and operation
+    order as v2grt.reference, which computes in float32 too, so availability and buckets are
+    bit-identical to the twin's."""
     cdef Py_ssize_t j
-    cdef double t, soc_j, soh_j, f_temp, usable_kwh, e_dis, e_chg, ad, ac, hi, lo, x, x_carrying, soc_term, last
-    cdef double min_soc = p.minimum_soc, max_soc = p.maximum_soc, per_end = p.per_endurance
-    cdef double ramp = p.node_ramp_kw, top = p.buckets - 1, min_take = MIN_TAKE_KW, w
-    cdef double sign = <double>direction
-    cdef double dis = 1.0 if direction > 0 else 0.0, chg = 1.0 if direction < 0 else 0.0
-    cdef double c
+    cdef float t, soc_j, soh_j, eff_j, f_temp, usable_kwh, e_dis, e_chg, ad, ac, hi, lo, x, x_carrying
+    cdef float soc_term, last, w
+    cdef float min_soc = <float>p.minimum_soc, max_soc = <float>p.maximum_soc, per_end = <float>p.per_endurance
+    cdef float temp_min = <float>p.temp_min_c, temp_max = <float>p.temp_max_c
+    cdef float inv_temp = <float>p.inv_temp_derate_c, inv_soc = <float>p.inv_soc_taper
+    cdef float soh_min = <float>p.soh_threshold
+    cdef float w_soc = <float>p.w_soc, w_cycles = <float>p.w_cycles, w_soh = <float>p.w_soh
+    cdef float w_temp = <float>p.w_temp, inv_cycles = <float>p.inv_cycles_ref, hyst = <float>p.hysteresis
+    cdef float q_scale = <float>p.q_scale
+    cdef float ramp = <float>p.node_ramp_kw, top = <float>(p.buckets - 1), min_take = <float>MIN_TAKE_KW
+    cdef float zero = 0.0, one = 1.0
+    cdef float sign = <float>direction
+    cdef float dis = one if direction > 0 else zero, chg = one if direction < 0 else zero
+    cdef float c
     for j in range(m):
         t = temp_c[j]
         soc_j = soc[j]
         soh_j = soh[j]
+        eff_j = efficiency[j]
         last = last_kw[j]
         # Availability: tapered near the SoC limits and temperature edges, bounded by endurance.
-        f_temp = (_taper(t - p.temp_min_c, p.inv_temp_derate_c) * _taper(p.temp_max_c - t, p.inv_temp_derate_c))
+        f_temp = _taperf(t - temp_min, inv_temp) * _taperf(temp_max - t, inv_temp)
         usable_kwh = capacity_kwh[j] * soh_j
-        e_dis = _max((soc_j - min_soc) * usable_kwh * efficiency[j] * per_end, 0.0)
-        e_chg = _max((max_soc - soc_j) * usable_kwh / efficiency[j] * per_end, 0.0)
-        ad = _min(p_dis_max_kw[j] * _taper(soc_j - min_soc, p.inv_soc_taper) * f_temp, e_dis)
-        ac = _min(p_chg_max_kw[j] * _taper(max_soc - soc_j, p.inv_soc_taper) * f_temp, e_chg)
+        e_dis = _maxf((soc_j - min_soc) * usable_kwh * eff_j * per_end, zero)
+        e_chg = _maxf((max_soc - soc_j) * usable_kwh / eff_j * per_end, zero)
+        ad = _minf(p_dis_max_kw[j] * _taperf(soc_j - min_soc, inv_soc) * f_temp, e_dis)
+        ac = _minf(p_chg_max_kw[j] * _taperf(max_soc - soc_j, inv_soc) * f_temp, e_chg)
         a_dis[j] = ad
         a_chg[j] = ac
         # Ramp window: |power| may rise by node_ramp_kw this cycle and may always fall at once.
-        hi = _min(ad, _max(last, 0.0) + ramp)
-        lo = _min(ac, _max(-last, 0.0) + ramp)
+        hi = _minf(ad, _maxf(last, zero) + ramp)
+        lo = _minf(ac, _maxf(-last, zero) + ramp)
         # A window of a mW or less is no window, and no capacity either: zeroed before the site sums
         # and the fleet's feasible power see it, or the target could promise what no node will take.
-        hi = hi if hi > min_take else 0.0
-        lo = lo if lo > min_take else 0.0
+        hi = hi if hi > min_take else zero
+        lo = lo if lo > min_take else zero
         w_hi[j] = hi
         w_lo[j] = lo
         # The direction enters as 0/1 weights, not as selects on a loop-invariant condition: GCC 12
         # vectorises those only in some surroundings (a small edit elsewhere turned the whole loop
         # scalar). Exact for the rows that matter: hi, lo are finite and >= 0, so hi * 1 + lo * 0 == hi.
-        w_dir[j] = hi * dis + lo * chg
+        w = hi * dis + lo * chg
+        w_dir[j] = w
+        w_copy[j] = w
         # Rank bucket in the target's direction: same expression and operation order as
         # reference.rank_buckets, so the buckets are bit-identical (the 0/1 weights are exact). Both
         # candidates of the hysteresis select are computed first: a conditional FP operation may
         # trap, so the compiler would keep a branch (and not vectorise) rather than speculate it.
-        soc_term = soc_j * dis + (1.0 - soc_j) * (1.0 - dis)  # soc discharging, 1 - soc charging
-        x = (p.w_soc * soc_term + p.w_cycles * (1.0 - _min(cycle_count[j] * p.inv_cycles_ref, 1.0))
-             + p.w_soh * soh_j + p.w_temp * f_temp)
-        x_carrying = x + p.hysteresis
-        x = x_carrying if last * sign > 0.0 else x
-        x = x * p.q_scale
-        x = x if x >= 0.0 else 0.0  # also NaN
-        q_dir[j] = x if x < top else top
-        # The code as a double: selects between doubles vectorise where integer ones under a
-        # double mask do not (SSE2).
-        c = <double>R_OK
-        c = <double>R_SOC_MIN if (ad == 0.0) & (soc_j <= min_soc) else c
-        c = <double>R_SOC_MAX if (ac == 0.0) & (soc_j >= max_soc) else c
-        c = <double>R_THERMAL if (t < p.temp_min_c) | (t > p.temp_max_c) else c
-        c = <double>R_SOH if soh_j < p.soh_threshold else c
-        code[j] = c if _valid(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
-                              efficiency[j], cycle_count[j]) else <double>R_INVALID
+        soc_term = soc_j * dis + (one - soc_j) * (one - dis)  # soc discharging, 1 - soc charging
+        x = (w_soc * soc_term + w_cycles * (one - _minf(cycle_count[j] * inv_cycles, one))
+             + w_soh * soh_j + w_temp * f_temp)
+        x_carrying = x + hyst
+        x = x_carrying if last * sign > zero else x
+        x = x * q_scale
+        x = x if x >= zero else zero  # also NaN
+        q_dir[j] = <int>(x if x < top else top)
+        # The code as a float: selects between floats vectorise where integer ones under a
+        # float mask do not (SSE2).
+        c = <float>R_OK
+        c = <float>R_SOC_MIN if (ad == zero) & (soc_j <= min_soc) else c
+        c = <float>R_SOC_MAX if (ac == zero) & (soc_j >= max_soc) else c
+        c = <float>R_THERMAL if (t < temp_min) | (t > temp_max) else c
+        c = <float>R_SOH if soh_j < soh_min else c
+        c = c if _validf(soc_j, soh_j, capacity_kwh[j], p_dis_max_kw[j], p_chg_max_kw[j], t,
+                         eff_j, cycle_count[j]) else <float>R_INVALID
+        code[j] = <int>c  # converted here, eight at a time, not per row in the scalar loop
 
 
 cdef void _allocate(
     Py_ssize_t n, Py_ssize_t n_sites, const Params* p, double request_kw, int direction,
     const int[::1] site, const double[::1] site_export_kw, const double[::1] site_import_kw,
-    double[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
+    float[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
     double[::1] site_rem, double[::1] hist, i64[::1] count, int[::1] order,
-    const double[::1] avail_dis, const double[::1] avail_chg, const Pin* pin,
+    const float[::1] avail_dis, const float[::1] avail_chg, const Pin* pin,
     double[::1] setpoint_out, double[::1] totals_out, double* sums,
 ) noexcept nogil:
     """Target from the request, then the setpoints: merit order (histogram threshold, or counting
@@ -562,18 +656,17 @@ cdef void _allocate(
                     break
                 cum += hist[b]
             remaining -= cum
+            # Every row above the marginal bucket full, every other idle, in a loop that vectorises;
+            # then the marginal bucket's rows, in row order, take what is left.
+            n_carrying += _fill_above(n, &window[0], &q[0], b_marginal, sign, &setpoint_out[0])
             for i in range(n):
-                # Multiplies by 0/1, not branches, for the common case: whether a row's bucket is
-                # above the marginal one is a coin toss the branch predictor loses on half the rows
-                # (windows are finite and >= 0, so w * 1.0 == w and w * 0.0 == 0.0 exactly).
-                w = window[i]
-                take = w * <double>(q[i] > b_marginal)  # windows <= MIN_TAKE_KW are already 0
                 if q[i] == b_marginal:  # rare: only the marginal bucket's rows
+                    w = window[i]
                     if w > 0.0 and remaining > MIN_TAKE_KW:
                         take = _min(w, remaining)  # > MIN_TAKE_KW: both are
                         remaining -= take
-                setpoint_out[i] = sign * take
-                n_carrying += take != 0.0
+                        setpoint_out[i] = sign * take
+                        n_carrying += 1
         else:
             # A site limit binds: order the participants by bucket (counting sort, stable in row),
             # then fill greedily, each node taking min(window, site remainder, fleet remainder).
@@ -645,19 +738,19 @@ def stream_roofline(fleet, out):
     cdef const u8[::1] online = fleet.online
     cdef const u8[::1] fault = fleet.fault
     cdef const int[::1] site = fleet.site
-    cdef const double[::1] soc = fleet.soc
-    cdef const double[::1] soh = fleet.soh
-    cdef const double[::1] capacity_kwh = fleet.capacity_kwh
-    cdef const double[::1] p_dis_max_kw = fleet.p_dis_max_kw
-    cdef const double[::1] p_chg_max_kw = fleet.p_chg_max_kw
-    cdef const double[::1] temp_c = fleet.temp_c
-    cdef const double[::1] cycle_count = fleet.cycle_count
-    cdef const double[::1] efficiency = fleet.efficiency
+    cdef const float[::1] soc = fleet.soc
+    cdef const float[::1] soh = fleet.soh
+    cdef const float[::1] capacity_kwh = fleet.capacity_kwh
+    cdef const float[::1] p_dis_max_kw = fleet.p_dis_max_kw
+    cdef const float[::1] p_chg_max_kw = fleet.p_chg_max_kw
+    cdef const float[::1] temp_c = fleet.temp_c
+    cdef const float[::1] cycle_count = fleet.cycle_count
+    cdef const float[::1] efficiency = fleet.efficiency
     cdef const i64[::1] last_telemetry_ns = fleet.last_telemetry_ns
-    cdef const double[::1] last_kw = fleet.last_setpoint_kw
+    cdef const float[::1] last_kw = fleet.last_setpoint_kw
     cdef double[::1] setpoint_out = out.setpoint_kw
-    cdef double[::1] avail_dis_out = out.avail_dis_kw
-    cdef double[::1] avail_chg_out = out.avail_chg_kw
+    cdef float[::1] avail_dis_out = out.avail_dis_kw
+    cdef float[::1] avail_chg_out = out.avail_chg_kw
     cdef u8[::1] reason_out = out.reason
     cdef Py_ssize_t i
     cdef double acc = 0.0, x

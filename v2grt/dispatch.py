@@ -36,8 +36,8 @@ class DispatchResult:
     (call copy() to keep them). Power in kW, + discharge into the grid."""
 
     setpoints_kw: np.ndarray  # float64 (n_rows,), aligned with fleet rows
-    available_dis_kw: np.ndarray  # float64 (n_rows,), >= 0
-    available_chg_kw: np.ndarray  # float64 (n_rows,), >= 0 (magnitude)
+    available_dis_kw: np.ndarray  # float32 (n_rows,), >= 0
+    available_chg_kw: np.ndarray  # float32 (n_rows,), >= 0 (magnitude)
     reasons: np.ndarray  # uint8 (n_rows,), v2grt.codes.Reason
     nodes_per_reason: np.ndarray  # int64 (256,): rows per reason code, counted by the kernel
     frequency_hz: float

@@ -33,16 +33,20 @@ class Column:
 
 #: The per-node columns of DESIGN.md section 5, in roster (CSV) order. node_id, gateway_id and
 #: site_id are strings held outside the arrays (see Fleet.node_ids, gateway_ids, site_ids).
+#: The measured quantities are float32: 24 bits of mantissa are 6e-8 of a SoC, 0.01 K of a temperature,
+#: 0.06 W of a 1 MW rating, far finer than any BMS or charger reports them (the wire carries them as float32
+#: already). The kernel streams these columns every cycle and computes with them in float32, eight lanes per
+#: AVX2 operation (v2grt.reference does the same arithmetic in NumPy float32); docs/architecture.md.
 COLUMNS: tuple[Column, ...] = (
     Column("online", "uint8", 1, 0, 1, "", "1 if plugged in and the charger answers"),
-    Column("soc", "float64", None, 0.0, 1.0, "fraction", "state of charge"),
-    Column("soh", "float64", 1.0, 0.0, 1.0, "fraction", "state of health (usable / nominal capacity)"),
-    Column("capacity_kwh", "float64", None, 0.0, 1000.0, "kWh", "nominal battery capacity"),
-    Column("p_dis_max_kw", "float64", None, 0.0, 1000.0, "kW", "max discharge at the grid (>= 0)"),
-    Column("p_chg_max_kw", "float64", None, 0.0, 1000.0, "kW", "max charge at the grid (>= 0, a magnitude)"),
-    Column("temp_c", "float64", 25.0, -60.0, 100.0, "degC", "battery temperature"),
-    Column("cycle_count", "float64", 0.0, 0.0, 1e6, "cycles", "equivalent full cycles so far"),
-    Column("efficiency", "float64", 0.96, 0.5, 1.0, "fraction", "one-way inverter+charger efficiency"),
+    Column("soc", "float32", None, 0.0, 1.0, "fraction", "state of charge"),
+    Column("soh", "float32", 1.0, 0.0, 1.0, "fraction", "state of health (usable / nominal capacity)"),
+    Column("capacity_kwh", "float32", None, 0.0, 1000.0, "kWh", "nominal battery capacity"),
+    Column("p_dis_max_kw", "float32", None, 0.0, 1000.0, "kW", "max discharge at the grid (>= 0)"),
+    Column("p_chg_max_kw", "float32", None, 0.0, 1000.0, "kW", "max charge at the grid (>= 0, a magnitude)"),
+    Column("temp_c", "float32", 25.0, -60.0, 100.0, "degC", "battery temperature"),
+    Column("cycle_count", "float32", 0.0, 0.0, 1e6, "cycles", "equivalent full cycles so far"),
+    Column("efficiency", "float32", 0.96, 0.5, 1.0, "fraction", "one-way inverter+charger efficiency"),
 )
 
 COLUMN_BY_NAME = {c.name: c for c in COLUMNS}
@@ -54,7 +58,7 @@ STATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("site", "int32"),  # index into Fleet.site_ids
     ("fault", "uint8"),  # a Reason set by the I/O side (NODE_UNREACHABLE, ...); 0 = none
     ("last_telemetry_ns", "int64"),  # CLOCK_MONOTONIC ns of the newest telemetry
-    ("last_setpoint_kw", "float64"),  # what the previous cycle asked (+ discharge)
+    ("last_setpoint_kw", "float32"),  # what the previous cycle asked (+ discharge); the wire carries float32 too
     ("p_actual_kw", "float64"),  # measured power the gateway last reported (+ discharge)
 )
 

@@ -27,6 +27,19 @@ from v2grt.profile import RANK_BUCKETS
 
 BACKEND = "reference"
 
+#: The precision of the per-vehicle arithmetic (availability, windows, rank score): the fleet's measured
+#: columns are float32 (v2grt.fleet), and so are the compiled kernel's block arithmetic and these. Every
+#: profile value that meets a column is rounded to float32 once (``_f32``), as the kernel holds it, so the
+#: two compute the same operations in the same order and agree bit for bit; sums over vehicles are in
+#: float64 in both (in another order, so they agree to rounding).
+F32 = np.float32
+
+
+def _f32(x):
+    """A profile value as the kernel's block arithmetic holds it (float32; inf stays inf)."""
+    with np.errstate(over="ignore"):
+        return np.float32(x)
+
 
 def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row=-1, pin_kw=0.0):
     """Turn a fleet request into one setpoint per node for this cycle.
@@ -92,7 +105,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     site_ok = (site >= 0) & (site < n_sites)
     site_fault = np.where(site_ok, fleet.site_fault[np.clip(site, 0, max(n_sites - 1, 0))] if n_sites else 0, 0)
     # Every value finite (one sum: NaN or inf anywhere, or an overflowing sum, makes total - total NaN)
-    # and in range; the same definition as _core, so both exclude exactly the same rows.
+    # and in range; the same definition as _core (in float32, as the columns), so both exclude exactly the
+    # same rows.
     with np.errstate(invalid="ignore", over="ignore"):
         total = soc + soh + capacity_kwh + p_dis_max_kw + p_chg_max_kw + temp_c + efficiency + cycle_count
         valid = (
@@ -105,6 +119,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
             & (efficiency > 0.0) & (efficiency <= 1.0)
             & (cycle_count >= 0.0)
         )
+    soh_threshold, temp_min_c, temp_max_c = _f32(p.soh_threshold), _f32(p.temp_min_c), _f32(p.temp_max_c)
+    minimum_soc, maximum_soc = _f32(p.minimum_soc), _f32(p.maximum_soc)
     stale_ns = int(p.stale_after_s * 1e9)
     stale = (now_ns - fleet.last_telemetry_ns[sl]) > stale_ns
     reason = np.select(
@@ -116,8 +132,8 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
             site_fault != 0,
             ~valid,
             stale,
-            soh < p.soh_threshold,
-            (temp_c < p.temp_min_c) | (temp_c > p.temp_max_c),
+            soh < soh_threshold,
+            (temp_c < temp_min_c) | (temp_c > temp_max_c),
         ],
         [
             Reason.EMPTY,
@@ -135,26 +151,31 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     ok = reason == Reason.OK
 
     # -- availability: tapered near the SoC limits and the temperature edges, bounded by endurance ----
+    # float32 throughout, in the kernel's operation order (see F32).
+    zero = F32(0.0)
     with np.errstate(invalid="ignore", over="ignore"):
         f_temp = temperature_factor(temp_c, p)
-        f_soc_dis = _taper(soc - p.minimum_soc, p.soc_taper)
-        f_soc_chg = _taper(p.maximum_soc - soc, p.soc_taper)
+        f_soc_dis = _taper(soc - minimum_soc, p.soc_taper)
+        f_soc_chg = _taper(maximum_soc - soc, p.soc_taper)
         usable_kwh = capacity_kwh * soh
-        per_endurance = 3600.0 / p.endurance_s
-        p_energy_dis_kw = np.maximum((soc - p.minimum_soc) * usable_kwh * efficiency * per_endurance, 0.0)
-        p_energy_chg_kw = np.maximum((p.maximum_soc - soc) * usable_kwh / efficiency * per_endurance, 0.0)
-        avail_dis = np.where(ok, np.minimum(p_dis_max_kw * f_soc_dis * f_temp, p_energy_dis_kw), 0.0)
-        avail_chg = np.where(ok, np.minimum(p_chg_max_kw * f_soc_chg * f_temp, p_energy_chg_kw), 0.0)
-    reason[ok & (avail_dis == 0.0) & (soc <= p.minimum_soc)] = Reason.SOC_BELOW_MINIMUM
-    reason[ok & (avail_chg == 0.0) & (soc >= p.maximum_soc)] = Reason.SOC_ABOVE_MAXIMUM
+        per_endurance = _f32(3600.0 / p.endurance_s)
+        p_energy_dis_kw = np.maximum((soc - minimum_soc) * usable_kwh * efficiency * per_endurance, zero)
+        p_energy_chg_kw = np.maximum((maximum_soc - soc) * usable_kwh / efficiency * per_endurance, zero)
+        avail_dis = np.where(ok, np.minimum(p_dis_max_kw * f_soc_dis * f_temp, p_energy_dis_kw), zero)
+        avail_chg = np.where(ok, np.minimum(p_chg_max_kw * f_soc_chg * f_temp, p_energy_chg_kw), zero)
+    reason[ok & (avail_dis == 0.0) & (soc <= minimum_soc)] = Reason.SOC_BELOW_MINIMUM
+    reason[ok & (avail_chg == 0.0) & (soc >= maximum_soc)] = Reason.SOC_ABOVE_MAXIMUM
 
     # -- ramp windows: a node's |power| may rise by ramp*dt; it may always fall, at once --------------
-    ramp_kw = _ramp(p.node_ramp_kw_per_s, dt_s)
-    hi = np.minimum(avail_dis, np.maximum(last_kw, 0.0) + ramp_kw)
-    lo = np.minimum(avail_chg, np.maximum(-last_kw, 0.0) + ramp_kw)
+    ramp_kw = _f32(_ramp(p.node_ramp_kw_per_s, dt_s))
+    hi = np.minimum(avail_dis, np.maximum(last_kw, zero) + ramp_kw)
+    lo = np.minimum(avail_chg, np.maximum(-last_kw, zero) + ramp_kw)
     # a window of a mW or less is no window, and no capacity: gone before the site sums see it
-    hi = np.where(hi > MIN_SETPOINT_KW, hi, 0.0)
-    lo = np.where(lo > MIN_SETPOINT_KW, lo, 0.0)
+    min_kw = _f32(MIN_SETPOINT_KW)
+    hi = np.where(hi > min_kw, hi, zero)
+    lo = np.where(lo > min_kw, lo, zero)
+    # From here on float64, as the kernel's allocation: the windows' values are exact in it.
+    hi, lo = hi.astype(np.float64), lo.astype(np.float64)
     export_kw = fleet.site_export_kw[:n_sites].copy()
     import_kw = fleet.site_import_kw[:n_sites].copy()
 
@@ -180,7 +201,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     feasible_chg = float(np.minimum(import_kw, site_lo).sum())
 
     # -- target: the request, limited by the fleet ramp, clamped to what the fleet can give ----------
-    prev_kw = float(last_kw.sum())
+    prev_kw = float(last_kw.sum(dtype=np.float64))
     if estop or not math.isfinite(request_kw):
         target = 0.0
     else:
@@ -241,13 +262,13 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     t[T_ALLOCATED] = setpoint.sum()
     t[T_FEASIBLE_DIS] = feasible_dis
     t[T_FEASIBLE_CHG] = feasible_chg
-    t[T_AVAIL_DIS] = avail_dis.sum()
-    t[T_AVAIL_CHG] = avail_chg.sum()
+    t[T_AVAIL_DIS] = avail_dis.sum(dtype=np.float64)
+    t[T_AVAIL_CHG] = avail_chg.sum(dtype=np.float64)
     t[T_N_CARRYING] = np.count_nonzero(setpoint)
 
 
 def rank_buckets(fleet, profile, sl, f_temp, discharging):
-    """Rank bucket per node (higher = dispatched first), as _core computes it bit for bit.
+    """Rank bucket per node (higher = dispatched first), as _core computes it bit for bit (in float32).
 
     score = w_soc * (soc if discharging else 1 - soc) + w_cycles * (1 - min(cycles / cycles_ref, 1))
             + w_soh * soh + w_temp * f_temp + (hysteresis if already carrying load that way),
@@ -256,12 +277,14 @@ def rank_buckets(fleet, profile, sl, f_temp, discharging):
     p = profile
     soc = fleet.soc[sl]
     last_kw = fleet.last_setpoint_kw[sl]
-    soc_term = soc if discharging else 1.0 - soc
     carrying = last_kw > 0.0 if discharging else last_kw < 0.0
-    wear = 1.0 - np.minimum(fleet.cycle_count[sl] * (1.0 / p.cycles_ref), 1.0)
-    score = p.w_soc * soc_term + p.w_cycles * wear + p.w_soh * fleet.soh[sl] + p.w_temp * f_temp
-    score = np.where(carrying, score + p.hysteresis, score)
-    scale = (RANK_BUCKETS - 1) / (1.0 + p.hysteresis)
+    one = F32(1.0)
+    soc_term = soc if discharging else one - soc
+    wear = one - np.minimum(fleet.cycle_count[sl] * _f32(1.0 / p.cycles_ref), one)
+    score = (_f32(p.w_soc) * soc_term + _f32(p.w_cycles) * wear + _f32(p.w_soh) * fleet.soh[sl]
+             + _f32(p.w_temp) * f_temp)
+    score = np.where(carrying, score + _f32(p.hysteresis), score)
+    scale = _f32((RANK_BUCKETS - 1) / (1.0 + p.hysteresis))
     with np.errstate(invalid="ignore"):
         q = np.nan_to_num(score * scale, nan=0.0)
     return np.clip(q, 0, RANK_BUCKETS - 1).astype(np.int64)
@@ -270,7 +293,8 @@ def rank_buckets(fleet, profile, sl, f_temp, discharging):
 def temperature_factor(temp_c, profile):
     """1 inside the comfortable window, tapering linearly to 0 over temp_derate_c at each edge."""
     p = profile
-    return _taper(temp_c - p.temp_min_c, p.temp_derate_c) * _taper(p.temp_max_c - temp_c, p.temp_derate_c)
+    return (_taper(temp_c - _f32(p.temp_min_c), p.temp_derate_c)
+            * _taper(_f32(p.temp_max_c) - temp_c, p.temp_derate_c))
 
 
 def _taper(x, band):
@@ -278,9 +302,10 @@ def _taper(x, band):
 
     Multiplies by the reciprocal of band, as _core does, so both round alike.
     """
+    zero, one = F32(0.0), F32(1.0)
     if band > 0.0:
-        return np.minimum(np.maximum(x * (1.0 / band), 0.0), 1.0)
-    return np.where(x > 0.0, 1.0, 0.0)
+        return np.minimum(np.maximum(x * _f32(1.0 / band), zero), one)
+    return np.where(x > zero, one, zero)
 
 
 def _ramp(rate_kw_per_s, dt_s):
