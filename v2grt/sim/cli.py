@@ -96,6 +96,11 @@ def cmd_ocpp_stations(args) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s", len(specs), fleet.n_rows, args.url,
              args.kinds or "-")
+    if args.sched_fifo_priority:  # before the stations' thread starts: it inherits the policy
+        from v2grt.loop import set_process_fifo
+
+        for step in set_process_fifo(args.sched_fifo_priority):
+            log.info("RT_SETUP step=%s granted=%s detail=%s", step.step, step.granted, step.detail)
     with _site_power(args, fleet, sims):
         sims.run_forever(stop)
     if args.trace_file:
@@ -145,6 +150,9 @@ def _add_ocpp_stations(ssub) -> None:
     p.add_argument("--evses", type=int, default=2, help="with --write-site: EVSEs per station (default 2)")
     p.add_argument("--site-power", help="simulation only: push each site's measured output (kW) and the setpoints "
                                         "applied to this ZeroMQ endpoint (the demo's site inverters)")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO at this priority for every thread of the simulator (default 0: SCHED_OTHER); "
+                        "benches: below the gateway's, so the load generator does not starve what it measures")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.add_argument("--trace-file", help="on exit, write every setpoint received and applied (CSV event,t_ns,row,"
                                         "p_kw; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
