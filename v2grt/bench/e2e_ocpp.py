@@ -118,6 +118,15 @@ def analyse(steps: list[dict], seen, records, gw_trace: np.ndarray, st_recv: np.
             "aggregator": aggregator}
 
 
+def _fifo_process(pid: int, priority: int) -> int:
+    """Every thread of process ``pid`` at SCHED_FIFO ``priority`` (the simulated meter: a meter is hardware of
+    its own, and a meter starved by other users of a shared box would be charged to the gateway); threads
+    granted."""
+    from v2grt.loop import set_thread_fifo
+
+    return sum(set_thread_fifo(int(t), priority, f"meter[{t}]").granted for t in os.listdir(f"/proc/{pid}/task"))
+
+
 def measure(args, directory: Path) -> dict:
     from v2grt.aggregator import Aggregator
     from v2grt.fleet import Fleet
@@ -129,6 +138,8 @@ def measure(args, directory: Path) -> dict:
     gw_trace_path = directory / "gateway.trace"
     steps: list[dict] = []
     with World(meter_model=213, f_hz=F_CHARGE_HZ) as world:
+        if args.meter_priority:
+            _fifo_process(world.proc.pid, args.meter_priority)
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, poll_s=args.poll_ms / 1e3,
                                 priority=args.priority, capacity_kw=0.8 * float(fleet.p_dis_max_kw[:n].sum()))
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
@@ -215,6 +226,7 @@ def run(args) -> dict:
                        "station_latency_ms": args.latency_ms, "tls": not args.plaintext,
                        "meter_interval_s": args.meter_interval_s, "gateway_args": args.gateway_args,
                        "priority": args.priority, "gateway_priority": args.gateway_priority,
+                       "meter_priority": args.meter_priority,
                        "sim_priority": args.sim_priority,
                        "sim_processes": args.sim_processes,
                        "steps_hz": [F_DISCHARGE_HZ, F_CHARGE_HZ], "cpu_count": os.cpu_count()},
@@ -274,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settle-s", type=float, default=2.0, help="wait after every EVSE is online (2 s)")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--priority", type=int, default=0, help="SCHED_FIFO priority of the control thread (0: off)")
+    ap.add_argument("--meter-priority", type=int, default=0,
+                    help="SCHED_FIFO priority of the simulated meter's process (default 0: SCHED_OTHER)")
     ap.add_argument("--gateway-priority", type=int, default=0,
                     help="SCHED_FIFO priority of `v2grt gateway ocpp` (default 0: SCHED_OTHER; below --priority)")
     ap.add_argument("--sim-priority", type=int, default=0,
