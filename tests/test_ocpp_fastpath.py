@@ -125,10 +125,11 @@ def test_a_reply_resolves_only_the_call_in_flight_and_a_missing_one_times_out(si
 
 def test_the_simulated_station_speaks_to_the_packages_own_csms_classes(site):
     """A CSMS built on the package's ChargePoint with its own jsonschema checks on: the simulator's fast-path
-    MeterValues pass them, its fast-path UpdateDynamicSchedule replies pass them (Accepted with a profile,
-    Rejected without), the setpoint is applied with the right sign, and a request breaking the schema is
-    answered with a CALLERROR by the package's path."""
-    from ocpp.exceptions import OCPPError
+    MeterValues pass them (one refused with a CALLERROR is counted at once and the next ones still go), its
+    fast-path UpdateDynamicSchedule replies pass them (Accepted with a profile, Rejected without), the
+    setpoint is applied with the right sign, and a request breaking the schema is answered with a CALLERROR
+    by the package's path."""
+    from ocpp.exceptions import OCPPError, PropertyConstraintViolationError
     from ocpp.routing import on
     from ocpp.v21 import ChargePoint, call, call_result
     from websockets.asyncio.server import serve
@@ -159,13 +160,15 @@ def test_the_simulated_station_speaks_to_the_packages_own_csms_classes(site):
         @on("MeterValues")
         def meter(self, evse_id, meter_value, **_):
             meters.append({"evse_id": evse_id, "meter_value": meter_value})
+            if len(meters) == 1:  # the first one refused: the station counts the CALLERROR and goes on
+                raise PropertyConstraintViolationError(description="refused once")
             return call_result.MeterValues()
 
     async def handler(ws):
         cp = Csms(spec[0].station_id, ws)
         reader = asyncio.create_task(cp.start())
         try:
-            while not meters:
+            while len(meters) < 3:
                 await asyncio.sleep(0.05)
             update = call.UpdateDynamicSchedule(charging_profile_id=om.tx_profile_id(1),
                                                 schedule_update=om.schedule_update(-5.0))
@@ -202,7 +205,8 @@ def test_the_simulated_station_speaks_to_the_packages_own_csms_classes(site):
         assert results["before_profile"] == "Rejected" and results["profile"] == "Accepted"
         assert results["after_profile"] == "Accepted"
         assert results.get("bad") == "TypeConstraintViolationError"  # the CALLERROR, raised by call
-        assert meters and {m["evse_id"] for m in meters} <= {1, 2}
+        assert len(meters) >= 3 and {m["evse_id"] for m in meters} <= {1, 2}
+        assert sims.meter_errors == 1 and sims.meter_timeouts == 0  # raised at once, not waited out
         row = dict(spec[0].evses)[1]
         wait_until(lambda: sims.target_kw[row] == pytest.approx(-5.0), 2.0)  # charge 5 kW: setpoint +5000 W
         assert np.isfinite(sims.target_kw).all()

@@ -567,7 +567,7 @@ async def send_text(ws, data: bytes) -> None:
     """Send ``data`` (UTF-8 JSON) as one text frame on websockets connection ``ws``: what ``ws.send(data,
     text=True)`` does, written at once when nothing can make it wait. ``send`` wraps every message in an async
     context manager that checks the state, writes, then awaits the write buffer's drain; that wrapper cost
-    about a tenth of the gateway's CPU at 1,000 stations (docs/benchmarks.md). Any other case (not open, a
+    a few per cent of the gateway's CPU at 1,000 stations (docs/benchmarks.md). Any other case (not open, a
     close under way, a fragmented send, the transport's buffer full, another websockets version) takes
     ``send`` itself, so closing and flow control behave as websockets defines them."""
     protocol = getattr(ws, "protocol", None)

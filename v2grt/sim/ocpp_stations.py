@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from ocpp.exceptions import OCPPError
 from ocpp.messages import CallError
 from ocpp.routing import after, on
 from ocpp.v21 import ChargePoint as ChargePoint21
@@ -103,7 +104,7 @@ class _StationMixin:
         except (orjson.JSONDecodeError, TypeError):
             msg = None
         if type(msg) is list and len(msg) in (3, 4, 5) and type(msg[1]) is str and type(msg[-1]) is dict:
-            if msg[1] == self._raw_id and msg[0] in (3, 4) and len(msg) == msg[0] and not self._raw_fut.done():
+            if msg[1] == self._raw_id and (msg[0], len(msg)) in ((3, 3), (4, 5)) and not self._raw_fut.done():
                 if msg[0] == 3:
                     self._raw_fut.set_result(msg[2])
                 else:
@@ -244,6 +245,7 @@ class SimStations:
         # default: 5 ms per station (a thousand power up over 5 s)
         self.connect_spread_s = len(specs) * 0.005 if connect_spread_s is None else connect_spread_s
         self.meter_timeouts = 0
+        self.meter_errors = 0  # MeterValues answered with a CALLERROR
         n = len(state)
         self.target_kw = np.zeros(n)  # what the station was told (+ discharge), after its latency
         self.p_kw = np.zeros(n)  # what the EV delivers now (ramped)
@@ -361,6 +363,8 @@ class SimStations:
                         await cp.call_raw("MeterValues", {"evseId": evse, "meterValue": [self._meter(row)]})
                     except asyncio.TimeoutError:  # a station keeps its connection and sends the next ones
                         self.meter_timeouts += 1
+                    except OCPPError:  # a CALLERROR: counted, and the next ones go out as usual
+                        self.meter_errors += 1
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
                 return
