@@ -135,6 +135,8 @@ def test_bench_e2e_ocpp_json():
     assert row["phases"].keys() == {"meter_to_publish", "publish_to_send", "send_to_receive", "receive_to_apply"}
     assert all(p["n"] == row["latency"]["n"] for p in row["phases"].values())
     assert row["gateway_counters"]["updates_sent"] > 0
+    if os.geteuid() == 0:  # --gateway-priority granted (the smoke asks 1): every gateway thread says so (RT_SETUP)
+        assert r["config"]["gateway_priority"] == 1 and row["gateway_threads_fifo"] >= 3
 
 
 def test_bench_gateway_ocpp_json():

@@ -23,6 +23,15 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def online_heard(fleet, n: int) -> int:
+    """EVSEs of the first ``n`` rows online as the gateway reported them: a roster row starts online (the
+    roster's default) and never heard, so counting ``online`` alone passed before any station connected and
+    a short run stepped the meter at stations not there yet."""
+    from v2grt.fleet import NEVER_HEARD_NS
+
+    return int(((fleet.online[:n] == 1) & (fleet.last_telemetry_ns[:n] != NEVER_HEARD_NS)).sum())
+
+
 def uptime() -> str:
     """The load averages as `uptime` prints them (the machine is shared: every result carries them)."""
     one, five, fifteen = os.getloadavg()

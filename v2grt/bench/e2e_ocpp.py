@@ -61,6 +61,7 @@ from v2grt.bench._common import (
     table,
 )
 from v2grt.bench._ocpp_rig import GATEWAY_ID, Rig, process_cpu_s, uptime
+from v2grt.bench._ocpp_rig import online_heard as _online
 from v2grt.bench.bench_e2e import F_CHARGE_HZ, F_DISCHARGE_HZ, _FirstSeen, _PublishTimer
 
 #: kW: a setpoint or applied value counts as "of the new sign" beyond this (the deadband is 0.5 kW).
@@ -160,6 +161,15 @@ def _with_policy(cfg, policy: str, directory: Path):
     return dataclasses.replace(cfg, discharge_profile=str(path))
 
 
+def _fifo_process(pid: int, priority: int) -> int:
+    """Every thread of process ``pid`` at SCHED_FIFO ``priority`` (the simulated meter: a meter is hardware of
+    its own, and a meter starved by other users of a shared box would be charged to the gateway); threads
+    granted."""
+    from v2grt.loop import set_thread_fifo
+
+    return sum(set_thread_fifo(int(t), priority, f"meter[{t}]").granted for t in os.listdir(f"/proc/{pid}/task"))
+
+
 def measure(args, directory: Path, mode: str = "central") -> dict:
     from v2grt.aggregator import Aggregator
     from v2grt.fleet import Fleet
@@ -172,6 +182,8 @@ def measure(args, directory: Path, mode: str = "central") -> dict:
     gw_trace_path = directory / "gateway.trace"
     steps: list[dict] = []
     with World(meter_model=213, f_hz=F_CHARGE_HZ) as world:
+        if args.meter_priority:
+            _fifo_process(world.proc.pid, args.meter_priority)
         cfg = aggregator_config(period_s=period_s, meter_port=world.meter_port, n_nodes=n, poll_s=args.poll_ms / 1e3,
                                 priority=args.priority, capacity_kw=0.8 * float(fleet.p_dis_max_kw[:n].sum()))
         cfg = _with_policy(cfg, args.policy, directory)
@@ -184,15 +196,16 @@ def measure(args, directory: Path, mode: str = "central") -> dict:
             if not agg.first_cycle.wait(10.0):
                 raise RuntimeError("the aggregator ran no cycle within 10 s")
             rig.start_gateway(agg.publisher.endpoint, agg.telemetry.endpoint, "--trace-file", str(gw_trace_path),
-                              *gw_mode, *args.gateway_args)
+                              *gw_mode, "--sched-fifo-priority", str(args.gateway_priority), *args.gateway_args)
             rig.start_stations("--latency-ms", args.latency_ms, "--meter-interval-s", str(args.meter_interval_s),
-                               *sim_mode, processes=args.sim_processes, trace=True)
+                               "--sched-fifo-priority", str(args.sim_priority), *sim_mode,
+                               processes=args.sim_processes, trace=True)
             t_up = time.monotonic()
             deadline = t_up + args.connect_timeout_s
-            while int(agg.fleet.online[:n].sum()) < n:
+            while _online(agg.fleet, n) < n:
                 rig.alive()
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{int(agg.fleet.online[:n].sum())} of {n} EVSEs online after "
+                    raise RuntimeError(f"{_online(agg.fleet, n)} of {n} EVSEs online after "
                                        f"{args.connect_timeout_s:g} s (see {directory}/gateway.log)")
                 time.sleep(0.1)
             online_s = time.monotonic() - t_up
@@ -249,6 +262,8 @@ def measure(args, directory: Path, mode: str = "central") -> dict:
         "target_met_last_evse": bool(last.get("n")) and last["p99_ms"] <= target_ms,
         "cpu_percent_of_core": cpu, "missed_deadlines": int(missed), "online_after_s": online_s,
         "exit_codes": codes, "gateway_counters": rig.gateway_counters(),
+        "gateway_threads_fifo": sum(" granted=True " in line for line in
+                                    (directory / "gateway.log").read_text().splitlines() if "RT_SETUP" in line),
         "load": {"before": load_before, "after": load_after},
     }
 
@@ -268,6 +283,8 @@ def run(args) -> dict:
                        "poll_ms": args.poll_ms, "trials": args.trials, "gap_s": args.gap_s,
                        "station_latency_ms": args.latency_ms, "tls": not args.plaintext,
                        "meter_interval_s": args.meter_interval_s, "gateway_args": args.gateway_args,
+                       "priority": args.priority, "gateway_priority": args.gateway_priority,
+                       "meter_priority": args.meter_priority, "sim_priority": args.sim_priority,
                        "sim_processes": args.sim_processes, "operation_modes": modes, "policy": args.policy,
                        "steps_hz": [F_DISCHARGE_HZ, F_CHARGE_HZ], "cpu_count": os.cpu_count()},
             "results": rows}
@@ -291,7 +308,9 @@ def render_one(r: dict) -> str:
             f"frequency step at the meter -> simulated OCPP station applying the new setpoint, on {m['cpu']} "
             f"({m['cores']} cores), python {m['python']}; {c['stations']} stations x {c['evses']} EVSEs, period "
             f"{c['period_ms']:g} ms, meter poll {c['poll_ms']:g} ms, station latency {c['station_latency_ms']} ms, "
-            f"TLS {'on' if c['tls'] else 'off'}; {x['load']['before']} (after: {x['load']['after']})")
+            f"TLS {'on' if c['tls'] else 'off'}; SCHED_FIFO aggregator/gateway/stations {c.get('priority', 0)}/"
+            f"{c.get('gateway_priority', 0)}/{c.get('sim_priority', 0)}; {x['load']['before']} (after: "
+            f"{x['load']['after']})")
 
     def row(name, s):
         return [name, s.get("n", 0), s.get("p50_ms"), s.get("p99_ms"), s.get("max_ms"), s.get("mean_ms")]
@@ -315,7 +334,8 @@ def render_one(r: dict) -> str:
 
 
 #: --smoke: a few seconds at a tiny size (structure and counts, not timing).
-SMOKE = {"stations": 3, "trials": 4, "gap_s": 0.4, "settle_s": 0.5, "sim_processes": 1}
+SMOKE = {"stations": 3, "trials": 4, "gap_s": 0.4, "settle_s": 0.5, "sim_processes": 1, "gateway_priority": 1,
+         "sim_priority": 1}
 
 
 def main(argv=None) -> int:
@@ -338,6 +358,12 @@ def main(argv=None) -> int:
     ap.add_argument("--settle-s", type=float, default=2.0, help="wait after every EVSE is online (2 s)")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--priority", type=int, default=0, help="SCHED_FIFO priority of the control thread (0: off)")
+    ap.add_argument("--meter-priority", type=int, default=0,
+                    help="SCHED_FIFO priority of the simulated meter's process (default 0: SCHED_OTHER)")
+    ap.add_argument("--gateway-priority", type=int, default=0,
+                    help="SCHED_FIFO priority of `v2grt gateway ocpp` (default 0: SCHED_OTHER; below --priority)")
+    ap.add_argument("--sim-priority", type=int, default=0,
+                    help="SCHED_FIFO priority of the simulator processes (default 0; below the gateway's)")
     ap.add_argument("--gateway-args", type=shlex.split, default=[],
                     help="extra `v2grt gateway ocpp` options, one quoted string (e.g. \"--deadband-kw 1\")")
     ap.add_argument("--operation-mode", default="central",

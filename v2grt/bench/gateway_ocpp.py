@@ -38,6 +38,7 @@ from v2grt.bench._common import (
     table,
 )
 from v2grt.bench._ocpp_rig import Rig, process_cpu_s, uptime
+from v2grt.bench._ocpp_rig import online_heard as _online
 
 #: GB DC's full discharge and full charge, with the contracted capacity = the fleet's: every EVSE swings between
 #: +11 and -11 kW at each change (within DC's linear band the allocation moves only the marginal EVSEs)
@@ -68,10 +69,10 @@ def measure(stations: int, rate: float, args, directory: Path) -> dict:
             rig.start_stations("--meter-interval-s", f"{interval_s:g}", processes=args.sim_processes)
             deadline = time.monotonic() + args.connect_timeout_s
             t_up = time.monotonic()
-            while int(agg.fleet.online[:n].sum()) < n:
+            while _online(agg.fleet, n) < n:
                 rig.alive()
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{int(agg.fleet.online[:n].sum())} of {n} EVSEs online after "
+                    raise RuntimeError(f"{_online(agg.fleet, n)} of {n} EVSEs online after "
                                        f"{args.connect_timeout_s:g} s ({directory}/gateway.log)")
                 time.sleep(0.2)
             online_s = time.monotonic() - t_up

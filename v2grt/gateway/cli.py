@@ -235,7 +235,11 @@ def cmd_ocpp(args) -> int:
             vehicles.write_trace(args.trace_file)
         return f"kind=ocpp {_counters(core.counters(), vehicles.counters())}"
 
-    return _run_gateway(args, load, make_vehicles, start=start, finish=finish)
+    def running(vehicles, core):
+        _realtime(args.sched_fifo_priority)  # the websockets thread too: set_process_fifo covers every thread
+        return None
+
+    return _run_gateway(args, load, make_vehicles, start=start, finish=finish, running=running)
 
 
 def _local_frequency_vehicles(args, fleet, settings, local, events, ctx):
@@ -410,6 +414,9 @@ def _add_ocpp(gsub) -> None:
                    help="log the same event code for the same key at most this often (default 60)")
     p.add_argument("--log-file", help="write the gateway log here instead of stderr")
     p.add_argument("--json-logs", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO at this priority for every thread of the gateway (default 0: SCHED_OTHER); "
+                        "below the aggregator's (configs/default.yaml: 50) on a shared host (docs/gateways.md)")
     p.add_argument("--trace-file", help="on exit, write the time each setpoint update was handed over and sent "
                                         "(CSV; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")
     from v2grt.security.cli import add_client_key_options

@@ -28,9 +28,11 @@ import binascii
 import collections
 import datetime
 import http
+import itertools
 import json
 import logging
 import math
+import secrets
 import ssl
 import threading
 import time
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
 from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
@@ -46,6 +49,7 @@ from ocpp.routing import on
 from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v21.enums import Action as Action21
 from ocpp.v201 import ChargePoint as ChargePoint201
+from websockets.protocol import State as _WsState
 
 from v2grt.events import EventLog
 from v2grt.gateway import ocpp_mapping as om
@@ -544,6 +548,58 @@ def _unique_id(raw: Any) -> str:
     return "-1"
 
 
+def _hot_frame(raw) -> tuple | None:
+    """The two frames a station sends most, recognised without the package's unpack: a CALLRESULT
+    ``(3, id, payload)`` and a MeterValues CALL ``(2, id, "MeterValues", payload)``; None for anything else
+    (that goes the package's way: its unpack, its error codes). The shapes are the ones unpack accepts:
+    a JSON array of a message type, a string id of at most 36 characters and an object payload."""
+    try:
+        msg = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError):
+        return None  # orjson refuses some JSON the package takes (NaN, huge integers): the package decides
+    if type(msg) is not list or len(msg) not in (3, 4) or type(msg[0]) is not int or type(msg[1]) is not str \
+            or len(msg[1]) > 36 or type(msg[-1]) is not dict:
+        return None
+    if len(msg) == 3 and msg[0] == MessageType.CallResult:
+        return msg
+    if len(msg) == 4 and msg[0] == MessageType.Call and msg[2] == "MeterValues":
+        return msg
+    return None
+
+
+_OPEN = _WsState.OPEN
+_EMPTY: dict = {}  # the MeterValues CALLRESULT's payload (never mutated)
+
+
+async def send_text(ws, data: bytes) -> None:
+    """Send ``data`` (UTF-8 JSON) as one text frame on websockets connection ``ws``: what ``ws.send(data,
+    text=True)`` does, written at once when nothing can make it wait. ``send`` wraps every message in an async
+    context manager that checks the state, writes, then awaits the write buffer's drain; that wrapper cost
+    a few per cent of the gateway's CPU at 1,000 stations (docs/benchmarks.md). Any other case (not open, a
+    close under way, a fragmented send, the transport's buffer full, another websockets version) takes
+    ``send`` itself, so closing and flow control behave as websockets defines them."""
+    protocol = getattr(ws, "protocol", None)
+    if (protocol is not None and protocol.state is _OPEN and getattr(ws, "paused", True) is False
+            and getattr(ws, "send_in_progress", None) is None and getattr(ws, "fragmented_send_waiter", None) is None
+            and not protocol.close_expected() and not ws.transport.is_closing()):
+        protocol.send_text(data)
+        ws.send_data()
+        return
+    await ws.send(data, text=True)
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
+def _reraise_closed(exc: BaseException) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    if isinstance(exc, ConnectionClosed):
+        raise exc
+
+
 class _SessionMixin:
     """One connected station: its message handlers (shared by 2.1 and 2.0.1) and its sender task."""
 
@@ -571,6 +627,13 @@ class _SessionMixin:
         self.wake = asyncio.Event()
         self.done = asyncio.Event()
         self.tx_rows: dict[str, int] = {}  # transactionId -> row, bounded by this station's EVSEs
+        # The CALL in flight (OCPP-J: at most one): its message id and the future its reply resolves. Ids
+        # are this session's random prefix and a counter (unique per connection, as OCPP-J asks; the
+        # package's uuid4 per call cost ~2 % of the gateway at 1,000 stations).
+        self._call_id: str | None = None
+        self._call_fut: asyncio.Future | None = None
+        self._id_prefix = f"{secrets.token_hex(4)}-"
+        self._id_counter = itertools.count(1)
 
     # ------------------------------------------------------------------------------ routing
     async def route_message(self, raw_msg) -> None:
@@ -599,6 +662,13 @@ class _SessionMixin:
                 return
             await self._send_error(_unique_id(raw_msg), "GenericError", "message rate limit exceeded")
             return
+        fast = _hot_frame(raw_msg)
+        if fast is not None:  # the hot messages, without the package's unpack and routing (same checks)
+            if fast[0] == MessageType.CallResult:
+                self._resolve(CallResult(fast[1], fast[2]))
+            else:
+                await self._meter_values(fast[1], fast[3])
+            return
         try:
             msg = unpack(raw_msg)
         except OCPPError as exc:
@@ -620,14 +690,40 @@ class _SessionMixin:
             except OCPPError as exc:
                 await self._send(msg.create_call_error(exc).to_json())
             except Exception as exc:  # the library failed on a hostile payload
+                _reraise_closed(exc)  # the station went away while we answered: not its error
                 if _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
                     _HANDLER_LOG.error("station %s action %r: %r", self.id, str(msg.action)[:60], exc)
                 await self._send(msg.create_call_error(exc).to_json())
         elif isinstance(msg, (CallResult, CallError)):
-            if self._call_lock.locked():  # a CALL of ours is waiting: ocpp matches the id
-                self._response_queue.put_nowait(msg)
-            else:  # unsolicited: queued, it would sit in ocpp's unbounded queue for ever
-                self.gw.stats["unsolicited_replies"] += 1
+            self._resolve(msg)
+
+    def _resolve(self, msg) -> None:
+        """A CALLRESULT or CALLERROR: the reply to the CALL in flight if its id matches, else counted and dropped
+        (an unsolicited reply must not wait anywhere: nothing would ever take it)."""
+        fut = self._call_fut
+        if fut is not None and msg.unique_id == self._call_id and not fut.done():
+            fut.set_result(msg)
+        else:
+            self.gw.stats["unsolicited_replies"] += 1
+
+    async def _meter_values(self, unique_id: str, payload: dict) -> None:
+        """MeterValues (every EVSE, every second): what _handle_call does for it, without the package's Call
+        object and reply dataclass; errors as there (CALLERROR with the schema's or the mapping's code)."""
+        gw = self.gw
+        gw.stats["calls_received"] += 1
+        if gw.calls_trace is not None:
+            gw.calls_trace.append(time.monotonic_ns())
+        try:
+            ocpp_schema.validate(self._ocpp_version, "MeterValues", payload)
+            await self.on_meter_values(**_snake(payload))
+        except Exception as exc:
+            _reraise_closed(exc)
+            msg = Call(unique_id, "MeterValues", payload)
+            if not isinstance(exc, OCPPError) and _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
+                _HANDLER_LOG.error("station %s action 'MeterValues': %r", self.id, exc)
+            await self._send(msg.create_call_error(exc).to_json())
+            return
+        await send_text(self._connection, orjson.dumps([3, unique_id, _EMPTY]))
 
     async def _handle_call(self, msg):
         if msg.action not in self.route_map:  # ocpp 2.1.0 would not answer at all (notes, pitfall 2)
@@ -792,13 +888,23 @@ class _SessionMixin:
         Not ``ChargePoint.call``: it converts a dataclass to camelCase and back and checks both payloads
         with jsonschema on every call, most of a setpoint update's cost at hundreds of stations. Ours are
         built with the schema's names (ocpp_mapping, tested against the schemas); replies are still checked.
+        Nor the package's reply queue: ``wait_for(queue.get())`` made a task per CALL; the reply resolves the
+        CALL's own future (``_resolve``), and a timer bounds the wait.
         """
-        unique_id = str(self._unique_id_generator())
         response = None
         try:
             async with self._call_lock:  # OCPP-J: one CALL in flight per station
-                await self._send(Call(unique_id=unique_id, action=action, payload=payload).to_json())
-                response = await self._get_specific_response(unique_id, self._response_timeout)
+                unique_id = self._id_prefix + str(next(self._id_counter))
+                loop = asyncio.get_running_loop()
+                fut = self._call_fut = loop.create_future()
+                self._call_id = unique_id
+                timer = loop.call_later(self._response_timeout, _expire, fut)
+                try:
+                    await send_text(self._connection, orjson.dumps([2, unique_id, action, payload]))
+                    response = await fut
+                finally:
+                    timer.cancel()
+                    self._call_id = self._call_fut = None
             if response.message_type_id == MessageType.CallError:
                 raise response.to_exception()
             ocpp_schema.validate(self._ocpp_version, action, response.payload, response=True)
@@ -917,6 +1023,6 @@ def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     return ctx
 
 
-__all__ = ["HANDLED_ACTIONS", "Evse", "OcppSettings", "OcppVehicles", "Session21", "Session201",
+__all__ = ["HANDLED_ACTIONS", "Evse", "OcppSettings", "OcppVehicles", "Session21", "Session201", "send_text",
            "server_ssl_context"]
 

@@ -103,6 +103,11 @@ def cmd_ocpp_stations(args) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     log.info("SIM_OCPP_START stations=%d evses=%d url=%s kinds=%s frequency_from=%s", len(specs), fleet.n_rows,
              args.url, args.kinds or "-", args.frequency_from or "-")
+    if args.sched_fifo_priority:  # before the stations' thread starts: it inherits the policy
+        from v2grt.loop import set_process_fifo
+
+        for step in set_process_fifo(args.sched_fifo_priority):
+            log.info("RT_SETUP step=%s granted=%s detail=%s", step.step, step.granted, step.detail)
     try:
         with _site_power(args, fleet, sims):
             sims.run_forever(stop)
@@ -161,6 +166,9 @@ def _add_ocpp_stations(ssub) -> None:
                         "its stations): stations then accept LocalFrequency profiles; without it they reject them")
     p.add_argument("--frequency-poll-ms", type=float, default=20.0,
                    help="poll interval of --frequency-from (default 20 ms)")
+    p.add_argument("--sched-fifo-priority", type=int, default=0, choices=range(0, 100), metavar="0..99",
+                   help="SCHED_FIFO at this priority for every thread of the simulator (default 0: SCHED_OTHER); "
+                        "benches: below the gateway's, so the load generator does not starve what it measures")
     p.add_argument("--log-file", help="write the log here instead of stderr")
     p.add_argument("--trace-file", help="on exit, write every setpoint received and applied (CSV event,t_ns,row,"
                                         "p_kw; CLOCK_MONOTONIC): what `v2grt bench e2e --protocol ocpp` reads")

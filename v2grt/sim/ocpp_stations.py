@@ -28,6 +28,7 @@ import base64
 import collections
 import csv
 import datetime
+import itertools
 import logging
 import random
 import secrets
@@ -38,13 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from ocpp.messages import Call, MessageType
+import orjson
+from ocpp.exceptions import OCPPError
+from ocpp.messages import CallError
 from ocpp.routing import after, on
 from ocpp.v21 import ChargePoint as ChargePoint21
 from ocpp.v201 import ChargePoint as ChargePoint201
 
 from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway import ocpp_schema
+from v2grt.gateway.ocpp import send_text
 from v2grt.sim.battery import SimFleetState
 
 log = logging.getLogger("v2grt.sim")
@@ -87,6 +91,39 @@ class _StationMixin:
         self.spec = spec
         self.row_of_evse = dict(spec.evses)
         self.profile_evse: dict[int, int] = {}  # chargingProfileId -> evse id
+        self._raw_id: str | None = None  # the call_raw CALL in flight and the future its reply resolves
+        self._raw_fut: asyncio.Future | None = None
+        self._id_prefix = f"{secrets.token_hex(4)}-"
+        self._id_counter = itertools.count(1)
+
+    async def route_message(self, raw_msg):
+        """The hot frames without the package's unpack and routing: an UpdateDynamicSchedule CALL (checked
+        against the same compiled schema, answered as ``_handle_call`` does) and the reply to a call_raw; the
+        rest goes the package's way (its replies to ``call`` included)."""
+        try:
+            msg = orjson.loads(raw_msg)
+        except (orjson.JSONDecodeError, TypeError):
+            msg = None
+        if type(msg) is list and len(msg) in (3, 4, 5) and type(msg[1]) is str and type(msg[-1]) is dict:
+            if msg[1] == self._raw_id and (msg[0], len(msg)) in ((3, 3), (4, 5)) and not self._raw_fut.done():
+                if msg[0] == 3:
+                    self._raw_fut.set_result(msg[2])
+                else:
+                    try:
+                        self._raw_fut.set_exception(CallError(*msg[1:]).to_exception())
+                    except Exception as exc:  # a code the package does not know
+                        self._raw_fut.set_exception(exc)
+                return
+            if len(msg) == 4 and msg[0] == 2 and msg[2] == "UpdateDynamicSchedule":
+                try:
+                    ocpp_schema.validate(self._ocpp_version, msg[2], msg[3])
+                except ocpp_schema.OCPPError:
+                    pass  # the package's path answers it with its CALLERROR
+                else:
+                    status = self._update(msg[3].get("chargingProfileId"), msg[3].get("scheduleUpdate"))
+                    await send_text(self._connection, orjson.dumps([3, msg[1], {"status": status}]))
+                    return
+        await super().route_message(raw_msg)
 
     async def _handle_call(self, msg):
         """The gateway's requests are checked against the package's schemas, compiled (ocpp_schema: the
@@ -102,14 +139,20 @@ class _StationMixin:
     async def call_raw(self, action: str, payload: dict) -> dict:
         """A CALL of a payload already in the schema's camelCase names (the meter values, every second per
         EVSE): not ChargePoint.call, which converts a dataclass to camelCase and the reply back, and checks
-        both with jsonschema. Ours are built as the schema says (tested); the reply's payload is returned."""
-        unique_id = str(self._unique_id_generator())
+        both with jsonschema, nor its reply queue (a task per call); the reply's payload is returned (a
+        CALLRESULT resolves the future in route_message; a CALLERROR is raised here as the package's exception)."""
         async with self._call_lock:  # OCPP-J: one CALL in flight
-            await self._send(Call(unique_id=unique_id, action=action, payload=payload).to_json())
-            response = await self._get_specific_response(unique_id, self._response_timeout)
-        if response.message_type_id == MessageType.CallError:
-            raise response.to_exception()
-        return response.payload
+            unique_id = self._id_prefix + str(next(self._id_counter))
+            loop = asyncio.get_running_loop()
+            fut = self._raw_fut = loop.create_future()
+            self._raw_id = unique_id
+            timer = loop.call_later(self._response_timeout, _expire, fut)
+            try:
+                await send_text(self._connection, orjson.dumps([2, unique_id, action, payload]))
+                return await fut
+            finally:
+                timer.cancel()
+                self._raw_id = self._raw_fut = None
 
     def _record(self, action: str, payload: dict) -> None:
         self.sim.commands.append(Command(time.monotonic_ns(), self.spec.station_id, action, payload))
@@ -169,6 +212,11 @@ class _StationMixin:
         return [(e, r) for e, r in self.spec.evses if self.sim.tx_id[r] and (evse is None or evse["id"] == e)]
 
 
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class _Station21(_StationMixin, ChargePoint21):
     pass
 
@@ -203,6 +251,7 @@ class SimStations:
         # default: 5 ms per station (a thousand power up over 5 s)
         self.connect_spread_s = len(specs) * 0.005 if connect_spread_s is None else connect_spread_s
         self.meter_timeouts = 0
+        self.meter_errors = 0  # MeterValues answered with a CALLERROR
         n = len(state)
         self.target_kw = np.zeros(n)  # what the station was told (+ discharge), after its latency
         self.p_kw = np.zeros(n)  # what the EV delivers now (ramped)
@@ -321,6 +370,8 @@ class SimStations:
                         await cp.call_raw("MeterValues", {"evseId": evse, "meterValue": [self._meter(row)]})
                     except asyncio.TimeoutError:  # a station keeps its connection and sends the next ones
                         self.meter_timeouts += 1
+                    except OCPPError:  # a CALLERROR: counted, and the next ones go out as usual
+                        self.meter_errors += 1
             if spec.kind == "disconnects" and time.monotonic() - started > self.disconnect_every_s:
                 await cp._connection.close()
                 return
