@@ -45,6 +45,7 @@ from v2grt.services import ServiceCurve
 log = logging.getLogger("v2grt.aggregator")
 
 _REASON_NAMES = reason_names(range(256))
+_NOT_EXCLUDED = frozenset({int(Reason.OK), int(Reason.EMPTY)})  # the status's `excluded` leaves these out
 
 #: The libzmq I/O thread (index in the aggregator's context of two) that carries the setpoint PUB alone.
 PUBLISHER_IO_THREAD = 1
@@ -213,6 +214,8 @@ class Aggregator:
         #: control-thread publishing (bus.publisher_thread false): deadline to the last frame sent, ns (a ring)
         self.to_wire_ns = np.zeros(4096, np.int64)
         self.to_wire_count = 0
+        self.frames_sent = 0  # ... and the setpoint frames it queued
+        self.last_to_wire_ns = 0
         #: GRID_FREQUENCY_ALERT and its throttling, applied in the service-fraction phase (v2grt.monitor).
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
                       if cfg.alert.band_hz is not None else None)
@@ -472,31 +475,24 @@ class Aggregator:
         self.seq += 1
         t_ns = time.time_ns()
         frames = self._frames
-        # One gather for the whole fleet, straight into the frames' float32/uint8 arrays. mode="clip":
-        # rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes). A roster whose
-        # rows are already in gateway order needs no gather, a plain copy: 17 + 3 us instead of 106 + 68 us at
-        # 100,000 vehicles (1,000 gateways, this machine).
-        if self._rows_in_order:
-            n = len(frames.p_kw)
-            np.copyto(frames.p_kw, result.setpoints_kw[:n], casting="same_kind")
-            np.copyto(frames.reasons, result.reasons[:n])
-        else:
-            np.take(result.setpoints_kw, self._rows_all, out=frames.p_kw, mode="clip")
-            np.take(result.reasons, self._rows_all, out=frames.reasons, mode="clip")
-        # result.estop: the flag the kernel ran with, so a flagged message always carries zeros. fill() checks
-        # every value here, on this thread, before a frame exists: a wild value raises in the cycle (CYCLE_ERROR).
-        it = frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n)
+        # One compiled pass, without the GIL, writes the whole cycle into every gateway's frame: the gather by
+        # row (a plain copy when the roster is already in gateway order), float32, the checks, the header.
+        # A wild value raises here, on this thread, before a frame can be sent (CYCLE_ERROR). At 100,000
+        # vehicles and 1,000 gateways: ~0.1 ms, where the NumPy gather, checks and per-gateway slice copies
+        # cost ~0.2 ms here and ~2 ms on the publisher thread (docs/benchmarks.md, "The publisher thread").
+        frames.write(result.setpoints_kw, result.reasons, None if self._rows_in_order else self._rows_all, self.epoch,
+                     self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n)
         status = self._status_fields(result, t_ns, now_ns)
         if sender is not None:
             # Handed over: `published` stays True in this cycle's journal record unless the publisher thread
             # refuses at send time (the lease) or fails; it then sets the record's flag to 0 (_publish_done).
             w = self.journal.expect_outcome() if self.journal is not None else -1
             self.published = True
-            sender.submit(PublishJob(self.epoch, self.seq, it, status, self._cycle_start_ns, journal_w=w))
+            sender.submit(PublishJob(self.epoch, self.seq, frames, status, self._cycle_start_ns, journal_w=w))
             return
-        for frame in it:
-            self.publisher.send(frame)
-        self.to_wire_ns[self.to_wire_count % len(self.to_wire_ns)] = time.monotonic_ns() - self._cycle_start_ns
+        self.frames_sent += self.publisher.send_frames(frames)
+        self.last_to_wire_ns = time.monotonic_ns() - self._cycle_start_ns
+        self.to_wire_ns[self.to_wire_count % len(self.to_wire_ns)] = self.last_to_wire_ns
         self.to_wire_count += 1
         self.published = True
         self.publisher.send(wire.encode_status(status))
@@ -534,8 +530,8 @@ class Aggregator:
             if len(gw_rows):
                 gateways.append((gw, wire.join_ids(fleet.node_ids[r] for r in gw_rows)))
                 rows.append(gw_rows)
-        self._frames = wire.SetpointFrames(gateways)
-        self._rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self._frames = wire.SetpointFrames(gateways, backend=self.dispatcher.backend)
+        self._rows_all = np.ascontiguousarray(np.concatenate(rows) if rows else np.zeros(0), np.int64)
         self._rows_in_order = bool(np.array_equal(self._rows_all, np.arange(len(self._rows_all))))
         self._layout_version = fleet.version
         # telemetry in the order of these frames' ids is mapped by a bytes comparison (v2grt.ingest)
@@ -549,16 +545,17 @@ class Aggregator:
             self._rebuild_layouts()
         self.seq += 1
         t_ns = time.time_ns()
-        self._frames.p_kw[:] = 0.0
-        it = self._frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, False, slow_n=self.slow_n)
+        frames = self._frames
+        # 0 kW for every vehicle, each with the reason its frame carried last (none before a first cycle: OK)
+        frames.write(np.zeros(frames.n_nodes), frames.frame_reasons(), None, self.epoch, self.seq, t_ns,
+                     t_ns + self.ttl_ns, False, slow_n=self.slow_n)
         if self.sender is not None and self.sender.running:
-            self.sender.submit(PublishJob(self.epoch, self.seq, it, None, time.monotonic_ns(), final=True))
+            self.sender.submit(PublishJob(self.epoch, self.seq, frames, None, time.monotonic_ns(), final=True))
             if not self.sender.wait_idle():
                 log.error("SHUTDOWN the publisher thread did not send the final zero setpoints within 5 s")
                 return
         else:  # no publisher thread, or it never started (stop() without start()): this thread is the owner
-            for frame in it:
-                self.publisher.send(frame)
+            self.publisher.send_frames(frames)
         log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._frames), self.seq)
 
     def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
@@ -566,8 +563,8 @@ class Aggregator:
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason
-        excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts)
-                    if k not in (Reason.OK, Reason.EMPTY)}
+        # plain ints: comparing numpy integers with the Reason enum cost ~60 us for six codes (this machine)
+        excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts).tolist() if k not in _NOT_EXCLUDED}
         _sample, t = self.meter.latest.read() if self.meter else (None, None)
         return {
             "ep": self.epoch, "seq": self.seq, "t_ns": t_ns,

@@ -1,10 +1,10 @@
 """The publisher thread: the only thread that touches the setpoint/status PUB socket (bus.publisher_thread).
 
-The control thread gathers a cycle's setpoints into the laid-out frame arrays (wire.SetpointFrames),
-checks them and writes the cycle's header (SetpointFrames.fill, which raises on a wild value before
-anything is handed over), then hands the cycle over here and goes back to sleep; this thread copies each
-gateway's slice into its frame and sends it, then the status message. At 100,000 vehicles and 1,000
-gateways that is ~3 ms (p50) of the cycle that no longer runs on the control thread (docs/benchmarks.md).
+The control thread writes a cycle into every gateway's laid-out frame (wire.SetpointFrames.write: gather,
+checks, header, in one compiled pass without the GIL, raising on a wild value before anything is handed
+over), then hands the cycle over here and goes back to sleep; this thread sends every frame in one compiled
+call without the GIL (bus.SetpointPublisher.send_frames), then the status message. At 100,000 vehicles and
+1,000 gateways the sends are ~0.6 ms of libzmq that no longer run on the control thread (docs/benchmarks.md).
 
 Guarantees, each kept from the publish-on-the-control-thread path:
 - **One owner.** Subscriptions are admitted (security), the cycle's frames, the status message, the final
@@ -40,12 +40,12 @@ RING = 4096
 
 @dataclasses.dataclass
 class PublishJob:
-    """One cycle handed over: its frames (a generator over the laid-out buffer, header already written by
-    SetpointFrames.fill on the control thread), its status fields, and when its period began."""
+    """One cycle handed over: its frames (the laid-out buffer, written by SetpointFrames.write on the control
+    thread), its status fields, and when its period began."""
 
     epoch: int
     seq: int
-    frames: object  # iterator of bytes (SetpointFrames.fill); None: upkeep only (admit, rebind), nothing sent
+    frames: wire.SetpointFrames | None  # None: upkeep only (admit, rebind), nothing sent
     status: dict | None  # the status message's fields; None: none (the final zero)
     start_ns: int  # the cycle's deadline (its wake-up for an off-grid cycle), CLOCK_MONOTONIC
     journal_w: int = -1  # the journal record whose `published` flag this job decides; -1: none
@@ -71,7 +71,10 @@ class PublisherThread:
         self.busy = False
         self.busy_skips = 0  # cycles the control thread did not hand over: this thread was still sending
         self.fenced = 0  # cycles refused at send time (the lease was no longer surely valid)
-        self.errors = 0
+        self.errors = 0  # cycles that raised here (PUBLISHER_ERROR): a send error, or a bug
+        self.frames_sent = 0  # setpoint frames queued to ZeroMQ (the status messages not counted)
+        self.last_send_ns = 0  # the last cycle sent: this thread's own time for it, ns
+        self.last_to_wire_ns = 0  # the last cycle sent: its deadline to its last setpoint frame queued, ns
         #: per cycle: the cycle's start (deadline) to the last setpoint frame queued to ZeroMQ, ns
         self.to_wire_ns = np.zeros(RING, np.int64)
         #: per cycle: this thread's own time for the cycle (admit, frames, status), ns
@@ -123,6 +126,13 @@ class PublisherThread:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def snapshot(self) -> dict:
+        """The counters for the status reply and the metrics (plain types; read without a lock, each a whole int)."""
+        return {"thread": True, "cycles_sent": self.sent_cycles, "frames_sent": self.frames_sent,
+                "frames_dropped": self.publisher.dropped, "busy_skips": self.busy_skips, "fenced": self.fenced,
+                "errors": self.errors, "last_send_ms": self.last_send_ns / 1e6,
+                "last_to_wire_ms": self.last_to_wire_ns / 1e6}
+
     def samples(self, what: str = "to_wire") -> np.ndarray:
         """The newest per-cycle times (up to RING), oldest first, ns: ``to_wire`` or ``send``."""
         ring = self.to_wire_ns if what == "to_wire" else self.send_ns
@@ -171,14 +181,13 @@ class PublisherThread:
             self._done(job, False)
             self.on_idle()
             return
-        for frame in job.frames:
-            pub.send(frame)
+        self.frames_sent += pub.send_frames(job.frames)
         t_wire = time.monotonic_ns()
         if job.status is not None:
             pub.send(wire.encode_status(job.status))
         k = self.sent_cycles % RING
-        self.to_wire_ns[k] = t_wire - job.start_ns
-        self.send_ns[k] = time.monotonic_ns() - t0
+        self.last_to_wire_ns = self.to_wire_ns[k] = t_wire - job.start_ns
+        self.last_send_ns = self.send_ns[k] = time.monotonic_ns() - t0
         self.sent_cycles += 1
         self._done(job, True)
         self.on_idle()
