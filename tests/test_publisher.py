@@ -249,3 +249,87 @@ def test_each_gateway_gets_its_own_vehicles_setpoints_whether_or_not_the_roster_
         rows = np.array([fleet.row_of[i] for i in msg.node_ids])
         assert set(rows) == set(fleet.gateway_rows(msg.gw))
         assert np.array_equal(msg.p_kw, sp[rows].astype(np.float32)) and np.array_equal(msg.reasons, reasons[rows])
+
+
+def _received_past(sub, seq: int, got: list[int]) -> bool:
+    """Take what the gateway has received (seqs into ``got``); True once a frame after ``seq`` came."""
+    while (m := sub.recv(50)) is not None:
+        got.append(m.seq)
+        if m.seq > seq:
+            return True
+    return False
+
+
+def test_a_cycle_laid_out_after_the_next_dispatch_began_is_not_sent(tmp_path):
+    """The publisher thread reads the kernel's output arrays after the hand-over: held until the next cycle's
+    kernel has run, it sends nothing of the held cycle (PUBLISHER_STALE, journal `published` 0) instead of frames
+    that may mix two cycles under one header; later cycles go out as before."""
+    agg = make(tmp_path)
+    hold = threading.Event()
+    seen: list[tuple[int, bool]] = []
+    prepare = agg.sender.prepare
+
+    def held_prepare(job):
+        if hold.is_set():
+            hold.clear()
+            time.sleep(3 * PERIOD_S)  # the next cycles' kernels run meanwhile
+            outcome = prepare(job)
+            seen.append((job.seq, outcome))
+            return outcome
+        return prepare(job)
+
+    agg.sender.prepare = held_prepare
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw1") as sub:
+            wait_until(lambda: sub.recv(100) is not None, 10.0, what="a setpoint message")
+            stale_before = agg.sender.stale  # a start on a loaded host can starve the thread too
+            hold.set()
+            got: list[int] = []
+            wait_until(lambda: seen and _received_past(sub, seen[0][0] + 1, got), 10.0,
+                       what="the held cycle and two after it")
+    finally:
+        agg.stop()
+    (stale_seq, outcome), = seen
+    assert outcome is False and agg.sender.stale >= stale_before + 1
+    assert agg.events.counts["PUBLISHER_STALE"] == agg.sender.stale
+    assert stale_seq not in got and max(got) > stale_seq
+    c = np.concatenate([s.cycles for s in (journal.read_segment(p) for p in (tmp_path / "j").glob("*.v2j"))])
+    assert int(c["published"][c["seq"] == stale_seq][0]) == 0
+    assert agg.status_report()["publisher"]["stale"] == agg.sender.stale
+
+
+@pytest.mark.parametrize("publisher_thread", [True, False])
+def test_a_wild_setpoint_is_never_sent_whichever_thread_writes_the_frames(publisher_thread):
+    """A NaN out of the kernel: the publisher thread refuses that cycle (SETPOINTS_REFUSED, counted) and the control
+    thread, sending itself, raises in the cycle (CYCLE_ERROR); either way no frame of it reaches a gateway and the
+    cycles after it are sent."""
+    agg = make(publisher_thread=publisher_thread)
+    poison = threading.Event()
+    wild_seq: list[int] = []
+    run_kernel = agg.dispatcher.run_kernel
+
+    def wild(*a, **kw):
+        result = run_kernel(*a, **kw)
+        if poison.is_set():
+            poison.clear()
+            result.setpoints_kw[5] = np.nan
+            wild_seq.append(agg.seq + 1)  # the seq this cycle publishes under
+        return result
+
+    agg.dispatcher.run_kernel = wild
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw1") as sub:
+            wait_until(lambda: sub.recv(100) is not None, 10.0, what="a setpoint message")
+            poison.set()
+            got: list[int] = []
+            wait_until(lambda: wild_seq and _received_past(sub, wild_seq[0], got), 10.0,
+                       what="the wild cycle and one after it")
+    finally:
+        agg.stop()
+    assert wild_seq[0] not in got and max(got) > wild_seq[0]
+    if publisher_thread:
+        assert agg.sender.refused == 1 and agg.events.counts["SETPOINTS_REFUSED"] == 1 and agg.stats.errors == 0
+    else:
+        assert agg.stats.errors == 1

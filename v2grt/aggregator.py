@@ -56,6 +56,20 @@ SLOW_N_OPTIMIZED = 10
 
 
 @dataclasses.dataclass
+class _CycleOut:
+    """A handed-over cycle's outputs, written into its frames on the publisher thread (_prepare_frames)."""
+
+    result: object  # DispatchResult: its arrays are the dispatcher's buffers, this cycle's while dispatcher.runs == run
+    run: int
+    rows: np.ndarray | None  # the fleet row of each node in the frames' order; None: row j is node j
+    t_ns: int
+    exp_ns: int
+    slow_n: int
+    now_ns: int  # the cycle's wake-up (the status's meter age)
+    delivered_kw: float
+
+
+@dataclasses.dataclass
 class _TestDischarge:
     row: int
     node_id: str
@@ -206,8 +220,9 @@ class Aggregator:
         #: bus.publisher_thread: the thread that owns the setpoint PUB (v2grt.publisher); None: this control thread
         self.sender: PublisherThread | None = None
         if cfg.bus.publisher_thread:
-            self.sender = PublisherThread(self.publisher, may_send=self._may_send, on_done=self._publish_done,
-                                          on_idle=self._publisher_upkeep, events=self.events)
+            self.sender = PublisherThread(self.publisher, prepare=self._prepare_frames, may_send=self._may_send,
+                                          on_done=self._publish_done, on_idle=self._publisher_upkeep,
+                                          events=self.events)
         elif self.security is not None:  # drops revoked keys' connections to the setpoint PUB (its owner's job)
             self.cycle_hooks.append(self.security.on_cycle)
         self._cycle_start_ns = 0  # this cycle's deadline (its wake-up if off the grid): the to-wire time's origin
@@ -475,21 +490,27 @@ class Aggregator:
         self.seq += 1
         t_ns = time.time_ns()
         frames = self._frames
-        # One compiled pass, without the GIL, writes the whole cycle into every gateway's frame: the gather by
-        # row (a plain copy when the roster is already in gateway order), float32, the checks, the header.
-        # A wild value raises here, on this thread, before a frame can be sent (CYCLE_ERROR). At 100,000
-        # vehicles and 1,000 gateways: ~0.1 ms, where the NumPy gather, checks and per-gateway slice copies
-        # cost ~0.2 ms here and ~2 ms on the publisher thread (docs/benchmarks.md, "The publisher thread").
-        frames.write(result.setpoints_kw, result.reasons, None if self._rows_in_order else self._rows_all, self.epoch,
-                     self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n)
-        status = self._status_fields(result, t_ns, now_ns)
+        rows = None if self._rows_in_order else self._rows_all
         if sender is not None:
-            # Handed over: `published` stays True in this cycle's journal record unless the publisher thread
-            # refuses at send time (the lease) or fails; it then sets the record's flag to 0 (_publish_done).
+            # Handed over as it is: the publisher thread writes the frames and the status fields from this result
+            # (_prepare_frames), and sends nothing if the next cycle's kernel began first. At 100,000 vehicles and
+            # 1,000 gateways the writing is ~0.25 ms p50 in the cycle (memory-bound: the caches are cold from the
+            # kernel) and the status fields ~0.05 ms that this thread no longer spends (docs/benchmarks.md).
+            # `published` stays True in this cycle's journal record unless the publisher thread does not send it
+            # (stale, a wild value, the lease at send time, a failure): it then sets the flag to 0 (_publish_done).
             w = self.journal.expect_outcome() if self.journal is not None else -1
             self.published = True
-            sender.submit(PublishJob(self.epoch, self.seq, frames, status, self._cycle_start_ns, journal_w=w))
+            cycle = _CycleOut(result, self.dispatcher.runs, rows, t_ns, t_ns + self.ttl_ns, self.slow_n, now_ns,
+                              self.delivered_kw)
+            sender.submit(PublishJob(self.epoch, self.seq, frames, None, self._cycle_start_ns, journal_w=w,
+                                     cycle=cycle))
             return
+        # One compiled pass writes the whole cycle into every gateway's frame (the gather by row, or a plain copy
+        # when the roster is already in gateway order, float32, the checks, the header). A wild value raises
+        # here, on this thread, before a frame can be sent (CYCLE_ERROR).
+        frames.write(result.setpoints_kw, result.reasons, rows, self.epoch, self.seq, t_ns, t_ns + self.ttl_ns,
+                     result.estop, slow_n=self.slow_n)
+        status = self._status_fields(result, t_ns, now_ns, self.epoch, self.seq, self.delivered_kw)
         self.frames_sent += self.publisher.send_frames(frames)
         self.last_to_wire_ns = time.monotonic_ns() - self._cycle_start_ns
         self.to_wire_ns[self.to_wire_count % len(self.to_wire_ns)] = self.last_to_wire_ns
@@ -500,6 +521,23 @@ class Aggregator:
             self.ha.resign_after_publish()
 
     # the publisher thread's callbacks (v2grt.publisher): on that thread
+    def _prepare_frames(self, job: PublishJob) -> bool:
+        """Write a handed-over cycle into its frames and its status fields; False: the kernel ran again since the
+        hand-over, so what was read may mix two cycles (nothing of it is to be sent)."""
+        c = job.cycle
+        r = c.result
+        try:
+            job.frames.write(r.setpoints_kw, r.reasons, c.rows, job.epoch, job.seq, c.t_ns, c.exp_ns, r.estop,
+                             slow_n=c.slow_n)
+            job.status = self._status_fields(r, c.t_ns, c.now_ns, job.epoch, job.seq, c.delivered_kw)
+        except wire.WireError:
+            if self.dispatcher.runs != c.run:  # a "wild" value read from a half-written next cycle: stale
+                return False
+            raise
+        # compared after the reads: a run counted before it wrote the arrays (Dispatcher.runs), and each thread
+        # passed the GIL in between, so a run that overlapped any read is seen here
+        return self.dispatcher.runs == c.run
+
     def _may_send(self, job: PublishJob) -> bool:
         """Self-fencing at send time (docs/ha.md): the lease of the frames' epoch is surely valid now."""
         if self.ha is None:
@@ -558,8 +596,8 @@ class Aggregator:
             self.publisher.send_frames(frames)
         log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._frames), self.seq)
 
-    def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
-        # self.delivered_kw: computed by _publish this cycle
+    def _status_fields(self, result, t_ns: int, now_ns: int, epoch: int, seq: int, delivered_kw: float) -> dict:
+        """The status message's fields (the publisher thread builds them with the cycle's own numbers)."""
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason
@@ -567,11 +605,11 @@ class Aggregator:
         excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts).tolist() if k not in _NOT_EXCLUDED}
         _sample, t = self.meter.latest.read() if self.meter else (None, None)
         return {
-            "ep": self.epoch, "seq": self.seq, "t_ns": t_ns,
+            "ep": epoch, "seq": seq, "t_ns": t_ns,
             "f_hz": None if math.isnan(result.frequency_hz) else float(result.frequency_hz),
             "f_age_ms": None if t is None else max(0.0, (now_ns - t) / 1e6),
             "target_kw": result.target_kw,
-            "delivered_kw": self.delivered_kw,
+            "delivered_kw": delivered_kw,
             "available_dis_kw": result.feasible_dis_kw,
             "available_chg_kw": result.feasible_chg_kw,
             "n_nodes": len(self.fleet),
@@ -765,6 +803,22 @@ class Aggregator:
             self._never_heard = self.fleet.count_never_heard()
         return self._never_heard
 
+    def to_wire_ring(self) -> tuple[np.ndarray, int]:
+        """The per-cycle deadline-to-last-frame times (ns) of whichever thread sends, as a ring and the number of
+        cycles sent so far (the newest at ``(count - 1) % len(ring)``)."""
+        if self.sender is not None:
+            return self.sender.to_wire_ns, self.sender.sent_cycles
+        return self.to_wire_ns, self.to_wire_count
+
+    def publisher_snapshot(self) -> dict:
+        """Who sends the setpoints and how it goes: the status reply's `publisher` map and the metrics
+        (docs/wire.md 6.1). Counts since start; read without a lock (each a whole int or float)."""
+        if self.sender is not None:
+            return self.sender.snapshot()
+        return {"thread": False, "cycles_sent": self.to_wire_count, "frames_sent": self.frames_sent,
+                "frames_dropped": self.publisher.dropped, "busy_skips": 0, "stale": 0, "refused": 0, "fenced": 0,
+                "errors": 0, "last_send_ms": None, "last_to_wire_ms": self.last_to_wire_ns / 1e6}
+
     def status_report(self) -> dict:
         """Everything `v2g-cli --status` shows: fleet, timing, alarms, counters (plain types only)."""
         r = self.last_result
@@ -777,6 +831,7 @@ class Aggregator:
                "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code
                "control_errors": dict(self.control.errors),  # control requests refused, by code
                "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard(),
+               "publisher": self.publisher_snapshot(),
                "receive": self.gate.snapshot()}  # the bus thread's share of the periods (v2grt.gate)
         if r is not None:
             out.update(r.summary())

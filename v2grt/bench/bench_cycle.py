@@ -91,7 +91,8 @@ def publish_breakdown(agg, reps: int = 7) -> dict:
         nosend = median_ms(lambda: agg._publish(result, time.monotonic_ns()))
     finally:
         del agg.publisher.send, agg.publisher.send_frames
-    status = median_ms(lambda: wire.encode_status(agg._status_fields(result, time.time_ns(), time.monotonic_ns())))
+    status = median_ms(lambda: wire.encode_status(agg._status_fields(result, time.time_ns(), time.monotonic_ns(),
+                                                                     agg.epoch, agg.seq, agg.delivered_kw)))
     return {"publish_ms": whole, "frames_ms": max(nosend - status, 0.0), "status_ms": status,
             "send_ms": max(whole - nosend, 0.0)}
 
