@@ -73,6 +73,14 @@ def test_bench_e2e_json():
     assert all(row["split_mean_ms"][k] is not None for k in ("queue", "send", "delivery", "last_frame"))
 
 
+def test_bench_sends_json():
+    """bench sends --smoke sends a cycle's frames both ways, interleaved, and every frame reaches the subscriber."""
+    r = bench("sends", "--smoke")
+    x = r["result"]
+    assert x["sends"].keys() == {"reference", "cython"} and x["sends"]["cython"]["n"] == 3
+    assert x["frames_received"] == x["frames_expected"] == 2 * 3 * 10 and x["frames_refused"] == 0
+
+
 def test_bench_qualify_json(tmp_path):
     """bench qualify --smoke measures all four parts, inspects the host, gives a verdict and writes json and png."""
     out = tmp_path / "q"

@@ -494,8 +494,8 @@ class Aggregator:
         if sender is not None:
             # Handed over as it is: the publisher thread writes the frames and the status fields from this result
             # (_prepare_frames), and sends nothing if the next cycle's kernel began first. At 100,000 vehicles and
-            # 1,000 gateways the writing is ~0.25 ms p50 in the cycle (memory-bound: the caches are cold from the
-            # kernel) and the status fields ~0.05 ms that this thread no longer spends (docs/benchmarks.md).
+            # 1,000 gateways this phase was 0.41 ms p50 with the compiled writing still here (memory-bound: the
+            # caches are cold from the kernel) and is 0.10 ms without it (docs/benchmarks.md, "The publisher thread").
             # `published` stays True in this cycle's journal record unless the publisher thread does not send it
             # (stale, a wild value, the lease at send time, a failure): it then sets the flag to 0 (_publish_done).
             w = self.journal.expect_outcome() if self.journal is not None else -1

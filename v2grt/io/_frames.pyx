@@ -2,10 +2,10 @@
 """Setpoint frames, compiled: one pass that fills every gateway's laid-out frame, and one call that sends them.
 
 The compiled path of wire.SetpointFrames (its NumPy twin, with the same results, is SetpointFrames's own
-``backend="reference"`` code). Both functions run without the GIL: at 100,000 vehicles and 1,000 gateways the
-twin's per-gateway Python (a slice copy each for the header, the powers and the reasons, then a pyzmq send
-that takes and drops the GIL) cost ~2 + ~3 us a gateway on this machine (docs/benchmarks.md, "The publisher
-thread").
+``backend="reference"`` code). No Python per gateway or per node: at 1,000 gateways the twin's per-gateway
+slices and pyzmq sends (each taking and dropping the GIL) cost 5-11 ms a cycle here, the compiled send 0.6 ms
+(`v2grt bench sends`, docs/benchmarks.md "The publisher thread"). fill keeps the GIL (~0.1-0.3 ms: giving it
+up invites another thread in for up to a switch interval); send runs without it.
 """
 
 from libc.errno cimport EAGAIN, EINTR
