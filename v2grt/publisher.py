@@ -210,20 +210,27 @@ class PublisherThread:
                 current = self.prepare(job)
             except wire.WireError as exc:  # a wild value (a kernel bug): the cycle is not sent
                 self.refused += 1
-                self._refuse(job, "SETPOINTS_REFUSED", logging.CRITICAL, error=str(exc),
-                             message="a setpoint failed the wire's checks: nothing sent for this cycle")
+                if self.events is not None:
+                    self.events.emit("SETPOINTS_REFUSED", logging.CRITICAL, key="publisher", seq=job.seq,
+                                     error=str(exc), message="a setpoint failed the wire's checks: nothing sent "
+                                                             "for this cycle")
+                self._not_sent(job)
                 return
             if not current:
                 self.stale += 1
-                self._refuse(job, "PUBLISHER_STALE", logging.WARNING, stale=self.stale,
-                             message="the publisher thread laid this cycle out after the next cycle's dispatch "
-                                     "had begun (starved for a period): nothing sent for this cycle")
+                if self.events is not None:
+                    self.events.emit("PUBLISHER_STALE", logging.WARNING, key="publisher", seq=job.seq,
+                                     stale=self.stale, message="the publisher thread laid this cycle out after the "
+                                     "next cycle's dispatch had begun (starved for a period): nothing sent for it")
+                self._not_sent(job)
                 return
         if not job.final and not self.may_send(job):
             self.fenced += 1
-            self._refuse(job, "PUBLISH_FENCED_AT_SEND", logging.WARNING,
-                         message="the lease was no longer surely valid when the frames were to be sent: "
-                                 "nothing sent for this cycle")
+            if self.events is not None:  # counted in the status reply's `events` (as PUBLISHER_BUSY, PUBLISHER_ERROR)
+                self.events.emit("PUBLISH_FENCED_AT_SEND", logging.WARNING, key="publisher", seq=job.seq,
+                                 message="the lease was no longer surely valid when the frames were to be sent: "
+                                         "nothing sent for this cycle")
+            self._not_sent(job)
             return
         job.t_send_ns = time.monotonic_ns()
         self.frames_sent += pub.send_frames(job.frames)
@@ -238,10 +245,8 @@ class PublisherThread:
         self._done(job, True)
         self.on_idle()
 
-    def _refuse(self, job: PublishJob, code: str, level: int, **fields) -> None:
-        """A cycle not sent: say why (counted in the status reply's `events`), decide its journal flag."""
-        if self.events is not None:
-            self.events.emit(code, level, key="publisher", seq=job.seq, **fields)
+    def _not_sent(self, job: PublishJob) -> None:
+        """A cycle not sent (its event emitted): decide its journal flag, then the socket's upkeep."""
         self._done(job, False)
         self.on_idle()
 
