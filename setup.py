@@ -39,6 +39,9 @@ def kernel_extension(name: str, pyx: str, isa_flags: list[str]) -> Extension:
 extensions = [kernel_extension("v2grt._core", "v2grt/_core.pyx", [])]
 if platform.machine().lower() in ("x86_64", "amd64"):
     extensions.append(kernel_extension("v2grt._core_avx2", "v2grt/_core_avx2.pyx", ["-mavx2"]))
+# The setpoint frames' fill and send (v2grt.io.wire.SetpointFrames, the publisher thread): no libzmq at link
+# time; it calls the zmq_send of pyzmq's own libzmq through an address resolved at run time.
+extensions.append(Extension("v2grt.io._frames", ["v2grt/io/_frames.pyx"], extra_compile_args=COMMON_FLAGS))
 
 setup(
     ext_modules=cythonize(

@@ -613,6 +613,7 @@ def test_status_reply_counts_frames_vehicles_and_control_requests_apart(make_agg
     section = doc[doc.index("### 6.1 The status reply"):doc.index("## 7. Fleet status")]
     assert [key for key in st if f"`{key}`" not in section] == []  # every key documented, with its unit
     assert [key for key in st["loop"] if f"`{key}`" not in section] == []
+    assert [key for key in st["publisher"] if f"`{key}`" not in section] == []
 
 
 def test_strict_telemetry_is_a_config_key_defaulting_to_quarantine(make_aggregator):

@@ -67,7 +67,18 @@ def test_bench_e2e_json():
     r = bench("e2e", "--smoke")
     row = r["results"][0]
     assert row["arrived"] == 4 and row["latency"]["n"] == 4
-    assert row["split_mean_ms"].keys() == {"meter", "wait", "cycle", "delivery"}
+    # with the publisher thread (the default) the time after the control thread's hand-over is split apart
+    assert row["publisher_thread"] and row["split_n"] > 0
+    assert row["split_mean_ms"].keys() == {"meter", "wait", "cycle", "queue", "send", "delivery", "last_frame"}
+    assert all(row["split_mean_ms"][k] is not None for k in ("queue", "send", "delivery", "last_frame"))
+
+
+def test_bench_sends_json():
+    """bench sends --smoke sends a cycle's frames both ways, interleaved, and every frame reaches the subscriber."""
+    r = bench("sends", "--smoke")
+    x = r["result"]
+    assert x["sends"].keys() == {"reference", "cython"} and x["sends"]["cython"]["n"] == 3
+    assert x["frames_received"] == x["frames_expected"] == 2 * 3 * 10 and x["frames_refused"] == 0
 
 
 def test_bench_qualify_json(tmp_path):

@@ -357,6 +357,23 @@ def test_status_table_has_a_journal_line_and_alarms_a_failing_journal():
     assert "journal" not in format_status({})  # an aggregator older than the journal
 
 
+def test_status_table_has_a_setpoints_line_from_the_publisher_counters():
+    """The status table says which thread sends the setpoints, how many, how long the last took, and what was not
+    sent and why; a reply without the `publisher` map (an older aggregator) gets no such line."""
+    from v2grt.operator import format_status
+
+    pub = {"thread": True, "cycles_sent": 1200, "frames_sent": 9600, "frames_dropped": 0, "busy_skips": 0,
+           "stale": 0, "refused": 0, "fenced": 0, "errors": 0, "last_send_ms": 0.912, "last_to_wire_ms": 3.25}
+    text = format_status({"publisher": pub})
+    assert ("  setpoints      sent by the publisher thread: 1200 cycles, 9600 frames; last cycle deadline to last "
+            "frame 3.250 ms, its sends 0.912 ms\n") in text + "\n"
+    worse = format_status({"publisher": {**pub, "busy_skips": 2, "stale": 1, "frames_dropped": 5}})
+    assert "; not sent: 2 skipped (publisher busy), 1 stale, 5 frames dropped" in worse
+    control = format_status({"publisher": {**pub, "thread": False, "last_send_ms": None}})
+    assert "sent by the control thread: 1200 cycles" in control and "its sends" not in control
+    assert "setpoints " not in format_status({})
+
+
 def test_status_table_shows_leadership_when_the_reply_has_ha():
     """With an `ha` map the status table gives the role, epoch, lease left and the leader; without one, no ha line."""
     from v2grt.operator import format_status

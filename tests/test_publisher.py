@@ -72,17 +72,16 @@ def test_only_the_publisher_thread_touches_the_setpoint_socket():
     publisher thread, and a gateway receives its frames and then the final zero."""
     agg = make()
     callers: set[int] = set()
-    send, admit = agg.publisher.send, agg.publisher.admit_subscriptions
+    send, send_frames, admit = agg.publisher.send, agg.publisher.send_frames, agg.publisher.admit_subscriptions
 
-    def traced_send(frame):
-        callers.add(threading.get_ident())
-        return send(frame)
+    def traced(fn):
+        def call(*a):
+            callers.add(threading.get_ident())
+            return fn(*a)
+        return call
 
-    def traced_admit(*a):
-        callers.add(threading.get_ident())
-        return admit(*a)
-
-    agg.publisher.send, agg.publisher.admit_subscriptions = traced_send, traced_admit
+    agg.publisher.send, agg.publisher.send_frames, agg.publisher.admit_subscriptions = map(traced, (send, send_frames,
+                                                                                                 admit))
     agg.start()
     try:
         with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw2") as sub:
@@ -99,27 +98,23 @@ def test_only_the_publisher_thread_touches_the_setpoint_socket():
 
 
 def test_a_busy_publisher_makes_the_cycle_skip_and_its_frames_keep_their_header():
-    """While the publisher thread is held in the middle of a cycle's frames, the next cycles are not handed over
-    (counted, PUBLISHER_BUSY) and every frame of the held cycle still carries its own seq: the buffer it reads
-    is not rewritten by a later cycle."""
+    """While the publisher thread is held with a cycle in hand, the next cycles are not handed over (counted,
+    PUBLISHER_BUSY) and every frame of the held cycle still carries its own seq when it is sent: the buffer it
+    reads is not rewritten by a later cycle."""
     agg = make()
     hold = threading.Event()
     seqs: list[int] = []
-    send = agg.publisher.send
+    send_frames = agg.publisher.send_frames
 
-    def held_send(frame):
-        if frame.startswith(wire.SETPOINT_TOPIC_PREFIX) and hold.is_set():
-            msg = wire.decode_setpoints(frame)
-            if not seqs and msg.gw != agg._frames.gateway_ids[0]:
-                return send(frame)  # held from the first frame of a cycle on
-            if not seqs:
-                time.sleep(8 * PERIOD_S)  # this thread is stuck mid-cycle for 8 periods
-            seqs.append(msg.seq)
-            if len(seqs) == GATEWAYS:
-                hold.clear()
-        return send(frame)
+    def held_send_frames(frames):
+        if hold.is_set():
+            before = [wire.decode_setpoints(f).seq for f in frames.frames()]
+            time.sleep(8 * PERIOD_S)  # this thread is stuck with a cycle in hand for 8 periods
+            seqs.extend(before + [wire.decode_setpoints(f).seq for f in frames.frames()])
+            hold.clear()
+        return send_frames(frames)
 
-    agg.publisher.send = held_send
+    agg.publisher.send_frames = held_send_frames
     agg.start()
     try:
         assert agg.first_cycle.wait(10.0)
@@ -128,7 +123,7 @@ def test_a_busy_publisher_makes_the_cycle_skip_and_its_frames_keep_their_header(
         agg.sender.wait_idle()
     finally:
         agg.stop()
-    assert len(seqs) == GATEWAYS and len(set(seqs)) == 1, seqs
+    assert len(seqs) == 2 * GATEWAYS and len(set(seqs)) == 1, seqs
     assert agg.sender.busy_skips >= 3
     assert agg.events.counts["PUBLISHER_BUSY"] >= 1
 
@@ -205,8 +200,8 @@ def test_publisher_thread_is_a_bool_and_false_sends_on_the_control_thread():
         make(publisher_thread="yes")
     agg = make(publisher_thread=False)
     callers: set[int] = set()
-    send = agg.publisher.send
-    agg.publisher.send = lambda frame: callers.add(threading.get_ident()) or send(frame)
+    send_frames = agg.publisher.send_frames
+    agg.publisher.send_frames = lambda frames: callers.add(threading.get_ident()) or send_frames(frames)
     agg.start()
     try:
         wait_until(lambda: agg.seq >= 3, 10.0, what="three published cycles")
@@ -232,14 +227,13 @@ def test_each_gateway_gets_its_own_vehicles_setpoints_whether_or_not_the_roster_
     agg = Aggregator(config_from_dict(data), epoch=7, fleet=fleet)
     fleet.last_telemetry_ns[:200] = time.monotonic_ns() + 3_600_000_000_000  # heard: the kernel dispatches them
     frames = []
-    send = agg.publisher.send
+    send_frames = agg.publisher.send_frames
 
-    def keep(frame):
-        if frame.startswith(wire.SETPOINT_TOPIC_PREFIX):
-            frames.append(frame)
-        return send(frame)
+    def keep(laid_out):
+        frames.extend(laid_out.frames())
+        return send_frames(laid_out)
 
-    agg.publisher.send = keep
+    agg.publisher.send_frames = keep
     agg.start()
     try:
         wait_until(lambda: len(frames) >= 3 * GATEWAYS, 10.0, what="three cycles of frames")
@@ -255,3 +249,87 @@ def test_each_gateway_gets_its_own_vehicles_setpoints_whether_or_not_the_roster_
         rows = np.array([fleet.row_of[i] for i in msg.node_ids])
         assert set(rows) == set(fleet.gateway_rows(msg.gw))
         assert np.array_equal(msg.p_kw, sp[rows].astype(np.float32)) and np.array_equal(msg.reasons, reasons[rows])
+
+
+def _received_past(sub, seq: int, got: list[int]) -> bool:
+    """Take what the gateway has received (seqs into ``got``); True once a frame after ``seq`` came."""
+    while (m := sub.recv(50)) is not None:
+        got.append(m.seq)
+        if m.seq > seq:
+            return True
+    return False
+
+
+def test_a_cycle_laid_out_after_the_next_dispatch_began_is_not_sent(tmp_path):
+    """The publisher thread reads the kernel's output arrays after the hand-over: held until the next cycle's
+    kernel has run, it sends nothing of the held cycle (PUBLISHER_STALE, journal `published` 0) instead of frames
+    that may mix two cycles under one header; later cycles go out as before."""
+    agg = make(tmp_path)
+    hold = threading.Event()
+    seen: list[tuple[int, bool]] = []
+    prepare = agg.sender.prepare
+
+    def held_prepare(job):
+        if hold.is_set():
+            hold.clear()
+            time.sleep(3 * PERIOD_S)  # the next cycles' kernels run meanwhile
+            outcome = prepare(job)
+            seen.append((job.seq, outcome))
+            return outcome
+        return prepare(job)
+
+    agg.sender.prepare = held_prepare
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw1") as sub:
+            wait_until(lambda: sub.recv(100) is not None, 10.0, what="a setpoint message")
+            stale_before = agg.sender.stale  # a start on a loaded host can starve the thread too
+            hold.set()
+            got: list[int] = []
+            wait_until(lambda: seen and _received_past(sub, seen[0][0] + 1, got), 10.0,
+                       what="the held cycle and two after it")
+    finally:
+        agg.stop()
+    (stale_seq, outcome), = seen
+    assert outcome is False and agg.sender.stale >= stale_before + 1
+    assert agg.events.counts["PUBLISHER_STALE"] == agg.sender.stale
+    assert stale_seq not in got and max(got) > stale_seq
+    c = np.concatenate([s.cycles for s in (journal.read_segment(p) for p in (tmp_path / "j").glob("*.v2j"))])
+    assert int(c["published"][c["seq"] == stale_seq][0]) == 0
+    assert agg.status_report()["publisher"]["stale"] == agg.sender.stale
+
+
+@pytest.mark.parametrize("publisher_thread", [True, False])
+def test_a_wild_setpoint_is_never_sent_whichever_thread_writes_the_frames(publisher_thread):
+    """A NaN out of the kernel: the publisher thread refuses that cycle (SETPOINTS_REFUSED, counted) and the control
+    thread, sending itself, raises in the cycle (CYCLE_ERROR); either way no frame of it reaches a gateway and the
+    cycles after it are sent."""
+    agg = make(publisher_thread=publisher_thread)
+    poison = threading.Event()
+    wild_seq: list[int] = []
+    run_kernel = agg.dispatcher.run_kernel
+
+    def wild(*a, **kw):
+        result = run_kernel(*a, **kw)
+        if poison.is_set():
+            poison.clear()
+            result.setpoints_kw[5] = np.nan
+            wild_seq.append(agg.seq + 1)  # the seq this cycle publishes under
+        return result
+
+    agg.dispatcher.run_kernel = wild
+    agg.start()
+    try:
+        with bus.GatewaySubscriber(zmq.Context.instance(), agg.publisher.endpoint, "gw1") as sub:
+            wait_until(lambda: sub.recv(100) is not None, 10.0, what="a setpoint message")
+            poison.set()
+            got: list[int] = []
+            wait_until(lambda: wild_seq and _received_past(sub, wild_seq[0], got), 10.0,
+                       what="the wild cycle and one after it")
+    finally:
+        agg.stop()
+    assert wild_seq[0] not in got and max(got) > wild_seq[0]
+    if publisher_thread:
+        assert agg.sender.refused == 1 and agg.events.counts["SETPOINTS_REFUSED"] == 1 and agg.stats.errors == 0
+    else:
+        assert agg.stats.errors == 1

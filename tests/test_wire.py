@@ -514,17 +514,30 @@ def test_fuzz_arbitrary_msgpack_objects_raise_only_wire_errors(obj, args):
     only_wire_errors(wire.decode_status, wire.STATUS_TOPIC + msgpack.packb(STATUS | args))
 
 
-def test_setpoint_frames_decode_like_encode_setpoints():
-    """The aggregator's in-place frames decode to exactly what encode_setpoints gives, cycle after cycle."""
-    sizes = {"gw1": 3, "gw10": 300, "gw2": 1}
+BACKENDS = ["cython", "reference"]
+
+
+def _frames_for(sizes: dict[str, int], backend: str) -> tuple[wire.SetpointFrames, dict[str, bytes]]:
     ids = {gw: wire.join_ids([f"{gw}_EV_{i:03d}" for i in range(n)]) for gw, n in sizes.items()}
-    frames = wire.SetpointFrames(list(ids.items()))
+    return wire.SetpointFrames(list(ids.items()), backend=backend), ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gather", [False, True])
+def test_setpoint_frames_decode_like_encode_setpoints(backend, gather):
+    """The aggregator's in-place frames decode to exactly what encode_setpoints gives, cycle after cycle, whether
+    the fleet's rows are gathered into gateway order or copied as they are, float64 or float32 setpoints."""
+    sizes = {"gw1": 3, "gw10": 300, "gw2": 1, "gw_empty": 0}
+    frames, ids = _frames_for(sizes, backend)
+    n = sum(sizes.values())
     rng = np.random.default_rng(0)
-    for seq in (1, 2, 2**40):
-        p = rng.uniform(-22.0, 22.0, sum(sizes.values())).astype(np.float32)
-        r = rng.choice([0, 3, 9], len(p)).astype(np.uint8)
-        frames.p_kw[:], frames.reasons[:] = p, r
-        got = [wire.decode_setpoints(f) for f in frames.fill(9, seq, 10**18, 10**18 + 5 * 10**8, False, slow_n=10)]
+    rows = rng.permutation(n + 5)[:n] if gather else None  # the fleet has rows no gateway carries
+    for seq, dtype in ((1, np.float64), (2, np.float32), (2**40, np.float64)):
+        sp = rng.uniform(-22.0, 22.0, n + 5).astype(dtype)  # by fleet row
+        rs = rng.choice([0, 3, 9], n + 5).astype(np.uint8)
+        frames.write(sp, rs, rows, 9, seq, 10**18, 10**18 + 5 * 10**8, False, slow_n=10)
+        p, r = (sp[rows], rs[rows]) if gather else (sp[:n], rs[:n])
+        got = [wire.decode_setpoints(f) for f in frames.frames()]
         assert [m.gw for m in got] == list(sizes)
         for k, (gw, blob) in enumerate(ids.items()):
             a, b = frames.starts[k], frames.starts[k + 1]
@@ -534,13 +547,40 @@ def test_setpoint_frames_decode_like_encode_setpoints():
                 assert getattr(got[k], key) == getattr(want, key), key
             np.testing.assert_array_equal(got[k].p_kw, want.p_kw)
             np.testing.assert_array_equal(got[k].reasons, want.reasons)
+        np.testing.assert_array_equal(frames.frame_reasons(), r)
 
 
-def test_setpoint_frames_refuse_wild_values():
-    """A NaN or out-of-range setpoint, or power under an e-stop, never leaves as a frame."""
-    frames = wire.SetpointFrames([("gw1", wire.join_ids(["A", "B"]))])
-    for p, estop in (([np.nan, 0.0], False), ([0.0, 5000.0], False), ([1.0, 0.0], True)):
-        frames.p_kw[:] = p
-        with pytest.raises(wire.WireError) as exc:
-            list(frames.fill(1, 1, 10, 20, estop))
+def test_compiled_setpoint_frames_write_the_twins_bytes():
+    """The compiled fill leaves the frame buffer byte for byte as the NumPy twin does, for random cycles of a
+    fleet in gateway order and of one gathered, with every Reason code and an e-stop's zeros."""
+    sizes = {f"gw{k}": int(n) for k, n in enumerate(np.random.default_rng(1).integers(0, 60, 40))}
+    fast, _ = _frames_for(sizes, "cython")
+    twin, _ = _frames_for(sizes, "reference")
+    n = fast.n_nodes
+    rng = np.random.default_rng(2)
+    codes = np.array([int(c) for c in Reason], np.uint8)
+    for cycle in range(20):
+        rows = rng.permutation(n) if cycle % 2 else None
+        estop = cycle % 5 == 4
+        sp = np.zeros(n) if estop else rng.uniform(-1000.0, 1000.0, n)
+        rs = rng.choice(codes, n)
+        for frames in (fast, twin):
+            frames.write(sp, rs, rows, 3, cycle + 1, 10**15 + cycle, 10**15 + 10**9, estop, slow_n=1 + cycle)
+        assert bytes(fast.buffer) == bytes(twin.buffer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_setpoint_frames_refuse_wild_values(backend):
+    """A NaN, infinite or out-of-range setpoint, an unknown Reason, or power under an e-stop, never leaves as a
+    frame: write() raises OUT_OF_RANGE naming the value."""
+    frames, _ = _frames_for({"gw1": 2, "gw2": 3}, backend)
+    unknown = next(c for c in range(256) if c not in {int(r) for r in Reason})
+    for p, r, estop, says in (([0.0, 0.0, 0.0, 0.0, np.nan], 0, False, "p_kw[4]=nan"),
+                              ([0.0, 0.0, np.inf, 0.0, 0.0], 0, False, "p_kw[2]=inf"),
+                              ([0.0, 5000.0, 0.0, 0.0, 0.0], 0, False, "p_kw[1]=5000.0"),
+                              ([0.0, 1000.001, 0.0, 0.0, 0.0], 0, False, "p_kw[1]=1000.0"),
+                              ([0.0] * 5, unknown, False, f"unknown Reason code {unknown}"),
+                              ([0.0, 0.0, 1.0, 0.0, 0.0], 0, True, "estop is set")):
+        with pytest.raises(wire.WireError, match=re.escape(says)) as exc:
+            frames.write(np.array(p), np.full(5, r, np.uint8), None, 1, 2, 10, 20, estop)
         assert exc.value.code == "OUT_OF_RANGE"

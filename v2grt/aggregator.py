@@ -45,6 +45,7 @@ from v2grt.services import ServiceCurve
 log = logging.getLogger("v2grt.aggregator")
 
 _REASON_NAMES = reason_names(range(256))
+_NOT_EXCLUDED = frozenset({int(Reason.OK), int(Reason.EMPTY)})  # the status's `excluded` leaves these out
 
 #: The libzmq I/O thread (index in the aggregator's context of two) that carries the setpoint PUB alone.
 PUBLISHER_IO_THREAD = 1
@@ -52,6 +53,20 @@ PUBLISHER_IO_THREAD = 1
 #: The `optimized` telemetry profile: slow metrics (cabin temperature, SoH, cycle count, ...) in one
 #: batch of 10, fast ones (SoC, power, voltage) in every batch (the field manual's overhead advice).
 SLOW_N_OPTIMIZED = 10
+
+
+@dataclasses.dataclass
+class _CycleOut:
+    """A handed-over cycle's outputs, written into its frames on the publisher thread (_prepare_frames)."""
+
+    result: object  # DispatchResult: its arrays are the dispatcher's buffers, this cycle's while dispatcher.runs == run
+    run: int
+    rows: np.ndarray | None  # the fleet row of each node in the frames' order; None: row j is node j
+    t_ns: int
+    exp_ns: int
+    slow_n: int
+    now_ns: int  # the cycle's wake-up (the status's meter age)
+    delivered_kw: float
 
 
 @dataclasses.dataclass
@@ -205,14 +220,17 @@ class Aggregator:
         #: bus.publisher_thread: the thread that owns the setpoint PUB (v2grt.publisher); None: this control thread
         self.sender: PublisherThread | None = None
         if cfg.bus.publisher_thread:
-            self.sender = PublisherThread(self.publisher, may_send=self._may_send, on_done=self._publish_done,
-                                          on_idle=self._publisher_upkeep, events=self.events)
+            self.sender = PublisherThread(self.publisher, prepare=self._prepare_frames, may_send=self._may_send,
+                                          on_done=self._publish_done, on_idle=self._publisher_upkeep,
+                                          events=self.events)
         elif self.security is not None:  # drops revoked keys' connections to the setpoint PUB (its owner's job)
             self.cycle_hooks.append(self.security.on_cycle)
         self._cycle_start_ns = 0  # this cycle's deadline (its wake-up if off the grid): the to-wire time's origin
         #: control-thread publishing (bus.publisher_thread false): deadline to the last frame sent, ns (a ring)
         self.to_wire_ns = np.zeros(4096, np.int64)
         self.to_wire_count = 0
+        self.frames_sent = 0  # ... and the setpoint frames it queued
+        self.last_to_wire_ns = 0
         #: GRID_FREQUENCY_ALERT and its throttling, applied in the service-fraction phase (v2grt.monitor).
         self.alert = (FrequencyAlert(cfg.alert, self.dispatcher.service.nominal_hz, self.events, self.dispatcher)
                       if cfg.alert.band_hz is not None else None)
@@ -472,31 +490,30 @@ class Aggregator:
         self.seq += 1
         t_ns = time.time_ns()
         frames = self._frames
-        # One gather for the whole fleet, straight into the frames' float32/uint8 arrays. mode="clip":
-        # rows are valid by construction, and "raise" buffers `out` (1.8 vs 1.1 ms at 1M nodes). A roster whose
-        # rows are already in gateway order needs no gather, a plain copy: 17 + 3 us instead of 106 + 68 us at
-        # 100,000 vehicles (1,000 gateways, this machine).
-        if self._rows_in_order:
-            n = len(frames.p_kw)
-            np.copyto(frames.p_kw, result.setpoints_kw[:n], casting="same_kind")
-            np.copyto(frames.reasons, result.reasons[:n])
-        else:
-            np.take(result.setpoints_kw, self._rows_all, out=frames.p_kw, mode="clip")
-            np.take(result.reasons, self._rows_all, out=frames.reasons, mode="clip")
-        # result.estop: the flag the kernel ran with, so a flagged message always carries zeros. fill() checks
-        # every value here, on this thread, before a frame exists: a wild value raises in the cycle (CYCLE_ERROR).
-        it = frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, result.estop, slow_n=self.slow_n)
-        status = self._status_fields(result, t_ns, now_ns)
+        rows = None if self._rows_in_order else self._rows_all
         if sender is not None:
-            # Handed over: `published` stays True in this cycle's journal record unless the publisher thread
-            # refuses at send time (the lease) or fails; it then sets the record's flag to 0 (_publish_done).
+            # Handed over as it is: the publisher thread writes the frames and the status fields from this result
+            # (_prepare_frames), and sends nothing if the next cycle's kernel began first. At 100,000 vehicles and
+            # 1,000 gateways this phase was 0.41 ms p50 with the compiled writing still here (memory-bound: the
+            # caches are cold from the kernel) and is 0.10 ms without it (docs/benchmarks.md, "The publisher thread").
+            # `published` stays True in this cycle's journal record unless the publisher thread does not send it
+            # (stale, a wild value, the lease at send time, a failure): it then sets the flag to 0 (_publish_done).
             w = self.journal.expect_outcome() if self.journal is not None else -1
             self.published = True
-            sender.submit(PublishJob(self.epoch, self.seq, it, status, self._cycle_start_ns, journal_w=w))
+            cycle = _CycleOut(result, self.dispatcher.runs, rows, t_ns, t_ns + self.ttl_ns, self.slow_n, now_ns,
+                              self.delivered_kw)
+            sender.submit(PublishJob(self.epoch, self.seq, frames, None, self._cycle_start_ns, journal_w=w,
+                                     cycle=cycle))
             return
-        for frame in it:
-            self.publisher.send(frame)
-        self.to_wire_ns[self.to_wire_count % len(self.to_wire_ns)] = time.monotonic_ns() - self._cycle_start_ns
+        # One compiled pass writes the whole cycle into every gateway's frame (the gather by row, or a plain copy
+        # when the roster is already in gateway order, float32, the checks, the header). A wild value raises
+        # here, on this thread, before a frame can be sent (CYCLE_ERROR).
+        frames.write(result.setpoints_kw, result.reasons, rows, self.epoch, self.seq, t_ns, t_ns + self.ttl_ns,
+                     result.estop, slow_n=self.slow_n)
+        status = self._status_fields(result, t_ns, now_ns, self.epoch, self.seq, self.delivered_kw)
+        self.frames_sent += self.publisher.send_frames(frames)
+        self.last_to_wire_ns = time.monotonic_ns() - self._cycle_start_ns
+        self.to_wire_ns[self.to_wire_count % len(self.to_wire_ns)] = self.last_to_wire_ns
         self.to_wire_count += 1
         self.published = True
         self.publisher.send(wire.encode_status(status))
@@ -504,6 +521,23 @@ class Aggregator:
             self.ha.resign_after_publish()
 
     # the publisher thread's callbacks (v2grt.publisher): on that thread
+    def _prepare_frames(self, job: PublishJob) -> bool:
+        """Write a handed-over cycle into its frames and its status fields; False: the kernel ran again since the
+        hand-over, so what was read may mix two cycles (nothing of it is to be sent)."""
+        c = job.cycle
+        r = c.result
+        try:
+            job.frames.write(r.setpoints_kw, r.reasons, c.rows, job.epoch, job.seq, c.t_ns, c.exp_ns, r.estop,
+                             slow_n=c.slow_n)
+            job.status = self._status_fields(r, c.t_ns, c.now_ns, job.epoch, job.seq, c.delivered_kw)
+        except wire.WireError:
+            if self.dispatcher.runs != c.run:  # a "wild" value read from a half-written next cycle: stale
+                return False
+            raise
+        # compared after the reads: a run counted before it wrote the arrays (Dispatcher.runs), and each thread
+        # passed the GIL in between, so a run that overlapped any read is seen here
+        return self.dispatcher.runs == c.run
+
     def _may_send(self, job: PublishJob) -> bool:
         """Self-fencing at send time (docs/ha.md): the lease of the frames' epoch is surely valid now."""
         if self.ha is None:
@@ -534,8 +568,8 @@ class Aggregator:
             if len(gw_rows):
                 gateways.append((gw, wire.join_ids(fleet.node_ids[r] for r in gw_rows)))
                 rows.append(gw_rows)
-        self._frames = wire.SetpointFrames(gateways)
-        self._rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self._frames = wire.SetpointFrames(gateways, backend=self.dispatcher.backend)
+        self._rows_all = np.ascontiguousarray(np.concatenate(rows) if rows else np.zeros(0), np.int64)
         self._rows_in_order = bool(np.array_equal(self._rows_all, np.arange(len(self._rows_all))))
         self._layout_version = fleet.version
         # telemetry in the order of these frames' ids is mapped by a bytes comparison (v2grt.ingest)
@@ -549,32 +583,33 @@ class Aggregator:
             self._rebuild_layouts()
         self.seq += 1
         t_ns = time.time_ns()
-        self._frames.p_kw[:] = 0.0
-        it = self._frames.fill(self.epoch, self.seq, t_ns, t_ns + self.ttl_ns, False, slow_n=self.slow_n)
+        frames = self._frames
+        # 0 kW for every vehicle, each with the reason its frame carried last (none before a first cycle: OK)
+        frames.write(np.zeros(frames.n_nodes), frames.frame_reasons(), None, self.epoch, self.seq, t_ns,
+                     t_ns + self.ttl_ns, False, slow_n=self.slow_n)
         if self.sender is not None and self.sender.running:
-            self.sender.submit(PublishJob(self.epoch, self.seq, it, None, time.monotonic_ns(), final=True))
+            self.sender.submit(PublishJob(self.epoch, self.seq, frames, None, time.monotonic_ns(), final=True))
             if not self.sender.wait_idle():
                 log.error("SHUTDOWN the publisher thread did not send the final zero setpoints within 5 s")
                 return
         else:  # no publisher thread, or it never started (stop() without start()): this thread is the owner
-            for frame in it:
-                self.publisher.send(frame)
+            self.publisher.send_frames(frames)
         log.info("SHUTDOWN final zero setpoints sent to %d gateways (seq %d)", len(self._frames), self.seq)
 
-    def _status_fields(self, result, t_ns: int, now_ns: int) -> dict:
-        # self.delivered_kw: computed by _publish this cycle
+    def _status_fields(self, result, t_ns: int, now_ns: int, epoch: int, seq: int, delivered_kw: float) -> dict:
+        """The status message's fields (the publisher thread builds them with the cycle's own numbers)."""
         # The kernel counts the rows per reason as it writes them (a bincount of 1M codes here took
         # ~2 ms), so the status is exact every cycle.
         counts = result.nodes_per_reason
-        excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts)
-                    if k not in (Reason.OK, Reason.EMPTY)}
+        # plain ints: comparing numpy integers with the Reason enum cost ~60 us for six codes (this machine)
+        excluded = {_REASON_NAMES[k]: int(counts[k]) for k in np.flatnonzero(counts).tolist() if k not in _NOT_EXCLUDED}
         _sample, t = self.meter.latest.read() if self.meter else (None, None)
         return {
-            "ep": self.epoch, "seq": self.seq, "t_ns": t_ns,
+            "ep": epoch, "seq": seq, "t_ns": t_ns,
             "f_hz": None if math.isnan(result.frequency_hz) else float(result.frequency_hz),
             "f_age_ms": None if t is None else max(0.0, (now_ns - t) / 1e6),
             "target_kw": result.target_kw,
-            "delivered_kw": self.delivered_kw,
+            "delivered_kw": delivered_kw,
             "available_dis_kw": result.feasible_dis_kw,
             "available_chg_kw": result.feasible_chg_kw,
             "n_nodes": len(self.fleet),
@@ -768,6 +803,22 @@ class Aggregator:
             self._never_heard = self.fleet.count_never_heard()
         return self._never_heard
 
+    def to_wire_ring(self) -> tuple[np.ndarray, int]:
+        """The per-cycle deadline-to-last-frame times (ns) of whichever thread sends, as a ring and the number of
+        cycles sent so far (the newest at ``(count - 1) % len(ring)``)."""
+        if self.sender is not None:
+            return self.sender.to_wire_ns, self.sender.sent_cycles
+        return self.to_wire_ns, self.to_wire_count
+
+    def publisher_snapshot(self) -> dict:
+        """Who sends the setpoints and how it goes: the status reply's `publisher` map and the metrics
+        (docs/wire.md 6.1). Counts since start; read without a lock (each a whole int or float)."""
+        if self.sender is not None:
+            return self.sender.snapshot()
+        return {"thread": False, "cycles_sent": self.to_wire_count, "frames_sent": self.frames_sent,
+                "frames_dropped": self.publisher.dropped, "busy_skips": 0, "stale": 0, "refused": 0, "fenced": 0,
+                "errors": 0, "last_send_ms": None, "last_to_wire_ms": self.last_to_wire_ns / 1e6}
+
     def status_report(self) -> dict:
         """Everything `v2g-cli --status` shows: fleet, timing, alarms, counters (plain types only)."""
         r = self.last_result
@@ -780,6 +831,7 @@ class Aggregator:
                "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code
                "control_errors": dict(self.control.errors),  # control requests refused, by code
                "setpoints_dropped": self.publisher.dropped, "never_heard": self.never_heard(),
+               "publisher": self.publisher_snapshot(),
                "receive": self.gate.snapshot()}  # the bus thread's share of the periods (v2grt.gate)
         if r is not None:
             out.update(r.summary())

@@ -127,6 +127,9 @@ class Dispatcher:
         self._last_ns: int | None = None
         self._out: KernelOutput | None = None
         self._work: Workspace | None = None
+        #: kernel runs into the output buffers so far, counted before each run writes them: a reader of a
+        #: result's arrays on another thread (the publisher thread) compares it after reading (v2grt.publisher)
+        self.runs = 0
         self._ensure_buffers()
         if capacity_kw is None:
             capacity_kw = self.deliverable_kw()
@@ -182,6 +185,7 @@ class Dispatcher:
         """
         n = self.fleet.n_rows
         now_ns = int(self.fleet.last_telemetry_ns[:n].max()) if n else 0
+        self.runs += 1
         self.kernel.dispatch(self.fleet, self.profile, 0.0, now_ns, math.inf, False, self._out, self._work)
         t = self._out.totals
         return float(min(t[T_FEASIBLE_DIS], t[T_FEASIBLE_CHG]))
@@ -229,6 +233,7 @@ class Dispatcher:
         fleet, out = self.fleet, self._out
         pin_row, pin_kw = (-1, 0.0) if pin is None else (int(pin[0]), float(pin[1]))
         estop = self._estop  # read once: the kernel, the result and the latch below agree on it
+        self.runs += 1
         self.kernel.dispatch(fleet, self.profile, float(request_kw), int(now_ns), float(dt_s), estop,
                              out, self._work, pin_row, pin_kw)
         if estop:

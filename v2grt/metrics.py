@@ -29,6 +29,16 @@ telemetry_refused_nodes_total{code}         counter    vehicles refused from bat
                                                        FOREIGN_NODE, INVALID_TELEMETRY (one per vehicle and batch)
 events_total{code}                          counter    engine.log events by code (rate-limited lines included)
 setpoints_dropped_total                     counter    setpoint frames the PUB socket refused
+setpoints_to_wire_seconds                   histogram  each cycle sent: its deadline to its last setpoint frame
+                                                       queued to ZeroMQ (on whichever thread sends them)
+publisher_cycles_total                      counter    cycles whose setpoints were sent
+publisher_frames_sent_total                 counter    setpoint frames queued to ZeroMQ
+publisher_cycles_not_sent_total{reason}     counter    busy (publisher thread still sending), stale (laid out
+                                                       after the next dispatch began), refused (a wild value),
+                                                       fenced (HA lease at send time), error
+publisher_last_send_seconds                 gauge      the publisher thread's own time for the last cycle sent
+                                                       (NaN when the control thread sends)
+publisher_last_to_wire_seconds              gauge      the last cycle sent: deadline to its last frame queued
 receive_busy_seconds_total                  counter    time the bus thread spent receiving (telemetry, control)
 receive_budget_exhausted_total              counter    periods in which bus.receive_budget ran out (overload)
 receive_throttled_seconds_total             counter    time the bus thread waited for the next period, its
@@ -116,6 +126,8 @@ class MetricsExporter:
         self.hists = {f"phase:{p}": _Hist(DURATION_BUCKETS_S) for p in _PHASES}
         self.hists["lateness"] = _Hist(DURATION_BUCKETS_S)
         self.hists["input_age"] = _Hist(AGE_BUCKETS_S)
+        self.hists["to_wire"] = _Hist(DURATION_BUCKETS_S)
+        self._seen_sent = 0  # cycles sent whose to-wire time is in the histogram
         self._snap: _Snapshot | None = None
         self.lost_samples = 0  # cycles that fell out of the stats ring between two passes
         self.server = None
@@ -135,6 +147,8 @@ class MetricsExporter:
         """Take everything new since the last pass into a fresh snapshot (one pass: ~0.1 ms)."""
         stats = agg.stats
         self._take_rings(stats)
+        pub = agg.publisher_snapshot()
+        self._take_to_wire(agg.to_wire_ring()[0], pub["cycles_sent"])  # the histogram counts what the counter does
         fleet = agg.fleet
         n = fleet.n_rows
         counts = result.nodes_per_reason  # counted by the kernel
@@ -163,6 +177,8 @@ class MetricsExporter:
             "frequency_alert": float(alert is not None and alert.active),
             "epoch": float(agg.epoch),
             "journal_write_failing": float(journal is not None and journal.counters.failing),
+            "publisher_last_send_seconds": math.nan if pub["last_send_ms"] is None else pub["last_send_ms"] / 1e3,
+            "publisher_last_to_wire_seconds": pub["last_to_wire_ms"] / 1e3,
         }
         counters = {
             "cycles_total": stats.cycles,
@@ -174,6 +190,11 @@ class MetricsExporter:
             "receive_throttled_seconds_total": agg.gate.throttled_ns / 1e9,
             "deadline_misses_total": {"missed_deadline": stats.missed_deadlines,
                                       "budget_overrun": stats.budget_overruns},
+            "publisher_cycles_total": pub["cycles_sent"],
+            "publisher_frames_sent_total": pub["frames_sent"],
+            "publisher_cycles_not_sent_total": {"busy": pub["busy_skips"], "stale": pub["stale"],
+                                                "refused": pub["refused"], "fenced": pub["fenced"],
+                                                "error": pub["errors"]},
         }
         self._snap = _Snapshot(
             hists={k: (h.counts.copy(), h.sum_ns) for k, h in self.hists.items()},
@@ -204,6 +225,13 @@ class MetricsExporter:
         age = take("input_age")
         self.hists["input_age"].add(age[age > 0])  # 0: no meter configured; -1: no sample yet
 
+    def _take_to_wire(self, ring: np.ndarray, count: int) -> None:
+        """The to-wire times of the cycles sent since the last pass (a ring of ``len(ring)``, ``count`` so far)."""
+        start = max(self._seen_sent, count - len(ring))
+        self._seen_sent = count
+        if count > start:
+            self.hists["to_wire"].add(ring[np.arange(start, count) % len(ring)])
+
     # ----------------------------------------------------------------- HTTP thread
     def collect(self):
         snap = self._snap
@@ -218,6 +246,8 @@ class MetricsExporter:
         for key, name, doc, bounds in (
                 ("lateness", "v2grt_cycle_wakeup_lateness_seconds", "Wake-up lateness after the deadline",
                  DURATION_BUCKETS_S),
+                ("to_wire", "v2grt_setpoints_to_wire_seconds", "A cycle's deadline to its last setpoint frame "
+                 "queued to ZeroMQ", DURATION_BUCKETS_S),
                 ("input_age", "v2grt_meter_input_age_seconds", "Age of the meter sample a cycle used",
                  AGE_BUCKETS_S)):
             fam = HistogramMetricFamily(name, doc)
@@ -231,6 +261,15 @@ class MetricsExporter:
                                   value=c["setpoints_dropped_total"])
         yield CounterMetricFamily("v2grt_journal_records_dropped", "Cycle records the journal lost (write error, "
                                   "writer behind)", value=c["journal_records_dropped_total"])
+        yield CounterMetricFamily("v2grt_publisher_cycles", "Cycles whose setpoints were sent",
+                                  value=c["publisher_cycles_total"])
+        yield CounterMetricFamily("v2grt_publisher_frames_sent", "Setpoint frames queued to ZeroMQ",
+                                  value=c["publisher_frames_sent_total"])
+        not_sent = CounterMetricFamily("v2grt_publisher_cycles_not_sent", "Cycles whose setpoints were not sent, "
+                                       "by reason", labels=["reason"])
+        for reason, v in c["publisher_cycles_not_sent_total"].items():
+            not_sent.add_metric([reason], v)
+        yield not_sent
         for key, doc in (("receive_busy_seconds", "Time the bus thread spent receiving telemetry and control"),
                          ("receive_budget_exhausted", "Periods in which bus.receive_budget ran out"),
                          ("receive_throttled_seconds", "Time the bus thread waited with its receive budget spent")):
@@ -250,7 +289,11 @@ class MetricsExporter:
                 "frequency_stale": "1 while the meter's frequency is stale",
                 "frequency_alert": "1 while the frequency is outside the alert band",
                 "epoch": "This scheduler's fencing epoch",
-                "journal_write_failing": "1 while the dispatch journal cannot write (JOURNAL_WRITE_FAILED)"}
+                "journal_write_failing": "1 while the dispatch journal cannot write (JOURNAL_WRITE_FAILED)",
+                "publisher_last_send_seconds": "The publisher thread's own time for the last cycle sent, s (NaN: "
+                                               "the control thread sends)",
+                "publisher_last_to_wire_seconds": "The last cycle sent: its deadline to its last setpoint frame "
+                                                  "queued to ZeroMQ, s"}
         for name, value in snap.gauges.items():
             yield GaugeMetricFamily(f"v2grt_{name}", docs[name], value=value if value is not None else math.nan)
         veh = GaugeMetricFamily("v2grt_vehicles", "Vehicles by state and reason code", labels=["state", "reason"])

@@ -514,6 +514,8 @@ def format_status(st: dict) -> str:
     lines.append(f"                 cycle p50 {num(total.get('p50_ms'), '.3f')} ms, p99 "
                  f"{num(total.get('p99_ms'), '.3f')} ms, max {num(total.get('max_ms'), '.3f')} ms; "
                  f"wake-up lateness p99 {num(late.get('p99_ms'), '.3f')} ms")
+    if (pub := st.get("publisher")) is not None:  # absent in replies from aggregators before the counters
+        lines.append("  setpoints      " + _publisher_line(pub))
     if (ha := st.get("ha")) is not None:
         lines.append("  ha             " + _ha_line(ha))
     jn = st.get("journal")
@@ -573,6 +575,21 @@ def _ha_line(ha: dict) -> str:
         h = ha["handover"]
         line += f"{pad}last handover: {h.get('from')} (epoch {h.get('epoch')}) to {h.get('to')}: {h.get('state')}"
     return line
+
+
+def _publisher_line(pub: dict) -> str:
+    """One line on the setpoint sends from the status reply's `publisher` map."""
+    def ms(v):
+        return "n/a" if v is None else f"{v:.3f} ms"
+
+    who = "publisher thread" if pub.get("thread") else "control thread"
+    line = (f"sent by the {who}: {pub.get('cycles_sent', 0)} cycles, {pub.get('frames_sent', 0)} frames; last cycle "
+            f"deadline to last frame {ms(pub.get('last_to_wire_ms'))}"
+            + (f", its sends {ms(pub.get('last_send_ms'))}" if pub.get("thread") else ""))
+    missed = [f"{pub[k]} {label}" for k, label in (
+        ("busy_skips", "skipped (publisher busy)"), ("stale", "stale"), ("refused", "refused (wild values)"),
+        ("fenced", "fenced (lease)"), ("errors", "errors"), ("frames_dropped", "frames dropped")) if pub.get(k)]
+    return line + (f"; not sent: {', '.join(missed)}" if missed else "")
 
 
 def _journal_line(jn: dict) -> str:

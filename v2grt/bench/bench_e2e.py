@@ -15,9 +15,13 @@ so steps are not phase-locked to the period or the poll), and times from just af
 SunSpecMeter.set_frequency to the first admitted gw1 message whose setpoints turned to the new
 direction (their sum changed sign). Both processes read CLOCK_MONOTONIC, so each trial is also split,
 from the aggregator's side, into: meter (step to the first poll that read the new value: poll wait +
-Modbus read), wait (to the wake-up of the first cycle that used it), cycle (inputs + kernel +
-publish) and delivery (ZeroMQ to the gateway, and its decode). Target (DESIGN.md section 10, issue 3):
-p99 under one period plus 10 ms.
+Modbus read), wait (to the wake-up of the first cycle that used it), cycle (the control thread: inputs +
+kernel + publish phase, to the hand-over), and with the publisher thread (bus.publisher_thread, the default)
+queue (the hand-over to the publisher thread taking the cycle up), send (it writes the frames and the status
+fields, checks the lease, and queues gw1's frame, the first of the cycle) and delivery (gw1's frame through
+ZeroMQ to the gateway, and its decode); the time to the cycle's last frame queued (every gateway's send) is
+shown beside them. With the control thread sending, its sends are in `cycle` and delivery starts at its last
+frame. Target (DESIGN.md section 10, issue 3): p99 under one period plus 10 ms.
 """
 
 from __future__ import annotations
@@ -67,37 +71,67 @@ class _FirstSeen(Latest):
 
 
 class _PublishTimer:
-    """Wraps Aggregator._publish: for each cycle whose frequency changed, its wake-up and publish-end times."""
+    """Wraps Aggregator._publish: for each cycle whose frequency changed, its wake-up and publish-end times and the
+    seq it published under; with the publisher thread, each sent cycle's times there by seq (its on_done)."""
 
-    def __init__(self, publish):
-        self._publish = publish
-        self.records: list[tuple[float, int, int]] = []
+    def __init__(self, agg):
+        self._agg = agg
+        self._publish = agg._publish
+        self.records: list[tuple[float, int, int, int]] = []
+        self.jobs: dict[int, tuple[int, int, int, int]] = {}  # seq -> (submit, start, first frame, last frame) ns
         self._last_f = None
+        if agg.sender is not None:
+            on_done = agg.sender.on_done
+
+            def done(job, sent):  # on the publisher thread, after the cycle's frames and status were queued
+                if sent:
+                    self.jobs[job.seq] = (job.t_submit_ns, job.t_start_ns, job.t_send_ns, job.t_wire_ns)
+                on_done(job, sent)
+
+            agg.sender.on_done = done
 
     def __call__(self, result, now_ns: int) -> None:
         self._publish(result, now_ns)  # now_ns is the cycle's wake-up time (Aggregator._cycle)
         f = result.frequency_hz
         if f != self._last_f:
             self._last_f = f
-            self.records.append((f, now_ns, time.monotonic_ns()))
+            self.records.append((f, now_ns, time.monotonic_ns(), self._agg.seq))
 
 
-def split(trials: list[dict], seen, records) -> dict[str, list[int]]:
-    """Per trial: meter, wait, cycle, delivery (ns): the first read of the new value after the step,
-    then the first cycle that used it."""
-    parts: dict[str, list[int]] = {"meter": [], "wait": [], "cycle": [], "delivery": []}
+SPLIT = ("meter", "wait", "cycle", "queue", "send", "delivery", "last_frame")
+
+
+def split(trials: list[dict], seen, records, jobs) -> dict[str, list[int]]:
+    """Per trial (ns): meter, wait, cycle, then with the publisher thread queue, send (to gw1's frame queued, the
+    cycle's first) and delivery, beside last_frame (the publisher thread's start to the cycle's last frame
+    queued); without it (``jobs`` empty) delivery from the end of the control thread's publish phase. The first
+    read of the new value after the step, then the first cycle that used it."""
+    parts: dict[str, list[int]] = {k: [] for k in SPLIT}
     for tr in trials:
         t_step, f_new = tr["t_step_ns"], tr["f_hz"]
         t_read = next((t for f, t in seen if t >= t_step and abs(f - f_new) < 1e-3), None)
         if t_read is None:
             continue
-        cyc = next(((woke, end) for f, woke, end in records if woke >= t_read and abs(f - f_new) < 1e-3), None)
+        cyc = next(((woke, end, seq) for f, woke, end, seq in records if woke >= t_read and abs(f - f_new) < 1e-3),
+                   None)
         if cyc is None:
             continue
+        woke, end, seq = cyc
+        job = jobs.get(seq)
+        if jobs and job is None:  # that cycle was not sent (busy, stale, fenced): the trial's frame came later
+            continue
         parts["meter"].append(t_read - t_step)
-        parts["wait"].append(cyc[0] - t_read)
-        parts["cycle"].append(cyc[1] - cyc[0])
-        parts["delivery"].append(tr["t_arrival_ns"] - cyc[1])
+        parts["wait"].append(woke - t_read)
+        if job is None:  # the control thread sent it: its sends are in `cycle`
+            parts["cycle"].append(end - woke)
+            parts["delivery"].append(tr["t_arrival_ns"] - end)
+            continue
+        t_submit, t_start, t_send, t_wire = job
+        parts["cycle"].append(t_submit - woke)
+        parts["queue"].append(t_start - t_submit)
+        parts["send"].append(t_send - t_start)
+        parts["delivery"].append(tr["t_arrival_ns"] - t_send)
+        parts["last_frame"].append(t_wire - t_start)
     return parts
 
 
@@ -113,7 +147,7 @@ def measure(period_ms: float, poll_ms: float, n: int, gateways: int, trials: int
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         keep_fresh(agg)
         seen = agg.meter.latest = _FirstSeen()  # instrumentation only: same cell, times of first reads
-        timer = agg._publish = _PublishTimer(agg._publish)
+        timer = agg._publish = _PublishTimer(agg)
         agg.start()
         try:
             if not agg.first_cycle.wait(10.0):
@@ -131,7 +165,7 @@ def measure(period_ms: float, poll_ms: float, n: int, gateways: int, trials: int
             agg.stop()
     done = [t for t in out["trials"] if t["t_arrival_ns"] is not None]
     lat = [t["t_arrival_ns"] - t["t_step_ns"] for t in done]
-    parts = split(done, seen.changes, timer.records)
+    parts = split(done, seen.changes, timer.records, timer.jobs)
     target_ms = period_ms + 10.0
     e2e = stats_ms(lat)
     extra = {"latency_ns": [int(x) for x in lat]} if samples else {}
@@ -142,6 +176,7 @@ def measure(period_ms: float, poll_ms: float, n: int, gateways: int, trials: int
         "split_mean_ms": {k: float(np.mean(v)) / 1e6 if v else None for k, v in parts.items()},
         "split_p99_ms": {k: float(np.percentile(v, 99)) / 1e6 if v else None for k, v in parts.items()},
         "split_n": len(parts["meter"]),
+        "publisher_thread": agg.sender is not None,
         "cycle_total": cycle,
         "missed_deadlines": int(missed),
         "subscriber_errors": out["sub_errors"],
@@ -170,17 +205,21 @@ def render(r: dict) -> str:
                       lat.get("max_ms"), x["target_ms"], "MET" if x["target_met"] else "NOT MET", x["timeouts"],
                       x["missed_deadlines"]])
         sm = x["split_mean_ms"]
-        rows2.append([x["period_ms"], x["poll_ms"], x["split_n"], sm["meter"], sm["wait"], sm["cycle"],
-                      sm["delivery"], lat.get("mean_ms")])
+        rows2.append([x["period_ms"], x["poll_ms"], x["split_n"], "thread" if x.get("publisher_thread") else "control",
+                      *("-" if sm.get(k) is None else sm[k] for k in SPLIT), lat.get("mean_ms")])
     return "\n".join([
         head,
         table(["period ms", "poll ms", "trials", "p50 ms", "p99 ms", "max ms", "target ms", "target", "timeouts",
                "missed"], rows1),
         "",
         "where the latency comes from (mean ms per trial): meter = step to the first poll that read it (poll "
-        "wait + Modbus read), wait = to the wake-up of the next cycle, cycle = inputs + kernel + publish, delivery = "
-        "ZeroMQ to the gateway + decode",
-        table(["period ms", "poll ms", "trials", "meter", "wait", "cycle", "delivery", "total mean"], rows2),
+        "wait + Modbus read), wait = to the wake-up of the next cycle, cycle = the control thread's inputs + kernel + "
+        "publish phase (with sends = control: its sends too); with the publisher thread: queue = hand-over to that "
+        "thread taking the cycle up, send = it writes the frames and queues gw1's (the first), delivery = ZeroMQ to "
+        "the gateway + decode (after the control thread's last send when it sends); last frame = the publisher "
+        "thread's start to the cycle's last frame queued (beside, not in the sum)",
+        table(["period ms", "poll ms", "trials", "sends", "meter", "wait", "cycle", "queue", "send", "delivery",
+               "last frame", "total mean"], rows2),
     ])
 
 

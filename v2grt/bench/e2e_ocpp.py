@@ -99,8 +99,8 @@ def analyse(steps: list[dict], seen, records, gw_trace: np.ndarray, st_recv: np.
         t0, f, sign = st["t_step_ns"], st["f_hz"], st["sign"]
         t1 = steps[k + 1]["t_step_ns"] if k + 1 < len(steps) else t0 + 10**10
         t_read = next((t for fv, t in seen if t >= t0 and abs(fv - f) < 1e-3), None)
-        cyc = None if t_read is None else next(((w, e) for fv, w, e in records if w >= t_read and abs(fv - f) < 1e-3),
-                                               None)
+        cyc = None if t_read is None else next(((w, e) for fv, w, e, _seq in records
+                                                if w >= t_read and abs(fv - f) < 1e-3), None)
         if cyc is None:
             continue
         t_pub = cyc[1]
@@ -190,7 +190,7 @@ def measure(args, directory: Path, mode: str = "central") -> dict:
         gw_mode, sim_mode = _mode_args(mode, cfg.service.capacity_kw, world.meter_port)
         agg = Aggregator(cfg, epoch=1, fleet=fleet)
         seen = agg.meter.latest = _FirstSeen()
-        timer = agg._publish = _PublishTimer(agg._publish)
+        timer = agg._publish = _PublishTimer(agg)
         agg.start()
         try:
             if not agg.first_cycle.wait(10.0):

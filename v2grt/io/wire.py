@@ -518,24 +518,35 @@ def encode_setpoints(gateway_id: str, epoch: int, seq: int, t_ns: int, exp_ns: i
 class SetpointFrames:
     """Every gateway's setpoint frame laid out once in one buffer, refilled each cycle (the aggregator's path).
 
-    ``gateways`` is a list of (gateway_id, ids_blob). Each cycle the caller gathers the whole fleet's
-    setpoints into ``p_kw`` (float32, kW, + discharge) and ``reasons`` (uint8), in gateway order (the
-    ``starts`` offsets), checks run once over all of them, and ``fill`` yields one frame per gateway.
+    ``gateways`` is a list of (gateway_id, ids_blob). Each cycle ``write`` takes the kernel's setpoints
+    (kW, + discharge) and reasons by fleet row, with ``rows`` listing the fleet row of each node in the
+    frames' gateway order (the ``starts`` offsets; None: row j is node j), checks every value and lays the
+    whole cycle out in the buffer; then each gateway's frame is ``buffer[f0[k]:f1[k]]`` (``spans``).
     A frame decodes to exactly what :func:`encode_setpoints` gives for the same inputs; the bytes
     differ only in fixed-width integer forms (uint64, uint32, bin32), so values sit at fixed offsets.
-    Per gateway that leaves three slice copies and a send, where encode_setpoints converts, checks and
-    packs each gateway's arrays anew (``v2grt bench cycle --nodes 100000 --gateways 1000`` times the
-    publish phase; docs/benchmarks.md).
+
+    ``backend="cython"`` (the default) writes the cycle in one compiled pass without the GIL
+    (v2grt.io._frames: gather, float32 conversion, the checks, the header, every frame's slices), and
+    bus.SetpointPublisher.send_frames sends every frame in one compiled call; ``"reference"`` is the NumPy
+    twin, byte for byte the same buffer (tests/test_wire.py). As for the kernel (v2grt.kernel), the
+    compiled path is never left silently: without the built module, ``"cython"`` raises ImportError.
+    ``v2grt bench cycle --nodes 100000 --gateways 1000`` times it (docs/benchmarks.md).
     """
 
-    def __init__(self, gateways: list[tuple[str, bytes]]):
+    def __init__(self, gateways: list[tuple[str, bytes]], *, backend: str | None = None):
+        from v2grt import kernel
+
+        self.backend = backend or kernel.default_backend()
+        if self.backend not in kernel.BACKENDS:
+            raise ValueError(f"SetpointFrames backend {self.backend!r}: expected one of {list(kernel.BACKENDS)}")
+        self._c = None
+        if self.backend == "cython":
+            self._c = compiled_frames()
         pk = msgpack.packb
         counts = [_count_ids(ids_blob) for _, ids_blob in gateways]
         self.gateway_ids = [gw for gw, _ in gateways]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # node offsets per gateway
-        total = int(self.starts[-1])
-        self.p_kw = np.zeros(total, "<f4")  # caller writes here (np.take(..., out=frames.p_kw))
-        self.reasons = np.zeros(total, "u1")
+        self.n_nodes = int(self.starts[-1])
         # The six per-cycle fields are the same bytes for every gateway: one block, written once a cycle.
         self._common = bytearray(
             pk("ep") + b"\xcf" + bytes(8) + pk("seq") + b"\xcf" + bytes(8) + pk("t_ns") + b"\xcf" + bytes(8)
@@ -546,7 +557,7 @@ class SetpointFrames:
             c.index(pk(key)) + len(pk(key)) + 1 for key in ("ep", "seq", "t_ns", "exp_ns", "slow_n"))
         self._c_estop = c.index(pk("estop")) + len(pk("estop"))  # the bool is its own marker
         parts: list[bytes] = []
-        self._layout = []  # (frame start, common offset, p offset, r offset, frame end) per gateway
+        layout = []  # (frame start, common offset, p offset, r offset, frame end) per gateway
         pos = 0
         for (gw, ids_blob), n in zip(gateways, counts):
             head = setpoint_topic(gw) + b"\x8b" + pk("v") + pk(VERSION) + pk("gw") + pk(gw)
@@ -558,23 +569,31 @@ class SetpointFrames:
             off_r = off_p + 4 * n + len(r_hdr)
             end = off_r + n
             parts += [head, bytes(c), ids, p_hdr, bytes(4 * n), r_hdr, bytes(n)]
-            self._layout.append((pos, off_common, off_p, off_r, end))
+            layout.append((pos, off_common, off_p, off_r, end))
             pos = end
         self._buf = bytearray(b"".join(parts))
         self._mv = memoryview(self._buf)
-        self._p_bytes = memoryview(self.p_kw).cast("B")
-        self._r_bytes = memoryview(self.reasons)
+        cols = np.array(layout, np.int64).reshape(-1, 5).T.copy()
+        self.f0, self._off_common, self._off_p, self._off_r, self.f1 = cols  # each int64 (gateways,)
+        self._no_rows = np.zeros(0, np.int64)
 
     def __len__(self) -> int:
-        return len(self._layout)
+        return len(self.gateway_ids)
 
-    def fill(self, epoch: int, seq: int, t_ns: int, exp_ns: int, estop: bool, *, slow_n: int = 1):
-        """Check this cycle's ``p_kw`` and ``reasons`` once, then yield each gateway's frame (bytes).
+    @property
+    def buffer(self) -> bytearray:
+        """The laid-out frames, back to back (frame k is ``buffer[f0[k]:f1[k]]``)."""
+        return self._buf
 
-        Raises WireError before yielding anything if a value is wild (NaN, |p| > 1000 kW, an unknown
-        Reason, power under an e-stop): a kernel bug must never reach a gateway as a setpoint.
+    def write(self, setpoints_kw: np.ndarray, reasons: np.ndarray, rows: np.ndarray | None, epoch: int, seq: int,
+              t_ns: int, exp_ns: int, estop: bool, *, slow_n: int = 1) -> None:
+        """Lay this cycle out in every gateway's frame: node j of the frames gets ``setpoints_kw[rows[j]]`` (as
+        float32) and ``reasons[rows[j]]`` (rows None: row j), and every frame the header fields.
+
+        Raises WireError before the buffer may be sent if a value is wild (NaN, |p| > 1000 kW, an unknown
+        Reason, power under an e-stop): a kernel bug must never reach a gateway as a setpoint. The frames are
+        then partly written and must not be sent (the caller raises with them).
         """
-        _check_setpoints(self.p_kw, self.reasons, estop, "setpoints")
         if not (0 <= epoch <= U64_MAX and 0 <= seq <= U64_MAX and 0 <= t_ns <= exp_ns <= I64_MAX
                 and 1 <= slow_n <= 1_000_000):
             raise WireError("OUT_OF_RANGE", f"setpoints: epoch={epoch} seq={seq} t_ns={t_ns} exp_ns={exp_ns} "
@@ -586,17 +605,73 @@ class SetpointFrames:
         struct.pack_into(">Q", c, self._c_exp, exp_ns)
         c[self._c_estop] = 0xC3 if estop else 0xC2
         struct.pack_into(">I", c, self._c_slow, slow_n)
-        return self._frames(c)
+        if self._c is None:
+            p, r = self._gather(setpoints_kw, reasons, rows)
+            _check_setpoints(p, r, estop, "setpoints")
+            self._lay_out_reference(p, r)
+            return
+        gather = rows is not None
+        bad = self._c.fill(setpoints_kw, reasons, rows if gather else self._no_rows, gather, self._buf, self.starts,
+                           self._off_common, self._off_p, self._off_r, c, _KNOWN_REASON_U8, P_LIMIT_KW, estop)
+        if bad >= 0:  # the twin's checks name the value and what was expected
+            _check_setpoints(*self._gather(setpoints_kw, reasons, rows), estop, "setpoints")
+            raise WireError("OUT_OF_RANGE", f"setpoints: node {bad} (row {rows[bad] if gather else bad}) is wild")
 
-    def _frames(self, common: bytearray):
-        buf, mv, pb, rb, starts = self._buf, self._mv, self._p_bytes, self._r_bytes, self.starts
-        n_common = len(common)
-        for k, (f0, oc, op, orr, f1) in enumerate(self._layout):
-            a, b = int(starts[k]), int(starts[k + 1])
-            buf[oc:oc + n_common] = common
+    def _gather(self, setpoints_kw, reasons, rows) -> tuple[np.ndarray, np.ndarray]:
+        """The cycle's values in the frames' node order, as they go on the wire: float32 kW and uint8 reasons."""
+        n = self.n_nodes
+        if rows is None:
+            if len(setpoints_kw) < n or len(reasons) < n:
+                raise ValueError(f"setpoints: {len(setpoints_kw)} setpoints and {len(reasons)} reasons for "
+                                 f"{n} nodes in the frames")
+            return np.asarray(setpoints_kw[:n], "<f4"), np.asarray(reasons[:n], "u1")
+        return np.asarray(np.take(setpoints_kw, rows), "<f4"), np.asarray(np.take(reasons, rows), "u1")
+
+    def _lay_out_reference(self, p: np.ndarray, r: np.ndarray) -> None:
+        """The twin of the compiled pass's writes to the buffer (after its checks), one gateway at a time."""
+        buf, c, pb, rb = self._buf, self._common, memoryview(p).cast("B"), memoryview(r)
+        n_common = len(c)
+        for k in range(len(self.gateway_ids)):
+            a, b = int(self.starts[k]), int(self.starts[k + 1])
+            oc, op, orr = int(self._off_common[k]), int(self._off_p[k]), int(self._off_r[k])
+            buf[oc:oc + n_common] = c
             buf[op:op + 4 * (b - a)] = pb[4 * a:4 * b]
             buf[orr:orr + (b - a)] = rb[a:b]
+
+    def frame_reasons(self) -> np.ndarray:
+        """The reasons in the frames now, in the frames' node order (uint8): the final zero keeps them."""
+        out = np.zeros(self.n_nodes, np.uint8)
+        for k in range(len(self.gateway_ids)):
+            a, b = int(self.starts[k]), int(self.starts[k + 1])
+            out[a:b] = np.frombuffer(self._buf, np.uint8, b - a, int(self._off_r[k]))
+        return out
+
+    def frames(self) -> Iterator[bytes]:
+        """Each gateway's frame as it is in the buffer now (a copy each), in gateway order."""
+        mv = self._mv
+        for f0, f1 in zip(self.f0.tolist(), self.f1.tolist()):
             yield bytes(mv[f0:f1])
+
+
+_KNOWN_REASON_U8 = np.zeros(256, np.uint8)
+_KNOWN_REASON_U8[[int(r) for r in Reason]] = 1
+
+
+def compiled_frames():
+    """v2grt.io._frames, or ImportError saying how to build it (little-endian hosts only: it writes the
+    float32 setpoints in the machine's byte order, and the wire's is little-endian)."""
+    import sys
+
+    if sys.byteorder != "little":
+        raise ImportError("v2grt.io._frames writes float32 in the machine's byte order; this host is big-endian: "
+                          "set V2GRT_BACKEND=reference")
+    try:
+        from v2grt.io import _frames
+    except ImportError as exc:
+        raise ImportError(f"v2grt.io._frames (the setpoint frames' compiled fill and send) is not built ({exc}). "
+                          "Build it with `pip install -e .` (or `python setup.py build_ext --inplace`) from the "
+                          "source checkout; to run the NumPy twin on purpose, set V2GRT_BACKEND=reference.") from exc
+    return _frames
 
 
 def _check_setpoints(p: np.ndarray, r: np.ndarray, estop: bool, what: str) -> None:
