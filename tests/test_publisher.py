@@ -326,10 +326,32 @@ def test_a_wild_setpoint_is_never_sent_whichever_thread_writes_the_frames(publis
             got: list[int] = []
             wait_until(lambda: wild_seq and _received_past(sub, wild_seq[0], got), 10.0,
                        what="the wild cycle and one after it")
+            wait_until(lambda: agg.stats.errors >= 1, 5.0, what="the refusal counted as a cycle error")
     finally:
         agg.stop()
     assert wild_seq[0] not in got and max(got) > wild_seq[0]
     if publisher_thread:
-        assert agg.sender.refused == 1 and agg.events.counts["SETPOINTS_REFUSED"] == 1 and agg.stats.errors == 0
-    else:
-        assert agg.stats.errors == 1
+        assert agg.sender.refused == 1 and agg.events.counts["SETPOINTS_REFUSED"] == 1
+    assert agg.stats.errors == 1  # a cycle error on the control thread either way (three in a row stop the loop)
+
+
+@pytest.mark.parametrize("publisher_thread", [True, False])
+def test_wild_setpoints_every_cycle_stop_the_loop_whichever_thread_writes_the_frames(publisher_thread):
+    """A kernel that keeps returning NaN: max_consecutive_errors cycle errors in a row stop the loop (LOOP_FAILED),
+    whether the publisher thread refuses the frames or the control thread's own check raises."""
+    agg = make(publisher_thread=publisher_thread)
+    run_kernel = agg.dispatcher.run_kernel
+
+    def wild(*a, **kw):
+        result = run_kernel(*a, **kw)
+        result.setpoints_kw[5] = np.nan
+        return result
+
+    agg.dispatcher.run_kernel = wild
+    agg.start()
+    try:
+        wait_until(lambda: agg.loop.failed is not None, 10.0, what="the loop to stop on repeated wild setpoints")
+    finally:
+        agg.stop()
+    assert isinstance(agg.loop.failed, wire.WireError)
+    assert agg.stats.errors >= agg.loop.max_consecutive_errors

@@ -225,6 +225,8 @@ class Aggregator:
                                           events=self.events)
         elif self.security is not None:  # drops revoked keys' connections to the setpoint PUB (its owner's job)
             self.cycle_hooks.append(self.security.on_cycle)
+        #: the publisher thread's `refused` count already raised here as a cycle error (_raise_if_refused)
+        self._refused_seen = 0
         self._cycle_start_ns = 0  # this cycle's deadline (its wake-up if off the grid): the to-wire time's origin
         #: control-thread publishing (bus.publisher_thread false): deadline to the last frame sent, ns (a ring)
         self.to_wire_ns = np.zeros(4096, np.int64)
@@ -371,6 +373,7 @@ class Aggregator:
                     self.journal.record(self, result, times)
                 for hook in self.cycle_hooks:
                     hook(self, result, times)
+                self._raise_if_refused()
         finally:
             # the bus thread's turn until the next deadline, also after a cycle that raised: else the gate stays
             # closed for gate.MAX_WAIT_NS (1 s) and an e-stop waits that long (review F5)
@@ -378,6 +381,19 @@ class Aggregator:
         if not self.first_cycle.is_set():
             self.first_cycle.set()
         return times
+
+    def _raise_if_refused(self) -> None:
+        """A wild value the publisher thread refused (SETPOINTS_REFUSED) is a kernel bug, and counts as one here too:
+        raised as this cycle's error once the cycle is whole (published, recorded, journalled), so the loop's
+        max_consecutive_errors in a row stop it (LOOP_FAILED), as the same check does when this thread writes the
+        frames itself (bus.publisher_thread false)."""
+        sender = self.sender
+        if sender is None or sender.refused == self._refused_seen:
+            return
+        n, self._refused_seen = sender.refused - self._refused_seen, sender.refused
+        raise wire.WireError("OUT_OF_RANGE", f"the publisher thread refused {n} cycle(s) of setpoints by cycle seq "
+                             f"{self.seq} (SETPOINTS_REFUSED in engine.log names the vehicle and value: a wild value "
+                             f"out of the dispatch; expected finite setpoints within the wire's limits)")
 
     # phase 1: read inputs (telemetry is already in the fleet arrays: _accept_batch, under the image lock)
     def _read_inputs(self, now_ns: int) -> int:

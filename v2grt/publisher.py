@@ -21,8 +21,9 @@ Guarantees, each kept from the publish-on-the-control-thread path:
   have read a mix of two cycles): nothing of that cycle is sent (``stale``, PUBLISHER_STALE).
 - **No wild value leaves.** The frames are checked as they are written (NaN, |p| > 1000 kW, an unknown
   Reason, power under an e-stop): a wild cycle sends nothing and is counted (``refused``, SETPOINTS_REFUSED,
-  CRITICAL: a kernel bug). On the control thread (bus.publisher_thread false) the same check raises in the
-  cycle instead (CYCLE_ERROR).
+  CRITICAL: a kernel bug). The control thread raises it as a cycle error in its next cycle (CYCLE_ERROR),
+  so max_consecutive_errors in a row stop the loop, as when it writes the frames itself (bus.publisher_thread
+  false: the same check raises in the cycle).
 - **Self-fencing at send time** (docs/ha.md): ``may_send()`` is asked right before the first frame, with the
   lease's epoch the frames carry; a refused cycle sends nothing, not even its status.
 - **The outcome is the journal's.** ``on_done(job, sent)`` runs after the last frame and the status were
