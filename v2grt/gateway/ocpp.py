@@ -245,6 +245,10 @@ class OcppVehicles:
         """Take the setpoints in force (kW, + discharge); the asyncio thread sends what is due."""
         with self.lock:
             self.target_kw[:] = p_kw
+        self._wake_scan()
+
+    def _wake_scan(self) -> None:
+        """Have the asyncio thread scan for due updates (from any thread)."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:

@@ -219,14 +219,6 @@ class LocalFrequencyVehicles(OcppVehicles):
         return om.due_rows(self.target_kw, self.sent_kw, self.sent_ns, self.controllable, now_ns,
                            deadband_kw=s.deadband_kw, resync_ns=round(s.resync_s * 1e9), zero_rows=~self.want_lf)
 
-    def _wake_scan(self) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._scan, False)
-            except RuntimeError:
-                pass  # the loop is shutting down
-
     # ------------------------------------------------------------------------------ sessions
     def _session_class(self, version: str) -> type:
         return SessionLocal21 if version == om.OCPP21 else SessionLocal201
