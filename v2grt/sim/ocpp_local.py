@@ -45,8 +45,9 @@ def parse_local_period(charging_profile: dict) -> LocalProfile | None:
     if period.get("operation_mode") != om.LOCAL_FREQUENCY or not curve or schedule["charging_rate_unit"] != "W":
         return None
     limit, dis = period.get("limit"), period.get("discharge_limit")
-    limits = om.EvLimits(p_chg_max_kw=None if limit is None else abs(limit) / 1000.0,
-                         p_dis_max_kw=None if dis is None else abs(dis) / 1000.0)
+    # magnitudes through the one converter (W -> kW; the sign does not matter for a limit)
+    limits = om.EvLimits(p_chg_max_kw=None if limit is None else abs(om.setpoint_to_kw(limit)),
+                         p_dis_max_kw=None if dis is None else abs(om.setpoint_to_kw(dis)))
     return LocalProfile(float(period.get("v2x_baseline", 0.0)), [dict(p) for p in curve], limits)
 
 
