@@ -440,7 +440,7 @@ cdef void _block_reasons(
     scalar loop adds them without asking; ``slow`` flags the rows it must still look at (excluded)."""
     cdef Py_ssize_t j
     cdef int r, c, act, onl, flt, fresh, part, e = estop
-    cdef float zero = 0.0, x_w, x_hi, x_lo, x_dis, x_chg
+    cdef float zero = 0.0, x_w, kf
     cdef int keep[BLOCK]
     # Two loops: GCC 12 vectorises neither when the byte columns' compares and the float selects share
     # one ("no vectype" for the float loads once the byte lanes set the vector length).
@@ -462,21 +462,18 @@ cdef void _block_reasons(
         slow[j] = <u8>(part == 0)
         keep[j] = part
     for j in range(m):
-        # Loaded unconditionally, then selected and stored unconditionally: a load under a condition
-        # keeps the loop scalar, a store under one becomes a masked store (slow on AMD).
-        part = keep[j]
-        x_w = w_dir[j]
-        x_hi = hi[j]
-        x_lo = lo[j]
-        x_dis = a_dis[j]
-        x_chg = a_chg[j]
+        # kept * 1, excluded * 0, and max(., 0) so that an excluded row's NaN or inf (0 * inf) is 0 too:
+        # no select, so no load under a condition (SSE2 has no masked load: GCC left the loop scalar),
+        # exact for kept rows, whose availability and windows are finite and >= 0.
+        kf = <float>keep[j]
         q_out[j] = <u16>q_in[j]
-        dis_out[j] = x_dis if part else zero
-        chg_out[j] = x_chg if part else zero
-        window_out[j] = x_w if part else zero
-        hi[j] = x_hi if part else zero
-        lo[j] = x_lo if part else zero
-        w_dir[j] = x_w if part else zero
+        dis_out[j] = _maxf(a_dis[j] * kf, zero)
+        chg_out[j] = _maxf(a_chg[j] * kf, zero)
+        x_w = _maxf(w_dir[j] * kf, zero)
+        window_out[j] = x_w
+        w_dir[j] = x_w
+        hi[j] = _maxf(hi[j] * kf, zero)
+        lo[j] = _maxf(lo[j] * kf, zero)
 
 
 cdef inline double _site_cap(double cap_kw, Py_ssize_t s, Py_ssize_t pin_site, double pinned_kw) noexcept nogil:
