@@ -456,6 +456,8 @@ cdef void _block_reasons(
         r = R_OFFLINE if onl == 0 else r
         r = R_ESTOP if e != 0 else r
         r = R_EMPTY if act == 0 else r
+        # Every link of the chain but the last excludes the row, whatever its code: a gateway's fault
+        # code may equal SOC_BELOW_MINIMUM and still means "do not dispatch".
         part = ((act != 0) & (e == 0) & (onl != 0) & (flt == 0) & (fresh != 0)
                 & (c != R_SOH) & (c != R_THERMAL) & (c != R_INVALID))
         reason[j] = <u8>r
