@@ -623,6 +623,18 @@ def test_pin_on_an_excluded_node_is_ignored(backend):
     assert out.setpoint_kw[:3].tolist() == [11.0, 9.0, 0.0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+@pytest.mark.parametrize("request_kw, pin_kw", [(20.0, 5.0), (-15.0, 5.0), (0.0, -4.0), (20.0, 0.0)])
+def test_allocated_total_is_the_sum_of_the_setpoints_pin_included(backend, request_kw, pin_kw):
+    """T_ALLOCATED is what was set, the pinned node included, on every path: the merit fill without a binding
+    site (where the kernel takes it from its bucket sums, not from the setpoints) and no target at all."""
+    from v2grt._buffers import T_ALLOCATED
+
+    out = run_pinned(backend, _three_nodes(), request_kw, 2, pin_kw)
+    assert out.totals[T_ALLOCATED] == pytest.approx(out.setpoint_kw[:3].sum(), rel=1e-12, abs=1e-12)
+    assert out.setpoint_kw[2] == pin_kw
+
+
 @pytest.mark.parametrize("build", COMPILED)
 @SETTINGS
 @given(case=fleets(), pin_row=st.integers(-1, 40), pin_kw=st.floats(-30.0, 30.0))
