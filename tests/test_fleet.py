@@ -12,7 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v2grt.fleet import COLUMNS, NEVER_HEARD_NS, STATE_COLUMNS, Fleet, FleetError, validate_node
+from v2grt.fleet import (
+    COLUMNS,
+    NEVER_HEARD_NS,
+    STATE_COLUMNS,
+    TELEMETRY_TICK_NS,
+    TICK_NEVER,
+    TICK_OLDEST,
+    TICK_REBASE,
+    Fleet,
+    FleetError,
+    telemetry_ticks,
+    validate_node,
+)
 from v2grt.roster import RosterError, RosterProblem, load_roster, write_roster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -569,3 +581,61 @@ def test_mark_never_heard_counts_only_vehicles_and_telemetry_clears_it():
     assert fleet.count_never_heard() == 4 and (fleet.last_telemetry_ns[:5] == NEVER_HEARD_NS).all()
     fleet.last_telemetry_ns[fleet.row_of["EV_NODE_02"]] = 10**9
     assert fleet.count_never_heard() == 3
+
+
+# ---------------------------------------------------------------- telemetry times and the kernel's ticks
+def expected_ticks(fleet: Fleet) -> np.ndarray:
+    """The int32 ticks every row should hold: its exact time, floored to 1 ms ticks since the epoch."""
+    return telemetry_ticks(fleet._telemetry_ns, fleet.telemetry_epoch_ns)
+
+
+def test_every_way_of_writing_a_telemetry_time_sets_the_kernels_tick():
+    """Scalar, slice, fancy-index and per-row writes, add(), growth and mark_never_heard() all leave
+    telemetry_tick equal to the exact time floored to 1 ms ticks; NEVER_HEARD_NS is TICK_NEVER."""
+    fleet = Fleet.random(10, seed=1, now_ns=7_654_321)
+    assert (fleet.telemetry_tick[:10] == 7).all()
+    fleet.last_telemetry_ns[3] = -1  # 1 ns before the epoch: tick -1 (floor, not truncation)
+    fleet.last_telemetry_ns[4:6] = 2_000_000_000
+    fleet.last_telemetry_ns[np.array([6, 8])] = [5_999_999, NEVER_HEARD_NS]
+    add_ev(fleet, "EV_NEW", now_ns=123_456_789)  # grows the table
+    assert fleet.capacity > 11
+    assert list(fleet.telemetry_tick[[3, 4, 5, 6, 8, 10]]) == [-1, 2000, 2000, 5, TICK_NEVER, 123]
+    np.testing.assert_array_equal(fleet.telemetry_tick, expected_ticks(fleet))
+    fleet.mark_never_heard()
+    assert (fleet.telemetry_tick == TICK_NEVER).all() and fleet.count_never_heard() == 11
+
+
+def test_telemetry_times_read_exactly_and_refuse_writes_that_would_bypass_the_tick():
+    """Reads give the exact int64 ns; a slice read is a read-only view, so nobody can write a time the
+    kernel's tick would not follow."""
+    fleet = Fleet.random(4, seed=1, now_ns=1_234_567)
+    assert fleet.last_telemetry_ns[2] == 1_234_567 and fleet.last_telemetry_ns[:4].dtype == np.int64
+    view = fleet.last_telemetry_ns[:4]
+    with pytest.raises(ValueError):
+        view[0] = 0
+    assert np.asarray(fleet.last_telemetry_ns).shape == (fleet.capacity,)
+
+
+def test_a_time_far_past_the_epoch_moves_the_epoch_and_recomputes_every_tick():
+    """A telemetry time TICK_REBASE ticks (~12 days) past the epoch rebases it to that time; older rows keep
+    their age in ticks, and a row older than int32 ticks reach becomes TICK_OLDEST, still stale."""
+    fleet = Fleet.random(3, seed=1, now_ns=0)
+    t_far = TICK_REBASE * TELEMETRY_TICK_NS + 5
+    fleet.last_telemetry_ns[0] = t_far
+    assert fleet.telemetry_epoch_ns == t_far
+    assert list(fleet.telemetry_tick[:3]) == [0, -TICK_REBASE - 1, -TICK_REBASE - 1]
+    fleet.last_telemetry_ns[1] = t_far + 2**31 * TELEMETRY_TICK_NS  # another jump: rebases again
+    assert fleet.telemetry_tick[2] == TICK_OLDEST and fleet.telemetry_tick[1] == 0
+    np.testing.assert_array_equal(fleet.telemetry_tick, expected_ticks(fleet))
+    assert fleet.last_telemetry_ns[2] == 0  # the exact time is kept whatever the tick
+
+
+@pytest.mark.parametrize("now_ns, stale_after_s, expected", [
+    (0, 5.0, -5000),
+    (5_000_999_999, 5.0, 0),  # 5000 ticks of age at most: tick 0 is still fresh
+    (-(2**62), 5.0, TICK_OLDEST),  # a clock before every tick: only never-heard rows are stale
+    (2**62, 0.01, 2**31 - 1),  # a clock past int32's ticks: every row is stale
+])
+def test_stale_tick_is_now_minus_the_limit_in_whole_ticks_clamped_to_int32(now_ns, stale_after_s, expected):
+    """stale_tick: now's tick minus stale_after_s in whole 1 ms ticks, clamped into (TICK_NEVER, int32 top]."""
+    assert Fleet().stale_tick(now_ns, stale_after_s) == expected

@@ -87,6 +87,8 @@ def fleets(draw, max_n=40):
         site_fault=rng.choice([0, 0, 0, Reason.E_INVERTER_PHASE_MISMATCH, Reason.SOC_ABOVE_MAXIMUM], n_sites),
     )
     fleet.last_setpoint_kw[:n] *= fleet.active[:n]  # a free row never carries a setpoint
+    # the telemetry epoch anywhere (ticks are relative to it): staleness must not depend on where it is
+    fleet.rebase_telemetry(draw(st.sampled_from([0, -5_999_999_999, 10**15 + 1])))
     profile = DispatchProfile(
         policy=draw(st.sampled_from(["merit", "prorata"])),
         node_ramp_kw_per_s=draw(st.sampled_from([math.inf, 20.0, 100.0])),
@@ -292,6 +294,33 @@ def test_stale_telemetry_excludes(backend):
     out = run(backend, fleet, DispatchProfile(stale_after_s=5.0), 30.0, now_ns=0)
     assert list(out.reason[:3]) == [Reason.OK, Reason.OK, Reason.TIMEOUT_BMS_RESPONSE]
     assert out.setpoint_kw[2] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+def test_staleness_is_judged_in_whole_ticks_of_one_ms(backend):
+    """Telemetry exactly stale_after_s old is fresh and one tick older stale; within a tick the age is the
+    same (the kernel reads 1 ms ticks since the fleet's epoch, not ns), however far the epoch is from 0."""
+    for epoch_ns in (0, 7 * 10**15 + 123):
+        fleet = uniform_fleet(4)
+        fleet.rebase_telemetry(epoch_ns)
+        now_ns = epoch_ns + 10_000_000_000
+        fleet.last_telemetry_ns[:4] = [now_ns - 5_000_000_000, now_ns - 5_000_000_001 - 999_999,
+                                       now_ns - 5_001_000_000, now_ns - 4_999_999_999]
+        out = run(backend, fleet, DispatchProfile(stale_after_s=5.0), 30.0, now_ns=now_ns)
+        ok, stale = Reason.OK, Reason.TIMEOUT_BMS_RESPONSE
+        assert list(out.reason[:4]) == [ok, stale, stale, ok], epoch_ns
+
+
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+def test_moving_the_telemetry_epoch_changes_no_reason(backend):
+    """A rebase of the telemetry epoch (as a running aggregator does every ~12 days) leaves every row's
+    staleness as it was, on each side of the limit."""
+    fleet = uniform_fleet(3)
+    fleet.last_telemetry_ns[:3] = [0, -4_000_000_000, -6_000_000_000]
+    before = run(backend, fleet, DispatchProfile(stale_after_s=5.0), 30.0, now_ns=0).reason[:3].copy()
+    fleet.rebase_telemetry(3 * 10**14 + 17)
+    after = run(backend, fleet, DispatchProfile(stale_after_s=5.0), 30.0, now_ns=0).reason[:3]
+    assert list(before) == list(after) == [Reason.OK, Reason.OK, Reason.TIMEOUT_BMS_RESPONSE]
 
 
 @pytest.mark.parametrize("backend", BACKENDS + COMPILED)
@@ -594,6 +623,18 @@ def test_pin_on_an_excluded_node_is_ignored(backend):
     assert out.setpoint_kw[:3].tolist() == [11.0, 9.0, 0.0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS + COMPILED)
+@pytest.mark.parametrize("request_kw, pin_kw", [(20.0, 5.0), (-15.0, 5.0), (0.0, -4.0), (20.0, 0.0)])
+def test_allocated_total_is_the_sum_of_the_setpoints_pin_included(backend, request_kw, pin_kw):
+    """T_ALLOCATED is what was set, the pinned node included, on every path: the merit fill without a binding
+    site (where the kernel takes it from its bucket sums, not from the setpoints) and no target at all."""
+    from v2grt._buffers import T_ALLOCATED
+
+    out = run_pinned(backend, _three_nodes(), request_kw, 2, pin_kw)
+    assert out.totals[T_ALLOCATED] == pytest.approx(out.setpoint_kw[:3].sum(), rel=1e-12, abs=1e-12)
+    assert out.setpoint_kw[2] == pin_kw
+
+
 @pytest.mark.parametrize("build", COMPILED)
 @SETTINGS
 @given(case=fleets(), pin_row=st.integers(-1, 40), pin_kw=st.floats(-30.0, 30.0))
@@ -664,7 +705,8 @@ def test_compiled_builds_vectorise_the_block_arithmetic():
     edit (a select on a loop-invariant int, an integer select under a double mask) has turned it
     scalar without any other test noticing (1M nodes: 9 -> 15 ms). Packed-single arithmetic (the block
     computes in float32) in the built extension says whether it still is: 116 instructions in either
-    build when vectorised, 0 when built with -fno-tree-vectorize."""
+    build when vectorised, 0 when built with -fno-tree-vectorize. Likewise pass 2's fill, which GCC 12
+    stopped vectorising when it inlined it (1M nodes: +1.5 ms)."""
     import re
     import shutil
     import subprocess
@@ -679,6 +721,11 @@ def test_compiled_builds_vectorise_the_block_arithmetic():
         packed = len(re.findall(r"\tv?(?:mul|div|min|max|add|sub)ps\s", asm))
         assert packed >= 40, (f"{path}: {packed} packed-single instructions: the block arithmetic is no "
                               "longer vectorised (CFLAGS=-fopt-info-vec-optimized pip install -e . -v shows why)")
+        # Pass 2's merit fill widens float32 windows to float64 setpoints, eight (SSE2: four) at a time:
+        # 8 (SSE2) or 12 (AVX2) packed conversions when it vectorises, 4 when GCC inlined it and did not.
+        widened = len(re.findall(r"\tv?cvtps2pd\s", asm))
+        assert widened >= 6, (f"{path}: {widened} packed float-to-double conversions: pass 2's fill is no "
+                              "longer vectorised (setup.py KERNEL_FLAGS)")
 
 
 def test_every_build_comes_from_the_kernel_source_in_this_tree():

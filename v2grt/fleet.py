@@ -57,7 +57,10 @@ STATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("gateway", "int32"),  # index into Fleet.gateway_ids
     ("site", "int32"),  # index into Fleet.site_ids
     ("fault", "uint8"),  # a Reason set by the I/O side (NODE_UNREACHABLE, ...); 0 = none
-    ("last_telemetry_ns", "int64"),  # CLOCK_MONOTONIC ns of the newest telemetry
+    # CLOCK_MONOTONIC ns of the newest telemetry, exact: read it as fleet.last_telemetry_ns (TelemetryTimes),
+    # which also keeps telemetry_tick, the kernel's copy, in step on every write
+    ("_telemetry_ns", "int64"),
+    ("telemetry_tick", "int32"),  # the same time in TELEMETRY_TICK_NS ticks since telemetry_epoch_ns (the kernel's)
     ("last_setpoint_kw", "float32"),  # what the previous cycle asked (+ discharge); the wire carries float32 too
     ("p_actual_kw", "float64"),  # measured power the gateway last reported (+ discharge)
 )
@@ -71,12 +74,67 @@ SITE_COLUMNS: tuple[tuple[str, str, float], ...] = (
 _MIN_CAPACITY = 64
 
 #: ``last_telemetry_ns`` of a vehicle nothing has been heard from since this process started (DESIGN.md
-#: section 12, "heard before dispatched"): the kernel's staleness test ``now_ns - last_telemetry_ns >
-#: stale_ns`` excludes it as TIMEOUT_BMS_RESPONSE. -2**62, not INT64_MIN: the difference must not
-#: overflow int64 in the Cython kernel (signed overflow is undefined in C) nor wrap in the NumPy twin.
-#: For any CLOCK_MONOTONIC now_ns in 0..2**62-1 ns (146 years of uptime) the difference lies in
-#: 2**62..2**63-1 ns, far above the largest stale_after_s a profile allows (3600 s = 3.6e12 ns).
+#: section 12, "heard before dispatched"): its tick is TICK_NEVER, below every staleness threshold, so the
+#: kernel excludes it as TIMEOUT_BMS_RESPONSE at any clock. -2**62, not INT64_MIN: differences with any
+#: CLOCK_MONOTONIC time in 0..2**62-1 ns (146 years of uptime) stay inside int64 for the tools that take them.
 NEVER_HEARD_NS = -(2**62)
+
+#: The kernel reads telemetry times as int32 ticks of 1 ms since the fleet's ``telemetry_epoch_ns`` (4 bytes a
+#: vehicle and cycle instead of 8; issue 14), and judges staleness in whole ticks: a vehicle is stale when
+#: now's tick minus its telemetry's tick exceeds ``stale_after_s`` in whole ticks (``stale_tick``). The profile
+#: allows stale_after_s >= 10 ms, so a tick is at most a tenth of the shortest limit; the exact ns time stays
+#: in the fleet for everything else (status, monitor, tools).
+TELEMETRY_TICK_NS = 1_000_000
+TICK_NEVER = -(2**31)  # NEVER_HEARD_NS
+TICK_OLDEST = -(2**31) + 1  # any time further before the epoch (~24.8 days): stale for every profile
+#: A time this many ticks (~12.4 days) after the epoch moves the epoch to it (``Fleet.rebase_telemetry``): one
+#: O(rows) pass (5-20 ms at 1,000,000 vehicles on the 2-core test VM under load), once in ~12 days of a running
+#: aggregator, under the image lock like every telemetry write (so that one cycle starts that much later).
+#: Stored ticks stay below 2**30, far from int32's top.
+TICK_REBASE = 2**30
+_TICK_TOP = 2**31 - 1
+
+
+def telemetry_ticks(t_ns, epoch_ns: int) -> np.ndarray:
+    """int32 ticks of CLOCK_MONOTONIC ns times since ``epoch_ns`` (floor), NEVER_HEARD_NS (or less) to
+    TICK_NEVER, earlier than int32 reaches to TICK_OLDEST, later to int32's top (the caller rebases first)."""
+    t = np.asarray(t_ns, dtype=np.int64)
+    never = t <= NEVER_HEARD_NS
+    with np.errstate(over="ignore"):
+        d = (np.where(never, epoch_ns, t) - np.int64(epoch_ns)) // TELEMETRY_TICK_NS
+    return np.where(never, TICK_NEVER, np.clip(d, TICK_OLDEST, _TICK_TOP)).astype(np.int32)
+
+
+class TelemetryTimes:
+    """``fleet.last_telemetry_ns``: the newest telemetry's CLOCK_MONOTONIC ns per row, indexed like an array.
+
+    Reads give int64 ns (slices as read-only views); every write (``fleet.last_telemetry_ns[rows] = t_ns``)
+    stores the ns and the kernel's int32 tick together (Fleet.stamp_telemetry), so the two never disagree.
+    """
+
+    __slots__ = ("_fleet",)
+
+    def __init__(self, fleet: Fleet):
+        self._fleet = fleet
+
+    def __getitem__(self, index):
+        value = self._fleet._telemetry_ns[index]
+        if isinstance(value, np.ndarray):
+            value = value.view()
+            value.flags.writeable = False  # a write through it would bypass the kernel's tick
+        return value
+
+    def __setitem__(self, index, t_ns) -> None:
+        self._fleet.stamp_telemetry(index, t_ns)
+
+    def __len__(self) -> int:
+        return len(self._fleet._telemetry_ns)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"TelemetryTimes({self._fleet._telemetry_ns!r})"
 
 
 class FleetError(ValueError):
@@ -93,6 +151,8 @@ class Fleet:
 
     def __init__(self, capacity: int = _MIN_CAPACITY, site_capacity: int = 16):
         self.capacity = 0
+        self.telemetry_epoch_ns = 0  # CLOCK_MONOTONIC ns of telemetry_tick 0 (moved by rebase_telemetry)
+        self._telemetry_times = TelemetryTimes(self)
         self.n_rows = 0
         self.version = 0  # bumped on every add/remove: layouts cached per gateway compare it
         self.node_ids: list[str | None] = []
@@ -115,6 +175,52 @@ class Fleet:
     def n_sites(self) -> int:
         return len(self.site_ids)
 
+    # ------------------------------------------------------------- telemetry times
+    @property
+    def last_telemetry_ns(self) -> TelemetryTimes:
+        """CLOCK_MONOTONIC ns of each row's newest telemetry (NEVER_HEARD_NS: none since start); see
+        TelemetryTimes. The kernel reads ``telemetry_tick`` instead."""
+        return self._telemetry_times
+
+    def stamp_telemetry(self, index, t_ns) -> None:
+        """Set rows' telemetry time (ns, scalar or per row) and their kernel tick; moves the epoch first
+        when a time is TICK_REBASE ticks or more past it."""
+        t = np.asarray(t_ns, dtype=np.int64)
+        if t.ndim == 0:  # the ingest's case, one receive time per batch: the tick once, in Python ints
+            newest = int(t) if t > NEVER_HEARD_NS else None
+            self._telemetry_ns[index] = t
+            if newest is None:
+                self.telemetry_tick[index] = TICK_NEVER
+                return
+            tick = (newest - self.telemetry_epoch_ns) // TELEMETRY_TICK_NS
+            if tick >= TICK_REBASE:
+                self.rebase_telemetry(newest)
+            else:
+                self.telemetry_tick[index] = max(tick, TICK_OLDEST)
+            return
+        heard = t[t > NEVER_HEARD_NS]
+        newest = int(heard.max()) if heard.size else None
+        self._telemetry_ns[index] = t
+        if newest is not None and (newest - self.telemetry_epoch_ns) // TELEMETRY_TICK_NS >= TICK_REBASE:
+            self.rebase_telemetry(newest)
+        else:
+            self.telemetry_tick[index] = telemetry_ticks(t, self.telemetry_epoch_ns)
+
+    def rebase_telemetry(self, epoch_ns: int) -> None:
+        """Move the telemetry epoch to ``epoch_ns`` and recompute every row's tick from its exact time."""
+        self.telemetry_epoch_ns = int(epoch_ns)
+        self.telemetry_tick[:] = telemetry_ticks(self._telemetry_ns, self.telemetry_epoch_ns)
+
+    def stale_tick(self, now_ns: int, stale_after_s: float) -> int:
+        """The staleness threshold for ``now_ns``: a row whose ``telemetry_tick`` is below it is stale.
+
+        now's tick minus stale_after_s in whole ticks, kept inside (TICK_NEVER, int32 top], so a never-heard
+        row is stale at any clock and a clock beyond int32's ticks makes every row stale. One definition for
+        the kernel and its twin."""
+        stale_ticks = int(stale_after_s * 1e9) // TELEMETRY_TICK_NS
+        now_tick = (int(now_ns) - self.telemetry_epoch_ns) // TELEMETRY_TICK_NS
+        return min(max(now_tick - stale_ticks, TICK_OLDEST), _TICK_TOP)
+
     def _grow(self, new_capacity: int) -> None:
         """Reallocate every per-node array to new_capacity rows (geometric growth by the caller)."""
         old = self.capacity
@@ -128,6 +234,7 @@ class Fleet:
             if old:
                 arr[:old] = getattr(self, name)
             setattr(self, name, arr)
+        self.telemetry_tick[old:] = telemetry_ticks(0, self.telemetry_epoch_ns)  # as the new rows' 0 ns
         self.node_ids.extend([None] * (new_capacity - old))
         self.capacity = new_capacity
 

@@ -54,7 +54,9 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
     request_kw : float
         kW asked of the fleet (base schedule + service response); + discharge into the grid.
     now_ns : int
-        CLOCK_MONOTONIC ns of this cycle, compared with ``fleet.last_telemetry_ns`` for staleness.
+        CLOCK_MONOTONIC ns of this cycle: a row whose ``fleet.telemetry_tick`` is below
+        ``fleet.stale_tick(now_ns, profile.stale_after_s)`` is stale (its telemetry is more than
+        stale_after_s old, in whole ticks of 1 ms).
     dt_s : float
         Seconds since the previous cycle, for ramp limits.
     estop : bool
@@ -121,8 +123,7 @@ def dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work, pin_row
         )
     soh_threshold, temp_min_c, temp_max_c = _f32(p.soh_threshold), _f32(p.temp_min_c), _f32(p.temp_max_c)
     minimum_soc, maximum_soc = _f32(p.minimum_soc), _f32(p.maximum_soc)
-    stale_ns = int(p.stale_after_s * 1e9)
-    stale = (now_ns - fleet.last_telemetry_ns[sl]) > stale_ns
+    stale = fleet.telemetry_tick[sl] < fleet.stale_tick(now_ns, p.stale_after_s)
     reason = np.select(
         [
             active == 0,
@@ -322,7 +323,7 @@ def stream_roofline(fleet, out):
     """
     n = fleet.n_rows
     names = ("soc", "soh", "capacity_kwh", "p_dis_max_kw", "p_chg_max_kw", "temp_c", "cycle_count", "efficiency",
-             "last_setpoint_kw", "last_telemetry_ns", "active", "online", "fault", "site")
+             "last_setpoint_kw", "telemetry_tick", "active", "online", "fault", "site")
     acc = float(sum(getattr(fleet, name)[:n].sum() for name in names))
     for arr in (out.setpoint_kw, out.avail_dis_kw, out.avail_chg_kw, out.reason):
         arr[:n] = 0
