@@ -241,6 +241,10 @@ class OcppVehicles:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self.server: StationServer | None = None
+        # (deadline on the loop's clock, future) of every CALL in flight, in the order sent: all share one
+        # timeout, so the deadlines ascend and the ticker expires from the left (a timer per CALL, created
+        # and cancelled 2,000 times a second at 2,000 EVSEs, cost more than this)
+        self.call_deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -356,7 +360,19 @@ class OcppVehicles:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_s)
+            self._expire_calls(self.loop.time())
             self._scan()
+
+    def _expire_calls(self, now: float) -> None:
+        """Fail the CALLs in flight past their deadline (asyncio.TimeoutError); drop those answered."""
+        deadlines = self.call_deadlines
+        while deadlines:
+            deadline, fut = deadlines[0]
+            if not fut.done():
+                if deadline > now:
+                    return
+                fut.set_exception(asyncio.TimeoutError())
+            deadlines.popleft()
 
     # ------------------------------------------------------------------------------ handshake
     def _authenticate(self, connection, request):
@@ -621,11 +637,6 @@ async def send_text(ws, data: bytes) -> None:
         ws.send_data()
         return
     await ws.send(data, text=True)
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
 
 
 def _reraise_closed(exc: BaseException) -> None:
@@ -985,7 +996,8 @@ class _SessionMixin:
         with jsonschema on every call, most of a setpoint update's cost at hundreds of stations. Ours are
         built with the schema's names (ocpp_mapping, tested against the schemas); replies are still checked.
         Nor the package's reply queue: ``wait_for(queue.get())`` made a task per CALL; the reply resolves the
-        CALL's own future (``_resolve``), and a timer bounds the wait.
+        CALL's own future (``_resolve``), and the gateway's ticker bounds the wait (``call_deadlines``: the
+        timeout is up to one tick late).
         """
         response = None
         try:
@@ -994,13 +1006,14 @@ class _SessionMixin:
                 loop = asyncio.get_running_loop()
                 fut = self._call_fut = loop.create_future()
                 self._call_id = unique_id
-                timer = loop.call_later(self._response_timeout, _expire, fut)
+                self.gw.call_deadlines.append((loop.time() + self._response_timeout, fut))
                 try:
                     if not self._connection.write_text(orjson.dumps([2, unique_id, action, payload])):
                         raise self._connection.close_exc
                     response = await fut
                 finally:
-                    timer.cancel()
+                    if not fut.done():
+                        fut.cancel()  # the session ended: the ticker drops it
                     self._call_id = self._call_fut = None
             if response.message_type_id == MessageType.CallError:
                 raise response.to_exception()

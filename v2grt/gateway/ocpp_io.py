@@ -47,6 +47,8 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 #: bytes read per read callback (one recv): a burst of a station's frames at once, and the most one station
 #: can make the loop work on before the others get their turn
 _RECV_BYTES = 65_536
+#: decrypted bytes per SSLObject.read: one TLS record at most (RFC 8446 5.1)
+_RECORD_BYTES = 16_384
 
 
 class StationServer:
@@ -84,6 +86,9 @@ class StationServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sock: socket.socket | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # every connection reads into this one buffer (one loop thread; the protocol and the BIO copy it)
+        self.recv_buffer = bytearray(_RECV_BYTES)
+        self.recv_view = memoryview(self.recv_buffer)
 
     async def start(self) -> StationServer:
         """Bind and listen (OSError if the address is taken)."""
@@ -305,15 +310,16 @@ class StationConnection:
         if self.closed.done() or not self._reading:
             return
         try:
-            raw = self._sock.recv(_RECV_BYTES)
+            n = self._sock.recv_into(self.server.recv_buffer)
         except _WOULD_BLOCK:
             return
         except OSError as exc:
             self._lost(exc)
             return
-        if not raw:
+        if not n:
             self._eof()
             return
+        raw = self.server.recv_view[:n]
         if not self._tls:
             self.protocol.receive_data(raw)
             self._process()
@@ -333,10 +339,11 @@ class StationConnection:
             self._handshaking = False
             self._write_tls_out()
         protocol = self.protocol
-        while True:
+        in_bio = self._in_bio
+        while in_bio.pending or sslobj.pending():  # not one read more: its SSLWantReadError costs as much as a read
             try:
-                data = sslobj.read(_RECV_BYTES)
-            except ssl.SSLWantReadError:
+                data = sslobj.read(_RECORD_BYTES)
+            except ssl.SSLWantReadError:  # part of a record: the rest comes with the next recv
                 break
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 self._eof()
