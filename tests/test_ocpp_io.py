@@ -88,16 +88,22 @@ def _masked_text_frame(payload: bytes, fin: bool = True) -> bytes:
 
 def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
     """Everything the peer sends until it closes (b"" at EOF); AssertionError if it is still open after timeout_s."""
-    sock.settimeout(timeout_s)
+    deadline = time.monotonic() + timeout_s
     data = b""
     try:
-        while chunk := sock.recv(65536):
+        while True:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError
+            sock.settimeout(left_s)  # the whole wait is bounded, not each recv (pings keep arriving)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
             data += chunk
     except ConnectionResetError:
-        pass
-    except socket.timeout:
+        return data
+    except TimeoutError:
         raise AssertionError(f"still open after {timeout_s} s; received {data[:200]!r}") from None
-    return data
 
 
 # ------------------------------------------------------------------------------ through the gateway

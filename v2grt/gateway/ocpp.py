@@ -669,7 +669,6 @@ class _SessionMixin:
         self.need_trigger = False
         self.triggered = False
         self.closing = False
-        self._close_task: asyncio.Task | None = None
         self.wake = asyncio.Event()
         self.done = asyncio.Event()
         self.tx_rows: dict[str, int] = {}  # transactionId -> row, bounded by this station's EVSEs
