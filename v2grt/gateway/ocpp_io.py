@@ -107,14 +107,22 @@ class StationServer:
                 sock, addr = self.sock.accept()
             except _WOULD_BLOCK:
                 return
-            except OSError as exc:  # EMFILE and the like: counted; the loop calls again while connects wait
-                self.stats["accept_errors"] += 1
+            except OSError as exc:  # EMFILE and the like: counted, and no accept for a second (as asyncio's
+                self.stats["accept_errors"] += 1  # server does: the socket stays readable, the loop would spin)
                 if self.stats["accept_errors"] <= 20:
                     log.warning("OCPP_ACCEPT_ERROR port=%s error=%r", self.port, exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(1.0, self._resume_accept)
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connections.add(StationConnection(self, sock, addr))
+            conn = StationConnection(self, sock, addr)
+            if not conn.closed.done():
+                self.connections.add(conn)
+
+    def _resume_accept(self) -> None:
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     async def close(self, code: int = 1001, reason: str = "server stopping", timeout_s: float = 5.0) -> None:
         """Stop accepting; close every connection still open (``code``), abort the rest after ``timeout_s``."""
