@@ -7,7 +7,8 @@ node: it is online while a transaction runs and its SoC is known. :class:`OcppVe
 :class:`~v2grt.gateway.core.Vehicles` driver that :class:`~v2grt.gateway.core.GatewayCore` runs
 (fencing, expiry, e-stop and telemetry batches stay there); this module owns the OCPP side:
 
-- an asyncio thread with the websockets server and one ``ocpp`` ChargePoint session per station;
+- an asyncio thread with the WebSocket server (websockets' sans-I/O protocol on our own I/O layer,
+  :mod:`v2grt.gateway.ocpp_io`) and one ``ocpp`` ChargePoint session per station;
 - at transaction start a Dynamic / CentralSetpoint TxProfile with ``maxOfflineDuration`` (and,
   once per boot, a 0 W TxDefaultProfile to fall back to);
 - each cycle's setpoints go out as UpdateDynamicSchedule when they moved more than the deadband,
@@ -123,7 +124,7 @@ class OcppSettings:
     accept_201: bool = True
     tick_s: float = 0.1  # the resync/install scan; setpoints themselves go out when they arrive
     meter_stale_s: float = 10.0  # no meter values for this long: the node's values are not trusted
-    use_uvloop: bool = True  # the websockets loop on uvloop when installed (a pyproject dependency)
+    use_uvloop: bool = True  # the server's loop on uvloop when installed (a pyproject dependency)
     open_timeout_s: float = 10.0  # TCP accept to WebSocket open (TLS and HTTP handshakes), as websockets' default
     ping_interval_s: float = 20.0  # keepalive: a ping this often, the connection failed (1011) without a pong
     ping_timeout_s: float = 20.0
@@ -187,7 +188,7 @@ class Evse:
 class OcppVehicles:
     """The roster's ``<station>:<evse>`` nodes of one gateway, driven over OCPP (a GatewayCore driver).
 
-    ``start()`` binds the websockets server on its own asyncio thread; ``close()`` brings every
+    ``start()`` binds the WebSocket server (ocpp_io) on its own asyncio thread; ``close()`` brings every
     node to 0 kW on the stations (best effort, bounded) and stops it. Counters for logs and tests:
     ``callerrors`` (sent, by OCPP error code), ``refused`` (connections, by cause), and the plain
     integers of :meth:`counters`.
@@ -289,7 +290,7 @@ class OcppVehicles:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 10.0) -> OcppVehicles:
-        """Bind the websockets server on its asyncio thread; GatewayError if it cannot."""
+        """Bind the WebSocket server on its asyncio thread; GatewayError if it cannot."""
         self._thread = threading.Thread(target=self._run_loop, name=f"ocpp-{self.gateway_id}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
