@@ -175,7 +175,7 @@ def cmd_ocpp(args) -> int:
     from v2grt.fleet import FleetError
     from v2grt.gateway import ocpp_mapping as om
     from v2grt.gateway.core import GatewayError
-    from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
+    from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context, tune_gc
     from v2grt.gateway.ocpp_local import local_settings_from_args
     from v2grt.roster import RosterError
 
@@ -220,6 +220,7 @@ def cmd_ocpp(args) -> int:
         if args.trace_file:  # benches: every sent update and answered call, written at exit (bench e2e --protocol ocpp)
             vehicles.trace = collections.deque(maxlen=1_000_000)
             vehicles.calls_trace = collections.deque(maxlen=1_000_000)
+        tune_gc()  # this process is the gateway's own: the collector's settings are its to choose
         return vehicles
 
     def start(vehicles):

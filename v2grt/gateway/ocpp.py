@@ -7,7 +7,8 @@ node: it is online while a transaction runs and its SoC is known. :class:`OcppVe
 :class:`~v2grt.gateway.core.Vehicles` driver that :class:`~v2grt.gateway.core.GatewayCore` runs
 (fencing, expiry, e-stop and telemetry batches stay there); this module owns the OCPP side:
 
-- an asyncio thread with the websockets server and one ``ocpp`` ChargePoint session per station;
+- an asyncio thread with the WebSocket server (websockets' sans-I/O protocol on our own I/O layer,
+  :mod:`v2grt.gateway.ocpp_io`) and one ``ocpp`` ChargePoint session per station;
 - at transaction start a Dynamic / CentralSetpoint TxProfile with ``maxOfflineDuration`` (and,
   once per boot, a 0 W TxDefaultProfile to fall back to);
 - each cycle's setpoints go out as UpdateDynamicSchedule when they moved more than the deadband,
@@ -55,6 +56,7 @@ from v2grt.events import EventLog
 from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway import ocpp_schema
 from v2grt.gateway.core import GatewayError
+from v2grt.gateway.ocpp_io import StationConnection, StationServer
 
 log = logging.getLogger("v2grt.gateway")
 
@@ -122,7 +124,10 @@ class OcppSettings:
     accept_201: bool = True
     tick_s: float = 0.1  # the resync/install scan; setpoints themselves go out when they arrive
     meter_stale_s: float = 10.0  # no meter values for this long: the node's values are not trusted
-    use_uvloop: bool = True  # the websockets loop on uvloop when installed (a pyproject dependency)
+    use_uvloop: bool = True  # the server's loop on uvloop when installed (a pyproject dependency)
+    open_timeout_s: float = 10.0  # TCP accept to WebSocket open (TLS and HTTP handshakes), as websockets' default
+    ping_interval_s: float = 20.0  # keepalive: a ping this often, the connection failed (1011) without a pong
+    ping_timeout_s: float = 20.0
 
     def check(self) -> None:
         problems = []
@@ -135,7 +140,8 @@ class OcppSettings:
             problems.append(f"max_offline_s={self.max_offline_s!r}: expected whole seconds 1..3600")
         for name, lo, hi in (("deadband_kw", 0.0, 100.0), ("resync_s", 0.1, 3600.0), ("call_timeout_s", 0.1, 60.0),
                              ("rate_per_s", 0.1, 1e4), ("burst", 1.0, 1e5), ("tick_s", 0.005, 5.0),
-                             ("meter_stale_s", 0.1, 3600.0)):
+                             ("meter_stale_s", 0.1, 3600.0), ("open_timeout_s", 0.05, 600.0),
+                             ("ping_interval_s", 0.05, 3600.0), ("ping_timeout_s", 0.05, 3600.0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and lo <= value <= hi):
                 problems.append(f"{name}={value!r}: expected {lo:g}..{hi:g}")
@@ -182,7 +188,7 @@ class Evse:
 class OcppVehicles:
     """The roster's ``<station>:<evse>`` nodes of one gateway, driven over OCPP (a GatewayCore driver).
 
-    ``start()`` binds the websockets server on its own asyncio thread; ``close()`` brings every
+    ``start()`` binds the WebSocket server (ocpp_io) on its own asyncio thread; ``close()`` brings every
     node to 0 kW on the stations (best effort, bounded) and stops it. Counters for logs and tests:
     ``callerrors`` (sent, by OCPP error code), ``refused`` (connections, by cause), and the plain
     integers of :meth:`counters`.
@@ -235,6 +241,11 @@ class OcppVehicles:
         self.calls_trace: collections.deque[int] | None = None  # receive times of station CALLs, with trace
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
+        self.server: StationServer | None = None
+        # (deadline on the loop's clock, future) of every CALL in flight, in the order sent: all share one
+        # timeout, so the deadlines ascend and the ticker expires from the left (a timer per CALL, created
+        # and cancelled 2,000 times a second at 2,000 EVSEs, cost more than this)
+        self.call_deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -279,7 +290,7 @@ class OcppVehicles:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 10.0) -> OcppVehicles:
-        """Bind the websockets server on its asyncio thread; GatewayError if it cannot."""
+        """Bind the WebSocket server on its asyncio thread; GatewayError if it cannot."""
         self._thread = threading.Thread(target=self._run_loop, name=f"ocpp-{self.gateway_id}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
@@ -321,8 +332,6 @@ class OcppVehicles:
             self._ready.set()
 
     async def _main(self) -> None:
-        from websockets.asyncio.server import serve
-
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         s = self.settings
@@ -331,24 +340,40 @@ class OcppVehicles:
             ocpp_schema.precompile(version, ("SetChargingProfile", "TriggerMessage"), response=True)
         ocpp_schema.precompile("2.1", ("UpdateDynamicSchedule",), response=True)
         subprotocols = list(om.SUBPROTOCOLS if s.accept_201 else om.SUBPROTOCOLS[:1])
-        async with serve(self._serve_station, s.host, s.port, subprotocols=subprotocols,
-                         process_request=self._authenticate, ssl=s.ssl_context, max_size=s.max_message_bytes,
-                         max_queue=8, ping_interval=20, ping_timeout=20, compression=None,
-                         logger=_LIB_LOG) as server:
-            self.port = next(iter(server.sockets)).getsockname()[1]
-            self._ready.set()
-            ticker = asyncio.create_task(self._ticker())
-            await self._stop.wait()
-            ticker.cancel()
-            # every station at once: one after the other, each close handshake took about a second on a
-            # loaded machine (100 stations: 100 s, and the demo killed the gateway after 10)
-            await asyncio.gather(*(session.ws.close(1001, "gateway stopping")
-                                   for session in list(self.sessions.values())), return_exceptions=True)
+        # websockets' sans-I/O protocol on our own socket glue (ocpp_io; docs/architecture.md says why)
+        server = StationServer(self._serve_station, s.host, s.port, ssl_context=s.ssl_context,
+                               subprotocols=subprotocols, process_request=self._authenticate,
+                               max_size=s.max_message_bytes, max_queue=8, open_timeout_s=s.open_timeout_s,
+                               ping_interval_s=s.ping_interval_s, ping_timeout_s=s.ping_timeout_s, logger=_LIB_LOG)
+        await server.start()
+        self.server = server
+        self.port = server.port
+        self._ready.set()
+        ticker = asyncio.create_task(self._ticker())
+        await self._stop.wait()
+        ticker.cancel()
+        # every station at once: one after the other, each close handshake took about a second on a
+        # loaded machine (100 stations: 100 s, and the demo killed the gateway after 10)
+        await asyncio.gather(*(session.ws.close(1001, "gateway stopping")
+                               for session in list(self.sessions.values())), return_exceptions=True)
+        await server.close(1001, "gateway stopping")
 
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_s)
+            self._expire_calls(self.loop.time())
             self._scan()
+
+    def _expire_calls(self, now: float) -> None:
+        """Fail the CALLs in flight past their deadline (asyncio.TimeoutError); drop those answered."""
+        deadlines = self.call_deadlines
+        while deadlines:
+            deadline, fut = deadlines[0]
+            if not fut.done():
+                if deadline > now:
+                    return
+                fut.set_exception(asyncio.TimeoutError())
+            deadlines.popleft()
 
     # ------------------------------------------------------------------------------ handshake
     def _authenticate(self, connection, request):
@@ -375,7 +400,7 @@ class OcppVehicles:
                          cause=cause, total=self.refused[cause], peer=str(connection.remote_address[0]))
         return connection.respond(status, text)
 
-    async def _serve_station(self, ws) -> None:
+    async def _serve_station(self, ws: StationConnection) -> None:
         station = ws.station_id
         version = ws.subprotocol
         if version not in om.SUBPROTOCOLS:
@@ -494,6 +519,25 @@ class OcppVehicles:
                 **{f"refused_{k}": v for k, v in sorted(self.refused.items())}}
 
 
+#: The collector's youngest-generation threshold in a gateway process (CPython's default: 700 allocations).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """For a process that is an OCPP gateway (the CLI calls it; a library must not): what is alive after start-up
+    is frozen (never scanned again) and the youngest generation collected every 10,000 net allocations, not 700.
+
+    At 2,000 EVSEs the collector took 5.5-6.5 % of the gateway's asyncio thread (gc.callbacks, 10 s windows,
+    docs/benchmarks.md), full collections of ~170,000 objects 0.1-0.9 s each, a stall of every station; yet a
+    forced full collection every 10 s in steady state found no cyclic garbage at all. With this: ~0.5 %.
+    Cycles are still collected (the older generations' thresholds are CPython's), only less often."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def _loop_factory(use_uvloop: bool):
     """uvloop's event loop when asked and installed, else asyncio's (None: asyncio.Runner's default)."""
     if use_uvloop:
@@ -581,7 +625,11 @@ async def send_text(ws, data: bytes) -> None:
     context manager that checks the state, writes, then awaits the write buffer's drain; that wrapper cost
     a few per cent of the gateway's CPU at 1,000 stations (docs/benchmarks.md). Any other case (not open, a
     close under way, a fragmented send, the transport's buffer full, another websockets version) takes
-    ``send`` itself, so closing and flow control behave as websockets defines them."""
+    ``send`` itself, so closing and flow control behave as websockets defines them. On the gateway's own
+    :class:`~v2grt.gateway.ocpp_io.StationConnection`: its ``send``."""
+    if type(ws) is StationConnection:
+        await ws.send(data, text=True)
+        return
     protocol = getattr(ws, "protocol", None)
     if (protocol is not None and protocol.state is _OPEN and getattr(ws, "paused", True) is False
             and getattr(ws, "send_in_progress", None) is None and getattr(ws, "fragmented_send_waiter", None) is None
@@ -590,11 +638,6 @@ async def send_text(ws, data: bytes) -> None:
         ws.send_data()
         return
     await ws.send(data, text=True)
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
 
 
 def _reraise_closed(exc: BaseException) -> None:
@@ -627,7 +670,6 @@ class _SessionMixin:
         self.need_trigger = False
         self.triggered = False
         self.closing = False
-        self._close_task: asyncio.Task | None = None
         self.wake = asyncio.Event()
         self.done = asyncio.Event()
         self.tx_rows: dict[str, int] = {}  # transactionId -> row, bounded by this station's EVSEs
@@ -638,6 +680,63 @@ class _SessionMixin:
         self._call_fut: asyncio.Future | None = None
         self._id_prefix = f"{secrets.token_hex(4)}-"
         self._id_counter = itertools.count(1)
+        self._routing = False  # the session's task is handling a message: later ones wait their turn
+        self._prepaid = False  # the next message recv() returns has had its rate-limit token taken
+
+    # ------------------------------------------------------------------------------ receiving
+    async def start(self) -> None:
+        """Take the station's messages until the connection closes (ConnectionClosed): the hot ones in the
+        read callback (:meth:`_on_message_now`), the rest here, one at a time and in order."""
+        ws = self._connection
+        ws.on_message = self._on_message_now
+        try:
+            while True:
+                raw = await ws.recv()
+                self._routing = True  # set in the same step recv() returned in: no message can overtake
+                try:
+                    await self.route_message(raw)
+                finally:
+                    self._routing = False
+        finally:
+            ws.on_message = None
+
+    def _on_message_now(self, raw) -> bool:
+        """A message, in the read callback (StationConnection.on_message): the rate limit first, then the two
+        hot frames (a MeterValues CALL, a CALLRESULT) answered here without a task switch; False leaves the
+        message to :meth:`start` (anything else, or while the task still handles an earlier message)."""
+        if self._routing:
+            return False
+        if self.closing:
+            return True  # draining what the flooding station already sent, until the close completes
+        if not self._admit(raw):
+            return True
+        fast = _hot_frame(raw)
+        if fast is None:
+            self._prepaid = True  # it is the next message recv() returns: the queue was empty
+            return False
+        if fast[0] == MessageType.CallResult:
+            self._resolve(CallResult(fast[1], fast[2]))
+        else:
+            try:
+                self._meter_values(fast[1], fast[3])
+            except Exception as exc:  # a bug of ours must not end the station's session
+                self.gw.stats["internal_errors"] += 1
+                log.error("OCPP_INTERNAL_ERROR gateway=%s station=%s error=%r", self.gw.gateway_id, self.id, exc)
+        return True
+
+    def _admit(self, raw) -> bool:
+        """The message rate limit: False (counted; a CALLERROR, or the close when the station keeps going)."""
+        if self.bucket.take(time.monotonic_ns()):
+            return True
+        self.gw.stats["rate_limited"] += 1
+        if self.bucket.exhausted:
+            self.gw.stats["rate_limit_disconnects"] += 1
+            self.closing = True
+            self.ws.start_close(1008, "message rate limit exceeded")
+            return False
+        self._send_now(json.dumps([MessageType.CallError, _unique_id(raw), "GenericError",
+                                   "message rate limit exceeded", {}]))
+        return False
 
     # ------------------------------------------------------------------------------ routing
     async def route_message(self, raw_msg) -> None:
@@ -655,23 +754,16 @@ class _SessionMixin:
     async def _route(self, raw_msg) -> None:
         if self.closing:
             return  # draining what the flooding station already sent, until the close completes
-        if not self.bucket.take(time.monotonic_ns()):
-            self.gw.stats["rate_limited"] += 1
-            if self.bucket.exhausted:
-                self.gw.stats["rate_limit_disconnects"] += 1
-                self.closing = True
-                # Not awaited here: the close handshake needs this read loop to go on draining the
-                # queued frames (websockets pauses reading when its queue is full).
-                self._close_task = asyncio.create_task(self.ws.close(1008, "message rate limit exceeded"))
-                return
-            await self._send_error(_unique_id(raw_msg), "GenericError", "message rate limit exceeded")
+        if self._prepaid:
+            self._prepaid = False  # _on_message_now took its token
+        elif not self._admit(raw_msg):
             return
         fast = _hot_frame(raw_msg)
         if fast is not None:  # the hot messages, without the package's unpack and routing (same checks)
             if fast[0] == MessageType.CallResult:
                 self._resolve(CallResult(fast[1], fast[2]))
             else:
-                await self._meter_values(fast[1], fast[3])
+                self._meter_values(fast[1], fast[3])
             return
         try:
             msg = unpack(raw_msg)
@@ -710,24 +802,24 @@ class _SessionMixin:
         else:
             self.gw.stats["unsolicited_replies"] += 1
 
-    async def _meter_values(self, unique_id: str, payload: dict) -> None:
+    def _meter_values(self, unique_id: str, payload: dict) -> None:
         """MeterValues (every EVSE, every second): what _handle_call does for it, without the package's Call
-        object and reply dataclass; errors as there (CALLERROR with the schema's or the mapping's code)."""
+        object and reply dataclass, and synchronous (the handler never waits); errors as there (CALLERROR with
+        the schema's or the mapping's code)."""
         gw = self.gw
         gw.stats["calls_received"] += 1
         if gw.calls_trace is not None:
             gw.calls_trace.append(time.monotonic_ns())
         try:
             ocpp_schema.validate(self._ocpp_version, "MeterValues", payload)
-            await self.on_meter_values(**_snake(payload))
+            self._on_meter_values(**_snake(payload))
         except Exception as exc:
-            _reraise_closed(exc)
             msg = Call(unique_id, "MeterValues", payload)
             if not isinstance(exc, OCPPError) and _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
                 _HANDLER_LOG.error("station %s action 'MeterValues': %r", self.id, exc)
-            await self._send(msg.create_call_error(exc).to_json())
+            self._send_now(msg.create_call_error(exc).to_json())
             return
-        await send_text(self._connection, orjson.dumps([3, unique_id, _EMPTY]))
+        self._connection.write_text(orjson.dumps([3, unique_id, _EMPTY]))
 
     async def _handle_call(self, msg):
         if msg.action not in self.route_map:  # ocpp 2.1.0 would not answer at all (notes, pitfall 2)
@@ -747,6 +839,13 @@ class _SessionMixin:
         await self._send(json.dumps([MessageType.CallError, unique_id, code, description, {}]))
 
     async def _send(self, message: str) -> None:
+        """Send (CALLERRORs counted); ConnectionClosed if the connection is not open, as websockets' send."""
+        if not self._send_now(message):
+            raise self._connection.close_exc
+        await self._connection.drain()
+
+    def _send_now(self, message: str) -> bool:
+        """Write one frame now (CALLERRORs counted by code); False if the connection is not open."""
         if message.startswith("[4,"):
             try:
                 parsed = json.loads(message)
@@ -754,7 +853,7 @@ class _SessionMixin:
             except (ValueError, IndexError):
                 code, detail = "InternalError", message
             self.gw.count_callerror(code, self.id, detail)
-        await self._connection.send(message)
+        return self._connection.write_text(message)
 
     # ------------------------------------------------------------------------------ helpers
     def _row(self, evse_id) -> int | None:
@@ -835,13 +934,17 @@ class _SessionMixin:
 
     @on("MeterValues", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_meter_values(self, evse_id, meter_value, **_):
+        self._on_meter_values(evse_id, meter_value)
+        return self._call_result.MeterValues()
+
+    def _on_meter_values(self, evse_id, meter_value, **_) -> None:
+        """MeterValues' work, synchronous: the read callback answers it (_meter_values) without a task."""
         row = self._row(evse_id)
         if row is not None:
             self._meter(row, meter_value)
             if self.gw.evses[row].transaction_id is None and not self.triggered:
                 self.need_trigger = self.triggered = True
                 self.wake.set()
-        return self._call_result.MeterValues()
 
     @on("NotifyEVChargingNeeds", skip_schema_validation=True)  # checked in _handle_call (ocpp_schema)
     async def on_charging_needs(self, charging_needs, evse_id, **_):
@@ -893,7 +996,8 @@ class _SessionMixin:
         with jsonschema on every call, most of a setpoint update's cost at hundreds of stations. Ours are
         built with the schema's names (ocpp_mapping, tested against the schemas); replies are still checked.
         Nor the package's reply queue: ``wait_for(queue.get())`` made a task per CALL; the reply resolves the
-        CALL's own future (``_resolve``), and a timer bounds the wait.
+        CALL's own future (``_resolve``), and the gateway's ticker bounds the wait (``call_deadlines``: the
+        timeout is up to one tick late).
         """
         response = None
         try:
@@ -902,12 +1006,14 @@ class _SessionMixin:
                 loop = asyncio.get_running_loop()
                 fut = self._call_fut = loop.create_future()
                 self._call_id = unique_id
-                timer = loop.call_later(self._response_timeout, _expire, fut)
+                self.gw.call_deadlines.append((loop.time() + self._response_timeout, fut))
                 try:
-                    await send_text(self._connection, orjson.dumps([2, unique_id, action, payload]))
+                    if not self._connection.write_text(orjson.dumps([2, unique_id, action, payload])):
+                        raise self._connection.close_exc
                     response = await fut
                 finally:
-                    timer.cancel()
+                    if not fut.done():
+                        fut.cancel()  # the session ended: the ticker drops it
                     self._call_id = self._call_fut = None
             if response.message_type_id == MessageType.CallError:
                 raise response.to_exception()
@@ -1027,6 +1133,6 @@ def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     return ctx
 
 
-__all__ = ["HANDLED_ACTIONS", "Evse", "OcppSettings", "OcppVehicles", "Session21", "Session201", "send_text",
-           "server_ssl_context"]
+__all__ = ["GC_YOUNG_THRESHOLD", "HANDLED_ACTIONS", "Evse", "OcppSettings", "OcppVehicles", "Session21", "Session201",
+           "send_text", "server_ssl_context", "tune_gc"]
 
