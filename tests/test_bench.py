@@ -237,6 +237,20 @@ def test_a_taken_simulator_port_is_named_in_the_benchs_error(tmp_path):
             proc.wait()
 
 
+def test_a_bench_world_keeps_pymodbus_errors_and_their_frames_off_stderr():
+    """A process that starts a bench World (it reads the world's meter) prints no pymodbus error with its frame
+    dump on stderr, as `bench cycle` did once during a meter reconnect ("Cancel send ...", ">>>>> send: ...")."""
+    code = ("from v2grt.bench._common import World\n"
+            "from pymodbus.logging import Log\n"
+            "w = World()\n"
+            "Log.transport_dump(Log.SEND_DATA, b'\\x00\\x41', None)\n"
+            "Log.error('Cancel send, because not connected!')\n"
+            "w.stop()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Cancel send" not in proc.stderr and ">>>>>" not in proc.stderr
+
+
 def test_bench_ocpp_schema_json():
     """bench ocpp_schema --smoke times both checks of one MeterValues on the same messages and gives their ratio."""
     r = bench("ocpp_schema", "--smoke")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -39,7 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-from v2grt.bench._common import add_smoke_option, apply_smoke, child_env, emit, machine, source_state, stats_ms, table
+from v2grt.bench._common import (
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    quiet_pymodbus,
+    source_state,
+    stats_ms,
+    table,
+)
 
 GATEWAY_ID = "sunspec1"
 F_DISCHARGE_HZ, F_CHARGE_HZ = 49.5, 50.5
@@ -321,9 +330,7 @@ def _summary(runs: list[dict]) -> dict:
 def run(args) -> dict:
     """Each variant (gateway/simulator priorities) ``args.rounds`` times, interleaved so that the load of a shared
     machine falls on all alike; per variant the pooled latencies."""
-    # The meter's server logs the aggregator's cancelled requests at stop ("Cancel send, because not connected"):
-    # noise on the bench's output, not a result.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    quiet_pymodbus()  # the meter's server logs the aggregator's cancelled requests at stop: noise, not a result
     runs: dict[tuple[int, int], list[dict]] = {v: [] for v in args.priorities}
     for _round in range(args.rounds):
         for variant in args.priorities:

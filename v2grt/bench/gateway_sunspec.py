@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -27,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from v2grt.bench._common import add_smoke_option, apply_smoke, child_env, emit, machine, source_state, table
+from v2grt.bench._common import (
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    quiet_pymodbus,
+    source_state,
+    table,
+)
 
 GATEWAY_ID = "sunspec1"
 GOAL_DEVICES, GOAL_CPU_PCT = 1000, 50.0
@@ -184,8 +192,7 @@ def measure(n: int, args, tmp: Path, base_port: int | None) -> dict:
 
 def run(args) -> dict:
     """Every size of ``args.devices``, one after the other; the rig's result as one JSON-ready dict."""
-    # The meter's server logs the aggregator's cancelled requests at stop: noise, not a result.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    quiet_pymodbus()  # the meter's server logs the aggregator's cancelled requests at stop: noise, not a result
     tmp = Path(tempfile.mkdtemp(prefix="v2g-gateway-sunspec-"))
     # Each size on ports of its own: the previous size's listeners may linger a moment after their processes.
     rows = [measure(n, args, tmp, None if args.base_port is None else args.base_port + 2000 * k)
