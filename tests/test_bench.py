@@ -189,6 +189,68 @@ def test_bench_gateway_sunspec_json():
     assert r["goal"]["met"] is None  # 1,000 devices were not measured
 
 
+def test_sunspec_benches_put_their_simulators_on_free_ports(tmp_path):
+    """Without --base-port the SunSpec benches' simulators get ports that are free at the start, one per server
+    and grouped as write_site grouped them (two runs at once no longer both take 17000/20000 and up); with one,
+    write_site's ports stay."""
+    import socket
+
+    from v2grt.bench.gateway_sunspec import place_on_ports
+    from v2grt.gateway import sunspec_mapping as sm
+    from v2grt.sim.sunspec_chargers import write_site
+
+    given = write_site(tmp_path / "given", n_devices=5, units_per_server=2, base_port=20000)
+    assert place_on_ports(given["devices"], 20000) == [20000, 20001, 20002]
+    paths = write_site(tmp_path / "free", n_devices=5, units_per_server=2, base_port=1)
+    ports = place_on_ports(paths["devices"], None)
+    devs = sm.load_devices(paths["devices"])
+    assert [devs[f"SS000{i}"].port for i in range(1, 6)] == [ports[0], ports[0], ports[1], ports[1], ports[2]]
+    assert len(set(ports)) == 3 and min(ports) >= 1024
+    for port in ports:  # free now: each can be bound
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_simulator_port_is_named_in_the_benchs_error(tmp_path):
+    """A simulated charger's port already taken stops the SunSpec bench with an error that names host and port."""
+    import socket
+
+    from v2grt.bench._common import child_env
+    from v2grt.bench.gateway_sunspec import wait_sims_serving
+    from v2grt.sim.sunspec_chargers import write_site
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        paths = write_site(tmp_path / "site", n_devices=1, gateway_id="ss1", base_port=port)
+        with open(tmp_path / "sim.stderr", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "v2grt.cli", "sim", "sunspec-chargers", "--roster",
+                                     str(paths["roster"]), "--devices", str(paths["devices"]), "--gateway-id", "ss1",
+                                     "--log-file", str(tmp_path / "sim.log")],
+                                    stdout=subprocess.DEVNULL, stderr=err, env=child_env())
+        try:
+            with pytest.raises(RuntimeError, match=f"simulator 0 exited.*127\\.0\\.0\\.1:{port}"):
+                wait_sims_serving([(tmp_path / "sim.log", tmp_path / "sim.stderr", proc)], 60)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_bench_world_keeps_pymodbus_errors_and_their_frames_off_stderr():
+    """A process that starts a bench World (it reads the world's meter) prints no pymodbus error with its frame
+    dump on stderr, as `bench cycle` did once during a meter reconnect ("Cancel send ...", ">>>>> send: ...")."""
+    code = ("from v2grt.bench._common import World\n"
+            "from pymodbus.logging import Log\n"
+            "w = World()\n"
+            "Log.transport_dump(Log.SEND_DATA, b'\\x00\\x41', None)\n"
+            "Log.error('Cancel send, because not connected!')\n"
+            "w.stop()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Cancel send" not in proc.stderr and ">>>>>" not in proc.stderr
+
+
 def test_bench_ocpp_schema_json():
     """bench ocpp_schema --smoke times both checks of one MeterValues on the same messages and gives their ratio."""
     r = bench("ocpp_schema", "--smoke")

@@ -217,8 +217,9 @@ def gw1_ids():
     return [f"EV_{i:02d}" for i in range(8)]
 
 
-def feed_and_collect(pub, pull, p_kw, pred, timeout_s=8.0):
-    """Publish p_kw to every gw1 vehicle at 10 Hz; return the first decoded telemetry batch satisfying pred."""
+def feed_and_collect(pub, pull, p_kw, pred, timeout_s=30.0):
+    """Publish p_kw to every gw1 vehicle at 10 Hz; return the first decoded telemetry batch satisfying pred.
+    The timeout includes the gateway process's start (8 s were not enough under two busy loops)."""
     seq, end = 1, time.monotonic() + timeout_s
     while time.monotonic() < end:
         pub.send(setpoints(gw1_ids(), p_kw, seq=seq, ttl_s=1.0))

@@ -115,7 +115,7 @@ def test_a_torn_or_corrupt_frame_is_never_read(tmp_path):
 
 def test_kill9_of_a_real_aggregator_loses_no_more_than_a_second(tmp_path, sockets, meter):
     """SIGKILL of v2g-aggregator while it journals: the segment reads back whole up to <= 1 s before the kill,
-    every cycle's seq once and in order, every vehicle sampled; the next start converts it to Parquet."""
+    every cycle once and in order, every vehicle sampled; the next start converts it to Parquet."""
     _m, port = meter
     jdir = tmp_path / "journal"
     cfg_path = write_config(tmp_path, sockets, meter_port=port, journal={"enabled": True, "dir": str(jdir)})
@@ -138,7 +138,11 @@ def test_kill9_of_a_real_aggregator_loses_no_more_than_a_second(tmp_path, socket
     c = seg.cycles
     assert not seg.sealed  # no END frame: the process never got to seal it
     assert len(c) >= 40  # 3 s at 50 ms
-    assert np.all(np.diff(c["seq"]) == 1), "a cycle record missing or duplicated"
+    # one record per cycle; seq moves on with each cycle handed to the wire: a cycle skipped because the publisher
+    # thread was still sending (PUBLISHER_BUSY, seen under load) repeats the previous seq with published 0
+    d = np.diff(c["seq"])
+    assert np.all((d == 1) | ((d == 0) & (c["published"][1:] == 0))), "a cycle record missing or duplicated"
+    assert np.all(np.diff(c["t_ns"]) > 0)
     assert t_kill_ns - c["t_ns"][-1] <= 1_000_000_000, "more than 1 s of records lost"
     assert np.all(c["epoch"] == c["epoch"][0]) and np.all(np.abs(c["f_hz"][-10:] - 49.8) < 1e-6)
     assert c["allocated_kw"][-1] > 0 and c["delivered_kw"][-1] > 0  # a discharge response, reported back

@@ -305,7 +305,7 @@ def test_each_section8_code_is_logged_when_its_situation_happens(plant):
         }
         for code, text in expected.items():
             wait_until(lambda code=code, text=text: any(
-                f" {code} " in ln and text in ln for ln in log_lines(plant.log)[before:]), timeout_s=6,
+                f" {code} " in ln and text in ln for ln in log_lines(plant.log)[before:]), timeout_s=30,
                 what=f"{code} with {text}")
         by_reason = reasons(plant)
         assert by_reason["E_INVERTER_PHASE_MISMATCH"] == 4 and by_reason["TIMEOUT_BMS_RESPONSE"] == 1

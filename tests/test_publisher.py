@@ -128,6 +128,50 @@ def test_a_busy_publisher_makes_the_cycle_skip_and_its_frames_keep_their_header(
     assert agg.events.counts["PUBLISHER_BUSY"] >= 1
 
 
+def test_a_cycles_delivered_power_is_its_own_image_though_summed_off_the_control_thread(tmp_path):
+    """The sum of the vehicles' reported power, which a cycle handed to the publisher thread owes (summed off the
+    control thread), is the image as that cycle read it in its status and its journal record, though telemetry is
+    written into the fleet while the publisher thread still holds the cycle; the next cycles carry the new sum."""
+    agg = make(tmp_path)
+    n = agg.fleet.n_rows
+    agg.fleet.p_actual_kw[:n] = 1.0
+    held, release = threading.Event(), threading.Event()
+    held_seq: list[int] = []
+    send_frames = agg.publisher.send_frames
+
+    def held_send_frames(frames):
+        if not held_seq and agg.first_cycle.is_set():
+            held_seq.append(wire.decode_setpoints(next(iter(frames.frames()))).seq)
+            held.set()
+            release.wait(5.0)  # this thread holds the cycle while "telemetry" comes in
+        return send_frames(frames)
+
+    agg.publisher.send_frames = held_send_frames
+    agg.start()
+    statuses: dict[int, float] = {}
+    try:
+        with bus.StatusSubscriber(zmq.Context.instance(), agg.publisher.endpoint) as sub:
+            assert held.wait(10.0)
+            with agg._image_lock:  # as the bus thread writes a telemetry batch between cycles
+                agg.fleet.p_actual_kw[:n] = 2.0
+            release.set()
+
+            def take() -> bool:
+                m = sub.recv(100, max_frames=1)  # each status in turn, not the newest only
+                if m is not None:
+                    statuses[m["seq"]] = m["delivered_kw"]
+                return bool(statuses) and max(statuses) > held_seq[0] + 2
+
+            wait_until(take, 10.0, what="the held cycle's status and later ones")
+    finally:
+        agg.stop()
+    (seq,) = held_seq
+    assert statuses[seq] == 1.0 * n and statuses[max(statuses)] == 2.0 * n
+    c = np.concatenate([s.cycles for s in (journal.read_segment(p) for p in (tmp_path / "j").glob("*.v2j"))])
+    assert c["delivered_kw"][(c["seq"] == seq) & (c["published"] == 1)].tolist() == [1.0 * n]
+    assert not np.isnan(c["delivered_kw"]).any() and c["delivered_kw"][-1] == 2.0 * n
+
+
 @pytest.mark.parametrize("after_record", [False, True])
 def test_a_lease_lost_between_hand_over_and_send_sends_nothing_and_journals_published_0(tmp_path, after_record):
     """HA self-fencing at send time: a cycle handed over while leading, whose lease is gone when the publisher

@@ -201,6 +201,7 @@ def test_gw1_topic_is_not_a_prefix_of_gw10_topic_at_the_byte_level():
     assert not wire.encode_status(STATUS).startswith(b"sp/")
 
 
+@settings(deadline=None)  # a per-example deadline is a speed assertion (docs/testing.md)
 @given(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp", "Cn", "Co", "Cf")),
                min_size=1, max_size=20),
        st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp", "Cn", "Co", "Cf")),

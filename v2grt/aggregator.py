@@ -66,7 +66,28 @@ class _CycleOut:
     exp_ns: int
     slow_n: int
     now_ns: int  # the cycle's wake-up (the status's meter age)
-    delivered_kw: float
+    delivered_kw: float  # NaN until settled (Aggregator._settle_delivered)
+
+
+class _ImageLock:
+    """The process image's lock (Aggregator._image_lock): whoever takes it first settles the delivered-power sum
+    a handed-over cycle still owes (Aggregator._settle_delivered), before anything can change the image."""
+
+    def __init__(self, settle):
+        self._lock = threading.Lock()
+        self._settle = settle
+
+    def __enter__(self) -> _ImageLock:
+        self._lock.acquire()
+        try:
+            self._settle()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
 @dataclasses.dataclass
@@ -184,7 +205,14 @@ class Aggregator:
         # the gate closed is waited for); applied there, not at the cycle's start, a batch costs the bus
         # thread's budget and not the cycle's time (bench fuzz: the inputs phase was 4-9 ms at 8,000 msg/s,
         # and its variation was the jitter of the setpoints, p99 104 ms at a 100 ms period).
-        self._image_lock = threading.Lock()
+        #
+        # It also carries the sum of the vehicles' reported power (status, journal) of a cycle handed to the
+        # publisher thread: that cycle owes it (_owed) and whoever takes the lock next computes it first, on the
+        # image as the cycle left it (the publisher thread after the cycle's frames, or the bus thread before its
+        # first batch, or the next cycle's start if neither came): ~25-74 us at 100,000 vehicles that were on the
+        # control thread in every cycle (docs/benchmarks.md, "bench cycle").
+        self._owed: _CycleOut | None = None
+        self._image_lock = _ImageLock(self._settle_delivered)
 
         # control-thread state
         self.stats = CycleStats()
@@ -222,7 +250,7 @@ class Aggregator:
         if cfg.bus.publisher_thread:
             self.sender = PublisherThread(self.publisher, prepare=self._prepare_frames, may_send=self._may_send,
                                           on_done=self._publish_done, on_idle=self._publisher_upkeep,
-                                          events=self.events)
+                                          before_status=self._finish_status, events=self.events)
         elif self.security is not None:  # drops revoked keys' connections to the setpoint PUB (its owner's job)
             self.cycle_hooks.append(self.security.on_cycle)
         #: the publisher thread's `refused` count already raised here as a cycle error (_raise_if_refused)
@@ -478,6 +506,7 @@ class Aggregator:
             # Still sending the previous cycle (starved for a whole period): its frame buffer is in use, so this
             # cycle is not handed over (v2grt.publisher: one buffer, skip and count). The gateways hold the
             # previous setpoints until their expiry, as for a lost frame.
+            self.delivered_kw = self._delivered_sum()  # this cycle's journal record (rare: here, not deferred)
             sender.busy_skips += 1
             self.events.emit("PUBLISHER_BUSY", logging.WARNING, key="publisher", skipped=sender.busy_skips,
                              message="the publisher thread was still sending the previous cycle: this cycle's "
@@ -487,9 +516,6 @@ class Aggregator:
             self.publisher.admit_subscriptions()  # security: each subscription checked against its key; else no-op
         if self.fleet.version != self._layout_version or self._frames is None:
             self._rebuild_layouts()
-        # once per cycle (~25 us at 100,000 vehicles), shared by the status message and the journal: before
-        # the HA check, so a standby's journal records this cycle's sum, not the one from when it last led
-        self.delivered_kw = float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())
         if self.ha is not None:
             # Self-fencing (docs/ha.md): read the clock now, after dispatch, and publish only while the lease
             # is surely valid; ha.margin_s covers the sends below. A standby publishes no status topic either:
@@ -498,6 +524,7 @@ class Aggregator:
             # right before it sends (_may_send).
             view = self.ha.view
             if self.ha.resigning or not view.may_publish(time.monotonic_ns()):  # resigning: handed over
+                self.delivered_kw = self._delivered_sum()  # a standby's journal records this cycle's sum too
                 if sender is not None:  # the socket's upkeep (subscriptions, a revocation's rebind) goes on
                     sender.submit(PublishJob(self.epoch, self.seq, None, None, self._cycle_start_ns))
                 return
@@ -514,16 +541,20 @@ class Aggregator:
             # caches are cold from the kernel) and is 0.10 ms without it (docs/benchmarks.md, "The publisher thread").
             # `published` stays True in this cycle's journal record unless the publisher thread does not send it
             # (stale, a wild value, the lease at send time, a failure): it then sets the flag to 0 (_publish_done).
+            # The delivered-power sum is owed (see _image_lock): the status gets it on the publisher thread after
+            # the frames (_finish_status), the journal record with its `published` flag (_publish_done).
             w = self.journal.expect_outcome() if self.journal is not None else -1
             self.published = True
             cycle = _CycleOut(result, self.dispatcher.runs, rows, t_ns, t_ns + self.ttl_ns, self.slow_n, now_ns,
-                              self.delivered_kw)
+                              math.nan)
+            self._owed = cycle
             sender.submit(PublishJob(self.epoch, self.seq, frames, None, self._cycle_start_ns, journal_w=w,
                                      cycle=cycle))
             return
         # One compiled pass writes the whole cycle into every gateway's frame (the gather by row, or a plain copy
         # when the roster is already in gateway order, float32, the checks, the header). A wild value raises
         # here, on this thread, before a frame can be sent (CYCLE_ERROR).
+        self.delivered_kw = self._delivered_sum()
         frames.write(result.setpoints_kw, result.reasons, rows, self.epoch, self.seq, t_ns, t_ns + self.ttl_ns,
                      result.estop, slow_n=self.slow_n)
         status = self._status_fields(result, t_ns, now_ns, self.epoch, self.seq, self.delivered_kw)
@@ -554,6 +585,30 @@ class Aggregator:
         # passed the GIL in between, so a run that overlapped any read is seen here
         return self.dispatcher.runs == c.run
 
+    def _delivered_sum(self) -> float:
+        """The vehicles' reported power summed over the image as it is now, kW (+ discharge)."""
+        return float(self.fleet.p_actual_kw[: self.fleet.n_rows].sum())
+
+    def _settle_delivered(self) -> None:
+        """Whoever takes the image lock (so the image is still the owing cycle's): the owed cycle's sum."""
+        c = self._owed
+        if c is not None:
+            c.delivered_kw = self.delivered_kw = self._delivered_sum()
+            self._owed = None  # after the value: _delivered_of reads it without the lock once this is not c
+
+    def _delivered_of(self, c: _CycleOut) -> float:
+        """Publisher thread: a handed-over cycle's delivered-power sum, settled now if no thread took the image
+        since (no new cycle can owe one while this thread still has this cycle: it is `busy`)."""
+        if self._owed is c:
+            with self._image_lock:  # settles it
+                pass
+        return c.delivered_kw
+
+    def _finish_status(self, job: PublishJob) -> None:
+        """Publisher thread, after the cycle's frames and before its status: the status's delivered power."""
+        if job.cycle is not None and job.status is not None:
+            job.status["delivered_kw"] = self._delivered_of(job.cycle)
+
     def _may_send(self, job: PublishJob) -> bool:
         """Self-fencing at send time (docs/ha.md): the lease of the frames' epoch is surely valid now."""
         if self.ha is None:
@@ -566,8 +621,9 @@ class Aggregator:
         `published` flag, then a planned handover's resignation (after the last frames actually sent)."""
         if not sent:
             self.published = False
+        delivered_kw = self._delivered_of(job.cycle) if job.cycle is not None else math.nan
         if self.journal is not None and job.journal_w >= 0:
-            self.journal.publish_outcome(job.journal_w, job.seq, sent)
+            self.journal.publish_outcome(job.journal_w, job.seq, sent, delivered_kw)
         if sent and self.ha is not None and self.ha.handover_ready:
             self.ha.resign_after_publish()
 

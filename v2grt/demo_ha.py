@@ -101,7 +101,11 @@ def _run(rig, duration_s: float, say) -> dict:
     while time.monotonic() < t0 + duration_s:
         _line(rig, t0, say)
         time.sleep(min(1.0, max(0.0, t0 + duration_s - time.monotonic())))
-    st = rig.status(old)
+    # The restarted process may still be starting (imports, its etcd session) when the duration is up on a loaded
+    # host: its role once it answers, within a bound (a role read once at the end said None under two busy loops).
+    deadline = time.monotonic() + 30.0
+    while (st := rig.status(old)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     r["restarted_role"] = st["ha"]["role"] if st else None
     r.pop("published", None)
     return r

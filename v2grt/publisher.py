@@ -73,16 +73,18 @@ class PublisherThread:
     """Owns ``publisher`` (bus.SetpointPublisher) once started; ``submit()`` hands it one cycle at a time.
 
     ``prepare(job)`` (lay a handed-over cycle out in its frames; False: its inputs changed under it),
-    ``may_send(job)`` (self-fencing) and ``on_done(job, sent)`` are called on this thread; ``on_idle()``
+    ``may_send(job)`` (self-fencing), ``before_status(job)`` (after the frames, before the status is encoded)
+    and ``on_done(job, sent)`` are called on this thread; ``on_idle()``
     runs after each cycle's sends while the thread still owns the socket (security: drop a revoked key's
     connections). The control thread reads ``busy`` without a lock: it is set by submit() on the control
     thread and cleared here only after every use of the frame buffer is over.
     """
 
-    def __init__(self, publisher, *, prepare=None, may_send=None, on_done=None, on_idle=None, events=None,
-                 name: str = "v2grt-publisher"):
+    def __init__(self, publisher, *, prepare=None, may_send=None, on_done=None, on_idle=None, before_status=None,
+                 events=None, name: str = "v2grt-publisher"):
         self.publisher = publisher
         self.prepare = prepare or (lambda job: True)
+        self.before_status = before_status or (lambda job: None)
         self.may_send = may_send or (lambda job: True)
         self.on_done = on_done or (lambda job, sent: None)
         self.on_idle = on_idle or (lambda: None)
@@ -241,6 +243,7 @@ class PublisherThread:
         n_frames = pub.send_frames(job.frames)
         t_wire = job.t_wire_ns = time.monotonic_ns()
         if job.status is not None:
+            self.before_status(job)  # fields the frames need not wait for (the delivered power's sum)
             pub.send(wire.encode_status(job.status))
         k = self.sent_cycles % RING
         self.last_to_wire_ns = self.to_wire_ns[k] = t_wire - job.start_ns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -207,6 +208,15 @@ def setup_report(agg) -> dict:
     return {s.step: {"granted": s.granted, "detail": s.detail} for s in agg.loop.setup_report}
 
 
+def quiet_pymodbus() -> None:
+    """Keep pymodbus off a bench's stderr: a meter server whose client hung up mid-reply (the aggregator's reader
+    reconnecting after a timeout, or stopping) logs "Cancel send, because not connected!" at ERROR with its last
+    20 raw frames appended ("\\n>>>>> send: 0x0 0x41 ..."; pymodbus adds them unless it logs at DEBUG). With no
+    handler set (a bench calls no events.setup_logging, which routes it to engine.log) Python's last-resort
+    handler printed them into `bench cycle`'s output. The reader counts its own timeouts and reconnects."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
 class World:
     """The child process that plays meter and gateways; driven by one JSON line per command.
 
@@ -220,6 +230,7 @@ class World:
         starve the meter server of its own process's GIL: `bench soak` runs its load in one of these)."""
         import subprocess
 
+        quiet_pymodbus()  # this process reads the world's meter (an aggregator's MeterReader)
         code = "from v2grt.bench._common import world_main; world_main()"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1, env=child_env())
@@ -275,6 +286,7 @@ def world_main() -> None:
 
     from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
 
+    quiet_pymodbus()  # the meter's server: its stderr is the bench's
     ctx = zmq.Context()
     stop = threading.Event()
     threads: list[threading.Thread] = []

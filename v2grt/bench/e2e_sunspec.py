@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -39,7 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-from v2grt.bench._common import add_smoke_option, apply_smoke, child_env, emit, machine, source_state, stats_ms, table
+from v2grt.bench._common import (
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    quiet_pymodbus,
+    source_state,
+    stats_ms,
+    table,
+)
 
 GATEWAY_ID = "sunspec1"
 F_DISCHARGE_HZ, F_CHARGE_HZ = 49.5, 50.5
@@ -198,8 +207,8 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
     """One run: start the four processes, step the meter ``args.trials`` times, stop them; the raw samples."""
     import zmq
 
-    from v2grt.bench.bench_fuzz import _fields, _find_line, _Procs, _wait_for_line, start_aggregator
-    from v2grt.bench.gateway_sunspec import split_site
+    from v2grt.bench.bench_fuzz import _fields, _find_line, _Procs, start_aggregator
+    from v2grt.bench.gateway_sunspec import place_on_ports, split_site, wait_sims_serving
     from v2grt.fleet import Fleet
     from v2grt.gateway.sim import gateway_fleet
     from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
@@ -208,8 +217,9 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
 
     n = args.chargers
     tmp = Path(tempfile.mkdtemp(prefix="v2g-e2e-sunspec-"))
-    paths = write_site(tmp / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=args.base_port,
+    paths = write_site(tmp / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=args.base_port or 1,
                        units_per_server=args.units_per_server)
+    place_on_ports(paths["devices"], args.base_port)
     fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GATEWAY_ID)
     row_of = {nid: i for i, nid in enumerate(fleet.node_ids[: fleet.n_rows])}
     meter = SunSpecMeter(213, f_hz=F_CHARGE_HZ)
@@ -227,13 +237,15 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
         agg, ep, cfg, rt = start_aggregator(tmp, paths["roster"], msim.port(meter), args.priority, procs)
         for k, (roster_k, devices_k) in enumerate(parts):
             log_k = tmp / f"sim{k}.log"
-            sims.append((log_k, tmp / f"trace{k}.npz", roster_k, procs.add(f"sim{k}", subprocess.Popen(
-                [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
-                 "--gateway-id", GATEWAY_ID, "--trace-out", str(tmp / f"trace{k}.npz"), "--log-file", str(log_k),
-                 "--sched-fifo-priority", str(sim_priority)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=tmp))))
-        for k, (log_k, _t, _r, proc) in enumerate(sims):  # all serving, or the gateway backs off
-            _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, 60, f"simulator {k}")
+            with open(tmp / f"sim{k}.stderr", "w") as err:  # the child keeps its own descriptor
+                sims.append((log_k, tmp / f"trace{k}.npz", roster_k, procs.add(f"sim{k}", subprocess.Popen(
+                    [*cli, "sim", "sunspec-chargers", "--roster", str(roster_k), "--devices", str(devices_k),
+                     "--gateway-id", GATEWAY_ID, "--trace-out", str(tmp / f"trace{k}.npz"), "--log-file",
+                     str(log_k), "--sched-fifo-priority", str(sim_priority)],
+                    stdout=subprocess.DEVNULL, stderr=err, env=child_env(), cwd=tmp))))
+        # all serving, or the gateway backs off
+        wait_sims_serving([(log_k, tmp / f"sim{k}.stderr", proc) for k, (log_k, _t, _r, proc) in enumerate(sims)],
+                          60)
         gw = procs.add("gateway", subprocess.Popen(
             [*cli, "gateway", "sunspec", "--roster", str(paths["roster"]), "--gateway-id", GATEWAY_ID, "--devices",
              str(paths["devices"]), "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"],
@@ -318,9 +330,7 @@ def _summary(runs: list[dict]) -> dict:
 def run(args) -> dict:
     """Each variant (gateway/simulator priorities) ``args.rounds`` times, interleaved so that the load of a shared
     machine falls on all alike; per variant the pooled latencies."""
-    # The meter's server logs the aggregator's cancelled requests at stop ("Cancel send, because not connected"):
-    # noise on the bench's output, not a result.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    quiet_pymodbus()  # the meter's server logs the aggregator's cancelled requests at stop: noise, not a result
     runs: dict[tuple[int, int], list[dict]] = {v: [] for v in args.priorities}
     for _round in range(args.rounds):
         for variant in args.priorities:
@@ -391,7 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gap-s", type=float, default=0.6,
                     help="pause between steps (plus a random 0..2 periods); long enough for the last step's "
                          "setpoints to settle")
-    ap.add_argument("--base-port", type=int, default=17000, help="the simulator's first TCP port")
+    ap.add_argument("--base-port", type=int, default=None,
+                    help="the simulators' first TCP port (default: ports free at the start, so two runs at once "
+                         "do not collide)")
     ap.add_argument("--sim-processes", type=int, default=2,
                     help="simulator processes sharing the chargers (2: as many as this machine's cores)")
     ap.add_argument("--priority", type=int, default=None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -27,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from v2grt.bench._common import add_smoke_option, apply_smoke, child_env, emit, machine, source_state, table
+from v2grt.bench._common import (
+    add_smoke_option,
+    apply_smoke,
+    child_env,
+    emit,
+    machine,
+    quiet_pymodbus,
+    source_state,
+    table,
+)
 
 GATEWAY_ID = "sunspec1"
 GOAL_DEVICES, GOAL_CPU_PCT = 1000, 50.0
@@ -61,6 +69,35 @@ def split_site(roster: Path, devices: Path, parts: int, out: Path) -> list[tuple
     return pairs
 
 
+def place_on_ports(devices: Path, base_port: int | None) -> list[int]:
+    """The simulators' TCP ports, one per server of the devices file (as write_site laid them out from a base
+    port): kept from ``base_port`` on when one was given, else ports that were free a moment ago
+    (procrig.free_ports) written into the file, so two runs at once (CI next to a bench) do not collide."""
+    from v2grt.gateway import sunspec_mapping as sm
+    from v2grt.procrig import free_ports
+
+    devs = sm.load_devices(devices)
+    ports = list(dict.fromkeys(a.port for a in devs.values()))
+    if base_port is not None:
+        return ports
+    new = dict(zip(ports, free_ports(len(ports)), strict=True))
+    sm.write_devices(devices, {nid: sm.DeviceAddress(a.host, new[a.port], a.unit_id) for nid, a in devs.items()})
+    return list(new.values())
+
+
+def wait_sims_serving(sims: list[tuple[Path, Path, subprocess.Popen]], timeout_s: float) -> None:
+    """Every simulator (its log, its stderr file, its process) serving; RuntimeError with the simulator's own
+    words (a port already taken names the port) if one exits first or does not start in time."""
+    from v2grt.bench.bench_fuzz import _wait_for_line
+    from v2grt.procrig import tail
+
+    for k, (log_k, err_k, proc) in enumerate(sims):
+        try:
+            _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, timeout_s, f"simulator {k}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its stderr: {tail(err_k, 3)}") from None
+
+
 def stats_lines(log: Path) -> list[dict[str, int]]:
     """The GATEWAY_STATS lines of a gateway log, as {counter: value} with t_mono_ns."""
     from v2grt.bench.bench_fuzz import _fields
@@ -83,18 +120,19 @@ def window(stats: list[dict[str, int]], t0_ns: int, t1_ns: int) -> dict:
             "devices_connected_min": min(s.get("devices_connected", 0) for s in inside)}
 
 
-def measure(n: int, args, tmp: Path, base_port: int) -> dict:
+def measure(n: int, args, tmp: Path, base_port: int | None) -> dict:
     """One fleet size: start everything, wait until every charger is heard, measure, stop."""
     import zmq
 
-    from v2grt.bench.bench_fuzz import _Procs, _wait_for_line, start_aggregator
+    from v2grt.bench.bench_fuzz import _Procs, start_aggregator
     from v2grt.bench.e2e_sunspec import cpu_s, wait_heard
     from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
     from v2grt.sim.sunspec_chargers import write_site
 
     d = tmp / f"n{n}"
-    paths = write_site(d / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=base_port,
+    paths = write_site(d / "site", n_devices=n, gateway_id=GATEWAY_ID, base_port=base_port or 1,
                        units_per_server=args.units_per_server)
+    place_on_ports(paths["devices"], base_port)
     parts = split_site(paths["roster"], paths["devices"], args.sim_processes, d / "sims")
     meter = SunSpecMeter(213, f_hz=args.f_hz)
     msim = SimServerThread([meter], name="bench-meter").start()
@@ -113,8 +151,7 @@ def measure(n: int, args, tmp: Path, base_port: int) -> dict:
                      "--gateway-id", GATEWAY_ID, "--tick-s", str(args.sim_tick_s), "--log-file", str(log_k),
                      "--sched-fifo-priority", str(args.sim_priority)],
                     stdout=subprocess.DEVNULL, stderr=err, env=child_env(), cwd=d))))
-        for k, (log_k, proc) in enumerate(sims):
-            _wait_for_line(log_k, "SIM_SUNSPEC_START", proc, 120, f"simulator {k}")
+        wait_sims_serving([(log_k, d / f"sim{k}.stderr", proc) for k, (log_k, proc) in enumerate(sims)], 120)
         gw = procs.add("gateway", subprocess.Popen(
             [*cli, "gateway", "sunspec", "--roster", str(paths["roster"]), "--gateway-id", GATEWAY_ID, "--devices",
              str(paths["devices"]), "--setpoints", ep["setpoints"], "--telemetry", ep["telemetry"],
@@ -155,11 +192,11 @@ def measure(n: int, args, tmp: Path, base_port: int) -> dict:
 
 def run(args) -> dict:
     """Every size of ``args.devices``, one after the other; the rig's result as one JSON-ready dict."""
-    # The meter's server logs the aggregator's cancelled requests at stop: noise, not a result.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    quiet_pymodbus()  # the meter's server logs the aggregator's cancelled requests at stop: noise, not a result
     tmp = Path(tempfile.mkdtemp(prefix="v2g-gateway-sunspec-"))
     # Each size on ports of its own: the previous size's listeners may linger a moment after their processes.
-    rows = [measure(n, args, tmp, args.base_port + 2000 * k) for k, n in enumerate(args.devices)]
+    rows = [measure(n, args, tmp, None if args.base_port is None else args.base_port + 2000 * k)
+            for k, n in enumerate(args.devices)]
     goal = next((r for r in rows if r["devices"] == GOAL_DEVICES), None)
     return {
         "benchmark": "gateway", "protocol": "sunspec", "machine": machine(), "source": source_state(),
@@ -206,8 +243,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--f-hz", type=float, default=49.6, help="the meter's frequency (49.6 Hz)")
     ap.add_argument("--measure-s", type=float, default=20.0, help="CPU and counters over this long (20 s)")
     ap.add_argument("--settle-s", type=float, default=3.0, help="wait after every charger is heard (3 s)")
-    ap.add_argument("--base-port", type=int, default=20000,
-                    help="the simulators' first TCP port (20000; each fleet size 2000 ports further on)")
+    ap.add_argument("--base-port", type=int, default=None,
+                    help="the simulators' first TCP port, each fleet size 2000 ports further on (default: ports "
+                         "free at the start, so two runs at once do not collide)")
     ap.add_argument("--priority", type=int, default=None,
                     help="the aggregator's SCHED_FIFO priority (default: configs/default.yaml's)")
     ap.add_argument("--gateway-priority", type=int, default=0,

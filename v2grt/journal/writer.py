@@ -79,7 +79,8 @@ class Journal:
         # bus.publisher_thread: the newest record's `published` flag is decided by the publisher thread after its
         # sends (publish_outcome); the writer takes no record from that one on until it is (v2grt.publisher)
         self._undecided = -1  # the record index awaiting its outcome; -1: none
-        self._early: tuple[int, int, bool] | None = None  # (index, seq, sent): an outcome ahead of its record()
+        # (index, seq, sent, delivered_kw): an outcome ahead of its record()
+        self._early: tuple[int, int, bool, float] | None = None
         self._outcome_lock = threading.Lock()
         self._r = 0  # records taken by the writer
         self._inv = np.full(len(inverter_names), np.nan)
@@ -151,7 +152,9 @@ class Journal:
         self.record_cycle(result, t_ns=time.time_ns(), epoch=agg.epoch, seq=agg.seq, published=agg.published,
                           f_age_ms=math.nan if age_ms is None or agg.meter is None else age_ms,
                           frequency_stale=agg._f_stale, capacity_kw=agg.dispatcher.capacity_kw,
-                          delivered_kw=agg.delivered_kw,  # the status message's sum, computed once per cycle
+                          # the status message's sum; a cycle handed to the publisher thread owes it (NaN here) and
+                          # gets it with its `published` flag (publish_outcome)
+                          delivered_kw=math.nan if agg._owed is not None else agg.delivered_kw,
                           inverter_kw=self._inv, test_row=-1 if test is None else test.row,
                           test_kw=math.nan if test is None else test.kw,
                           work_ms=(times.inputs_ns + times.kernel_ns + times.publish_ns) / 1e6)
@@ -174,6 +177,8 @@ class Journal:
             # that raised between its hand-over and its record() leaves an outcome that is not the next one's)
             if early is not None and early[0] == w and early[1] == seq and published:
                 published = early[2]
+                if not math.isnan(early[3]):
+                    delivered_kw = early[3]
             self._tap.record(w % self._n_ring, t_ns, epoch, seq, published, result.frequency_hz, f_age_ms,
                              frequency_stale, result.service_fraction, capacity_kw, result.request_kw,
                              result.target_kw, result.allocated_kw, delivered_kw, result.feasible_dis_kw,
@@ -194,13 +199,17 @@ class Journal:
         self._undecided = self._w
         return self._w
 
-    def publish_outcome(self, w: int, seq: int, sent: bool) -> None:
-        """Publisher thread, after the cycle's sends (or its refusal): record ``w``'s `published` flag."""
+    def publish_outcome(self, w: int, seq: int, sent: bool, delivered_kw: float = math.nan) -> None:
+        """Publisher thread, after the cycle's sends (or its refusal): record ``w``'s `published` flag and its
+        `delivered_kw` (the sum the cycle owed, computed off the control thread; NaN: keep the recorded one)."""
         with self._outcome_lock:
             if self._w > w:  # recorded already: set the flag in the ring, where the writer has not taken it yet
-                self._ring["published"][w % self._n_ring] = sent
+                k = w % self._n_ring
+                self._ring["published"][k] = sent
+                if not math.isnan(delivered_kw):
+                    self._ring["delivered_kw"][k] = delivered_kw
             else:  # record() has not run yet: it takes the outcome
-                self._early = (w, seq, sent)
+                self._early = (w, seq, sent, delivered_kw)
             if self._undecided == w:
                 self._undecided = -1
 

@@ -309,8 +309,8 @@ class SimChargers:
                 await server.serve_forever(background=True)
                 self._servers.append(server)
                 self._ports[k] = server.transport.sockets[0].getsockname()[1]
-        except BaseException as exc:
-            self._error = exc
+        except BaseException as exc:  # pymodbus says "Could not start listen, please check address." alone
+            self._error = f"{host}:{port}: {exc}" if len(self._servers) < len(self.layout) else exc
             self._ready.set()
             for server in self._servers:
                 await server.shutdown()
