@@ -402,3 +402,30 @@ def test_installed_benchmark_prints_its_table(installed):
     lines = installed_v2grt(installed, "bench", "kernel", "--smoke").stdout.splitlines()
     rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
     assert rule > 0 and "1000" in "\n".join(lines[rule + 1:])
+
+
+def test_bench_ab_runs_each_tree_in_turn_and_gives_the_ratio():
+    """bench ab --smoke runs the kernel smoke from two trees alternately and reports every p50/p99 with a ratio."""
+    r = bench("ab", "--smoke")
+    assert r["trees"] == ["a", "b"] and [run["tree"] for run in r["runs"]] == ["a", "b"]
+    row = next(s for s in r["summary"] if s["metric"] == "results[nodes=1000].cython.p50_ms")
+    assert row["ratio_first_over"]["b"] == pytest.approx(row["median"]["a"] / row["median"]["b"])
+    assert all(m.endswith(("p50_ms", "p99_ms")) for s in r["runs"] for m in s["metrics"])
+
+
+def test_bench_ab_flattens_json_by_labels_and_refuses_a_tree_without_v2grt(tmp_path):
+    """List items are named by their nodes/name field, booleans are not numbers, and a tree that is not a source
+    tree is refused with its path named (exit 2)."""
+    from v2grt.bench import bench_ab
+
+    flat = bench_ab.flatten({"results": [{"nodes": 10, "p50_ms": 1.5, "ok": True}, {"x": 2}], "n": 3})
+    assert flat == {"results[nodes=10].nodes": 10.0, "results[nodes=10].p50_ms": 1.5, "results[1].x": 2.0, "n": 3.0}
+    assert bench_ab.select(flat, ["*p50_ms"]) == {"results[nodes=10].p50_ms": 1.5}
+    runs = [{"tree": "old", "metrics": {"m": 4.0}}, {"tree": "new", "metrics": {"m": 2.0}},
+            {"tree": "old", "metrics": {"m": 6.0}}, {"tree": "new", "metrics": {"m": 2.0}}]
+    (row,) = bench_ab.summarize(["old", "new"], runs)
+    assert row["median"] == {"old": 5.0, "new": 2.0} and row["ratio_first_over"] == {"new": 2.5}
+    proc = subprocess.run([sys.executable, "-m", "v2grt.cli", "bench", "ab", "--tree", f"x={tmp_path}", "--tree",
+                           f"y={ROOT}", "--", "kernel", "--smoke"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 2 and str(tmp_path) in proc.stderr and "v2grt/__init__.py" in proc.stderr
