@@ -487,12 +487,8 @@ class StationConnection:
         if self.closed.done():
             return
         if not self._out:
-            try:
-                n = self._sock.send(data)
-            except _WOULD_BLOCK:
-                n = 0
-            except OSError as exc:
-                self._lost(exc)
+            n = self._send_some(data)
+            if n is None:
                 return
             if n == len(data):
                 return
@@ -501,6 +497,17 @@ class StationConnection:
         self._out_bytes += len(data)
         self._want_writer(True)
         self._check_high()
+
+    def _send_some(self, data: bytes) -> int | None:
+        """One non-blocking send: the bytes the socket took (0 when its buffer is full), None when the connection
+        is lost (then already handled)."""
+        try:
+            return self._sock.send(data)
+        except _WOULD_BLOCK:
+            return 0
+        except OSError as exc:
+            self._lost(exc)
+            return None
 
     def _check_high(self) -> None:
         if self._out_bytes > self.server.write_high_bytes and not self._read_paused:
@@ -521,12 +528,8 @@ class StationConnection:
         while self._out:
             data = self._out.popleft() if len(self._out) == 1 else b"".join(self._out)
             self._out.clear()
-            try:
-                n = self._sock.send(data)
-            except _WOULD_BLOCK:
-                n = 0
-            except OSError as exc:
-                self._lost(exc)
+            n = self._send_some(data)
+            if n is None:
                 return
             self._out_bytes -= n
             if n < len(data):
