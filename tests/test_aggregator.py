@@ -20,6 +20,7 @@ from v2grt.aggregator import PUBLISHER_IO_THREAD, Aggregator
 from v2grt.codes import Reason
 from v2grt.config import config_from_dict
 from v2grt.fleet import Fleet
+from v2grt.gate import MAX_WAIT_NS
 from v2grt.io import bus, wire
 from v2grt.sim.sunspec import SimServerThread, SunSpecMeter
 from v2grt.testing import LogLines, short_ids, wait_until
@@ -731,7 +732,10 @@ def test_the_bus_thread_keeps_to_its_receive_budget_under_a_flood(make_aggregato
     with bus.ControlClient(zmq.Context.instance(), agg.control.endpoint) as cli:
         receive = cli.call("status").result["receive"]
     assert receive["budget_exhausted"] >= exhausted and receive["throttled_s"] > 0, receive
-    assert receive["max_window_busy_ms"] < 0.2 * PERIOD_S * 1e3 + 3.0, receive  # the budget + one message
+    # CPU ms in one window: the budget (4 ms) plus the batch admitted last, whose decode takes longer in CPU time
+    # on a loaded machine (7.4 ms seen at load 8 against the 7 ms this allowed before). Without a budget the
+    # window's CPU runs to the period (20 ms), so 10 ms still tells the two apart.
+    assert receive["max_window_busy_ms"] < 0.5 * PERIOD_S * 1e3, receive
 
 
 def test_control_requests_are_answered_within_periods_while_cycles_raise(make_aggregator):
@@ -763,7 +767,12 @@ def test_control_requests_are_answered_within_periods_while_cycles_raise(make_ag
         finally:
             failing.clear()
         assert agg.loop.stats.errors >= errors0 + 5  # the requests were answered while cycles raised
-    assert max(latencies_s) < 10 * PERIOD_S, f"control replies took {[round(s, 3) for s in latencies_s]} s"
+    # Without the gate opening after a cycle that raised, every reply waits out MAX_WAIT_NS (1 s). The median
+    # of five tells the two apart where the slowest alone did not: one reply took 0.44 s at load 8 (a preempted
+    # bus thread), against the 0.2 s (10 periods) this test asked of all five before.
+    latency_s = sorted(latencies_s)[len(latencies_s) // 2]
+    assert latency_s < 10 * PERIOD_S, f"control replies took {[round(s, 3) for s in latencies_s]} s"
+    assert max(latencies_s) < 0.5 * MAX_WAIT_NS / 1e9, f"control replies took {[round(s, 3) for s in latencies_s]} s"
 
 
 def test_an_exception_on_the_bus_thread_is_logged_and_the_thread_goes_on(make_aggregator, caplog):
