@@ -487,6 +487,7 @@ cdef extern from *:
         if (t->one_cpu) return -1;
         int rc = pthread_create(&t->thread, NULL, v2grt_worker_main, t);
         if (rc) return rc;
+        pthread_setname_np(t->thread, "v2grt-kernel");  /* what ps, top and the tests see */
         t->started = 1;
         return 0;
     }
