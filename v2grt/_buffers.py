@@ -91,7 +91,9 @@ class Workspace:
     def kernel_mode(self) -> dict:
         """How the last kernel run went: threads used and why (for status, metrics and benchmarks)."""
         used, chunks, worker, contiguous = (int(x) for x in self.kernel_stats)
-        if used == 2:
+        if used == 0:
+            why = "no compiled kernel run yet"
+        elif used == 2:
             why = "two threads"
         elif self.threads < 2:
             why = "kernel.threads is 1"
