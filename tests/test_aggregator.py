@@ -475,7 +475,7 @@ def test_setup_report_names_the_kernel_build_after_the_rt_steps(make_aggregator)
     wait_until(lambda: agg.stats.cycles >= 1, timeout_s=5.0, what="a cycle")
     status = agg.status_report()["kernel"]
     assert status["threads"] == 2 and status["mode"]["threads"] == 1, status  # a small test fleet: one thread
-    assert "200000 rows" in status["mode"]["why"], status
+    assert "50000 rows" in status["mode"]["why"], status
     assert lines.lines.index(kernel) > max(i for i, m in enumerate(lines.lines) if m.startswith("RT_SETUP "))
 
 

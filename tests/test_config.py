@@ -193,7 +193,7 @@ def test_kernel_threads_outside_one_or_two_is_refused_naming_the_key(threads):
 
 
 def test_kernel_threads_default_to_two_in_code_and_the_shipped_config():
-    """Two kernel threads by default (one runs anyway below 200,000 vehicles), as configs/default.yaml says; 1 is
+    """Two kernel threads by default (one runs anyway below 50,000 vehicles), as configs/default.yaml says; 1 is
     accepted."""
     assert config_from_dict(config()).kernel.threads == 2
     assert load_config(DEFAULT_YAML).kernel.threads == 2

@@ -22,9 +22,9 @@ N_REASON_SLOTS = 256
 #: The kernel's chunks of rows (Workspace.chunk_rows): about n / CHUNK_ROWS of them, at most MAX_CHUNKS. The
 #: same chunks for one thread or two, so both give the same bytes; fewer than PARALLEL_MIN_ROWS rows run on
 #: one thread whatever kernel.threads says (the hand-off does not pay there; docs/benchmarks.md).
-CHUNK_ROWS = 16384
+CHUNK_ROWS = 8192
 MAX_CHUNKS = 32
-PARALLEL_MIN_ROWS = 200_000
+PARALLEL_MIN_ROWS = 50_000
 
 #: kW. A window or take at or below this is no power: float residue of the fill (a target minus a
 #: sum of windows leaves ~1e-16 of it) or a node at the very edge of its taper. Both backends treat it

@@ -114,7 +114,7 @@ class KernelConfig:
     """The dispatch kernel (docs/architecture.md, "The kernel on two threads")."""
 
     # 2: pass 1 and the merit fill on the control thread and one worker thread, where that is safe and pays
-    # (>= 200,000 vehicles, each site's vehicles one run of rows, the control thread allowed on >= 2 CPUs);
+    # (>= 50,000 vehicles, each site's vehicles one run of rows, the control thread allowed on >= 2 CPUs);
     # 1: the control thread alone
     threads: int = 2
 
