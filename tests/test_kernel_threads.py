@@ -183,3 +183,39 @@ def test_the_worker_runs_at_the_callers_priority_on_its_cpus():
     assert len(new) == 1 and os.sched_getscheduler(new[0]) == os.SCHED_OTHER
     work.teams.clear()  # the Team is collected: its worker is stopped and joined
     assert [t for t in _kernel_worker_tids() if t not in before] == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_forked_child_starts_a_worker_of_its_own():
+    """A child forked after the worker started (a daemonising service) has no worker thread: its kernel starts
+    one of its own (whose chunks show in kernel_mode) instead of counting on (or joining) its parent's, and
+    gives the same bytes."""
+    import time
+
+    fleet = Fleet.random(200_000, seed=6)
+    work = workspace(fleet, 2, chunk_rows=8192)
+    parent = dispatch("cython", fleet, work, 8.0e5)
+    assert work.kernel_mode()["threads"] == 2
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 if its own worker ran chunks and the bytes are the parent's
+        ok = False
+        try:
+            worker_chunks = 0
+            for _ in range(20):
+                child = dispatch("cython", fleet, work, 8.0e5)
+                worker_chunks += work.kernel_mode()["worker_chunks"]
+            ok = worker_chunks > 0 and all(
+                getattr(child, name).tobytes() == getattr(parent, name).tobytes() for name in OUTPUTS)
+            work.teams.clear()  # stops (joins) the child's own worker
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child's kernel did not return within 30 s")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -420,6 +420,7 @@ cdef extern from *:
         int started;
         int checked;  /* owner is set */
         int one_cpu;  /* the owner may run on one CPU only: no worker */
+        pid_t pid;  /* the process the worker runs in (a forked child has none) */
         char pad0[64];
         uint64_t claim;  /* n_chunks << 32 | the next chunk index: one fetch-and-add claims a chunk */
         char pad1[64];
@@ -463,6 +464,11 @@ cdef extern from *:
 
     static void v2grt_team_stop(v2grt_team *t) {
         if (!t->started) return;
+        if (t->pid != getpid()) {  /* a forked child: the worker was its parent's, there is none to join */
+            t->started = 0;
+            t->checked = 0;
+            return;
+        }
         __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
         __atomic_fetch_add(&t->round, 1, __ATOMIC_RELEASE);
         v2grt_futex(&t->round, FUTEX_WAKE_PRIVATE, 1);
@@ -476,11 +482,12 @@ cdef extern from *:
     static int v2grt_team_ensure(v2grt_team *t) {
         pthread_t self = pthread_self();
         cpu_set_t cpus;
-        if ((t->started || t->one_cpu) && t->checked && pthread_equal(t->owner, self))
+        if ((t->started || t->one_cpu) && t->checked && pthread_equal(t->owner, self) && t->pid == getpid())
             return t->started ? 0 : -1;
         v2grt_team_stop(t);
         t->owner = self;
         t->checked = 1;
+        t->pid = getpid();
         /* A caller allowed on one CPU only (realtime.cpu_affinity: [N]) would share it with its worker:
            no gain, a context switch to lose. One thread then, reported. */
         t->one_cpu = pthread_getaffinity_np(self, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) < 2;
