@@ -219,3 +219,36 @@ def test_a_forked_child_starts_a_worker_of_its_own():
             pytest.fail("the forked child's kernel did not return within 30 s")
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("build", COMPILED)
+def test_stored_setpoints_are_np_copyto_s(build, threads):
+    """store_setpoints (the Dispatcher's feedback into last_setpoint_kw, on the kernel's threads) writes what
+    np.copyto writes, float64 to float32, to the bit, and nothing past the rows asked for."""
+    fleet = Fleet.random(300_000, seed=7)
+    n = fleet.n_rows
+    work = Workspace(fleet.capacity, fleet.site_capacity)
+    work.threads = threads
+    out = dispatch(build, fleet, work, 2.0e5)
+    out.setpoint_kw[:n] += np.random.default_rng(0).normal(0.0, 1e-3, n)  # values float32 must round
+    expected = np.zeros(fleet.capacity + 5, np.float32)
+    np.copyto(expected[:n - 3], out.setpoint_kw[:n - 3])
+    got = np.zeros(fleet.capacity + 5, np.float32)
+    kernel_module(build).store_setpoints(out, got, n - 3, work)
+    assert got.tobytes() == expected.tobytes()
+    assert work.kernel_mode()["threads"] == threads
+
+
+def test_a_dispatcher_on_two_threads_steps_like_one_on_one():
+    """Two Dispatchers on copies of one fleet, kernel_threads 1 and 2, give the same setpoints cycle after
+    cycle, with each cycle's setpoints fed back into the fleet (ramps and hysteresis see them)."""
+    from v2grt.dispatch import Dispatcher
+
+    fleets = [Fleet.random(120_000, seed=8) for _ in range(2)]
+    ds = [Dispatcher(f, capacity_kw=5.0e5, kernel_threads=t) for f, t in zip(fleets, (1, 2))]
+    for k, f_hz in enumerate((49.9, 49.8, 50.15, 49.95, 50.3)):
+        rs = [d.step(f_hz, now_ns=10**9 * (k + 1)) for d in ds]
+        assert rs[0].setpoints_kw.tobytes() == rs[1].setpoints_kw.tobytes(), k
+        assert fleets[0].last_setpoint_kw.tobytes() == fleets[1].last_setpoint_kw.tobytes(), k
+    assert ds[1].kernel_mode()["threads"] == 2 and ds[0].kernel_mode()["threads"] == 1

@@ -159,14 +159,17 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
         ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason), ``totals`` (T_* indices) and
         ``reason_counts`` (rows per reason code).
     work : Workspace
-        Caller-owned scratch space.
+        Caller-owned scratch space. ``work.threads`` = 2 runs pass 1 and the merit fill in chunks on
+        this thread and one worker thread (started from this thread; docs/architecture.md, "The kernel
+        on two threads") where that is safe and pays; ``work.kernel_mode()`` says what the call did.
     pin_row, pin_kw : int, float
         One node held at pin_kw this cycle (a test discharge), outside the ranking; -1: none.
 
     Notes
     -----
     Equals v2grt.reference.dispatch (see its notes for the rules); totals and the marginal node may
-    differ by float rounding because sums are taken in another order.
+    differ by float rounding because sums are taken in another order. One thread or two give the
+    same bytes: the chunks and the order their sums are merged in do not depend on the thread count.
     """
     cdef Py_ssize_t n = fleet.n_rows
     cdef Py_ssize_t n_sites = fleet.n_sites
@@ -648,6 +651,49 @@ cdef void _run_chunks(Runner* run, v2grt_chunk_fn fn, void* args) noexcept nogil
         for c in range(run.n_chunks):
             fn(args, c)
         run.mine += run.n_chunks
+
+
+def store_setpoints(out, float[::1] last_kw_out, Py_ssize_t n, work):
+    """``last_kw_out[:n] = out.setpoint_kw[:n]`` as float32: the Dispatcher's feedback of a cycle's setpoints
+    into ``fleet.last_setpoint_kw`` (np.copyto's result, bit for bit), on this thread and the kernel's worker
+    thread when the last dispatch with ``work`` ran two (1M rows: ~0.5 ms on one thread)."""
+    cdef const double[::1] setpoint = out.setpoint_kw
+    if setpoint.shape[0] < n or last_kw_out.shape[0] < n or n < 0:
+        raise ValueError(f"store_setpoints: {n} rows, setpoints hold {setpoint.shape[0]}, last_kw_out "
+                         f"{last_kw_out.shape[0]}")
+    cdef Copy cp
+    cdef Py_ssize_t bounds[33]
+    cdef Py_ssize_t c, k = 32 if n >= 32 * 8192 else 1
+    cdef Runner run
+    cdef Team team = work.teams.get(ISA) if work.kernel_stats[0] == 2 else None
+    if n == 0:
+        return
+    for c in range(k + 1):
+        bounds[c] = c * n // k
+    cp.src, cp.dst, cp.bounds = &setpoint[0], &last_kw_out[0], bounds
+    run.team, run.n_chunks, run.mine, run.rounds = NULL, k, 0, 0
+    with nogil:
+        if team is not None and k > 1 and v2grt_team_ensure(team.t) == 0:
+            run.team = team.t
+        _run_chunks(&run, <v2grt_chunk_fn>_copy_chunk, &cp)
+
+
+cdef struct Copy:
+    const double* src
+    float* dst
+    const Py_ssize_t* bounds
+
+
+cdef void _copy_chunk(void* args, Py_ssize_t c) noexcept nogil:
+    cdef Copy* cp = <Copy*>args
+    cdef Py_ssize_t a = cp.bounds[c], b = cp.bounds[c + 1]
+    _narrow(b - a, &cp.src[a], &cp.dst[a])
+
+
+cdef void _narrow(Py_ssize_t m, in_f64 src, out_f32 dst) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(m):
+        dst[i] = <float>src[i]
 
 
 cdef struct Pass1:

@@ -256,7 +256,11 @@ class Dispatcher:
             # stop steps a responder with no latch, and latches again if the trigger still holds.
             self._responder.reset()
         n = fleet.n_rows
-        np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
+        store = getattr(self.kernel, "store_setpoints", None)
+        if store is not None:  # the compiled kernel: on its two threads when it ran two
+            store(out, fleet.last_setpoint_kw, n, self._work)
+        else:
+            np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
         t = out.totals
         return DispatchResult(
             setpoints_kw=out.setpoint_kw[:n],
