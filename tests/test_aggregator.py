@@ -457,7 +457,8 @@ def test_input_and_bus_threads_run_just_below_a_sched_fifo_control_thread(make_a
 
 
 def test_setup_report_names_the_kernel_build_after_the_rt_steps(make_aggregator):
-    """engine.log gets the RT_SETUP lines and then `KERNEL backend=... isa=...` (operations.md's kernel line)."""
+    """engine.log gets the RT_SETUP lines and then `KERNEL backend=... isa=... threads=...` (operations.md's kernel
+    line), and the status shows the kernel's build, its kernel.threads and how the last run went."""
     lines = LogLines()
     logger = logging.getLogger("v2grt.aggregator")
     logger.addHandler(lines)
@@ -471,7 +472,11 @@ def test_setup_report_names_the_kernel_build_after_the_rt_steps(make_aggregator)
         logger.removeHandler(lines)
         logger.setLevel(old_level)
     kernel = next(m for m in lines.lines if m.startswith("KERNEL backend="))
-    assert kernel == f"KERNEL backend={agg.dispatcher.backend} isa={agg.dispatcher.kernel_isa}"
+    assert kernel == f"KERNEL backend={agg.dispatcher.backend} isa={agg.dispatcher.kernel_isa} threads=2"
+    wait_until(lambda: agg.stats.cycles >= 1, timeout_s=5.0, what="a cycle")
+    status = agg.status_report()["kernel"]
+    assert status["threads"] == 2 and status["mode"]["threads"] == 1, status  # a small test fleet: one thread
+    assert "50000 rows" in status["mode"]["why"], status
     assert lines.lines.index(kernel) > max(i for i, m in enumerate(lines.lines) if m.startswith("RT_SETUP "))
 
 

@@ -145,9 +145,9 @@ def test_derived_expiry_shorter_than_a_revocation_pause_is_refused_with_security
     assert config_from_dict(config(0.02)).setpoint_ttl_s == pytest.approx(0.06)  # no security: no pause to cover
 
 
-@pytest.mark.parametrize("section", ["journal", "ha", "bus"])
+@pytest.mark.parametrize("section", ["journal", "ha", "bus", "kernel"])
 def test_operations_md_config_reference_has_every_key_with_its_default_and_range(section):
-    """docs/operations.md section 5 has a row for each key of the ha, journal and bus sections, with the code's
+    """docs/operations.md section 5 has a row for each key of the ha, journal, bus and kernel sections, with the code's
     default and validated range."""
     import dataclasses
     import re
@@ -159,7 +159,8 @@ def test_operations_md_config_reference_has_every_key_with_its_default_and_range
     start = ref.index(f"\n**{section}**")
     block = ref[start:ref.find("\n**", start + 1)]
     rows = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", block, re.M)}
-    cls = {"journal": config.JournalConfig, "ha": config.HAConfig, "bus": config.BusConfig}[section]
+    cls = {"journal": config.JournalConfig, "ha": config.HAConfig, "bus": config.BusConfig,
+           "kernel": config.KernelConfig}[section]
 
     def g(x):
         return f"{x:g}".replace("e+0", "e").replace("e+", "e")
@@ -182,3 +183,18 @@ def test_operations_md_config_reference_has_every_key_with_its_default_and_range
         spec = config._RANGES.get(f"{section}.{f.name}")
         if spec is not None and len(spec) == 3:
             assert f"{g(spec[1])}..{g(spec[2])}" in cell[1], (f.name, cell[1], spec)
+
+
+@pytest.mark.parametrize("threads", [0, 3, 1.5, "2"])
+def test_kernel_threads_outside_one_or_two_is_refused_naming_the_key(threads):
+    """kernel.threads is 1 or 2: anything else is refused, naming the key and the value."""
+    with pytest.raises(ConfigError, match=r"kernel.threads="):
+        config_from_dict(config(kernel={"threads": threads}))
+
+
+def test_kernel_threads_default_to_two_in_code_and_the_shipped_config():
+    """Two kernel threads by default (one runs anyway below 50,000 vehicles), as configs/default.yaml says; 1 is
+    accepted."""
+    assert config_from_dict(config()).kernel.threads == 2
+    assert load_config(DEFAULT_YAML).kernel.threads == 2
+    assert config_from_dict(config(kernel={"threads": 1})).kernel.threads == 1

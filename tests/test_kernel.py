@@ -32,10 +32,32 @@ def kernel_module(backend):
     return get_backend(backend)
 
 
-def run(backend, fleet, profile, request_kw, *, now_ns=0, dt_s=0.1, estop=False):
+#: kernel.threads: 1, or 2 with chunks small enough for test fleets and no row threshold (tests/test_kernel_threads.py)
+THREADS = [1, 2]
+
+
+def workspace(fleet, threads=1):
+    """Fresh kernel scratch; threads=2 runs the chunks of 32 rows on this thread and the worker thread."""
+    work = Workspace(fleet.capacity, fleet.site_capacity)
+    if threads == 2:
+        work.threads, work.chunk_rows, work.parallel_min_rows = 2, 32, 0
+    return work
+
+
+def with_sites_contiguous(fleet, threads):
+    """For threads=2: each site's rows made one run (sorted), or the kernel would run one thread (the same
+    fleet is then given to the twin too)."""
+    if threads == 2:
+        n = fleet.n_rows
+        fleet.site[:n] = np.sort(fleet.site[:n])
+        fleet.version += 1
+    return fleet
+
+
+def run(backend, fleet, profile, request_kw, *, now_ns=0, dt_s=0.1, estop=False, threads=1):
     """One kernel call with fresh buffers; returns the output object."""
     out = KernelOutput(fleet.capacity)
-    work = Workspace(fleet.capacity, fleet.site_capacity)
+    work = workspace(fleet, threads)
     kernel_module(backend).dispatch(fleet, profile, request_kw, now_ns, dt_s, estop, out, work)
     return out
 
@@ -105,15 +127,17 @@ def fleets(draw, max_n=40):
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("build", COMPILED)
 @SETTINGS
 @given(case=fleets())
-def test_cython_equals_reference(build, case):
-    """On random and adversarial fleets every compiled build gives the reference's outputs."""
+def test_cython_equals_reference(build, threads, case):
+    """On random and adversarial fleets every compiled build, on one thread or two, gives the reference's outputs."""
     fleet, profile, request, estop = case
+    with_sites_contiguous(fleet, threads)
     n = fleet.n_rows
     ref = run("reference", fleet, profile, request, estop=estop)
-    cy = run(build, fleet, profile, request, estop=estop)
+    cy = run(build, fleet, profile, request, estop=estop, threads=threads)
     assert_equals_twin(cy, ref, n)
 
 
@@ -635,30 +659,35 @@ def test_allocated_total_is_the_sum_of_the_setpoints_pin_included(backend, reque
     assert out.setpoint_kw[2] == pin_kw
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("build", COMPILED)
 @SETTINGS
 @given(case=fleets(), pin_row=st.integers(-1, 40), pin_kw=st.floats(-30.0, 30.0))
-def test_pinned_cython_equals_reference(build, case, pin_row, pin_kw):
-    """With a pinned node, on random and adversarial fleets, every compiled build gives the twin's outputs."""
+def test_pinned_cython_equals_reference(build, threads, case, pin_row, pin_kw):
+    """With a pinned node, on random and adversarial fleets, every compiled build (one thread or two) gives
+    the twin's outputs."""
     fleet, profile, request, estop = case
+    with_sites_contiguous(fleet, threads)
     n = fleet.n_rows
     ref, cy = (KernelOutput(fleet.capacity) for _ in range(2))
     for backend, out in (("reference", ref), (build, cy)):
         kernel_module(backend).dispatch(fleet, profile, request, 0, 0.1, estop, out,
-                                        Workspace(fleet.capacity, fleet.site_capacity), pin_row, pin_kw)
+                                        workspace(fleet, threads if backend == build else 1), pin_row, pin_kw)
     assert_equals_twin(cy, ref, n)
 
 
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("build", COMPILED)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=fleets(max_n=600))
-def test_cython_equals_reference_across_blocks(build, case):
+def test_cython_equals_reference_across_blocks(build, threads, case):
     """Fleets longer than a block (128 rows): block edges, partial last blocks and site runs that
-    cross a block edge give the twin's outputs too."""
+    cross a block edge (and, on two threads, chunk edges) give the twin's outputs too."""
     fleet, profile, request, estop = case
+    with_sites_contiguous(fleet, threads)
     n = fleet.n_rows
     ref = run("reference", fleet, profile, request, estop=estop)
-    cy = run(build, fleet, profile, request, estop=estop)
+    cy = run(build, fleet, profile, request, estop=estop, threads=threads)
     assert_equals_twin(cy, ref, n)
 
 

@@ -19,6 +19,13 @@ N_TOTALS = 8
 #: KernelOutput.reason_counts has a slot for every uint8 reason code (gateways' fault codes included).
 N_REASON_SLOTS = 256
 
+#: The kernel's chunks of rows (Workspace.chunk_rows): about n / CHUNK_ROWS of them, at most MAX_CHUNKS. The
+#: same chunks for one thread or two, so both give the same bytes; fewer than PARALLEL_MIN_ROWS rows run on
+#: one thread whatever kernel.threads says (the hand-off does not pay there; docs/benchmarks.md).
+CHUNK_ROWS = 8192
+MAX_CHUNKS = 32
+PARALLEL_MIN_ROWS = 50_000
+
 #: kW. A window or take at or below this is no power: float residue of the fill (a target minus a
 #: sum of windows leaves ~1e-16 of it) or a node at the very edge of its taper. Both backends treat it
 #: as 0, so no node is set to a sliver that would make it "carrying" (and ranked up by hysteresis)
@@ -62,6 +69,43 @@ class Workspace:
         self.site_rem_kw = np.zeros(site_capacity, np.float64)
         self.hist_kw = np.zeros(buckets, np.float64)  # sum of windows per rank bucket
         self.count = np.zeros(buckets + 1, np.int64)  # nodes per bucket (counting sort)
+        # Chunks of rows (docs/architecture.md, "The kernel on two threads"): the same for any thread count,
+        # each with its own histogram, reason counts and sums (chunk 0 uses hist_kw and the output's counts),
+        # merged in chunk order.
+        self.threads = 1  # 2: pass 1 and the merit fill on this thread and one worker thread (kernel.threads)
+        self.chunk_rows = CHUNK_ROWS
+        self.parallel_min_rows = PARALLEL_MIN_ROWS
+        self.chunk_bounds = np.zeros(MAX_CHUNKS + 1, np.intp)
+        self.chunk_hist_kw = np.zeros((MAX_CHUNKS - 1) * buckets, np.float64)
+        self.chunk_counts = np.zeros((MAX_CHUNKS - 1) * N_REASON_SLOTS, np.int64)
+        self.chunk_sums_kw = np.zeros(2 * MAX_CHUNKS, np.float64)
+        self.chunk_carrying = np.zeros(MAX_CHUNKS, np.int64)
+        self.site_seen = np.zeros(max(site_capacity, 1), np.uint8)  # the contiguity check's scratch
+        self.sites_key = None  # (fleet, version, rows, sites) the cached contiguity was checked for
+        self.sites_contiguous = 0
+        #: the last run: threads used, chunks, chunks the worker ran, sites contiguous (1/0; -1 not checked,
+        #: -2 the worker thread could not be started, -3 the caller may use one CPU only); see kernel_mode()
+        self.kernel_stats = np.zeros(4, np.int64)
+        self.teams = {}  # the worker thread per compiled build (its Team), started by the first 2-thread run
+
+    def kernel_mode(self) -> dict:
+        """How the last kernel run went: threads used and why (for status, metrics and benchmarks)."""
+        used, chunks, worker, contiguous = (int(x) for x in self.kernel_stats)
+        if used == 0:
+            why = "no compiled kernel run yet"
+        elif used == 2:
+            why = "two threads"
+        elif self.threads < 2:
+            why = "kernel.threads is 1"
+        elif contiguous == 0:
+            why = "sites not contiguous: one thread (a site's rows in several runs)"
+        elif contiguous == -2:
+            why = "the worker thread could not be started: one thread"
+        elif contiguous == -3:
+            why = "the calling thread may run on one CPU only (realtime.cpu_affinity): one thread"
+        else:
+            why = f"fewer than {self.parallel_min_rows} rows or one chunk: one thread"
+        return {"threads": used, "chunks": chunks, "worker_chunks": worker, "why": why}
 
     def fits(self, capacity: int, site_capacity: int) -> bool:
         return self.capacity >= capacity and self.site_capacity >= site_capacity

@@ -159,14 +159,17 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
         ``avail_chg_kw`` (magnitudes), ``reason`` (uint8 Reason), ``totals`` (T_* indices) and
         ``reason_counts`` (rows per reason code).
     work : Workspace
-        Caller-owned scratch space.
+        Caller-owned scratch space. ``work.threads`` = 2 runs pass 1 and the merit fill in chunks on
+        this thread and one worker thread (started from this thread; docs/architecture.md, "The kernel
+        on two threads") where that is safe and pays; ``work.kernel_mode()`` says what the call did.
     pin_row, pin_kw : int, float
         One node held at pin_kw this cycle (a test discharge), outside the ranking; -1: none.
 
     Notes
     -----
     Equals v2grt.reference.dispatch (see its notes for the rules); totals and the marginal node may
-    differ by float rounding because sums are taken in another order.
+    differ by float rounding because sums are taken in another order. One thread or two give the
+    same bytes: the chunks and the order their sums are merged in do not depend on the thread count.
     """
     cdef Py_ssize_t n = fleet.n_rows
     cdef Py_ssize_t n_sites = fleet.n_sites
@@ -238,15 +241,97 @@ def dispatch(fleet, profile, double request_kw, i64 now_ns, double dt_s, bint es
     cdef int direction
     cdef Pin pin
     pin.row, pin.kw, pin.ok, pin.site = (pin_row if 0 <= pin_row < n else -1), pin_kw, False, -1
+
+    # The chunks (the same for any thread count) and who runs them.
+    cdef Py_ssize_t[::1] bounds = work.chunk_bounds
+    cdef double[::1] chunk_hist = work.chunk_hist_kw
+    cdef i64[::1] chunk_counts = work.chunk_counts
+    cdef double[::1] chunk_sums = work.chunk_sums_kw
+    cdef i64[::1] carrying = work.chunk_carrying
+    cdef i64[::1] stats = work.kernel_stats
+    cdef Py_ssize_t max_chunks = bounds.shape[0] - 1, c, k
+    cdef Py_ssize_t n_chunks, chunk_rows = work.chunk_rows
+    with nogil:
+        n_chunks = _plan(n, &site[0], chunk_rows, max_chunks, &bounds[0])
+    cdef Runner run
+    run.team, run.n_chunks, run.mine, run.rounds = NULL, n_chunks, 0, 0
+    cdef Team team
+    cdef int rc = 0
+    cdef int contiguous = -1  # -1: not checked (one thread was going to run anyway)
+    if work.threads >= 2 and n_chunks >= 2 and n >= work.parallel_min_rows:
+        contiguous = _contiguity(fleet, work, n, n_sites, site)
+        if contiguous:
+            team = work.teams.get(ISA)
+            if team is None:
+                team = work.teams[ISA] = Team()
+            with nogil:
+                rc = v2grt_team_ensure(team.t)
+            if rc == 0:
+                run.team = team.t
+            else:  # reported in kernel_stats: -3 one CPU allowed, -2 the worker could not be started
+                contiguous = -3 if rc == -1 else -2
+    cdef Pass1 a
+    a.p = &p
+    a.n_sites, a.pin_row, a.buckets = n_sites, pin.row, p.buckets
+    a.stale_before, a.direction, a.estop = stale_before, 0, estop
+    a.active, a.online, a.fault, a.site, a.site_fault = &active[0], &online[0], &fault[0], &site[0], &site_fault[0]
+    a.tel = &telemetry_tick[0]
+    a.soc, a.soh, a.capacity_kwh = &soc[0], &soh[0], &capacity_kwh[0]
+    a.p_dis_max_kw, a.p_chg_max_kw, a.temp_c = &p_dis_max_kw[0], &p_chg_max_kw[0], &temp_c[0]
+    a.cycle_count, a.efficiency, a.last_kw = &cycle_count[0], &efficiency[0], &last_kw[0]
+    a.reason, a.dis, a.chg = &reason_out[0], &avail_dis_out[0], &avail_chg_out[0]
+    a.window, a.q = &window[0], &q[0]
+    a.site_hi, a.site_lo = &site_hi[0], &site_lo[0]
+    a.hist, a.chunk_hist = &hist[0], &chunk_hist[0]
+    a.counts, a.chunk_counts = &reason_counts[0], &chunk_counts[0]
+    a.chunk_sums = &chunk_sums[0]
+    a.bounds = &bounds[0]
+    a.pin = &pin
     with nogil:
         direction = _direction(n, &p, request_kw, estop, last_kw, &sums[0])
-        _availability(n, n_sites, &p, stale_before, estop, direction, active, online, fault, site, soc, soh,
-                      capacity_kwh, p_dis_max_kw, p_chg_max_kw, temp_c, cycle_count, efficiency,
-                      telemetry_tick, last_kw, site_fault, reason_out, avail_dis_out, avail_chg_out, window,
-                      q, site_hi, site_lo, hist, reason_counts, &pin, sums)
+        a.direction = direction
+        for k in range(n_sites):
+            site_hi[k] = 0.0
+            site_lo[k] = 0.0
+        _run_chunks(&run, <v2grt_chunk_fn>_pass1_chunk, &a)
+        # Merged in chunk order, whoever ran which chunk: the same sums for any thread count.
+        sums[1] = 0.0
+        sums[2] = 0.0
+        for c in range(n_chunks):
+            sums[1] += chunk_sums[2 * c]
+            sums[2] += chunk_sums[2 * c + 1]
+        for c in range(1, n_chunks):
+            _add_into(&hist[0], &chunk_hist[(c - 1) * p.buckets], p.buckets)
+            for k in range(256):
+                reason_counts[k] += chunk_counts[(c - 1) * 256 + k]
         _allocate(n, n_sites, &p, request_kw, direction, site, site_export_kw, site_import_kw, window, q,
                   site_hi, site_lo, site_rem, hist, count, order, avail_dis_out, avail_chg_out, &pin,
-                  setpoint_out, totals_out, sums)
+                  setpoint_out, totals_out, sums, &run, &bounds[0], &carrying[0])
+    stats[0] = 2 if run.team != NULL else 1
+    stats[1] = n_chunks
+    stats[2] = run.rounds * n_chunks - run.mine  # chunks the worker ran
+    stats[3] = contiguous
+
+
+cdef int _contiguity(fleet, work, Py_ssize_t n, Py_ssize_t n_sites, const int[::1] site):
+    """Whether each site's rows are one run (then two threads never add into one site's sums), cached
+    in the workspace per fleet.version: Fleet.add and Fleet.remove bump it, and nothing else writes
+    fleet.site after a fleet is built (code that does must bump fleet.version too)."""
+    key = (id(fleet), fleet.version, n, n_sites, id(fleet.site))
+    if work.sites_key == key:
+        return work.sites_contiguous
+    cdef u8[::1] seen = work.site_seen
+    cdef bint ok
+    with nogil:
+        ok = _sites_contiguous(n, n_sites, &site[0], &seen[0])
+    work.sites_key, work.sites_contiguous = key, int(ok)
+    return ok
+
+
+cdef void _add_into(double* acc, const double* x, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(m):
+        acc[j] += x[j]
 
 
 cdef int _direction(Py_ssize_t n, const Params* p, double request_kw, bint estop,
@@ -297,22 +382,377 @@ cdef enum:
     BLOCK = 128  # rows per block: its columns, outputs and scratch (~20 KiB) stay in L1 beside the histogram
 
 
-cdef void _availability(
-    Py_ssize_t n, Py_ssize_t n_sites, const Params* p, int stale_before, bint estop, int direction,
-    const u8[::1] active, const u8[::1] online, const u8[::1] fault, const int[::1] site,
-    const float[::1] soc, const float[::1] soh, const float[::1] capacity_kwh,
-    const float[::1] p_dis_max_kw, const float[::1] p_chg_max_kw, const float[::1] temp_c,
-    const float[::1] cycle_count, const float[::1] efficiency, const int[::1] telemetry_tick,
-    const float[::1] last_kw, const u8[::1] site_fault,
-    u8[::1] reason_out, float[::1] avail_dis_out, float[::1] avail_chg_out,
-    float[::1] window, u16[::1] q, double[::1] site_hi, double[::1] site_lo,
-    double[::1] hist, i64[::1] reason_counts, Pin* pin, double* sums,
-) noexcept nogil:
-    """Pass 1: reason, availability, ramp windows and, in the target's direction, the window and rank
-    bucket per node; per-site sums of both windows and the bucket histogram of the direction's windows;
-    rows per reason code (so nobody has to count a million codes again after the kernel). A pinned row
-    that participates is left out of the ranking and the site sums; pin.ok and pin.site tell _allocate.
-    sums: [prev_total_kw (set by _direction), avail_dis_kw, avail_chg_kw].
+# ------------------------------------------------------------------------- two threads (kernel.threads)
+# Pass 1 and the merit fill run over chunks of rows that the control thread and one persistent worker
+# thread claim from an atomic counter: whoever is free takes the next chunk, so a worker that is late
+# (preempted, its CPU busy, asleep in a deep C-state) costs at most the chunk it has already claimed.
+# The chunks are the same whatever the thread count (they depend on the rows and their sites only), and
+# every sum is per chunk, merged in chunk order after: threads 1 and 2 give the same bytes.
+cdef extern from *:
+    """
+    #ifndef _GNU_SOURCE
+    #define _GNU_SOURCE
+    #endif
+    #include <pthread.h>
+    #include <sched.h>
+    #include <linux/futex.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    #include <stdint.h>
+    #include <time.h>
+
+    /* How long the control thread spins for the worker's last chunk before it sleeps on a futex: about
+       a chunk at 1M rows (a futex wake-up costs ~50 us on this VM, a spin nothing but this CPU). */
+    #define V2GRT_SPIN_NS 300000L
+    #if defined(__x86_64__) || defined(__i386__)
+    #define V2GRT_CPU_RELAX() __builtin_ia32_pause()
+    #elif defined(__aarch64__)
+    #define V2GRT_CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+    #else
+    #define V2GRT_CPU_RELAX() __asm__ __volatile__("" ::: "memory")
+    #endif
+
+    typedef void (*v2grt_chunk_fn)(void *args, Py_ssize_t chunk);
+
+    typedef struct {
+        /* written by the control thread before it publishes a round, read by the worker after a claim */
+        v2grt_chunk_fn fn;
+        void *args;
+        pthread_t thread;
+        pthread_t owner;  /* the thread that created the worker: it inherited that one's policy and CPUs */
+        int started;
+        int checked;  /* owner is set */
+        int one_cpu;  /* the owner may run on one CPU only: no worker */
+        pid_t pid;  /* the process the worker runs in (a forked child has none) */
+        char pad0[64];
+        uint64_t claim;  /* n_chunks << 32 | the next chunk index: one fetch-and-add claims a chunk */
+        char pad1[64];
+        int32_t done;  /* chunks finished this round: the futex word the control thread may sleep on */
+        int32_t waiting;  /* the control thread is (about to be) asleep on done */
+        char pad2[64];
+        int32_t round;  /* the futex word the worker sleeps on: bumped to start a round */
+        int32_t stop;
+    } v2grt_team;
+
+    static long v2grt_futex(int32_t *addr, int op, int32_t val) {
+        return syscall(SYS_futex, addr, op, val, NULL, NULL, 0);
+    }
+
+    /* Claim and run chunks until none is left; returns how many this thread ran. */
+    static Py_ssize_t v2grt_team_work(v2grt_team *t) {
+        Py_ssize_t ran = 0;
+        for (;;) {
+            uint64_t c = __atomic_fetch_add(&t->claim, 1, __ATOMIC_ACQ_REL);
+            uint32_t idx = (uint32_t)c, n = (uint32_t)(c >> 32);
+            if (idx >= n) return ran;
+            t->fn(t->args, (Py_ssize_t)idx);
+            ran++;
+            __atomic_fetch_add(&t->done, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&t->waiting, __ATOMIC_SEQ_CST))
+                v2grt_futex(&t->done, FUTEX_WAKE_PRIVATE, 1);
+        }
+    }
+
+    static void *v2grt_worker_main(void *arg) {
+        v2grt_team *t = (v2grt_team *)arg;
+        int32_t seen = 0, r;
+        for (;;) {
+            while ((r = __atomic_load_n(&t->round, __ATOMIC_ACQUIRE)) == seen)
+                v2grt_futex(&t->round, FUTEX_WAIT_PRIVATE, seen);
+            seen = r;
+            if (__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) return NULL;
+            v2grt_team_work(t);
+        }
+    }
+
+    static void v2grt_team_stop(v2grt_team *t) {
+        if (!t->started) return;
+        if (t->pid != getpid()) {  /* a forked child: the worker was its parent's, there is none to join */
+            t->started = 0;
+            t->checked = 0;
+            return;
+        }
+        __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&t->round, 1, __ATOMIC_RELEASE);
+        v2grt_futex(&t->round, FUTEX_WAKE_PRIVATE, 1);
+        pthread_join(t->thread, NULL);
+        t->started = 0;
+        t->stop = 0;
+    }
+
+    /* The worker, started from (and so with the scheduling policy, priority and CPUs of) the calling
+       thread; restarted when another thread calls. 0 on success, else the pthread_create error. */
+    static int v2grt_team_ensure(v2grt_team *t) {
+        pthread_t self = pthread_self();
+        cpu_set_t cpus;
+        if ((t->started || t->one_cpu) && t->checked && pthread_equal(t->owner, self) && t->pid == getpid())
+            return t->started ? 0 : -1;
+        v2grt_team_stop(t);
+        t->owner = self;
+        t->checked = 1;
+        t->pid = getpid();
+        /* A caller allowed on one CPU only (realtime.cpu_affinity: [N]) would share it with its worker:
+           no gain, a context switch to lose. One thread then, reported. */
+        t->one_cpu = pthread_getaffinity_np(self, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) < 2;
+        if (t->one_cpu) return -1;
+        int rc = pthread_create(&t->thread, NULL, v2grt_worker_main, t);
+        if (rc) return rc;
+        pthread_setname_np(t->thread, "v2grt-kernel");  /* what ps, top and the tests see */
+        t->started = 1;
+        return 0;
+    }
+
+    /* One round: fn(args, c) for every c in [0, n), by this thread and the worker, whoever is free;
+       returns once every chunk has run. Returns the chunks this (the calling) thread ran. */
+    static Py_ssize_t v2grt_team_run(v2grt_team *t, v2grt_chunk_fn fn, void *args, uint32_t n) {
+        Py_ssize_t mine;
+        int32_t d;
+        long spins;
+        struct timespec t0, t1;
+        t->fn = fn;
+        t->args = args;
+        __atomic_store_n(&t->done, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&t->waiting, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&t->claim, (uint64_t)n << 32, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&t->round, 1, __ATOMIC_RELEASE);
+        v2grt_futex(&t->round, FUTEX_WAKE_PRIVATE, 1);
+        mine = v2grt_team_work(t);
+        /* Only chunks the worker has claimed are left: spin a little (a chunk is ~0.1-0.5 ms), then sleep. */
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (spins = 1; ; spins++) {
+            if (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) == (int32_t)n) return mine;
+            V2GRT_CPU_RELAX();
+            if ((spins & 63) == 0) {
+                clock_gettime(CLOCK_MONOTONIC, &t1);
+                if ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) > V2GRT_SPIN_NS) break;
+            }
+        }
+        __atomic_store_n(&t->waiting, 1, __ATOMIC_SEQ_CST);
+        while ((d = __atomic_load_n(&t->done, __ATOMIC_SEQ_CST)) != (int32_t)n)
+            v2grt_futex(&t->done, FUTEX_WAIT_PRIVATE, d);
+        return mine;
+    }
+    """
+    ctypedef void (*v2grt_chunk_fn)(void*, Py_ssize_t) noexcept nogil
+    ctypedef struct v2grt_team:
+        pass
+    int v2grt_team_ensure(v2grt_team* t) nogil
+    void v2grt_team_stop(v2grt_team* t) nogil
+    Py_ssize_t v2grt_team_run(v2grt_team* t, v2grt_chunk_fn fn, void* args, unsigned int n) nogil
+
+from libc.stdlib cimport calloc, free
+
+
+cdef class Team:
+    """The kernel's worker thread (kernel.threads: 2), one per Workspace and build; a C thread that never
+    takes the GIL. Started by the first dispatch that uses it, from the calling thread, whose scheduling
+    policy, priority and CPU affinity it inherits; started again if another thread calls. Stopped and
+    joined when the Team is collected."""
+
+    cdef v2grt_team* t
+
+    def __cinit__(self):
+        self.t = <v2grt_team*>calloc(1, sizeof(v2grt_team))
+        if self.t == NULL:
+            raise MemoryError("kernel worker thread state")
+
+    def __dealloc__(self):
+        if self.t != NULL:
+            with nogil:
+                v2grt_team_stop(self.t)
+            free(self.t)
+            self.t = NULL
+
+    def stop(self):
+        """Stop and join the worker (it starts again when next needed)."""
+        with nogil:
+            v2grt_team_stop(self.t)
+
+
+cdef Py_ssize_t _plan(Py_ssize_t n, const int* site, Py_ssize_t chunk_rows, Py_ssize_t max_chunks,
+                      Py_ssize_t* bounds) noexcept nogil:
+    """Row bounds of the chunks: about n / chunk_rows of them (at most max_chunks, at least 1), each
+    starting where the site changes from the row before, so that a site's run of rows is never split
+    (the per-site sums then equal the single-chunk kernel's). Returns the number of chunks."""
+    cdef Py_ssize_t k = (n + chunk_rows - 1) // chunk_rows if chunk_rows > 0 else 1
+    cdef Py_ssize_t c = 1, j, b
+    k = 1 if k < 1 else (max_chunks if k > max_chunks else k)
+    bounds[0] = 0
+    for j in range(1, k):
+        b = j * n // k
+        if b <= bounds[c - 1]:
+            b = bounds[c - 1] + 1
+        while b < n and site[b] == site[b - 1]:
+            b += 1
+        if b >= n:
+            break
+        bounds[c] = b
+        c += 1
+    bounds[c] = n
+    return c
+
+
+cdef bint _sites_contiguous(Py_ssize_t n, Py_ssize_t n_sites, const int* site, u8* seen) noexcept nogil:
+    """Whether every site's rows (inactive ones too: the kernel's runs count them) form one run; seen:
+    n_sites bytes of scratch. O(n), run once per fleet.version by the caller."""
+    cdef Py_ssize_t i, s
+    for s in range(n_sites):
+        seen[s] = 0
+    for i in range(n):
+        s = site[i]
+        if i > 0 and s == site[i - 1]:
+            continue
+        if 0 <= s < n_sites:
+            if seen[s]:
+                return False
+            seen[s] = 1
+    return True
+
+
+cdef struct Fill:
+    const float* window
+    const u16* q
+    double* setpoint
+    const Py_ssize_t* bounds
+    i64* carrying  # per chunk
+    int b_marginal
+    double sign
+
+
+cdef void _fill_chunk(void* args, Py_ssize_t c) noexcept nogil:
+    """_fill_above on chunk c's rows (the rows it set, into carrying[c])."""
+    cdef Fill* f = <Fill*>args
+    cdef Py_ssize_t a = f.bounds[c], b = f.bounds[c + 1]
+    f.carrying[c] = _fill_above(b - a, &f.window[a], &f.q[a], f.b_marginal, f.sign, &f.setpoint[a])
+
+
+cdef void _zero_chunk(void* args, Py_ssize_t c) noexcept nogil:
+    """setpoint = 0 on chunk c's rows."""
+    cdef Fill* f = <Fill*>args
+    cdef Py_ssize_t i
+    for i in range(f.bounds[c], f.bounds[c + 1]):
+        f.setpoint[i] = 0.0
+
+
+cdef struct Runner:
+    # How _allocate runs a chunked loop: on this thread alone, or with the worker.
+    v2grt_team* team  # NULL: this thread alone
+    Py_ssize_t n_chunks
+    Py_ssize_t mine  # chunks the control thread ran
+    Py_ssize_t rounds  # chunked loops run (each n_chunks chunks)
+
+
+cdef void _run_chunks(Runner* run, v2grt_chunk_fn fn, void* args) noexcept nogil:
+    cdef Py_ssize_t c
+    run.rounds += 1
+    if run.team != NULL:
+        run.mine += v2grt_team_run(run.team, fn, args, <unsigned int>run.n_chunks)
+    else:
+        for c in range(run.n_chunks):
+            fn(args, c)
+        run.mine += run.n_chunks
+
+
+def store_setpoints(out, float[::1] last_kw_out, Py_ssize_t n, work):
+    """``last_kw_out[:n] = out.setpoint_kw[:n]`` as float32: the Dispatcher's feedback of a cycle's setpoints
+    into ``fleet.last_setpoint_kw`` (np.copyto's result, bit for bit), on this thread and the kernel's worker
+    thread when the last dispatch with ``work`` ran two (1M rows: ~0.5 ms on one thread)."""
+    cdef const double[::1] setpoint = out.setpoint_kw
+    if setpoint.shape[0] < n or last_kw_out.shape[0] < n or n < 0:
+        raise ValueError(f"store_setpoints: {n} rows, setpoints hold {setpoint.shape[0]}, last_kw_out "
+                         f"{last_kw_out.shape[0]}")
+    cdef Copy cp
+    cdef Py_ssize_t bounds[33]
+    cdef Py_ssize_t c, k = 32 if n >= 32 * 8192 else 1
+    cdef Runner run
+    cdef Team team = work.teams.get(ISA) if work.kernel_stats[0] == 2 else None
+    if n == 0:
+        return
+    for c in range(k + 1):
+        bounds[c] = c * n // k
+    cp.src, cp.dst, cp.bounds = &setpoint[0], &last_kw_out[0], bounds
+    run.team, run.n_chunks, run.mine, run.rounds = NULL, k, 0, 0
+    with nogil:
+        if team is not None and k > 1 and v2grt_team_ensure(team.t) == 0:
+            run.team = team.t
+        _run_chunks(&run, <v2grt_chunk_fn>_copy_chunk, &cp)
+
+
+cdef struct Copy:
+    const double* src
+    float* dst
+    const Py_ssize_t* bounds
+
+
+cdef void _copy_chunk(void* args, Py_ssize_t c) noexcept nogil:
+    cdef Copy* cp = <Copy*>args
+    cdef Py_ssize_t a = cp.bounds[c], b = cp.bounds[c + 1]
+    _narrow(b - a, &cp.src[a], &cp.dst[a])
+
+
+cdef void _narrow(Py_ssize_t m, in_f64 src, out_f32 dst) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(m):
+        dst[i] = <float>src[i]
+
+
+cdef struct Pass1:
+    # Everything one chunk of pass 1 reads and writes, as raw pointers: the worker thread runs chunks
+    # without the GIL, and memoryviews are Python objects.
+    const Params* p
+    Py_ssize_t n_sites, pin_row, buckets
+    int stale_before, direction
+    bint estop
+    const u8* active
+    const u8* online
+    const u8* fault
+    const int* site
+    const u8* site_fault
+    const int* tel
+    const float* soc
+    const float* soh
+    const float* capacity_kwh
+    const float* p_dis_max_kw
+    const float* p_chg_max_kw
+    const float* temp_c
+    const float* cycle_count
+    const float* efficiency
+    const float* last_kw
+    u8* reason
+    float* dis
+    float* chg
+    float* window
+    u16* q
+    double* site_hi
+    double* site_lo
+    double* hist  # the kernel's histogram: chunk 0's
+    double* chunk_hist  # chunks 1..: (n_chunks - 1) x buckets
+    i64* counts  # out.reason_counts: chunk 0's
+    i64* chunk_counts  # chunks 1..: (n_chunks - 1) x 256
+    double* chunk_sums  # n_chunks x 2: [avail_dis_kw, avail_chg_kw]
+    const Py_ssize_t* bounds  # n_chunks + 1 row bounds
+    Pin* pin
+
+
+cdef void _pass1_chunk(void* args, Py_ssize_t c) noexcept nogil:
+    """Pass 1 on chunk c's rows (_availability_rows), into chunk c's histogram, reason counts and sums.
+    Its run-length site sums go straight into site_hi/site_lo: a chunk starts where the site changes
+    (_plan), so with each site's rows one run (_contiguity) no two chunks add into one site."""
+    cdef Pass1* a = <Pass1*>args
+    cdef double* hist = a.hist if c == 0 else a.chunk_hist + (c - 1) * a.buckets
+    cdef i64* counts = a.counts if c == 0 else a.chunk_counts + (c - 1) * 256
+    cdef double* sums = a.chunk_sums + 2 * c
+    _availability_rows(a.bounds[c], a.bounds[c + 1], a, hist, counts, sums)
+
+
+cdef void _availability_rows(Py_ssize_t row0, Py_ssize_t row1, const Pass1* a, double* hist_p, i64* counts_p,
+                             double* sums) noexcept nogil:
+    """Pass 1 on rows [row0, row1): reason, availability, ramp windows and, in the target's direction, the
+    window and rank bucket per node; per-site sums of both windows (added into a.site_hi/a.site_lo), the
+    bucket histogram of the direction's windows (hist_p, zeroed here), rows per reason code (counts_p,
+    zeroed here; so nobody has to count a million codes again after the kernel). A pinned row that
+    participates is left out of the ranking and the site sums; pin.ok and pin.site tell _allocate.
+    sums: [avail_dis_kw, avail_chg_kw] of these rows.
 
     Works in blocks of BLOCK rows, each in three loops: the arithmetic of every row into L1 scratch
     (_block_arithmetic) and the reason chain but for its site links (_block_reasons, which writes the
@@ -320,6 +760,9 @@ cdef void _availability(
     the same rows for what cannot vectorise: the per-site and per-bucket sums, and, on the rare rows it
     is told to look at, the site's links of the chain, the codes to count and the pin. (The reason chain
     was a branch per link per row in that loop: 1M nodes, 11.9 -> 10.0 ms with the telemetry ticks.)"""
+    cdef const Params* p = a.p
+    cdef Py_ssize_t n_sites = a.n_sites
+    cdef bint estop = a.estop
     cdef Py_ssize_t i, j, s, start, m, pin_j
     cdef int b
     cdef u8 r
@@ -344,38 +787,32 @@ cdef void _availability(
     cdef bint excluded
     # Loop invariants in locals: read through a pointer, the compiler reloads them every row, as
     # it cannot rule out that the row stores changed them.
-    cdef Py_ssize_t pin_row = pin.row
-    # Raw pointers for the scalar loop: a memoryview's data pointer lives in its struct, which the
-    # compiler reloads after every store it cannot prove does not alias it.
-    cdef const u8* active_p = &active[0]
-    cdef const u8* online_p = &online[0]
-    cdef const u8* fault_p = &fault[0]
-    cdef const int* site_p = &site[0]
-    cdef const u8* site_fault_p = &site_fault[0]
-    cdef const int* tel_p = &telemetry_tick[0]
-    cdef u8* reason_p = &reason_out[0]
-    cdef float* dis_p = &avail_dis_out[0]
-    cdef float* chg_p = &avail_chg_out[0]
-    cdef float* window_p = &window[0]
-    cdef u16* q_p = &q[0]
-    cdef double* site_hi_p = &site_hi[0]
-    cdef double* site_lo_p = &site_lo[0]
-    cdef double* hist_p = &hist[0]
-    cdef i64* counts_p = &reason_counts[0]
-    for s in range(n_sites):
-        site_hi[s] = 0.0
-        site_lo[s] = 0.0
+    cdef Py_ssize_t pin_row = a.pin_row
+    cdef const u8* active_p = a.active
+    cdef const u8* online_p = a.online
+    cdef const u8* fault_p = a.fault
+    cdef const int* site_p = a.site
+    cdef const u8* site_fault_p = a.site_fault
+    cdef const int* tel_p = a.tel
+    cdef u8* reason_p = a.reason
+    cdef float* dis_p = a.dis
+    cdef float* chg_p = a.chg
+    cdef float* window_p = a.window
+    cdef u16* q_p = a.q
+    cdef double* site_hi_p = a.site_hi
+    cdef double* site_lo_p = a.site_lo
+    cdef Pin* pin = a.pin
     for b in range(p.buckets):
-        hist[b] = 0.0
+        hist_p[b] = 0.0
     for b in range(256):
-        reason_counts[b] = 0
-    start = 0
-    while start < n:
-        m = _imin(BLOCK, n - start)
-        _block_arithmetic(m, p, direction, &soc[start], &soh[start], &capacity_kwh[start],
-                          &p_dis_max_kw[start], &p_chg_max_kw[start], &temp_c[start], &cycle_count[start],
-                          &efficiency[start], &last_kw[start], b_dis, b_chg, b_hi, b_lo, b_w, b_q, b_code)
-        _block_reasons(m, estop, stale_before, &active_p[start], &online_p[start], &fault_p[start], &tel_p[start],
+        counts_p[b] = 0
+    start = row0
+    while start < row1:
+        m = _imin(BLOCK, row1 - start)
+        _block_arithmetic(m, p, a.direction, &a.soc[start], &a.soh[start], &a.capacity_kwh[start],
+                          &a.p_dis_max_kw[start], &a.p_chg_max_kw[start], &a.temp_c[start], &a.cycle_count[start],
+                          &a.efficiency[start], &a.last_kw[start], b_dis, b_chg, b_hi, b_lo, b_w, b_q, b_code)
+        _block_reasons(m, estop, a.stale_before, &active_p[start], &online_p[start], &fault_p[start], &tel_p[start],
                        b_code, b_q, b_dis, b_chg, b_hi, b_lo, b_w, &reason_p[start], &dis_p[start], &chg_p[start],
                        &window_p[start], &q_p[start], b_slow)
         pin_j = pin_row - start
@@ -424,8 +861,8 @@ cdef void _availability(
     if run_ok:
         site_hi_p[run_site] += run_hi
         site_lo_p[run_site] += run_lo
-    sums[1] = sum_dis
-    sums[2] = sum_chg
+    sums[0] = sum_dis
+    sums[1] = sum_chg
 
 
 cdef void _block_reasons(
@@ -632,6 +1069,7 @@ cdef void _allocate(
     double[::1] site_rem, double[::1] hist, i64[::1] count, int[::1] order,
     const float[::1] avail_dis, const float[::1] avail_chg, const Pin* pin,
     double[::1] setpoint_out, double[::1] totals_out, double* sums,
+    Runner* run, const Py_ssize_t* bounds, i64* carrying,
 ) noexcept nogil:
     """Target from the request, then the setpoints: merit order (histogram threshold, or counting
     sort + greedy when a site limit binds) or pro-rata; a pinned node is placed as asked."""
@@ -673,9 +1111,10 @@ cdef void _allocate(
         pin_dir = _max(pinned * sign, 0.0)  # the pinned kW that count toward the target
         remaining = _max(target * sign - pin_dir, 0.0)  # what the ranked nodes fill
 
+    cdef Fill fill
+    fill.window, fill.q, fill.setpoint, fill.bounds, fill.carrying = &window[0], &q[0], &setpoint_out[0], bounds, carrying
     if remaining <= MIN_TAKE_KW:
-        for i in range(n):
-            setpoint_out[i] = 0.0
+        _run_chunks(run, <v2grt_chunk_fn>_zero_chunk, &fill)
         summed = False  # nothing set but the pin
     else:
         if target > 0.0:
@@ -710,7 +1149,10 @@ cdef void _allocate(
             marginal_kw = remaining
             # Every row above the marginal bucket full, every other idle, in a loop that vectorises;
             # then the marginal bucket's rows, in row order, take what is left.
-            n_carrying += _fill_above(n, &window[0], &q[0], b_marginal, sign, &setpoint_out[0])
+            fill.b_marginal, fill.sign = b_marginal, sign
+            _run_chunks(run, <v2grt_chunk_fn>_fill_chunk, &fill)
+            for k in range(run.n_chunks):
+                n_carrying += carrying[k]
             for i in range(n):
                 if q[i] == b_marginal:  # rare: only the marginal bucket's rows
                     w = window[i]

@@ -134,7 +134,8 @@ class Aggregator:
         self.profile_path = cfg.resolve(cfg.discharge_profile)
         profile = DispatchProfile.from_json(self.profile_path) if self.profile_path else DispatchProfile()
         self.dispatcher = Dispatcher(self.fleet, profile, service=load_service(cfg),
-                                     capacity_kw=cfg.service.capacity_kw, backend=backend, period_s=cfg.period_s)
+                                     capacity_kw=cfg.service.capacity_kw, backend=backend, period_s=cfg.period_s,
+                                     kernel_threads=cfg.kernel.threads)
         # Heard before dispatched (DESIGN.md section 12): the roster (or a fleet handed in) gives identity,
         # ratings and site, never freshness. Marked after the Dispatcher sized the default capacity from the
         # roster as the fleet will be once heard; until its first valid telemetry each vehicle is
@@ -361,7 +362,8 @@ class Aggregator:
         steps.extend(self._io_thread_priorities(steps))
         for s in steps:
             log.info("RT_SETUP step=%s granted=%s detail=%r", s.step, s.granted, s.detail)
-        log.info("KERNEL backend=%s isa=%s", self.dispatcher.backend, self.dispatcher.kernel_isa)
+        log.info("KERNEL backend=%s isa=%s threads=%d", self.dispatcher.backend, self.dispatcher.kernel_isa,
+                 self.cfg.kernel.threads)
 
     def _io_thread_priorities(self, steps) -> list[SetupStep]:
         """SCHED_FIFO just below the control thread for the threads that feed it (Modbus input, bus), when
@@ -897,7 +899,8 @@ class Aggregator:
         out = {"epoch": self.epoch, "fleet_id": self.cfg.fleet_id, "service": self.dispatcher.service.name,
                "capacity_kw": self.dispatcher.capacity_kw, "vehicles": len(self.fleet), **self.status,
                "estop": self.dispatcher.estop, "telemetry_profile": self.telemetry_profile,
-               "kernel": {"backend": self.dispatcher.backend, "isa": self.dispatcher.kernel_isa},
+               "kernel": {"backend": self.dispatcher.backend, "isa": self.dispatcher.kernel_isa,
+                          "threads": self.cfg.kernel.threads, "mode": self.dispatcher.kernel_mode()},
                "loop": self.stats.summary(), "events": dict(self.events.counts),
                "telemetry_errors": dict(self.telemetry.errors),  # frames dropped, by code
                "telemetry_refused_nodes": dict(self.router.refused_nodes),  # vehicles refused, by code

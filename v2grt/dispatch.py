@@ -104,11 +104,15 @@ class Dispatcher:
         Default $V2GRT_BACKEND or "cython"; the compiled kernel must be built.
     period_s : float
         Nominal cycle period, used as dt for ramp limits on the first step.
+    kernel_threads : 1 or 2
+        kernel.threads: 2 runs the compiled kernel's big passes on the calling thread and one worker thread
+        where that is safe and pays (Workspace.kernel_mode() says what the last run did).
     """
 
     def __init__(self, fleet: Fleet, profile: DispatchProfile | dict | None = None, *,
                  service: str | ServiceCurve = "dc", capacity_kw: float | None = None,
-                 nominal_hz: float | None = None, backend: str | None = None, period_s: float = 0.1):
+                 nominal_hz: float | None = None, backend: str | None = None, period_s: float = 0.1,
+                 kernel_threads: int = 1):
         if isinstance(profile, dict):
             profile = dict(profile)
             service = profile.pop("service", service)
@@ -123,6 +127,9 @@ class Dispatcher:
         self.backend = self.kernel.BACKEND
         self.kernel_isa = getattr(self.kernel, "ISA", None)  # which compiled build: "baseline" or "avx2"
         self.period_s = period_s
+        if kernel_threads not in (1, 2):
+            raise ValueError(f"kernel_threads={kernel_threads!r}: expected 1 or 2")
+        self.kernel_threads = kernel_threads
         self._estop = False
         self._last_ns: int | None = None
         self._out: KernelOutput | None = None
@@ -166,6 +173,11 @@ class Dispatcher:
             self._out = KernelOutput(f.capacity)
         if self._work is None or not self._work.fits(f.capacity, f.site_capacity):
             self._work = Workspace(f.capacity, f.site_capacity)
+            self._work.threads = self.kernel_threads
+
+    def kernel_mode(self) -> dict:
+        """How the last kernel run went: {"threads", "chunks", "worker_chunks", "why"} (v2grt._buffers)."""
+        return self._work.kernel_mode()
 
     def prepare(self) -> None:
         """Allocate the kernel's buffers for the fleet as it is and touch every page, so the first
@@ -244,7 +256,11 @@ class Dispatcher:
             # stop steps a responder with no latch, and latches again if the trigger still holds.
             self._responder.reset()
         n = fleet.n_rows
-        np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
+        store = getattr(self.kernel, "store_setpoints", None)
+        if store is not None:  # the compiled kernel: on its two threads when it ran two
+            store(out, fleet.last_setpoint_kw, n, self._work)
+        else:
+            np.copyto(fleet.last_setpoint_kw[:n], out.setpoint_kw[:n])
         t = out.totals
         return DispatchResult(
             setpoints_kw=out.setpoint_kw[:n],
