@@ -1,0 +1,100 @@
+"""What `v2grt bench ocppfuzz` found in the OCPP gateway, one test per failure: the real gateway (OcppVehicles and
+its WebSocket server) on loopback, attacked with a real websockets client or a raw socket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+
+from v2grt.fleet import Fleet
+from v2grt.gateway import ocpp_mapping as om
+from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
+from v2grt.gateway.sim import gateway_fleet
+from v2grt.sim.ocpp_stations import load_passwords, write_site
+
+GW = "ocpp1"
+HUGE = 10 ** 400  # an integer JSON allows and no double holds
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Two stations of two EVSEs under gateway ocpp1: roster, credentials (hashes), passwords (plain)."""
+    paths = write_site(tmp_path / "site", n_stations=2, evses_per_station=2, gateway_id=GW)
+    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
+    return paths, fleet, load_passwords(paths["passwords"])
+
+
+def start_gateway(paths, fleet, **overrides) -> OcppVehicles:
+    settings = OcppSettings(om.load_credentials(paths["credentials"]), host="127.0.0.1", allow_plaintext=True,
+                            **{"port": 0, **overrides})
+    return OcppVehicles(fleet, settings, gateway_id=GW).start()
+
+
+def _auth(station, password) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{station}:{password}".encode()).decode()}
+
+
+async def _connect(port, station, password):
+    from websockets.asyncio.client import connect
+
+    return await connect(f"ws://127.0.0.1:{port}/ocpp/{station}", subprotocols=["ocpp2.1"],
+                         additional_headers=_auth(station, password), max_size=None)
+
+
+async def _next(ws, timeout_s: float = 5.0):
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+
+
+def _meter(value, measurand="SoC") -> dict:
+    return {"evseId": 1, "meterValue": [{"timestamp": "2026-12-05T10:00:00Z",
+                                         "sampledValue": [{"measurand": measurand, "value": value}]}]}
+
+
+def _needs(**v2x) -> dict:
+    return {"evseId": 1, "chargingNeeds": {"requestedEnergyTransfer": "DC_BPT", "v2xChargingParameters": v2x}}
+
+
+def test_numbers_beyond_a_double_get_property_constraint_violation_not_an_internal_error(site):
+    """Integers too big for a double (valid JSON, valid for the schema's "number") in MeterValues and
+    NotifyEVChargingNeeds, and a negative evMaxPower, are refused as PropertyConstraintViolation naming the
+    field; none reaches a handler as an OverflowError (InternalError, a traceback of the gateway's 20)."""
+    from v2grt.gateway.ocpp import _HANDLER_LOG
+
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet)
+    dc = {"evMaxCurrent": 100, "evMaxVoltage": 400}
+
+    def dc_needs(ev_max_power):
+        return {"evseId": 1, "chargingNeeds": {"requestedEnergyTransfer": "DC",
+                                               "dcChargingParameters": {**dc, "evMaxPower": ev_max_power}}}
+
+    calls = [("MeterValues", _meter(HUGE)), ("MeterValues", _meter(-HUGE, "Power.Active.Import")),
+             ("NotifyEVChargingNeeds", _needs(maxDischargePower=HUGE)),
+             ("NotifyEVChargingNeeds", _needs(maxChargePower=HUGE)),
+             ("NotifyEVChargingNeeds", _needs(evMinV2XEnergyRequest=-HUGE)),
+             ("NotifyEVChargingNeeds", dc_needs(HUGE)), ("NotifyEVChargingNeeds", dc_needs(-5000))]
+
+    async def run():
+        ws = await _connect(gw.port, "CS0001", passwords["CS0001"])
+        try:
+            replies = []
+            for i, (action, payload) in enumerate(calls):
+                await ws.send(json.dumps([2, f"m{i}", action, payload]))
+                replies.append(await _next(ws))
+            return replies
+        finally:
+            await ws.close()
+
+    tracebacks = _HANDLER_LOG.tracebacks
+    try:
+        replies = asyncio.run(run())
+        assert [r[0] for r in replies] == [4] * len(calls), replies
+        assert [r[2] for r in replies] == ["PropertyConstraintViolation"] * len(calls), [r[2:4] for r in replies]
+        assert "SoC" in replies[0][3] and "maxDischargePower" in replies[2][3] and "evMaxPower" in replies[6][3]
+        assert gw.callerrors["InternalError"] == 0 and _HANDLER_LOG.tracebacks == tracebacks
+        assert gw.evses[gw.row_of[("CS0001", 1)]].limits().p_chg_max_kw >= 0.0
+    finally:
+        gw.close()
