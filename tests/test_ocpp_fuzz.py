@@ -98,3 +98,44 @@ def test_numbers_beyond_a_double_get_property_constraint_violation_not_an_intern
         assert gw.evses[gw.row_of[("CS0001", 1)]].limits().p_chg_max_kw >= 0.0
     finally:
         gw.close()
+
+
+_BOOT = {"chargingStation": {"model": "M", "vendorName": "V"}, "reason": "PowerUp"}
+
+
+async def _boot_and_answer(ws, i: int, answer) -> list:
+    """A BootNotification; its CALLRESULT, then the gateway's SetChargingProfile (the 0 W fallback) answered with
+    ``answer(call id)``. The gateway's CALL, or None if none came within 3 s."""
+    await ws.send(json.dumps([2, f"b{i}", "BootNotification", _BOOT]))
+    assert (await _next(ws))[:2] == [3, f"b{i}"]
+    try:
+        call = await _next(ws, 3.0)
+    except asyncio.TimeoutError:
+        return None
+    await ws.send(json.dumps(answer(call[1])))
+    return call
+
+
+def test_a_callerror_with_an_invented_code_does_not_end_the_stations_sender(site):
+    """A station answering the gateway's CALL with a CALLERROR whose code OCPP does not define is counted like
+    any CALLERROR, and the gateway's next CALL to it still goes out (the package's to_exception raised
+    UnknownCallErrorCodeError, which ended the station's sender task: no setpoint reached it again)."""
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet)
+
+    async def run():
+        ws = await _connect(gw.port, "CS0001", passwords["CS0001"])
+        try:
+            first = await _boot_and_answer(ws, 1, lambda uid: [4, uid, "InventedCode", "no", {}])
+            second = await _boot_and_answer(ws, 2, lambda uid: [3, uid, {"status": "Accepted"}])
+            return first, second
+        finally:
+            await ws.close()
+
+    try:
+        first, second = asyncio.run(run())
+        assert first is not None and first[2] == "SetChargingProfile"
+        assert second is not None and second[2] == "SetChargingProfile", "no CALL after the invented code"
+        assert gw.stats["callerrors_received"] == 1 and gw.stats["default_profile_rejected"] == 1
+    finally:
+        gw.close()

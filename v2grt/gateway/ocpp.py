@@ -43,8 +43,14 @@ from typing import Any
 import numpy as np
 import orjson
 from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
+from ocpp.exceptions import (
+    GenericError,
+    NotSupportedError,
+    OCPPError,
+    PropertyConstraintViolationError,
+    UnknownCallErrorCodeError,
+)
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
-from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
 from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
 from ocpp.routing import on
 from ocpp.v21 import ChargePoint as ChargePoint21
@@ -640,6 +646,16 @@ async def send_text(ws, data: bytes) -> None:
     await ws.send(data, text=True)
 
 
+def _call_error_exception(response) -> OCPPError:
+    """The OCPPError of a station's CALLERROR. One whose code OCPP does not define is a GenericError here: the
+    package's ``to_exception`` raises UnknownCallErrorCodeError (not an OCPPError) for it, which ended the
+    station's sender task, so no setpoint reached that station again (found by `v2grt bench ocppfuzz`)."""
+    try:
+        return response.to_exception()
+    except UnknownCallErrorCodeError:
+        return GenericError(description=str(response.error_description)[:200])
+
+
 def _reraise_closed(exc: BaseException) -> None:
     from websockets.exceptions import ConnectionClosed
 
@@ -1016,7 +1032,7 @@ class _SessionMixin:
                         fut.cancel()  # the session ended: the ticker drops it
                     self._call_id = self._call_fut = None
             if response.message_type_id == MessageType.CallError:
-                raise response.to_exception()
+                raise _call_error_exception(response)
             ocpp_schema.validate(self._ocpp_version, action, response.payload, response=True)
             return response.payload
         except asyncio.TimeoutError:
