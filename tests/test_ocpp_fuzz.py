@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import pytest
 
@@ -137,5 +138,36 @@ def test_a_callerror_with_an_invented_code_does_not_end_the_stations_sender(site
         assert first is not None and first[2] == "SetChargingProfile"
         assert second is not None and second[2] == "SetChargingProfile", "no CALL after the invented code"
         assert gw.stats["callerrors_received"] == 1 and gw.stats["default_profile_rejected"] == 1
+    finally:
+        gw.close()
+
+
+def test_bad_replies_are_counted_each_but_logged_once_per_station_and_interval(site, caplog):
+    """Replies that break their schema and CALLERRORs from a station are counted one by one, but logged at most
+    once per station per event interval: a station answering every CALL badly must not fill the gateway's log."""
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet)
+    answers = [lambda uid: [3, uid, {"status": "Bogus"}], lambda uid: [4, uid, "GenericError", "no", {}]]
+
+    async def run():
+        ws = await _connect(gw.port, "CS0002", passwords["CS0002"])
+        try:
+            calls = [await _boot_and_answer(ws, i, answers[i % 2]) for i in range(8)]
+            for _ in range(500):  # the last reply is handled by the station's sender task: wait for it, then close
+                if gw.stats["bad_replies"] + gw.stats["callerrors_received"] == 8:
+                    break
+                await asyncio.sleep(0.01)
+            return calls
+        finally:
+            await ws.close()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            calls = asyncio.run(run())
+        assert all(c is not None for c in calls)
+        assert gw.stats["bad_replies"] == 4 and gw.stats["callerrors_received"] == 4
+        lines = [r.getMessage() for r in caplog.records if "OCPP_BAD_REPLY" in r.getMessage()
+                 or "OCPP_CALLERROR_RECEIVED" in r.getMessage()]
+        assert len(lines) <= 2, lines
     finally:
         gw.close()

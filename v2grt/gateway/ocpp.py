@@ -1038,14 +1038,17 @@ class _SessionMixin:
         except asyncio.TimeoutError:
             self.gw.stats["call_timeouts"] += 1
         except OCPPError as exc:
+            # counted each, logged once per station and interval: a station can answer every CALL badly
+            gw = self.gw
             if response is not None and response.message_type_id == MessageType.CallError:
-                self.gw.stats["callerrors_received"] += 1
-                log.warning("OCPP_CALLERROR_RECEIVED gateway=%s station=%s action=%s code=%s", self.gw.gateway_id,
-                            self.id, action, exc.code)
+                gw.stats["callerrors_received"] += 1
+                gw.events.emit("OCPP_CALLERROR_RECEIVED", logging.WARNING, key=self.id, gateway=gw.gateway_id,
+                               station=self.id, action=action, error=str(response.error_code)[:60],
+                               total=gw.stats["callerrors_received"])
             else:
-                self.gw.stats["bad_replies"] += 1
-                log.warning("OCPP_BAD_REPLY gateway=%s station=%s action=%s error=%r", self.gw.gateway_id,
-                            self.id, action, str(exc)[:200])
+                gw.stats["bad_replies"] += 1
+                gw.events.emit("OCPP_BAD_REPLY", logging.WARNING, key=self.id, gateway=gw.gateway_id,
+                               station=self.id, action=action, total=gw.stats["bad_replies"], msg=str(exc)[:200])
         return None
 
     async def _install_default(self) -> None:
