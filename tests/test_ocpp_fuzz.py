@@ -7,9 +7,12 @@ import asyncio
 import base64
 import json
 import logging
+import socket
+import struct
 
 import pytest
 
+from v2grt.bench._ocpp_attack import basic, upgrade_request, ws_frame
 from v2grt.fleet import Fleet
 from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
@@ -170,4 +173,65 @@ def test_bad_replies_are_counted_each_but_logged_once_per_station_and_interval(s
                  or "OCPP_CALLERROR_RECEIVED" in r.getMessage()]
         assert len(lines) <= 2, lines
     finally:
+        gw.close()
+
+
+def _raw_station(port: int, station: str, password: str) -> socket.socket:
+    """A plain socket through the upgrade (101 checked), frames built by the bench's attacker (masked)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    sock.sendall(upgrade_request(port, station, basic(station, password)))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed during the upgrade: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _read_messages(sock: socket.socket, n: int, timeout_s: float = 5.0) -> list:
+    """The next ``n`` text messages the gateway sends (JSON), fewer if it stops sending for ``timeout_s``."""
+    buf, out = b"", []
+    sock.settimeout(timeout_s)
+    while len(out) < n:
+        while True:  # whole frames in buf first
+            if len(buf) < 2:
+                break
+            size, at = buf[1] & 0x7F, 2
+            if size == 126:
+                size, at = struct.unpack("!H", buf[2:4])[0], 4
+            if len(buf) < at + size:
+                break
+            if buf[0] & 0x0F == 0x1:
+                out.append(json.loads(buf[at:at + size]))
+            buf = buf[at + size:]
+        if len(out) >= n:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return out
+
+
+def test_a_rate_limited_recursion_bomb_gets_its_callerror_and_the_frames_after_it_are_read(site):
+    """A frame of 60,000 '[' from a station over its rate limit is answered CALLERROR GenericError like any
+    rate-limited frame, and the frame that came in the same read is answered too: finding the message id for
+    the CALLERROR raised RecursionError in the read callback, which dropped the rest of the read (and wrote a
+    traceback to stderr per frame: a way to fill the disk)."""
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet, rate_per_s=0.1, burst=3.0)
+    sock = _raw_station(gw.port, "CS0001", passwords["CS0001"])
+    try:
+        sock.sendall(b"".join(ws_frame(json.dumps([2, f"h{i}", "Heartbeat", {}]).encode()) for i in range(3)))
+        assert [m[:2] for m in _read_messages(sock, 3)] == [[3, "h0"], [3, "h1"], [3, "h2"]]
+        sock.sendall(ws_frame(b"[" * 60_000) + ws_frame(json.dumps([2, "h4", "Heartbeat", {}]).encode()))
+        replies = _read_messages(sock, 2)
+        assert [(m[0], m[1], m[2]) for m in replies] == [(4, "-1", "GenericError"), (4, "h4", "GenericError")]
+        assert gw.stats["rate_limited"] == 2 and gw._thread.is_alive()
+    finally:
+        sock.close()
         gw.close()

@@ -592,12 +592,15 @@ def _result_payload(response) -> dict:
 
 
 def _unique_id(raw: Any) -> str:
-    """The message id of a raw frame if it has one (for the CALLERROR), else "-1" (OCPP-J 4.2.3)."""
+    """The message id of a raw frame if it has one (for the CALLERROR), else "-1" (OCPP-J 4.2.3).
+
+    RecursionError too: 60,000 '[' (under the frame limit) is past json's nesting limit, and this runs in the
+    read callback for a rate-limited frame, where an exception dropped the rest of the read (bench ocppfuzz)."""
     try:
         msg = json.loads(raw)
         if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], str) and len(msg[1]) <= 36:
             return msg[1]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         pass
     return "-1"
 
