@@ -552,11 +552,11 @@ class TokenBucket:
         self.tokens = burst
         self.t_ns = now_ns
 
-    def take(self, now_ns: int) -> bool:
-        """Spend one token; False (and the debt grows, to -burst at most) if there is none."""
+    def take(self, now_ns: int, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens; False (and the debt grows, to -burst at most) if there were not enough."""
         self.tokens = min(self.burst, self.tokens + (now_ns - self.t_ns) * 1e-9 * self.rate_per_s)
         self.t_ns = now_ns
-        self.tokens -= 1.0
+        self.tokens -= cost
         if self.tokens >= 0.0:
             return True
         self.tokens = max(self.tokens, -self.burst)
