@@ -278,3 +278,28 @@ def test_the_rate_limit_charges_a_frame_by_its_size(site):
     finally:
         gw.close()
 
+
+def test_a_station_disconnected_for_flooding_keeps_its_debt_when_it_reconnects(site):
+    """The rate limit's bucket belongs to the station, not to one connection: a flooder disconnected with 1008
+    that reconnects at once is still over its limit (a fresh connection gave it a fresh burst each time, so
+    reconnecting was a way around the limit)."""
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet, rate_per_s=0.5, burst=5.0)
+    beats = [json.dumps([2, f"h{i}", "Heartbeat", {}]) for i in range(12)]
+
+    async def run():
+        ws = await _connect(gw.port, "CS0002", passwords["CS0002"])
+        first = await _send_all_then_read(ws, beats)
+        await ws.close()
+        ws = await _connect(gw.port, "CS0002", passwords["CS0002"])
+        try:
+            return first, await _send_all_then_read(ws, beats[:3])
+        finally:
+            await ws.close()
+
+    try:
+        (first, code1), (second, _code2) = asyncio.run(run())
+        assert [r[0] for r in first[:5]] == [3] * 5 and code1 == 1008
+        assert not [r for r in second if r[0] == 3], second  # no Heartbeat answered: still in debt
+    finally:
+        gw.close()

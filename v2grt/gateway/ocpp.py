@@ -244,6 +244,7 @@ class OcppVehicles:
         self.sent_ns = np.zeros(n, dtype=np.int64)
         self.controllable = np.zeros(n, dtype=bool)
         self.sessions: dict[str, _SessionMixin] = {}
+        self.buckets: dict[str, om.TokenBucket] = {}  # each station's rate limit, across its connections
         self.callerrors: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
         self.stats: collections.Counter[str] = collections.Counter()
@@ -682,7 +683,12 @@ class _SessionMixin:
         self.ws = ws
         self.gw = gw
         self.rows = gw._rows_of(station_id)
-        self.bucket = om.TokenBucket(gw.settings.rate_per_s, gw.settings.burst, time.monotonic_ns())
+        # the station's rate limit outlives its connection: a fresh bucket per connection gave a flooder a fresh
+        # burst on every reconnect (bench ocppfuzz); keyed by ids from the credentials file only
+        self.bucket = gw.buckets.get(station_id)
+        if self.bucket is None:
+            self.bucket = gw.buckets[station_id] = om.TokenBucket(gw.settings.rate_per_s, gw.settings.burst,
+                                                                  time.monotonic_ns())
         self.pending_update: set[int] = set()
         self.pending_install: set[int] = set()
         self.installing: int | None = None  # the row whose SetChargingProfile is in flight
