@@ -135,7 +135,7 @@ def run(args) -> dict:
                                          *args.gateway_args)
                 honest_roster, honest_pw = _subset(rig.paths, set(honest), directory)
                 rig.paths = {**rig.paths, "roster": honest_roster, "passwords": honest_pw}  # the simulators' share
-                rig.start_stations("--meter-interval-s", "1", processes=args.sim_processes)
+                rig.start_stations("--meter-interval-s", "1", *args.sim_args, processes=args.sim_processes)
                 deadline = time.monotonic() + args.connect_timeout_s
                 while online_heard(agg.fleet, n_honest) < n_honest:
                     rig.alive()
@@ -168,7 +168,7 @@ def run(args) -> dict:
                 m["exit_codes"] = rig.stop()
                 agg.stop()
         m["counters"] = rig.gateway_counters()
-        m["updates"], m["calls"] = _trace(trace, n_honest)
+        m["updates"] = _trace(trace, n_honest)
         m["log"] = log_slice(log_path, m["log0"], m["log1"])
         m["log_whole_run_bytes"] = log_path.stat().st_size
         m["honest_disconnects"] = _honest_disconnects(log_path, m["log0"], m["log1"], set(honest))
@@ -223,7 +223,8 @@ def _drive(args, world, agg, rig, attackers, n_honest, log_path, err_path) -> di
     f_next, t_flip = F_HIGH_HZ, time.monotonic()
     t_quiet = t_flip + args.settle_s
     t_attack = t_quiet + args.quiet_s
-    phase, out = "settle", {"online_samples": {"quiet": [], "attack": []}, "rss_max": 0, "flips_ns": []}
+    phase = "settle"
+    out = {"online_samples": {"quiet": [], "attack": []}, "rss_max": 0, "flips_ns": [], "rss_timeline": []}
     while True:
         now = time.monotonic()
         if now >= t_flip:
@@ -257,7 +258,10 @@ def _drive(args, world, agg, rig, attackers, n_honest, log_path, err_path) -> di
                 out["died_at_s"] = (time.monotonic_ns() - out.get("t_attack_ns", 0)) / 1e9
                 break
             if phase != "quiet":
-                out["rss_max"] = max(out["rss_max"], rss_bytes(pid))
+                rss = rss_bytes(pid)
+                out["rss_max"] = max(out["rss_max"], rss)
+                if not out["rss_timeline"] or now - out["rss_timeline"][-1][0] >= 5.0:
+                    out["rss_timeline"].append((now, rss))
         time.sleep(max(min(t_flip - time.monotonic(), SAMPLE_S), 0.0))
     out["t_end_ns"] = time.monotonic_ns()
     alive = rig.gateway.poll() is None
@@ -275,16 +279,14 @@ def _drive(args, world, agg, rig, attackers, n_honest, log_path, err_path) -> di
     return out
 
 
-def _trace(path: Path, n_honest: int) -> tuple[np.ndarray, np.ndarray]:
-    """(t_handed_ns, t_sent_ns) of every update the gateway sent to an honest EVSE (rows < n_honest), and the
-    receive times of every CALL from any station."""
+def _trace(path: Path, n_honest: int) -> np.ndarray:
+    """(t_handed_ns, t_sent_ns, row) of every update the gateway sent to an honest EVSE (rows < n_honest)."""
     if not path.exists():
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+        return np.zeros((0, 3), np.int64)
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))[1:]
-    updates = [(int(r[1]), int(r[2])) for r in rows if r[0] == "update" and int(r[3]) < n_honest]
-    calls = sorted(int(r[2]) for r in rows if r[0] == "call")
-    return np.array(updates, np.int64).reshape(-1, 2), np.array(calls, np.int64)
+    updates = [(int(r[1]), int(r[2]), int(r[3])) for r in rows if r[0] == "update" and int(r[3]) < n_honest]
+    return np.array(updates, np.int64).reshape(-1, 3)
 
 
 _DISCONNECT = re.compile(rb"OCPP_STATION_DISCONNECTED .*station=(\S+)")
@@ -297,17 +299,28 @@ def _honest_disconnects(path: Path, start: int, end: int, honest: set[str]) -> i
     return sum(1 for m in _DISCONNECT.finditer(data) if m.group(1).decode() in honest)
 
 
-def _window(updates: np.ndarray, calls_ns: np.ndarray, flips_ns: list[int], t0: int, t1: int) -> dict:
-    """Honest updates sent in [t0, t1): how many, per second and per frequency step, their handed->sent delay, and
-    the longest time the gateway received no CALL from any station (a stall of its receiving side)."""
+def _window(updates: np.ndarray, flips_ns: list[int], evses: int, t0: int, t1: int) -> dict:
+    """Honest updates sent in [t0, t1): how many, per second and per frequency step, and their handed->sent delay;
+    also split into the first update a station got of those handed to it at once (the gateway's own delay) and the
+    others (each waits for the station's reply to the one before: one CALL in flight per station, OCPP-J)."""
     w = updates[(updates[:, 1] >= t0) & (updates[:, 1] < t1)]
-    s = stats_ms(w[:, 1] - w[:, 0])
+    delay = w[:, 1] - w[:, 0]
+    # rows are station-major (write_site); a scan stamps every row it hands over with the same t_handed
+    station = w[:, 2] // evses
+    order = np.lexsort((w[:, 1], w[:, 0], station))
+    first = np.ones(len(w), bool)
+    same = (station[order][1:] == station[order][:-1]) & (w[order, 0][1:] == w[order, 0][:-1])
+    first[order[1:]] = ~same
     flips = sum(1 for t in flips_ns if t0 <= t < t1)
-    c = np.concatenate([[t0], calls_ns[(calls_ns >= t0) & (calls_ns < t1)], [t1]])
+
+    def brief(a):
+        st = stats_ms(a)
+        return {k: st.get(k) for k in ("n", "p50_ms", "p99_ms", "max_ms")}
+
     return {"updates": int(len(w)), "seconds": (t1 - t0) / 1e9, "per_s": len(w) / ((t1 - t0) / 1e9),
             "frequency_steps": flips, "updates_per_step": len(w) / flips if flips else None,
-            "handed_sent": {k: s.get(k) for k in ("n", "p50_ms", "p99_ms", "max_ms")},
-            "longest_without_a_call_ms": round(float(np.diff(c).max()) / 1e6, 1)}
+            "handed_sent": brief(delay), "handed_sent_first_of_station": brief(delay[first]),
+            "handed_sent_after_a_reply": brief(delay[~first])}
 
 
 def _goal(value, limit, at_least: bool = False) -> dict:
@@ -327,10 +340,10 @@ def report(args, m: dict, n_honest: int, honest: list[str], compromised: list[st
         replies.update(o.get("replies", {}))
     elapsed = max((o.get("elapsed_s", 0.0) for o in outs), default=0.0)
     messages = sum(sent[k] for k in MESSAGE_MIX)
-    u, calls, flips = m["updates"], m["calls"], m["flips_ns"]
-    quiet = _window(u, calls, flips, m["t_quiet_ns"], m["t_attack_ns"]) if "t_attack_ns" in m else None
-    attack = _window(u, calls, flips, m["t_attack_ns"], m["t_sent_ns"]) if "t_sent_ns" in m else None
-    after = _window(u, calls, flips, m["t_sent_ns"], m["t_end_ns"]) if "t_sent_ns" in m else None
+    u, flips, ev = m["updates"], m["flips_ns"], args.evses
+    quiet = _window(u, flips, ev, m["t_quiet_ns"], m["t_attack_ns"]) if "t_attack_ns" in m else None
+    attack = _window(u, flips, ev, m["t_attack_ns"], m["t_sent_ns"]) if "t_sent_ns" in m else None
+    after = _window(u, flips, ev, m["t_sent_ns"], m["t_end_ns"]) if "t_sent_ns" in m else None
     samples = m["online_samples"]
     min_online = min(samples["attack"], default=None)
     survived = bool(m["alive_at_end"] and m["exit_codes"].get("gateway") == 0 and "died_at_s" not in m)
@@ -353,6 +366,7 @@ def report(args, m: dict, n_honest: int, honest: list[str], compromised: list[st
                    "rate": args.rate, "connects_per_s": args.connects_per_s, "slowloris": args.slowloris,
                    "attack_s": args.attack_s, "quiet_s": args.quiet_s, "after_s": args.after_s,
                    "mix": args.mix, "connect_mix": args.connect_mix, "gateway_args": args.gateway_args,
+                   "sim_args": args.sim_args,
                    "smoke": args.smoke},
         "sent": {"by_kind": {k: sent.get(k, 0) for k in KINDS}, "bytes_by_kind": {k: nbytes.get(k, 0) for k in KINDS},
                  "messages": messages, "connections": sum(sent[k] for k in (*CONNECT_MIX, "slowloris")),
@@ -365,6 +379,7 @@ def report(args, m: dict, n_honest: int, honest: list[str], compromised: list[st
                     "died_at_s": m.get("died_at_s"), "rss_before_bytes": m.get("rss0"),
                     "rss_after_bytes": m.get("rss1"),
                     "rss_max_bytes": m.get("rss_max"), "rss_growth_bytes": rss_growth,
+                    "rss_every_5s_mb": [round(r / 1e6, 1) for _t, r in m.get("rss_timeline", [])],
                     "cpu_quiet_pct": m.get("cpu_quiet_pct"), "cpu_attack_pct": m.get("cpu_attack_pct"),
                     "counters": counters, "stderr_bytes": m["stderr_bytes"], "stderr_tail": m["stderr_tail"]},
         "log": {**m["log"], "whole_run_bytes": m["log_whole_run_bytes"]},
@@ -425,13 +440,16 @@ def render(r: dict) -> str:
         w = h[name]
         if w:
             hs = w["handed_sent"]
+            f1, f2 = w["handed_sent_first_of_station"], w["handed_sent_after_a_reply"]
             rows.append([name, round(w["seconds"], 1), w["frequency_steps"], w["updates"], round(w["per_s"], 1),
                          _r(w["updates_per_step"]), _r(hs["p50_ms"]), _r(hs["p99_ms"]), _r(hs["max_ms"]),
-                         w["longest_without_a_call_ms"]])
+                         _r(f1["p99_ms"]), _r(f2["p99_ms"])])
     lines += [
         f"honest stations ({h['evses']} EVSEs): UpdateDynamicSchedules the gateway sent them, per second and per "
-        "frequency step, handed->sent (ms), and the longest the gateway received no CALL from any station (ms)",
-        table(["window", "s", "steps", "updates", "per s", "per step", "p50", "p99", "max", "no CALL for"], rows),
+        "frequency step, and handed->sent (ms); p99 apart for a station's first update of a scan and for those "
+        "that waited for the station's reply to the one before (one CALL in flight per station)",
+        table(["window", "s", "steps", "updates", "per s", "per step", "p50", "p99", "max", "p99 first",
+               "p99 after reply"], rows),
         "this bench process's own wake-ups late by > 50 ms (the box stalling every process): " + "; ".join(
             f"{k} {v['stalls_over_50ms']} (max {v['max_ms']} ms, {v['total_s']} s in all)"
             for k, v in (r["box_stalls"] or {}).items()),
@@ -444,6 +462,7 @@ def render(r: dict) -> str:
               [["", _r(g["cpu_quiet_pct"]), _r(g["cpu_attack_pct"]), _r((g["rss_before_bytes"] or 0) / 1e6),
                 _r(g["rss_after_bytes"] and g["rss_after_bytes"] / 1e6), _r(g["rss_max_bytes"] / 1e6),
                 round(lg["bytes"] / 1e3, 1), lg["lines"], g["stderr_bytes"]]]),
+        "gateway RSS every 5 s from the attack's start (MB): " + " ".join(str(x) for x in g["rss_every_5s_mb"]),
         "gateway.log lines by code during the attack: " + (", ".join(
             f"{k} {v}" for k, v in list(lg["by_code"].items())[:10]) or "none"),
         "CALLERRORs sent by code (whole run): " + _counted(ctr, "callerror_"),
@@ -498,6 +517,8 @@ def main(argv=None) -> int:
                     help="weights of the stranger kinds: " + ",".join(f"{k}={w}" for k, w in CONNECT_MIX.items()))
     ap.add_argument("--gateway-args", type=lambda t: t.split(), default=[],
                     help="extra `v2grt gateway ocpp` options, one quoted string")
+    ap.add_argument("--sim-args", type=lambda t: t.split(), default=[],
+                    help="extra `v2grt sim ocpp-stations` options, one quoted string (e.g. '--sched-fifo-priority 30')")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--keep", help="keep the site, logs and trace in this directory")
