@@ -413,10 +413,11 @@ def render(r: dict) -> str:
     mc = r["machine"]
     ctr = g["counters"]
     lines = [
-        f"ocppfuzz: `v2grt gateway ocpp` (TLS, Basic auth, defaults) with {c['stations']} honest stations x "
-        f"{c['evses']} EVSEs, attacked for {c['attack_s']:g} s by {c['lanes']} compromised stations "
-        f"({c['rate']:g} messages/s asked), {c['connects_per_s']:g} stranger connections/s and {c['slowloris']} "
-        f"slowloris connections",
+        f"ocppfuzz: `v2grt gateway ocpp` (TLS, Basic auth, defaults{''.join(' ' + a for a in c['gateway_args'])}) "
+        f"with {c['stations']} honest stations x {c['evses']} EVSEs"
+        f"{' (simulators ' + ' '.join(c['sim_args']) + ')' if c.get('sim_args') else ''}, attacked for "
+        f"{c['attack_s']:g} s by {c['lanes']} compromised stations ({c['rate']:g} messages/s asked), "
+        f"{c['connects_per_s']:g} stranger connections/s and {c['slowloris']} slowloris connections",
         f"on {mc['cpu']} ({mc['cores']} cores), python {mc['python']}, commit {r['source']['commit']}; "
         f"{r['load']['before']} before, {r['load']['after']} after",
         *([] if g["survived"] else [f"THE GATEWAY DID NOT SURVIVE: alive at the end {g['alive_at_end']}, exit codes "
