@@ -720,6 +720,7 @@ class _SessionMixin:
         read callback (:meth:`_on_message_now`), the rest here, one at a time and in order."""
         ws = self._connection
         ws.on_message = self._on_message_now
+        ws.on_control = self._on_control_frame
         try:
             while True:
                 raw = await ws.recv()
@@ -729,7 +730,7 @@ class _SessionMixin:
                 finally:
                     self._routing = False
         finally:
-            ws.on_message = None
+            ws.on_message = ws.on_control = None
 
     def _on_message_now(self, raw) -> bool:
         """A message, in the read callback (StationConnection.on_message): the rate limit first, then the two
@@ -755,15 +756,23 @@ class _SessionMixin:
                 log.error("OCPP_INTERNAL_ERROR gateway=%s station=%s error=%r", self.gw.gateway_id, self.id, exc)
         return True
 
+    def _on_control_frame(self) -> None:
+        """A ping or unsolicited pong from the station (StationConnection.on_control): one token, like a message."""
+        if not self.closing:
+            self._admit(None)
+
     def _admit(self, raw) -> bool:
-        """The message rate limit: False (counted; a CALLERROR, or the close when the station keeps going)."""
-        if self.bucket.take(time.monotonic_ns(), 1.0 + len(raw) // MESSAGE_COST_BYTES):
+        """The message rate limit: False (counted; a CALLERROR, or the close when the station keeps going).
+        ``raw`` None: a control frame (one token, no CALLERROR: it has no message id)."""
+        if self.bucket.take(time.monotonic_ns(), 1.0 if raw is None else 1.0 + len(raw) // MESSAGE_COST_BYTES):
             return True
         self.gw.stats["rate_limited"] += 1
         if self.bucket.exhausted:
             self.gw.stats["rate_limit_disconnects"] += 1
             self.closing = True
             self.ws.start_close(1008, "message rate limit exceeded")
+            return False
+        if raw is None:
             return False
         self._send_now(json.dumps([MessageType.CallError, _unique_id(raw), "GenericError",
                                    "message rate limit exceeded", {}]))
