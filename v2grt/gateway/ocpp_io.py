@@ -167,6 +167,7 @@ class StationConnection:
         self._writer_on = False
         self._reading = False
         self._read_paused = False
+        self._cut = False  # cut(): never read again
         self._eof_pending = False  # the protocol asked for EOF: half-close (TLS: close) once the buffer is out
         self._fragments: list[bytes] | None = None
         self._fragment_text = False
@@ -295,9 +296,17 @@ class StationConnection:
         """Close the socket now."""
         self._lost(None)
 
+    def cut(self, grace_s: float = 1.0) -> None:
+        """Read nothing more from the station, and close the socket ``grace_s`` later: for a flooder being closed,
+        whose close handshake may never come (what was written, the Close frame included, still gets out; closing
+        at once would make the kernel answer its unread bytes with a reset that can destroy those)."""
+        self._cut = True
+        self._stop_reading()
+        self.loop.call_later(grace_s, self.abort)
+
     # ------------------------------------------------------------------------------ reading
     def _start_reading(self) -> None:
-        if not self._reading and not self.closed.done():
+        if not self._reading and not self.closed.done() and not self._cut:
             self.loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
