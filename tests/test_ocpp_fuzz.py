@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import struct
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
 from v2grt.gateway.sim import gateway_fleet
 from v2grt.sim.ocpp_stations import load_passwords, write_site
+from v2grt.testing import wait_until
 
 GW = "ocpp1"
 HUGE = 10 ** 400  # an integer JSON allows and no double holds
@@ -338,4 +340,39 @@ def test_a_ping_flood_counts_against_the_stations_rate_limit(site):
         assert gw.stats["rate_limit_disconnects"] == 1
     finally:
         sock.close()
+        gw.close()
+
+
+def test_a_flooder_reconnecting_is_charged_while_its_old_connection_ends(site):
+    """A station cut off for flooding that reconnects at once has its new connection's pings charged from the
+    start: while the new connection waited for the old one to end (up to a second) no session read it, and
+    its pings were answered without limit (bench ocppfuzz: 35 % of a core with ping floods after the cut)."""
+    paths, fleet, passwords = site
+    gw = start_gateway(paths, fleet)
+    first = _raw_station(gw.port, "CS0001", passwords["CS0001"])
+    try:
+        first.sendall(b"".join(ws_frame(b"p" * 100, opcode=0x9) for _ in range(100)))  # debt: cut
+        wait_until(lambda: gw.stats["rate_limit_disconnects"] == 1, 5.0, "the first connection cut")
+        second = _raw_station(gw.port, "CS0001", passwords["CS0001"])
+        try:
+            pongs = 0
+            for _ in range(10):  # one read each: 20 pings every 0.1 s for a second
+                try:
+                    second.sendall(b"".join(ws_frame(b"q" * 100, opcode=0x9) for _ in range(20)))
+                except OSError:
+                    break
+                time.sleep(0.1)
+            second.settimeout(2.0)
+            data = b""
+            try:
+                while chunk := second.recv(65536):
+                    data += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            pongs = data.count(b"\x8a\x64q")  # a pong frame (unmasked, 100 bytes) echoing "q..."
+            assert pongs <= 40, pongs
+        finally:
+            second.close()
+    finally:
+        first.close()
         gw.close()

@@ -422,6 +422,9 @@ class OcppVehicles:
             return
         cls = self._session_class(version)
         session = cls(station, ws, self)
+        # its pings are charged from now on, while it may wait below for its old connection to end (no session
+        # reads it yet: a flooder cut off and reconnecting had its pings answered without limit for that second)
+        ws.on_control = session._on_control_frame
         old = self.sessions.get(station)
         if old is not None:  # the station reconnected before we noticed the old socket die
             self.stats["replaced_connections"] += 1
