@@ -404,6 +404,11 @@ class OcppVehicles:
             response = self._refuse(connection, "BAD_CREDENTIALS", http.HTTPStatus.UNAUTHORIZED, "unauthorized\n")
             response.headers["WWW-Authenticate"] = 'Basic realm="v2grt-ocpp"'
             return response
+        bucket = self.buckets.get(station)
+        if bucket is not None and bucket.in_debt(time.monotonic_ns()):
+            # cut off for flooding and not yet paid back (at most burst / rate, 2 s at the defaults): a session
+            # per reconnect cost the gateway ~5 ms each, 55 % of a core at 114 a second (bench ocppfuzz)
+            return self._refuse(connection, "RATE_LIMITED", http.HTTPStatus.TOO_MANY_REQUESTS, "rate limited\n")
         connection.station_id = station
         return None
 

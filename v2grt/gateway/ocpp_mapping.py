@@ -562,6 +562,10 @@ class TokenBucket:
         self.tokens = max(self.tokens, -self.burst)
         return False
 
+    def in_debt(self, now_ns: int) -> bool:
+        """True while the tokens, refilled to ``now_ns``, are below zero (nothing is taken)."""
+        return self.tokens + (now_ns - self.t_ns) * 1e-9 * self.rate_per_s < 0.0
+
     @property
     def exhausted(self) -> bool:
         """True when the debt reached one whole burst: the station ignores our CALLERRORs."""
