@@ -332,6 +332,25 @@ def test_bench_fuzz_reads_the_status_keys_that_exist():
     assert d["events"] == {"INVALID_TELEMETRY": 1}
 
 
+def test_bench_ocppfuzz_smoke_json():
+    """bench ocppfuzz --smoke attacks a real OCPP gateway with every message and connection kind while honest
+    stations run, and reports survival, the honest stations' updates, the gateway's counters and the goals."""
+    from v2grt.bench._ocpp_attack import CONNECT_MIX, MESSAGE_MIX
+
+    r = bench("ocppfuzz", "--smoke")
+    g = r["gateway"]
+    assert g["survived"] and g["exit_codes"]["gateway"] == 0, (g["exit_codes"], g["stderr_tail"])
+    sent = r["sent"]["by_kind"]
+    assert r["sent"]["messages"] > 100 and sum(sent[k] for k in CONNECT_MIX) > 0 and sent["slowloris"] > 0
+    assert sum(1 for k in MESSAGE_MIX if sent[k]) >= len(MESSAGE_MIX) - 3, sent  # a few seconds: most kinds
+    assert r["honest"]["online_min_attack"] == r["honest"]["evses"] and r["honest"]["attack"]["updates"] > 0
+    assert sum(v for k, v in g["counters"].items() if k.startswith("callerror_")) > 0
+    assert g["counters"].get("refused_BAD_CREDENTIALS", 0) + g["counters"].get("refused_UNKNOWN_STATION", 0) > 0
+    assert r["goals"].keys() == {"gateway_survived", "honest_evses_dropped", "honest_updates_ratio",
+                                 "handed_sent_p99_ms", "rss_growth_bytes", "log_bytes"}
+    assert g["stderr_bytes"] == 0, g["stderr_tail"]
+
+
 # ------------------------------------------------------------------------------ from a wheel, without a checkout
 #: Left out of the copy a wheel is built from: what a build makes (a stale build/ would put modules removed from
 #: the tree into the wheel, hiding a packaging fault) and what it does not need.

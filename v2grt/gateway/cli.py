@@ -403,7 +403,8 @@ def _add_ocpp(gsub) -> None:
     p.add_argument("--max-offline-s", type=int, default=3,
                    help="maxOfflineDuration of the profiles: whole seconds a station may lose us (default 3)")
     p.add_argument("--call-timeout-s", type=float, default=5.0, help="wait this long for a station's reply (5 s)")
-    p.add_argument("--rate-per-s", type=float, default=20.0, help="messages a station may send per second (20)")
+    p.add_argument("--rate-per-s", type=float, default=20.0,
+                   help="messages a station may send per second (20); one over 4 KiB counts once more per full 4 KiB")
     p.add_argument("--burst", type=float, default=40.0, help="messages a station may send at once (40)")
     p.add_argument("--no-ocpp201", action="store_true", help="refuse stations that only speak ocpp2.0.1")
     from v2grt.gateway.ocpp_local import add_local_frequency_options

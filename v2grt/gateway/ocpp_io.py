@@ -42,7 +42,7 @@ from websockets.server import ServerProtocol
 log = logging.getLogger("v2grt.gateway")
 
 _OPEN, _CLOSED, _CONNECTING = State.OPEN, State.CLOSED, State.CONNECTING
-_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+_TEXT, _BINARY, _CONT, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 #: bytes read per read callback (one recv): a burst of a station's frames at once, and the most one station
 #: can make the loop work on before the others get their turn
@@ -167,10 +167,14 @@ class StationConnection:
         self._writer_on = False
         self._reading = False
         self._read_paused = False
+        self._cut = False  # cut(): never read again
         self._eof_pending = False  # the protocol asked for EOF: half-close (TLS: close) once the buffer is out
         self._fragments: list[bytes] | None = None
         self._fragment_text = False
         self.on_message: Callable[[str | bytes], bool] | None = None
+        # called for each ping and unsolicited pong the station sends (websockets has answered the ping already):
+        # control frames are no messages, and without this a ping flood bypassed the station's rate limit
+        self.on_control: Callable[[], None] | None = None
         self._queue: collections.deque[str | bytes] = collections.deque()
         self._recv_waiter: asyncio.Future | None = None
         self._drain_waiters: list[asyncio.Future] = []
@@ -292,9 +296,17 @@ class StationConnection:
         """Close the socket now."""
         self._lost(None)
 
+    def cut(self, grace_s: float = 1.0) -> None:
+        """Read nothing more from the station, and close the socket ``grace_s`` later: for a flooder being closed,
+        whose close handshake may never come (what was written, the Close frame included, still gets out; closing
+        at once would make the kernel answer its unread bytes with a reset that can destroy those)."""
+        self._cut = True
+        self._stop_reading()
+        self.loop.call_later(grace_s, self.abort)
+
     # ------------------------------------------------------------------------------ reading
     def _start_reading(self) -> None:
-        if not self._reading and not self.closed.done():
+        if not self._reading and not self.closed.done() and not self._cut:
             self.loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
@@ -399,9 +411,10 @@ class StationConnection:
                         if event.fin:
                             data, self._fragments = b"".join(self._fragments), None
                             self._deliver(data, self._fragment_text)
-                elif opcode is _PONG:
-                    if self._ping_payload is not None and event.data == self._ping_payload:
-                        self._ping_payload = None
+                elif opcode is _PONG and self._ping_payload is not None and event.data == self._ping_payload:
+                    self._ping_payload = None
+                elif (opcode is _PING or opcode is _PONG) and self.on_control is not None:
+                    self.on_control()  # the station's own ping or an unsolicited pong: its rate limit's business
             elif type(event) is Request:
                 self._upgrade(event)
         self._flush()

@@ -321,10 +321,19 @@ _POWER_UNITS = {"W": 1e-3, "kW": 1.0}
 _LINE_PHASES = frozenset({"L1", "L2", "L3", "L1-N", "L2-N", "L3-N"})
 
 
+def _finite(value) -> bool:
+    """A finite number: JSON allows integers no double holds (10**400, which the schemas' "number" takes), and
+    math.isfinite raises OverflowError on them; a station's value must be refused, not fail a handler."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _sample_value(sv: dict, what: str) -> float:
     value = sv.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MappingError(f"{what}: value {value!r}: expected a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise MappingError(f"{what}: value {str(value)[:40]}: expected a finite number")
     uom = sv.get("unit_of_measure") or {}
     mult = uom.get("multiplier", 0)
     if not isinstance(mult, int) or not -3 <= mult <= 3:
@@ -407,26 +416,26 @@ def parse_charging_needs(needs: dict) -> EvNeeds:
     """
     v2x = needs.get("v2x_charging_parameters") or {}
 
-    def kw(key):
-        value = v2x.get(key)
+    def kw(key, params=v2x, where="v2xChargingParameters"):
+        value = params.get(key)
         if value is None:
             return None
-        if not (math.isfinite(value) and 0.0 <= value <= MAX_ABS_KW * 1000.0):
-            raise MappingError(f"v2xChargingParameters.{_camel(key)}: {value!r} W: expected 0..{MAX_ABS_KW * 1000:g} W")
+        if not (_finite(value) and 0.0 <= value <= MAX_ABS_KW * 1000.0):
+            raise MappingError(f"{where}.{_camel(key)}: {str(value)[:40]} W: expected 0..{MAX_ABS_KW * 1000:g} W")
         return value / 1000.0
 
     def kwh(key):
         value = v2x.get(key)
         if value is None:
             return None
-        if not (math.isfinite(value) and abs(value) <= 1e7):
-            raise MappingError(f"v2xChargingParameters.{_camel(key)}: {value!r} Wh: expected a finite energy")
+        if not (_finite(value) and abs(value) <= 1e7):
+            raise MappingError(f"v2xChargingParameters.{_camel(key)}: {str(value)[:40]} Wh: expected a finite energy")
         return value / 1000.0
 
     bidirectional = needs.get("requested_energy_transfer") in _BPT
     p_chg_max = kw("max_charge_power")
-    if p_chg_max is None and (needs.get("dc_charging_parameters") or {}).get("ev_max_power") is not None:
-        p_chg_max = needs["dc_charging_parameters"]["ev_max_power"] / 1000.0
+    if p_chg_max is None:  # DC without V2X parameters: the EV's own maximum, range-checked as the V2X ones
+        p_chg_max = kw("ev_max_power", needs.get("dc_charging_parameters") or {}, "dcChargingParameters")
     p_dis_max = kw("max_discharge_power") if bidirectional else 0.0
     target = v2x.get("target_soc")  # ocpp's snake-casing of targetSoC
     if target is not None and not (0 <= target <= 100):
@@ -543,15 +552,19 @@ class TokenBucket:
         self.tokens = burst
         self.t_ns = now_ns
 
-    def take(self, now_ns: int) -> bool:
-        """Spend one token; False (and the debt grows, to -burst at most) if there is none."""
+    def take(self, now_ns: int, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens; False (and the debt grows, to -burst at most) if there were not enough."""
         self.tokens = min(self.burst, self.tokens + (now_ns - self.t_ns) * 1e-9 * self.rate_per_s)
         self.t_ns = now_ns
-        self.tokens -= 1.0
+        self.tokens -= cost
         if self.tokens >= 0.0:
             return True
         self.tokens = max(self.tokens, -self.burst)
         return False
+
+    def in_debt(self, now_ns: int) -> bool:
+        """True while the tokens, refilled to ``now_ns``, are below zero (nothing is taken)."""
+        return self.tokens + (now_ns - self.t_ns) * 1e-9 * self.rate_per_s < 0.0
 
     @property
     def exhausted(self) -> bool:
