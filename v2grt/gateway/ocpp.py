@@ -811,8 +811,10 @@ class _SessionMixin:
         if gw.calls_trace is not None:
             gw.calls_trace.append(time.monotonic_ns())
         try:
-            ocpp_schema.validate(self._ocpp_version, "MeterValues", payload)
-            self._on_meter_values(**_snake(payload))
+            if ocpp_schema.check_meter_values(self._ocpp_version, payload):  # the plain shape: keys as sent
+                self._on_meter_values(payload["evseId"], payload["meterValue"], camel=True)
+            else:
+                self._on_meter_values(**_snake(payload))
         except Exception as exc:
             msg = Call(unique_id, "MeterValues", payload)
             if not isinstance(exc, OCPPError) and _HANDLER_LOG.tracebacks < _HANDLER_LOG.limit:
@@ -865,9 +867,9 @@ class _SessionMixin:
                                 msg="an EVSE the roster does not list under this gateway (add <station>:<evse>)")
         return row
 
-    def _meter(self, row: int, meter_value) -> None:
+    def _meter(self, row: int, meter_value, camel: bool = False) -> None:
         try:
-            reading = om.parse_meter_values(meter_value)
+            reading = om.parse_meter_values(meter_value, camel=camel)
         except om.MappingError as exc:
             raise PropertyConstraintViolationError(description=str(exc)[:200]) from None
         e = self.gw.evses[row]
@@ -937,11 +939,12 @@ class _SessionMixin:
         self._on_meter_values(evse_id, meter_value)
         return self._call_result.MeterValues()
 
-    def _on_meter_values(self, evse_id, meter_value, **_) -> None:
-        """MeterValues' work, synchronous: the read callback answers it (_meter_values) without a task."""
+    def _on_meter_values(self, evse_id, meter_value, camel=False, **_) -> None:
+        """MeterValues' work, synchronous: the read callback answers it (_meter_values) without a task;
+        ``camel``: ``meter_value`` has the schema's key names (ocpp_mapping.parse_meter_values)."""
         row = self._row(evse_id)
         if row is not None:
-            self._meter(row, meter_value)
+            self._meter(row, meter_value, camel)
             if self.gw.evses[row].transaction_id is None and not self.triggered:
                 self.need_trigger = self.triggered = True
                 self.wake.set()
