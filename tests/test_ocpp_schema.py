@@ -214,6 +214,49 @@ def test_a_schema_with_an_unknown_constraint_turns_the_plain_check_off():
         assert ocpp_schema._plain_meter_values(schema) is None
 
 
+#: replies to the gateway's CALLs: bare statuses (the plain check), statuses with more, and broken ones
+REPLY_ACTIONS = [("2.1", "UpdateDynamicSchedule"), ("2.1", "SetChargingProfile"), ("2.1", "TriggerMessage"),
+                 ("2.0.1", "SetChargingProfile"), ("2.0.1", "TriggerMessage")]
+REPLY_CORPUS = [
+    {"status": "Accepted"}, {"status": "Rejected"}, {"status": "NotImplemented"}, {"status": "Maybe"},
+    {"status": "accepted"}, {"status": 1}, {"status": None}, {"status": True}, {"status": ["Accepted"]}, {},
+    {"status": "Accepted", "statusInfo": {"reasonCode": "x"}}, {"status": "Accepted", "statusInfo": {}},
+    {"status": "Accepted", "statusInfo": {"reasonCode": "r" * 21}}, {"status": "Rejected", "more": True},
+    {"status": "Accepted", "customData": {"vendorId": "v"}}, {"status": "Accepted", "customData": {}},
+    {"Status": "Accepted"}, [], "Accepted", None,
+]
+
+
+@pytest.mark.parametrize("version,action", REPLY_ACTIONS)
+def test_replies_get_the_compiled_checks_code_and_the_packages_verdict(version, action, monkeypatch):
+    """Every reply of the corpus gets from validate the code it got from the compiled check alone and the ocpp
+    package's verdict; the plain status check is built for each and takes only replies the schema accepts."""
+    plain = ocpp_schema.plain_status_reply(version, action)
+    assert plain is not None and plain({"status": "Accepted"})
+
+    def codes(payload) -> tuple[str, str]:
+        return (_verdict(lambda: ocpp_schema.validate(version, action, copy.deepcopy(payload), response=True)),
+                _verdict(lambda: _validate_payload(CallResult("1", copy.deepcopy(payload), action=action), version)))
+
+    ours = {i: codes(p) for i, p in enumerate(REPLY_CORPUS)}
+    monkeypatch.setitem(ocpp_schema._plain_replies, (version, action), None)  # the compiled check alone
+    before = {i: codes(p)[0] for i, p in enumerate(REPLY_CORPUS)}
+    for i, payload in enumerate(REPLY_CORPUS):
+        assert ours[i][0] == before[i], payload
+        assert (ours[i][0] == "valid") == (ours[i][1] == "valid"), payload
+        assert not plain(payload) or ours[i][1] == "valid", payload
+    assert {"valid", "FormatViolation", "TypeConstraintViolation", "ProtocolError"} <= set(before.values())
+
+
+def test_a_reply_schema_that_requires_more_than_a_status_has_no_plain_check():
+    """A reply whose schema requires more than the status (or has none) takes the compiled check alone."""
+    assert ocpp_schema.plain_status_reply("2.1", "BootNotification") is None  # requires currentTime, interval
+    schema = ocpp_schema._load("2.1", "UpdateDynamicScheduleResponse")
+    assert ocpp_schema._plain_status(copy.deepcopy(schema)) is not None
+    schema["required"].append("statusInfo")
+    assert ocpp_schema._plain_status(schema) is None
+
+
 def _meter_payloads(plain_only: bool = False):
     """MeterValues payloads near the schema's lines (most fields right, some wrong, some missing or extra); with
     ``plain_only``, payloads of the plain shape whose values may still be out of the mapping's range."""
