@@ -576,3 +576,39 @@ def test_a_reply_that_breaks_its_schema_is_counted_and_the_setpoint_sent_again(s
         assert gw.stats["bad_replies"] >= 1 and gw.stats["updates_rejected"] >= 1
     finally:
         gw.close()
+
+
+def test_an_evses_limits_follow_each_of_their_inputs():
+    """Evse.limits (remembered between calls) always equals the limits built afresh from the EVSE's state: after
+    new EV needs, a minimum SoC reached and left, and a 2.0.1 station."""
+    from v2grt.gateway.ocpp import Evse
+
+    e = Evse("CS0001", 1, 60.0, 11.0, 7.4, 0.5)
+    seen = []
+
+    def check():
+        blocked = e.charge_only or (e.min_soc is not None and e.soc <= e.min_soc)
+        assert e.limits() == e._new_limits(blocked)
+        seen.append(e.limits())
+
+    check()
+    check()
+    assert e.limits() is seen[0]  # remembered while nothing changed
+    e.needs = om.EvNeeds(True, om.EvLimits(p_chg_max_kw=5.0, p_dis_max_kw=3.0), min_v2x_energy_kwh=-6.0)
+    check()
+    e.min_soc = 0.4
+    check()
+    e.soc = 0.4  # at the EV's minimum: no discharge
+    check()
+    assert e.limits().p_dis_max_kw == 0.0
+    e.soc = 0.45
+    check()
+    e.needs = om.EvNeeds(True, om.EvLimits(p_chg_max_kw=None, p_dis_max_kw=9.0))
+    check()
+    assert e.limits() == om.EvLimits(p_chg_max_kw=7.4, p_dis_max_kw=9.0)
+    e.charge_only = True
+    check()
+    assert e.limits().p_dis_max_kw == 0.0
+    e.needs, e.min_soc, e.charge_only = None, None, False
+    check()
+    assert e.limits() == om.EvLimits(p_chg_max_kw=7.4, p_dis_max_kw=11.0)

@@ -187,35 +187,58 @@ def test_an_oversized_frame_closes_1009_and_a_ping_is_answered(site, tls):
 
 
 def test_keepalive_fails_a_station_that_does_not_answer_pings(site):
-    """A station that never answers the gateway's pings is failed (1011) after ping_interval + ping_timeout;
-    one whose library answers them stays connected past several intervals."""
+    """A station that never answers the gateway's pings is failed (1011), not before ping_interval + ping_timeout;
+    one whose library answers them stays connected while the gateway pings it several more times."""
     paths, fleet, passwords = site
-    gw = start_gateway(paths, fleet, ping_interval_s=0.2, ping_timeout_s=0.2)
+    interval_s, timeout_s = 0.2, 0.5  # a pong has 0.5 s: under load a client thread can miss 0.2 s
+    gw = start_gateway(paths, fleet, ping_interval_s=interval_s, ping_timeout_s=timeout_s)
+    mute_failed = threading.Event()
 
     async def answering():
         async with await _connect(gw.port, "CS0002", passwords["CS0002"], ping_interval=None) as ws:
-            await asyncio.sleep(1.2)
+            await asyncio.to_thread(mute_failed.wait, 30.0)
+            pings = gw.server.stats["pings_sent"]  # the mute's, and ours so far
+            # three more pings to this station alone: each one follows a pong to the one before, in time
+            await asyncio.to_thread(wait_until, lambda: gw.server.stats["pings_sent"] >= pings + 3, 30.0,
+                                    "three more pings to the answering station")
             await ws.send(json.dumps([2, "h1", "Heartbeat", {}]))
-            return json.loads(await asyncio.wait_for(ws.recv(), 5.0))
+            return json.loads(await asyncio.wait_for(ws.recv(), 10.0))
 
     try:
-        mute = _raw_upgrade(gw.port, "CS0001", passwords["CS0001"])
-        wait_until(lambda: "CS0001" in gw.sessions, 5.0, "the mute station's session")
         result: dict = {}
         side = threading.Thread(target=lambda: result.update(reply=asyncio.run(answering())))
         side.start()
+        wait_until(lambda: "CS0002" in gw.sessions, 10.0, "the answering station's session")
+        mute = _raw_upgrade(gw.port, "CS0001", passwords["CS0001"])
         t0 = time.monotonic()
-        data = _read_until_closed(mute, 5.0)  # pings (opcode 0x9), then a Close frame (0x8) with 1011
-        assert time.monotonic() - t0 < 3.0
-        assert b"\x89" in data[:8]  # the first frame is a ping
-        close_at = data.index(b"\x88")
-        assert struct.unpack("!H", data[close_at + 2:close_at + 4])[0] == 1011
+        data = _read_until_closed(mute, 30.0)  # pings, then a Close frame with 1011, then EOF
+        elapsed_s = time.monotonic() - t0
+        mute_failed.set()
         mute.close()
-        side.join(10.0)
+        frames = _server_frames(data)
+        assert frames[0][0] == 0x9 and {op for op, _ in frames[:-1]} == {0x9}, frames  # pings only, then
+        assert frames[-1][0] == 0x8 and struct.unpack("!H", frames[-1][1][:2])[0] == 1011, frames  # the close
+        assert elapsed_s >= interval_s + timeout_s - 0.05  # a ping, then its whole timeout
+        side.join(60.0)
         assert result["reply"][:2] == [3, "h1"]
         assert gw.server.stats["keepalive_timeouts"] == 1
     finally:
+        mute_failed.set()
         gw.close()
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole unmasked frame a server sent (a ping's random payload may hold any byte)."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, n, i = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if n >= 126:
+            size = 2 if n == 126 else 8
+            n, i = int.from_bytes(data[i:i + size], "big"), i + size
+        frames.append((opcode, data[i:i + n]))
+        i += n
+    assert i == len(data), f"{len(data) - i} bytes of a partial frame: {data!r}"
+    return frames
 
 
 def test_eof_in_the_middle_of_a_frame_ends_the_session(site):

@@ -599,6 +599,7 @@ class StationConnection:
             self._arm_close_timer()
             return
         self._ping_payload = os.urandom(4)
+        self.server.stats["pings_sent"] += 1
         self.protocol.send_ping(self._ping_payload)
         self._flush()
         timeout_s = self.server.ping_timeout_s

@@ -330,42 +330,45 @@ def _finite(value) -> bool:
         return False
 
 
-def _sample_value(sv: dict, what: str) -> float:
+def _sample_value(sv: dict, what: str, uom_key: str = "unit_of_measure") -> float:
     value = sv.get("value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise MappingError(f"{what}: value {str(value)[:40]}: expected a finite number")
-    uom = sv.get("unit_of_measure") or {}
+    uom = sv.get(uom_key) or {}
     mult = uom.get("multiplier", 0)
     if not isinstance(mult, int) or not -3 <= mult <= 3:
         raise MappingError(f"{what}: multiplier {mult!r}: expected an integer -3..3")
     return float(value) * 10.0 ** mult
 
 
-def parse_meter_values(meter_values: list) -> MeterReading:
-    """SoC, Power.Active.Import/Export and Power.Active.Setpoint from ``meter_value`` (snake_case).
+def parse_meter_values(meter_values: list, *, camel: bool = False) -> MeterReading:
+    """SoC, Power.Active.Import/Export and Power.Active.Setpoint from ``meter_value`` (snake_case, as the
+    ``ocpp`` package's routing hands it over; with ``camel``, the schema's names as sent: the gateway's plain
+    MeterValues skip the key conversion).
 
     The newest sample of each measurand wins (samples are in the order sent). Power without a
     phase is the total; with phases only, the phases are summed. Units: SoC in Percent; power in W
     or kW with a multiplier. Raises MappingError naming the measurand for a value out of range.
     (OCPP 2.x has no Temperature measurand; 1.6 had one. Battery temperature stays the roster's.)
     """
+    sv_key, uom_key = ("sampledValue", "unitOfMeasure") if camel else ("sampled_value", "unit_of_measure")
     soc = None
     power: dict[str, float] = {}
     phase_power: dict[str, float] = {}
     for mv in meter_values or ():
-        for sv in mv.get("sampled_value") or ():
+        for sv in mv.get(sv_key) or ():
             measurand = sv.get("measurand", "Energy.Active.Import.Register")
             if measurand == "SoC":
-                value = _sample_value(sv, "SoC")
-                unit = (sv.get("unit_of_measure") or {}).get("unit", "Percent")
+                value = _sample_value(sv, "SoC", uom_key)
+                unit = (sv.get(uom_key) or {}).get("unit", "Percent")
                 if unit != "Percent" or not 0.0 <= value <= 100.0:
                     raise MappingError(f"SoC: {value!r} {unit}: expected 0..100 Percent")
                 soc = value / 100.0
             elif measurand in ("Power.Active.Import", "Power.Active.Export", "Power.Active.Setpoint"):
-                unit = (sv.get("unit_of_measure") or {}).get("unit", "W")
+                unit = (sv.get(uom_key) or {}).get("unit", "W")
                 if unit not in _POWER_UNITS:
                     raise MappingError(f"{measurand}: unit {unit!r}: expected W or kW")
-                kw = _sample_value(sv, measurand) * _POWER_UNITS[unit]
+                kw = _sample_value(sv, measurand, uom_key) * _POWER_UNITS[unit]
                 if not abs(kw) <= MAX_ABS_KW:
                     raise MappingError(f"{measurand}: {kw!r} kW: expected |value| <= {MAX_ABS_KW:g} kW")
                 phase = sv.get("phase")
