@@ -22,6 +22,7 @@ from v2grt.io.modbus import (
     Latest,
     MeterReader,
     SunSpecError,
+    aligned_poll_ns,
     discover,
     model_length,
 )
@@ -222,6 +223,63 @@ def test_frequency_change_reaches_the_cell_within_a_few_polls(serve, poll):
     took = wait_until(lambda: reader.latest.read()[0].f_hz != 50.0, what="new frequency")
     assert took < 15 * INTERVAL_S, f"took {took:.3f} s"
     assert 0 <= reader.latest.age_s() < 1.0
+
+
+def test_aligned_poll_grid_ends_each_period_a_lead_before_its_deadline():
+    """Each period's polls are laid back from its deadline every interval, the last one a lead before it."""
+    ms = 1_000_000
+
+    def slots(interval_ms, period_ms, lead_ms, until_ms):
+        out, t = [], -1
+        while True:
+            t = aligned_poll_ns(t, interval_ms * ms, period_ms * ms, lead_ms * ms)
+            if t > until_ms * ms:
+                return [x / ms for x in out]
+            out.append(t)
+
+    # the period a multiple of the interval: one regular grid, 2 ms before every 5 ms mark
+    assert slots(5, 100, 2, 110) == [3.0 + 5 * k for k in range(22)]
+    assert 98.0 in slots(5, 100, 2, 110)  # the deadline at 100 ms is led by a poll at 98 ms
+    # not a multiple: the period's first gap is the short one, its last poll still 2 ms before the deadline
+    assert slots(30, 100, 2, 200) == [8.0, 38.0, 68.0, 98.0, 108.0, 138.0, 168.0, 198.0]
+    # a poll that overran skips to the next slot, never repeats one
+    assert aligned_poll_ns(98 * ms, 5 * ms, 100 * ms, 2 * ms) == 103 * ms
+    assert aligned_poll_ns(int(99.9 * ms), 5 * ms, 100 * ms, 2 * ms) == 103 * ms
+
+
+def test_meter_polls_are_phase_locked_to_the_cycle_deadlines(serve, poll):
+    """With cycle_period_s the sample a cycle takes at its deadline is about lead_s old at most cycles.
+
+    Two readers of one meter, both polling every 30 ms for 60 ms cycles, one led by 3 ms and one by 18 ms:
+    locked, their samples are ~3 and ~18 ms old at each deadline; free-running polls (started together) would
+    be equally old whatever the lead. Bounds generous for a loaded machine."""
+    period_ns, interval_s = 60_000_000, 0.03
+    meter = SunSpecMeter(213, f_hz=50.0)
+    sim = serve(meter)
+    readers = {lead_ms: meter_reader(sim.port(meter), interval_s=interval_s, cycle_period_s=period_ns / 1e9,
+                                     lead_s=lead_ms / 1e3) for lead_ms in (3, 18)}
+    poll(*readers.values())
+    wait_until(lambda: all(r.latest.read()[0] is not None for r in readers.values()), what="first samples")
+    reads_before, t_start = {k: r.counters.reads_ok for k, r in readers.items()}, time.monotonic_ns()
+    deadline = (t_start // period_ns + 1) * period_ns
+    ages_ms = {lead_ms: [] for lead_ms in readers}
+    for _ in range(30):  # the control loop's cycles: wake at each deadline, take the newest sample
+        time.sleep(max(deadline - time.monotonic_ns(), 0) / 1e9)
+        for lead_ms, r in readers.items():
+            ages_ms[lead_ms].append((time.monotonic_ns() - r.latest.read()[1]) / 1e6)
+        deadline += period_ns
+    shown = {k: sorted(round(a, 1) for a in v) for k, v in ages_ms.items()}
+    assert sum(age <= 10.0 for age in ages_ms[3]) >= 24, f"sample ages at the deadlines (ms, by lead): {shown}"
+    assert sum(14.0 <= age <= 28.0 for age in ages_ms[18]) >= 24, f"sample ages (ms, by lead): {shown}"
+    for lead_ms, r in readers.items():  # two polls a period, not more: an early timer does not poll a slot twice
+        polls = r.counters.reads_ok - reads_before[lead_ms]
+        assert polls <= (time.monotonic_ns() - t_start) / 1e9 / interval_s + 2, (lead_ms, polls)
+
+
+def test_phase_lock_needs_a_lead_shorter_than_the_period():
+    """A lead of a whole period or more is refused, naming both values."""
+    with pytest.raises(ValueError, match=r"lead_s=0\.1 with cycle_period_s=0\.1"):
+        MeterReader(HOST, 502, cycle_period_s=0.1, lead_s=0.1)
 
 
 def test_float_meter_keeps_sub_millihertz_resolution(serve, poll):

@@ -53,6 +53,7 @@ __all__ = [
     "Point",
     "SunSpecError",
     "SunSpecPoller",
+    "aligned_poll_ns",
     "decode_point",
     "discover",
     "encode_point",
@@ -420,6 +421,20 @@ class _Failed(Exception):
     """Internal: this connection should be dropped and re-established."""
 
 
+def aligned_poll_ns(after_ns: int, interval_ns: int, period_ns: int, lead_ns: int) -> int:
+    """The first poll start after ``after_ns`` on a grid phase-locked to a control loop's deadlines.
+
+    The deadlines are ``k * period_ns`` on CLOCK_MONOTONIC (v2grt.loop.ControlLoop's grid). Each period's
+    polls are laid back from its deadline: ``D - lead_ns``, ``D - lead_ns - interval_ns``, ... while later
+    than the previous deadline's last poll, so the last poll of every period starts ``lead_ns`` before the
+    deadline (a regular grid when the period is a multiple of the interval; otherwise the period's first gap
+    is the shorter one). All in ns; needs ``0 <= lead_ns < period_ns`` and ``interval_ns > 0``.
+    """
+    # the first deadline whose last poll is still ahead, then the earliest of its polls after after_ns
+    deadline = ((after_ns + lead_ns) // period_ns + 1) * period_ns
+    return deadline - lead_ns - (deadline - lead_ns - after_ns - 1) // interval_ns * interval_ns
+
+
 class SunSpecPoller:
     """Poll one SunSpec device over Modbus TCP and publish decoded samples into ``self.latest``.
 
@@ -427,8 +442,12 @@ class SunSpecPoller:
     fixed offsets). Each request has its own ``timeout_s``; after ``max_failures`` consecutive failed
     polls, or at once when the connection drops, the client is closed and a new one connects after
     an exponential backoff from ``backoff_min_s`` doubling up to ``backoff_max_s``. Polls follow an
-    absolute schedule every ``interval_s`` (missed slots are skipped, never bunched).
-    Subclasses implement ``_setup`` (after discovery) and ``_poll`` (one sample).
+    absolute schedule every ``interval_s`` (missed slots are skipped, never bunched). With
+    ``cycle_period_s`` the schedule is phase-locked to a control loop's deadlines (``k * cycle_period_s``
+    on CLOCK_MONOTONIC, as v2grt.loop keeps them): the last poll of each period starts ``lead_s`` before
+    the deadline (`aligned_poll_ns`), so the cycle takes a sample about ``lead_s`` old instead of anywhere
+    from 0 to ``interval_s`` plus a round trip. A poll that ends after the deadline leaves the previous
+    sample, as any late poll does. Subclasses implement ``_setup`` (after discovery) and ``_poll``.
     """
 
     kind = "device"
@@ -446,9 +465,14 @@ class SunSpecPoller:
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 2.0,
         max_failures: int = 3,
+        cycle_period_s: float | None = None,
+        lead_s: float = 0.0,
     ) -> None:
         if not interval_s > 0 or not timeout_s > 0:
             raise ValueError(f"{self.kind} {host}:{port}: interval_s and timeout_s must be > 0")
+        if cycle_period_s is not None and not 0 <= lead_s < cycle_period_s:
+            raise ValueError(f"{self.kind} {host}:{port}: lead_s={lead_s!r} with cycle_period_s={cycle_period_s!r}: "
+                             "expected 0 <= lead_s < cycle_period_s")
         if not 0 < backoff_min_s <= backoff_max_s:
             raise ValueError(f"{self.kind} {host}:{port}: need 0 < backoff_min_s <= backoff_max_s")
         self.host, self.port, self.device_id, self.base = host, port, device_id, base
@@ -456,6 +480,9 @@ class SunSpecPoller:
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.max_failures = max_failures
+        # the phase-locked grid in ns (None: free-running from the connection's first poll)
+        self._grid_ns = None if cycle_period_s is None else (
+            round(interval_s * 1e9), round(cycle_period_s * 1e9), round(lead_s * 1e9))
         self.latest: Latest[Any] = Latest()
         self.counters = Counters()
         self.models: dict[int, int] = {}  # from the latest discovery
@@ -575,6 +602,9 @@ class SunSpecPoller:
         failures = 0
         any_ok = False
         next_t = loop.time()
+        slot_ns = 0
+        if self._grid_ns is not None:  # the first poll on the grid too: its sample is the one a cycle needs
+            slot_ns = await self._sleep_until_slot(time.monotonic_ns())
         while True:
             try:
                 sample = await self._poll()
@@ -598,11 +628,26 @@ class SunSpecPoller:
                 await self._after_poll()
             if failures >= self.max_failures:
                 return any_ok
+            if self._grid_ns is not None:
+                # from the slot just polled at the earliest: a timer that fired early must not poll that slot twice
+                slot_ns = await self._sleep_until_slot(max(time.monotonic_ns(), slot_ns))
+                continue
             next_t += self.interval_s
             now = loop.time()
             if next_t < now:  # overran: skip to the next slot on the grid rather than bunch up
                 next_t += math.ceil((now - next_t) / self.interval_s) * self.interval_s
             await asyncio.sleep(next_t - now)
+
+    async def _sleep_until_slot(self, after_ns: int) -> int:
+        """Sleep until the phase-locked grid's first poll start after ``after_ns`` (a late poll skips the slots it
+        overran); returns that slot (CLOCK_MONOTONIC ns).
+
+        Timed on CLOCK_MONOTONIC, the control loop's clock, not loop.time(): uvloop's is the libuv loop's cached
+        millisecond clock (0.4 ms behind time.monotonic here); its timers fire within about +-0.5 ms of it."""
+        interval_ns, period_ns, lead_ns = self._grid_ns
+        slot_ns = aligned_poll_ns(after_ns, interval_ns, period_ns, lead_ns)
+        await asyncio.sleep(max(slot_ns - time.monotonic_ns(), 0) / 1e9)
+        return slot_ns
 
     async def _after_poll(self) -> None:
         """Hook run after each successful poll (e.g. pending writes)."""
