@@ -23,8 +23,12 @@ from v2grt.io.modbus import (
     MeterReader,
     SunSpecError,
     aligned_poll_ns,
+    block_decoder,
+    decode_point,
     discover,
+    encode_point,
     model_length,
+    model_points,
 )
 from v2grt.sim.sunspec import (
     ALRM_MANUFACTURER,
@@ -274,6 +278,25 @@ def test_meter_polls_are_phase_locked_to_the_cycle_deadlines(serve, poll):
     for lead_ms, r in readers.items():  # two polls a period, not more: an early timer does not poll a slot twice
         polls = r.counters.reads_ok - reads_before[lead_ms]
         assert polls <= (time.monotonic_ns() - t_start) / 1e9 / interval_s + 2, (lead_ms, polls)
+
+
+@pytest.mark.parametrize(("model_id", "names", "values"), [
+    (704, ("WSetRvrtTms", "WSetEna", "WSet", "WSetRvrt"), (2, 1, -11000, None)),  # any order, with a gap
+    (704, ("WSetEna", "WSetMod", "WSet", "WSetRvrt", "WSetEnaRvrt"), (None, 1, 2**31 - 1, -(2**31) + 1, 0)),
+    (213, ("Hz", "W"), (49.875, None)),  # float32, NaN = not implemented
+])
+def test_block_decoder_equals_decode_point_per_point(model_id, names, values):
+    """One struct call over a block decodes each point exactly as decode_point does, None for not implemented."""
+    pts = model_points(model_id)
+    sel = [pts[n] for n in names]
+    first = min(p.offset for p in sel) - 3  # the block starts 3 registers before the first point
+    regs = [0xABCD] * (max(p.offset + p.size for p in sel) - first + 2)
+    for p, v in zip(sel, values):
+        regs[p.offset - first : p.offset - first + p.size] = encode_point(p, v)
+    decoded = block_decoder(sel, -first)(regs)
+    assert decoded == tuple(decode_point(regs, p, -first) for p in sel) == values
+    with pytest.raises(SunSpecError, match="need registers"):
+        block_decoder(sel, -first)(regs[:5])
 
 
 def test_phase_lock_needs_a_lead_shorter_than_the_period():

@@ -54,6 +54,7 @@ __all__ = [
     "SunSpecError",
     "SunSpecPoller",
     "aligned_poll_ns",
+    "block_decoder",
     "decode_point",
     "discover",
     "encode_point",
@@ -216,6 +217,41 @@ def decode_point(regs: Sequence[int], point: Point, first: int = 0) -> int | flo
     if fmt in "fd":
         return None if math.isnan(value) else value
     return None if value == _UNIMPL[point.type] else value
+
+
+def block_decoder(points: Sequence[Point], first: int = 0) -> Callable[[Sequence[int]], tuple]:
+    """A decoder of several numeric points of one model from one register block, in one struct call.
+
+    ``decoder(regs)`` equals ``tuple(decode_point(regs, p, first) for p in points)`` (None = not implemented);
+    built once per layout. A simulated charger decodes its 704 block on every write: eight decode_point calls
+    were a third of its own CPU per write (cProfile).
+    """
+    order = sorted(range(len(points)), key=lambda k: points[k].offset)
+    lo = points[order[0]].offset
+    fmt, pos, unimpl = ">", lo, []
+    for k in order:
+        p = points[k]
+        if p.type not in _FORMAT or p.offset < pos:
+            raise SunSpecError(f"point {p.name} ({p.type} at offset {p.offset}): not a numeric point apart from "
+                               f"the others ({[q.name for q in points]})")
+        fmt += "x" * (2 * (p.offset - pos)) + _FORMAT[p.type]
+        pos = p.offset + p.size
+        unimpl.append(math.nan if _FORMAT[p.type] in "fd" else _UNIMPL[p.type])
+    codec, regs_fmt, count = struct.Struct(fmt), struct.Struct(f">{pos - lo}H"), pos - lo
+    slot = [order.index(k) for k in range(len(points))]  # where each requested point sits in offset order
+
+    def decode(regs: Sequence[int]) -> tuple:
+        i = first + lo
+        chunk = regs[i : i + count]
+        if len(chunk) != count:
+            raise SunSpecError(f"points {[p.name for p in points]} need registers {i}..{i + count - 1}, got "
+                               f"{len(regs)}")
+        raw = codec.unpack(regs_fmt.pack(*chunk))
+        # NaN != NaN: a float not implemented compares unequal to its marker, so check floats with isnan
+        vals = [None if (v != v if isinstance(v, float) else v == u) else v for v, u in zip(raw, unimpl)]
+        return tuple(vals[j] for j in slot)
+
+    return decode
 
 
 def encode_point(point: Point, value: float | str | None) -> list[int]:
