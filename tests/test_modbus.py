@@ -254,14 +254,15 @@ def test_aligned_poll_grid_ends_each_period_a_lead_before_its_deadline():
 def test_meter_polls_are_phase_locked_to_the_cycle_deadlines(serve, poll):
     """With cycle_period_s the sample a cycle takes at its deadline is about lead_s old at most cycles.
 
-    Two readers of one meter, both polling every 30 ms for 60 ms cycles, one led by 3 ms and one by 18 ms:
-    locked, their samples are ~3 and ~18 ms old at each deadline; free-running polls (started together) would
-    be equally old whatever the lead. Bounds generous for a loaded machine."""
+    Two readers of one meter, both polling every 30 ms for 60 ms cycles, one led by 8 ms and one by 28 ms:
+    locked, their samples are ~8 and ~28 ms old at each deadline; free-running polls (started together) would
+    be equally old whatever the lead. Leads and bounds generous for a loaded machine (at load 9 on two cores a
+    3 ms lead missed a quarter of the deadlines: the poll's thread waited that long for a core)."""
     period_ns, interval_s = 60_000_000, 0.03
     meter = SunSpecMeter(213, f_hz=50.0)
     sim = serve(meter)
     readers = {lead_ms: meter_reader(sim.port(meter), interval_s=interval_s, cycle_period_s=period_ns / 1e9,
-                                     lead_s=lead_ms / 1e3) for lead_ms in (3, 18)}
+                                     lead_s=lead_ms / 1e3) for lead_ms in (8, 28)}
     poll(*readers.values())
     wait_until(lambda: all(r.latest.read()[0] is not None for r in readers.values()), what="first samples")
     reads_before, t_start = {k: r.counters.reads_ok for k, r in readers.items()}, time.monotonic_ns()
@@ -273,8 +274,8 @@ def test_meter_polls_are_phase_locked_to_the_cycle_deadlines(serve, poll):
             ages_ms[lead_ms].append((time.monotonic_ns() - r.latest.read()[1]) / 1e6)
         deadline += period_ns
     shown = {k: sorted(round(a, 1) for a in v) for k, v in ages_ms.items()}
-    assert sum(age <= 10.0 for age in ages_ms[3]) >= 24, f"sample ages at the deadlines (ms, by lead): {shown}"
-    assert sum(14.0 <= age <= 28.0 for age in ages_ms[18]) >= 24, f"sample ages (ms, by lead): {shown}"
+    assert sum(age <= 15.0 for age in ages_ms[8]) >= 20, f"sample ages at the deadlines (ms, by lead): {shown}"
+    assert sum(20.0 <= age <= 40.0 for age in ages_ms[28]) >= 20, f"sample ages (ms, by lead): {shown}"
     for lead_ms, r in readers.items():  # two polls a period, not more: an early timer does not poll a slot twice
         polls = r.counters.reads_ok - reads_before[lead_ms]
         assert polls <= (time.monotonic_ns() - t_start) / 1e9 / interval_s + 2, (lead_ms, polls)
