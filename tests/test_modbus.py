@@ -29,6 +29,7 @@ from v2grt.io.modbus import (
     encode_point,
     model_length,
     model_points,
+    within,
 )
 from v2grt.sim.sunspec import (
     ALRM_MANUFACTURER,
@@ -298,6 +299,32 @@ def test_block_decoder_equals_decode_point_per_point(model_id, names, values):
     assert decoded == tuple(decode_point(regs, p, -first) for p in sel) == values
     with pytest.raises(SunSpecError, match="need registers"):
         block_decoder(sel, -first)(regs[:5])
+
+
+@pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
+def test_within_times_out_cancels_and_tells_an_outside_cancel_apart(loop_factory):
+    """within returns the result, raises TimeoutError after the timeout (cancelling the request), and leaves a
+    cancellation from outside a CancelledError."""
+    uvloop = pytest.importorskip("uvloop") if loop_factory == "uvloop" else None
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert await within(asyncio.sleep(0, "ok"), 1.0) == "ok"
+        slow = loop.create_future()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow, 0.05)
+        assert slow.cancelled() and 0.04 <= time.monotonic() - t0 < 1.0
+        task = asyncio.create_task(within(loop.create_future(), 5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert asyncio.current_task().cancelling() == 0  # nothing left over on this task either
+        return True
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        assert runner.run(main())
 
 
 def test_phase_lock_needs_a_lead_shorter_than_the_period():
