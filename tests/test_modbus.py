@@ -321,6 +321,17 @@ def test_within_times_out_cancels_and_tells_an_outside_cancel_apart(loop_factory
         with pytest.raises(asyncio.CancelledError):
             await task
         assert asyncio.current_task().cancelling() == 0  # nothing left over on this task either
+
+        async def swallows():  # asyncio.wait_for on 3.11 when the response races the cancel: it returns it
+            try:
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                return "late"
+
+        assert await within(swallows(), 0.02) == "late"
+        assert asyncio.current_task().cancelling() == 0  # the spent cancel taken back
+        with pytest.raises(asyncio.TimeoutError):  # so the next timeout is a timeout, not a cancellation
+            await within(loop.create_future(), 0.02)
         return True
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:

@@ -309,7 +309,7 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
 
     handle = task.get_loop().call_later(timeout_s, expire)
     try:
-        return await awaitable
+        result = await awaitable
     except asyncio.CancelledError:
         # ours alone: a timeout; a cancellation from outside as well (cancelling() still counts it): propagate it
         if expired and task.uncancel() == 0:
@@ -317,6 +317,13 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
         raise
     finally:
         handle.cancel()
+    if expired:
+        # The timer fired, yet a result came back: asyncio.wait_for (inside every pymodbus request) returns a
+        # response that raced the cancellation and swallows it (CPython gh-86296 on 3.11). Take our cancel back,
+        # as asyncio.timeout does, or the task counts it forever and the next timeout here would propagate as a
+        # cancellation that ends the poller (a bench smoke run's meter went stale for good that way).
+        task.uncancel()
+    return result
 
 
 async def _read(
