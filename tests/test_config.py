@@ -182,3 +182,13 @@ def test_operations_md_config_reference_has_every_key_with_its_default_and_range
         spec = config._RANGES.get(f"{section}.{f.name}")
         if spec is not None and len(spec) == 3:
             assert f"{g(spec[1])}..{g(spec[2])}" in cell[1], (f.name, cell[1], spec)
+
+
+def test_meter_poll_lead_defaults_to_2_ms_is_nullable_and_must_be_shorter_than_the_period():
+    """meter.poll_lead_s: 2 ms in code and the shipped config, null for free-running polls, refused at a period or
+    more (naming key, value and period)."""
+    assert config_from_dict({"fleet": {"random": 10}}).meter.poll_lead_s == 0.002
+    assert load_config(DEFAULT_YAML).meter.poll_lead_s == 0.002
+    assert config_from_dict({"fleet": {"random": 10}, "meter": {"poll_lead_s": None}}).meter.poll_lead_s is None
+    with pytest.raises(ConfigError, match=r"meter.poll_lead_s=0.1 is not shorter than period_s=0.1"):
+        config_from_dict({"period_s": 0.1, "fleet": {"random": 10}, "meter": {"poll_lead_s": 0.1}})
