@@ -218,6 +218,14 @@ class ChargerPoller(SunSpecPoller):
         # wakes a check that writes nothing. Creating and cancelling a uvloop timer on every wake (~6 us) was on
         # the path of a setpoint message's 100 writes, each one delaying every write after it.
         timer, timer_at = None, math.inf
+
+        def fire() -> None:
+            nonlocal timer, timer_at
+            # Told by the timer itself: uvloop may run it a little before its time by loop.time() (millisecond
+            # rounding), so "timer_at <= loop.time()" can miss that it fired and leave no timer: no refresh.
+            timer, timer_at = None, math.inf
+            wake.set()
+
         try:
             while True:
                 if self.written_kw is None:
@@ -227,10 +235,10 @@ class ChargerPoller(SunSpecPoller):
                 else:
                     due = None  # 0 holds without a refresh (the reversion value is 0 too)
                 if not wake.is_set():
-                    if due is not None and (timer_at > due or timer_at <= loop.time()):
+                    if due is not None and timer_at > due:
                         if timer is not None:
                             timer.cancel()
-                        timer, timer_at = loop.call_at(due, wake.set), due
+                        timer, timer_at = loop.call_at(due, fire), due
                     await wake.wait()
                 wake.clear()
                 try:
