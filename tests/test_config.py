@@ -198,3 +198,13 @@ def test_kernel_threads_default_to_two_in_code_and_the_shipped_config():
     assert config_from_dict(config()).kernel.threads == 2
     assert load_config(DEFAULT_YAML).kernel.threads == 2
     assert config_from_dict(config(kernel={"threads": 1})).kernel.threads == 1
+
+
+def test_meter_poll_lead_defaults_to_2_ms_is_nullable_and_must_be_shorter_than_the_period():
+    """meter.poll_lead_s: 2 ms in code and the shipped config, null for free-running polls, refused at a period or
+    more (naming key, value and period)."""
+    assert config_from_dict({"fleet": {"random": 10}}).meter.poll_lead_s == 0.002
+    assert load_config(DEFAULT_YAML).meter.poll_lead_s == 0.002
+    assert config_from_dict({"fleet": {"random": 10}, "meter": {"poll_lead_s": None}}).meter.poll_lead_s is None
+    with pytest.raises(ConfigError, match=r"meter.poll_lead_s=0.1 is not shorter than period_s=0.1"):
+        config_from_dict({"period_s": 0.1, "fleet": {"random": 10}, "meter": {"poll_lead_s": 0.1}})

@@ -22,8 +22,14 @@ from v2grt.io.modbus import (
     Latest,
     MeterReader,
     SunSpecError,
+    aligned_poll_ns,
+    block_decoder,
+    decode_point,
     discover,
+    encode_point,
     model_length,
+    model_points,
+    within,
 )
 from v2grt.sim.sunspec import (
     ALRM_MANUFACTURER,
@@ -222,6 +228,120 @@ def test_frequency_change_reaches_the_cell_within_a_few_polls(serve, poll):
     took = wait_until(lambda: reader.latest.read()[0].f_hz != 50.0, what="new frequency")
     assert took < 15 * INTERVAL_S, f"took {took:.3f} s"
     assert 0 <= reader.latest.age_s() < 1.0
+
+
+def test_aligned_poll_grid_ends_each_period_a_lead_before_its_deadline():
+    """Each period's polls are laid back from its deadline every interval, the last one a lead before it."""
+    ms = 1_000_000
+
+    def slots(interval_ms, period_ms, lead_ms, until_ms):
+        out, t = [], -1
+        while True:
+            t = aligned_poll_ns(t, interval_ms * ms, period_ms * ms, lead_ms * ms)
+            if t > until_ms * ms:
+                return [x / ms for x in out]
+            out.append(t)
+
+    # the period a multiple of the interval: one regular grid, 2 ms before every 5 ms mark
+    assert slots(5, 100, 2, 110) == [3.0 + 5 * k for k in range(22)]
+    assert 98.0 in slots(5, 100, 2, 110)  # the deadline at 100 ms is led by a poll at 98 ms
+    # not a multiple: the period's first gap is the short one, its last poll still 2 ms before the deadline
+    assert slots(30, 100, 2, 200) == [8.0, 38.0, 68.0, 98.0, 108.0, 138.0, 168.0, 198.0]
+    # a poll that overran skips to the next slot, never repeats one
+    assert aligned_poll_ns(98 * ms, 5 * ms, 100 * ms, 2 * ms) == 103 * ms
+    assert aligned_poll_ns(int(99.9 * ms), 5 * ms, 100 * ms, 2 * ms) == 103 * ms
+
+
+def test_meter_polls_are_phase_locked_to_the_cycle_deadlines(serve, poll):
+    """With cycle_period_s the sample a cycle takes at its deadline is about lead_s old at most cycles.
+
+    Two readers of one meter, both polling every 30 ms for 60 ms cycles, one led by 8 ms and one by 28 ms:
+    locked, their samples are ~8 and ~28 ms old at each deadline; free-running polls (started together) would
+    be equally old whatever the lead. Leads and bounds generous for a loaded machine (at load 9 on two cores a
+    3 ms lead missed a quarter of the deadlines: the poll's thread waited that long for a core)."""
+    period_ns, interval_s = 60_000_000, 0.03
+    meter = SunSpecMeter(213, f_hz=50.0)
+    sim = serve(meter)
+    readers = {lead_ms: meter_reader(sim.port(meter), interval_s=interval_s, cycle_period_s=period_ns / 1e9,
+                                     lead_s=lead_ms / 1e3) for lead_ms in (8, 28)}
+    poll(*readers.values())
+    wait_until(lambda: all(r.latest.read()[0] is not None for r in readers.values()), what="first samples")
+    reads_before, t_start = {k: r.counters.reads_ok for k, r in readers.items()}, time.monotonic_ns()
+    deadline = (t_start // period_ns + 1) * period_ns
+    ages_ms = {lead_ms: [] for lead_ms in readers}
+    for _ in range(30):  # the control loop's cycles: wake at each deadline, take the newest sample
+        time.sleep(max(deadline - time.monotonic_ns(), 0) / 1e9)
+        for lead_ms, r in readers.items():
+            ages_ms[lead_ms].append((time.monotonic_ns() - r.latest.read()[1]) / 1e6)
+        deadline += period_ns
+    shown = {k: sorted(round(a, 1) for a in v) for k, v in ages_ms.items()}
+    assert sum(age <= 15.0 for age in ages_ms[8]) >= 20, f"sample ages at the deadlines (ms, by lead): {shown}"
+    assert sum(20.0 <= age <= 40.0 for age in ages_ms[28]) >= 20, f"sample ages (ms, by lead): {shown}"
+    for lead_ms, r in readers.items():  # two polls a period, not more: an early timer does not poll a slot twice
+        polls = r.counters.reads_ok - reads_before[lead_ms]
+        assert polls <= (time.monotonic_ns() - t_start) / 1e9 / interval_s + 2, (lead_ms, polls)
+
+
+@pytest.mark.parametrize(("model_id", "names", "values"), [
+    (704, ("WSetRvrtTms", "WSetEna", "WSet", "WSetRvrt"), (2, 1, -11000, None)),  # any order, with a gap
+    (704, ("WSetEna", "WSetMod", "WSet", "WSetRvrt", "WSetEnaRvrt"), (None, 1, 2**31 - 1, -(2**31) + 1, 0)),
+    (213, ("Hz", "W"), (49.875, None)),  # float32, NaN = not implemented
+])
+def test_block_decoder_equals_decode_point_per_point(model_id, names, values):
+    """One struct call over a block decodes each point exactly as decode_point does, None for not implemented."""
+    pts = model_points(model_id)
+    sel = [pts[n] for n in names]
+    first = min(p.offset for p in sel) - 3  # the block starts 3 registers before the first point
+    regs = [0xABCD] * (max(p.offset + p.size for p in sel) - first + 2)
+    for p, v in zip(sel, values):
+        regs[p.offset - first : p.offset - first + p.size] = encode_point(p, v)
+    decoded = block_decoder(sel, -first)(regs)
+    assert decoded == tuple(decode_point(regs, p, -first) for p in sel) == values
+    with pytest.raises(SunSpecError, match="need registers"):
+        block_decoder(sel, -first)(regs[:5])
+
+
+@pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
+def test_within_times_out_cancels_and_tells_an_outside_cancel_apart(loop_factory):
+    """within returns the result, raises TimeoutError after the timeout (cancelling the request), and leaves a
+    cancellation from outside a CancelledError."""
+    uvloop = pytest.importorskip("uvloop") if loop_factory == "uvloop" else None
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert await within(asyncio.sleep(0, "ok"), 1.0) == "ok"
+        slow = loop.create_future()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow, 0.05)
+        assert slow.cancelled() and 0.04 <= time.monotonic() - t0 < 1.0
+        task = asyncio.create_task(within(loop.create_future(), 5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert asyncio.current_task().cancelling() == 0  # nothing left over on this task either
+
+        async def swallows():  # asyncio.wait_for on 3.11 when the response races the cancel: it returns it
+            try:
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                return "late"
+
+        assert await within(swallows(), 0.02) == "late"
+        assert asyncio.current_task().cancelling() == 0  # the spent cancel taken back
+        with pytest.raises(asyncio.TimeoutError):  # so the next timeout is a timeout, not a cancellation
+            await within(loop.create_future(), 0.02)
+        return True
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        assert runner.run(main())
+
+
+def test_phase_lock_needs_a_lead_shorter_than_the_period():
+    """A lead of a whole period or more is refused, naming both values."""
+    with pytest.raises(ValueError, match=r"lead_s=0\.1 with cycle_period_s=0\.1"):
+        MeterReader(HOST, 502, cycle_period_s=0.1, lead_s=0.1)
 
 
 def test_float_meter_keeps_sub_millihertz_resolution(serve, poll):

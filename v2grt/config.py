@@ -29,6 +29,9 @@ class MeterConfig:
     port: int = 5020
     device_id: int = 1
     poll_interval_s: float = 0.005  # the meter's part of frequency-to-setpoint latency (bench e2e: 20 ms misses)
+    # the polls are phase-locked to the cycle deadlines: each period's last poll starts this long before the
+    # deadline (about a round trip), so the cycle's sample is ~this old, not 0..poll_interval_s; None: free-running
+    poll_lead_s: float | None = 0.002
     timeout_s: float = 0.05
     stale_after_s: float = 1.0  # older frequency: GRID_FREQUENCY_STALE
     on_stale: str = "rampout"  # freeze: hold the last response; rampout: ramp it to 0 over rampout_s
@@ -229,6 +232,7 @@ _RANGES: dict[str, tuple] = {
     "meter.port": (int, 1, 65535),
     "meter.device_id": (int, 0, 247),
     "meter.poll_interval_s": (float, 0.001, 10.0),
+    "meter.poll_lead_s": (float, 0.0, 10.0),
     "meter.timeout_s": (float, 0.001, 10.0),
     "meter.stale_after_s": (float, 0.01, 600.0),
     "meter.on_stale": (str, ("freeze", "rampout")),
@@ -529,6 +533,10 @@ def _check(src, cfg: Config) -> None:
     if cfg.budget_s > cfg.period_s:
         raise ConfigError(f"{src}: budget_s={cfg.budget_s} exceeds period_s={cfg.period_s}; the budget is the "
                           "part of the period a cycle may use")
+    if cfg.meter is not None and cfg.meter.poll_lead_s is not None and cfg.meter.poll_lead_s >= cfg.period_s:
+        raise ConfigError(f"{src}: meter.poll_lead_s={cfg.meter.poll_lead_s:g} is not shorter than period_s="
+                          f"{cfg.period_s:g}: the last poll of a period starts this long before the cycle's deadline; "
+                          "expected about the meter's round trip (default 0.002), or null for free-running polls")
     if cfg.alert.band_hz is not None and cfg.alert.hysteresis_hz >= cfg.alert.band_hz:
         raise ConfigError(f"{src}: alert.hysteresis_hz={cfg.alert.hysteresis_hz} must be below alert.band_hz="
                           f"{cfg.alert.band_hz}: the alert clears inside band_hz - hysteresis_hz")

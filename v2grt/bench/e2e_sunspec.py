@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
     """One run: start the four processes, step the meter ``args.trials`` times, stop them; the raw samples."""
     import zmq
 
-    from v2grt.bench.bench_fuzz import _fields, _find_line, _Procs, start_aggregator
+    from v2grt.bench.bench_fuzz import _fields, _find_line, _Procs, start_aggregator, status
     from v2grt.bench.gateway_sunspec import place_on_ports, split_site, wait_sims_serving
     from v2grt.fleet import Fleet
     from v2grt.gateway.sim import gateway_fleet
@@ -273,6 +274,8 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
             time.sleep(args.gap_s + float(rng.uniform(0.0, 2 * period_s)))
         elapsed = time.monotonic() - t0
         each = {name: 100.0 * (cpu_s(p.pid) - cpu0[name]) / elapsed for name, p in watched.items()}
+        # the age of the meter sample each cycle took (the aggregator's own ring of cycles, this run's)
+        meter_age = ((status(ctx, ep["control"]) or {}).get("loop") or {}).get("input_age") or {}
         cpu = {"aggregator": each["aggregator"], "gateway": each["gateway"],
                "sim": sum(v for k, v in each.items() if k.startswith("sim"))}
         load = os.getloadavg()
@@ -291,9 +294,15 @@ def measure(args, gateway_priority: int, sim_priority: int) -> dict:
         msim.stop()
         ctx.term()
     lat = step_latencies(steps, observer.messages, trace, n)
+    # What the aggregator adds for a small fleet: its deadlines are k x period on CLOCK_MONOTONIC (v2grt.loop), so
+    # a message's arrival here modulo the period is the time from the deadline to the setpoints at a gateway's SUB
+    # (the wake, the cycle, the publisher thread, ZeroMQ over loopback).
+    period_ns = round(period_s * 1e9)
+    to_sub = [t % period_ns for t, _p in observer.messages if steps[0][0] <= t <= steps[-1][0] + period_ns]
     return {"gateway_priority": gateway_priority, "sim_priority": sim_priority, "period_ms": period_s * 1e3,
             "meter_poll_ms": cfg["meter"]["poll_interval_s"] * 1e3, "realtime": rt, "heard_after_s": heard_s,
-            "steps": len(steps), "samples": lat, "missing": lat["missing"],
+            "steps": len(steps), "samples": lat, "missing": lat["missing"], "meter_age_at_cycle_ms": meter_age,
+            "deadline_to_gateway_sub_raw": to_sub,
             "steps_unanswered": len(steps) - len(lat["last_charger"]["total"]), "load_average": load,
             "cpu_percent_of_a_core": cpu, "exit_codes": codes, "gateway_threads_fifo": rt_gateway,
             "gateway_counters": {k: int(v) for k, v in _fields(stop_line).items()
@@ -317,6 +326,8 @@ def _summary(runs: list[dict]) -> dict:
         "missing": missing, "steps_unanswered": unanswered, "goal_ms": goal_ms,
         "goal_met": p99 is not None and missing == 0 and unanswered == 0 and p99 <= goal_ms,
         "load_average": [r["load_average"][0] for r in runs],
+        "meter_age_at_cycle_ms": [r["meter_age_at_cycle_ms"] for r in runs],
+        "deadline_to_gateway_sub_ms": stats_ms([v for r in runs for v in r["deadline_to_gateway_sub_raw"]]),
         "cpu_percent_of_a_core": {k: float(np.mean([r["cpu_percent_of_a_core"][k] for r in runs]))
                                   for k in runs[0]["cpu_percent_of_a_core"]},
         "exit_codes": [r["exit_codes"] for r in runs],
@@ -364,12 +375,19 @@ def render(r: dict) -> str:
                              s.get("p99_ms"), s.get("max_ms"), s.get("mean_ms")])
         cpu = ", ".join(f"{k} {v:.1f} %" for k, v in x["cpu_percent_of_a_core"].items())
         verdict = "MET" if x["goal_met"] else "NOT MET"
+        d = x["deadline_to_gateway_sub_ms"]
         out += ["", f"gateway SCHED_FIFO priority {x['gateway_priority']}, simulator {x['sim_priority']} (0: "
                     f"SCHED_OTHER); load average {', '.join(f'{v:.1f}' for v in x['load_average'])}",
                 table(["charger", "phase", "n", "p50 ms", "p99 ms", "max ms", "mean ms"], rows),
                 f"goal: p99 (per charger) <= period + 30 ms = {x['goal_ms']:g} ms: {verdict}; chargers missing a "
                 f"write or apply {x['missing']}, steps no charger answered {x['steps_unanswered']}",
-                f"CPU during the steps (% of one core): {cpu}"]
+                f"CPU during the steps (% of one core): {cpu}",
+                "meter sample age when a cycle took it (the aggregator's cycles, each round): "
+                + "; ".join(f"p50 {a.get('p50_ms', math.nan):.2f} p99 {a.get('p99_ms', math.nan):.2f} ms"
+                            for a in x["meter_age_at_cycle_ms"]),
+                "the cycle's deadline -> its setpoints at a gateway's SUB (the aggregator's part): p50 "
+                f"{d.get('p50_ms', math.nan):.2f} p99 {d.get('p99_ms', math.nan):.2f} "
+                f"max {d.get('max_ms', math.nan):.2f} ms over {d.get('n', 0)} cycles"]
     if len(r["results"]) > 1:
         base = r["results"][0]["per_charger"]["total"]
         for x in r["results"][1:]:

@@ -36,13 +36,15 @@ import numpy as np
 from pymodbus.server import ModbusTcpServer
 
 from v2grt.gateway import sunspec_mapping as sm
-from v2grt.io.modbus import decode_point, encode_point, model_points
+from v2grt.io.modbus import block_decoder, encode_point, model_points
 from v2grt.sim.battery import SimFleetState
 from v2grt.sim.sunspec import SunSpecDevice
 
 KINDS = ("normal", "silent", "bad")
 #: The physics tick's register values (SimChargers._publish) and the points they go to.
 _LIVE_POINT = {"W": "W", "SoC": "SoC", "SoH": "SoH", "WHAvail": "WHAvail", "Rem": "WSetRvrtRem", "Alrm": "Alrm"}
+#: The 704 points a charger acts on when its setpoint block is written (SunSpecCharger._on_write), in that order.
+_SETPOINT_POINTS = ("WSetEna", "WSetMod", "WSet", "WSetRvrt", "WSetEnaRvrt", "WSetRvrtTms")
 #: 713 scale factors of the simulated chargers: SoC/SoH in 0.1 %, energy in 10 Wh (uint16 up to 655 kWh).
 PCT_SF = -1
 WH_SF = 1
@@ -91,8 +93,9 @@ class SunSpecCharger(SunSpecDevice):
         self.set_points(713, WHRtg=round(capacity_kwh * 1e3 / 10.0**WH_SF), WH_SF=WH_SF, Pct_SF=PCT_SF,
                         Sta=sm.STA_OK)
         first, count = sm.span(704, sm.WRITE_704)
-        self._block = (self.models[704] + first, count, first)
-        self._wset_regs = range(self.models[704] + first, self.models[704] + first + count)
+        self._block = (self.models[704] + first, count)
+        pts = model_points(704)
+        self._decode_704 = block_decoder([pts[n] for n in _SETPOINT_POINTS], -first)
         #: The points the physics tick updates: (index into the image, Point), for :meth:`poke`.
         self._live = {name: (self.models[mid] + model_points(mid)[name].offset - self.base, model_points(mid)[name])
                       for mid, name in ((701, "W"), (701, "Alrm"), (713, "SoC"), (713, "SoH"), (713, "WHAvail"),
@@ -116,22 +119,16 @@ class SunSpecCharger(SunSpecDevice):
                 self._image[i : i + len(regs)] = regs
 
     def _on_write(self, address: int, count: int) -> None:
-        if not any(a in self._wset_regs for a in range(address, address + count)):
+        start, n = self._block
+        if address >= start + n or address + count <= start:
             return
         t_ns = time.monotonic_ns()
-        start, n, first = self._block
-        regs = self.registers(start, n)
-        pts = model_points(704)
-
-        def g(name):
-            return decode_point(regs, pts[name], -first)
-
+        ena, mod, wset, rvrt, ena_rvrt, rvrt_tms = self._decode_704(self.registers(start, n))
         sf = self.wset_sf  # static (WSet_SF "static": "S"): the value this device was built with
-        on = g("WSetEna") == sm.ENABLED and g("WSetMod") == sm.WSETMOD_WATTS
-        p_kw = sm.wset_to_kw(g("WSet") or 0, sf) if on else 0.0
-        rvrt_on = g("WSetEnaRvrt") == sm.ENABLED
-        write = Write(t_ns, self.row, p_kw, (g("WSetRvrtTms") or 0) if rvrt_on else 0,
-                      sm.wset_to_kw(g("WSetRvrt") or 0, sf))
+        on = ena == sm.ENABLED and mod == sm.WSETMOD_WATTS
+        p_kw = sm.wset_to_kw(wset or 0, sf) if on else 0.0
+        write = Write(t_ns, self.row, p_kw, (rvrt_tms or 0) if ena_rvrt == sm.ENABLED else 0,
+                      sm.wset_to_kw(rvrt or 0, sf))
         if self._on_write_cb is not None:
             self._on_write_cb(write)
 
