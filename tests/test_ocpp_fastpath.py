@@ -9,17 +9,14 @@ import threading
 
 import numpy as np
 import pytest
+from _ocpp import make_site, start_gateway
 from ocpp.messages import CallResult, unpack
 
-from v2grt.fleet import Fleet
 from v2grt.gateway import ocpp_mapping as om
-from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
-from v2grt.gateway.sim import gateway_fleet
 from v2grt.sim.battery import SimFleetState
-from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
+from v2grt.sim.ocpp_stations import SimStations, specs_from_fleet
 from v2grt.testing import wait_until
 
-GW = "ocpp1"
 METER = {"evseId": 1, "meterValue": [{"timestamp": "2026-12-05T03:00:00Z", "sampledValue": [
     {"measurand": "SoC", "value": 55.5, "unitOfMeasure": {"unit": "Percent"}},
     {"measurand": "Power.Active.Export", "value": 2000.0}]}]}
@@ -28,15 +25,7 @@ METER = {"evseId": 1, "meterValue": [{"timestamp": "2026-12-05T03:00:00Z", "samp
 @pytest.fixture
 def site(tmp_path):
     """Two stations of two EVSEs under gateway ocpp1: roster, credentials (hashes), passwords (plain)."""
-    paths = write_site(tmp_path / "site", n_stations=2, evses_per_station=2, gateway_id=GW)
-    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
-    return paths, fleet, load_passwords(paths["passwords"])
-
-
-def start_gateway(paths, fleet, **overrides) -> OcppVehicles:
-    settings = OcppSettings(om.load_credentials(paths["credentials"]), host="127.0.0.1", allow_plaintext=True,
-                            **{"port": 0, **overrides})
-    return OcppVehicles(fleet, settings, gateway_id=GW).start()
+    return make_site(tmp_path, 2)
 
 
 async def _session(port, station, password, script):

@@ -4,7 +4,6 @@ its WebSocket server) on loopback, attacked with a real websockets client or a r
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import socket
@@ -12,42 +11,25 @@ import struct
 import time
 
 import pytest
+from _ocpp import auth_header, make_site, start_gateway
 
 from v2grt.bench._ocpp_attack import basic, upgrade_request, ws_frame
-from v2grt.fleet import Fleet
-from v2grt.gateway import ocpp_mapping as om
-from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
-from v2grt.gateway.sim import gateway_fleet
-from v2grt.sim.ocpp_stations import load_passwords, write_site
 from v2grt.testing import wait_until
 
-GW = "ocpp1"
 HUGE = 10 ** 400  # an integer JSON allows and no double holds
 
 
 @pytest.fixture
 def site(tmp_path):
     """Two stations of two EVSEs under gateway ocpp1: roster, credentials (hashes), passwords (plain)."""
-    paths = write_site(tmp_path / "site", n_stations=2, evses_per_station=2, gateway_id=GW)
-    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
-    return paths, fleet, load_passwords(paths["passwords"])
-
-
-def start_gateway(paths, fleet, **overrides) -> OcppVehicles:
-    settings = OcppSettings(om.load_credentials(paths["credentials"]), host="127.0.0.1", allow_plaintext=True,
-                            **{"port": 0, **overrides})
-    return OcppVehicles(fleet, settings, gateway_id=GW).start()
-
-
-def _auth(station, password) -> dict:
-    return {"Authorization": "Basic " + base64.b64encode(f"{station}:{password}".encode()).decode()}
+    return make_site(tmp_path, 2)
 
 
 async def _connect(port, station, password):
     from websockets.asyncio.client import connect
 
     return await connect(f"ws://127.0.0.1:{port}/ocpp/{station}", subprotocols=["ocpp2.1"],
-                         additional_headers=_auth(station, password), max_size=None)
+                         additional_headers=auth_header(station, password), max_size=None)
 
 
 async def _next(ws, timeout_s: float = 5.0):

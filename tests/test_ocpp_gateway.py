@@ -11,44 +11,38 @@ import ssl
 import threading
 import time
 
+import _ocpp
 import numpy as np
 import pytest
 import zmq
+from _ocpp import GW, make_site, tls_contexts
 
 from v2grt.codes import Reason
 from v2grt.fleet import Fleet
 from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway.core import GatewayCore, GatewayError
-from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
+from v2grt.gateway.ocpp import OcppSettings, OcppVehicles
 from v2grt.gateway.sim import gateway_fleet
 from v2grt.sim.battery import SimFleetState
-from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
-from v2grt.testing import self_signed_cert, wait_until
-
-GW = "ocpp1"
+from v2grt.sim.ocpp_stations import SimStations, specs_from_fleet
+from v2grt.testing import wait_until
 
 
 @pytest.fixture
 def site(tmp_path):
     """Three stations of two EVSEs under gateway ocpp1: roster, credentials (hashes), passwords (plain)."""
-    paths = write_site(tmp_path / "site", n_stations=3, evses_per_station=2, gateway_id=GW)
-    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
-    return paths, fleet, load_passwords(paths["passwords"])
+    return make_site(tmp_path, 3)
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 (cryptography), its server context and a client context."""
-    cert_path, key_path = self_signed_cert(tmp_path_factory.mktemp("tls"))
-    client = ssl.create_default_context(cafile=str(cert_path))
-    return server_ssl_context(str(cert_path), str(key_path)), client
+    return tls_contexts(tmp_path_factory.mktemp("tls"))
 
 
 def start_gateway(paths, fleet, tls_pair=None, **overrides) -> OcppVehicles:
-    settings = OcppSettings(om.load_credentials(paths["credentials"]), host="127.0.0.1",
-                            ssl_context=tls_pair[0] if tls_pair else None, allow_plaintext=tls_pair is None,
-                            **{"port": 0, "deadband_kw": 0.2, "resync_s": 2.0, **overrides})
-    return OcppVehicles(fleet, settings, gateway_id=GW).start()
+    """The shared start, with a 0.2 kW deadband and a 2 s resync so the tests see both in seconds."""
+    return _ocpp.start_gateway(paths, fleet, tls_pair, **{"deadband_kw": 0.2, "resync_s": 2.0, **overrides})
 
 
 def start_stations(gw, fleet, passwords, tls_pair=None, kinds=None, **kw) -> SimStations:

@@ -14,42 +14,22 @@ import threading
 import time
 
 import pytest
+from _ocpp import auth_header, make_site, start_gateway, tls_contexts
 
-from v2grt.fleet import Fleet
-from v2grt.gateway import ocpp_mapping as om
-from v2grt.gateway.ocpp import OcppSettings, OcppVehicles, server_ssl_context
 from v2grt.gateway.ocpp_io import StationServer
-from v2grt.gateway.sim import gateway_fleet
-from v2grt.sim.ocpp_stations import load_passwords, write_site
-from v2grt.testing import self_signed_cert, wait_until
-
-GW = "ocpp1"
+from v2grt.testing import wait_until
 
 
 @pytest.fixture
 def site(tmp_path):
     """Two stations of two EVSEs under gateway ocpp1: roster, credentials (hashes), passwords (plain)."""
-    paths = write_site(tmp_path / "site", n_stations=2, evses_per_station=2, gateway_id=GW)
-    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
-    return paths, fleet, load_passwords(paths["passwords"])
+    return make_site(tmp_path, 2)
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, its server context and a client context."""
-    cert_path, key_path = self_signed_cert(tmp_path_factory.mktemp("tls"))
-    return server_ssl_context(str(cert_path), str(key_path)), ssl.create_default_context(cafile=str(cert_path))
-
-
-def start_gateway(paths, fleet, tls_pair=None, **overrides) -> OcppVehicles:
-    settings = OcppSettings(om.load_credentials(paths["credentials"]), host="127.0.0.1",
-                            ssl_context=tls_pair[0] if tls_pair else None, allow_plaintext=tls_pair is None,
-                            **{"port": 0, **overrides})
-    return OcppVehicles(fleet, settings, gateway_id=GW).start()
-
-
-def _auth(station, password) -> dict:
-    return {"Authorization": "Basic " + base64.b64encode(f"{station}:{password}".encode()).decode()}
+    return tls_contexts(tmp_path_factory.mktemp("tls"))
 
 
 async def _connect(port, station, password, ssl_ctx=None, **kw):
@@ -57,7 +37,7 @@ async def _connect(port, station, password, ssl_ctx=None, **kw):
 
     scheme = "wss" if ssl_ctx else "ws"
     return await connect(f"{scheme}://127.0.0.1:{port}/ocpp/{station}", subprotocols=["ocpp2.1"],
-                         additional_headers=_auth(station, password), ssl=ssl_ctx, **kw)
+                         additional_headers=auth_header(station, password), ssl=ssl_ctx, **kw)
 
 
 def _raw_upgrade(port, station, password) -> socket.socket:
@@ -66,7 +46,7 @@ def _raw_upgrade(port, station, password) -> socket.socket:
     key = base64.b64encode(os.urandom(16)).decode()
     headers = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
                "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13", "Sec-WebSocket-Protocol": "ocpp2.1",
-               **_auth(station, password)}
+               **auth_header(station, password)}
     sock.sendall((f"GET /ocpp/{station} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                   + "\r\n").encode())
     head = b""

@@ -12,22 +12,20 @@ import time
 import numpy as np
 import pytest
 import zmq
+from _ocpp import GW, make_site
 from ocpp.charge_point import camel_to_snake_case
 from ocpp.messages import get_validator
 
-from v2grt.fleet import Fleet
 from v2grt.gateway import ocpp_mapping as m
 from v2grt.gateway.core import GatewayCore, GatewayError
 from v2grt.gateway.ocpp import OcppSettings
 from v2grt.gateway.ocpp_local import HELD_CENTRAL, HELD_LOCAL, LocalFrequencySettings, LocalFrequencyVehicles
-from v2grt.gateway.sim import gateway_fleet
 from v2grt.services import get_service
 from v2grt.sim import ocpp_local as sl
 from v2grt.sim.battery import SimFleetState
-from v2grt.sim.ocpp_stations import SimStations, load_passwords, specs_from_fleet, write_site
+from v2grt.sim.ocpp_stations import SimStations, specs_from_fleet
 from v2grt.testing import wait_until
 
-GW = "ocpp1"
 DC = get_service("dc")  # GB Dynamic Containment: full discharge at 49.5 Hz, full charge at 50.5 Hz
 
 
@@ -125,9 +123,7 @@ def test_trigger_services_and_bad_capacities_are_refused():
 @pytest.fixture
 def site(tmp_path):
     """Three stations of two EVSEs (11 kW each) under gateway ocpp1."""
-    paths = write_site(tmp_path / "site", n_stations=3, evses_per_station=2, gateway_id=GW)
-    fleet = gateway_fleet(Fleet.from_csv(paths["roster"]), GW)
-    return paths, fleet, load_passwords(paths["passwords"])
+    return make_site(tmp_path, 3)
 
 
 @contextlib.contextmanager
