@@ -264,7 +264,7 @@ def cmd_sunspec(args) -> int:
     """Run the SunSpec DER gateway (chargers on Modbus TCP, one per roster node) until SIGTERM/SIGINT."""
     from v2grt.fleet import FleetError
     from v2grt.gateway import sunspec_mapping as sm
-    from v2grt.gateway.core import GatewayError
+    from v2grt.gateway.core import GatewayError, tune_gc
     from v2grt.gateway.sunspec import SunSpecChargers, SunSpecSettings
     from v2grt.roster import RosterError
 
@@ -280,7 +280,9 @@ def cmd_sunspec(args) -> int:
         fleet, devices = inputs
         settings = SunSpecSettings(poll_s=args.poll_s, timeout_s=args.timeout_s, revert_s=args.revert_s,
                                    deadband_kw=args.deadband_kw, stale_s=args.stale_s)
-        return SunSpecChargers(fleet, devices, settings, gateway_id=args.gateway_id, events=events).start()
+        vehicles = SunSpecChargers(fleet, devices, settings, gateway_id=args.gateway_id, events=events).start()
+        tune_gc()  # as the OCPP gateway: a collection would hold every charger's write behind it
+        return vehicles
 
     def start(vehicles):
         return ("kind=sunspec devices=%d setpoints=%s telemetry=%s poll_s=%g revert_s=%d deadband_kw=%g",

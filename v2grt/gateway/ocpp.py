@@ -61,7 +61,7 @@ from websockets.protocol import State as _WsState
 from v2grt.events import EventLog
 from v2grt.gateway import ocpp_mapping as om
 from v2grt.gateway import ocpp_schema
-from v2grt.gateway.core import GatewayError
+from v2grt.gateway.core import GC_YOUNG_THRESHOLD, GatewayError, tune_gc
 from v2grt.gateway.ocpp_io import StationConnection, StationServer
 
 log = logging.getLogger("v2grt.gateway")
@@ -551,25 +551,6 @@ class OcppVehicles:
         """Plain counters for the stop log line and tests."""
         return {**self.stats, **{f"callerror_{k}": v for k, v in sorted(self.callerrors.items())},
                 **{f"refused_{k}": v for k, v in sorted(self.refused.items())}}
-
-
-#: The collector's youngest-generation threshold in a gateway process (CPython's default: 700 allocations).
-GC_YOUNG_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """For a process that is an OCPP gateway (the CLI calls it; a library must not): what is alive after start-up
-    is frozen (never scanned again) and the youngest generation collected every 10,000 net allocations, not 700.
-
-    At 2,000 EVSEs the collector took 5.5-6.5 % of the gateway's asyncio thread (gc.callbacks, 10 s windows,
-    docs/benchmarks.md), full collections of ~170,000 objects 0.1-0.9 s each, a stall of every station; yet a
-    forced full collection every 10 s in steady state found no cyclic garbage at all. With this: ~0.5 %.
-    Cycles are still collected (the older generations' thresholds are CPython's), only less often."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _loop_factory(use_uvloop: bool):

@@ -217,6 +217,9 @@ def cmd_sunspec_chargers(args) -> int:
     except RuntimeError as exc:
         print(f"v2grt sim sunspec-chargers: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from v2grt.gateway.core import tune_gc
+
+    tune_gc()  # the simulator stands for chargers with CPUs of their own: no collector pause across all of them
     if args.sched_fifo_priority:
         from v2grt.loop import set_process_fifo
 
