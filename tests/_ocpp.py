@@ -42,3 +42,15 @@ def start_gateway(paths, fleet, tls_pair=None, **overrides) -> OcppVehicles:
 def auth_header(station: str, password: str) -> dict:
     """The HTTP Basic Authorization header of ``station``."""
     return {"Authorization": basic(station, password)}
+
+
+def expect_switching_protocols(sock):
+    """Read the gateway's answer to an upgrade sent on raw socket ``sock`` up to its blank line, assert it is
+    101 Switching Protocols (not a close, not a refusal); the socket, its frames next."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, f"the gateway closed during the upgrade: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

@@ -11,7 +11,7 @@ import struct
 import time
 
 import pytest
-from _ocpp import auth_header, make_site, start_gateway
+from _ocpp import auth_header, expect_switching_protocols, make_site, start_gateway
 
 from v2grt.bench._ocpp_attack import basic, upgrade_request, ws_frame
 from v2grt.testing import wait_until
@@ -164,13 +164,7 @@ def _raw_station(port: int, station: str, password: str) -> socket.socket:
     """A plain socket through the upgrade (101 checked), frames built by the bench's attacker (masked)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
     sock.sendall(upgrade_request(port, station, basic(station, password)))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        assert chunk, f"closed during the upgrade: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return expect_switching_protocols(sock)
 
 
 def _read_messages(sock: socket.socket, n: int, timeout_s: float = 5.0) -> list:

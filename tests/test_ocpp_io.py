@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from _ocpp import auth_header, make_site, start_gateway, tls_contexts
+from _ocpp import auth_header, expect_switching_protocols, make_site, start_gateway, tls_contexts
 
 from v2grt.gateway.ocpp_io import StationServer
 from v2grt.testing import wait_until
@@ -49,13 +49,7 @@ def _raw_upgrade(port, station, password) -> socket.socket:
                **auth_header(station, password)}
     sock.sendall((f"GET /ocpp/{station} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                   + "\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        assert chunk, f"the gateway closed during the upgrade: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return expect_switching_protocols(sock)
 
 
 def _masked_text_frame(payload: bytes, fin: bool = True) -> bytes:
