@@ -23,7 +23,7 @@ N_REASON_SLOTS = 256
 #: same chunks for one thread or two, so both give the same bytes; fewer than PARALLEL_MIN_ROWS rows run on
 #: one thread whatever kernel.threads says (the hand-off does not pay there; docs/benchmarks.md).
 CHUNK_ROWS = 8192
-MAX_CHUNKS = 32
+MAX_CHUNKS = 32  # also store_setpoints' (_kernel.pxi's COPY_CHUNKS, COPY_CHUNK_MIN_ROWS; checked at import)
 PARALLEL_MIN_ROWS = 50_000
 
 #: kW. A window or take at or below this is no power: float residue of the fill (a target minus a

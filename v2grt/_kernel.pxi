@@ -5,6 +5,8 @@ from libc.math cimport INFINITY, isinf
 
 from v2grt.codes import Reason
 from v2grt._buffers import (
+    CHUNK_ROWS,
+    MAX_CHUNKS,
     MIN_SETPOINT_KW,
     T_ALLOCATED,
     T_AVAIL_CHG,
@@ -653,6 +655,13 @@ cdef void _run_chunks(Runner* run, v2grt_chunk_fn fn, void* args) noexcept nogil
         run.mine += run.n_chunks
 
 
+cdef enum:
+    # store_setpoints splits a copy of at least COPY_CHUNKS x COPY_CHUNK_MIN_ROWS rows into COPY_CHUNKS equal
+    # chunks (it has no sites to respect), else copies on this thread: the kernel's MAX_CHUNKS and CHUNK_ROWS
+    COPY_CHUNKS = 32
+    COPY_CHUNK_MIN_ROWS = 8192
+
+
 def store_setpoints(out, float[::1] last_kw_out, Py_ssize_t n, work):
     """``last_kw_out[:n] = out.setpoint_kw[:n]`` as float32: the Dispatcher's feedback of a cycle's setpoints
     into ``fleet.last_setpoint_kw`` (np.copyto's result, bit for bit), on this thread and the kernel's worker
@@ -662,8 +671,8 @@ def store_setpoints(out, float[::1] last_kw_out, Py_ssize_t n, work):
         raise ValueError(f"store_setpoints: {n} rows, setpoints hold {setpoint.shape[0]}, last_kw_out "
                          f"{last_kw_out.shape[0]}")
     cdef Copy cp
-    cdef Py_ssize_t bounds[33]
-    cdef Py_ssize_t c, k = 32 if n >= 32 * 8192 else 1
+    cdef Py_ssize_t bounds[COPY_CHUNKS + 1]
+    cdef Py_ssize_t c, k = COPY_CHUNKS if n >= COPY_CHUNKS * COPY_CHUNK_MIN_ROWS else 1
     cdef Runner run
     cdef Team team = work.teams.get(ISA) if work.kernel_stats[0] == 2 else None
     if n == 0:
@@ -1219,6 +1228,7 @@ cdef void _allocate(
 
 
 assert MIN_TAKE_KW == MIN_SETPOINT_KW, "v2grt._buffers.MIN_SETPOINT_KW changed: update _kernel.pxi"
+assert (COPY_CHUNKS, COPY_CHUNK_MIN_ROWS) == (MAX_CHUNKS, CHUNK_ROWS), "v2grt._buffers chunks changed: update _kernel.pxi"
 assert (T_REQUEST, T_TARGET, T_ALLOCATED, T_FEASIBLE_DIS, T_FEASIBLE_CHG, T_AVAIL_DIS, T_AVAIL_CHG,
         T_N_CARRYING) == (0, 1, 2, 3, 4, 5, 6, 7), "v2grt._buffers totals layout changed: update _kernel.pxi"
 assert (Reason.OK, Reason.EMPTY, Reason.OFFLINE, Reason.TIMEOUT_BMS_RESPONSE, Reason.SOH_BELOW_THRESHOLD,
